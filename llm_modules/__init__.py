@@ -6,3 +6,7 @@ paper's published code.
 """
 
 __version__ = "0.1.0"
+
+from .model import LLMModulesModel  # noqa: E402
+
+__all__ = ["LLMModulesModel", "__version__"]

@@ -1,0 +1,147 @@
+"""Resumable training checkpoints as safetensors + JSON, written atomically.
+
+A checkpoint folder `step-000120/` holds the trained weights (`model.safetensors` +
+`llm_modules_config.json`, loadable by `LLMModulesModel.from_pretrained`), the optimizer's
+tensors (`optimizer.safetensors`), each process's random states (`rng-<rank>.*`), and
+`trainer_state.json` (step, data position, scheduler, optimizer hyper-parameters, best
+validation loss...), written last. It is written into a temporary
+folder and renamed into place, so a kill at any moment leaves either the old set of complete
+checkpoints or the new one; never a checkpoint that loads half.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from .errors import LLMModulesError
+
+STATE_FILE = "trainer_state.json"
+OPTIMIZER_FILE = "optimizer.safetensors"
+PREFIX = "step-"
+
+
+def rng_state() -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """All random states that training consumes: tensors for safetensors, the rest for JSON."""
+    tensors = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        for i, state in enumerate(torch.cuda.get_rng_state_all()):
+            tensors[f"cuda.{i}"] = state
+    np_state = np.random.get_state()
+    tensors["numpy.keys"] = torch.from_numpy(np_state[1].astype(np.int64))
+    py_state = random.getstate()
+    meta = {"python": [py_state[0], list(py_state[1]), py_state[2]], "numpy": [np_state[0], *np_state[2:]]}
+    return tensors, meta
+
+
+def set_rng_state(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
+    torch.set_rng_state(tensors["torch"])
+    cuda = sorted(k for k in tensors if k.startswith("cuda."))
+    if cuda and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([tensors[k] for k in cuda])
+    version, internal, gauss = meta["python"]
+    random.setstate((version, tuple(internal), gauss))
+    name, pos, has_gauss, cached = meta["numpy"]
+    np.random.set_state((name, tensors["numpy.keys"].numpy().astype(np.uint32), pos, has_gauss, cached))
+
+
+def optimizer_to_safetensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Split `optimizer.state_dict()` into tensors ("state.<param>.<name>") and JSON-able rest."""
+    state = optimizer.state_dict()
+    tensors, scalars = {}, {}
+    for index, entry in state["state"].items():
+        for name, value in entry.items():
+            if torch.is_tensor(value):
+                tensors[f"state.{index}.{name}"] = value.detach().cpu().contiguous()
+            else:
+                scalars[f"{index}.{name}"] = value
+    return tensors, {"param_groups": state["param_groups"], "scalars": scalars}
+
+
+def optimizer_from_safetensors(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> dict[str, Any]:
+    state: dict[int, dict[str, Any]] = {}
+    for key, value in tensors.items():
+        _, index, name = key.split(".", 2)
+        state.setdefault(int(index), {})[name] = value
+    for key, value in meta["scalars"].items():
+        index, name = key.split(".", 1)
+        state.setdefault(int(index), {})[name] = value
+    return {"state": state, "param_groups": meta["param_groups"]}
+
+
+def complete_checkpoints(directory: Path) -> list[Path]:
+    """Checkpoints under `directory` whose rename finished, oldest first."""
+    if not directory.is_dir():
+        return []
+    found = [p for p in directory.iterdir() if p.is_dir() and p.name.startswith(PREFIX) and (p / STATE_FILE).is_file()]
+    return sorted(found, key=lambda p: int(p.name[len(PREFIX):]))
+
+
+def temporary_folder(directory: Path, step: int) -> Path:
+    """Where checkpoint `step` is written before its rename; the same name on every process."""
+    return directory / f".tmp-{PREFIX}{step:06d}"
+
+
+def write_weights_and_optimizer(tmp: Path, model: Any, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """Main process: trained weights and optimizer tensors; returns the optimizer's JSON part."""
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    opt_tensors, opt_meta = optimizer_to_safetensors(optimizer)
+    save_file(opt_tensors, str(tmp / OPTIMIZER_FILE))
+    return opt_meta
+
+
+def write_rng(tmp: Path, rank: int) -> None:
+    """Every process: its own random states (dropout masks differ per process)."""
+    tensors, meta = rng_state()
+    save_file(tensors, str(tmp / f"rng-{rank}.safetensors"))
+    (tmp / f"rng-{rank}.json").write_text(json.dumps(meta))
+
+
+def finish_checkpoint(tmp: Path, step: int, trainer_state: dict[str, Any], keep: int = 2) -> Path:
+    """Main process, after every process wrote its part: state file, fsync, atomic rename, pruning."""
+    (tmp / STATE_FILE).write_text(json.dumps({**trainer_state, "step": step}, indent=1))
+    _fsync_tree(tmp)
+    final = tmp.parent / f"{PREFIX}{step:06d}"
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    for old in complete_checkpoints(tmp.parent)[:-keep] if keep > 0 else []:
+        shutil.rmtree(old, ignore_errors=True)
+    for stale in tmp.parent.glob(f".tmp-{PREFIX}*"):
+        shutil.rmtree(stale, ignore_errors=True)
+    return final
+
+
+def load_checkpoint(path: Path, model: Any, optimizer: torch.optim.Optimizer, rank: int = 0) -> dict[str, Any]:
+    """Restore weights, optimizer and this process's RNG from `path`; returns the trainer state."""
+    from .config import WEIGHTS_FILE
+
+    try:
+        state = json.loads((path / STATE_FILE).read_text())
+        model.load_trained_state_dict(load_file(str(path / WEIGHTS_FILE)))
+        optimizer.load_state_dict(optimizer_from_safetensors(load_file(str(path / OPTIMIZER_FILE)), state["optimizer"]))
+        rng_file = path / f"rng-{rank}.safetensors"
+        if not rng_file.is_file():
+            raise LLMModulesError(
+                f"checkpoint {path} was written by fewer processes (no random state for process {rank}); "
+                "resume with the same number of processes"
+            )
+        set_rng_state(load_file(str(rng_file)), json.loads((path / f"rng-{rank}.json").read_text()))
+    except (OSError, KeyError, ValueError) as err:
+        raise LLMModulesError(f"checkpoint {path} cannot be loaded: {err}") from None
+    return state
+
+
+def _fsync_tree(folder: Path) -> None:
+    for file in folder.iterdir():
+        with open(file, "rb") as f:
+            os.fsync(f.fileno())

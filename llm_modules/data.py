@@ -1,0 +1,596 @@
+"""Data layer: load conversations, render them with the LARGE model's tokenizer, split, batch.
+
+Sources (:func:`load_records`): a local ``.json`` (list or JSON lines), ``.jsonl`` or
+``.parquet`` file; a hub dataset ``name`` or ``name:split`` (through ``datasets``); or
+``reasoning-gym:TASK?size=N&seed=S&key=value`` (generated offline). Each record may be in
+Bespoke-Stratos/ShareGPT (``system`` + ``conversations``), OpenAI ``messages`` or
+``prompt``/``completion`` form. Templates (:func:`render`): ``stratos`` (the paper's text
+layout, EOS appended to every answer) and ``chat`` (the tokenizer's chat template). Loss is on
+the assistant turns by default (``loss_on="all"`` reproduces the paper). The validation split
+is decided by a sha256 of each record's content, so it never changes between epochs or runs.
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import json
+import os
+import random
+import weakref
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable
+from urllib.parse import parse_qsl
+
+from .errors import LLMModulesError
+
+IGNORE_INDEX = -100
+TEMPLATES = ("stratos", "chat")
+LOSS_ON = ("assistant", "all")
+OVERFLOW = ("drop", "truncate")
+RG_PREFIX = "reasoning-gym:"
+RG_DEFAULT_SIZE = 1000
+_FORMAT_VERSION = "data-v1"  # bump when rendering changes, so cached token ids are rebuilt
+
+STRATOS_SYSTEM_PROMPT = (
+    "Your role as an assistant involves thoroughly exploring questions through a systematic "
+    "long thinking process before providing the final precise and accurate solutions. This "
+    "requires engaging in a comprehensive cycle of analysis, summarizing, exploration, "
+    "reassessment, reflection, backtracing, and iteration to develop well-considered thinking "
+    "process. Please structure your response into two main sections: Thought and Solution. In "
+    "the Thought section, detail your reasoning process using the specified format: "
+    "<|begin_of_thought|> {thought with steps separated with '\n\n'} <|end_of_thought|> Each "
+    "step should include detailed considerations such as analisying questions, summarizing "
+    "relevant findings, brainstorming new ideas, verifying the accuracy of the current steps, "
+    "refining any errors, and revisiting previous steps. In the Solution section, based on "
+    "various attempts, explorations, and reflections from the Thought section, systematically "
+    "present the final solution that you deem correct. The solution should remain a logical, "
+    "accurate, concise expression style and detail necessary step needed to reach the "
+    "conclusion, formatted as follows: <|begin_of_solution|> {final formatted, precise, and "
+    "clear solution} <|end_of_solution|> Now, try to solve the following question through the "
+    "above guidelines:"
+)  # verbatim from Bespoke-Stratos-17k (typos included)
+
+_ROLES = {"user": "user", "human": "user", "assistant": "assistant", "gpt": "assistant",
+          "system": "system"}
+
+
+@dataclass
+class Record:
+    """One conversation: user/assistant turns alternating, starting with user, ending with assistant.
+
+    ``scorer`` (optional) maps an already-extracted final answer to a score in [0, 1]; it is
+    not part of equality.
+    """
+
+    system: str | None
+    messages: list[dict[str, str]]
+    reference: str | None = None
+    source: str = ""
+    scorer: Callable[[str], float] | None = field(default=None, compare=False, repr=False)
+
+    def content_key(self) -> str:
+        """Canonical JSON of what the record says (not where it came from)."""
+        return json.dumps([self.system, self.messages, self.reference], sort_keys=True,
+                          ensure_ascii=False)
+
+
+# ----------------------------------------------------------------------------- loading
+def _text(value: Any, what: str, where: str) -> str:
+    if not isinstance(value, str):
+        raise LLMModulesError(f"{where}: field '{what}' must be a string, got {type(value).__name__}")
+    return value
+
+
+def _field(obj: Any, name: str, where: str) -> Any:
+    if not isinstance(obj, dict) or name not in obj or obj[name] is None:
+        raise LLMModulesError(f"{where}: missing field '{name}'")
+    return obj[name]
+
+
+def to_record(raw: Any, where: str) -> Record:
+    """Convert one raw record (any supported format, detected from its keys) to a :class:`Record`."""
+    if not isinstance(raw, dict):
+        raise LLMModulesError(f"{where}: a record must be a JSON object, got {type(raw).__name__}")
+    system = raw.get("system")
+    turns: list[tuple[str, str]] = []
+    if raw.get("conversations") is not None or raw.get("messages") is not None:
+        key, role_key, text_key = (("conversations", "from", "value") if raw.get("conversations")
+                                   is not None else ("messages", "role", "content"))
+        items = raw[key]
+        if not isinstance(items, list):
+            raise LLMModulesError(f"{where}: field '{key}' must be a list")
+        for j, turn in enumerate(items):
+            at = f"{where}: {key}[{j}]"
+            role = _text(_field(turn, role_key, at), role_key, at)
+            if role.lower() not in _ROLES:
+                raise LLMModulesError(f"{at}: unknown {role_key} '{role}' (expected user/assistant/human/gpt/system)")
+            turns.append((_ROLES[role.lower()], _text(_field(turn, text_key, at), text_key, at)))
+    elif "prompt" in raw or "completion" in raw:
+        turns = [("user", _text(_field(raw, "prompt", where), "prompt", where)),
+                 ("assistant", _text(_field(raw, "completion", where), "completion", where))]
+    else:
+        raise LLMModulesError(f"{where}: missing field 'conversations', 'messages' or "
+                              f"'prompt'/'completion' (record has: {', '.join(map(str, raw)) or 'nothing'})")
+    if turns and turns[0][0] == "system":
+        if system is not None:
+            raise LLMModulesError(f"{where}: system prompt given twice (field and first turn)")
+        system = turns.pop(0)[1]
+    if system is not None:
+        system = _text(system, "system", where)
+    if not turns:
+        raise LLMModulesError(f"{where}: no conversation turns")
+    for j, (role, text) in enumerate(turns):
+        want = "user" if j % 2 == 0 else "assistant"
+        if role != want:
+            raise LLMModulesError(f"{where}: turn {j} is '{role}' but '{want}' was expected "
+                                  "(turns must alternate user/assistant, starting with user)")
+        if role == "assistant" and not text.strip():
+            raise LLMModulesError(f"{where}: turn {j} (assistant) is empty")
+    if turns[-1][0] != "assistant":
+        raise LLMModulesError(f"{where}: the last turn must be the assistant's answer")
+    ref = raw.get("reference", raw.get("answer"))
+    return Record(system=system, messages=[{"role": r, "content": t} for r, t in turns],
+                  reference=None if ref is None else str(ref), source=where)
+
+
+def _read_json_file(path: str) -> list[tuple[Any, str]]:
+    name = os.path.basename(path)
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except (OSError, UnicodeDecodeError) as e:
+        raise LLMModulesError(f"{path}: cannot read it as UTF-8 text ({e})") from None
+    if path.endswith(".json") and text.lstrip()[:1] in ("[", "{"):
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            if text.lstrip()[:1] == "[":
+                raise LLMModulesError(f"{path}:{e.lineno}: invalid JSON ({e.msg})") from None
+        else:  # a list of records, or one record
+            return [(rec, f"{name}[{i}]") for i, rec in enumerate(data if isinstance(data, list) else [data])]
+    out = []
+    for lineno, line in enumerate(text.split("\n"), start=1):  # not splitlines(): U+2028 may sit in strings
+        if not line.strip():
+            continue
+        try:
+            out.append((json.loads(line), f"{name}:{lineno}"))
+        except json.JSONDecodeError as e:
+            raise LLMModulesError(f"{path}:{lineno}: invalid JSON line ({e.msg}, column {e.colno})") from None
+    return out
+
+
+def _read_parquet(path: str) -> list[tuple[Any, str]]:
+    try:
+        import pyarrow.parquet as pq
+
+        rows = pq.read_table(path).to_pylist()
+    except ImportError:
+        import datasets
+
+        rows = list(datasets.Dataset.from_parquet(path))
+    except Exception as e:  # corrupt file
+        raise LLMModulesError(f"{path}: cannot read parquet file ({e})") from None
+    name = os.path.basename(path)
+    return [(row, f"{name}[{i}]") for i, row in enumerate(rows)]
+
+
+def _load_hub(spec: str) -> list[tuple[Any, str]]:
+    name, _, split = spec.partition(":")
+    try:
+        import datasets
+    except ImportError:
+        raise LLMModulesError(f"data '{spec}': the 'datasets' package is needed for hub datasets "
+                              "(pip install llm-modules[data])") from None
+    try:
+        ds = datasets.load_dataset(name, split=split or "train")
+    except Exception as e:
+        raise LLMModulesError(f"data '{spec}': not a local file and cannot load it from the "
+                              f"Hugging Face hub ({type(e).__name__}: {str(e)[:300]})") from None
+    return [(row, f"{name}:{split or 'train'}[{i}]") for i, row in enumerate(ds)]
+
+
+def parse_reasoning_gym_spec(spec: str) -> tuple[str, dict[str, Any]]:
+    """``reasoning-gym:TASK?size=N&seed=S&k=v`` -> (TASK, kwargs); numbers/booleans are converted."""
+    task, _, query = spec[len(RG_PREFIX):].partition("?")
+    params: dict[str, Any] = {"size": RG_DEFAULT_SIZE, "seed": 0}
+    for key, value in parse_qsl(query, keep_blank_values=True):
+        conv: Any = value
+        if value.lower() in ("true", "false"):
+            conv = value.lower() == "true"
+        else:
+            for typ in (int, float):
+                try:
+                    conv = typ(value)
+                    break
+                except ValueError:
+                    pass
+        params[key] = conv
+    return task.strip(), params
+
+
+def _load_reasoning_gym(spec: str) -> list[Record]:
+    try:
+        import reasoning_gym
+        from reasoning_gym.factory import DATASETS
+    except ImportError:
+        raise LLMModulesError(f"data '{spec}': the 'reasoning-gym' package is not installed") from None
+    task, params = parse_reasoning_gym_spec(spec)
+    if task not in DATASETS:
+        near = difflib.get_close_matches(task, list(DATASETS), n=5) or sorted(DATASETS)[:8]
+        raise LLMModulesError(f"data '{spec}': unknown reasoning-gym task '{task}'; did you mean "
+                              f"{', '.join(near)}? ({len(DATASETS)} tasks exist)")
+    try:
+        ds = reasoning_gym.create_dataset(task, **params)
+    except Exception as e:
+        raise LLMModulesError(f"data '{spec}': bad reasoning-gym parameters {params} ({e})") from None
+    records = []
+    for i in range(len(ds)):
+        item = ds[i]
+        answer = str(item["answer"])
+        worked = (item.get("metadata") or {}).get("answer_cot") or answer
+
+        def scorer(text: str, _item=item) -> float:
+            return float(ds.score_answer(text, entry=_item))
+
+        records.append(Record(system=None, messages=[{"role": "user", "content": item["question"]},
+                                                     {"role": "assistant", "content": worked}],
+                              reference=answer, source=f"{RG_PREFIX}{task}#{i}", scorer=scorer))
+    return records
+
+
+def load_records(spec: str) -> list[Record]:
+    """Load every record named by ``spec`` (see module docstring); errors name file and line."""
+    if spec.startswith(RG_PREFIX):
+        records = _load_reasoning_gym(spec)
+    else:
+        if os.path.isdir(spec):
+            raise LLMModulesError(f"data '{spec}' is a directory; name a .json, .jsonl or .parquet file")
+        if os.path.exists(spec):
+            if spec.endswith(".parquet"):
+                raw = _read_parquet(spec)
+            elif spec.endswith((".json", ".jsonl")):
+                raw = _read_json_file(spec)
+            else:
+                raise LLMModulesError(f"data '{spec}': unsupported file type (use .json, .jsonl or .parquet)")
+        elif spec.endswith((".json", ".jsonl", ".parquet")) or spec.startswith(("/", ".", "~")):
+            raise LLMModulesError(f"data file not found: {spec}")
+        else:
+            raw = _load_hub(spec)
+        records = [to_record(rec, where) for rec, where in raw]
+    if not records:
+        raise LLMModulesError(f"data '{spec}' contains no records")
+    return records
+
+
+# ----------------------------------------------------------------------------- rendering
+def _encode(tokenizer, text: str) -> list[int]:
+    return list(tokenizer(text, add_special_tokens=False)["input_ids"]) if text else []
+
+
+def _bos_prefix(tokenizer) -> list[int]:
+    """The ids the tokenizer itself puts before a text (e.g. Llama's BOS); usually none."""
+    with_special, plain = list(tokenizer("a", add_special_tokens=True)["input_ids"]), _encode(tokenizer, "a")
+    n = len(with_special) - len(plain)
+    return with_special[:n] if n > 0 and with_special[n:] == plain else []
+
+
+def _segments_to_ids(tokenizer, segments: list[tuple[str | list[int], bool]], loss_on: str):
+    """Tokenize (text-or-ids, is_target) segments separately and concatenate with labels."""
+    ids: list[int] = []
+    labels: list[int] = []
+    for piece, target in segments:
+        part = piece if isinstance(piece, list) else _encode(tokenizer, piece)
+        ids += part
+        labels += part if (target or loss_on == "all") else [IGNORE_INDEX] * len(part)
+    return ids, labels
+
+
+def _stratos_segments(record: Record, tokenizer) -> list[tuple[str | list[int], bool]]:
+    eos = tokenizer.eos_token_id
+    if eos is None:
+        raise LLMModulesError("template 'stratos': the tokenizer has no eos_token_id to end answers with")
+    system = record.system if record.system is not None else STRATOS_SYSTEM_PROMPT
+    segs: list[tuple[str | list[int], bool]] = [(_bos_prefix(tokenizer), False)]
+    prompt = f"System:\n\n{system}\n\n"
+    for msg in record.messages:
+        if msg["role"] == "user":
+            prompt += f"User:\n\n{msg['content']}\n\nAssistant:\n\n"
+        else:
+            segs += [(prompt, False), (msg["content"], True), ([eos], True)]
+            prompt = "\n\n"
+    segs.append((prompt, False))
+    return segs
+
+
+def _chat_segments(record: Record, tokenizer) -> list[tuple[str | list[int], bool]]:
+    if not getattr(tokenizer, "chat_template", None):
+        raise LLMModulesError("template 'chat': the tokenizer has no chat template; use --template stratos")
+    msgs = ([{"role": "system", "content": record.system}] if record.system is not None else []) \
+        + [dict(m) for m in record.messages]
+    try:
+        full = tokenizer.apply_chat_template(msgs, tokenize=False)
+    except Exception as e:
+        raise LLMModulesError(f"{record.source}: the chat template failed ({e})") from None
+    specials = {t for t in getattr(tokenizer, "all_special_tokens", []) if t}
+    specials |= {t.content for t in getattr(tokenizer, "added_tokens_decoder", {}).values() if t.special}
+    segs: list[tuple[str | list[int], bool]] = []
+    cursor = 0
+    for i, msg in enumerate(msgs):
+        if msg["role"] != "assistant":
+            continue
+        try:  # skip past the prompt as the template renders it, so a quote in the question never matches
+            head = tokenizer.apply_chat_template(msgs[:i], tokenize=False, add_generation_prompt=True)
+            start = max(cursor, len(os.path.commonprefix([head, full])))
+        except Exception:
+            start = cursor
+        content = msg["content"]
+        pos = full.find(content, start)
+        if pos < 0:
+            content = content.strip()
+            pos = full.find(content, start)
+        if pos < 0:
+            raise LLMModulesError(f"{record.source}: the chat template changes assistant turn {i}'s "
+                                  "text, so its loss span cannot be found; use --template stratos")
+        end = pos + len(content)
+        rest = full[end:]
+        gap = len(rest) - len(rest.lstrip(" "))  # the end-of-turn token, maybe after spaces
+        closing = next((t for t in sorted(specials, key=len, reverse=True) if rest[gap:].startswith(t)), None)
+        if closing:
+            end += gap + len(closing)
+        segs += [(full[cursor:pos], False), (full[pos:end], True)]
+        cursor = end
+    segs.append((full[cursor:], False))
+    return segs
+
+
+def render(record: Record, tokenizer, template: str = "stratos", loss_on: str = "assistant"
+           ) -> tuple[list[int], list[int]]:
+    """Token ids and aligned labels (same length, -100 = no loss; the model shifts) for ``record``.
+
+    ``stratos``: "System:\\n\\n{system}\\n\\nUser:\\n\\n{q}\\n\\nAssistant:\\n\\n{a}<eos>\\n\\n"
+    (more turns repeat the User/Assistant blocks; system defaults to
+    :data:`STRATOS_SYSTEM_PROMPT`). ``chat``: the tokenizer's chat template; the assistant
+    content plus the end-of-turn token that follows it are the targets.
+    """
+    if template not in TEMPLATES:
+        raise LLMModulesError(f"unknown template '{template}' (choose from {', '.join(TEMPLATES)})")
+    if loss_on not in LOSS_ON:
+        raise LLMModulesError(f"unknown loss_on '{loss_on}' (choose from {', '.join(LOSS_ON)})")
+    segs = _stratos_segments(record, tokenizer) if template == "stratos" else _chat_segments(record, tokenizer)
+    return _segments_to_ids(tokenizer, segs, loss_on)
+
+
+# ----------------------------------------------------------------------------- split / subset
+def _score(key: str, seed: int, salt: str) -> float:
+    """A uniform number in [0, 1) fixed by (content, seed, salt): sha256, no RNG state."""
+    digest = hashlib.sha256(f"{salt}\0{seed}\0{key}".encode("utf-8")).digest()
+    return int.from_bytes(digest[:8], "big") / 2.0**64
+
+
+def split_records(records: list[Record], val_fraction: float, seed: int = 0
+                  ) -> tuple[list[Record], list[Record]]:
+    """Split into (train, val), keeping input order inside each part.
+
+    A record is in val when sha256(seed, content) maps below ``val_fraction``; position, order
+    and epoch play no part, and identical records always land on the same side. When that
+    leaves val empty (``val_fraction > 0``, at least 2 records) the record with the smallest
+    hash moves to val.
+    """
+    if not 0.0 <= val_fraction < 1.0:
+        raise LLMModulesError(f"val_fraction must be in [0, 1), got {val_fraction}")
+    scores = [_score(r.content_key(), seed, "val") for r in records]
+    is_val = [s < val_fraction for s in scores]
+    if val_fraction > 0 and len(records) >= 2 and not any(is_val):
+        is_val[min(range(len(records)), key=lambda i: (scores[i], records[i].content_key()))] = True
+    if len(records) >= 2 and all(is_val):  # never leave train empty
+        is_val[max(range(len(records)), key=lambda i: (scores[i], records[i].content_key()))] = False
+    return ([r for r, v in zip(records, is_val) if not v], [r for r, v in zip(records, is_val) if v])
+
+
+def subset_records(records: list[Record], fraction: float, seed: int = 0) -> list[Record]:
+    """Keep ``round(fraction * n)`` records (at least 1): those with the smallest seeded hash.
+
+    Order independent and reproducible, like a seeded random sample; input order is kept.
+    """
+    if fraction >= 1.0:
+        return list(records)
+    k = max(1, round(fraction * len(records)))
+    ranked = sorted(range(len(records)), key=lambda i: (_score(records[i].content_key(), seed, "subset"), i))
+    keep = set(ranked[:k])
+    return [r for i, r in enumerate(records) if i in keep]
+
+
+# ----------------------------------------------------------------------------- top level
+@dataclass
+class DataConfig:
+    """What to load and how to tokenize it; validated on construction."""
+
+    spec: str
+    template: str = "stratos"
+    loss_on: str = "assistant"
+    max_length: int = 1024
+    overflow: str = "drop"
+    val_fraction: float = 0.1
+    seed: int = 0
+    subset: float = 1.0
+
+    def __post_init__(self) -> None:
+        checks = [
+            (isinstance(self.spec, str) and self.spec.strip() != "", f"data spec must be a non-empty string, got {self.spec!r}"),
+            (self.template in TEMPLATES, f"--template must be one of {', '.join(TEMPLATES)}, got {self.template!r}"),
+            (self.loss_on in LOSS_ON, f"--loss-on must be one of {', '.join(LOSS_ON)}, got {self.loss_on!r}"),
+            (isinstance(self.max_length, int) and not isinstance(self.max_length, bool) and self.max_length >= 2,
+             f"--max-length must be an integer >= 2, got {self.max_length!r}"),
+            (self.overflow in OVERFLOW, f"--overflow must be one of {', '.join(OVERFLOW)}, got {self.overflow!r}"),
+            (isinstance(self.val_fraction, (int, float)) and 0.0 <= self.val_fraction < 1.0,
+             f"--val-fraction must be in [0, 1), got {self.val_fraction!r}"),
+            (isinstance(self.seed, int) and not isinstance(self.seed, bool), f"--seed must be an integer, got {self.seed!r}"),
+            (isinstance(self.subset, (int, float)) and 0.0 < self.subset <= 1.0,
+             f"--subset must be in (0, 1], got {self.subset!r}"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise LLMModulesError(message)
+
+
+@dataclass
+class TokenizedExample:
+    """Token ids and aligned labels (-100 = no loss) of one record."""
+
+    input_ids: list[int]
+    labels: list[int]
+    record: Record
+
+
+@dataclass
+class PreparedData:
+    """Train and fixed validation examples plus a report of counts."""
+
+    train: list[TokenizedExample]
+    val: list[TokenizedExample]
+    report: dict[str, Any]
+
+
+def check_positions(max_length: int, model_max_positions: int | None) -> None:
+    """Refuse a max length the small model cannot position (never cut silently)."""
+    if model_max_positions is not None and max_length > model_max_positions:
+        raise LLMModulesError(f"the small model can position {model_max_positions} tokens but "
+                              f"--max-length is {max_length}; lower --max-length")
+
+
+def prepare_data(config: DataConfig, tokenizer, model_max_positions: int | None = None) -> PreparedData:
+    """Load, subset, render, apply the length policy, then split into train/val.
+
+    ``drop``: examples over ``max_length`` tokens are dropped. ``truncate``: they keep their
+    first ``max_length`` tokens, and are dropped anyway if no loss target survives (the label at
+    position 0 never counts, the model shifts). Every case is counted in ``report``.
+    """
+    check_positions(config.max_length, model_max_positions)
+    records = load_records(config.spec)
+    chosen = subset_records(records, config.subset, config.seed)
+    report = {"records": len(records), "subset": len(chosen), "kept": 0, "dropped_too_long": 0,
+              "truncated": 0, "dropped_no_loss_tokens": 0, "max_length": config.max_length}
+    examples: list[TokenizedExample] = []
+    for rec in chosen:
+        ids, labels = render(rec, tokenizer, config.template, config.loss_on)
+        if len(ids) > config.max_length:
+            if config.overflow == "drop":
+                report["dropped_too_long"] += 1
+                continue
+            ids, labels = ids[: config.max_length], labels[: config.max_length]
+            report["truncated"] += 1
+        if all(x == IGNORE_INDEX for x in labels[1:]):
+            report["dropped_no_loss_tokens"] += 1
+            continue
+        examples.append(TokenizedExample(ids, labels, rec))
+    if not examples:
+        raise LLMModulesError(f"data '{config.spec}': no example is left after the length policy "
+                              f"(max_length {config.max_length}, overflow '{config.overflow}'): {report}")
+    train_recs, val_recs = split_records([e.record for e in examples], config.val_fraction, config.seed)
+    val_ids = {id(r) for r in val_recs}
+    train = [e for e in examples if id(e.record) not in val_ids]
+    val = [e for e in examples if id(e.record) in val_ids]
+    report.update(kept=len(examples), train=len(train), val=len(val),
+                  train_tokens=sum(len(e.input_ids) for e in train),
+                  train_loss_tokens=sum(sum(x != IGNORE_INDEX for x in e.labels[1:]) for e in train))
+    return PreparedData(train=train, val=val, report=report)
+
+
+def _file_digest(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+_TOKENIZER_FPS: "weakref.WeakKeyDictionary[Any, tuple[Any, str]]" = weakref.WeakKeyDictionary()
+
+
+def tokenizer_fingerprint(tokenizer) -> str:
+    """sha256 of the tokenizer's class, name, vocabulary, special tokens and chat template."""
+    probe = (len(tokenizer), tokenizer.eos_token_id, getattr(tokenizer, "chat_template", None))
+    try:
+        cached = _TOKENIZER_FPS.get(tokenizer)
+    except TypeError:  # not weak-referenceable
+        cached = None
+    if cached and cached[0] == probe:
+        return cached[1]
+    parts = {"class": type(tokenizer).__name__, "name": getattr(tokenizer, "name_or_path", ""),
+             "vocab": sorted(tokenizer.get_vocab().items()), "eos": tokenizer.eos_token_id,
+             "bos_prefix": _bos_prefix(tokenizer), "chat_template": getattr(tokenizer, "chat_template", None)}
+    digest = hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
+    try:
+        _TOKENIZER_FPS[tokenizer] = (probe, digest)
+    except TypeError:
+        pass
+    return digest
+
+
+def fingerprint(config: DataConfig, tokenizer) -> str:
+    """Stable hex digest of everything that decides the prepared token ids (a cache key).
+
+    Covers the config, the data itself (file content hash, or reasoning-gym task and parameters
+    with the package version; a hub name is taken as is) and the tokenizer.
+    """
+    data: Any = None
+    if config.spec.startswith(RG_PREFIX):
+        try:
+            from importlib.metadata import version
+
+            rg_version = version("reasoning-gym")
+        except Exception:
+            rg_version = "?"
+        data = [parse_reasoning_gym_spec(config.spec), rg_version]
+    elif os.path.isfile(config.spec):
+        data = _file_digest(config.spec)
+    settings = asdict(config)
+    if data is not None and config.spec.startswith(RG_PREFIX):
+        settings["spec"] = None  # the parsed parameters stand for it, whatever their order
+    payload = {"format": _FORMAT_VERSION, "config": settings, "data": data,
+               "tokenizer": tokenizer_fingerprint(tokenizer)}
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
+
+
+# ----------------------------------------------------------------------------- batching
+def collate(examples: list, pad_id: int) -> dict:
+    """Right-pad a batch into tensors: input_ids (pad_id), attention_mask (0 on pad), labels (-100 on pad).
+
+    ``examples`` are :class:`TokenizedExample` or mappings with ``input_ids`` and ``labels``.
+    """
+    import torch
+
+    if not examples:
+        raise LLMModulesError("collate: empty batch")
+    rows = [(e["input_ids"], e["labels"]) if isinstance(e, dict) else (e.input_ids, e.labels) for e in examples]
+    width = max(len(ids) for ids, _ in rows)
+    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, (ids, lab) in enumerate(rows):
+        input_ids[i, : len(ids)] = torch.tensor(ids, dtype=torch.long)
+        labels[i, : len(lab)] = torch.tensor(lab, dtype=torch.long)
+        mask[i, : len(ids)] = 1
+    return {"input_ids": input_ids, "attention_mask": mask, "labels": labels}
+
+
+def length_grouped_batches(lengths: list[int], batch_size: int, seed: int = 0, epoch: int = 0,
+                           chunk_batches: int = 50) -> list[list[int]]:
+    """Indices in batches of similar length, reshuffled per epoch, deterministic for (seed, epoch).
+
+    Shuffle all indices, cut them into mega-chunks of ``chunk_batches * batch_size``, sort each
+    chunk by length (longest first), cut into batches, then shuffle the batch order.
+    """
+    if batch_size < 1:
+        raise LLMModulesError(f"batch size must be >= 1, got {batch_size}")
+    rng = random.Random(f"length-grouped:{seed}:{epoch}")
+    order = list(range(len(lengths)))
+    rng.shuffle(order)
+    chunk = batch_size * max(1, chunk_batches)
+    batches: list[list[int]] = []
+    for start in range(0, len(order), chunk):
+        part = sorted(order[start: start + chunk], key=lambda i: -lengths[i])
+        batches += [part[j: j + batch_size] for j in range(0, len(part), batch_size)]
+    rng.shuffle(batches)
+    return batches

@@ -1,0 +1,39 @@
+"""Heads that turn the small model's output into logits over the LARGE model's vocabulary."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class ComposedHead(nn.Module):
+    """Logits over the large vocabulary from the small model's last hidden states.
+
+    kind "new":       logits = W s, W a fresh (|V_large|, d_small) matrix (the paper's head).
+    kind "projected": logits = large_head(U s), U a trainable (d_large, d_small) projection and
+                      large_head the large model's frozen output embedding.
+    kind "residual":  logits = large_head(h + U s) = large logits + large_head(U s), U
+                      zero-initialised, so an untrained model predicts exactly what the large
+                      model predicts (proxy-tuning's idea).
+    The large model's output embedding is passed in at call time, never owned (nor saved) here.
+    """
+
+    def __init__(self, kind: str, small_dim: int, large_dim: int, vocab_size: int):
+        super().__init__()
+        self.kind = kind
+        if kind == "new":
+            self.out = nn.Linear(small_dim, vocab_size, bias=False)
+        else:
+            self.up = nn.Linear(small_dim, large_dim, bias=False)
+            if kind == "residual":
+                nn.init.zeros_(self.up.weight)
+
+    def forward(self, s: torch.Tensor, h: torch.Tensor | None, large_head: nn.Module) -> torch.Tensor:
+        """s (B, T, dS) small output; h (B, T, dL) large final states -> logits (B, T, |V_large|)."""
+        if self.kind == "new":
+            return self.out(s)
+        x = self.up(s)  # (B, T, dL)
+        if self.kind == "residual":
+            x = h.to(x.dtype) + x
+        weight = large_head.weight
+        return large_head(x.to(weight.dtype)).to(s.dtype)

@@ -1,0 +1,335 @@
+"""The composed model: frozen large LM -> Enhanced Cross-Attention bridge -> small LM -> head.
+
+Data flows one way. Both sides read the LARGE model's token ids; the small model only sees the
+bridge output through `inputs_embeds`, and the head predicts over the large vocabulary.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from .bridge import Bridge, BridgeCache
+from .config import CONFIG_FILE, WEIGHTS_FILE, ComposeConfig
+from .errors import LLMModulesError
+from .heads import ComposedHead
+
+logger = logging.getLogger(__name__)
+
+LEAK_WARNING = (
+    "causal=False reproduces the paper's leak: every position's cross-attention reads the large "
+    "model's states of LATER positions, which encode the very tokens it must predict. Training "
+    "loss is then not a next-token loss and does not match generation. Use only to reproduce the paper."
+)
+
+
+@dataclass
+class ComposedCache:
+    """Decoding caches of the three stages; the attention mask is the caller's, kept outside."""
+
+    large: Any = None
+    bridge: BridgeCache | None = None
+    small: Any = None
+
+
+@dataclass
+class ComposedOutput:
+    logits: torch.Tensor | None  # (B, T, |V_large|), or the last `logits_to_keep` positions
+    loss: torch.Tensor | None = None
+    cache: ComposedCache | None = None
+
+
+def positions_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """(B, S) 0/1 mask -> (B, S) position ids counting real tokens only, so padding changes nothing."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def next_token_loss(logits: torch.Tensor, labels: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+    """Cross-entropy of predicting labels[t + 1] from position t; -100 is ignored."""
+    return F.cross_entropy(
+        logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten().to(logits.device), ignore_index=-100,
+        reduction=reduction,
+    )
+
+
+class _Decoder:
+    """Calls a Hugging Face decoder (no LM head) with its KV cache, across transformers 5.x renames."""
+
+    def __init__(self, module: nn.Module):
+        self.module = module
+        params = inspect.signature(module.forward).parameters
+        self.cache_arg = "cache" if "cache" in params else "past_key_values"
+
+    def __call__(self, cache: Any = None, use_cache: bool = False, **kwargs: Any) -> tuple[Any, Any]:
+        out = self.module(**{self.cache_arg: cache}, use_cache=use_cache, **kwargs)
+        new_cache = getattr(out, "cache", None) if hasattr(out, "cache") else getattr(out, "past_key_values", None)
+        return out, (new_cache if use_cache else None)
+
+
+class LLMModulesModel(nn.Module):
+    """A frozen large causal LM feeding a small trainable causal LM through Enhanced Cross-Attention.
+
+    Build with `LLMModulesModel.compose(large=SPEC, small=SPEC)`; reload a trained one with
+    `LLMModulesModel.from_pretrained(dir)`. Only the bridge, the small decoder and the head train.
+    """
+
+    def __init__(self, config: ComposeConfig, large: nn.Module, small: nn.Module, tokenizer: Any = None):
+        super().__init__()
+        self.config = config
+        self.tokenizer = tokenizer  # the LARGE model's tokenizer; None for folders without one
+        if not config.causal:
+            warnings.warn(LEAK_WARNING, stacklevel=3)
+
+        # Frozen for real: every weight, eval mode, called under no_grad.
+        self.large = large
+        self.large.requires_grad_(False)
+        self.large.eval()
+        self._large_decoder = _Decoder(large.base_model)
+        large_head = large.get_output_embeddings()
+        if large_head is None:
+            raise LLMModulesError(f"large model {config.large!r} has no output embedding (is it a causal LM?)")
+        vocab_size, large_dim = large_head.weight.shape
+
+        # The small model keeps only its decoder: its old LM head is dropped and its token
+        # embeddings (unused: it reads the bridge through inputs_embeds) become a frozen 1-row stub.
+        self.small = small.base_model
+        small_dim = self.small.get_input_embeddings().weight.shape[1]
+        stub = nn.Embedding(1, small_dim)
+        stub.weight.requires_grad_(False)
+        self.small.set_input_embeddings(stub)
+        self._small_decoder = _Decoder(self.small)
+        self.small_max_positions = getattr(self.small.config, "max_position_embeddings", None)
+
+        if small_dim % config.num_heads:
+            raise LLMModulesError(
+                f"the small model's width {small_dim} is not divisible by num_heads={config.num_heads}; "
+                f"pick a bridge head count that divides it"
+            )
+        self.bridge = Bridge(large_dim, small_dim, config.num_layers, config.num_heads, config.adapter_dim, config.dropout)
+        self.head = ComposedHead(config.head, small_dim, large_dim, vocab_size)
+        self.bridge.to(self.small.dtype)
+        self.head.to(self.small.dtype)
+        self.vocab_size = vocab_size
+        self.log_parameter_counts()
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def compose(
+        cls,
+        large: str,
+        small: str,
+        causal: bool = True,
+        dtype: torch.dtype = torch.float32,
+        large_dtype: torch.dtype | None = None,
+        device: str | torch.device | None = None,
+        **bridge_options: Any,
+    ) -> "LLMModulesModel":
+        """Load both models from their specs and join them with a freshly initialised bridge and head.
+
+        bridge_options: head, num_layers, num_heads, adapter_dim, dropout, large_layer.
+        `large_dtype` (default: `dtype`) lets the frozen large model run in bf16/fp16.
+        """
+        config = ComposeConfig(large=large, small=small, causal=causal, **bridge_options)
+        return cls._build(config, dtype, large_dtype, device)
+
+    @classmethod
+    def _build(cls, config: ComposeConfig, dtype: torch.dtype, large_dtype: torch.dtype | None, device: Any):
+        from .specs import resolve_model
+
+        large = resolve_model(config.large, dtype=large_dtype or dtype, with_tokenizer=True)
+        small = resolve_model(config.small, dtype=dtype, with_tokenizer=False)
+        model = cls(config, large.model, small.model, tokenizer=large.tokenizer)
+        return model.to(device) if device is not None else model
+
+    # ------------------------------------------------------------------ bookkeeping
+    def train(self, mode: bool = True) -> "LLMModulesModel":
+        super().train(mode)
+        self.large.eval()  # the frozen model never runs dropout
+        return self
+
+    def parameter_counts(self) -> dict[str, dict[str, int]]:
+        """{part: {"trainable": n, "frozen": n}} for large, bridge, small, head and total."""
+        counts: dict[str, dict[str, int]] = {}
+        for part in ("large", "bridge", "small", "head"):
+            seen: set[int] = set()
+            entry = {"trainable": 0, "frozen": 0}
+            for p in getattr(self, part).parameters():
+                if id(p) in seen:
+                    continue
+                seen.add(id(p))
+                entry["trainable" if p.requires_grad else "frozen"] += p.numel()
+            counts[part] = entry
+        counts["total"] = {k: sum(c[k] for c in counts.values()) for k in ("trainable", "frozen")}
+        return counts
+
+    def log_parameter_counts(self) -> dict[str, dict[str, int]]:
+        counts = self.parameter_counts()
+        assert counts["large"]["trainable"] == 0, "the large model must be frozen"
+        trainable = sum(p.numel() for p in self.parameters() if p.requires_grad)
+        assert trainable == counts["total"]["trainable"], "a trainable parameter lives outside the known parts"
+        logger.info(
+            "parameters: trainable %s (bridge %s, small %s, head %s), frozen %s (large %s)",
+            f"{trainable:,}", f"{counts['bridge']['trainable']:,}", f"{counts['small']['trainable']:,}",
+            f"{counts['head']['trainable']:,}", f"{counts['total']['frozen']:,}", f"{counts['large']['frozen']:,}",
+        )
+        return counts
+
+    # ------------------------------------------------------------------ forward
+    @torch.no_grad()
+    def encode_large(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        position_ids: torch.Tensor,
+        cache: Any = None,
+        use_cache: bool = False,
+    ) -> tuple[torch.Tensor, Any]:
+        """Frozen large model -> its hidden states (B, T, dL) at `config.large_layer`, and its KV cache."""
+        want_all = self.config.large_layer != -1
+        out, new_cache = self._large_decoder(
+            cache=cache, use_cache=use_cache, input_ids=input_ids, attention_mask=attention_mask,
+            position_ids=position_ids, output_hidden_states=want_all,
+        )
+        states = out.hidden_states[self.config.large_layer] if want_all else out.last_hidden_state
+        return states, new_cache
+
+    def forward(
+        self,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        large_states: torch.Tensor | None = None,
+        cache: ComposedCache | None = None,
+        use_cache: bool = False,
+        logits_to_keep: int = 0,
+        return_logits: bool = True,
+        loss_reduction: str = "mean",
+    ) -> ComposedOutput:
+        """Logits over the large vocabulary for every new position.
+
+        input_ids (B, T) in the large tokenizer's ids; attention_mask (B, S) covers cached AND new
+        positions (S = cached + T), left or right padding. `large_states` (B, T, dL) replaces the
+        large model's forward (training from cached states). `logits_to_keep=n` keeps the last n.
+        With labels and `return_logits=False` the head runs only where a label is predicted (the
+        vocabulary projection is the costliest step of training) and `logits` is None.
+        """
+        if input_ids is None and large_states is None:
+            raise ValueError("give input_ids or large_states")
+        batch, length = (input_ids if input_ids is not None else large_states).shape[:2]
+        device = self.bridge.pre_proj.weight.device
+        if attention_mask is None:
+            past = cache.bridge.length if cache is not None and cache.bridge is not None else 0
+            attention_mask = torch.ones(batch, past + length, dtype=torch.long, device=device)
+        position_ids = positions_from_mask(attention_mask)[:, -length:]  # (B, T)
+        top = int(position_ids.max()) + 1
+        if self.small_max_positions is not None and top > self.small_max_positions:
+            raise LLMModulesError(
+                f"a sequence of {top} tokens is longer than the small model can position "
+                f"({self.small_max_positions}); shorten the input or use a small model with more positions"
+            )
+        if cache is None and use_cache:
+            cache = ComposedCache()
+
+        if large_states is None:
+            large_states, large_cache = self.encode_large(
+                input_ids, attention_mask, position_ids, cache.large if cache else None, use_cache
+            )
+            if cache is not None:
+                cache.large = large_cache
+        bridge_cache = None
+        if cache is not None:
+            cache.bridge = bridge_cache = cache.bridge or BridgeCache()
+        h = large_states.to(self.bridge.pre_proj.weight.dtype)  # (B, T, dL)
+        embeds = self.bridge(h, attention_mask, self.config.causal, bridge_cache)  # (B, T, dS)
+        small_out, small_cache = self._small_decoder(
+            cache=cache.small if cache else None, use_cache=use_cache, inputs_embeds=embeds,
+            attention_mask=attention_mask, position_ids=position_ids,
+        )
+        if cache is not None:
+            cache.small = small_cache
+        s = small_out.last_hidden_state  # (B, T, dS)
+        if labels is not None and not return_logits:
+            targets = labels[:, 1:].to(s.device)
+            keep = targets != -100  # (B, T-1)
+            picked = self.head(s[:, :-1][keep], large_states[:, :-1][keep], self.large.get_output_embeddings())
+            loss = F.cross_entropy(picked.float(), targets[keep], reduction=loss_reduction)  # picked (N, V)
+            return ComposedOutput(logits=None, loss=loss, cache=cache if use_cache else None)
+        if logits_to_keep:
+            s, large_states = s[:, -logits_to_keep:], large_states[:, -logits_to_keep:]
+        logits = self.head(s, large_states, self.large.get_output_embeddings())  # (B, T, V)
+        loss = next_token_loss(logits, labels, loss_reduction) if labels is not None else None
+        return ComposedOutput(logits=logits, loss=loss, cache=cache if use_cache else None)
+
+    def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **options: Any):
+        """Decode new tokens; returns ids including the prompt. See `llm_modules.generation.generate`."""
+        from .generation import generate
+
+        return generate(self, input_ids, attention_mask, **options)
+
+    # ------------------------------------------------------------------ save / load
+    def trained_state_dict(self) -> dict[str, torch.Tensor]:
+        """Everything but the frozen large model and the small model's unused embedding stub."""
+        stub = "small." + _embedding_name(self.small) + ".weight"
+        return {
+            name: tensor for name, tensor in self.state_dict().items()
+            if not name.startswith("large.") and name != stub
+        }
+
+    def save_pretrained(self, directory: str | Path) -> Path:
+        """Write the JSON config and safetensors of the trained parts only (never the large model)."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in self.trained_state_dict().items()}
+        tmp = directory / (WEIGHTS_FILE + ".tmp")
+        save_file(tensors, str(tmp), metadata={"format": "pt", "llm_modules": self.config.library_version})
+        tmp.replace(directory / WEIGHTS_FILE)
+        self.config.save(directory)
+        return directory
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        directory: str | Path,
+        dtype: torch.dtype = torch.float32,
+        large_dtype: torch.dtype | None = None,
+        device: str | torch.device | None = None,
+    ) -> "LLMModulesModel":
+        """Rebuild from a folder written by `save_pretrained`: specs from the JSON, weights from safetensors."""
+        directory = Path(directory)
+        config = ComposeConfig.load(directory)
+        weights = directory / WEIGHTS_FILE
+        if not weights.is_file():
+            raise LLMModulesError(f"{directory} has {CONFIG_FILE} but no {WEIGHTS_FILE}")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the leak warning was given when the model was composed
+            model = cls._build(config, dtype, large_dtype, None)
+        if not config.causal:
+            warnings.warn(LEAK_WARNING, stacklevel=2)
+        model.load_trained_state_dict(load_file(str(weights)))
+        return model.to(device) if device is not None else model
+
+    def load_trained_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        expected = set(self.trained_state_dict())
+        missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
+        if missing or unexpected:
+            raise LLMModulesError(
+                f"saved weights do not match this composition: missing {missing[:5]}, unexpected {unexpected[:5]}"
+            )
+        self.load_state_dict(state, strict=False)
+
+
+def _embedding_name(decoder: nn.Module) -> str:
+    stub = decoder.get_input_embeddings()
+    for name, module in decoder.named_modules():
+        if module is stub:
+            return name
+    raise LLMModulesError("could not find the small model's input embedding")

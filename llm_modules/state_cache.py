@@ -1,0 +1,272 @@
+"""Frozen large-model hidden states, computed once per training set and kept on disk.
+
+The large model never trains, so its states for each example are the same every epoch. They are
+stored under ``root/<key>/`` as safetensors shards (one tensor per example, named by its index)
+plus ``index.json``, which is written last: a folder without a valid index is never read. A key
+(:func:`state_cache_key`) covers everything that changes the states, so any change lands in a
+new folder; old folders stay (a user may switch back) until :func:`prune` removes them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from tqdm.auto import tqdm
+
+from . import __version__
+from .errors import LLMModulesError
+from .model import positions_from_mask
+
+logger = logging.getLogger(__name__)
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+INDEX_FILE = "index.json"
+SHARD_BYTES = 256 << 20  # a shard is closed once it holds this many bytes of states
+_FORMAT = 1  # bump when the on-disk layout changes
+
+
+def _check_dtype(dtype: str) -> torch.dtype:
+    if dtype not in DTYPES:
+        raise LLMModulesError(f"state cache dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    return DTYPES[dtype]
+
+
+def _sample_bytes(t: torch.Tensor, n: int = 4096) -> bytes:
+    """Raw bytes of about n evenly strided elements of t (every element when smaller)."""
+    flat = t.detach().reshape(-1)
+    step = max(1, flat.numel() // n)
+    return flat[::step].contiguous().cpu().view(torch.uint8).numpy().tobytes()
+
+
+def large_weights_digest(large: torch.nn.Module) -> str:
+    """sha256 over every parameter's name, shape, dtype and a strided sample of its values,
+    the first and last parameters in full, the parameter count, and the model config."""
+    h = hashlib.sha256()
+    params = list(large.named_parameters())
+    for name, p in params:
+        h.update(f"{name}|{tuple(p.shape)}|{p.dtype}|".encode())
+        h.update(_sample_bytes(p))
+    for _, p in (params[0], params[-1]) if params else ():
+        h.update(p.detach().contiguous().cpu().reshape(-1).view(torch.uint8).numpy().tobytes())
+    h.update(str(sum(p.numel() for _, p in params)).encode())
+    config = getattr(large, "config", None)
+    if config is not None:  # rope, norm eps...: not in the weights but change the states
+        items = {k: v for k, v in config.to_dict().items() if not k.startswith("_") and k != "transformers_version"}
+        h.update(json.dumps(items, sort_keys=True, default=str).encode())
+    return h.hexdigest()
+
+
+def state_cache_key(model: Any, data_fingerprint: str, dtype: str = "float32") -> str:
+    """Hex digest naming the cache folder of `model`'s large states on one prepared data set.
+
+    Covers the large spec, the large weights' identity, `config.large_layer`, the data fingerprint
+    (data, template, max length, tokenizer) and the storage dtype. Train and validation examples
+    come from one data fingerprint: add the split to it, e.g. ``fingerprint + ":train"``.
+    """
+    _check_dtype(dtype)
+    payload = {
+        "format": _FORMAT, "large": model.config.large, "weights": large_weights_digest(model.large),
+        "large_layer": model.config.large_layer, "data": data_fingerprint, "dtype": dtype,
+    }
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
+
+
+def examples_digest(examples: Sequence[Any]) -> str:
+    """sha256 of every example's input ids, in order: tells which examples a cache holds."""
+    h = hashlib.sha256()
+    for e in examples:
+        ids = torch.as_tensor(e.input_ids, dtype=torch.int64)
+        h.update(len(ids).to_bytes(8, "little") + ids.numpy().tobytes())
+    return h.hexdigest()
+
+
+def _stale_tmp(path: Path) -> bool:
+    """A `<key>.tmp-<pid>` build folder whose process is gone (or is this process)."""
+    pid = path.name.rpartition(".tmp-")[2]
+    if not pid.isdigit() or int(pid) == os.getpid():
+        return pid.isdigit()
+    try:
+        os.kill(int(pid), 0)  # signal 0: only asks whether the process exists
+    except ProcessLookupError:
+        return True
+    except OSError:  # exists but is someone else's
+        return False
+    return False
+
+
+def prune(root: str | Path, keep: set[str]) -> list[Path]:
+    """Delete cache folders under `root` whose key is not in `keep`, and dead build folders.
+
+    Only folders named like a key (64 hex digits) or a build folder are touched. Returns them.
+    """
+    root, removed = Path(root), []
+    for path in sorted(root.iterdir()) if root.is_dir() else []:
+        key, is_tmp, _ = path.name.partition(".tmp-")
+        is_key = len(key) == 64 and all(c in "0123456789abcdef" for c in key)
+        if path.is_dir() and is_key and ((is_tmp and _stale_tmp(path)) or (not is_tmp and key not in keep)):
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path)
+    return removed
+
+
+class StateCache:
+    """Memory-mapped, read-only view of cached states: ``cache[i]`` -> tensor (T_i, d_large).
+
+    Tensors come back in the stored dtype (the caller casts). Shards are opened lazily through
+    `safetensors.safe_open` and each example is read on demand; nothing is loaded up front.
+    """
+
+    def __init__(self, path: Path, index: dict[str, Any], built: bool):
+        self.path, self.index, self.built = path, index, built
+        self.lengths: list[int] = index["lengths"]
+        self.d_large: int = index["d_large"]
+        self.dtype: torch.dtype = DTYPES[index["dtype"]]
+        self.size_bytes: int = sum((path / s).stat().st_size for s in index["shards"])
+        self._handles: dict[int, Any] = {}
+
+    def __len__(self) -> int:
+        return len(self.lengths)
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        if not 0 <= i < len(self):
+            raise IndexError(f"state cache index {i} out of range for {len(self)} examples")
+        shard = self.index["shard_of"][i]
+        if shard not in self._handles:
+            self._handles[shard] = safe_open(str(self.path / self.index["shards"][shard]), framework="pt")
+        return self._handles[shard].get_tensor(str(i))  # (T_i, d_large)
+
+    def batch(self, indices: Sequence[int], pad_to: int) -> torch.Tensor:
+        """(B, pad_to, d_large) states, right-padded with zeros like `data.collate`."""
+        out = torch.zeros(len(indices), pad_to, self.d_large, dtype=self.dtype)
+        for row, i in enumerate(indices):
+            if self.lengths[i] > pad_to:
+                raise LLMModulesError(f"example {i} has {self.lengths[i]} tokens, more than pad_to={pad_to}")
+            out[row, : self.lengths[i]] = self[i]
+        return out
+
+    # ------------------------------------------------------------------ open / build
+    @classmethod
+    def open_or_build(cls, root: str | Path, key: str, model: Any, examples: Sequence[Any], dtype: str = "float32",
+                      batch_size: int = 8, progress: bool = True, shard_bytes: int = SHARD_BYTES) -> "StateCache":
+        """Open the complete cache `root/<key>/` for `examples`, or compute and store it first.
+
+        A folder without a valid `index.json` (a killed build) is wiped and rebuilt. A complete
+        folder built for other examples raises: give each example list its own key.
+        """
+        _check_dtype(dtype)
+        if not examples:
+            raise LLMModulesError("state cache: no examples to cache")
+        root, final = Path(root), Path(root) / key
+        root.mkdir(parents=True, exist_ok=True)
+        digest = examples_digest(examples)
+        index = cls._read_index(final, key, dtype)
+        if index is not None:
+            if index["examples"] != digest:
+                raise LLMModulesError(
+                    f"state cache {final} was built for other examples ({index['n']} of them; {len(examples)} "
+                    "given): the key must cover the example list, e.g. add the split name to the data fingerprint"
+                )
+            cache = cls(final, index, built=False)
+            logger.info("reusing cached large-model states %s (%d examples, %.1f MB)",
+                        final, len(cache), cache.size_bytes / 1e6)
+            return cache
+        if final.exists():
+            logger.warning("state cache %s is incomplete (no valid %s): rebuilding it", final, INDEX_FILE)
+            shutil.rmtree(final)
+        for leftover in root.glob(f"{key}.tmp-*"):
+            if _stale_tmp(leftover):
+                shutil.rmtree(leftover, ignore_errors=True)
+        tmp = root / f"{key}.tmp-{os.getpid()}"
+        try:
+            index = cls._build(tmp, key, model, examples, dtype, batch_size, progress, shard_bytes)
+            index["examples"] = digest
+            _write_json_atomic(tmp / INDEX_FILE, index)  # last: only now is the folder complete
+            if cls._read_index(final, key, dtype) is not None:  # another process finished first
+                shutil.rmtree(tmp)
+                return cls.open_or_build(root, key, model, examples, dtype, batch_size, progress, shard_bytes)
+            shutil.rmtree(final, ignore_errors=True)
+            os.replace(tmp, final)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        cache = cls(final, index, built=True)
+        logger.info("cached large-model states of %d examples in %s (%.1f MB, %s)",
+                    len(cache), final, cache.size_bytes / 1e6, dtype)
+        return cache
+
+    @staticmethod
+    def _read_index(folder: Path, key: str, dtype: str) -> dict[str, Any] | None:
+        """The folder's index when it is complete and matches (key, dtype, format); else None."""
+        try:
+            index = json.loads((folder / INDEX_FILE).read_text())
+            ok = (index["format"] == _FORMAT and index["key"] == key and index["dtype"] == dtype
+                  and isinstance(index["examples"], str)
+                  and len(index["lengths"]) == len(index["shard_of"]) == index["n"]
+                  and all((folder / s).is_file() for s in index["shards"]))
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+        return index if ok else None
+
+    @staticmethod
+    def _build(folder: Path, key: str, model: Any, examples: Sequence[Any], dtype: str, batch_size: int,
+               progress: bool, shard_bytes: int) -> dict[str, Any]:
+        """Run the large model over `examples` (sorted by length, right-padded) into shards in `folder`."""
+        folder.mkdir(parents=True)
+        device = next(model.large.parameters()).device
+        lengths = [len(e.input_ids) for e in examples]
+        if min(lengths) < 1:
+            raise LLMModulesError("state cache: an example has no tokens")
+        order = sorted(range(len(examples)), key=lambda i: lengths[i])
+        shards: list[str] = []
+        shard_of = [-1] * len(examples)
+        pending: dict[str, torch.Tensor] = {}
+        pending_bytes, d_large = 0, None
+
+        def flush() -> None:
+            nonlocal pending, pending_bytes
+            name = f"shard-{len(shards):05d}.safetensors"
+            save_file(pending, str(folder / name), metadata={"key": key, "llm_modules": __version__})
+            shards.append(name)
+            pending, pending_bytes = {}, 0
+
+        bar = tqdm(total=len(examples), desc="large-model states", unit="ex",
+                   disable=None if progress else True)  # None: off when not a TTY
+        with torch.no_grad():
+            for start in range(0, len(order), batch_size):
+                rows = order[start: start + batch_size]
+                width = max(lengths[i] for i in rows)
+                ids = torch.zeros(len(rows), width, dtype=torch.long)  # pad id 0: masked out
+                mask = torch.zeros(len(rows), width, dtype=torch.long)
+                for r, i in enumerate(rows):
+                    ids[r, : lengths[i]] = torch.as_tensor(examples[i].input_ids, dtype=torch.long)
+                    mask[r, : lengths[i]] = 1
+                ids, mask = ids.to(device), mask.to(device)
+                states, _ = model.encode_large(ids, mask, positions_from_mask(mask))  # (B, width, dL)
+                d_large = states.shape[-1]
+                for r, i in enumerate(rows):
+                    pending[str(i)] = states[r, : lengths[i]].to("cpu", DTYPES[dtype]).clone()  # (T_i, dL)
+                    pending_bytes += pending[str(i)].nbytes
+                    shard_of[i] = len(shards)
+                if pending_bytes >= shard_bytes:
+                    flush()
+                bar.update(len(rows))
+        bar.close()
+        if pending:
+            flush()
+        return {"format": _FORMAT, "key": key, "n": len(examples), "lengths": lengths, "d_large": d_large,
+                "dtype": dtype, "shards": shards, "shard_of": shard_of, "library_version": __version__}
+
+
+def _write_json_atomic(path: Path, data: dict[str, Any]) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data))
+    os.replace(tmp, path)

@@ -1,0 +1,141 @@
+"""Everything a training run depends on, as one validated dataclass saved as JSON beside its outputs."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .errors import LLMModulesError
+
+RUN_CONFIG_FILE = "run_config.json"
+# Options that may differ between an interrupted run and its resumption.
+RESUME_FREE = {"resume", "progress"}
+
+DEMO = dict(
+    large="qwen2.5-coder-0.5b-instruct",
+    small="smollm2-135m-instruct",
+    data="reasoning-gym:gsm_symbolic?size=240&seed=0",
+    output="runs/demo",
+    template="chat",
+    head="residual",
+    max_length=320,
+    batch_size=4,
+    epochs=1,
+    val_fraction=0.1,
+    eval_every=20,
+    save_every=20,
+    num_samples=3,
+    state_cache_dtype="float16",
+)
+
+
+@dataclass
+class TrainConfig:
+    """A training run: models, data, optimisation, checkpoints. Defaults are the paper's where it has one."""
+
+    large: str
+    small: str
+    data: str
+    output: str
+    # composition
+    causal: bool = True
+    head: str = "new"
+    num_layers: int = 2
+    num_heads: int = 8
+    adapter_dim: int = 256
+    dropout: float = 0.1
+    # data
+    template: str = "stratos"
+    loss_on: str = "assistant"
+    max_length: int = 1024
+    overflow: str = "drop"
+    val_fraction: float = 0.1
+    subset: float = 1.0
+    # optimisation (paper: AdamW, lr 1e-4 bridge, 5e-5 small model and head, clip 1.0, batch 1)
+    epochs: int = 1
+    max_steps: int = 0  # > 0 overrides epochs
+    batch_size: int = 1  # per process
+    grad_accum: int = 1
+    lr_bridge: float = 1e-4
+    lr_small: float = 5e-5
+    weight_decay: float = 0.01
+    warmup_ratio: float = 0.05
+    max_grad_norm: float = 1.0
+    mixed_precision: str = "auto"  # auto: bf16 on a GPU that has it, else fp16 on GPU, else no
+    gradient_checkpointing: bool = False
+    seed: int = 0
+    # large-model states
+    state_cache: bool = True
+    state_cache_dtype: str = "float32"
+    state_cache_dir: str = ""  # default: <cache_dir()>/states
+    # evaluation, checkpoints, logging
+    eval_every: int = 0  # steps; 0: once per epoch
+    early_stopping_patience: int = 5  # evaluations without improvement; 0: never stop early
+    save_every: int = 0  # steps; 0: only at the end
+    keep_checkpoints: int = 2
+    num_samples: int = 3
+    max_new_tokens: int = 256
+    resume: bool = False
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        positive = ["num_layers", "num_heads", "adapter_dim", "max_length", "batch_size", "grad_accum", "keep_checkpoints"]
+        non_negative = ["epochs", "max_steps", "eval_every", "save_every", "early_stopping_patience", "num_samples",
+                        "max_new_tokens"]
+        for name in positive + non_negative:
+            value = getattr(self, name)
+            low = 1 if name in positive else 0
+            if not isinstance(value, int) or isinstance(value, bool) or value < low:
+                raise LLMModulesError(f"--{name.replace('_', '-')} must be an integer >= {low}, got {value!r}")
+        if self.epochs == 0 and self.max_steps == 0:
+            raise LLMModulesError("give --epochs N or --max-steps N (both are 0)")
+        for name in ("lr_bridge", "lr_small"):
+            if not getattr(self, name) > 0:
+                raise LLMModulesError(f"--{name.replace('_', '-')} must be > 0")
+        choices = {"mixed_precision": ("auto", "no", "bf16", "fp16"),
+                   "state_cache_dtype": ("float32", "float16", "bfloat16")}
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise LLMModulesError(f"--{name.replace('_', '-')} must be one of {', '.join(allowed)}")
+        for name in ("large", "small", "data", "output"):
+            if not isinstance(getattr(self, name), str) or not getattr(self, name):
+                raise LLMModulesError(f"--{name} is required")
+
+    @classmethod
+    def fields(cls) -> dict[str, dataclasses.Field]:
+        return {f.name: f for f in dataclasses.fields(cls)}
+
+    @classmethod
+    def from_file(cls, path: str | Path, overrides: dict[str, Any] | None = None) -> "TrainConfig":
+        """Read a YAML or JSON config file; `overrides` (from the command line) win."""
+        path = Path(path)
+        if not path.is_file():
+            raise LLMModulesError(f"config file {path} does not exist")
+        text = path.read_text()
+        try:
+            if path.suffix in (".yaml", ".yml"):
+                import yaml
+
+                data = yaml.safe_load(text) or {}
+            else:
+                data = json.loads(text)
+        except Exception as err:  # yaml and json raise different types
+            raise LLMModulesError(f"config file {path} cannot be parsed: {err}") from None
+        if not isinstance(data, dict):
+            raise LLMModulesError(f"config file {path} must hold a mapping of options")
+        data = {k.replace("-", "_"): v for k, v in data.items()}
+        unknown = sorted(set(data) - set(cls.fields()))
+        if unknown:
+            raise LLMModulesError(f"config file {path}: unknown options {unknown}")
+        return cls(**{**data, **(overrides or {})})
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def differences(self, other: dict[str, Any]) -> list[str]:
+        """Options (other than resume-free ones) whose value differs from a saved run's."""
+        mine = self.to_dict()
+        return sorted(k for k in set(mine) | set(other) if k not in RESUME_FREE and mine.get(k) != other.get(k))

@@ -1,0 +1,183 @@
+"""Correctness properties of the composed model: frozen, causal, padding-invariant, save/load identical."""
+
+from __future__ import annotations
+
+import json
+import warnings
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from llm_modules import LLMModulesModel
+from llm_modules.config import CONFIG_FILE, WEIGHTS_FILE
+from llm_modules.errors import LLMModulesError
+
+PAIRS = [("qwen2", "gpt_neo"), ("llama", "gpt2"), ("gpt2", "qwen2"), ("gpt_neo", "llama")]
+
+
+def compose(tiny_models, large="qwen2", small="llama", seed=0, **options):
+    torch.manual_seed(seed)
+    model = LLMModulesModel.compose(large=tiny_models[large], small=tiny_models[small], **options)
+    return model.eval()
+
+
+def random_ids(model, batch, length, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, model.vocab_size, (batch, length), generator=g)
+
+
+def nudge(model, seed=3, scale=0.05):
+    """Move every trained weight off its initial value (zero-initialised heads included)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(scale * torch.randn(p.shape, generator=g))
+
+
+@pytest.mark.parametrize("large,small", PAIRS)
+@pytest.mark.parametrize("head", ["new", "projected", "residual"])
+def test_families_train_only_the_bridge_small_and_head(tiny_models, large, small, head):
+    model = compose(tiny_models, large, small, head=head).train()
+    ids = random_ids(model, 2, 10)
+    out = model(input_ids=ids, labels=ids)
+    assert out.logits.shape == (2, 10, model.vocab_size)
+    assert torch.isfinite(out.loss)
+    out.loss.backward()
+    assert all(p.grad is None and not p.requires_grad for p in model.large.parameters())
+    assert all(p.grad is not None for p in model.bridge.parameters())
+    assert all(p.grad is not None for p in model.head.parameters())
+    assert any(p.grad is not None for p in model.small.parameters())
+    stub = model.small.get_input_embeddings()
+    assert stub.weight.shape[0] == 1 and not stub.weight.requires_grad
+    counts = model.parameter_counts()
+    assert counts["large"]["trainable"] == 0 and counts["large"]["frozen"] > 0
+    assert counts["total"]["trainable"] == sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def test_large_model_stays_in_eval_mode(tiny_models):
+    model = compose(tiny_models).train()
+    assert model.bridge.training and model.small.training
+    assert not model.large.training and not any(m.training for m in model.large.modules())
+
+
+@pytest.mark.parametrize("large,small", PAIRS[:2])
+def test_causal_no_position_reads_later_large_states(tiny_models, large, small):
+    model = compose(tiny_models, large, small)
+    nudge(model)
+    ids = random_ids(model, 1, 16)
+    changed = ids.clone()
+    changed[:, 9:] = (changed[:, 9:] + 7) % model.vocab_size
+    a, b = model(input_ids=ids).logits, model(input_ids=changed).logits
+    torch.testing.assert_close(a[:, :9], b[:, :9], rtol=0, atol=1e-6)
+    assert (a[:, 9:] - b[:, 9:]).abs().max() > 1e-3
+
+
+def test_leaky_variant_warns_and_reads_the_future(tiny_models):
+    with pytest.warns(UserWarning, match="leak"):
+        model = compose(tiny_models, causal=False)
+    nudge(model)
+    ids = random_ids(model, 1, 16)
+    changed = ids.clone()
+    changed[:, 9:] = (changed[:, 9:] + 7) % model.vocab_size
+    a, b = model(input_ids=ids).logits, model(input_ids=changed).logits
+    assert (a[:, :9] - b[:, :9]).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_padding_changes_nothing_for_real_tokens(tiny_models, side, causal):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = compose(tiny_models, "qwen2", "gpt_neo", causal=causal)
+    nudge(model)
+    short, long_ = random_ids(model, 1, 7, seed=5), random_ids(model, 1, 12, seed=6)
+    pad = torch.zeros(1, 5, dtype=torch.long)
+    if side == "left":
+        batch = torch.cat([torch.cat([pad, short], 1), long_])
+        mask = torch.cat([torch.cat([pad, torch.ones_like(short)], 1), torch.ones_like(long_)])
+        real = slice(5, 12)
+    else:
+        batch = torch.cat([torch.cat([short, pad], 1), long_])
+        mask = torch.cat([torch.cat([torch.ones_like(short), pad], 1), torch.ones_like(long_)])
+        real = slice(0, 7)
+    batched = model(input_ids=batch, attention_mask=mask).logits
+    torch.testing.assert_close(batched[0:1, real], model(input_ids=short).logits, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(batched[1:2], model(input_ids=long_).logits, rtol=1e-4, atol=1e-4)
+
+
+def test_residual_head_starts_from_the_large_models_logits(tiny_models):
+    model = compose(tiny_models, "llama", "qwen2", head="residual")
+    ids = random_ids(model, 2, 9)
+    with torch.no_grad():
+        expected = model.large(input_ids=ids).logits
+    torch.testing.assert_close(model(input_ids=ids).logits, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_labels_minus_100_are_ignored_and_loss_is_next_token(tiny_models):
+    model = compose(tiny_models)
+    ids = random_ids(model, 1, 8)
+    labels = ids.clone()
+    labels[:, :4] = -100
+    out = model(input_ids=ids, labels=labels)
+    expected = torch.nn.functional.cross_entropy(out.logits[0, 3:7], ids[0, 4:8])
+    torch.testing.assert_close(out.loss, expected)
+
+
+@pytest.mark.parametrize("head", ["new", "residual"])
+def test_save_load_round_trip_gives_identical_logits(tiny_models, tmp_path, head):
+    model = compose(tiny_models, "qwen2", "gpt2", head=head)
+    nudge(model)
+    model.save_pretrained(tmp_path)
+    saved = load_file(str(tmp_path / WEIGHTS_FILE))
+    assert saved and not any(k.startswith("large.") for k in saved)
+    config = json.loads((tmp_path / CONFIG_FILE).read_text())
+    assert config["large"] == tiny_models["qwen2"] and config["head"] == head and config["library_version"]
+    torch.manual_seed(123)  # a different random init must not matter
+    loaded = LLMModulesModel.from_pretrained(tmp_path).eval()
+    ids = random_ids(model, 2, 11)
+    torch.testing.assert_close(loaded(input_ids=ids).logits, model(input_ids=ids).logits, rtol=0, atol=0)
+
+
+def test_load_rejects_weights_of_another_composition(tiny_models, tmp_path):
+    compose(tiny_models, "qwen2", "gpt2").save_pretrained(tmp_path / "a")
+    compose(tiny_models, "qwen2", "llama").save_pretrained(tmp_path / "b")
+    (tmp_path / "b" / WEIGHTS_FILE).replace(tmp_path / "a" / WEIGHTS_FILE)
+    with pytest.raises(LLMModulesError, match="do not match"):
+        LLMModulesModel.from_pretrained(tmp_path / "a")
+    with pytest.raises(LLMModulesError, match="missing"):
+        LLMModulesModel.from_pretrained(tmp_path / "nothing")
+
+
+def test_too_long_for_the_small_model_is_an_error(tiny_models):
+    model = compose(tiny_models, "qwen2", "gpt_neo")  # GPT-Neo tiny: 64 positions
+    with pytest.raises(LLMModulesError, match="position"):
+        model(input_ids=random_ids(model, 1, 65))
+
+
+def test_bad_bridge_options_are_clear_errors(tiny_models):
+    with pytest.raises(LLMModulesError, match="head kind"):
+        compose(tiny_models, head="bogus")
+    with pytest.raises(LLMModulesError, match="divisible"):
+        compose(tiny_models, num_heads=5)
+
+
+@pytest.mark.parametrize("head", ["new", "residual"])
+def test_loss_only_head_gives_the_same_loss_and_gradients(tiny_models, head):
+    model = compose(tiny_models, head=head).train()
+    model.bridge.layers[0].dropout = model.bridge.layers[1].dropout = 0.0
+    nudge(model)
+    ids = random_ids(model, 2, 10)
+    labels = ids.clone()
+    labels[0, :6] = -100
+    full = model(input_ids=ids, labels=labels, loss_reduction="sum")
+    full.loss.backward()
+    grads = [p.grad.clone() for p in model.head.parameters()]
+    model.zero_grad()
+    picked = model(input_ids=ids, labels=labels, loss_reduction="sum", return_logits=False)
+    assert picked.logits is None
+    torch.testing.assert_close(picked.loss, full.loss)
+    picked.loss.backward()
+    for a, p in zip(grads, model.head.parameters()):
+        torch.testing.assert_close(p.grad, a)
