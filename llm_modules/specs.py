@@ -124,22 +124,15 @@ def cache_dir() -> Path:
     return path
 
 
-# ----------------------------------------------------------------------------- errors
-
-
-def _spec_forms() -> str:
-    return (
-        f"a spec is a built-in name ({', '.join(BUILTIN_MODELS)}), a local model folder "
-        f"(config.json + weights), a path to a .gguf file, config:PRESET ({', '.join(CONFIG_PRESETS)}) "
-        "or config:PATH/TO/config.json for a random init, or a Hugging Face hub id owner/name"
-    )
-
 
 def _unknown_spec(spec: str) -> LLMModulesError:
     close = difflib.get_close_matches(spec.strip().lower(), list(BUILTIN_MODELS), n=1)
     hint = f" Did you mean {close[0]!r}?" if close else ""
-    return LLMModulesError(f"unknown model spec {spec!r}.{hint} Valid built-in names: "
-                           f"{', '.join(BUILTIN_MODELS)}; {_spec_forms()}")
+    return LLMModulesError(
+        f"unknown model spec {spec!r}.{hint} Valid built-in names: {', '.join(BUILTIN_MODELS)}. Other "
+        "accepted forms: a local model folder (config.json + weights), a path to a .gguf file, "
+        f"config:PRESET ({', '.join(CONFIG_PRESETS)}) or config:PATH/TO/config.json for a random init, "
+        "or a Hugging Face hub id owner/name")
 
 
 @contextmanager
@@ -153,8 +146,6 @@ def _user_errors(message: str) -> Iterator[None]:
         detail = (str(err).strip().splitlines() or [""])[0]
         raise LLMModulesError(f"{message}: {type(err).__name__}: {detail}") from err
 
-
-# ---------------------------------------------------------------- files and sha256
 
 
 def file_sha256(path: Path) -> str:
@@ -208,15 +199,16 @@ def _convert_gguf(gguf: Path, target: Path, what: str) -> Path:
     tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".tmp-"))
     try:
         os.chmod(tmp, 0o755)  # mkdtemp makes it private; the cache may be shared
-        with _user_errors(f"could not load the GGUF file {gguf} for {what} (is `pip install gguf` done?)"):
+        with _user_errors(f"could not convert the GGUF file {gguf} for {what} (needs `pip install gguf` "
+                          f"and free disk space in {target.parent})"):
             model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
             tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-        model.hf_quantizer = None  # save_pretrained refuses GGUF-"quantised" models otherwise
-        if hasattr(model.config, "quantization_config"):
-            del model.config.quantization_config
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        del model
+            model.hf_quantizer = None  # save_pretrained refuses GGUF-"quantised" models otherwise
+            if hasattr(model.config, "quantization_config"):
+                del model.config.quantization_config
+            model.save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
+            del model
         try:
             os.rename(tmp, target)
         except OSError:
@@ -226,8 +218,6 @@ def _convert_gguf(gguf: Path, target: Path, what: str) -> Path:
         shutil.rmtree(tmp, ignore_errors=True)
     return target
 
-
-# ----------------------------------------------------------------------- built-ins
 
 
 def _missing_package(name: str, info: BuiltinModel, detail: str) -> LLMModulesError:
@@ -287,8 +277,6 @@ def convert_builtin(name: str, *, keep_gguf: bool = False) -> Path:
     return folder
 
 
-# -------------------------------------------------------------------- other sources
-
 
 def _gguf_folder(path: Path) -> Path:
     """Cache folder for a user's GGUF file, keyed by absolute path, size and mtime."""
@@ -340,15 +328,16 @@ def _load_config(spec: str, arg: str):
         return AutoConfig.from_pretrained(path)
 
 
-def _hub_snapshot(spec: str, tokenizer_only: bool = False):
-    """Where to load a hub id from: the id itself, or the cached snapshot when offline.
+def _offline() -> bool:
+    """``HF_HUB_OFFLINE``/``TRANSFORMERS_OFFLINE``, read at call time (huggingface_hub reads them
+    only at import), so setting them later still fails fast instead of retrying for a minute."""
+    return any(os.environ.get(v, "").upper() in ("1", "ON", "YES", "TRUE")
+               for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
 
-    ``HF_HUB_OFFLINE``/``TRANSFORMERS_OFFLINE`` are read at call time (huggingface_hub reads
-    them only at import), so setting them later still fails fast instead of retrying.
-    """
-    offline = any(os.environ.get(v, "").upper() in ("1", "ON", "YES", "TRUE")
-                  for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
-    if not offline:
+
+def _hub_source(spec: str) -> str | Path:
+    """What to pass to from_pretrained: the id, or its cached snapshot folder when offline."""
+    if not _offline():
         return spec
     from huggingface_hub import snapshot_download
 
@@ -362,10 +351,13 @@ def _hub_errors(spec: str) -> Iterator[None]:
     try:
         yield
     except Exception as err:
+        detail = (str(err).strip().splitlines() or [""])[0]
+        cause = ("offline mode (HF_HUB_OFFLINE) is on and it is not in the local hub cache" if _offline()
+                 else f"{type(err).__name__}: {detail}")
         raise LLMModulesError(
-            f"could not download {spec!r} from the Hugging Face hub; are you offline? (no local "
-            f"folder of that name exists either.){hint} Valid built-in names: {', '.join(BUILTIN_MODELS)}. "
-            f"[{type(err).__name__}: {(str(err).strip().splitlines() or [''])[0]}]") from err
+            f"could not download {spec!r} from the Hugging Face hub; are you offline? ({cause}; no local "
+            f"folder of that name exists either.){hint} Valid built-in names: {', '.join(BUILTIN_MODELS)}"
+        ) from err
 
 
 # ----------------------------------------------------------------------- public API
@@ -413,7 +405,7 @@ def resolve_model(spec: str, dtype: torch.dtype = torch.float32, with_tokenizer:
         model, tokenizer = _load_folder(arg, spec, dtype, with_tokenizer)
     else:
         with _hub_errors(arg):
-            where = _hub_snapshot(arg)
+            where = _hub_source(arg)
             model = AutoModelForCausalLM.from_pretrained(where, dtype=dtype)
             tokenizer = AutoTokenizer.from_pretrained(where) if with_tokenizer else None
     model.eval()
@@ -434,7 +426,7 @@ def resolve_tokenizer(spec: str) -> PreTrainedTokenizerBase | None:
         return _folder_tokenizer(arg, spec)
     if source == "hub":
         with _hub_errors(arg):
-            return AutoTokenizer.from_pretrained(_hub_snapshot(arg))
+            return AutoTokenizer.from_pretrained(_hub_source(arg))
     folder = _builtin_folder(arg) if source == "builtin" else _gguf_folder(arg)
     if (folder / "config.json").is_file():
         return _folder_tokenizer(folder, spec)

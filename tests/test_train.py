@@ -1,0 +1,154 @@
+"""Training end to end on tiny models: CLI, cached states, resume identity, bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from llm_modules.cli import main
+from llm_modules.config import WEIGHTS_FILE
+
+
+def write_data(path: Path, n: int = 24) -> str:
+    with path.open("w") as f:
+        for i in range(n):
+            a, b = i % 7 + 1, i // 3 + 2
+            f.write(json.dumps({"prompt": f"What is {a} plus {b}?",
+                                "completion": f"{a} plus {b} is {a + b}. #### {a + b}", "answer": str(a + b)}) + "\n")
+    return str(path)
+
+
+@pytest.fixture
+def train_args(tiny_pair_with_tokenizer, tmp_path):
+    data = write_data(tmp_path / "data.jsonl")
+
+    def build(output: str, *extra: str) -> list[str]:
+        return ["train", "--large", tiny_pair_with_tokenizer["large"], "--small", tiny_pair_with_tokenizer["small"],
+                "--data", data, "--output", str(tmp_path / output), "--template", "stratos",
+                "--batch-size", "2", "--max-length", "512", "--max-steps", "6", "--eval-every", "3",
+                "--num-samples", "1", "--max-new-tokens", "4", "--no-progress", "--dropout", "0.1",
+                "--state-cache-dir", str(tmp_path / "states"), *extra]
+
+    return build
+
+
+def losses(run: Path) -> list[float]:
+    return [json.loads(line)["loss"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_train_cli_writes_best_last_checkpoints_metrics(train_args, tmp_path, capsys):
+    assert main(train_args("run", "--save-every", "3")) == 0
+    run = tmp_path / "run"
+    for name in ("best", "last"):
+        assert (run / name / WEIGHTS_FILE).is_file()
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-000003", "step-000006"]
+    assert len(losses(run)) == 6 and all(v > 0 for v in losses(run))
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["steps"] == 6 and summary["best_val_loss"] > 0 and len(summary["samples"]) == 1
+    assert (run / "loss_curve.png").stat().st_size > 1000
+    assert "state cache" in capsys.readouterr().out
+
+
+def test_cached_states_train_exactly_like_uncached(train_args, tmp_path):
+    assert main(train_args("cached")) == 0
+    assert main(train_args("uncached", "--no-state-cache")) == 0
+    torch.testing.assert_close(torch.tensor(losses(tmp_path / "cached")), torch.tensor(losses(tmp_path / "uncached")),
+                               rtol=1e-5, atol=1e-5)
+
+
+def test_interrupted_run_resumes_to_the_same_weights(train_args, tmp_path, monkeypatch):
+    assert main(train_args("straight", "--save-every", "2")) == 0
+    import llm_modules.train as train_module
+
+    real_step, calls = train_module.train_step, {"n": 0}
+
+    def dying_step(run, batches):
+        calls["n"] += 1
+        if calls["n"] == 4:  # after checkpoint 2, before checkpoint 4
+            raise KeyboardInterrupt
+        return real_step(run, batches)
+
+    monkeypatch.setattr(train_module, "train_step", dying_step)
+    assert main(train_args("interrupted", "--save-every", "2")) == 130
+    monkeypatch.setattr(train_module, "train_step", real_step)
+    assert main(train_args("interrupted", "--save-every", "2")) == 2  # without --resume: refused, nothing lost
+    assert (tmp_path / "interrupted" / "checkpoints" / "step-000002").is_dir()
+    assert main(train_args("interrupted", "--save-every", "2", "--resume")) == 0
+    a = load_file(str(tmp_path / "straight" / "last" / WEIGHTS_FILE))
+    b = load_file(str(tmp_path / "interrupted" / "last" / WEIGHTS_FILE))
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    assert losses(tmp_path / "straight") == losses(tmp_path / "interrupted")
+
+
+def test_output_of_a_different_run_is_refused(train_args, tmp_path, capsys):
+    assert main(train_args("run")) == 0
+    capsys.readouterr()
+    assert main(train_args("run", "--lr-bridge", "0.001", "--resume")) == 2
+    err = capsys.readouterr().err
+    assert "different run" in err and "lr_bridge" in err
+    assert (tmp_path / "run" / "last" / WEIGHTS_FILE).is_file()
+
+
+def test_malformed_data_line_is_one_clear_error(tiny_pair_with_tokenizer, tmp_path, capsys):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "a", "completion": "b"}\n{"prompt": oops}\n')
+    code = main(["train", "--large", tiny_pair_with_tokenizer["large"], "--small", tiny_pair_with_tokenizer["small"],
+                 "--data", str(bad), "--output", str(tmp_path / "out"), "--no-progress"])
+    err = capsys.readouterr().err
+    assert code == 2 and "bad.jsonl" in err and "2" in err and "Traceback" not in err
+
+
+def test_unknown_model_spec_is_one_clear_error(tmp_path, capsys):
+    code = main(["train", "--large", "no-such-model", "--small", "smollm2-135m-instruct", "--data",
+                 "x.jsonl", "--output", str(tmp_path / "o")])
+    assert code == 2 and "no-such-model" in capsys.readouterr().err
+
+
+def run_cli(args: list[str], launcher: list[str] | None = None) -> subprocess.Popen:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parents[1])}
+    return subprocess.Popen([*(launcher or [sys.executable]), "-m", "llm_modules.cli", *args], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def same_weights(a: Path, b: Path, atol: float = 0.0) -> None:
+    x, y = load_file(str(a / WEIGHTS_FILE)), load_file(str(b / WEIGHTS_FILE))
+    assert x.keys() == y.keys()
+    for key in x:
+        torch.testing.assert_close(x[key], y[key], rtol=0, atol=atol, msg=key)
+
+
+def test_two_processes_match_one_at_the_same_global_batch(train_args, tmp_path):
+    one = run_cli(train_args("one", "--dropout", "0", "--batch-size", "4"))
+    assert one.wait(timeout=300) == 0, one.stdout.read()
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533"]
+    two = run_cli(train_args("two", "--dropout", "0", "--batch-size", "2"), launcher)
+    assert two.wait(timeout=300) == 0, two.stdout.read()
+    torch.testing.assert_close(torch.tensor(losses(tmp_path / "one")), torch.tensor(losses(tmp_path / "two")),
+                               rtol=1e-5, atol=1e-5)
+    same_weights(tmp_path / "one" / "last", tmp_path / "two" / "last", atol=1e-5)
+
+
+def test_sigkill_at_any_moment_then_resume_gives_the_same_weights(train_args, tmp_path):
+    args = ["--max-steps", "8", "--save-every", "1"]
+    straight = run_cli(train_args("straight", *args))
+    assert straight.wait(timeout=300) == 0, straight.stdout.read()
+    for delay in (0.5, 3.0):  # early (model loading or first checkpoints) and mid-run
+        out = f"killed{delay}"
+        victim = run_cli(train_args(out, *args))
+        time.sleep(delay)
+        victim.send_signal(signal.SIGKILL)
+        victim.wait()
+        resumed = run_cli(train_args(out, *args, "--resume"))
+        assert resumed.wait(timeout=300) == 0, resumed.stdout.read()
+        same_weights(tmp_path / "straight" / "last", tmp_path / out / "last")
