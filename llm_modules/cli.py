@@ -58,8 +58,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen = sub.add_parser("generate", help="stream a completion from a saved composed model")
     gen.add_argument("--model", required=True, help="folder written by save_pretrained / train")
     gen.add_argument("--prompt", required=True)
-    gen.add_argument("--template", choices=["auto", "chat", "raw"], default="auto",
-                     help="auto: the tokenizer's chat template when it has one, else the raw prompt")
+    gen.add_argument("--template", choices=["auto", "stratos", "chat", "raw"], default="auto",
+                     help="auto: the training run's template, else the tokenizer's chat template, else raw text")
     add_sampling_flags(gen)
 
     train = sub.add_parser(
@@ -70,6 +70,25 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--config", help="YAML or JSON file of options (command-line options win)")
     train.add_argument("--demo", action="store_true", help="start from the demo's options, then apply the others")
     add_train_flags(train)
+
+    ev = sub.add_parser("eval", help="loss, perplexity and answer accuracy on held-out data (last line: JSON)")
+    ev.add_argument("--model", required=True, help="a trained composed model folder, or a plain model spec (baseline)")
+    ev.add_argument("--data", help="data spec (default: the training run's data)")
+    ev.add_argument("--split", choices=["val", "all"], default="val",
+                    help="val: the fixed validation split of --data; all: every example (fresh held-out data)")
+    ev.add_argument("--template", choices=["stratos", "chat"], help="default: the training run's, else stratos")
+    ev.add_argument("--max-length", type=int)
+    ev.add_argument("--limit", type=int, default=0, help="evaluate at most N examples")
+    ev.add_argument("--max-new-tokens", type=int, default=256)
+    ev.add_argument("--batch-size", type=int, default=8)
+    ev.add_argument("--no-generate", action="store_true", help="loss only, no generation")
+    ev.add_argument("--output", help="also write the result (with samples) to this JSON file")
+
+    chat = sub.add_parser("chat", help="interactive chat with a trained composed model, streamed")
+    chat.add_argument("--model", required=True)
+    chat.add_argument("--template", choices=["stratos", "chat"], help="default: the training run's template")
+    chat.add_argument("--system", help="system prompt (default: the template's)")
+    add_sampling_flags(chat)
 
     info = sub.add_parser("info", help="frozen and trainable parameter counts per part")
     info.add_argument("--model", help="a saved composed model folder")
@@ -106,14 +125,17 @@ def train_config_from_args(args: argparse.Namespace):
     return TrainConfig(**given)
 
 
-def format_prompt(tokenizer: Any, prompt: str, template: str) -> list[int]:
-    if template == "chat" or (template == "auto" and getattr(tokenizer, "chat_template", None)):
-        if not getattr(tokenizer, "chat_template", None):
-            raise LLMModulesError("--template chat: this model's tokenizer has no chat template")
-        return tokenizer.apply_chat_template(
-            [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=True, return_dict=False
-        )
-    return tokenizer(prompt)["input_ids"]
+def format_prompt(model_dir: str, tokenizer: Any, prompt: str, template: str) -> list[int]:
+    """auto: the template the model was trained with, else the tokenizer's chat template, else raw text."""
+    from .evaluate import run_defaults
+    from .prompting import prompt_ids
+
+    if template == "auto":
+        template = run_defaults(model_dir).get("template") or (
+            "chat" if getattr(tokenizer, "chat_template", None) else "raw")
+    if template == "raw":
+        return tokenizer(prompt)["input_ids"]
+    return prompt_ids([{"role": "user", "content": prompt}], tokenizer, template)
 
 
 def load_composed(directory: str):
@@ -130,7 +152,7 @@ def run_generate(args: argparse.Namespace) -> int:
     from transformers import TextStreamer
 
     model = load_composed(args.model)
-    ids = torch.tensor([format_prompt(model.tokenizer, args.prompt, args.template)])
+    ids = torch.tensor([format_prompt(args.model, model.tokenizer, args.prompt, args.template)])
     streamer = TextStreamer(model.tokenizer, skip_prompt=True, skip_special_tokens=True)
     model.generate(ids, streamer=streamer, **sampling_options(args))
     return 0
@@ -145,6 +167,63 @@ def run_train(args: argparse.Namespace) -> int:
     if summary is not None:
         print(f"\ndone: {summary['steps']} steps in {summary['train_seconds']} s, best validation loss "
               f"{summary['best_val_loss']}; model in {config.output}/best (last: {config.output}/last)")
+    return 0
+
+
+@command("eval")
+def run_eval(args: argparse.Namespace) -> int:
+    import json
+
+    from .data import DataConfig
+    from .evaluate import EvalOptions, evaluate, held_out_examples, load_scorer, run_defaults
+
+    defaults = run_defaults(args.model)
+    given = {"spec": args.data, "template": args.template, "max_length": args.max_length}
+    options = {**{("spec" if k == "data" else k): v for k, v in defaults.items()},
+               **{k: v for k, v in given.items() if v is not None}}
+    if "spec" not in options:
+        raise LLMModulesError("eval needs --data SPEC (the model folder has no training run to take it from)")
+    scorer = load_scorer(args.model)
+    examples = held_out_examples(DataConfig(**options), scorer.tokenizer, scorer.max_positions, args.split)
+    result = evaluate(scorer, examples, EvalOptions(
+        split=args.split, limit=args.limit, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
+        generate=not args.no_generate,
+    ))
+    result = {"model": args.model, "data": options["spec"], "split": args.split, **result}
+    if args.output:
+        with open(args.output, "w") as f:
+            json.dump(result, f, indent=1)
+    for sample in result.get("samples", [])[:3]:
+        print(f"Q: {sample['question'][:300]}\nA: {sample['model_answer'].strip()[:300]}\n"
+              f"   extracted {sample['extracted']!r}, reference {sample['reference']!r}\n", file=sys.stderr)
+    print(json.dumps({k: v for k, v in result.items() if k != "samples"}))
+    return 0
+
+
+@command("chat")
+def run_chat(args: argparse.Namespace) -> int:
+    from transformers import TextStreamer
+
+    from .evaluate import run_defaults
+    from .prompting import prompt_ids
+
+    model = load_composed(args.model)
+    template = args.template or run_defaults(args.model).get("template") or "stratos"
+    history: list[dict[str, str]] = []
+    print(f"chatting with {args.model} (template {template}); empty line or Ctrl-D to quit", file=sys.stderr)
+    while True:
+        try:
+            line = input("you> ").strip()
+        except EOFError:
+            break
+        if not line:
+            break
+        history.append({"role": "user", "content": line})
+        ids = torch.tensor([prompt_ids(history, model.tokenizer, template, args.system)])
+        streamer = TextStreamer(model.tokenizer, skip_prompt=True, skip_special_tokens=True)
+        out = model.generate(ids, streamer=streamer, **sampling_options(args))
+        history.append({"role": "assistant",
+                        "content": model.tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip()})
     return 0
 
 

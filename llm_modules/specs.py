@@ -360,9 +360,6 @@ def _hub_errors(spec: str) -> Iterator[None]:
         ) from err
 
 
-# ----------------------------------------------------------------------- public API
-
-
 def _classify(spec: str) -> tuple[str, str | Path]:
     """Return (source, argument) for a spec, raising LLMModulesError for unusable ones."""
     text = spec.strip() if isinstance(spec, str) else ""

@@ -6,9 +6,6 @@ import json
 from pathlib import Path
 from typing import Any
 
-import torch
-
-from .answers import answers_match, extract_final_answer
 from .data import TokenizedExample
 
 
@@ -38,27 +35,14 @@ def plot_losses(metrics: Path, png: Path) -> bool:
     return True
 
 
-def prompt_of(example: TokenizedExample) -> list[int]:
-    """The example's tokens before its first answer token (the answer's prompt, template included)."""
-    first = next((i for i, label in enumerate(example.labels) if label != -100), len(example.labels))
-    return example.input_ids[:first]
-
-
-@torch.no_grad()
 def held_out_samples(model: Any, examples: list[TokenizedExample], max_new_tokens: int) -> list[dict[str, Any]]:
     """Greedy answers to held-out questions, printed beside the right ones."""
-    samples = []
-    for example in examples:
-        ids = torch.tensor([prompt_of(example)], device=model.bridge.pre_proj.weight.device)
-        out = model.generate(ids, max_new_tokens=max_new_tokens)
-        text = model.tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
-        predicted = extract_final_answer(text)
-        record = example.record
-        correct = (record.scorer(predicted) >= 1.0 if record.scorer and predicted is not None
-                   else answers_match(predicted, record.reference))
-        question = next(m["content"] for m in record.messages if m["role"] == "user")
-        samples.append({"question": question, "reference": record.reference, "model_answer": text,
-                        "extracted": predicted, "correct": bool(correct)})
-        print(f"\nQ: {question}\nmodel: {text.strip()[:600]}\n-> extracted {predicted!r}, "
-              f"reference {record.reference!r}: {'correct' if correct else 'wrong'}")
+    from .evaluate import ComposedScorer, EvalOptions, evaluate
+
+    options = EvalOptions(max_new_tokens=max_new_tokens, num_samples=len(examples))
+    samples = evaluate(ComposedScorer(model), examples, options)["samples"]
+    for s in samples:
+        verdict = {True: "correct", False: "wrong", None: "not checkable"}[s["correct"]]
+        print(f"\nQ: {s['question']}\nmodel: {s['model_answer'].strip()[:600]}\n"
+              f"-> extracted {s['extracted']!r}, reference {s['reference']!r}: {verdict}")
     return samples

@@ -152,3 +152,38 @@ def test_sigkill_at_any_moment_then_resume_gives_the_same_weights(train_args, tm
         resumed = run_cli(train_args(out, *args, "--resume"))
         assert resumed.wait(timeout=300) == 0, resumed.stdout.read()
         same_weights(tmp_path / "straight" / "last", tmp_path / out / "last")
+
+
+def test_eval_generate_and_chat_on_a_trained_model(train_args, tmp_path, capsys, monkeypatch):
+    assert main(train_args("run")) == 0
+    capsys.readouterr()
+    model = str(tmp_path / "run" / "best")
+    assert main(["eval", "--model", model, "--max-new-tokens", "6"]) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert result["split"] == "val" and result["examples"] >= 1 and result["loss"] > 0
+    assert 0.0 <= result["accuracy"] <= 1.0 and result["checked"] == result["examples"]
+    # The same harness scores a plain model spec (a baseline).
+    large = json.loads((tmp_path / "run" / "run_config.json").read_text())["large"]
+    assert main(["eval", "--model", large, "--data", json.loads((tmp_path / "run" / "run_config.json")
+                 .read_text())["data"], "--template", "stratos", "--max-new-tokens", "4", "--limit", "2"]) == 0
+    plain = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert plain["examples"] == 2 and plain["loss"] > 0
+    assert main(["generate", "--model", model, "--prompt", "What is 2 plus 2?", "--max-new-tokens", "5"]) == 0
+    assert capsys.readouterr().out.strip()
+    answers = iter(["What is 1 plus 1?", "And 2 plus 2?", ""])
+    monkeypatch.setattr("builtins.input", lambda prompt="": next(answers))
+    assert main(["chat", "--model", model, "--max-new-tokens", "4"]) == 0
+    assert main(["info", "--model", model]) == 0
+    assert "trainable" in capsys.readouterr().out
+
+
+def test_prompt_ids_match_training_render(tiny_pair_with_tokenizer):
+    from llm_modules.data import Record, render
+    from llm_modules.prompting import prompt_ids
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_pair_with_tokenizer["large"])
+    messages = [{"role": "user", "content": "What is 3 plus 4?"}]
+    ids, labels = render(Record(None, [*messages, {"role": "assistant", "content": "7"}]), tok, "stratos")
+    first = next(i for i, label in enumerate(labels) if label != -100)
+    assert prompt_ids(messages, tok, "stratos") == ids[:first]

@@ -1,0 +1,173 @@
+"""One evaluation harness for composed models AND plain Hugging Face models.
+
+Scores, on held-out examples: mean cross-entropy per answer token (and perplexity), and, where
+the data has checkable answers, accuracy of greedy generations (final answer extracted by
+`answers.extract_final_answer`, checked by the task's own scorer when it has one, else
+`answers.answers_match`). Keeps the generations as samples.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from .answers import answers_match, extract_final_answer
+from .config import CONFIG_FILE
+from .data import DataConfig, TokenizedExample, collate, prepare_data
+from .errors import LLMModulesError
+from .train_config import RUN_CONFIG_FILE
+
+
+class ComposedScorer:
+    """Adapter: a trained `LLMModulesModel`."""
+
+    def __init__(self, model: Any):
+        self.model, self.tokenizer = model.eval(), model.tokenizer
+        self.max_positions = model.small_max_positions
+        self.device = model.bridge.pre_proj.weight.device
+
+    def loss_sum(self, batch: dict[str, torch.Tensor]) -> float:
+        return float(self.model(**batch, return_logits=False, loss_reduction="sum").loss)
+
+    def generate(self, ids: torch.Tensor, mask: torch.Tensor, max_new_tokens: int) -> torch.Tensor:
+        return self.model.generate(ids, mask, max_new_tokens=max_new_tokens, pad_token_id=self.tokenizer.pad_token_id)
+
+
+class PlainScorer:
+    """Adapter: any Hugging Face causal LM with its tokenizer (the baselines)."""
+
+    def __init__(self, model: Any, tokenizer: Any):
+        self.model, self.tokenizer = model.eval(), tokenizer
+        self.max_positions = getattr(model.config, "max_position_embeddings", None)
+        self.device = next(model.parameters()).device
+
+    def loss_sum(self, batch: dict[str, torch.Tensor]) -> float:
+        labels = batch.pop("labels")
+        logits = self.model(**batch).logits  # (B, T, V)
+        return float(F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), reduction="sum"))
+
+    def generate(self, ids: torch.Tensor, mask: torch.Tensor, max_new_tokens: int) -> torch.Tensor:
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
+        return self.model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens,
+                                   do_sample=False, pad_token_id=pad)
+
+
+def load_scorer(spec: str, device: str | None = None) -> ComposedScorer | PlainScorer:
+    """A folder written by save_pretrained/train -> composed; anything else -> a plain model spec."""
+    if (Path(spec) / CONFIG_FILE).is_file():
+        from .model import LLMModulesModel
+
+        model = LLMModulesModel.from_pretrained(spec, device=device)
+        if model.tokenizer is None:
+            raise LLMModulesError(f"{spec}: its large model has no tokenizer; evaluation needs one")
+        return ComposedScorer(model)
+    from .specs import resolve_model
+
+    loaded = resolve_model(spec)
+    if loaded.tokenizer is None:
+        raise LLMModulesError(f"model {spec!r} has no tokenizer; evaluation needs one")
+    return PlainScorer(loaded.model.to(device) if device else loaded.model, loaded.tokenizer)
+
+
+def run_defaults(model_dir: str) -> dict[str, Any]:
+    """Data options of the training run that produced `model_dir` (its parent's run_config.json)."""
+    for folder in (Path(model_dir), Path(model_dir).parent):
+        path = folder / RUN_CONFIG_FILE
+        if path.is_file():
+            saved = json.loads(path.read_text())
+            keys = ("data", "template", "loss_on", "max_length", "overflow", "val_fraction", "seed", "subset")
+            return {k: saved[k] for k in keys if k in saved}
+    return {}
+
+
+@dataclass
+class EvalOptions:
+    split: str = "val"  # "val": the fixed validation split; "all": every example (fresh held-out data)
+    limit: int = 0  # at most this many examples (0: all)
+    max_new_tokens: int = 256
+    batch_size: int = 8
+    generate: bool = True
+    num_samples: int = 5
+
+
+def held_out_examples(data: DataConfig, tokenizer: Any, max_positions: int | None, split: str) -> list[TokenizedExample]:
+    if split not in ("val", "all"):
+        raise LLMModulesError(f"--split must be 'val' or 'all', got {split!r}")
+    if split == "all":
+        data = DataConfig(**{**data.__dict__, "val_fraction": 0.0})
+    prepared = prepare_data(data, tokenizer, max_positions)
+    return prepared.val if split == "val" else prepared.train
+
+
+def prompt_of(example: TokenizedExample) -> list[int]:
+    """The example's tokens before its first answer token (the prompt, template included)."""
+    first = next((i for i, label in enumerate(example.labels) if label != -100), len(example.labels))
+    return example.input_ids[:first]
+
+
+def left_pad(rows: list[list[int]], pad: int, device: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, row in enumerate(rows):
+        ids[i, width - len(row):] = torch.tensor(row)
+        mask[i, width - len(row):] = 1
+    return ids.to(device), mask.to(device)
+
+
+def is_correct(example: TokenizedExample, predicted: str | None) -> bool | None:
+    record = example.record
+    if record.scorer is not None:
+        return predicted is not None and record.scorer(predicted) >= 1.0
+    if record.reference is None:
+        return None
+    return answers_match(predicted, record.reference)
+
+
+@torch.no_grad()
+def evaluate(scorer: ComposedScorer | PlainScorer, examples: list[TokenizedExample], options: EvalOptions) -> dict:
+    """Loss/perplexity over answer tokens, and generation accuracy where answers are checkable."""
+    if options.limit:
+        examples = examples[: options.limit]
+    if not examples:
+        raise LLMModulesError("no held-out examples to evaluate (try --split all or more data)")
+    started = time.perf_counter()
+    tok = scorer.tokenizer
+    pad = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
+    total, count = 0.0, 0
+    for start in range(0, len(examples), options.batch_size):
+        chunk = examples[start : start + options.batch_size]
+        batch = {k: v.to(scorer.device) for k, v in collate(chunk, pad).items()}
+        count += int((batch["labels"][:, 1:] != -100).sum())
+        total += scorer.loss_sum(batch)
+    loss = total / count
+    result: dict[str, Any] = {"examples": len(examples), "answer_tokens": count, "loss": round(loss, 5),
+                              "perplexity": round(math.exp(min(loss, 50.0)), 3)}
+    if options.generate:
+        checked, right, samples = 0, 0, []
+        for start in range(0, len(examples), options.batch_size):
+            chunk = examples[start : start + options.batch_size]
+            ids, mask = left_pad([prompt_of(e) for e in chunk], pad, scorer.device)
+            out = scorer.generate(ids, mask, options.max_new_tokens)
+            for example, row in zip(chunk, out[:, ids.shape[1]:]):
+                text = tok.decode(row, skip_special_tokens=True)
+                predicted = extract_final_answer(text)
+                verdict = is_correct(example, predicted)
+                if verdict is not None:
+                    checked, right = checked + 1, right + int(verdict)
+                if len(samples) < options.num_samples:
+                    question = next(m["content"] for m in example.record.messages if m["role"] == "user")
+                    samples.append({"question": question, "reference": example.record.reference,
+                                    "model_answer": text, "extracted": predicted, "correct": verdict})
+        if checked:
+            result.update(accuracy=round(right / checked, 4), correct=right, checked=checked)
+        result["samples"] = samples
+    result["seconds"] = round(time.perf_counter() - started, 1)
+    return result
