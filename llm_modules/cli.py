@@ -165,8 +165,10 @@ def run_train(args: argparse.Namespace) -> int:
     config = train_config_from_args(args)
     summary = train(config)
     if summary is not None:
-        print(f"\ndone: {summary['steps']} steps in {summary['train_seconds']} s, best validation loss "
-              f"{summary['best_val_loss']}; model in {config.output}/best (last: {config.output}/last)")
+        best = summary["best_val_loss"]
+        print(f"\ndone: {summary['steps']} steps in {summary['train_seconds']} s; validation loss per answer token "
+              f"{summary['initial_val_loss']} before training, best {best if best is None else round(best, 5)}; "
+              f"model in {config.output}/best (last: {config.output}/last)")
     return 0
 
 
@@ -249,6 +251,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
+    if not args.verbose:  # keep the terminal for our own progress bars and results
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
     if args.command is None:
         parser.print_help()
         return 0

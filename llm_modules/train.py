@@ -262,6 +262,12 @@ def fit(run: Run) -> dict[str, Any]:
     eval_every = cfg.eval_every or run.steps_per_epoch
     bar = tqdm(total=run.total_steps, initial=step, desc="train", disable=not (cfg.progress and acc.is_main_process))
     started = time.perf_counter() - state["elapsed"]
+    if step == 0:  # the starting point, so the curve shows what training changed
+        initial = {"step": 0, "val_loss": round(validate(run), 5)}
+        state["initial_val"] = initial["val_loss"]
+        if acc.is_main_process:
+            with metrics_path.open("a") as f:
+                f.write(json.dumps(initial) + "\n")
     run.wrapped.train()
     lengths = [len(e.input_ids) for e in run.data.train]
     while step < run.total_steps and not state["stopped_early"]:
@@ -300,7 +306,8 @@ def fit(run: Run) -> dict[str, Any]:
         run.model.save_pretrained(run.output / "last")
     if not (cfg.save_every and step % cfg.save_every == 0):
         save_checkpoint(run, step, state)
-    return {"steps": step, "best_val_loss": state["best_val"], "stopped_early": state["stopped_early"],
+    return {"steps": step, "initial_val_loss": state.get("initial_val"), "best_val_loss": state["best_val"],
+            "stopped_early": state["stopped_early"],
             "train_seconds": round(state["elapsed"], 1)}
 
 

@@ -42,7 +42,8 @@ def train_args(tiny_pair_with_tokenizer, tmp_path):
 
 
 def losses(run: Path) -> list[float]:
-    return [json.loads(line)["loss"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return [r.get("loss", r.get("val_loss")) for r in rows]
 
 
 def test_train_cli_writes_best_last_checkpoints_metrics(train_args, tmp_path, capsys):
@@ -51,9 +52,10 @@ def test_train_cli_writes_best_last_checkpoints_metrics(train_args, tmp_path, ca
     for name in ("best", "last"):
         assert (run / name / WEIGHTS_FILE).is_file()
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-000003", "step-000006"]
-    assert len(losses(run)) == 6 and all(v > 0 for v in losses(run))
+    assert len(losses(run)) == 7 and all(v > 0 for v in losses(run))  # step 0 validation + 6 steps
     summary = json.loads((run / "summary.json").read_text())
     assert summary["steps"] == 6 and summary["best_val_loss"] > 0 and len(summary["samples"]) == 1
+    assert summary["initial_val_loss"] > summary["best_val_loss"]
     assert (run / "loss_curve.png").stat().st_size > 1000
     assert "state cache" in capsys.readouterr().out
 

@@ -1,0 +1,57 @@
+"""The real packaged models: Qwen2.5-Coder-0.5B-Instruct (large) and SmolLM2-135M-Instruct (small)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from llm_modules import LLMModulesModel
+from llm_modules.cli import main
+
+pytestmark = pytest.mark.real
+LARGE, SMALL = "qwen2.5-coder-0.5b-instruct", "smollm2-135m-instruct"
+
+
+@pytest.fixture(scope="module")
+def composed():
+    torch.manual_seed(0)
+    return LLMModulesModel.compose(large=LARGE, small=SMALL, head="residual").eval()
+
+
+def test_real_pair_composes_generates_and_caches_exactly(composed):
+    counts = composed.parameter_counts()
+    assert counts["large"]["trainable"] == 0 and counts["large"]["frozen"] > 600_000_000
+    assert counts["small"]["frozen"] == 576  # only the 1-row embedding stub
+    messages = [{"role": "user", "content": "What is the sum of 5 and 5? Answer with a number."}]
+    ids = composed.tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt",
+                                                 return_dict=True)["input_ids"]
+    with torch.no_grad():
+        logits = composed(input_ids=ids).logits
+        large_logits = composed.large(input_ids=ids).logits
+    assert logits.shape == (1, ids.shape[1], 151936)
+    torch.testing.assert_close(logits, large_logits, rtol=1e-4, atol=1e-4)  # residual head starts at the large model
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for p in composed.head.parameters():
+            p.normal_(std=0.02)  # let the small side speak
+    cached = composed.generate(ids, max_new_tokens=8, eos_token_id=[])
+    recomputed = composed.generate(ids, max_new_tokens=8, eos_token_id=[], use_cache=False)
+    assert torch.equal(cached, recomputed)
+    assert cached.shape == (1, ids.shape[1] + 8)
+
+
+def test_real_short_training_run(tmp_path, capsys):
+    output = tmp_path / "run"
+    code = main(["train", "--demo", "--data", "reasoning-gym:gsm_symbolic?size=16&seed=1", "--output", str(output),
+                 "--max-steps", "2", "--eval-every", "2", "--save-every", "2", "--num-samples", "1",
+                 "--max-new-tokens", "12", "--no-progress", "--state-cache-dir", str(tmp_path / "states")])
+    assert code == 0
+    summary = json.loads((output / "summary.json").read_text())
+    assert summary["steps"] == 2 and 0 < summary["best_val_loss"] < 5  # the residual head starts from Qwen's loss
+    assert (output / "best" / "model.safetensors").is_file()
+    capsys.readouterr()
+    assert main(["eval", "--model", str(output / "best"), "--limit", "2", "--max-new-tokens", "8"]) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert result["examples"] == 2 and result["loss"] < 5
