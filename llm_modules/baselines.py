@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
@@ -61,24 +61,35 @@ def finetune_plain(
     prepared = prepare_data(data, tokenizer, getattr(model.config, "max_position_embeddings", None))
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
+
+    def step(batch: dict[str, torch.Tensor]) -> float:
+        loss, count = answer_loss(model, batch)
+        (loss / count).backward()
+        torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return float(loss) / count
+
+    model.train()
+    steps, losses, seconds = run_steps(prepared, tokenizer, batch_size, seed, epochs, max_steps, step)
+    model.eval()
+    return PlainRun(model, tokenizer, prepared, steps, seconds, sum(p.numel() for p in params), losses)
+
+
+def run_steps(
+    prepared: PreparedData, tokenizer: Any, batch_size: int, seed: int, epochs: int, max_steps: int,
+    step: Callable[[dict[str, torch.Tensor]], float],
+) -> tuple[int, list[float], float]:
+    """Feed length-grouped, seeded batches of the training split to `step` for `epochs` or `max_steps`."""
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     lengths = [len(e.input_ids) for e in prepared.train]
-    model.train()
-    steps, losses, started = 0, [], time.perf_counter()
-    for epoch in range(epochs if not max_steps else 10**9):
+    losses: list[float] = []
+    started = time.perf_counter()
+    epoch = 0
+    while (max_steps and len(losses) < max_steps) or (not max_steps and epoch < epochs):
         for indices in length_grouped_batches(lengths, batch_size, seed, epoch):
-            batch = collate([prepared.train[i] for i in indices], pad)
-            loss, count = answer_loss(model, batch)
-            (loss / count).backward()
-            torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            steps += 1
-            losses.append(float(loss) / count)
-            if max_steps and steps >= max_steps:
+            losses.append(step(collate([prepared.train[i] for i in indices], pad)))
+            if max_steps and len(losses) >= max_steps:
                 break
-        if max_steps and steps >= max_steps:
-            break
-    model.eval()
-    return PlainRun(model, tokenizer, prepared, steps, time.perf_counter() - started, sum(p.numel() for p in params),
-                    losses)
+        epoch += 1
+    return len(losses), losses, time.perf_counter() - started
