@@ -68,7 +68,7 @@ def finetune_plain(
         torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        return float(loss) / count
+        return float(loss.detach()) / count
 
     model.train()
     steps, losses, seconds = run_steps(prepared, tokenizer, batch_size, seed, epochs, max_steps, step)

@@ -67,7 +67,7 @@ def distill(
         torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        return float(loss)
+        return float(loss.detach())
 
     steps, losses, seconds = run_steps(prepared, tokenizer, batch_size, seed, epochs, max_steps, step)
     student.eval()
