@@ -1,8 +1,8 @@
 """Training loop on accelerate: `setup -> fit -> validate`, resumable, identical on 1 or N processes.
 
-One optimizer step = `grad_accum` micro-steps; each micro-step takes one global batch of
-`batch_size * processes` examples (length-grouped, deterministic for (seed, epoch)) and each
-process takes its slice. The loss is a sum over answer tokens divided by the step's token count
+One optimizer step takes a length-grouped batch of `batch_size * processes * grad_accum`
+examples (deterministic for (seed, epoch)), cut into `grad_accum` micro-steps of one global batch;
+each process takes its slice of each. The loss is a sum over answer tokens divided by the step's token count
 over ALL processes and micro-steps, so N processes give the same update as one process with the
 same global batch (up to float rounding), and gradient accumulation gives the same update as a
 larger batch.
@@ -146,13 +146,12 @@ def setup(config: TrainConfig) -> Run:
     train_states, val_states = build_state_caches(config, model, data, accelerator)
 
     global_batch = config.batch_size * accelerator.num_processes
-    full_batches = len(data.train) // global_batch
-    if full_batches == 0:
+    steps_per_epoch = len(data.train) // (global_batch * config.grad_accum)
+    if steps_per_epoch == 0:
         raise LLMModulesError(
-            f"{len(data.train)} training examples are fewer than one global batch of {global_batch}; "
-            "lower --batch-size or add data"
+            f"{len(data.train)} training examples are fewer than one optimizer step's "
+            f"{global_batch * config.grad_accum} (batch size x processes x grad accum); lower them or add data"
         )
-    steps_per_epoch = max(1, full_batches // config.grad_accum)
     total_steps = config.max_steps or steps_per_epoch * config.epochs
     groups = [
         {"params": [p for p in model.bridge.parameters() if p.requires_grad], "lr": config.lr_bridge},
@@ -271,15 +270,18 @@ def fit(run: Run) -> dict[str, Any]:
     run.wrapped.train()
     lengths = [len(e.input_ids) for e in run.data.train]
     while step < run.total_steps and not state["stopped_early"]:
-        order = length_grouped_batches(lengths, run.global_batch, cfg.seed, state["epoch"])
-        order = [b for b in order if len(b) == run.global_batch]  # incomplete batches would desync processes
-        if state["batch"] + cfg.grad_accum > len(order):
+        # One length-grouped batch per optimizer step, cut into grad_accum micro-batches of one global
+        # batch each, so accumulation and process count never change what a step sees.
+        step_size = run.global_batch * cfg.grad_accum
+        order = length_grouped_batches(lengths, step_size, cfg.seed, state["epoch"])
+        order = [b for b in order if len(b) == step_size]  # an incomplete batch would desync processes
+        if state["batch"] >= len(order):
             state["epoch"], state["batch"] = state["epoch"] + 1, 0
             continue
-        batches = order[state["batch"] : state["batch"] + cfg.grad_accum]
-        loss = train_step(run, batches)
+        chosen = order[state["batch"]]
+        loss = train_step(run, [chosen[i : i + run.global_batch] for i in range(0, step_size, run.global_batch)])
         step += 1
-        state["batch"] += cfg.grad_accum
+        state["batch"] += 1
         record = {"step": step, "epoch": state["epoch"], "loss": round(loss, 5),
                   "lr_bridge": run.scheduler.get_last_lr()[0], "time": round(time.perf_counter() - started, 2)}
         if step % eval_every == 0 or step == run.total_steps:

@@ -189,3 +189,36 @@ def test_prompt_ids_match_training_render(tiny_pair_with_tokenizer):
     ids, labels = render(Record(None, [*messages, {"role": "assistant", "content": "7"}]), tok, "stratos")
     first = next(i for i, label in enumerate(labels) if label != -100)
     assert prompt_ids(messages, tok, "stratos") == ids[:first]
+
+
+def test_gradient_accumulation_equals_the_larger_batch(train_args, tmp_path):
+    assert main(train_args("big", "--dropout", "0", "--batch-size", "4", "--max-steps", "3")) == 0
+    assert main(train_args("accum", "--dropout", "0", "--batch-size", "2", "--grad-accum", "2",
+                           "--max-steps", "3", "--gradient-checkpointing")) == 0
+    torch.testing.assert_close(torch.tensor(losses(tmp_path / "big")), torch.tensor(losses(tmp_path / "accum")),
+                               rtol=1e-5, atol=1e-5)
+    same_weights(tmp_path / "big" / "last", tmp_path / "accum" / "last", atol=1e-5)
+
+
+def test_yaml_config_file_with_flag_overrides(train_args, tmp_path):
+    import yaml
+
+    args = train_args("from_yaml")
+    options = {args[i][2:].replace("-", "_"): args[i + 1] for i in range(1, len(args) - 1, 2)
+               if args[i].startswith("--") and not args[i + 1].startswith("--")}
+    options = {k: (int(v) if v.isdigit() else v) for k, v in options.items()}
+    options["dropout"] = 0.1
+    (tmp_path / "run.yaml").write_text(yaml.safe_dump({**options, "max-steps": 99}))
+    assert main(["train", "--config", str(tmp_path / "run.yaml"), "--max-steps", "2", "--no-progress"]) == 0
+    saved = json.loads((tmp_path / "from_yaml" / "run_config.json").read_text())
+    assert saved["max_steps"] == 2 and saved["template"] == "stratos" and saved["batch_size"] == 2
+    (tmp_path / "bad.yaml").write_text("max_steps: 2\nbogus_option: 1\n")
+    assert main(["train", "--config", str(tmp_path / "bad.yaml")]) == 2
+
+
+def test_early_stopping_ends_the_run(train_args, tmp_path):
+    # A learning rate this large makes validation worse at every evaluation.
+    assert main(train_args("early", "--lr-bridge", "1", "--lr-small", "1", "--max-steps", "12", "--eval-every", "1",
+                           "--early-stopping-patience", "2", "--max-grad-norm", "0")) == 0
+    summary = json.loads((tmp_path / "early" / "summary.json").read_text())
+    assert summary["stopped_early"] and summary["steps"] < 12
