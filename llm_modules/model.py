@@ -71,7 +71,7 @@ class _Decoder:
 
     def __call__(self, cache: Any = None, use_cache: bool = False, **kwargs: Any) -> tuple[Any, Any]:
         out = self.module(**{self.cache_arg: cache}, use_cache=use_cache, **kwargs)
-        new_cache = getattr(out, "cache", None) if hasattr(out, "cache") else getattr(out, "past_key_values", None)
+        new_cache = out.cache if hasattr(out, "cache") else getattr(out, "past_key_values", None)
         return out, (new_cache if use_cache else None)
 
 

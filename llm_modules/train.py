@@ -130,10 +130,7 @@ def setup(config: TrainConfig) -> Run:
         (output / RUN_CONFIG_FILE).write_text(json.dumps(config.to_dict(), indent=1))
     accelerator.wait_for_everyone()
     set_seed(config.seed)
-    model = LLMModulesModel.compose(
-        large=config.large, small=config.small, causal=config.causal, head=config.head, num_layers=config.num_layers,
-        num_heads=config.num_heads, adapter_dim=config.adapter_dim, dropout=config.dropout,
-    )
+    model = LLMModulesModel.compose(large=config.large, small=config.small, **config.compose_options())
     if model.tokenizer is None:
         raise LLMModulesError(f"the large model {config.large!r} has no tokenizer; training needs one")
     if config.gradient_checkpointing:

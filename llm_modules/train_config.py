@@ -131,6 +131,13 @@ class TrainConfig:
             raise LLMModulesError(f"config file {path}: unknown options {unknown}")
         return cls(**{**data, **(overrides or {})})
 
+    def compose_options(self) -> dict[str, Any]:
+        """The bridge/head options of this run, as `LLMModulesModel.compose` takes them."""
+        from .config import ComposeConfig
+
+        names = {f.name for f in dataclasses.fields(ComposeConfig)} - {"large", "small", "library_version"}
+        return {name: getattr(self, name) for name in names if name in self.fields()}
+
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
