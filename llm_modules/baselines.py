@@ -14,7 +14,7 @@ from typing import Any, Callable
 import torch
 import torch.nn.functional as F
 
-from .data import DataConfig, PreparedData, collate, length_grouped_batches, prepare_data
+from .data import DataConfig, PreparedData, collate, length_grouped_batches, pad_id, prepare_data
 from .errors import LLMModulesError
 
 
@@ -81,7 +81,7 @@ def run_steps(
     step: Callable[[dict[str, torch.Tensor]], float],
 ) -> tuple[int, list[float], float]:
     """Feed length-grouped, seeded batches of the training split to `step` for `epochs` or `max_steps`."""
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad = pad_id(tokenizer)
     lengths = [len(e.input_ids) for e in prepared.train]
     losses: list[float] = []
     started = time.perf_counter()

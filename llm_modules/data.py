@@ -335,6 +335,14 @@ def fingerprint(config: DataConfig, tokenizer) -> str:
 
 
 # ----------------------------------------------------------------------------- batching
+def pad_id(tokenizer) -> int:
+    """The id used to fill padding: the tokenizer's pad token, else its EOS, else 0 (always masked)."""
+    for value in (tokenizer.pad_token_id, tokenizer.eos_token_id):
+        if value is not None:
+            return value
+    return 0
+
+
 def collate(examples: list, pad_id: int) -> dict:
     """Right-pad a batch into tensors: input_ids (pad_id), attention_mask (0 on pad), labels (-100 on pad).
 

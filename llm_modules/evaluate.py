@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 from .answers import answers_match, extract_final_answer
 from .config import CONFIG_FILE
-from .data import DataConfig, TokenizedExample, collate, prepare_data
+from .data import DataConfig, TokenizedExample, collate, pad_id, prepare_data
 from .errors import LLMModulesError
 from .train_config import RUN_CONFIG_FILE
 
@@ -54,9 +54,8 @@ class PlainScorer:
         return float(F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), reduction="sum"))
 
     def generate(self, ids: torch.Tensor, mask: torch.Tensor, max_new_tokens: int) -> torch.Tensor:
-        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
         return self.model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens,
-                                   do_sample=False, pad_token_id=pad)
+                                   do_sample=False, pad_token_id=pad_id(self.tokenizer))
 
 
 def load_scorer(spec: str, device: str | None = None) -> ComposedScorer | PlainScorer:
@@ -140,7 +139,7 @@ def evaluate(scorer: ComposedScorer | PlainScorer, examples: list[TokenizedExamp
         raise LLMModulesError("no held-out examples to evaluate (try --split all or more data)")
     started = time.perf_counter()
     tok = scorer.tokenizer
-    pad = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
+    pad = pad_id(tok)
     total, count = 0.0, 0
     for start in range(0, len(examples), options.batch_size):
         chunk = examples[start : start + options.batch_size]

@@ -24,7 +24,9 @@ from accelerate import Accelerator
 from accelerate.utils import set_seed
 
 from . import checkpoint as ckpt
-from .data import DataConfig, PreparedData, TokenizedExample, collate, fingerprint, length_grouped_batches, prepare_data
+from .data import (
+    DataConfig, PreparedData, TokenizedExample, collate, fingerprint, length_grouped_batches, pad_id, prepare_data,
+)
 from .errors import LLMModulesError
 from .model import LLMModulesModel
 from .train_config import RUN_CONFIG_FILE, TrainConfig
@@ -165,8 +167,7 @@ def setup(config: TrainConfig) -> Run:
 
 
 def batch_tensors(run: Run, examples: list[TokenizedExample], indices: list[int], states: Any) -> dict[str, Any]:
-    pad = run.model.tokenizer.pad_token_id
-    batch = collate(examples, pad if pad is not None else 0)
+    batch = collate(examples, pad_id(run.model.tokenizer))
     if states is not None:
         batch["large_states"] = states.batch(indices, pad_to=batch["input_ids"].shape[1])
     return {k: v.to(run.accelerator.device) for k, v in batch.items()}
