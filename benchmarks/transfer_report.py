@@ -4,8 +4,10 @@ same evaluation harness. Writes `reports/<task>/results.md`, `results.json` and 
     python benchmarks/transfer_report.py --task gsm_symbolic --train-size 120 --test-size 24 --seeds 0
     python benchmarks/transfer_report.py --task leg_counting --task-args max_animals=2 --max-new-tokens 48
 
-Each row runs in its own process (so its peak memory is its own) and is evaluated on a fresh
-held-out set generated with a different seed than the training data. Rows:
+Each row runs in its own process (so its peak memory is its own). Every row and every seed is
+evaluated on the same held-out set, generated with seed 10000 (never a training seed), so rows are
+compared on identical questions; a run seed changes the training data, the initialisation and the
+batch order. The zero-shot rows do not depend on a seed (greedy decoding) and run once. Rows:
   large_zero_shot, small_zero_shot              the two models as they are
   small_finetuned                               the small model fine-tuned alone (its own tokenizer)
   composed_new / _projected / _residual         ours, causal, small model pretrained, each head kind
@@ -22,12 +24,14 @@ import datetime
 import json
 import platform
 import resource
+import shutil
 import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+TEST_SEED = 10_000  # the held-out set: one for every row and seed, disjoint from the training seeds
 ROWS = ["large_zero_shot", "small_zero_shot", "small_finetuned", "composed_new", "composed_projected",
         "composed_residual", "composed_config_small", "composed_leaky", "lora_large", "distilled"]
 
@@ -35,7 +39,7 @@ ROWS = ["large_zero_shot", "small_zero_shot", "small_finetuned", "composed_new",
 def specs(args: argparse.Namespace, seed: int) -> tuple[str, str]:
     extra = "".join(f"&{kv}" for kv in args.task_args)
     train = f"reasoning-gym:{args.task}?size={args.train_size}&seed={seed}{extra}"
-    test = f"reasoning-gym:{args.task}?size={args.test_size}&seed={10_000 + seed}{extra}"
+    test = f"reasoning-gym:{args.task}?size={args.test_size}&seed={TEST_SEED}{extra}"
     return train, test
 
 
@@ -87,10 +91,14 @@ def run_row(args: argparse.Namespace) -> dict:
         model = LLMModulesModel.from_pretrained(output / "last")
         scorer = ComposedScorer(model)
         rows = [json.loads(line) for line in (output / "metrics.jsonl").read_text().splitlines()]
+        val_curve = [(r["step"], r["val_loss"]) for r in rows if "val_loss" in r]
+        if not args.keep_runs:  # checkpoints are about 2 GB a row; the report keeps the curves
+            shutil.rmtree(output, ignore_errors=True)
         curve = [r["loss"] for r in rows if "loss" in r]
         out.update(trainable=summary["parameters"]["total"]["trainable"], train_seconds=summary["train_seconds"],
                    steps=summary["steps"], examples_seen=summary["steps"] * args.batch_size,
-                   val_loss=summary["best_val_loss"], final_train_loss=curve[-1] if curve else None)
+                   val_loss=summary["best_val_loss"], final_train_loss=curve[-1] if curve else None,
+                   val_curve=val_curve)
     examples = held_out_examples(DataConfig(spec=test_spec, template=args.template, max_length=args.max_length),
                                  scorer.tokenizer, scorer.max_positions, "all")
     result = evaluate(scorer, examples, EvalOptions(split="all", max_new_tokens=args.max_new_tokens,
@@ -119,22 +127,24 @@ def write_report(args: argparse.Namespace, results: list[dict], wall: float) -> 
     command = " ".join(["python", *sys.argv])
     lines = [f"# {args.task}: knowledge transfer, composed model vs baselines", "",
              f"Command: `{command}`  ", f"Machine: {platform.machine()}, {platform.system()}, CPU only; "
-             f"date {datetime.date.today()}; wall time {wall / 60:.1f} min.  ",
+             f"date {datetime.date.today()}; wall time of the last invocation {wall / 60:.1f} min; train + eval time "
+             f"summed over all rows and seeds {sum(r.get('train_seconds', 0) + r.get('eval_seconds', 0) for r in results) / 60:.1f} min.  ",
              f"Training data: `{specs(args, 0)[0]}` (seed varies with the run seed); held-out test data: "
              f"`{specs(args, 0)[1]}`; template `{args.template}`, {args.epochs} epoch(s), batch {args.batch_size}, "
              f"greedy decoding, at most {args.max_new_tokens} new tokens. Seeds: {args.seeds}.", "",
-             "| row | accuracy | test loss / answer token | val loss | trainable params | train s | peak RSS MiB |",
-             "|---|---|---|---|---|---|---|"]
+             "Each cell is the mean ± sample standard deviation over the n seeds that ran.", "",
+             "| row | n | accuracy | test loss / answer token | val loss | trainable params | train s | peak RSS MiB |",
+             "|---|---|---|---|---|---|---|---|"]
     for row in ROWS:
         if row not in by_row:
             continue
         rs = by_row[row]
         failed = [r for r in rs if "error" in r]
         if failed:
-            lines.append(f"| {row} | failed: {failed[0]['error'][:120]} | | | | | |")
+            lines.append(f"| {row} | {len(rs)} | failed: {failed[0]['error'][:120]} | | | | | |")
             continue
         loss = fmt([r["test_loss"] for r in rs]) + (" (small tokenizer)" if rs[0]["tokenizer"] == "small" else "")
-        lines.append(f"| {row} | {fmt([r['accuracy'] for r in rs])} | {loss} | {fmt([r.get('val_loss') for r in rs])} "
+        lines.append(f"| {row} | {len(rs)} | {fmt([r['accuracy'] for r in rs])} | {loss} | {fmt([r.get('val_loss') for r in rs])} "
                      f"| {rs[0]['trainable']:,} | {fmt([r['train_seconds'] for r in rs], 0)} "
                      f"| {fmt([r['peak_rss_mib'] for r in rs], 0)} |")
     lines += ["", "Test loss is per answer token of each row's own tokenizer: rows marked \"small tokenizer\" are "
@@ -198,6 +208,7 @@ def main() -> None:
     parser.add_argument("--rows", nargs="+", default=ROWS, choices=ROWS)
     parser.add_argument("--out", help="report folder (default reports/<task>)")
     parser.add_argument("--work", help="scratch folder for runs and state caches (default <out>/work)")
+    parser.add_argument("--keep-runs", action="store_true", help="keep each composed row's checkpoints")
     parser.add_argument("--row", help=argparse.SUPPRESS)
     parser.add_argument("--seed", type=int, default=0, help=argparse.SUPPRESS)
     parser.add_argument("--json", help=argparse.SUPPRESS)
@@ -212,6 +223,8 @@ def main() -> None:
     child_args = [a for a in sys.argv[1:]]
     for seed in args.seeds:
         for row in args.rows:
+            if row.endswith("zero_shot") and seed != args.seeds[0]:
+                continue  # no training, greedy decoding, one test set: another seed would repeat it
             target = Path(args.work) / f"{row}-{seed}.json"
             if not target.is_file():  # finished rows are kept: rerunning the command continues
                 t0 = time.perf_counter()

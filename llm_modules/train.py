@@ -22,8 +22,10 @@ from typing import Any
 import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
+from safetensors.torch import load_file
 
 from . import checkpoint as ckpt
+from .config import WEIGHTS_FILE
 from .data import (
     DataConfig, PreparedData, TokenizedExample, collate, fingerprint, length_grouped_batches, pad_id, prepare_data,
 )
@@ -322,6 +324,10 @@ def train(config: TrainConfig) -> dict[str, Any] | None:
         if plot_losses(run.output / "metrics.jsonl", run.output / "loss_curve.png"):
             summary["loss_curve"] = str(run.output / "loss_curve.png")
         if config.num_samples and run.data.val:
+            best = run.output / "best" / WEIGHTS_FILE
+            if best.is_file():  # samples show the weights a user would keep, not merely the last ones
+                run.model.load_trained_state_dict(load_file(str(best)))
+            summary["samples_from"] = "best" if best.is_file() else "last"
             summary["samples"] = held_out_samples(run.model, run.data.val[: config.num_samples], config.max_new_tokens)
         (run.output / "summary.json").write_text(json.dumps(summary, indent=1))
     acc.wait_for_everyone()

@@ -60,6 +60,24 @@ def test_train_cli_writes_best_last_checkpoints_metrics(train_args, tmp_path, ca
     assert "state cache" in capsys.readouterr().out
 
 
+def test_end_of_training_samples_come_from_best_weights(train_args, tmp_path, monkeypatch):
+    import llm_modules.train as train_module
+
+    val_losses, seen = iter([5.0, 1.0, 2.0]), {}  # step 0, step 3 (best), step 6 (worse)
+    monkeypatch.setattr(train_module, "validate", lambda run: next(val_losses))
+
+    def fake_samples(model, examples, max_new_tokens):
+        seen.update({k: v.detach().clone() for k, v in model.trained_state_dict().items()})
+        return []
+
+    monkeypatch.setattr(train_module, "held_out_samples", fake_samples)
+    assert main(train_args("run")) == 0
+    best, last = load_file(str(tmp_path / "run/best" / WEIGHTS_FILE)), load_file(str(tmp_path / "run/last" / WEIGHTS_FILE))
+    assert any(not torch.equal(best[k], last[k]) for k in best)
+    assert set(seen) == set(best) and all(torch.equal(seen[k], best[k]) for k in best)
+    assert json.loads((tmp_path / "run/summary.json").read_text())["samples_from"] == "best"
+
+
 def test_cached_states_train_exactly_like_uncached(train_args, tmp_path):
     assert main(train_args("cached")) == 0
     assert main(train_args("uncached", "--no-state-cache")) == 0
