@@ -8,6 +8,7 @@ Each row runs in its own process (so its peak memory is its own). Every row and 
 evaluated on the same held-out set, generated with seed 10000 (never a training seed), so rows are
 compared on identical questions; a run seed changes the training data, the initialisation and the
 batch order. The zero-shot rows do not depend on a seed (greedy decoding) and run once. Rows:
+  majority_answer                               no model: always the training data's most common answer
   large_zero_shot, small_zero_shot              the two models as they are
   small_finetuned                               the small model fine-tuned alone (its own tokenizer)
   composed_new / _projected / _residual         ours, causal, small model pretrained, each head kind
@@ -32,7 +33,7 @@ import time
 from pathlib import Path
 
 TEST_SEED = 10_000  # the held-out set: one for every row and seed, disjoint from the training seeds
-ROWS = ["large_zero_shot", "small_zero_shot", "small_finetuned", "composed_new", "composed_projected",
+ROWS = ["majority_answer", "large_zero_shot", "small_zero_shot", "small_finetuned", "composed_new", "composed_projected",
         "composed_residual", "composed_config_small", "composed_leaky", "lora_large", "distilled"]
 
 
@@ -57,6 +58,8 @@ def run_row(args: argparse.Namespace) -> dict:
     train_spec, test_spec = specs(args, args.seed)
     data = DataConfig(spec=train_spec, template=args.template, max_length=args.max_length, seed=args.seed)
     row, out = args.row, {"row": args.row, "seed": args.seed, "train_data": train_spec, "test_data": test_spec}
+    if row == "majority_answer":
+        return out | majority_answer(train_spec, test_spec)
     curve: list[float] = []
     if row.endswith("zero_shot"):
         loaded = resolve_model(args.large if row.startswith("large") else args.small)
@@ -110,6 +113,24 @@ def run_row(args: argparse.Namespace) -> dict:
     return out
 
 
+def majority_answer(train_spec: str, test_spec: str) -> dict:
+    """The accuracy a model reaches by always giving the most common training answer: the floor
+    a trained row must clear before its accuracy says anything."""
+    from collections import Counter
+    from types import SimpleNamespace
+
+    from llm_modules.data_sources import load_records
+    from llm_modules.evaluate import is_correct
+
+    counts = Counter(r.reference for r in load_records(train_spec) if r.reference is not None)
+    guess = counts.most_common(1)[0][0]
+    verdicts = [is_correct(SimpleNamespace(record=r), guess) for r in load_records(test_spec)]
+    verdicts = [v for v in verdicts if v is not None]
+    return {"trainable": 0, "train_seconds": 0.0, "steps": 0, "examples_seen": 0, "answer": guess,
+            "accuracy": round(sum(verdicts) / len(verdicts), 4), "test_loss": None, "test_examples": len(verdicts),
+            "eval_seconds": 0.0, "samples": [], "loss_curve": [], "tokenizer": "none", "peak_rss_mib": 0}
+
+
 def fmt(values: list[float], digits: int = 3) -> str:
     values = [v for v in values if v is not None]
     if not values:
@@ -143,13 +164,19 @@ def write_report(args: argparse.Namespace, results: list[dict], wall: float) -> 
         if failed:
             lines.append(f"| {row} | {len(rs)} | failed: {failed[0]['error'][:120]} | | | | | |")
             continue
+        if row == "majority_answer":
+            answers = ", ".join(sorted({repr(r["answer"]) for r in rs}))
+            lines.append(f"| {row} | {len(rs)} | {fmt([r['accuracy'] for r in rs])} | no model: always {answers} "
+                         "| | 0 | | |")
+            continue
         loss = fmt([r["test_loss"] for r in rs]) + (" (small tokenizer)" if rs[0]["tokenizer"] == "small" else "")
         lines.append(f"| {row} | {len(rs)} | {fmt([r['accuracy'] for r in rs])} | {loss} | {fmt([r.get('val_loss') for r in rs])} "
                      f"| {rs[0]['trainable']:,} | {fmt([r['train_seconds'] for r in rs], 0)} "
                      f"| {fmt([r['peak_rss_mib'] for r in rs], 0)} |")
     lines += ["", "Test loss is per answer token of each row's own tokenizer: rows marked \"small tokenizer\" are "
               "not comparable with the others. `composed_leaky`'s val loss is measured with the leak (it reads "
-              "the answer it predicts), its accuracy by real generation.", ""]
+              "the answer it predicts), its accuracy by real generation. `majority_answer` always gives the "
+              "training data's most common answer: a trained row's accuracy means little until it clears that.", ""]
     (folder / "results.md").write_text("\n".join(lines))
     (folder / "results.json").write_text(json.dumps(results, indent=1))
     plot(folder, by_row)
@@ -163,10 +190,13 @@ def plot(folder: Path, by_row: dict[str, list[dict]]) -> None:
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for row, rs in by_row.items():
-        rs = [r for r in rs if "error" not in r and r.get("accuracy") is not None]
+        rs = [r for r in rs if "error" not in r and r.get("accuracy") is not None and r["row"] != "majority_answer"]
         if rs:
             x = max(rs[0]["trainable"], 1)
             ax.scatter([x] * len(rs), [r["accuracy"] for r in rs], label=row)
+    floor = [r["accuracy"] for r in by_row.get("majority_answer", []) if "error" not in r]
+    if floor:
+        ax.axhline(statistics.mean(floor), color="grey", linestyle="--", label="majority answer (no model)")
     ax.set_xscale("log")
     ax.set_xlabel("trainable parameters (1 = none)")
     ax.set_ylabel("held-out accuracy")
@@ -182,7 +212,8 @@ def plot(folder: Path, by_row: dict[str, list[dict]]) -> None:
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("training loss (KL for distilled)")
     ax.set_yscale("log")
-    ax.legend(fontsize=7)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(folder / "loss_curves.png", dpi=100)
     plt.close(fig)
@@ -223,7 +254,7 @@ def main() -> None:
     child_args = [a for a in sys.argv[1:]]
     for seed in args.seeds:
         for row in args.rows:
-            if row.endswith("zero_shot") and seed != args.seeds[0]:
+            if row.endswith("zero_shot") and seed != args.seeds[0] and row != "majority_answer":
                 continue  # no training, greedy decoding, one test set: another seed would repeat it
             target = Path(args.work) / f"{row}-{seed}.json"
             if not target.is_file():  # finished rows are kept: rerunning the command continues
