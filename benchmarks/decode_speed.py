@@ -57,6 +57,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--large", default="qwen2.5-coder-0.5b-instruct")
     parser.add_argument("--small", default="smollm2-135m-instruct")
+    parser.add_argument("--head", default="new", help="head kind (the README's numbers use the paper's 'new' head)")
     parser.add_argument("--new-tokens", type=int, default=256)
     parser.add_argument("--prompt-tokens", type=int, default=32)
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
@@ -65,7 +66,7 @@ def main() -> None:
         torch.set_num_threads(args.threads)
 
     torch.manual_seed(0)
-    model = LLMModulesModel.compose(large=args.large, small=args.small).eval()
+    model = LLMModulesModel.compose(large=args.large, small=args.small, head=args.head).eval()
     ids = torch.randint(0, model.vocab_size, (1, args.prompt_tokens), generator=torch.Generator().manual_seed(0))
     options = dict(max_new_tokens=args.new_tokens, eos_token_id=[])
 

@@ -174,8 +174,9 @@ def write_report(args: argparse.Namespace, results: list[dict], wall: float) -> 
                      f"| {rs[0]['trainable']:,} | {fmt([r['train_seconds'] for r in rs], 0)} "
                      f"| {fmt([r['peak_rss_mib'] for r in rs], 0)} |")
     lines += ["", "Test loss is per answer token of each row's own tokenizer: rows marked \"small tokenizer\" are "
-              "not comparable with the others. `composed_leaky`'s val loss is measured with the leak (it reads "
-              "the answer it predicts), its accuracy by real generation. `majority_answer` always gives the "
+              "not comparable with the others. `composed_leaky`'s val and test losses are teacher-forced with "
+              "the leak (each position reads the large model's state of the token it predicts), its accuracy comes "
+              "from real generation. `majority_answer` always gives the "
               "training data's most common answer: a trained row's accuracy means little until it clears that.", ""]
     (folder / "results.md").write_text("\n".join(lines))
     (folder / "results.json").write_text(json.dumps(results, indent=1))

@@ -41,7 +41,7 @@ class TrainConfig:
     output: str
     # composition
     causal: bool = True
-    head: str = "new"
+    head: str = "residual"
     num_layers: int = 2
     num_heads: int = 8
     adapter_dim: int = 256
