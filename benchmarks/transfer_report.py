@@ -250,12 +250,13 @@ def main() -> None:
     if args.row:  # child process: one row, one seed
         Path(args.json).write_text(json.dumps(run_row(args)))
         return
+    Path(args.out).mkdir(parents=True, exist_ok=True)
     Path(args.work).mkdir(parents=True, exist_ok=True)
     started, results = time.perf_counter(), []
     child_args = [a for a in sys.argv[1:]]
     for seed in args.seeds:
         for row in args.rows:
-            if row.endswith("zero_shot") and seed != args.seeds[0] and row != "majority_answer":
+            if row.endswith("zero_shot") and seed != args.seeds[0]:
                 continue  # no training, greedy decoding, one test set: another seed would repeat it
             target = Path(args.work) / f"{row}-{seed}.json"
             if not target.is_file():  # finished rows are kept: rerunning the command continues
