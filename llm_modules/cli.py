@@ -12,6 +12,7 @@ from typing import Any, Callable
 
 import torch
 
+from .config import ComposeConfig
 from .errors import LLMModulesError
 
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {}
@@ -94,7 +95,7 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("--model", help="a saved composed model folder")
     info.add_argument("--large", help="large model spec (with --small, instead of --model)")
     info.add_argument("--small", help="small model spec")
-    info.add_argument("--head", default="residual", help="head kind when composing from specs")
+    info.add_argument("--head", default=ComposeConfig.head, help="head kind when composing from specs")
     return parser
 
 

@@ -325,9 +325,9 @@ def train(config: TrainConfig) -> dict[str, Any] | None:
             summary["loss_curve"] = str(run.output / "loss_curve.png")
         if config.num_samples and run.data.val:
             best = run.output / "best" / WEIGHTS_FILE
+            summary["samples_from"] = "best" if best.is_file() else "last"
             if best.is_file():  # samples show the weights a user would keep, not merely the last ones
                 run.model.load_trained_state_dict(load_file(str(best)))
-            summary["samples_from"] = "best" if best.is_file() else "last"
             summary["samples"] = held_out_samples(run.model, run.data.val[: config.num_samples], config.max_new_tokens)
         (run.output / "summary.json").write_text(json.dumps(summary, indent=1))
     acc.wait_for_everyone()

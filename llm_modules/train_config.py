@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .config import ComposeConfig
 from .errors import LLMModulesError
 
 RUN_CONFIG_FILE = "run_config.json"
@@ -39,13 +40,13 @@ class TrainConfig:
     small: str
     data: str
     output: str
-    # composition
-    causal: bool = True
-    head: str = "residual"
-    num_layers: int = 2
-    num_heads: int = 8
-    adapter_dim: int = 256
-    dropout: float = 0.1
+    # composition: the defaults are ComposeConfig's, declared once there
+    causal: bool = ComposeConfig.causal
+    head: str = ComposeConfig.head
+    num_layers: int = ComposeConfig.num_layers
+    num_heads: int = ComposeConfig.num_heads
+    adapter_dim: int = ComposeConfig.adapter_dim
+    dropout: float = ComposeConfig.dropout
     # data
     template: str = "stratos"
     loss_on: str = "assistant"
@@ -133,8 +134,6 @@ class TrainConfig:
 
     def compose_options(self) -> dict[str, Any]:
         """The bridge/head options of this run, as `LLMModulesModel.compose` takes them."""
-        from .config import ComposeConfig
-
         names = {f.name for f in dataclasses.fields(ComposeConfig)} - {"large", "small", "library_version"}
         return {name: getattr(self, name) for name in names if name in self.fields()}
 
