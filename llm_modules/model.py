@@ -75,6 +75,16 @@ class _Decoder:
         return out, (new_cache if use_cache else None)
 
 
+class _Released(nn.Module):
+    """Stands where a part of the large model was freed by `LLMModulesModel.release_large`."""
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        raise LLMModulesError(
+            "this part of the large model was released to save memory while training from cached states; "
+            "call restore_large() before running the large model"
+        )
+
+
 class LLMModulesModel(nn.Module):
     """A frozen large causal LM feeding a small trainable causal LM through Enhanced Cross-Attention.
 
@@ -97,6 +107,9 @@ class LLMModulesModel(nn.Module):
         large_head = large.get_output_embeddings()
         if large_head is None:
             raise LLMModulesError(f"large model {config.large!r} has no output embedding (is it a causal LM?)")
+        # Looked up by name: transformers' get_output_embeddings() goes through the body, which
+        # release_large() may free.
+        self._large_head_name = next(n for n, m in large.named_modules() if m is large_head)
         vocab_size, large_dim = large_head.weight.shape
 
         # The small model keeps only its decoder: its old LM head is dropped and its token
@@ -183,6 +196,46 @@ class LLMModulesModel(nn.Module):
         )
         return counts
 
+    # ------------------------------------------------------------------ freeing the large model
+    @property
+    def large_released(self) -> bool:
+        return isinstance(self._large_decoder.module, _Released)
+
+    def release_large(self) -> bool:
+        """Free the large model's weights that training from cached states never reads.
+
+        Its body (embeddings, layers, final norm) goes, and its output embedding too when the head
+        is `new` (the other heads read it). What remains are the head's frozen weights. Calling the
+        large model afterwards is an error until `restore_large()` reloads it from its spec. A
+        `config:` large model (random weights) cannot be reloaded as it was, so it is kept; the
+        return value says whether anything was freed.
+        """
+        if self.large_released:
+            return True
+        if self.config.large.startswith("config:"):
+            return False
+        body = self.large.base_model
+        first = next(body.parameters())
+        self._large_place = (first.dtype, first.device)
+        setattr(self.large, self.large.base_model_prefix, _Released())
+        if self.config.head == "new":
+            parent, _, name = self._large_head_name.rpartition(".")
+            setattr(self.large.get_submodule(parent), name, _Released())
+        self._large_decoder = _Decoder(self.large.base_model)
+        return True
+
+    def restore_large(self) -> None:
+        """Reload the large model from its spec after `release_large()` (same weights, dtype, device)."""
+        if not self.large_released:
+            return
+        from .specs import resolve_model
+
+        dtype, device = self._large_place
+        large = resolve_model(self.config.large, dtype=dtype, with_tokenizer=False).model.to(device)
+        large.requires_grad_(False)
+        self.large = large.eval()
+        self._large_decoder = _Decoder(large.base_model)
+
     # ------------------------------------------------------------------ forward
     @torch.no_grad()
     def encode_large(
@@ -257,15 +310,16 @@ class LLMModulesModel(nn.Module):
         if cache is not None:
             cache.small = small_cache
         s = small_out.last_hidden_state  # (B, T, dS)
+        large_head = self.large.get_submodule(self._large_head_name)
         if labels is not None and not return_logits:
             targets = labels[:, 1:].to(s.device)
             keep = targets != -100  # (B, T-1)
-            picked = self.head(s[:, :-1][keep], large_states[:, :-1][keep], self.large.get_output_embeddings())
+            picked = self.head(s[:, :-1][keep], large_states[:, :-1][keep], large_head)
             loss = F.cross_entropy(picked.float(), targets[keep], reduction=loss_reduction)  # picked (N, V)
             return ComposedOutput(logits=None, loss=loss, cache=cache if use_cache else None)
         if logits_to_keep:
             s, large_states = s[:, -logits_to_keep:], large_states[:, -logits_to_keep:]
-        logits = self.head(s, large_states, self.large.get_output_embeddings())  # (B, T, V)
+        logits = self.head(s, large_states, large_head)  # (B, T, V)
         loss = next_token_loss(logits, labels, loss_reduction) if labels is not None else None
         return ComposedOutput(logits=logits, loss=loss, cache=cache if use_cache else None)
 

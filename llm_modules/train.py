@@ -54,6 +54,7 @@ class Run:
     steps_per_epoch: int
     total_steps: int
     output: Path
+    parameters: dict[str, dict[str, int]]  # counted before any release of the large model
 
 
 def mixed_precision(choice: str) -> str:
@@ -145,6 +146,9 @@ def setup(config: TrainConfig) -> Run:
         (output / "data_report.json").write_text(json.dumps(data.report, indent=1))
         print(f"data: {json.dumps(data.report)}")
     train_states, val_states = build_state_caches(config, model, data, accelerator)
+    parameters = model.parameter_counts()
+    if train_states is not None and config.release_large and model.release_large() and accelerator.is_main_process:
+        print("large model released for training from cached states (reloaded for the end-of-training samples)")
 
     global_batch = config.batch_size * accelerator.num_processes
     steps_per_epoch = len(data.train) // (global_batch * config.grad_accum)
@@ -165,7 +169,7 @@ def setup(config: TrainConfig) -> Run:
     )
     wrapped, optimizer = accelerator.prepare(model, optimizer)
     return Run(config, accelerator, model, wrapped, optimizer, scheduler, data, train_states, val_states,
-               global_batch, steps_per_epoch, total_steps, output)
+               global_batch, steps_per_epoch, total_steps, output, parameters)
 
 
 def batch_tensors(run: Run, examples: list[TokenizedExample], indices: list[int], states: Any) -> dict[str, Any]:
@@ -320,7 +324,7 @@ def train(config: TrainConfig) -> dict[str, Any] | None:
     acc = run.accelerator
     if acc.is_main_process:
         summary["data"] = run.data.report
-        summary["parameters"] = run.model.parameter_counts()
+        summary["parameters"] = run.parameters
         if plot_losses(run.output / "metrics.jsonl", run.output / "loss_curve.png"):
             summary["loss_curve"] = str(run.output / "loss_curve.png")
         if config.num_samples and run.data.val:
@@ -328,6 +332,7 @@ def train(config: TrainConfig) -> dict[str, Any] | None:
             summary["samples_from"] = "best" if best.is_file() else "last"
             if best.is_file():  # samples show the weights a user would keep, not merely the last ones
                 run.model.load_trained_state_dict(load_file(str(best)))
+            run.model.restore_large()
             summary["samples"] = held_out_samples(run.model, run.data.val[: config.num_samples], config.max_new_tokens)
         (run.output / "summary.json").write_text(json.dumps(summary, indent=1))
     acc.wait_for_everyone()

@@ -13,7 +13,7 @@ from .errors import LLMModulesError
 
 RUN_CONFIG_FILE = "run_config.json"
 # Options that may differ between an interrupted run and its resumption.
-RESUME_FREE = {"resume", "progress"}
+RESUME_FREE = {"resume", "progress", "release_large"}  # change nothing a run computes
 
 DEMO = dict(  # sized to finish within 15 minutes on a 2-core CPU (measured: see README)
     large="qwen2.5-coder-0.5b-instruct",
@@ -71,6 +71,9 @@ class TrainConfig:
     state_cache: bool = True
     state_cache_dtype: str = "float32"
     state_cache_dir: str = ""  # default: <cache_dir()>/states
+    # with cached states, free the large model's weights training never reads (its body; its output
+    # embedding too under the `new` head) and reload it from its spec for the end-of-training samples
+    release_large: bool = True
     # evaluation, checkpoints, logging
     eval_every: int = 0  # steps; 0: once per epoch
     early_stopping_patience: int = 5  # evaluations without improvement; 0: never stop early

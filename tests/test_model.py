@@ -140,6 +140,47 @@ def test_save_load_round_trip_gives_identical_logits(tiny_models, tmp_path, head
     torch.testing.assert_close(loaded(input_ids=ids).logits, model(input_ids=ids).logits, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("large", ["qwen2", "gpt2"])  # gpt2 ties its output embedding to its input one
+@pytest.mark.parametrize("head", ["new", "projected", "residual"])
+def test_released_large_model_frees_its_body_and_restores_identically(tiny_models, large, head):
+    import gc
+    import weakref
+
+    from llm_modules.model import positions_from_mask
+
+    model = compose(tiny_models, large, "llama", head=head)
+    nudge(model)
+    ids = random_ids(model, 2, 9)
+    mask = torch.ones_like(ids)
+    states, _ = model.encode_large(ids, mask, positions_from_mask(mask))
+    with torch.no_grad():
+        before, from_states = model(input_ids=ids).logits, model(large_states=states).logits
+    body_weight = weakref.ref(list(model.large.base_model.parameters())[-1])
+    vocab, large_dim = model.large.get_output_embeddings().weight.shape
+
+    assert model.release_large() and model.large_released
+    gc.collect()
+    assert body_weight() is None  # nothing holds the freed weights
+    left = sum(p.numel() for p in model.large.parameters())
+    assert left == (0 if head == "new" else vocab * large_dim)
+    with torch.no_grad():  # training from cached states needs nothing that was freed
+        torch.testing.assert_close(model(large_states=states).logits, from_states, rtol=0, atol=0)
+    with pytest.raises(LLMModulesError, match="restore_large"):
+        model(input_ids=ids)
+
+    model.restore_large()
+    assert not model.large_released and not any(p.requires_grad for p in model.large.parameters())
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=ids).logits, before, rtol=0, atol=0)
+
+
+def test_a_config_built_large_model_is_never_released(tiny_models):
+    torch.manual_seed(0)
+    model = LLMModulesModel.compose(large=f"config:{tiny_models['qwen2']}", small=tiny_models["llama"])
+    assert model.release_large() is False and not model.large_released
+    model(input_ids=random_ids(model, 1, 5))  # random weights could not be reloaded, so they stay
+
+
 def test_load_rejects_weights_of_another_composition(tiny_models, tmp_path):
     compose(tiny_models, "qwen2", "gpt2").save_pretrained(tmp_path / "a")
     compose(tiny_models, "qwen2", "llama").save_pretrained(tmp_path / "b")

@@ -85,6 +85,20 @@ def test_cached_states_train_exactly_like_uncached(train_args, tmp_path):
                                rtol=1e-5, atol=1e-5)
 
 
+def test_releasing_the_large_model_changes_nothing_trained(train_args, tmp_path, capsys):
+    assert main(train_args("kept", "--no-release-large")) == 0
+    assert "large model released" not in capsys.readouterr().out
+    assert main(train_args("released")) == 0  # the default with cached states
+    assert "large model released" in capsys.readouterr().out
+    assert losses(tmp_path / "released") == losses(tmp_path / "kept")
+    for name in ("best", "last"):
+        kept, released = (load_file(str(tmp_path / run / name / WEIGHTS_FILE)) for run in ("kept", "released"))
+        assert all(torch.equal(kept[k], released[k]) for k in kept)
+    summaries = [json.loads((tmp_path / run / "summary.json").read_text()) for run in ("kept", "released")]
+    assert summaries[0]["samples"] == summaries[1]["samples"]  # generated after reloading the large model
+    assert summaries[0]["parameters"] == summaries[1]["parameters"]
+
+
 def test_interrupted_run_resumes_to_the_same_weights(train_args, tmp_path, monkeypatch):
     assert main(train_args("straight", "--save-every", "2")) == 0
     import llm_modules.train as train_module
