@@ -55,6 +55,7 @@ class Run:
     total_steps: int
     output: Path
     parameters: dict[str, dict[str, int]]  # counted before any release of the large model
+    large_released: bool  # its weights freed while training (see LLMModulesModel.release_large)
 
 
 def mixed_precision(choice: str) -> str:
@@ -147,7 +148,8 @@ def setup(config: TrainConfig) -> Run:
         print(f"data: {json.dumps(data.report)}")
     train_states, val_states = build_state_caches(config, model, data, accelerator)
     parameters = model.parameter_counts()
-    if train_states is not None and config.release_large and model.release_large() and accelerator.is_main_process:
+    released = train_states is not None and config.release_large and model.release_large()
+    if released and accelerator.is_main_process:
         print("large model released for training from cached states (reloaded for the end-of-training samples)")
 
     global_batch = config.batch_size * accelerator.num_processes
@@ -169,7 +171,7 @@ def setup(config: TrainConfig) -> Run:
     )
     wrapped, optimizer = accelerator.prepare(model, optimizer)
     return Run(config, accelerator, model, wrapped, optimizer, scheduler, data, train_states, val_states,
-               global_batch, steps_per_epoch, total_steps, output, parameters)
+               global_batch, steps_per_epoch, total_steps, output, parameters, released)
 
 
 def batch_tensors(run: Run, examples: list[TokenizedExample], indices: list[int], states: Any) -> dict[str, Any]:
@@ -325,6 +327,7 @@ def train(config: TrainConfig) -> dict[str, Any] | None:
     if acc.is_main_process:
         summary["data"] = run.data.report
         summary["parameters"] = run.parameters
+        summary["large_released"] = run.large_released
         if plot_losses(run.output / "metrics.jsonl", run.output / "loss_curve.png"):
             summary["loss_curve"] = str(run.output / "loss_curve.png")
         if config.num_samples and run.data.val:

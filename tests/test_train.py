@@ -97,6 +97,7 @@ def test_releasing_the_large_model_changes_nothing_trained(train_args, tmp_path,
     summaries = [json.loads((tmp_path / run / "summary.json").read_text()) for run in ("kept", "released")]
     assert summaries[0]["samples"] == summaries[1]["samples"]  # generated after reloading the large model
     assert summaries[0]["parameters"] == summaries[1]["parameters"]
+    assert [s["large_released"] for s in summaries] == [False, True]
 
 
 def test_interrupted_run_resumes_to_the_same_weights(train_args, tmp_path, monkeypatch):
