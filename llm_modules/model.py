@@ -10,6 +10,7 @@ import inspect
 import logging
 import warnings
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from .bridge import Bridge, BridgeCache
 from .config import CONFIG_FILE, WEIGHTS_FILE, ComposeConfig
@@ -132,6 +134,9 @@ class LLMModulesModel(nn.Module):
         self.bridge.to(self.small.dtype)
         self.head.to(self.small.dtype)
         self.vocab_size = vocab_size
+        # Positions per chunk when the training loss runs the head only where labels are (see
+        # _chunked_head_loss): 256 x 151,936 float32 logits are 148 MiB.
+        self.loss_chunk_tokens = 256
         self.log_parameter_counts()
 
     # ------------------------------------------------------------------ construction
@@ -318,14 +323,34 @@ class LLMModulesModel(nn.Module):
         if labels is not None and not return_logits:
             targets = labels[:, 1:].to(s.device)
             keep = targets != -100  # (B, T-1)
-            picked = self.head(s[:, :-1][keep], large_states[:, :-1][keep], large_head)
-            loss = F.cross_entropy(picked.float(), targets[keep], reduction=loss_reduction)  # picked (N, V)
+            loss = self._chunked_head_loss(s[:, :-1][keep], large_states[:, :-1][keep], large_head, targets[keep])
+            if loss_reduction == "mean":
+                loss = loss / keep.sum()
+            elif loss_reduction != "sum":
+                raise ValueError(f"loss_reduction must be 'mean' or 'sum' with return_logits=False, got {loss_reduction!r}")
             return ComposedOutput(logits=None, loss=loss, cache=cache if use_cache else None)
         if logits_to_keep:
             s, large_states = s[:, -logits_to_keep:], large_states[:, -logits_to_keep:]
         logits = self.head(s, large_states, large_head)  # (B, T, V)
         loss = next_token_loss(logits, labels, loss_reduction) if labels is not None else None
         return ComposedOutput(logits=logits, loss=loss, cache=cache if use_cache else None)
+
+    def _chunked_head_loss(self, s: torch.Tensor, h: torch.Tensor, large_head: nn.Module,
+                           targets: torch.Tensor) -> torch.Tensor:
+        """Summed cross-entropy of the head over N picked positions, `loss_chunk_tokens` at a time.
+
+        s (N, dS), h (N, dL), targets (N,). With gradients on, each chunk's logits (chunk, |V|) are
+        recomputed in the backward pass instead of kept, so memory holds one chunk's logits, not
+        N x |V| (the largest tensor of training on long answers) at the price of one more head pass.
+        """
+        def chunk_loss(s_i: torch.Tensor, h_i: torch.Tensor, t_i: torch.Tensor) -> torch.Tensor:
+            return F.cross_entropy(self.head(s_i, h_i, large_head).float(), t_i, reduction="sum")
+
+        n, size = s.shape[0], self.loss_chunk_tokens
+        if n <= size:
+            return chunk_loss(s, h, targets)
+        run = partial(checkpoint, chunk_loss, use_reentrant=False) if torch.is_grad_enabled() else chunk_loss
+        return sum(run(s[i : i + size], h[i : i + size], targets[i : i + size]) for i in range(0, n, size))
 
     def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **options: Any):
         """Decode new tokens; returns ids including the prompt. See `llm_modules.generation.generate`."""
