@@ -223,13 +223,13 @@ class LLMModulesModel(nn.Module):
         first = next(body.parameters())
         self._large_place = (first.dtype, first.device)
         setattr(self.large, self.large.base_model_prefix, _Released())
-        head = self.large.get_submodule(self._large_head_name)
-        # A copy of its own: loaded weights may all live in one memory map of the checkpoint file,
-        # which any surviving tensor keeps mapped (and its pages resident).
-        head.weight = nn.Parameter(head.weight.detach().clone(), requires_grad=False)
         if self.config.head == "new":
             parent, _, name = self._large_head_name.rpartition(".")
             setattr(self.large.get_submodule(parent), name, _Released())
+        else:  # the head stays, in a copy of its own: loaded weights may all live in one memory map of
+            # the checkpoint file, which any surviving tensor keeps mapped (and its pages resident)
+            head = self.large.get_submodule(self._large_head_name)
+            head.weight = nn.Parameter(head.weight.detach().clone(), requires_grad=False)
         self._large_decoder = _Decoder(self.large.base_model)
         return True
 
