@@ -88,7 +88,8 @@ def run_row(args: argparse.Namespace) -> dict:
         summary = train(TrainConfig(
             large=args.large, small=small, data=train_spec, output=str(output), head=head,
             causal="leaky" not in row, template=args.template, max_length=args.max_length, seed=args.seed,
-            epochs=args.epochs, batch_size=args.batch_size, num_samples=0, progress=False, resume=output.exists(),
+            epochs=args.epochs, batch_size=args.batch_size, lr_bridge=args.lr_bridge, lr_small=args.lr_composed_small,
+            num_samples=0, progress=False, resume=output.exists(),
             early_stopping_patience=0, state_cache_dir=str(Path(args.work) / "states"),
         ))
         model = LLMModulesModel.from_pretrained(output / "last")
@@ -162,7 +163,9 @@ def write_report(args: argparse.Namespace, results: list[dict], wall: float) -> 
              f"summed over all rows and seeds {sum(r.get('train_seconds', 0) + r.get('eval_seconds', 0) for r in results) / 60:.1f} min.  ",
              f"Training data: `{specs(args, 0)[0]}` (seed varies with the run seed); held-out test data: "
              f"`{specs(args, 0)[1]}`; template `{args.template}`, {args.epochs} epoch(s), batch {args.batch_size}, "
-             f"greedy decoding, at most {args.max_new_tokens} new tokens. Seeds: {args.seeds}.", "",
+             f"greedy decoding, at most {args.max_new_tokens} new tokens. Seeds: {args.seeds}. Learning rates: "
+             f"composed bridge {args.lr_bridge:g}, composed small model and head {args.lr_composed_small:g}, small "
+             f"fine-tuned {args.lr_small:g}, LoRA {args.lr_lora:g}.", "",
              "Each cell is the mean ± sample standard deviation over the n seeds that ran.", "",
              "| row | n | accuracy | test loss / answer token | val loss | trainable params | train s | peak RSS MiB |",
              "|---|---|---|---|---|---|---|---|"]
@@ -235,6 +238,8 @@ def plot(folder: Path, by_row: dict[str, list[dict]]) -> None:
 
 
 def main() -> None:
+    from llm_modules.train_config import TrainConfig
+
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--task", default="gsm_symbolic")
     parser.add_argument("--task-args", nargs="*", default=[], help="extra reasoning-gym options, key=value")
@@ -250,6 +255,10 @@ def main() -> None:
     parser.add_argument("--max-new-tokens", type=int, default=160)
     parser.add_argument("--lr-small", type=float, default=5e-5)
     parser.add_argument("--lr-lora", type=float, default=2e-4)
+    parser.add_argument("--lr-bridge", type=float, default=TrainConfig.lr_bridge,
+                        help="composed rows: the bridge's learning rate")
+    parser.add_argument("--lr-composed-small", type=float, default=TrainConfig.lr_small,
+                        help="composed rows: the small model's and the head's learning rate")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--rows", nargs="+", default=ROWS, choices=ROWS)
     parser.add_argument("--out", help="report folder (default reports/<task>)")
