@@ -159,7 +159,7 @@ def write_report(args: argparse.Namespace, results: list[dict], wall: float) -> 
     command = " ".join(["python", *sys.argv])
     lines = [f"# {args.task}: knowledge transfer, composed model vs baselines", "",
              f"Command: `{command}`  ", f"Machine: {platform.machine()}, {platform.system()}, CPU only; "
-             f"date {datetime.date.today()}; wall time of the last invocation {wall / 60:.1f} min; train + eval time "
+             f"date {datetime.date.today()}; wall time of this invocation {wall / 60:.1f} min (finished rows are reused, not rerun); train + eval time "
              f"summed over all rows and seeds {sum(r.get('train_seconds', 0) + r.get('eval_seconds', 0) for r in results) / 60:.1f} min.  ",
              f"Training data: `{specs(args, 0)[0]}` (seed varies with the run seed); held-out test data: "
              f"`{specs(args, 0)[1]}`; template `{args.template}`, {args.epochs} epoch(s), batch {args.batch_size}, "
