@@ -85,7 +85,12 @@ def main() -> None:
         print("RESULT " + json.dumps(run_config(args, args.child, Path(args.work))))
         return
 
-    work = Path(tempfile.mkdtemp(prefix="llm-modules-memory-"))
+    with tempfile.TemporaryDirectory(prefix="llm-modules-memory-") as work:  # runs hold GBs of checkpoints
+        results = measure(args, Path(work))
+    report(args, results)
+
+
+def measure(args: argparse.Namespace, work: Path) -> list[dict]:
     base = [sys.executable, __file__, *sys.argv[1:], "--work", str(work)]
     # Build the state cache once (a 1-step run), so no measured composed run pays for it.
     subprocess.run([*base, "--steps", "1", "--child", "composed_kept"], check=True, capture_output=True)
@@ -97,6 +102,10 @@ def main() -> None:
             raise SystemExit(f"{name} failed: {proc.stderr.strip().splitlines()[-1:] or proc.returncode}")
         results.append(json.loads(line.removeprefix("RESULT ")))
         print(f"{name}: peak {results[-1]['peak_rss_mib']} MiB", flush=True)
+    return results
+
+
+def report(args: argparse.Namespace, results: list[dict]) -> None:
     lora = next((r for r in results if r["config"] == "lora_large"), None)
     print(f"\n{args.steps} steps of {args.batch_size} on {args.data}; large {args.large}, small {args.small}, "
           f"head {args.head}; {platform.machine()}, {platform.system()}\n")

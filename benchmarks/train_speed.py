@@ -11,8 +11,10 @@ reused by every later epoch and run).
 from __future__ import annotations
 
 import argparse
+import atexit
 import json
 import platform
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -42,6 +44,7 @@ def main() -> None:
     args = parser.parse_args()
 
     work = Path(tempfile.mkdtemp(prefix="llm-modules-bench-"))
+    atexit.register(shutil.rmtree, work, True)  # the runs hold GBs of checkpoints
     common = dict(large=args.large, small=args.small, data=args.data, template=args.template, head=args.head,
                   batch_size=args.batch_size, max_length=args.max_length, epochs=1, num_samples=0,
                   progress=False, state_cache_dir=str(work / "states"), state_cache_dtype=args.state_cache_dtype)
