@@ -4,9 +4,10 @@ A checkpoint folder `step-000120/` holds the trained weights (`model.safetensors
 `llm_modules_config.json`, loadable by `LLMModulesModel.from_pretrained`), the optimizer's
 tensors (`optimizer.safetensors`), each process's random states (`rng-<rank>.*`), and
 `trainer_state.json` (step, data position, scheduler, optimizer hyper-parameters, best
-validation loss...), written last. It is written into a temporary
-folder and renamed into place, so a kill at any moment leaves either the old set of complete
-checkpoints or the new one; never a checkpoint that loads half.
+validation loss...), written last: it marks the folder complete. It is written into a temporary
+folder and renamed into place; a checkpoint of the same step is first renamed aside and deleted
+only after the swap, and every delete removes the state file first. So a kill at any moment leaves
+either the old set of complete checkpoints or the new one; never a checkpoint that loads half.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from .errors import LLMModulesError
 STATE_FILE = "trainer_state.json"
 OPTIMIZER_FILE = "optimizer.safetensors"
 PREFIX = "step-"
+OLD = ".old-"  # a checkpoint renamed aside while a new one of the same step takes its place
 
 
 def rng_state() -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -78,9 +80,22 @@ def optimizer_from_safetensors(tensors: dict[str, torch.Tensor], meta: dict[str,
 
 
 def complete_checkpoints(directory: Path) -> list[Path]:
-    """Checkpoints under `directory` whose rename finished, oldest first."""
+    """Checkpoints under `directory` whose rename finished, oldest first.
+
+    A swap that a kill interrupted (old one renamed aside, new one not yet in place) is finished
+    first: the new complete folder goes into place, else the old one goes back.
+    """
     if not directory.is_dir():
         return []
+    for aside in sorted(directory.glob(f"{OLD}{PREFIX}*")) + sorted(directory.glob(f".tmp-{PREFIX}*")):
+        final = directory / (PREFIX + aside.name.partition(PREFIX)[2])
+        if aside.is_dir() and (aside / STATE_FILE).is_file() and not final.exists():
+            newer = directory / f".tmp-{final.name}"
+            source = newer if (newer / STATE_FILE).is_file() else aside
+            try:
+                os.replace(source, final)
+            except OSError:  # another process did it first
+                pass
     found = [p for p in directory.iterdir() if p.is_dir() and p.name.startswith(PREFIX) and (p / STATE_FILE).is_file()]
     return sorted(found, key=lambda p: int(p.name[len(PREFIX):]))
 
@@ -92,7 +107,7 @@ def temporary_folder(directory: Path, step: int) -> Path:
 
 def write_weights_and_optimizer(tmp: Path, model: Any, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
     """Main process: trained weights and optimizer tensors; returns the optimizer's JSON part."""
-    shutil.rmtree(tmp, ignore_errors=True)
+    remove_checkpoint(tmp)
     model.save_pretrained(tmp)
     opt_tensors, opt_meta = optimizer_to_safetensors(optimizer)
     save_file(opt_tensors, str(tmp / OPTIMIZER_FILE))
@@ -107,18 +122,33 @@ def write_rng(tmp: Path, rank: int) -> None:
 
 
 def finish_checkpoint(tmp: Path, step: int, trainer_state: dict[str, Any], keep: int = 2) -> Path:
-    """Main process, after every process wrote its part: state file, fsync, atomic rename, pruning."""
-    (tmp / STATE_FILE).write_text(json.dumps({**trainer_state, "step": step}, indent=1))
+    """Main process, after every process wrote its part: fsync, state file last, atomic swap, pruning."""
     _fsync_tree(tmp)
+    state_tmp = tmp / (STATE_FILE + ".tmp")
+    with open(state_tmp, "w") as f:
+        f.write(json.dumps({**trainer_state, "step": step}, indent=1))
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(state_tmp, tmp / STATE_FILE)  # from here on the folder is complete
     final = tmp.parent / f"{PREFIX}{step:06d}"
-    if final.exists():
-        shutil.rmtree(final)
+    aside = tmp.parent / f"{OLD}{final.name}"
+    if final.exists():  # the same step saved again: swap, never delete the only copy first
+        remove_checkpoint(aside)
+        os.replace(final, aside)
     os.replace(tmp, final)
+    remove_checkpoint(aside)
     for old in complete_checkpoints(tmp.parent)[:-keep] if keep > 0 else []:
-        shutil.rmtree(old, ignore_errors=True)
-    for stale in tmp.parent.glob(f".tmp-{PREFIX}*"):
-        shutil.rmtree(stale, ignore_errors=True)
+        remove_checkpoint(old)
+    for stale in [*tmp.parent.glob(f".tmp-{PREFIX}*"), *tmp.parent.glob(f"{OLD}{PREFIX}*")]:
+        remove_checkpoint(stale)
     return final
+
+
+def remove_checkpoint(folder: Path) -> None:
+    """Delete a checkpoint folder, its completeness mark first: a kill mid-delete leaves no
+    folder that looks complete."""
+    (folder / STATE_FILE).unlink(missing_ok=True)
+    shutil.rmtree(folder, ignore_errors=True)
 
 
 def load_checkpoint(path: Path, model: Any, optimizer: torch.optim.Optimizer, rank: int = 0) -> dict[str, Any]:
