@@ -167,8 +167,12 @@ def test_two_processes_match_one_at_the_same_global_batch(train_args, tmp_path):
     one = run_cli(train_args("one", "--dropout", "0", "--batch-size", "4"))
     assert one.wait(timeout=300) == 0, one.stdout.read()
     launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533"]
-    two = run_cli(train_args("two", "--dropout", "0", "--batch-size", "2"), launcher)
-    assert two.wait(timeout=300) == 0, two.stdout.read()
+    # Its own state cache: reusing the one-process run's would skip the multi-process build.
+    two = run_cli(train_args("two", "--dropout", "0", "--batch-size", "2",
+                             "--state-cache-dir", str(tmp_path / "states-two")), launcher)
+    two_output = two.communicate(timeout=300)[0]
+    assert two.returncode == 0, two_output
+    assert "(built)" in two_output and not list((tmp_path / "states-two").glob("*.tmp-*"))
     torch.testing.assert_close(torch.tensor(losses(tmp_path / "one")), torch.tensor(losses(tmp_path / "two")),
                                rtol=1e-5, atol=1e-5)
     same_weights(tmp_path / "one" / "last", tmp_path / "two" / "last", atol=1e-5)
