@@ -6,6 +6,7 @@ User errors (LLMModulesError) print one line `error: ...` and exit with status 2
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import sys
 from typing import Any, Callable
@@ -16,6 +17,15 @@ from .config import ComposeConfig
 from .errors import LLMModulesError
 
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {}
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with one-line errors (`error: train: argument --head: invalid choice ...`), status 2."""
+
+    def error(self, message: str):
+        command = self.prog.split()[-1]
+        prefix = f"{command}: " if command != "llm-modules" else ""
+        self.exit(2, f"error: {prefix}{message}\n")
 
 
 def command(name: str):
@@ -49,11 +59,14 @@ def sampling_options(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    from . import __version__
+
+    parser = Parser(
         prog="llm-modules",
         description="Compose a frozen large causal LM with a small trainable one through Enhanced Cross-Attention.",
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
+    parser.add_argument("--version", action="version", version=f"llm-modules {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     gen = sub.add_parser("generate", help="stream a completion from a saved composed model")
@@ -100,16 +113,25 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def add_train_flags(parser: argparse.ArgumentParser) -> None:
-    """One flag per TrainConfig field; defaults stay None so only given flags override."""
-    from .train_config import TrainConfig
+    """One flag per TrainConfig field; defaults stay None so only given flags override.
+
+    The help names TrainConfig's default, which applies when neither the flag nor --config gives one.
+    """
+    from .train_config import CHOICES, HELP, TrainConfig
 
     for name, field in TrainConfig.fields().items():
         flag = "--" + name.replace("_", "-")
+        text = HELP.get(name, "")
+        if field.default is not dataclasses.MISSING:
+            text += f" (default: {field.default if field.default != '' else 'empty'})"
+        text = text.replace("%", "%%")
         if field.type in ("bool", bool):
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None)
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=text)
+        elif name in CHOICES:
+            parser.add_argument(flag, choices=CHOICES[name], default=None, help=text)
         else:
             kind = {"int": int, "float": float}.get(str(field.type), str)
-            parser.add_argument(flag, type=kind, default=None, metavar=name.upper())
+            parser.add_argument(flag, type=kind, default=None, metavar=name.upper(), help=text)
 
 
 def train_config_from_args(args: argparse.Namespace):

@@ -8,7 +8,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .config import ComposeConfig
+from .config import HEAD_KINDS, ComposeConfig
+from .data import LOSS_ON, OVERFLOW, TEMPLATES
 from .errors import LLMModulesError
 
 RUN_CONFIG_FILE = "run_config.json"
@@ -30,6 +31,56 @@ DEMO = dict(  # sized to finish within 15 minutes on a 2-core CPU (measured: see
     num_samples=3,
     max_new_tokens=200,
 )
+
+# Options with a fixed set of values: checked on construction, offered as choices by the CLI.
+CHOICES: dict[str, tuple[str, ...]] = {
+    "head": HEAD_KINDS, "template": TEMPLATES, "loss_on": LOSS_ON, "overflow": OVERFLOW,
+    "mixed_precision": ("auto", "no", "bf16", "fp16"), "state_cache_dtype": ("float32", "float16", "bfloat16"),
+}
+
+# One line per option for `llm-modules train --help` (the CLI appends the default).
+HELP: dict[str, str] = {
+    "large": "frozen large model spec: a built-in name, a folder, a .gguf file, config:NAME or a hub id",
+    "small": "small trainable model spec (same forms as --large)",
+    "data": "data spec: a .jsonl/.json file, reasoning-gym:TASK?size=N&seed=S, or a hub data set",
+    "output": "run folder: checkpoints/, best/, last/, metrics and summary are written here",
+    "causal": "cross-attention reads only past large-model states; --no-causal reproduces the paper's leak",
+    "head": "how the small model's output becomes logits over the large vocabulary",
+    "num_layers": "Enhanced Cross-Attention layers in the bridge",
+    "num_heads": "attention heads per bridge layer (must divide the small model's width)",
+    "adapter_dim": "bottleneck width of each bridge layer's adapter",
+    "dropout": "dropout in the bridge's cross-attention",
+    "template": "how a record becomes text: stratos (the paper's layout) or the tokenizer's chat template",
+    "loss_on": "which tokens carry the loss: the assistant's answer only, or every token",
+    "max_length": "longest example in large-model tokens",
+    "overflow": "what happens to an example over --max-length: dropped or truncated",
+    "val_fraction": "fraction of the examples held out for validation, fixed by --seed",
+    "subset": "fraction of the records used at all (the paper: 0.3)",
+    "epochs": "passes over the training examples (ignored when --max-steps > 0)",
+    "max_steps": "optimizer steps; > 0 overrides --epochs",
+    "batch_size": "examples per process per micro-step",
+    "grad_accum": "micro-steps accumulated into one optimizer step",
+    "lr_bridge": "AdamW learning rate of the bridge (the paper: 1e-4)",
+    "lr_small": "AdamW learning rate of the small model and head (the paper: 5e-5)",
+    "weight_decay": "AdamW weight decay",
+    "warmup_ratio": "fraction of the steps with a linear warm-up before the cosine decay",
+    "max_grad_norm": "gradient clipping norm; 0 turns clipping off",
+    "mixed_precision": "autocast precision; auto: bf16 on a GPU that has it, else fp16 on GPU, else no",
+    "gradient_checkpointing": "recompute the small model's activations in the backward pass to save memory",
+    "seed": "seed of initialisation, data split, subset and batch order",
+    "state_cache": "compute the frozen large model's states once and keep them on disk",
+    "state_cache_dtype": "storage precision of cached large-model states",
+    "state_cache_dir": "folder of the state cache (empty: <LLM_MODULES_CACHE>/states)",
+    "release_large": "with cached states, free the large weights training never reads (reloaded for samples)",
+    "eval_every": "steps between validations; 0: once per epoch",
+    "early_stopping_patience": "validations without improvement before stopping; 0: never stop early",
+    "save_every": "steps between checkpoints; 0: only at the end",
+    "keep_checkpoints": "newest checkpoints kept on disk",
+    "num_samples": "held-out examples answered at the end of training (in summary.json)",
+    "max_new_tokens": "longest answer generated for those samples",
+    "resume": "continue the run in --output from its newest checkpoint",
+    "progress": "show progress bars",
+}
 
 
 @dataclass
@@ -98,11 +149,10 @@ class TrainConfig:
         for name in ("lr_bridge", "lr_small"):
             if not getattr(self, name) > 0:
                 raise LLMModulesError(f"--{name.replace('_', '-')} must be > 0")
-        choices = {"mixed_precision": ("auto", "no", "bf16", "fp16"),
-                   "state_cache_dtype": ("float32", "float16", "bfloat16")}
-        for name, allowed in choices.items():
+        for name, allowed in CHOICES.items():
             if getattr(self, name) not in allowed:
-                raise LLMModulesError(f"--{name.replace('_', '-')} must be one of {', '.join(allowed)}")
+                raise LLMModulesError(f"--{name.replace('_', '-')} must be one of {', '.join(allowed)}, "
+                                      f"got {getattr(self, name)!r}")
         for name in ("large", "small", "data", "output"):
             if not isinstance(getattr(self, name), str) or not getattr(self, name):
                 raise LLMModulesError(f"--{name} is required")
