@@ -17,6 +17,7 @@ from .config import ComposeConfig
 from .errors import LLMModulesError
 
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {}
+MODEL_HELP = "a saved model folder, or a training run folder (train --output: its best/, else last/)"
 
 
 class Parser(argparse.ArgumentParser):
@@ -70,7 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     gen = sub.add_parser("generate", help="stream a completion from a saved composed model")
-    gen.add_argument("--model", required=True, help="folder written by save_pretrained / train")
+    gen.add_argument("--model", required=True, help=MODEL_HELP)
     gen.add_argument("--prompt", required=True)
     gen.add_argument("--template", choices=["auto", "stratos", "chat", "raw"], default="auto",
                      help="auto: the training run's template, else the tokenizer's chat template, else raw text")
@@ -86,7 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_train_flags(train)
 
     ev = sub.add_parser("eval", help="loss, perplexity and answer accuracy on held-out data (last line: JSON)")
-    ev.add_argument("--model", required=True, help="a trained composed model folder, or a plain model spec (baseline)")
+    ev.add_argument("--model", required=True, help=MODEL_HELP + ", or a plain model spec (baseline)")
     ev.add_argument("--data", help="data spec (default: the training run's data)")
     ev.add_argument("--split", choices=["val", "all"], default="val",
                     help="val: the fixed validation split of --data; all: every example (fresh held-out data)")
@@ -99,13 +100,13 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--output", help="also write the result (with samples) to this JSON file")
 
     chat = sub.add_parser("chat", help="interactive chat with a trained composed model, streamed")
-    chat.add_argument("--model", required=True)
+    chat.add_argument("--model", required=True, help=MODEL_HELP)
     chat.add_argument("--template", choices=["stratos", "chat"], help="default: the training run's template")
     chat.add_argument("--system", help="system prompt (default: the template's)")
     add_sampling_flags(chat)
 
     info = sub.add_parser("info", help="frozen and trainable parameter counts per part")
-    info.add_argument("--model", help="a saved composed model folder")
+    info.add_argument("--model", help=MODEL_HELP)
     info.add_argument("--large", help="large model spec (with --small, instead of --model)")
     info.add_argument("--small", help="small model spec")
     info.add_argument("--head", default=ComposeConfig.head, help="head kind when composing from specs")

@@ -60,7 +60,11 @@ class PlainScorer:
 
 def load_scorer(spec: str, device: str | None = None) -> ComposedScorer | PlainScorer:
     """A folder written by save_pretrained/train -> composed; anything else -> a plain model spec."""
-    if (Path(spec) / CONFIG_FILE).is_file():
+    from .run_folder import is_run_folder, resolve_model_folder
+
+    if (Path(spec) / CONFIG_FILE).is_file() or is_run_folder(Path(spec)) \
+            or (Path(spec).is_dir() and not (Path(spec) / "config.json").is_file()):
+        spec = str(resolve_model_folder(spec))  # errors name what a model folder holds
         from .model import LLMModulesModel
 
         model = LLMModulesModel.from_pretrained(spec, device=device)

@@ -386,8 +386,11 @@ class LLMModulesModel(nn.Module):
         large_dtype: torch.dtype | None = None,
         device: str | torch.device | None = None,
     ) -> "LLMModulesModel":
-        """Rebuild from a folder written by `save_pretrained`: specs from the JSON, weights from safetensors."""
-        directory = Path(directory)
+        """Rebuild from a folder written by `save_pretrained` (or a training run folder: its best/, else
+        last/): specs from the JSON, weights from safetensors."""
+        from .run_folder import resolve_model_folder
+
+        directory = resolve_model_folder(directory)
         config = ComposeConfig.load(directory)
         weights = directory / WEIGHTS_FILE
         if not weights.is_file():
