@@ -76,6 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--template", choices=["auto", "stratos", "chat", "raw"], default="auto",
                      help="auto: the training run's template, else the tokenizer's chat template, else raw text")
     add_sampling_flags(gen)
+    add_large_mismatch_flag(gen)
 
     train = sub.add_parser(
         "train", help="train a composed model (no options: the embedded demo)",
@@ -98,12 +99,14 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--batch-size", type=int, default=8)
     ev.add_argument("--no-generate", action="store_true", help="loss only, no generation")
     ev.add_argument("--output", help="also write the result (with samples) to this JSON file")
+    add_large_mismatch_flag(ev)
 
     chat = sub.add_parser("chat", help="interactive chat with a trained composed model, streamed")
     chat.add_argument("--model", required=True, help=MODEL_HELP)
     chat.add_argument("--template", choices=["stratos", "chat"], help="default: the training run's template")
     chat.add_argument("--system", help="system prompt (default: the template's)")
     add_sampling_flags(chat)
+    add_large_mismatch_flag(chat)
 
     info = sub.add_parser("info", help="frozen and trainable parameter counts per part")
     info.add_argument("--model", help=MODEL_HELP)
@@ -162,10 +165,15 @@ def format_prompt(model_dir: str, tokenizer: Any, prompt: str, template: str) ->
     return prompt_ids([{"role": "user", "content": prompt}], tokenizer, template)
 
 
-def load_composed(directory: str):
+def add_large_mismatch_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--allow-large-mismatch", action="store_true",
+                        help="load even when the large model's weights differ from those the model was trained on")
+
+
+def load_composed(directory: str, allow_large_mismatch: bool = False):
     from .model import LLMModulesModel
 
-    model = LLMModulesModel.from_pretrained(directory).eval()
+    model = LLMModulesModel.from_pretrained(directory, allow_large_mismatch=allow_large_mismatch).eval()
     if model.tokenizer is None:
         raise LLMModulesError(f"the large model of {directory} ({model.config.large}) has no tokenizer files")
     return model
@@ -175,7 +183,7 @@ def load_composed(directory: str):
 def run_generate(args: argparse.Namespace) -> int:
     from transformers import TextStreamer
 
-    model = load_composed(args.model)
+    model = load_composed(args.model, args.allow_large_mismatch)
     ids = torch.tensor([format_prompt(args.model, model.tokenizer, args.prompt, args.template)])
     streamer = TextStreamer(model.tokenizer, skip_prompt=True, skip_special_tokens=True)
     model.generate(ids, streamer=streamer, **sampling_options(args))
@@ -209,7 +217,7 @@ def run_eval(args: argparse.Namespace) -> int:
                **{k: v for k, v in given.items() if v is not None}}
     if "spec" not in options:
         raise LLMModulesError("eval needs --data SPEC (the model folder has no training run to take it from)")
-    scorer = load_scorer(args.model)
+    scorer = load_scorer(args.model, allow_large_mismatch=args.allow_large_mismatch)
     examples = held_out_examples(DataConfig(**options), scorer.tokenizer, scorer.max_positions, args.split)
     result = evaluate(scorer, examples, EvalOptions(
         split=args.split, limit=args.limit, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
@@ -233,7 +241,7 @@ def run_chat(args: argparse.Namespace) -> int:
     from .evaluate import run_defaults
     from .prompting import prompt_ids
 
-    model = load_composed(args.model)
+    model = load_composed(args.model, args.allow_large_mismatch)
     template = args.template or run_defaults(args.model).get("template") or "stratos"
     history: list[dict[str, str]] = []
     print(f"chatting with {args.model} (template {template}); empty line or Ctrl-D to quit", file=sys.stderr)

@@ -42,6 +42,8 @@ class ComposeConfig:
     dropout: float = 0.1
     large_layer: int = -1  # which hidden state of the large model feeds the bridge (-1: last, after the final norm)
     library_version: str = ""
+    # digests of the large weights this model was trained on (see large_identity); {} in older folders
+    large_identity: dict = dataclasses.field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.head not in HEAD_KINDS:

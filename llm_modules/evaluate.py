@@ -58,7 +58,7 @@ class PlainScorer:
                                    do_sample=False, pad_token_id=pad_id(self.tokenizer))
 
 
-def load_scorer(spec: str, device: str | None = None) -> ComposedScorer | PlainScorer:
+def load_scorer(spec: str, device: str | None = None, allow_large_mismatch: bool = False) -> ComposedScorer | PlainScorer:
     """A folder written by save_pretrained/train -> composed; anything else -> a plain model spec."""
     from .run_folder import is_run_folder, resolve_model_folder
 
@@ -67,7 +67,7 @@ def load_scorer(spec: str, device: str | None = None) -> ComposedScorer | PlainS
         spec = str(resolve_model_folder(spec))  # errors name what a model folder holds
         from .model import LLMModulesModel
 
-        model = LLMModulesModel.from_pretrained(spec, device=device)
+        model = LLMModulesModel.from_pretrained(spec, device=device, allow_large_mismatch=allow_large_mismatch)
         if model.tokenizer is None:
             raise LLMModulesError(f"{spec}: its large model has no tokenizer; evaluation needs one")
         return ComposedScorer(model)

@@ -160,10 +160,16 @@ class LLMModulesModel(nn.Module):
         return cls._build(config, dtype, large_dtype, device)
 
     @classmethod
-    def _build(cls, config: ComposeConfig, dtype: torch.dtype, large_dtype: torch.dtype | None, device: Any):
+    def _build(cls, config: ComposeConfig, dtype: torch.dtype, large_dtype: torch.dtype | None, device: Any,
+               saved_in: Path | None = None, allow_large_mismatch: bool = False):
+        from . import large_identity
         from .specs import resolve_model
 
         large = resolve_model(config.large, dtype=large_dtype or dtype, with_tokenizer=True)
+        if saved_in is None:  # composed now: pin this large model in the config that gets saved
+            config.large_identity = large_identity.record(large.model)
+        else:
+            large_identity.check(config.large_identity, large.model, config.large, str(saved_in), allow_large_mismatch)
         small = resolve_model(config.small, dtype=dtype, with_tokenizer=False)
         model = cls(config, large.model, small.model, tokenizer=large.tokenizer)
         return model.to(device) if device is not None else model
@@ -385,9 +391,14 @@ class LLMModulesModel(nn.Module):
         dtype: torch.dtype = torch.float32,
         large_dtype: torch.dtype | None = None,
         device: str | torch.device | None = None,
+        allow_large_mismatch: bool = False,
     ) -> "LLMModulesModel":
         """Rebuild from a folder written by `save_pretrained` (or a training run folder: its best/, else
-        last/): specs from the JSON, weights from safetensors."""
+        last/): specs from the JSON, weights from safetensors.
+
+        The large model must be the one the folder was saved with (same weights digest, see
+        `llm_modules.large_identity`); `allow_large_mismatch=True` loads another one with a warning.
+        """
         from .run_folder import resolve_model_folder
 
         directory = resolve_model_folder(directory)
@@ -397,7 +408,7 @@ class LLMModulesModel(nn.Module):
             raise LLMModulesError(f"{directory} has {CONFIG_FILE} but no {WEIGHTS_FILE}")
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # the leak warning was given when the model was composed
-            model = cls._build(config, dtype, large_dtype, None)
+            model = cls._build(config, dtype, large_dtype, None, directory, allow_large_mismatch)
         if not config.causal:
             warnings.warn(LEAK_WARNING, stacklevel=2)
         model.load_trained_state_dict(load_file(str(weights)))

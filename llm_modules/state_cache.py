@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 
 from . import __version__
 from .errors import LLMModulesError
+from .large_identity import weights_digest
 from .model import positions_from_mask
 
 logger = logging.getLogger(__name__)
@@ -40,24 +41,11 @@ def _check_dtype(dtype: str) -> torch.dtype:
     return DTYPES[dtype]
 
 
-def _sample_bytes(t: torch.Tensor, n: int = 4096) -> bytes:
-    """Raw bytes of about n evenly strided elements of t (every element when smaller)."""
-    flat = t.detach().reshape(-1)
-    step = max(1, flat.numel() // n)
-    return flat[::step].contiguous().cpu().view(torch.uint8).numpy().tobytes()
-
-
 def large_weights_digest(large: torch.nn.Module) -> str:
-    """sha256 over every parameter's name, shape, dtype and a strided sample of its values,
-    the first and last parameters in full, the parameter count, and the model config."""
-    h = hashlib.sha256()
-    params = list(large.named_parameters())
-    for name, p in params:
-        h.update(f"{name}|{tuple(p.shape)}|{p.dtype}|".encode())
-        h.update(_sample_bytes(p))
-    for _, p in (params[0], params[-1]) if params else ():
-        h.update(p.detach().contiguous().cpu().reshape(-1).view(torch.uint8).numpy().tobytes())
-    h.update(str(sum(p.numel() for _, p in params)).encode())
+    """sha256 of the weights' digest (names, shapes, dtypes, strided samples: no tensor copied whole),
+    the parameter count, and the model config."""
+    h = hashlib.sha256(weights_digest(large).encode())
+    h.update(str(sum(p.numel() for p in large.parameters())).encode())
     config = getattr(large, "config", None)
     if config is not None:  # rope, norm eps...: not in the weights but change the states
         items = {k: v for k, v in config.to_dict().items() if not k.startswith("_") and k != "transformers_version"}
