@@ -108,6 +108,17 @@ def build_parser() -> argparse.ArgumentParser:
     add_sampling_flags(chat)
     add_large_mismatch_flag(chat)
 
+    cache = sub.add_parser("cache", help="list or prune the large-model state cache")
+    cache_sub = cache.add_subparsers(dest="cache_command", metavar="ACTION", required=True)
+    for name, text in (("ls", "list cached states, least recently used first"),
+                       ("prune", "remove dead builds, then the least recently used caches beyond the size cap")):
+        action = cache_sub.add_parser(name, help=text)
+        action.add_argument("--dir", help="state cache folder (default: <LLM_MODULES_CACHE>/states; training's "
+                                          "--state-cache-dir)")
+        if name == "prune":
+            action.add_argument("--max-gb", type=float, help="size cap in GiB (default: $LLM_MODULES_CACHE_MAX_GB, "
+                                                            "else 50); 0 removes every cache")
+
     info = sub.add_parser("info", help="frozen and trainable parameter counts per part")
     info.add_argument("--model", help=MODEL_HELP)
     info.add_argument("--large", help="large model spec (with --small, instead of --model)")
@@ -258,6 +269,21 @@ def run_chat(args: argparse.Namespace) -> int:
         out = model.generate(ids, streamer=streamer, **sampling_options(args))
         history.append({"role": "assistant",
                         "content": model.tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip()})
+    return 0
+
+
+@command("cache")
+def run_cache(args: argparse.Namespace) -> int:
+    from .cache_admin import default_root, enforce_size_cap, format_listing, list_caches
+
+    root = args.dir or default_root()
+    if args.cache_command == "ls":
+        print("\n".join(format_listing(list_caches(root))))
+        return 0
+    if args.max_gb is not None and args.max_gb < 0:
+        raise LLMModulesError(f"--max-gb must be >= 0, got {args.max_gb}")
+    removed = enforce_size_cap(root, None if args.max_gb is None else int(args.max_gb * 2**30))
+    print(f"removed {len(removed)} caches from {root}")
     return 0
 
 

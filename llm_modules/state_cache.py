@@ -53,18 +53,30 @@ def large_weights_digest(large: torch.nn.Module) -> str:
     return h.hexdigest()
 
 
-def state_cache_key(model: Any, data_fingerprint: str, dtype: str = "float32") -> str:
-    """Hex digest naming the cache folder of `model`'s large states on one prepared data set.
+def model_state_key(model: Any, dtype: str = "float32") -> str:
+    """Hex digest of everything but the data that decides the stored states: the large spec, its
+    weights' identity, `config.large_layer`, the storage dtype, the attention implementation and
+    the torch, transformers and llm-modules versions (an upgrade may change the numbers)."""
+    import transformers
 
-    Covers the large spec, the large weights' identity, `config.large_layer`, the data fingerprint
-    (data, template, max length, tokenizer) and the storage dtype. Train and validation examples
-    come from one data fingerprint: add the split to it, e.g. ``fingerprint + ":train"``.
-    """
     _check_dtype(dtype)
     payload = {
         "format": _FORMAT, "large": model.config.large, "weights": large_weights_digest(model.large),
-        "large_layer": model.config.large_layer, "data": data_fingerprint, "dtype": dtype,
+        "large_layer": model.config.large_layer, "dtype": dtype,
+        "attention": getattr(model.large.config, "_attn_implementation", None),
+        "torch": torch.__version__, "transformers": transformers.__version__, "llm_modules": __version__,
     }
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
+
+
+def state_cache_key(model: Any, data_fingerprint: str, dtype: str = "float32") -> str:
+    """Hex digest naming the cache folder of `model`'s large states on one list of examples.
+
+    Covers `model_state_key` and `data_fingerprint`. Pass `examples_digest(examples)`: the states
+    depend on the token ids only, so the key then ignores how the examples were chosen (seed,
+    validation fraction, subset) and one folder serves every run over the same examples.
+    """
+    payload = {"model": model_state_key(model, dtype), "data": data_fingerprint}
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
 
@@ -75,6 +87,24 @@ def examples_digest(examples: Sequence[Any]) -> str:
         ids = torch.as_tensor(e.input_ids, dtype=torch.int64)
         h.update(len(ids).to_bytes(8, "little") + ids.numpy().tobytes())
     return h.hexdigest()
+
+
+def example_hash(example: Any) -> str:
+    """sha256 of one example's input ids: the states depend on nothing else (given the model key)."""
+    return hashlib.sha256(torch.as_tensor(example.input_ids, dtype=torch.int64).numpy().tobytes()).hexdigest()
+
+
+def _donors(root: Path, model_key: str, dtype: str) -> dict[str, tuple["StateCache", int]]:
+    """{example hash: (cache, index)} over the complete folders under `root` built with `model_key`."""
+    found: dict[str, tuple[StateCache, int]] = {}
+    for folder in sorted(root.iterdir()):
+        index = StateCache._read_index(folder, folder.name, dtype) if folder.is_dir() else None
+        if index is None or index.get("model_key") != model_key or "hashes" not in index:
+            continue
+        cache = StateCache(folder, index, built=False)
+        for i, h in enumerate(index["hashes"]):
+            found.setdefault(h, (cache, i))
+    return found
 
 
 def _stale_tmp(path: Path) -> bool:
@@ -115,6 +145,7 @@ class StateCache:
 
     def __init__(self, path: Path, index: dict[str, Any], built: bool):
         self.path, self.index, self.built = path, index, built
+        self.computed = index.get("computed", 0) if built else 0  # examples run through the large model
         self.lengths: list[int] = index["lengths"]
         self.d_large: int = index["d_large"]
         self.dtype: torch.dtype = DTYPES[index["dtype"]]
@@ -144,11 +175,15 @@ class StateCache:
     # ------------------------------------------------------------------ open / build
     @classmethod
     def open_or_build(cls, root: str | Path, key: str, model: Any, examples: Sequence[Any], dtype: str = "float32",
-                      batch_size: int = 8, progress: bool = True, shard_bytes: int = SHARD_BYTES) -> "StateCache":
+                      batch_size: int = 8, progress: bool = True, shard_bytes: int = SHARD_BYTES,
+                      model_key: str | None = None) -> "StateCache":
         """Open the complete cache `root/<key>/` for `examples`, or compute and store it first.
 
         A folder without a valid `index.json` (a killed build) is wiped and rebuilt. A complete
-        folder built for other examples raises: give each example list its own key.
+        folder built for other examples raises: give each example list its own key. With
+        `model_key` (see `model_state_key`), a build copies the states of examples that other
+        folders of the same model key already hold (another split of the same data) and runs the
+        large model on the others only. Opening a folder marks it used (the mtime of its index).
         """
         _check_dtype(dtype)
         if not examples:
@@ -164,6 +199,7 @@ class StateCache:
                     "given): the key must cover the example list, e.g. add the split name to the data fingerprint"
                 )
             cache = cls(final, index, built=False)
+            os.utime(final / INDEX_FILE)  # last used: the size cap evicts the least recently used first
             logger.info("reusing cached large-model states %s (%d examples, %.1f MB)",
                         final, len(cache), cache.size_bytes / 1e6)
             return cache
@@ -175,20 +211,22 @@ class StateCache:
                 shutil.rmtree(leftover, ignore_errors=True)
         tmp = root / f"{key}.tmp-{os.getpid()}"
         try:
-            index = cls._build(tmp, key, model, examples, dtype, batch_size, progress, shard_bytes)
-            index["examples"] = digest
+            donors = _donors(root, model_key, dtype) if model_key else {}
+            index = cls._build(tmp, key, model, examples, dtype, batch_size, progress, shard_bytes, donors)
+            index.update(examples=digest, model_key=model_key)
             _write_json_atomic(tmp / INDEX_FILE, index)  # last: only now is the folder complete
             if cls._read_index(final, key, dtype) is not None:  # another process finished first
                 shutil.rmtree(tmp)
-                return cls.open_or_build(root, key, model, examples, dtype, batch_size, progress, shard_bytes)
+                return cls.open_or_build(root, key, model, examples, dtype, batch_size, progress, shard_bytes,
+                                         model_key)
             shutil.rmtree(final, ignore_errors=True)
             os.replace(tmp, final)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
         cache = cls(final, index, built=True)
-        logger.info("cached large-model states of %d examples in %s (%.1f MB, %s)",
-                    len(cache), final, cache.size_bytes / 1e6, dtype)
+        logger.info("cached large-model states of %d examples in %s (%.1f MB, %s; %d computed, %d reused)",
+                    len(cache), final, cache.size_bytes / 1e6, dtype, cache.computed, len(cache) - cache.computed)
         return cache
 
     @staticmethod
@@ -206,14 +244,16 @@ class StateCache:
 
     @staticmethod
     def _build(folder: Path, key: str, model: Any, examples: Sequence[Any], dtype: str, batch_size: int,
-               progress: bool, shard_bytes: int) -> dict[str, Any]:
-        """Run the large model over `examples` (sorted by length, right-padded) into shards in `folder`."""
+               progress: bool, shard_bytes: int, donors: dict[str, tuple["StateCache", int]]) -> dict[str, Any]:
+        """Copy the states `donors` hold and run the large model over the other `examples` (sorted by
+        length, right-padded), into shards in `folder`."""
         folder.mkdir(parents=True)
-        device = next(model.large.parameters()).device
         lengths = [len(e.input_ids) for e in examples]
         if min(lengths) < 1:
             raise LLMModulesError("state cache: an example has no tokens")
-        order = sorted(range(len(examples)), key=lambda i: lengths[i])
+        hashes = [example_hash(e) for e in examples]
+        reused = [i for i in range(len(examples)) if hashes[i] in donors]
+        order = sorted((i for i in range(len(examples)) if hashes[i] not in donors), key=lambda i: lengths[i])
         shards: list[str] = []
         shard_of = [-1] * len(examples)
         pending: dict[str, torch.Tensor] = {}
@@ -226,8 +266,20 @@ class StateCache:
             shards.append(name)
             pending, pending_bytes = {}, 0
 
-        bar = tqdm(total=len(examples), desc="large-model states", unit="ex",
-                   disable=None if progress else True)  # None: off when not a TTY
+        def add(i: int, states: torch.Tensor) -> None:  # states (T_i, dL) in the stored dtype
+            nonlocal pending_bytes, d_large
+            pending[str(i)], d_large = states, states.shape[-1]
+            pending_bytes += states.nbytes
+            shard_of[i] = len(shards)
+
+        for i in reused:
+            cache, j = donors[hashes[i]]
+            add(i, cache[j])
+            if pending_bytes >= shard_bytes:
+                flush()
+        bar = tqdm(total=len(order), desc="large-model states", unit="ex",
+                   disable=None if progress or not order else True)  # None: off when not a TTY
+        device = next(model.large.parameters()).device if order else None
         with torch.no_grad():
             for start in range(0, len(order), batch_size):
                 rows = order[start: start + batch_size]
@@ -239,11 +291,8 @@ class StateCache:
                     mask[r, : lengths[i]] = 1
                 ids, mask = ids.to(device), mask.to(device)
                 states, _ = model.encode_large(ids, mask, positions_from_mask(mask))  # (B, width, dL)
-                d_large = states.shape[-1]
                 for r, i in enumerate(rows):
-                    pending[str(i)] = states[r, : lengths[i]].to("cpu", DTYPES[dtype]).clone()  # (T_i, dL)
-                    pending_bytes += pending[str(i)].nbytes
-                    shard_of[i] = len(shards)
+                    add(i, states[r, : lengths[i]].to("cpu", DTYPES[dtype]).clone())  # (T_i, dL)
                 if pending_bytes >= shard_bytes:
                     flush()
                 bar.update(len(rows))
@@ -251,7 +300,8 @@ class StateCache:
         if pending:
             flush()
         return {"format": _FORMAT, "key": key, "n": len(examples), "lengths": lengths, "d_large": d_large,
-                "dtype": dtype, "shards": shards, "shard_of": shard_of, "library_version": __version__}
+                "dtype": dtype, "shards": shards, "shard_of": shard_of, "library_version": __version__,
+                "hashes": hashes, "computed": len(order)}
 
 
 def _write_json_atomic(path: Path, data: dict[str, Any]) -> None:

@@ -27,7 +27,7 @@ from safetensors.torch import load_file
 from . import checkpoint as ckpt
 from .config import WEIGHTS_FILE
 from .data import (
-    DataConfig, PreparedData, TokenizedExample, collate, fingerprint, length_grouped_batches, pad_id, prepare_data,
+    DataConfig, PreparedData, TokenizedExample, collate, length_grouped_batches, pad_id, prepare_data,
 )
 from .errors import LLMModulesError
 from .model import LLMModulesModel
@@ -91,23 +91,27 @@ def build_state_caches(config: TrainConfig, model: LLMModulesModel, data: Prepar
     """Large-model states of train and validation examples, computed once (main process first)."""
     if not config.state_cache:
         return None, None
+    from .cache_admin import enforce_size_cap
     from .specs import cache_dir
-    from .state_cache import StateCache, state_cache_key
+    from .state_cache import StateCache, examples_digest, model_state_key, state_cache_key
 
     root = Path(config.state_cache_dir) if config.state_cache_dir else cache_dir() / "states"
-    base = fingerprint(_data_config(config), model.tokenizer)
+    model_key = model_state_key(model, config.state_cache_dtype)
     caches = []
     with accelerator.main_process_first():
-        for split, examples in (("train", data.train), ("val", data.val)):
-            key = state_cache_key(model, f"{base}:{split}", config.state_cache_dtype)
+        for examples in (data.train, data.val):  # keyed by token ids: another split reuses their states
+            key = state_cache_key(model, examples_digest(examples), config.state_cache_dtype)
             caches.append(StateCache.open_or_build(
                 root, key, model, examples, dtype=config.state_cache_dtype,
-                progress=config.progress and accelerator.is_main_process,
+                progress=config.progress and accelerator.is_main_process, model_key=model_key,
             ) if examples else None)
     if accelerator.is_main_process:
         size = sum(c.size_bytes for c in caches if c is not None)
         reused = all(c is None or not c.built for c in caches)
-        print(f"large-model state cache: {size / 2**20:.1f} MiB ({'reused' if reused else 'built'}) in {root}")
+        computed = sum(c.computed for c in caches if c is not None)
+        print(f"large-model state cache: {size / 2**20:.1f} MiB ({'reused' if reused else 'built'}, {computed} of "
+              f"{len(data.train) + len(data.val)} examples through the large model) in {root}")
+        enforce_size_cap(root, keep={c.path.name for c in caches if c is not None})
     return caches[0], caches[1]
 
 

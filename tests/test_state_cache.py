@@ -151,3 +151,52 @@ def test_failed_build_leaves_nothing(tmp_path, model, monkeypatch):
     monkeypatch.undo()
     assert build(tmp_path, model, examples).built
     assert os.path.isfile(tmp_path / state_cache_key(model, "data-a", "float32") / INDEX_FILE)
+
+
+def test_key_covers_library_versions_and_attention_implementation(model, monkeypatch):
+    import transformers
+
+    import llm_modules.state_cache as sc
+
+    key = state_cache_key(model, "data-a", "float32")
+    for module, attribute, value in ((torch, "__version__", "0.0.1"), (transformers, "__version__", "0.0.1"),
+                                     (sc, "__version__", "0.0.1")):
+        with monkeypatch.context() as m:
+            m.setattr(module, attribute, value)
+            assert state_cache_key(model, "data-a", "float32") != key, (module, attribute)
+    assert state_cache_key(model, "data-a", "float32") == key
+    other = "eager" if model.large.config._attn_implementation != "eager" else "sdpa"
+    monkeypatch.setattr(model.large.config, "_attn_implementation", other)
+    assert state_cache_key(model, "data-a", "float32") != key
+
+
+def test_a_new_split_of_the_same_examples_reuses_their_states(tmp_path, model, monkeypatch):
+    from llm_modules.state_cache import examples_digest, model_state_key
+
+    examples = make_examples(model)
+    dtype = "float16"  # reused states are copied as stored, not recomputed and rounded again
+    mkey = model_state_key(model, dtype)
+
+    def cache_of(rows):
+        chosen = [examples[i] for i in rows]
+        return StateCache.open_or_build(tmp_path, state_cache_key(model, examples_digest(chosen), dtype), model,
+                                        chosen, dtype=dtype, progress=False, model_key=mkey)
+
+    train, val = cache_of([0, 1, 2, 3, 4, 5, 6, 7]), cache_of([8, 9, 10])  # one seed's split
+    assert train.computed == 8 and val.computed == 3
+    encoded = []
+    real = model.encode_large
+
+    def counting(ids, *args, **kwargs):
+        encoded.append(ids.shape[0])
+        return real(ids, *args, **kwargs)
+
+    monkeypatch.setattr(model, "encode_large", counting)
+    new_train = cache_of([10, 2, 9, 4, 0, 7, 5])  # another seed and val fraction over the same data
+    assert new_train.built and new_train.computed == 0 and sum(encoded) == 0
+    assert torch.equal(new_train[0], val[2]) and torch.equal(new_train[1], train[2])
+    with_new = make_examples(model, lengths=[6, 8], seed=9)
+    examples.extend(with_new)
+    mixed = cache_of([11, 3, 12])
+    assert mixed.computed == 2 and sum(encoded) == 2  # only the two examples never seen run the large model
+    assert torch.equal(mixed[1], train[3])

@@ -60,6 +60,15 @@ def test_train_cli_writes_best_last_checkpoints_metrics(train_args, tmp_path, ca
     assert "state cache" in capsys.readouterr().out
 
 
+def test_another_split_of_the_same_data_reuses_the_cached_states(train_args, tmp_path, capsys):
+    assert main(train_args("first", "--max-steps", "1")) == 0
+    assert "(built, 24 of 24 examples through the large model)" in capsys.readouterr().out
+    assert main(train_args("second", "--max-steps", "1", "--seed", "3", "--val-fraction", "0.25")) == 0
+    assert "(built, 0 of 24 examples through the large model)" in capsys.readouterr().out
+    assert main(train_args("third", "--max-steps", "1", "--seed", "3", "--val-fraction", "0.25")) == 0
+    assert "(reused, 0 of 24 examples" in capsys.readouterr().out
+
+
 def test_end_of_training_samples_come_from_best_weights(train_args, tmp_path, monkeypatch):
     import llm_modules.train as train_module
 
@@ -172,7 +181,7 @@ def test_two_processes_match_one_at_the_same_global_batch(train_args, tmp_path):
                              "--state-cache-dir", str(tmp_path / "states-two")), launcher)
     two_output = two.communicate(timeout=300)[0]
     assert two.returncode == 0, two_output
-    assert "(built)" in two_output and not list((tmp_path / "states-two").glob("*.tmp-*"))
+    assert "(built," in two_output and not list((tmp_path / "states-two").glob("*.tmp-*"))
     torch.testing.assert_close(torch.tensor(losses(tmp_path / "one")), torch.tensor(losses(tmp_path / "two")),
                                rtol=1e-5, atol=1e-5)
     same_weights(tmp_path / "one" / "last", tmp_path / "two" / "last", atol=1e-5)
