@@ -118,7 +118,8 @@ class LLMModulesModel(nn.Module):
         # embeddings (unused: it reads the bridge through inputs_embeds) become a frozen 1-row stub.
         self.small = small.base_model
         small_dim = self.small.get_input_embeddings().weight.shape[1]
-        stub = nn.Embedding(1, small_dim)
+        # in the small model's dtype: `self.small.dtype` (read below) is its first parameter's, the stub's
+        stub = nn.Embedding(1, small_dim, dtype=self.small.get_input_embeddings().weight.dtype)
         stub.weight.requires_grad_(False)
         self.small.set_input_embeddings(stub)
         self._small_decoder = _Decoder(self.small)

@@ -229,3 +229,10 @@ def test_loss_only_head_gives_the_same_loss_and_gradients(tiny_models, head, chu
     with torch.no_grad():
         mean = model(input_ids=ids, labels=labels, return_logits=False).loss
         torch.testing.assert_close(mean, model(input_ids=ids, labels=labels).loss)
+
+
+def test_bridge_and_head_take_the_small_models_dtype(tiny_models):
+    model = compose(tiny_models, "qwen2", "gpt_neo", head="new", dtype=torch.float64)
+    assert {p.dtype for p in model.parameters()} == {torch.float64}
+    ids = random_ids(model, 1, 5)
+    assert model(input_ids=ids).logits.dtype == torch.float64
