@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import signal
 import subprocess
 import sys
@@ -187,19 +188,32 @@ def test_two_processes_match_one_at_the_same_global_batch(train_args, tmp_path):
     same_weights(tmp_path / "one" / "last", tmp_path / "two" / "last", atol=1e-5)
 
 
-def test_sigkill_at_any_moment_then_resume_gives_the_same_weights(train_args, tmp_path):
-    args = ["--max-steps", "8", "--save-every", "1"]
+def test_sigkill_after_a_checkpoint_then_resume_gives_the_same_weights(train_args, tmp_path):
+    from llm_modules.checkpoint import complete_checkpoints
+
+    steps = 10
+    args = ["--max-steps", str(steps), "--save-every", "1"]
     straight = run_cli(train_args("straight", *args))
     assert straight.wait(timeout=300) == 0, straight.stdout.read()
-    for delay in (0.5, 3.0):  # early (model loading or first checkpoints) and mid-run
-        out = f"killed{delay}"
-        victim = run_cli(train_args(out, *args))
-        time.sleep(delay)
-        victim.send_signal(signal.SIGKILL)
-        victim.wait()
-        resumed = run_cli(train_args(out, *args, "--resume"))
-        assert resumed.wait(timeout=300) == 0, resumed.stdout.read()
-        same_weights(tmp_path / "straight" / "last", tmp_path / out / "last")
+    kill_at = random.Random().randint(int(0.3 * steps), int(0.8 * steps))  # 3..8
+    victim = run_cli(train_args("killed", *args))
+    checkpoints = tmp_path / "killed" / "checkpoints"
+    deadline = time.monotonic() + 300
+    while not any(int(p.name[5:]) >= kill_at for p in complete_checkpoints(checkpoints)):
+        assert victim.poll() is None, f"the run ended before checkpoint {kill_at}: {victim.stdout.read()}"
+        assert time.monotonic() < deadline
+        time.sleep(0.005)
+    victim.send_signal(signal.SIGKILL)
+    victim.wait()
+    newest = complete_checkpoints(checkpoints)[-1]
+    resumed_from = int(newest.name[5:])
+    assert kill_at <= resumed_from < steps, (kill_at, resumed_from)  # killed mid-run, after a checkpoint
+    resumed = run_cli(train_args("killed", *args, "--resume"))
+    output = resumed.communicate(timeout=300)[0]
+    assert resumed.returncode == 0, output
+    assert f"resumed from {newest} at step {resumed_from}" in output, (kill_at, output)
+    same_weights(tmp_path / "straight" / "last", tmp_path / "killed" / "last")
+    assert losses(tmp_path / "straight") == losses(tmp_path / "killed")
 
 
 def test_eval_generate_and_chat_on_a_trained_model(train_args, tmp_path, capsys, monkeypatch):
