@@ -217,28 +217,82 @@ def test_sigkill_after_a_checkpoint_then_resume_gives_the_same_weights(train_arg
 
 
 def test_eval_generate_and_chat_on_a_trained_model(train_args, tmp_path, capsys, monkeypatch):
+    from transformers import AutoModelForCausalLM
+
+    from llm_modules import LLMModulesModel
+    from llm_modules.cli import format_prompt
+    from llm_modules.data import DataConfig, prepare_data
+    from llm_modules.model import next_token_loss
+    from llm_modules.prompting import prompt_ids
+
     # The `new` head: with the default `residual` one, the tiny random large model's own predictions
     # still dominate after 6 steps, and `generate` printed nothing.
     assert main(train_args("run", "--head", "new")) == 0
     capsys.readouterr()
     model = str(tmp_path / "run" / "best")
-    assert main(["eval", "--model", model, "--max-new-tokens", "6"]) == 0
+    composed = LLMModulesModel.from_pretrained(model).eval()
+    tok = composed.tokenizer
+    run_config = json.loads((tmp_path / "run" / "run_config.json").read_text())
+
+    assert main(["eval", "--model", model, "--max-new-tokens", "6", "--output", str(tmp_path / "eval.json")]) == 0
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert result["split"] == "val" and result["examples"] >= 1 and result["loss"] > 0
-    assert 0.0 <= result["accuracy"] <= 1.0 and result["checked"] == result["examples"]
+    # Reference: the validation examples one at a time, full logits, plain cross-entropy.
+    data = DataConfig(**{k: run_config[k] for k in ("template", "loss_on", "max_length", "overflow", "val_fraction",
+                                                     "seed", "subset")}, spec=run_config["data"])
+    val = prepare_data(data, tok, composed.small_max_positions).val
+    with torch.no_grad():
+        sums = [next_token_loss(composed(input_ids=torch.tensor([e.input_ids])).logits,
+                                torch.tensor([e.labels]), "sum").item() for e in val]
+    tokens = sum(sum(label != -100 for label in e.labels[1:]) for e in val)
+    assert result["split"] == "val" and result["examples"] == len(val) and result["answer_tokens"] == tokens
+    assert result["loss"] == pytest.approx(sum(sums) / tokens, abs=2e-5)
+    samples = json.loads((tmp_path / "eval.json").read_text())["samples"]
+    assert result["checked"] == len(val) == len(samples)
+    assert result["correct"] == sum(bool(s["correct"]) for s in samples)
+    assert result["accuracy"] == round(result["correct"] / len(val), 4)
+
     # The same harness scores a plain model spec (a baseline).
-    large = json.loads((tmp_path / "run" / "run_config.json").read_text())["large"]
-    assert main(["eval", "--model", large, "--data", json.loads((tmp_path / "run" / "run_config.json")
-                 .read_text())["data"], "--template", "stratos", "--max-new-tokens", "4", "--limit", "2"]) == 0
+    assert main(["eval", "--model", run_config["large"], "--data", run_config["data"], "--template", "stratos",
+                 "--max-new-tokens", "4", "--limit", "2", "--no-generate"]) == 0
     plain = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert plain["examples"] == 2 and plain["loss"] > 0
-    assert main(["generate", "--model", model, "--prompt", "What is 2 plus 2?", "--max-new-tokens", "5"]) == 0
-    assert capsys.readouterr().out.strip()
-    answers = iter(["What is 1 plus 1?", "And 2 plus 2?", ""])
+    large = AutoModelForCausalLM.from_pretrained(run_config["large"]).eval()
+    examples = prepare_data(DataConfig(spec=run_config["data"], template="stratos"), tok).val[:2]
+    with torch.no_grad():
+        sums = [next_token_loss(large(input_ids=torch.tensor([e.input_ids])).logits, torch.tensor([e.labels]),
+                                "sum").item() for e in examples]
+    tokens = sum(sum(label != -100 for label in e.labels[1:]) for e in examples)
+    assert plain["examples"] == 2 and plain["answer_tokens"] == tokens
+    assert plain["loss"] == pytest.approx(sum(sums) / tokens, abs=2e-5)
+
+    # generate prints exactly what generate() returns.
+    prompt = "What is 2 plus 2?"
+    assert main(["generate", "--model", model, "--prompt", prompt, "--max-new-tokens", "5"]) == 0
+    ids = torch.tensor([format_prompt(model, tok, prompt, "auto")])
+    expected = tok.decode(composed.generate(ids, max_new_tokens=5)[0, ids.shape[1]:], skip_special_tokens=True)
+    assert expected.strip() and capsys.readouterr().out == expected + "\n"
+
+    # chat: each turn's streamed answer is generate()'s on the conversation so far.
+    turns = ["What is 1 plus 1?", "And 2 plus 2?"]
+    answers = iter([*turns, ""])
     monkeypatch.setattr("builtins.input", lambda prompt="": next(answers))
     assert main(["chat", "--model", model, "--max-new-tokens", "4"]) == 0
+    history, expected = [], ""
+    for turn in turns:
+        history.append({"role": "user", "content": turn})
+        ids = torch.tensor([prompt_ids(history, tok, "stratos")])
+        answer = tok.decode(composed.generate(ids, max_new_tokens=4)[0, ids.shape[1]:], skip_special_tokens=True)
+        expected += answer + "\n"
+        history.append({"role": "assistant", "content": answer.strip()})
+    assert capsys.readouterr().out == expected
+
+    # info: the exact counts, the large model's counted on the plain transformers model.
     assert main(["info", "--model", model]) == 0
-    assert "trainable" in capsys.readouterr().out
+    rows = {line.split()[0]: line.split()[1:] for line in capsys.readouterr().out.splitlines()[4:]}
+    trainable = sum(p.numel() for p in composed.parameters() if p.requires_grad)
+    frozen = sum(p.numel() for p in composed.parameters() if not p.requires_grad)
+    assert rows["total"] == [f"{trainable:,}", f"{frozen:,}"]
+    assert rows["large"] == ["0", f"{sum(p.numel() for p in large.parameters()):,}"]
+    assert rows["bridge"] == [f"{sum(p.numel() for p in composed.bridge.parameters()):,}", "0"]
 
 
 def test_prompt_ids_match_training_render(tiny_pair_with_tokenizer):
