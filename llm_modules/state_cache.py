@@ -33,6 +33,19 @@ DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.
 INDEX_FILE = "index.json"
 SHARD_BYTES = 256 << 20  # a shard is closed once it holds this many bytes of states
 _FORMAT = 1  # bump when the on-disk layout changes
+# Heads that compute the large model's own logits from the states: from a half-precision cache they
+# train on rounded states, while generation gives them float32 ones (measured by
+# benchmarks/half_state_cache.py, reports/half_state_cache/results.md).
+HEADS_READING_STATES = ("residual", "projected")
+HALF_STATES_WARNING = (
+    "state cache in %s: the %s head's base logits come from rounded large states in training but from "
+    "float32 states in generation (demo pair: %s; reports/half_state_cache/results.md); "
+    "--state-cache-dtype float32 trains on exactly what generation sees"
+)
+HALF_STATES_MEASURED = {
+    "float16": "logits move by up to 0.006, the loss by +0.000003 per answer token, no arg-max changes",
+    "bfloat16": "logits move by up to 0.048, the loss by +0.0001 per answer token, 1 arg-max in 1652 changes",
+}
 
 
 def _check_dtype(dtype: str) -> torch.dtype:
@@ -188,6 +201,9 @@ class StateCache:
         _check_dtype(dtype)
         if not examples:
             raise LLMModulesError("state cache: no examples to cache")
+        head = getattr(model.config, "head", None)
+        if dtype != "float32" and head in HEADS_READING_STATES:
+            logger.warning(HALF_STATES_WARNING, dtype, head, HALF_STATES_MEASURED[dtype])
         root, final = Path(root), Path(root) / key
         root.mkdir(parents=True, exist_ok=True)
         digest = examples_digest(examples)

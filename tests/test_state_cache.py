@@ -200,3 +200,24 @@ def test_a_new_split_of_the_same_examples_reuses_their_states(tmp_path, model, m
     mixed = cache_of([11, 3, 12])
     assert mixed.computed == 2 and sum(encoded) == 2  # only the two examples never seen run the large model
     assert torch.equal(mixed[1], train[3])
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_half_precision_cache_says_the_head_trains_on_rounded_states(tmp_path, model, tiny_models, caplog, dtype):
+    examples = make_examples(model)
+    with caplog.at_level("WARNING", logger="llm_modules"):
+        half = build(tmp_path, model, examples, dtype=dtype)
+    said = [r.getMessage() for r in caplog.records if "rounded" in r.getMessage()]
+    assert len(said) == 1 and dtype in said[0] and "residual" in said[0] and "float32" in said[0]
+    # The measured difference it speaks of: the residual head's base logits from rounded states
+    # against the float32 states generation uses (tiny model: nonzero, well under 0.1).
+    full = build(tmp_path, model, examples, dtype="float32")
+    head = model.large.get_output_embeddings()
+    with torch.no_grad():
+        gap = max((head(half[i].float()) - head(full[i])).abs().max().item() for i in range(len(examples)))
+    assert 0 < gap < 0.1
+    caplog.clear()
+    new_head = LLMModulesModel.compose(large=tiny_models["qwen2"], small=tiny_models["llama"], head="new")
+    with caplog.at_level("WARNING", logger="llm_modules"):
+        build(tmp_path / "new", new_head, examples, dtype=dtype)  # the `new` head never reads the states
+    assert not [r for r in caplog.records if "rounded" in r.getMessage()]
