@@ -59,7 +59,7 @@ def main() -> None:
                 row["loss32"] += F.cross_entropy(exact, labels[keep], reduction="sum").item()
                 row["flips"] += int((rounded.argmax(-1) != exact.argmax(-1)).sum())
     lines = [
-        f"# Half-precision state cache: the residual head's base logits, rounded vs float32 states",
+        "# Half-precision state cache: the residual head's base logits, rounded vs float32 states",
         "",
         f"`python benchmarks/half_state_cache.py --large {args.large} --data '{args.data}' --examples "
         f"{args.examples}` ({platform.machine()}, torch {torch.__version__}, {time.perf_counter() - started:.0f} s). "
