@@ -10,6 +10,7 @@ from typing import Any
 
 from .config import ComposeConfig
 from .errors import LLMModulesError
+from .objectives import METHODS
 
 RUN_CONFIG_FILE = "run_config.json"
 # Options that may differ between an interrupted run and its resumption.
@@ -34,12 +35,21 @@ DEMO = dict(  # sized to finish within 15 minutes on a 2-core CPU (measured: see
 
 @dataclass
 class TrainConfig:
-    """A training run: models, data, optimisation, checkpoints. Defaults are the paper's where it has one."""
+    """A training run: models, data, optimisation, checkpoints. Defaults are the paper's where it has one.
 
-    large: str
-    small: str
-    data: str
-    output: str
+    `method` picks what trains (see `objectives.py`), every method through the same loop:
+    "composed" (ours: bridge + small model + head over the frozen large model), "finetune" (the
+    small model alone, every weight), "lora" (LoRA adapters on the large model), "distill" (a
+    large-vocabulary student built from the small model, trained by KL to the large model).
+    Learning rates: `lr_bridge` for the bridge (composed) or the student's new embeddings
+    (distill); `lr_small` for everything else that trains.
+    """
+
+    large: str = ""
+    small: str = ""
+    data: str = ""
+    output: str = ""
+    method: str = "composed"
     # composition: the defaults are ComposeConfig's, declared once there
     causal: bool = ComposeConfig.causal
     head: str = ComposeConfig.head
@@ -54,6 +64,8 @@ class TrainConfig:
     overflow: str = "drop"
     val_fraction: float = 0.1
     subset: float = 1.0
+    lora_rank: int = 8  # method lora (alpha = 2 x rank, every linear layer)
+    distill_temperature: float = 1.0  # method distill
     # optimisation (paper: AdamW, lr 1e-4 bridge, 5e-5 small model and head, clip 1.0, batch 1)
     epochs: int = 1
     max_steps: int = 0  # > 0 overrides epochs
@@ -66,7 +78,8 @@ class TrainConfig:
     max_grad_norm: float = 1.0
     mixed_precision: str = "auto"  # auto: bf16 on a GPU that has it, else fp16 on GPU, else no
     gradient_checkpointing: bool = False
-    seed: int = 0
+    seed: int = 0  # initialisation, dropout and batch order
+    data_seed: int = 0  # the validation split and subset: fixed while `seed` varies, so seeds see the same data
     # large-model states
     state_cache: bool = True
     state_cache_dtype: str = "float32"
@@ -85,7 +98,8 @@ class TrainConfig:
     progress: bool = True
 
     def __post_init__(self) -> None:
-        positive = ["num_layers", "num_heads", "adapter_dim", "max_length", "batch_size", "grad_accum", "keep_checkpoints"]
+        positive = ["num_layers", "num_heads", "adapter_dim", "max_length", "batch_size", "grad_accum", "keep_checkpoints",
+                    "lora_rank"]
         non_negative = ["epochs", "max_steps", "eval_every", "save_every", "early_stopping_patience", "num_samples",
                         "max_new_tokens"]
         for name in positive + non_negative:
@@ -98,14 +112,21 @@ class TrainConfig:
         for name in ("lr_bridge", "lr_small"):
             if not getattr(self, name) > 0:
                 raise LLMModulesError(f"--{name.replace('_', '-')} must be > 0")
-        choices = {"mixed_precision": ("auto", "no", "bf16", "fp16"),
+        if not self.distill_temperature > 0:
+            raise LLMModulesError("--distill-temperature must be > 0")
+        choices = {"method": METHODS, "mixed_precision": ("auto", "no", "bf16", "fp16"),
                    "state_cache_dtype": ("float32", "float16", "bfloat16")}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise LLMModulesError(f"--{name.replace('_', '-')} must be one of {', '.join(allowed)}")
-        for name in ("large", "small", "data", "output"):
+        needed = {"finetune": ("small",), "lora": ("large",)}.get(self.method, ("large", "small"))
+        for name in (*needed, "data", "output"):
             if not isinstance(getattr(self, name), str) or not getattr(self, name):
-                raise LLMModulesError(f"--{name} is required")
+                raise LLMModulesError(f"--{name} is required" + (f" by --method {self.method}" if name in needed else ""))
+
+    def trained_model(self) -> str:
+        """The spec a plain method trains: the small model (finetune) or the large one (lora)."""
+        return self.small if self.method == "finetune" else self.large
 
     @classmethod
     def fields(cls) -> dict[str, dataclasses.Field]:
@@ -134,6 +155,14 @@ class TrainConfig:
         if unknown:
             raise LLMModulesError(f"config file {path}: unknown options {unknown}")
         return cls(**{**data, **(overrides or {})})
+
+    def data_config(self) -> Any:
+        """The data options of this run (the split and subset follow `data_seed`, not `seed`)."""
+        from .data import DataConfig
+
+        return DataConfig(spec=self.data, template=self.template, loss_on=self.loss_on, max_length=self.max_length,
+                          overflow=self.overflow, val_fraction=self.val_fraction, seed=self.data_seed,
+                          subset=self.subset)
 
     def compose_options(self) -> dict[str, Any]:
         """The bridge/head options of this run, as `LLMModulesModel.compose` takes them."""
