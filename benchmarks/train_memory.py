@@ -41,24 +41,20 @@ def run_config(args: argparse.Namespace, name: str, work: Path) -> dict:
     """One configuration, in this process."""
     import torch
 
-    from llm_modules.baselines import finetune_plain
-    from llm_modules.data import DataConfig
     from llm_modules.train import train
     from llm_modules.train_config import TrainConfig
 
     started = time.perf_counter()
-    if name == "lora_large":
-        run = finetune_plain(args.large, DataConfig(spec=args.data, template=args.template, max_length=args.max_length),
-                             max_steps=args.steps, batch_size=args.batch_size, lr=2e-4, lora_rank=8)
-        steps, trainable, train_s = run.steps, run.trainable, run.seconds
-    else:
-        summary = train(TrainConfig(
-            large=args.large, small=args.small, data=args.data, template=args.template, head=args.head,
-            max_length=args.max_length, batch_size=args.batch_size, max_steps=args.steps, num_samples=0,
-            progress=False, early_stopping_patience=0, output=str(work / f"{name}-{args.steps}"), state_cache_dir=str(work / "states"),
-            state_cache=name != "composed_uncached", release_large=name == "composed_released",
-        ))
-        steps, trainable, train_s = summary["steps"], summary["parameters"]["total"]["trainable"], summary["train_seconds"]
+    method = "lora" if name == "lora_large" else "composed"
+    summary = train(TrainConfig(
+        large=args.large, small=args.small, data=args.data, template=args.template, head=args.head, method=method,
+        max_length=args.max_length, batch_size=args.batch_size, max_steps=args.steps, num_samples=0,
+        lr_small=2e-4 if method == "lora" else TrainConfig.lr_small,
+        progress=False, early_stopping_patience=0, output=str(work / f"{name}-{args.steps}"),
+        state_cache_dir=str(work / "states"),
+        state_cache=name != "composed_uncached", release_large=name == "composed_released",
+    ))
+    steps, trainable, train_s = summary["steps"], summary["parameters"]["total"]["trainable"], summary["train_seconds"]
     out = {"config": name, "steps": steps, "trainable": trainable, "train_s": round(train_s, 1),
            "process_s": round(time.perf_counter() - started, 1), "peak_rss_mib": round(peak_rss_mib())}
     if torch.cuda.is_available():

@@ -21,8 +21,6 @@ from pathlib import Path
 
 import torch
 
-from llm_modules.baselines import finetune_plain
-from llm_modules.data import DataConfig
 from llm_modules.train import train
 from llm_modules.train_config import TrainConfig
 
@@ -60,11 +58,10 @@ def main() -> None:
                                  **{k: v for k, v in common.items() if k != "state_cache_dir"}))
     results["uncached_epoch_s"] = uncached["train_seconds"]
 
-    small_only = finetune_plain(args.small, DataConfig(spec=args.data, template=args.template,
-                                                       max_length=args.max_length), epochs=1,
-                                batch_size=args.batch_size)
-    results["small_only_epoch_s"] = round(small_only.seconds, 1)
-    results["steps"] = {"cached": cached["steps"], "uncached": uncached["steps"], "small_only": small_only.steps}
+    small_only = train(TrainConfig(output=str(work / "small_only"), method="finetune",
+                                   **{k: v for k, v in common.items() if k not in ("state_cache_dir", "head")}))
+    results["small_only_epoch_s"] = small_only["train_seconds"]
+    results["steps"] = {"cached": cached["steps"], "uncached": uncached["steps"], "small_only": small_only["steps"]}
     results["uncached_over_cached"] = round(results["uncached_epoch_s"] / results["cached_epoch_s"], 2)
     results["cached_over_small_only"] = round(results["cached_epoch_s"] / results["small_only_epoch_s"], 2)
     results["machine"] = f"{platform.machine()}, {torch.get_num_threads()} torch threads, torch {torch.__version__}"

@@ -10,6 +10,12 @@ Extraction rule (:func:`extract_final_answer`), first that applies wins:
 3. The rest of the line after the last ``####`` (GSM8K style), when it is not empty.
 4. The last number in the text: an optional sign, digits with optional thousands commas and
    an optional decimal part; commas are removed (a trailing period is never part of it).
+5. Otherwise the stripped text itself (``None`` when it is empty): a word ("blue"), a
+   reversed string ("cba") or any other plain-text answer.
+
+The evaluation harness (:func:`llm_modules.evaluate.is_correct`) also hands the whole stripped
+text to a task's own scorer when the extracted answer fails it, so a short answer that contains
+numbers but is not one ("['3', '1']", "B2, C4") is judged as the task defines it.
 
 :func:`answers_match` compares numerically (relative tolerance 1e-6) when both sides parse as
 numbers, otherwise compares normalized strings.
@@ -69,9 +75,8 @@ def extract_final_answer(text: str | None) -> str | None:
         end = inner.find(END_SOLUTION)
         if end != -1:
             inner = inner[:end]
-        found = _last_boxed(inner) or _after_hashes(inner) or _last_number(inner)
-        return found if found is not None else (inner.strip() or None)
-    return _last_boxed(text) or _after_hashes(text) or _last_number(text)
+        text = inner
+    return _last_boxed(text) or _after_hashes(text) or _last_number(text) or text.strip() or None
 
 
 def _unwrap(text: str) -> str:

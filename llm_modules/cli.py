@@ -157,7 +157,7 @@ def train_config_from_args(args: argparse.Namespace):
         return TrainConfig.from_file(args.config, overrides=given)
     if args.demo or not given:
         return TrainConfig(**{**DEMO, **given})
-    missing = [f"--{n}" for n in ("large", "small", "data", "output") if n not in given]
+    missing = [f"--{n}" for n in ("data", "output") if n not in given]
     if missing:
         raise LLMModulesError(f"train needs {', '.join(missing)} (or --config FILE, or no options for the demo)")
     return TrainConfig(**given)

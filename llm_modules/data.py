@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import random
 import weakref
@@ -332,6 +333,40 @@ def fingerprint(config: DataConfig, tokenizer) -> str:
     payload = {"format": _FORMAT_VERSION, "config": settings, "data": data,
                "tokenizer": tokenizer_fingerprint(tokenizer)}
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def examples_digest(examples: list[TokenizedExample]) -> str:
+    """sha256 of every example's input ids and labels, in order: which examples, tokenized how."""
+    h = hashlib.sha256()
+    for e in examples:
+        h.update(json.dumps([e.input_ids, e.labels], separators=(",", ":")).encode())
+    return h.hexdigest()
+
+
+def examples_fingerprint(data: PreparedData) -> str:
+    """Digest of the prepared train and validation examples (what a resumed run must see again)."""
+    return hashlib.sha256(f"{examples_digest(data.train)}:{examples_digest(data.val)}".encode()).hexdigest()
+
+
+# ----------------------------------------------------------------------------- units
+def answer_text(record: Record) -> str:
+    """The text the loss is on by default: the assistant turns' contents, joined."""
+    return "".join(m["content"] for m in record.messages if m["role"] == "assistant")
+
+
+def answer_bytes(record: Record) -> int:
+    """UTF-8 bytes of the answer text: the denominator of bits per byte."""
+    return len(answer_text(record).encode("utf-8"))
+
+
+def bits_per_byte(nll_sum: float, n_bytes: int) -> float:
+    """Summed answer-token negative log-likelihood (nats) / ln 2 / UTF-8 bytes of the answers.
+
+    Unlike loss per token it does not depend on the tokenizer, so models with different
+    vocabularies are compared in one unit. The answer-token NLL includes each answer's closing
+    token (EOS or end of turn): predicting where the answer stops is part of the answer.
+    """
+    return nll_sum / math.log(2) / n_bytes if n_bytes else float("nan")
 
 
 # ----------------------------------------------------------------------------- batching

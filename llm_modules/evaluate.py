@@ -1,6 +1,7 @@
 """One evaluation harness for composed models AND plain Hugging Face models.
 
-Scores, on held-out examples: mean cross-entropy per answer token (and perplexity), and, where
+Scores, on held-out examples: bits per byte of the answer text (the unit every tokenizer shares,
+see `data.bits_per_byte`), mean cross-entropy per answer token (and perplexity), and, where
 the data has checkable answers, accuracy of greedy generations (final answer extracted by
 `answers.extract_final_answer`, checked by the task's own scorer when it has one, else
 `answers.answers_match`). Keeps the generations as samples.
@@ -20,7 +21,7 @@ import torch.nn.functional as F
 
 from .answers import answers_match, extract_final_answer
 from .config import CONFIG_FILE
-from .data import DataConfig, TokenizedExample, collate, pad_id, prepare_data
+from .data import DataConfig, TokenizedExample, answer_bytes, bits_per_byte, collate, pad_id, prepare_data
 from .errors import LLMModulesError
 from .train_config import RUN_CONFIG_FILE
 
@@ -59,12 +60,18 @@ class PlainScorer:
 
 
 def load_scorer(spec: str, device: str | None = None, allow_large_mismatch: bool = False) -> ComposedScorer | PlainScorer:
-    """A folder written by save_pretrained/train -> composed; anything else -> a plain model spec."""
+    """A folder written by save_pretrained/train (or a training run folder: its best/, else last/) ->
+    composed (or the plain method it trained); anything else -> a plain model spec."""
+    from .objectives import load_plain, saved_kind
     from .run_folder import is_run_folder, resolve_model_folder
 
-    if (Path(spec) / CONFIG_FILE).is_file() or is_run_folder(Path(spec)) \
+    if saved_kind(spec) is not None or is_run_folder(Path(spec)) \
             or (Path(spec).is_dir() and not (Path(spec) / "config.json").is_file()):
         spec = str(resolve_model_folder(spec))  # errors name what a model folder holds
+    if saved_kind(spec) == "plain":
+        model, tokenizer = load_plain(spec)
+        return PlainScorer(model.to(device) if device else model, tokenizer)
+    if saved_kind(spec) == "composed":
         from .model import LLMModulesModel
 
         model = LLMModulesModel.from_pretrained(spec, device=device, allow_large_mismatch=allow_large_mismatch)
@@ -85,8 +92,11 @@ def run_defaults(model_dir: str) -> dict[str, Any]:
         path = folder / RUN_CONFIG_FILE
         if path.is_file():
             saved = json.loads(path.read_text())
-            keys = ("data", "template", "loss_on", "max_length", "overflow", "val_fraction", "seed", "subset")
-            return {k: saved[k] for k in keys if k in saved}
+            keys = ("data", "template", "loss_on", "max_length", "overflow", "val_fraction", "subset")
+            found = {k: saved[k] for k in keys if k in saved}
+            if "data_seed" in saved or "seed" in saved:  # runs before data_seed split with their seed
+                found["seed"] = saved.get("data_seed", saved.get("seed"))
+            return found
     return {}
 
 
@@ -97,7 +107,7 @@ class EvalOptions:
     max_new_tokens: int = 256
     batch_size: int = 8
     generate: bool = True
-    num_samples: int = 5
+    num_samples: int = 5  # generations kept in the result; -1: every one (so accuracy can be re-counted)
 
 
 def held_out_examples(data: DataConfig, tokenizer: Any, max_positions: int | None, split: str) -> list[TokenizedExample]:
@@ -125,10 +135,17 @@ def left_pad(rows: list[list[int]], pad: int, device: Any) -> tuple[torch.Tensor
     return ids.to(device), mask.to(device)
 
 
-def is_correct(example: TokenizedExample, predicted: str | None) -> bool | None:
+def is_correct(example: TokenizedExample, predicted: str | None, text: str | None = None) -> bool | None:
+    """Whether `predicted` (the extracted final answer) is right; None when the example has no answer.
+
+    A task's own scorer decides where there is one; when it rejects the extracted answer, the whole
+    stripped generation `text` gets the same scorer (a task whose answer is a short string with
+    numbers in it is judged as the task defines). Otherwise `answers_match` against the reference.
+    """
     record = example.record
     if record.scorer is not None:
-        return predicted is not None and record.scorer(predicted) >= 1.0
+        candidates = [c for c in dict.fromkeys([predicted, text.strip() if text else None]) if c]
+        return any(record.scorer(c) >= 1.0 for c in candidates)
     if record.reference is None:
         return None
     return answers_match(predicted, record.reference)
@@ -144,14 +161,16 @@ def evaluate(scorer: ComposedScorer | PlainScorer, examples: list[TokenizedExamp
     started = time.perf_counter()
     tok = scorer.tokenizer
     pad = pad_id(tok)
-    total, count = 0.0, 0
+    total, count, n_bytes = 0.0, 0, 0
     for start in range(0, len(examples), options.batch_size):
         chunk = examples[start : start + options.batch_size]
         batch = {k: v.to(scorer.device) for k, v in collate(chunk, pad).items()}
         count += int((batch["labels"][:, 1:] != -100).sum())
+        n_bytes += sum(answer_bytes(e.record) for e in chunk)
         total += scorer.loss_sum(batch)
     loss = total / count
-    result: dict[str, Any] = {"examples": len(examples), "answer_tokens": count, "loss": round(loss, 5),
+    result: dict[str, Any] = {"examples": len(examples), "answer_tokens": count, "answer_bytes": n_bytes,
+                              "bits_per_byte": round(bits_per_byte(total, n_bytes), 5), "loss": round(loss, 5),
                               "perplexity": round(math.exp(min(loss, 50.0)), 3)}
     if options.generate:
         checked, right, samples = 0, 0, []
@@ -162,10 +181,10 @@ def evaluate(scorer: ComposedScorer | PlainScorer, examples: list[TokenizedExamp
             for example, row in zip(chunk, out[:, ids.shape[1]:]):
                 text = tok.decode(row, skip_special_tokens=True)
                 predicted = extract_final_answer(text)
-                verdict = is_correct(example, predicted)
+                verdict = is_correct(example, predicted, text)
                 if verdict is not None:
                     checked, right = checked + 1, right + int(verdict)
-                if len(samples) < options.num_samples:
+                if options.num_samples < 0 or len(samples) < options.num_samples:
                     question = next(m["content"] for m in example.record.messages if m["role"] == "user")
                     samples.append({"question": question, "reference": example.record.reference,
                                     "model_answer": text, "extracted": predicted, "correct": verdict})

@@ -12,24 +12,30 @@ from pathlib import Path
 
 from .config import CONFIG_FILE, WEIGHTS_FILE
 from .errors import LLMModulesError
+from .objectives import PLAIN_FILE
 
 logger = logging.getLogger(__name__)
 
 RUN_MODELS = ("best", "last")  # in order of preference
+DESCRIPTIONS = (CONFIG_FILE, PLAIN_FILE)  # a composed model's, a plain method's (objectives.py)
+
+
+def _described(folder: Path) -> bool:
+    return any((folder / name).is_file() for name in DESCRIPTIONS)
 
 
 def is_saved_model(folder: Path) -> bool:
-    return (folder / CONFIG_FILE).is_file() and (folder / WEIGHTS_FILE).is_file()
+    return _described(folder) and (folder / WEIGHTS_FILE).is_file()
 
 
 def is_run_folder(folder: Path) -> bool:
-    return any((folder / name / CONFIG_FILE).is_file() for name in RUN_MODELS)
+    return any(_described(folder / name) for name in RUN_MODELS)
 
 
 def resolve_model_folder(directory: str | Path) -> Path:
-    """The saved composed model that `directory` names: itself, or a run's best/ (else last/)."""
+    """The saved model that `directory` names: itself, or a run's best/ (else last/)."""
     folder = Path(directory)
-    if (folder / CONFIG_FILE).is_file():
+    if _described(folder):
         return folder
     for name in RUN_MODELS:
         if is_saved_model(folder / name):
@@ -39,5 +45,6 @@ def resolve_model_folder(directory: str | Path) -> Path:
     where = "" if folder.is_dir() else " (no such folder)"
     raise LLMModulesError(
         f"{folder}{where} is not a saved llm-modules model ({CONFIG_FILE} is missing): expected {CONFIG_FILE} "
-        f"and {WEIGHTS_FILE} in it, or a training run folder (train --output) holding best/ or last/ with them"
+        f"(or {PLAIN_FILE}) and {WEIGHTS_FILE} in it, or a training run folder (train --output) holding best/ "
+        "or last/ with them"
     )

@@ -17,7 +17,7 @@ import time
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from accelerate import Accelerator
@@ -27,10 +27,11 @@ from safetensors.torch import load_file
 from . import checkpoint as ckpt
 from .config import WEIGHTS_FILE
 from .data import (
-    DataConfig, PreparedData, TokenizedExample, collate, length_grouped_batches, pad_id, prepare_data,
+    PreparedData, TokenizedExample, answer_bytes, bits_per_byte, collate, examples_fingerprint,
+    length_grouped_batches, pad_id, prepare_data,
 )
 from .errors import LLMModulesError
-from .model import LLMModulesModel
+from .objectives import Objective, build_objective
 from .train_config import RUN_CONFIG_FILE, TrainConfig
 from .training_report import held_out_samples, plot_losses
 
@@ -43,19 +44,20 @@ class Run:
 
     config: TrainConfig
     accelerator: Accelerator
-    model: LLMModulesModel  # unwrapped
+    objective: Objective  # the model and its loss (objectives.py); objective.module is unwrapped
     wrapped: Any  # what accelerate.prepare returned (DDP on several processes)
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LambdaLR
     data: PreparedData
-    train_states: Any  # StateCache or None
-    val_states: Any
     global_batch: int
     steps_per_epoch: int
     total_steps: int
     output: Path
-    parameters: dict[str, dict[str, int]]  # counted before any release of the large model
-    large_released: bool  # its weights freed while training (see LLMModulesModel.release_large)
+    data_fingerprint: str  # of the prepared examples: a resume on changed data is refused
+
+    @property
+    def model(self) -> Any:
+        return self.objective.module
 
 
 def mixed_precision(choice: str) -> str:
@@ -87,39 +89,6 @@ def check_output(output: Path, config: TrainConfig) -> None:
         raise LLMModulesError(f"output folder {output} already holds this run; add --resume to continue it")
 
 
-def build_state_caches(config: TrainConfig, model: LLMModulesModel, data: PreparedData, accelerator: Accelerator):
-    """Large-model states of train and validation examples, computed once (main process first)."""
-    if not config.state_cache:
-        return None, None
-    from .cache_admin import enforce_size_cap
-    from .specs import cache_dir
-    from .state_cache import StateCache, examples_digest, model_state_key, state_cache_key
-
-    root = Path(config.state_cache_dir) if config.state_cache_dir else cache_dir() / "states"
-    model_key = model_state_key(model, config.state_cache_dtype)
-    caches = []
-    with accelerator.main_process_first():
-        for examples in (data.train, data.val):  # keyed by token ids: another split reuses their states
-            key = state_cache_key(model, examples_digest(examples), config.state_cache_dtype)
-            caches.append(StateCache.open_or_build(
-                root, key, model, examples, dtype=config.state_cache_dtype,
-                progress=config.progress and accelerator.is_main_process, model_key=model_key,
-            ) if examples else None)
-    if accelerator.is_main_process:
-        size = sum(c.size_bytes for c in caches if c is not None)
-        reused = all(c is None or not c.built for c in caches)
-        computed = sum(c.computed for c in caches if c is not None)
-        print(f"large-model state cache: {size / 2**20:.1f} MiB ({'reused' if reused else 'built'}, {computed} of "
-              f"{len(data.train) + len(data.val)} examples through the large model) in {root}")
-        enforce_size_cap(root, keep={c.path.name for c in caches if c is not None})
-    return caches[0], caches[1]
-
-
-def _data_config(config: TrainConfig) -> DataConfig:
-    return DataConfig(spec=config.data, template=config.template, loss_on=config.loss_on, max_length=config.max_length,
-                      overflow=config.overflow, val_fraction=config.val_fraction, seed=config.seed, subset=config.subset)
-
-
 def lr_lambda(total_steps: int, warmup_steps: int):
     def factor(step: int) -> float:
         if step < warmup_steps:
@@ -140,21 +109,15 @@ def setup(config: TrainConfig) -> Run:
         (output / RUN_CONFIG_FILE).write_text(json.dumps(config.to_dict(), indent=1))
     accelerator.wait_for_everyone()
     set_seed(config.seed)
-    model = LLMModulesModel.compose(large=config.large, small=config.small, **config.compose_options())
-    if model.tokenizer is None:
-        raise LLMModulesError(f"the large model {config.large!r} has no tokenizer; training needs one")
-    if config.gradient_checkpointing:
-        model.small.gradient_checkpointing_enable()
-    model.to(accelerator.device)
-    data = prepare_data(_data_config(config), model.tokenizer, model.small_max_positions)
+    objective = build_objective(config)
+    objective.module.to(accelerator.device)
+    if getattr(objective, "teacher", None) is not None:
+        objective.teacher.to(accelerator.device)
+    data = prepare_data(config.data_config(), objective.tokenizer, objective.max_positions)
     if accelerator.is_main_process:
         (output / "data_report.json").write_text(json.dumps(data.report, indent=1))
         print(f"data: {json.dumps(data.report)}")
-    train_states, val_states = build_state_caches(config, model, data, accelerator)
-    parameters = model.parameter_counts()
-    released = train_states is not None and config.release_large and model.release_large()
-    if released and accelerator.is_main_process:
-        print("large model released for training from cached states (reloaded for the end-of-training samples)")
+    objective.attach_data(config, data, accelerator)
 
     global_batch = config.batch_size * accelerator.num_processes
     steps_per_epoch = len(data.train) // (global_batch * config.grad_accum)
@@ -164,25 +127,21 @@ def setup(config: TrainConfig) -> Run:
             f"{global_batch * config.grad_accum} (batch size x processes x grad accum); lower them or add data"
         )
     total_steps = config.max_steps or steps_per_epoch * config.epochs
-    groups = [
-        {"params": [p for p in model.bridge.parameters() if p.requires_grad], "lr": config.lr_bridge},
-        {"params": [p for m in (model.small, model.head) for p in m.parameters() if p.requires_grad],
-         "lr": config.lr_small},
-    ]
-    optimizer = torch.optim.AdamW(groups, weight_decay=config.weight_decay)
+    optimizer = torch.optim.AdamW(objective.param_groups(config), weight_decay=config.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lr_lambda(total_steps, int(config.warmup_ratio * total_steps))
     )
-    wrapped, optimizer = accelerator.prepare(model, optimizer)
-    return Run(config, accelerator, model, wrapped, optimizer, scheduler, data, train_states, val_states,
-               global_batch, steps_per_epoch, total_steps, output, parameters, released)
+    wrapped, optimizer = accelerator.prepare(objective.module, optimizer)
+    return Run(config, accelerator, objective, wrapped, optimizer, scheduler, data, global_batch, steps_per_epoch,
+               total_steps, output, examples_fingerprint(data))
 
 
-def batch_tensors(run: Run, examples: list[TokenizedExample], indices: list[int], states: Any) -> dict[str, Any]:
-    batch = collate(examples, pad_id(run.model.tokenizer))
-    if states is not None:
-        batch["large_states"] = states.batch(indices, pad_to=batch["input_ids"].shape[1])
-    return {k: v.to(run.accelerator.device) for k, v in batch.items()}
+def batch_tensors(run: Run, split: str, indices: list[int]) -> tuple[dict[str, Any], list[TokenizedExample]]:
+    """Examples `indices` of `split` as device tensors (with whatever the objective adds), and the examples."""
+    examples = [getattr(run.data, split)[i] for i in indices]
+    batch = collate(examples, pad_id(run.objective.tokenizer))
+    batch.update(run.objective.batch_extras(split, indices, batch["input_ids"].shape[1]))
+    return {k: v.to(run.accelerator.device) for k, v in batch.items()}, examples
 
 
 def loss_tokens(examples: list[TokenizedExample]) -> int:
@@ -190,23 +149,24 @@ def loss_tokens(examples: list[TokenizedExample]) -> int:
 
 
 @torch.no_grad()
-def validate(run: Run) -> float:
-    """Mean cross-entropy per answer token over the fixed validation split (all processes)."""
+def validate(run: Run) -> dict[str, float] | None:
+    """Cross-entropy per answer token and bits per byte of answer text over the fixed validation
+    split (all processes); None when there is no validation data."""
     if not run.data.val:
-        return float("nan")
+        return None
     run.wrapped.eval()
     acc, rank, world = run.accelerator, run.accelerator.process_index, run.accelerator.num_processes
     mine = list(range(rank, len(run.data.val), world))
-    total = torch.zeros(2, dtype=torch.float64, device=acc.device)
+    total = torch.zeros(3, dtype=torch.float64, device=acc.device)  # nll, tokens, bytes
     for start in range(0, len(mine), run.config.batch_size):
-        indices = mine[start : start + run.config.batch_size]
-        examples = [run.data.val[i] for i in indices]
-        batch = batch_tensors(run, examples, indices, run.val_states)
-        out = run.wrapped(**batch, return_logits=False, loss_reduction="sum")
-        total += torch.tensor([out.loss.item(), loss_tokens(examples)], dtype=torch.float64, device=acc.device)
+        batch, examples = batch_tensors(run, "val", mine[start : start + run.config.batch_size])
+        nll = run.objective.eval_loss_sum(run.wrapped, batch)
+        total += torch.tensor([nll.item(), loss_tokens(examples), sum(answer_bytes(e.record) for e in examples)],
+                              dtype=torch.float64, device=acc.device)
     total = acc.reduce(total, reduction="sum")
     run.wrapped.train()
-    return float(total[0] / total[1])
+    return {"val_loss": round(float(total[0] / total[1]), 5),
+            "val_bpb": round(bits_per_byte(float(total[0]), int(total[2])), 5)}
 
 
 def train_step(run: Run, batches: list[list[int]]) -> float:
@@ -216,14 +176,12 @@ def train_step(run: Run, batches: list[list[int]]) -> float:
     step_tokens = sum(loss_tokens([run.data.train[i] for i in b]) for b in batches)
     loss_sum = 0.0
     for n, global_indices in enumerate(batches):
-        indices = global_indices[rank * cfg.batch_size : (rank + 1) * cfg.batch_size]
-        examples = [run.data.train[i] for i in indices]
-        batch = batch_tensors(run, examples, indices, run.train_states)
+        batch, _ = batch_tensors(run, "train", global_indices[rank * cfg.batch_size : (rank + 1) * cfg.batch_size])
         last = n == len(batches) - 1
         with nullcontext() if last else acc.no_sync(run.wrapped):
-            out = run.wrapped(**batch, return_logits=False, loss_reduction="sum")
-            acc.backward(out.loss * (acc.num_processes / step_tokens))
-        loss_sum += out.loss.item()
+            loss = run.objective.loss_sum(run.wrapped, batch)
+            acc.backward(loss * (acc.num_processes / step_tokens))
+        loss_sum += loss.item()
     if cfg.max_grad_norm > 0:
         acc.clip_grad_norm_(run.model.parameters(), cfg.max_grad_norm)
     run.optimizer.step()
@@ -238,42 +196,66 @@ def save_checkpoint(run: Run, step: int, state: dict[str, Any]) -> None:
     tmp = ckpt.temporary_folder(run.output / "checkpoints", step)
     opt_meta = None
     if acc.is_main_process:
-        opt_meta = ckpt.write_weights_and_optimizer(tmp, run.model, run.optimizer)
+        opt_meta = ckpt.write_weights_and_optimizer(tmp, run.objective, run.optimizer)
     acc.wait_for_everyone()
     ckpt.write_rng(tmp, acc.process_index)
     acc.wait_for_everyone()
     if acc.is_main_process:
-        full = {**state, "optimizer": opt_meta, "scheduler": run.scheduler.state_dict()}
+        scaler = acc.scaler.state_dict() if acc.scaler is not None else None  # fp16 loss scale
+        full = {**state, "optimizer": opt_meta, "scheduler": run.scheduler.state_dict(), "grad_scaler": scaler,
+                "data_fingerprint": run.data_fingerprint}
         ckpt.finish_checkpoint(tmp, step, full, keep=run.config.keep_checkpoints)
     acc.wait_for_everyone()
 
 
-def fit(run: Run) -> dict[str, Any]:
-    """Train to the step budget or early stop; keeps `best/` and `last/` and rank-0 metrics."""
+def resume_state(run: Run) -> tuple[int, dict[str, Any] | None]:
+    """(step, trainer state) of the newest complete checkpoint when resuming, else (0, None)."""
+    acc = run.accelerator
+    checkpoints = ckpt.complete_checkpoints(run.output / "checkpoints")
+    if not (run.config.resume and checkpoints):
+        return 0, None
+    state = ckpt.load_checkpoint(checkpoints[-1], run.objective, run.optimizer, acc.process_index)
+    saved = state.pop("data_fingerprint", None)
+    if saved != run.data_fingerprint:
+        raise LLMModulesError(
+            f"{checkpoints[-1]} was trained on other data (fingerprint {str(saved)[:12]}, now "
+            f"{run.data_fingerprint[:12]}): the data changed since it was saved, so resuming would continue a "
+            "different batch order; restore the data or start a new --output"
+        )
+    run.scheduler.load_state_dict(state.pop("scheduler"))
+    scaler = state.pop("grad_scaler", None)
+    if scaler is not None and acc.scaler is not None:
+        acc.scaler.load_state_dict(scaler)
+    state.pop("optimizer")
+    if acc.is_main_process:
+        print(f"resumed from {checkpoints[-1]} at step {state['step']}")
+    return state.pop("step"), state
+
+
+def fit(run: Run, on_step: Callable[[Run, int], None] | None = None) -> dict[str, Any]:
+    """Train to the step budget or early stop; keeps `best/` and `last/` and rank-0 metrics.
+
+    Without validation data there is nothing to pick from: early stopping is off and `best/` is
+    the last weights. `on_step(run, step)` runs after every optimizer step (evaluation hooks).
+    """
     from tqdm.auto import tqdm
 
     acc, cfg = run.accelerator, run.config
     state = {"epoch": 0, "batch": 0, "best_val": None, "evals_since_best": 0, "elapsed": 0.0, "stopped_early": False}
-    step = 0
-    checkpoints = ckpt.complete_checkpoints(run.output / "checkpoints")
-    if cfg.resume and checkpoints:
-        state = ckpt.load_checkpoint(checkpoints[-1], run.model, run.optimizer, acc.process_index)
-        run.scheduler.load_state_dict(state.pop("scheduler"))
-        state.pop("optimizer")
-        step = state.pop("step")
-        if acc.is_main_process:
-            print(f"resumed from {checkpoints[-1]} at step {step}")
+    step, resumed = resume_state(run)
+    state = resumed or state
     metrics_path = run.output / "metrics.jsonl"
     if acc.is_main_process:  # forget lines written after the checkpoint we resume from
         lines = metrics_path.read_text().splitlines() if step and metrics_path.is_file() else []
         kept = [line for line in lines if line.strip() and json.loads(line)["step"] <= step]
         metrics_path.write_text("".join(line + "\n" for line in kept))
     eval_every = cfg.eval_every or run.steps_per_epoch
+    patience = cfg.early_stopping_patience if run.data.val else 0
     bar = tqdm(total=run.total_steps, initial=step, desc="train", disable=not (cfg.progress and acc.is_main_process))
     started = time.perf_counter() - state["elapsed"]
     if step == 0:  # the starting point, so the curve shows what training changed
-        initial = {"step": 0, "val_loss": round(validate(run), 5)}
-        state["initial_val"] = initial["val_loss"]
+        initial = {"step": 0, **(validate(run) or {})}
+        state["initial_val"] = initial
         if acc.is_main_process:
             with metrics_path.open("a") as f:
                 f.write(json.dumps(initial) + "\n")
@@ -293,17 +275,17 @@ def fit(run: Run) -> dict[str, Any]:
         step += 1
         state["batch"] += 1
         record = {"step": step, "epoch": state["epoch"], "loss": round(loss, 5),
-                  "lr_bridge": run.scheduler.get_last_lr()[0], "time": round(time.perf_counter() - started, 2)}
-        if step % eval_every == 0 or step == run.total_steps:
+                  "lr": run.scheduler.get_last_lr()[0], "time": round(time.perf_counter() - started, 2)}
+        if (step % eval_every == 0 or step == run.total_steps) and run.data.val:
             val = validate(run)
-            record["val_loss"] = round(val, 5)
-            if state["best_val"] is None or val < state["best_val"]:
-                state["best_val"], state["evals_since_best"] = val, 0
+            record.update(val)
+            if state["best_val"] is None or val["val_loss"] < state["best_val"]:
+                state["best_val"], state["best_val_bpb"], state["evals_since_best"] = val["val_loss"], val["val_bpb"], 0
                 if acc.is_main_process:
-                    run.model.save_pretrained(run.output / "best")
+                    run.objective.save_pretrained(run.output / "best")
             else:
                 state["evals_since_best"] += 1
-                if cfg.early_stopping_patience and state["evals_since_best"] >= cfg.early_stopping_patience:
+                if patience and state["evals_since_best"] >= patience:
                     state["stopped_early"] = True
         if acc.is_main_process:
             with metrics_path.open("a") as f:
@@ -311,36 +293,43 @@ def fit(run: Run) -> dict[str, Any]:
         bar.update(1)
         bar.set_postfix(loss=f"{loss:.3f}", **({"val": f"{record['val_loss']:.3f}"} if "val_loss" in record else {}))
         state["elapsed"] = time.perf_counter() - started
+        if on_step is not None:
+            on_step(run, step)
         if cfg.save_every and step % cfg.save_every == 0:
             save_checkpoint(run, step, state)
     bar.close()
     if acc.is_main_process:
-        run.model.save_pretrained(run.output / "last")
+        run.objective.save_pretrained(run.output / "last")
+        if not run.data.val:
+            run.objective.save_pretrained(run.output / "best")
     if not (cfg.save_every and step % cfg.save_every == 0):
         save_checkpoint(run, step, state)
-    return {"steps": step, "initial_val_loss": state.get("initial_val"), "best_val_loss": state["best_val"],
-            "stopped_early": state["stopped_early"],
-            "train_seconds": round(state["elapsed"], 1)}
+    initial = state.get("initial_val") or {}
+    return {"steps": step, "initial_val_loss": initial.get("val_loss"), "initial_val_bpb": initial.get("val_bpb"),
+            "best_val_loss": state["best_val"], "best_val_bpb": state.get("best_val_bpb"),
+            "stopped_early": state["stopped_early"], "train_seconds": round(state["elapsed"], 1)}
 
 
-def train(config: TrainConfig) -> dict[str, Any] | None:
+def train(config: TrainConfig, on_step: Callable[[Run, int], None] | None = None) -> dict[str, Any] | None:
     """Run (or resume) a whole training job; the main process returns a summary (also in summary.json)."""
     run = setup(config)
-    summary = fit(run)
+    summary = fit(run, on_step)
     acc = run.accelerator
     if acc.is_main_process:
+        summary["method"] = config.method
         summary["data"] = run.data.report
-        summary["parameters"] = run.parameters
-        summary["large_released"] = run.large_released
+        summary["parameters"] = run.objective.parameter_counts()
+        summary["large_released"] = getattr(run.objective, "released", False)
+        summary["state_cache_seconds"] = getattr(run.objective, "cache_seconds", 0.0)
         if plot_losses(run.output / "metrics.jsonl", run.output / "loss_curve.png"):
             summary["loss_curve"] = str(run.output / "loss_curve.png")
         if config.num_samples and run.data.val:
             best = run.output / "best" / WEIGHTS_FILE
             summary["samples_from"] = "best" if best.is_file() else "last"
             if best.is_file():  # samples show the weights a user would keep, not merely the last ones
-                run.model.load_trained_state_dict(load_file(str(best)))
-            run.model.restore_large()
-            summary["samples"] = held_out_samples(run.model, run.data.val[: config.num_samples], config.max_new_tokens)
+                run.objective.load_trained_state_dict(load_file(str(best)))
+            summary["samples"] = held_out_samples(run.objective.scorer(), run.data.val[: config.num_samples],
+                                                  config.max_new_tokens)
         (run.output / "summary.json").write_text(json.dumps(summary, indent=1))
     acc.wait_for_everyone()
     acc.end_training()

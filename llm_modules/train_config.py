@@ -11,6 +11,7 @@ from typing import Any
 from .config import HEAD_KINDS, ComposeConfig
 from .data import LOSS_ON, OVERFLOW, TEMPLATES
 from .errors import LLMModulesError
+from .objectives import METHODS
 
 RUN_CONFIG_FILE = "run_config.json"
 # Options that may differ between an interrupted run and its resumption.
@@ -34,7 +35,7 @@ DEMO = dict(  # sized to finish within 15 minutes on a 2-core CPU (measured: see
 
 # Options with a fixed set of values: checked on construction, offered as choices by the CLI.
 CHOICES: dict[str, tuple[str, ...]] = {
-    "head": HEAD_KINDS, "template": TEMPLATES, "loss_on": LOSS_ON, "overflow": OVERFLOW,
+    "method": METHODS, "head": HEAD_KINDS, "template": TEMPLATES, "loss_on": LOSS_ON, "overflow": OVERFLOW,
     "mixed_precision": ("auto", "no", "bf16", "fp16"), "state_cache_dtype": ("float32", "float16", "bfloat16"),
 }
 
@@ -44,6 +45,7 @@ HELP: dict[str, str] = {
     "small": "small trainable model spec (same forms as --large)",
     "data": "data spec: a .jsonl/.json file, reasoning-gym:TASK?size=N&seed=S, or a hub data set",
     "output": "run folder: checkpoints/, best/, last/, metrics and summary are written here",
+    "method": "what trains: composed (ours), finetune (the small model), lora (on the large model), distill",
     "causal": "cross-attention reads only past large-model states; --no-causal reproduces the paper's leak",
     "head": "how the small model's output becomes logits over the large vocabulary",
     "num_layers": "Enhanced Cross-Attention layers in the bridge",
@@ -54,8 +56,10 @@ HELP: dict[str, str] = {
     "loss_on": "which tokens carry the loss: the assistant's answer only, or every token",
     "max_length": "longest example in large-model tokens",
     "overflow": "what happens to an example over --max-length: dropped or truncated",
-    "val_fraction": "fraction of the examples held out for validation, fixed by --seed",
+    "val_fraction": "fraction of the examples held out for validation, fixed by --data-seed",
     "subset": "fraction of the records used at all (the paper: 0.3)",
+    "lora_rank": "LoRA rank of --method lora (alpha = 2 x rank, every linear layer)",
+    "distill_temperature": "softmax temperature of --method distill's KL to the large model",
     "epochs": "passes over the training examples (ignored when --max-steps > 0)",
     "max_steps": "optimizer steps; > 0 overrides --epochs",
     "batch_size": "examples per process per micro-step",
@@ -67,7 +71,8 @@ HELP: dict[str, str] = {
     "max_grad_norm": "gradient clipping norm; 0 turns clipping off",
     "mixed_precision": "autocast precision; auto: bf16 on a GPU that has it, else fp16 on GPU, else no",
     "gradient_checkpointing": "recompute the small model's activations in the backward pass to save memory",
-    "seed": "seed of initialisation, data split, subset and batch order",
+    "seed": "seed of initialisation, dropout and batch order",
+    "data_seed": "seed of the validation split and subset (fixed while --seed varies)",
     "state_cache": "compute the frozen large model's states once and keep them on disk",
     "state_cache_dtype": "storage precision of cached large-model states",
     "state_cache_dir": "folder of the state cache (empty: <LLM_MODULES_CACHE>/states)",
@@ -85,12 +90,21 @@ HELP: dict[str, str] = {
 
 @dataclass
 class TrainConfig:
-    """A training run: models, data, optimisation, checkpoints. Defaults are the paper's where it has one."""
+    """A training run: models, data, optimisation, checkpoints. Defaults are the paper's where it has one.
 
-    large: str
-    small: str
-    data: str
-    output: str
+    `method` picks what trains (see `objectives.py`), every method through the same loop:
+    "composed" (ours: bridge + small model + head over the frozen large model), "finetune" (the
+    small model alone, every weight), "lora" (LoRA adapters on the large model), "distill" (a
+    large-vocabulary student built from the small model, trained by KL to the large model).
+    Learning rates: `lr_bridge` for the bridge (composed) or the student's new embeddings
+    (distill); `lr_small` for everything else that trains.
+    """
+
+    large: str = ""
+    small: str = ""
+    data: str = ""
+    output: str = ""
+    method: str = "composed"
     # composition: the defaults are ComposeConfig's, declared once there
     causal: bool = ComposeConfig.causal
     head: str = ComposeConfig.head
@@ -105,6 +119,8 @@ class TrainConfig:
     overflow: str = "drop"
     val_fraction: float = 0.1
     subset: float = 1.0
+    lora_rank: int = 8  # method lora (alpha = 2 x rank, every linear layer)
+    distill_temperature: float = 1.0  # method distill
     # optimisation (paper: AdamW, lr 1e-4 bridge, 5e-5 small model and head, clip 1.0, batch 1)
     epochs: int = 1
     max_steps: int = 0  # > 0 overrides epochs
@@ -117,7 +133,8 @@ class TrainConfig:
     max_grad_norm: float = 1.0
     mixed_precision: str = "auto"  # auto: bf16 on a GPU that has it, else fp16 on GPU, else no
     gradient_checkpointing: bool = False
-    seed: int = 0
+    seed: int = 0  # initialisation, dropout and batch order
+    data_seed: int = 0  # the validation split and subset: fixed while `seed` varies, so seeds see the same data
     # large-model states
     state_cache: bool = True
     state_cache_dtype: str = "float32"
@@ -136,7 +153,8 @@ class TrainConfig:
     progress: bool = True
 
     def __post_init__(self) -> None:
-        positive = ["num_layers", "num_heads", "adapter_dim", "max_length", "batch_size", "grad_accum", "keep_checkpoints"]
+        positive = ["num_layers", "num_heads", "adapter_dim", "max_length", "batch_size", "grad_accum", "keep_checkpoints",
+                    "lora_rank"]
         non_negative = ["epochs", "max_steps", "eval_every", "save_every", "early_stopping_patience", "num_samples",
                         "max_new_tokens"]
         for name in positive + non_negative:
@@ -149,13 +167,20 @@ class TrainConfig:
         for name in ("lr_bridge", "lr_small"):
             if not getattr(self, name) > 0:
                 raise LLMModulesError(f"--{name.replace('_', '-')} must be > 0")
+        if not self.distill_temperature > 0:
+            raise LLMModulesError("--distill-temperature must be > 0")
         for name, allowed in CHOICES.items():
             if getattr(self, name) not in allowed:
                 raise LLMModulesError(f"--{name.replace('_', '-')} must be one of {', '.join(allowed)}, "
                                       f"got {getattr(self, name)!r}")
-        for name in ("large", "small", "data", "output"):
+        needed = {"finetune": ("small",), "lora": ("large",)}.get(self.method, ("large", "small"))
+        for name in (*needed, "data", "output"):
             if not isinstance(getattr(self, name), str) or not getattr(self, name):
-                raise LLMModulesError(f"--{name} is required")
+                raise LLMModulesError(f"--{name} is required" + (f" by --method {self.method}" if name in needed else ""))
+
+    def trained_model(self) -> str:
+        """The spec a plain method trains: the small model (finetune) or the large one (lora)."""
+        return self.small if self.method == "finetune" else self.large
 
     @classmethod
     def fields(cls) -> dict[str, dataclasses.Field]:
@@ -184,6 +209,14 @@ class TrainConfig:
         if unknown:
             raise LLMModulesError(f"config file {path}: unknown options {unknown}")
         return cls(**{**data, **(overrides or {})})
+
+    def data_config(self) -> Any:
+        """The data options of this run (the split and subset follow `data_seed`, not `seed`)."""
+        from .data import DataConfig
+
+        return DataConfig(spec=self.data, template=self.template, loss_on=self.loss_on, max_length=self.max_length,
+                          overflow=self.overflow, val_fraction=self.val_fraction, seed=self.data_seed,
+                          subset=self.subset)
 
     def compose_options(self) -> dict[str, Any]:
         """The bridge/head options of this run, as `LLMModulesModel.compose` takes them."""

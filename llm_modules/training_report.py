@@ -27,6 +27,8 @@ def plot_losses(metrics: Path, png: Path) -> bool:
     val = [r for r in rows if "val_loss" in r]
     if val:
         ax.plot([r["step"] for r in val], [r["val_loss"] for r in val], "o-", label="validation")
+        ax.set_title(f"validation bits per byte of answer text: {val[0].get('val_bpb')} -> {val[-1].get('val_bpb')}",
+                     fontsize=9)
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("cross-entropy per answer token")
     ax.legend()
@@ -36,12 +38,12 @@ def plot_losses(metrics: Path, png: Path) -> bool:
     return True
 
 
-def held_out_samples(model: Any, examples: list[TokenizedExample], max_new_tokens: int) -> list[dict[str, Any]]:
-    """Greedy answers to held-out questions, printed beside the right ones."""
-    from .evaluate import ComposedScorer, EvalOptions, evaluate
+def held_out_samples(scorer: Any, examples: list[TokenizedExample], max_new_tokens: int) -> list[dict[str, Any]]:
+    """Greedy answers of `scorer` (an `evaluate` adapter) to held-out questions, printed beside the right ones."""
+    from .evaluate import EvalOptions, evaluate
 
     options = EvalOptions(max_new_tokens=max_new_tokens, num_samples=len(examples))
-    samples = evaluate(ComposedScorer(model), examples, options)["samples"]
+    samples = evaluate(scorer, examples, options)["samples"]
     for s in samples:
         verdict = {True: "correct", False: "wrong", None: "not checkable"}[s["correct"]]
         print(f"\nQ: {s['question']}\nmodel: {s['model_answer'].strip()[:600]}\n"

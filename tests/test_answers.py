@@ -25,7 +25,10 @@ from llm_modules.answers import answers_match, extract_final_answer
         ("The total is 1,234,567.", "1234567"),
         ("It costs -3.5 dollars.", "-3.5"),
         ("numbers 1, 2, 3", "3"),
-        ("no digits here", None),
+        # rule 5: no rule applies -> the stripped text (word and string answers)
+        ("no digits here", "no digits here"),
+        ("  blue\n", "blue"),
+        ("   ", None),
         ("", None),
         (None, None),
     ],

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from llm_modules import LLMModulesModel
 from llm_modules.cli import main
-from llm_modules.data import DataConfig, prepare_data
+from llm_modules.data import prepare_data
 from llm_modules.train_config import DEMO, TrainConfig
 
 pytestmark = pytest.mark.real
@@ -69,9 +69,7 @@ def test_real_short_training_run(tmp_path, capsys, composed):
     # The residual head starts at the large model, so the loss before training is the large model's
     # own, computed here with plain transformers on the same validation examples.
     config = TrainConfig(**{**DEMO, "data": data, "output": str(output)})
-    options = {k: getattr(config, k) for k in ("template", "loss_on", "max_length", "overflow", "val_fraction",
-                                               "seed", "subset")}
-    val = prepare_data(DataConfig(spec=data, **options), composed.tokenizer, composed.small_max_positions).val
+    val = prepare_data(config.data_config(), composed.tokenizer, composed.small_max_positions).val
     reference = per_token_loss(lambda ids: composed.large(input_ids=ids).logits, val)
     assert summary["initial_val_loss"] == pytest.approx(reference, abs=1e-4)
     capsys.readouterr()

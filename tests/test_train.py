@@ -64,9 +64,9 @@ def test_train_cli_writes_best_last_checkpoints_metrics(train_args, tmp_path, ca
 def test_another_split_of_the_same_data_reuses_the_cached_states(train_args, tmp_path, capsys):
     assert main(train_args("first", "--max-steps", "1")) == 0
     assert "(built, 24 of 24 examples through the large model)" in capsys.readouterr().out
-    assert main(train_args("second", "--max-steps", "1", "--seed", "3", "--val-fraction", "0.25")) == 0
+    assert main(train_args("second", "--max-steps", "1", "--data-seed", "3", "--val-fraction", "0.25")) == 0
     assert "(built, 0 of 24 examples through the large model)" in capsys.readouterr().out
-    assert main(train_args("third", "--max-steps", "1", "--seed", "3", "--val-fraction", "0.25")) == 0
+    assert main(train_args("third", "--max-steps", "1", "--data-seed", "3", "--val-fraction", "0.25", "--seed", "5")) == 0
     assert "(reused, 0 of 24 examples" in capsys.readouterr().out
 
 
@@ -74,10 +74,10 @@ def test_end_of_training_samples_come_from_best_weights(train_args, tmp_path, mo
     import llm_modules.train as train_module
 
     val_losses, seen = iter([5.0, 1.0, 2.0]), {}  # step 0, step 3 (best), step 6 (worse)
-    monkeypatch.setattr(train_module, "validate", lambda run: next(val_losses))
+    monkeypatch.setattr(train_module, "validate", lambda run: dict.fromkeys(("val_loss", "val_bpb"), next(val_losses)))
 
-    def fake_samples(model, examples, max_new_tokens):
-        seen.update({k: v.detach().clone() for k, v in model.trained_state_dict().items()})
+    def fake_samples(scorer, examples, max_new_tokens):
+        seen.update({k: v.detach().clone() for k, v in scorer.model.trained_state_dict().items()})
         return []
 
     monkeypatch.setattr(train_module, "held_out_samples", fake_samples)
@@ -134,6 +134,52 @@ def test_interrupted_run_resumes_to_the_same_weights(train_args, tmp_path, monke
     for key in a:
         assert torch.equal(a[key], b[key]), key
     assert losses(tmp_path / "straight") == losses(tmp_path / "interrupted")
+
+
+def test_without_validation_data_training_runs_to_the_end_and_best_is_last(train_args, tmp_path):
+    # Every evaluation used to be "no better than NaN": best/ stayed at the first weights and early
+    # stopping ended the run after `patience` evaluations.
+    assert main(train_args("noval", "--val-fraction", "0", "--max-steps", "12", "--eval-every", "2",
+                           "--early-stopping-patience", "2")) == 0
+    summary = json.loads((tmp_path / "noval" / "summary.json").read_text())
+    assert summary["steps"] == 12 and not summary["stopped_early"] and summary["best_val_loss"] is None
+    best = load_file(str(tmp_path / "noval/best" / WEIGHTS_FILE))
+    last = load_file(str(tmp_path / "noval/last" / WEIGHTS_FILE))
+    assert all(torch.equal(best[k], last[k]) for k in last)
+
+
+def test_resume_on_changed_data_is_refused(train_args, tmp_path, capsys):
+    assert main(train_args("run", "--save-every", "3")) == 0
+    args = train_args("run", "--save-every", "3", "--resume")
+    data = Path(args[args.index("--data") + 1])
+    lines = data.read_text().splitlines()
+    data.write_text("\n".join(lines[:-1] + [lines[-1].replace("plus", "and")]) + "\n")  # one answer edited
+    capsys.readouterr()
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "other data" in err and "step-000006" in err
+    assert (tmp_path / "run" / "checkpoints" / "step-000006").is_dir()  # nothing lost
+
+
+def test_grad_scaler_state_survives_resume(train_args, tmp_path, monkeypatch):
+    # fp16 training cannot run on this CPU: give the accelerator a scaler with a non-default state and
+    # check that the resumed run gets that state back.
+    import llm_modules.train as train_module
+
+    real_setup, restored = train_module.setup, {}
+
+    def setup_with_scaler(config):
+        run = real_setup(config)
+        run.accelerator.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10, growth_interval=7)
+        if config.resume:
+            real_load = run.accelerator.scaler.load_state_dict
+            run.accelerator.scaler.load_state_dict = lambda s: (restored.update(s), real_load(s))
+        return run
+
+    monkeypatch.setattr(train_module, "setup", setup_with_scaler)
+    assert main(train_args("fp16", "--save-every", "3", "--max-steps", "3")) == 0
+    assert main(train_args("fp16", "--save-every", "3", "--max-steps", "3", "--resume")) == 0
+    assert restored["scale"] == 2.0**10 and restored["growth_interval"] == 7
 
 
 def test_output_of_a_different_run_is_refused(train_args, tmp_path, capsys):
@@ -224,6 +270,7 @@ def test_eval_generate_and_chat_on_a_trained_model(train_args, tmp_path, capsys,
     from llm_modules.data import DataConfig, prepare_data
     from llm_modules.model import next_token_loss
     from llm_modules.prompting import prompt_ids
+    from llm_modules.train_config import TrainConfig
 
     # The `new` head: with the default `residual` one, the tiny random large model's own predictions
     # still dominate after 6 steps, and `generate` printed nothing.
@@ -237,9 +284,7 @@ def test_eval_generate_and_chat_on_a_trained_model(train_args, tmp_path, capsys,
     assert main(["eval", "--model", model, "--max-new-tokens", "6", "--output", str(tmp_path / "eval.json")]) == 0
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     # Reference: the validation examples one at a time, full logits, plain cross-entropy.
-    data = DataConfig(**{k: run_config[k] for k in ("template", "loss_on", "max_length", "overflow", "val_fraction",
-                                                     "seed", "subset")}, spec=run_config["data"])
-    val = prepare_data(data, tok, composed.small_max_positions).val
+    val = prepare_data(TrainConfig(**run_config).data_config(), tok, composed.small_max_positions).val
     with torch.no_grad():
         sums = [next_token_loss(composed(input_ids=torch.tensor([e.input_ids])).logits,
                                 torch.tensor([e.labels]), "sum").item() for e in val]

@@ -1,0 +1,82 @@
+"""The equal-time report harness end to end on tiny models: every row reports bits per byte, budgets
+are honoured, finished units are reused only under identical options."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from .conftest import gpt2_tokenizer
+
+SCRIPT = Path(__file__).parent.parent / "benchmarks" / "transfer_report.py"
+
+
+@pytest.fixture(scope="module")
+def small_with_tokenizer(tmp_path_factory) -> str:
+    """A tiny small model over GPT-2's vocabulary with its tokenizer files (the small_finetuned row needs them)."""
+    folder = tmp_path_factory.mktemp("small_tok") / "small"
+    torch.manual_seed(11)
+    LlamaForCausalLM(LlamaConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=1,
+                                 intermediate_size=64, vocab_size=50257, max_position_embeddings=1024)
+                     ).save_pretrained(folder)
+    gpt2_tokenizer().save_pretrained(folder)
+    return str(folder)
+
+
+def report(tiny_pair_with_tokenizer, small: str, out: Path, *extra: str) -> tuple[dict, str]:
+    pytest.importorskip("reasoning_gym")
+    pytest.importorskip("peft")
+    command = [sys.executable, str(SCRIPT), "--large", tiny_pair_with_tokenizer["large"], "--small", small,
+               "--task", "spell_backward", "--train-size", "24", "--test-size", "4", "--template", "stratos",
+               "--max-new-tokens", "3", "--budget-seconds", "6", "--grid-seconds", "1",
+               "--rows", "majority_answer", "large_zero_shot", "composed_residual", "small_finetuned", "lora_large",
+               "--grid", "small_finetuned=1e-3", "lora_large=3e-3", "--seeds", "0", "--quiet-load", "0", "--out", str(out), *extra]
+    proc = subprocess.run(command, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads((out / "results.json").read_text()), proc.stdout
+
+
+def test_every_row_reports_bits_per_byte_within_its_budget_and_reruns_reuse(tiny_pair_with_tokenizer,
+                                                                          small_with_tokenizer, tmp_path):
+    results, log = report(tiny_pair_with_tokenizer, small_with_tokenizer, tmp_path / "r")
+    rows = {r["row"]: r for r in results["rows"]}
+    assert set(rows) == {"majority_answer", "large_zero_shot", "composed_residual", "small_finetuned", "lora_large"}
+    for name, row in rows.items():
+        assert row["error"] is None, (name, row["error"])
+        assert set(row) >= {"row", "seed", "bits_per_byte", "accuracy", "train_seconds", "lr"}
+        assert 0.0 <= row["accuracy"] <= 1.0
+        if name != "majority_answer":
+            assert row["bits_per_byte"] > 0
+    cache_seconds = results["cache"]["cache_seconds"]
+    assert cache_seconds > 0
+    for name in ("composed_residual", "small_finetuned", "lora_large"):
+        row = rows[name]
+        assert abs(row["train_seconds"] - 6) <= 0.6, (name, row["train_seconds"])  # the budget, +-10%
+        assert row["steps"] >= 1 and row["wall_seconds"] > 0
+    detail = next(d for d in results["details"] if d["row"] == "composed_residual")
+    assert detail["overhead_seconds"] == cache_seconds  # the cache build counts against the composed row
+    assert [t["fraction"] for t in detail["test"]] == [0.25, 0.5, 1.0]
+    assert len(detail["test"][-1]["samples"]) == 4  # every sample kept
+    assert sum(s["correct"] for s in detail["test"][-1]["samples"]) == detail["test"][-1]["correct"]
+    # The composed row's learning rate went through its 3-point grid; the others were given one rate.
+    assert [g["row"] for g in results["grid"]] == ["composed_residual"] * 3
+    best = min(results["grid"], key=lambda g: g["best_val_bpb"])
+    assert rows["composed_residual"]["lr"] == best["lr_small"] and rows["lora_large"]["lr"] == 3e-3
+    md = (tmp_path / "r" / "results.md").read_text()
+    assert "PARTIAL" not in md and "Time to reach lora_large" in md
+    assert (tmp_path / "r" / "val_bpb_vs_seconds.png").stat().st_size > 1000
+
+    again, log = report(tiny_pair_with_tokenizer, small_with_tokenizer, tmp_path / "r")
+    assert "running" not in log  # every unit reused
+    assert again["rows"] == results["rows"]
+    changed, log = report(tiny_pair_with_tokenizer, small_with_tokenizer, tmp_path / "r", "--grid",
+                          "small_finetuned=1e-3", "lora_large=1e-3")
+    reran = {line.split("-")[1] for line in log.splitlines() if line.endswith(": running")}
+    assert "lora" in "".join(reran) and not any("composed" in r or "small" in r for r in reran)
+    assert {r["row"]: r for r in changed["rows"]}["lora_large"]["lr"] == 1e-3
