@@ -12,8 +12,9 @@ How a row is run (each unit of work in its own process, so its memory and time a
    budget into a step count: steps = (budget - cache build, for composed rows) / seconds per step.
    From then on a row is a fixed number of steps, reproducible from its seed, whatever else the
    machine runs: `train_seconds` is that calibrated time, `wall_seconds` what the clock said.
-3. Learning rates: every trainable row tries each rate of its grid (3 values spanning 10x) for
-   `--grid-seconds` of training on the first seed; the lowest validation bits per byte wins.
+3. Learning rates: every trainable row tries each rate of its grid (3 values spanning 10x) on the
+   first seed, by default for the whole budget (so the winner's run is also that seed's full run;
+   `--grid-seconds` gives shorter grid runs instead); the lowest validation bits per byte wins.
 4. Full runs: the winner trains for the whole budget, once per seed. The training examples are the
    same for every seed (a seed changes the initialisation and the batch order). Held-out test bits
    per byte and accuracy are measured at 25%, 50% and 100% of the budget; validation bits per byte
@@ -133,25 +134,35 @@ def score_test(unit: dict, scorer, keep_samples: bool) -> dict:
 
 
 def run_cache(unit: dict, scratch: Path) -> dict:
+    """Build the state cache of the training examples and time it, alone (retried once if the machine got busy)."""
+    import torch
+
     from llm_modules.train import setup
 
-    run = setup(train_config(unit, scratch, max_steps=1))
-    if not run.objective.cache_seconds:
-        raise RuntimeError(f"the state cache in {unit['states']} existed already, so its build cannot be timed; "
+    quiet, threads = float(os.environ.get(QUIET_ENV, "1.0")), torch.get_num_threads()
+    if Path(unit["states"]).exists():
+        raise RuntimeError(f"the state cache in {unit['states']} exists already, so its build cannot be timed; "
                            "delete that folder and rerun")
+    for attempt in range(2):
+        load_before = wait_until_quiet(quiet)
+        run = setup(train_config(unit, scratch, max_steps=1))
+        load_after = os.getloadavg()[0]
+        if quiet <= 0 or load_after < threads + quiet or attempt == 1:
+            break
+        shutil.rmtree(unit["states"])  # timed on a busy machine: build it again
+        shutil.rmtree(scratch, ignore_errors=True)
     caches = [c for c in run.objective.states.values() if c is not None]
     return {"cache_seconds": run.objective.cache_seconds, "cache_mib": round(sum(c.size_bytes for c in caches) / 2**20, 1),
-            "built": run.objective.cache_seconds > 0, "data": run.data.report}
+            "load_before": round(load_before, 2), "load_after": round(load_after, 2), "attempts": attempt + 1,
+            "data": run.data.report}
 
 
-def wait_until_quiet(limit: float, patience: float = 1800.0) -> float:
-    """Wait (up to `patience` s) until the 1-minute load average is below `limit` (0: no wait); returns it."""
-    import os
-
-    waited = 0.0
-    while limit > 0 and os.getloadavg()[0] >= limit and waited < patience:
-        if waited == 0:
-            print(f"calibration waits for a quiet machine (load {os.getloadavg()[0]:.1f})", file=sys.stderr, flush=True)
+def wait_until_quiet(limit: float) -> float:
+    """Wait until the 1-minute load average is below `limit` (0: no wait), so a timing runs alone; returns it."""
+    waited = 0
+    while limit > 0 and os.getloadavg()[0] >= limit:
+        if waited % 600 == 0:
+            print(f"timing waits for a quiet machine (load {os.getloadavg()[0]:.1f}, limit {limit})", flush=True)
         time.sleep(15)
         waited += 15
     return os.getloadavg()[0]
@@ -297,7 +308,7 @@ class Plan:
             spec.write_text(json.dumps(unit, indent=1))
             t0 = time.perf_counter()
             print(f"{name}: running", flush=True)
-            proc = subprocess.run([sys.executable, __file__, "--unit", str(spec)], capture_output=True, text=True)
+            proc = subprocess.run([sys.executable, __file__, "--unit", str(spec)], stderr=subprocess.PIPE, text=True)
             if proc.returncode != 0:
                 tail = proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else f"exit {proc.returncode}"
                 print(f"{name}: FAILED {tail}", flush=True)
@@ -337,16 +348,25 @@ def execute(args: argparse.Namespace) -> dict:
         state["calibration"][row] = plan.run(plan.unit("calibrate", row, lr_small=GRIDS[ROWS[row]["method"]][0][0],
                                                        lr_bridge=GRIDS[ROWS[row]["method"]][0][1] or None))
         checkpoint_report()
+    def budget_steps(row: str) -> tuple[int, float]:
+        """Steps of `row` in its budget, and the seconds counted before its first step (the cache build)."""
+        overhead = cache_seconds if ROWS[row]["method"] == "composed" else 0.0
+        return round((budget_of(args, row) - overhead) / state["calibration"][row]["sec_per_step"]), overhead
+
     winners = {}
     for row in train_rows:
         calibration = state["calibration"][row]
-        if "error" in calibration:
+        if "error" in calibration or budget_steps(row)[0] < 1:
             continue
         grid = args.grid.get(row) or GRIDS[ROWS[row]["method"]]
-        grid_steps = max(1, int(args.grid_seconds / calibration["sec_per_step"]))
+        # At the full budget (the default) a grid point IS the first seed's full run at that rate, so
+        # the winner's run is reused as that seed's; a shorter grid budget gives separate short runs.
+        at_budget = args.grid_seconds is None
+        phase, grid_steps = ("run", budget_steps(row)[0]) if at_budget else \
+            ("grid", max(1, int(args.grid_seconds / calibration["sec_per_step"])))
         scored = []
         for lr_small, lr_bridge in grid if len(grid) > 1 else []:
-            result = plan.run(plan.unit("grid", row, seed=args.seeds[0], lr_small=lr_small, lr_bridge=lr_bridge or None,
+            result = plan.run(plan.unit(phase, row, seed=args.seeds[0], lr_small=lr_small, lr_bridge=lr_bridge or None,
                                         steps=grid_steps))
             state["grid"].append({"row": row, **result})
             if "error" not in result:
@@ -356,14 +376,13 @@ def execute(args: argparse.Namespace) -> dict:
     for seed in args.seeds:
         for row in train_rows:
             calibration = state["calibration"][row]
-            if "error" in calibration or row not in winners:
-                state["rows"].append({"row": row, "seed": seed, "error": calibration.get("error", "no learning rate")})
+            if "error" in calibration:
+                state["rows"].append({"row": row, "seed": seed, "error": calibration["error"]})
                 continue
-            overhead = cache_seconds if ROWS[row]["method"] == "composed" else 0.0
-            steps = int((budget_of(args, row) - overhead) / calibration["sec_per_step"])
+            steps, overhead = budget_steps(row)
             if steps < 1:
-                state["rows"].append({"row": row, "seed": seed, "error": f"the budget is below the state cache build "
-                                                                          f"({overhead:.0f} s)"})
+                state["rows"].append({"row": row, "seed": seed, "error": f"the budget leaves no step after the state "
+                                                                          f"cache build ({overhead:.1f} s)"})
                 continue
             lr_small, lr_bridge = winners[row]
             result = plan.run(plan.unit("run", row, seed=seed, lr_small=lr_small, lr_bridge=lr_bridge or None, steps=steps))
@@ -443,7 +462,8 @@ def write_report(args: argparse.Namespace, state: dict, wall: float) -> None:
               f"batch {args.batch_size}, greedy decoding up to {args.max_new_tokens} new tokens. Seeds {args.seeds}.  ",
               f"Budget: {args.budget_seconds:.0f} training seconds per row"
               + "".join(f", {r} {s:.0f} s" for r, s in args.row_budget.items()) + "; learning-rate grid "
-              f"{args.grid_seconds:.0f} s per point.", ""]
+              + ("at the full budget on the first seed (the winner's run is that seed's)" if args.grid_seconds is None
+                 else f"{args.grid_seconds:.0f} s per point") + ".", ""]
     if cache:
         lines += [f"State cache: built in {cache.get('cache_seconds', 0):.1f} s ({cache.get('cache_mib')} MiB); "
                   "these seconds are counted in every composed row's training time.", ""]
@@ -492,7 +512,7 @@ def write_report(args: argparse.Namespace, state: dict, wall: float) -> None:
                 continue
             overhead = cache.get("cache_seconds", 0.0) if ROWS[row]["method"] == "composed" else 0.0
             lines.append(f"| {row} | {cal['sec_per_step']:.2f} | "
-                         f"{max(0, int((budget_of(args, row) - overhead) / cal['sec_per_step']))} |")
+                         f"{max(0, round((budget_of(args, row) - overhead) / cal['sec_per_step']))} |")
     if state["grid"]:
         lines += ["", "## Learning-rate grid (validation bits per byte after the grid budget, first seed)", "",
                   "| row | lr small side | lr bridge / embeddings | steps | best val bits/byte |", "|---|---|---|---|---|"]
@@ -578,8 +598,9 @@ def main() -> None:
     parser.add_argument("--budget-seconds", type=float, default=1200.0, help="training seconds per row")
     parser.add_argument("--row-budget", nargs="*", default=[], metavar="ROW=SECONDS",
                         help="a different budget for some rows (stated in the report)")
-    parser.add_argument("--grid-seconds", type=float, default=0.0,
-                        help="training seconds per learning-rate grid point (default: budget / 6)")
+    parser.add_argument("--grid-seconds", type=float, default=None,
+                        help="training seconds per learning-rate grid point (default: the full budget, the grid "
+                             "runs doubling as the first seed's runs)")
     parser.add_argument("--grid", nargs="*", default=[], metavar="ROW=LR[:LR_BRIDGE],...",
                         help="replace a row's learning-rate grid (one value: no grid search)")
     parser.add_argument("--quiet-load", type=float, default=1.0,
@@ -601,7 +622,6 @@ def main() -> None:
     os.environ[QUIET_ENV] = str(args.quiet_load)  # children inherit it; it shapes no result, so no unit key
     args.row_budget = key_values(args.row_budget, float)
     args.grid = key_values(args.grid, lr_pairs)
-    args.grid_seconds = args.grid_seconds or args.budget_seconds / 6
     args.out = args.out or f"reports/{args.task}"
     args.work = args.work or str(Path(args.out) / "work")
     execute(args)
