@@ -31,7 +31,7 @@ class ComposedScorer:
     def __init__(self, model: Any):
         self.model, self.tokenizer = model.eval(), model.tokenizer
         self.max_positions = model.small_max_positions
-        self.device = model.bridge.pre_proj.weight.device
+        self.device = model.device
 
     def loss_sum(self, batch: dict[str, torch.Tensor]) -> float:
         return float(self.model(**batch, return_logits=False, loss_reduction="sum").loss)

@@ -8,6 +8,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .bridges import BRIDGES, option_names
+from .bridges.eca import EcaOptions
+from .bridges.xattn import XattnOptions
 from .config import ComposeConfig
 from .errors import LLMModulesError
 
@@ -32,6 +35,10 @@ DEMO = dict(  # sized to finish within 15 minutes on a 2-core CPU (measured: see
 )
 
 
+# every bridge's option names; the TrainConfig fields among them are checked against --bridge
+_BRIDGE_OPTIONS = {name for bridge in BRIDGES for name in option_names(bridge)}
+
+
 @dataclass
 class TrainConfig:
     """A training run: models, data, optimisation, checkpoints. Defaults are the paper's where it has one."""
@@ -40,13 +47,20 @@ class TrainConfig:
     small: str
     data: str
     output: str
-    # composition: the defaults are ComposeConfig's, declared once there
+    # composition: the defaults are ComposeConfig's and the bridges' option classes', declared once there
     causal: bool = ComposeConfig.causal
     head: str = ComposeConfig.head
-    num_layers: int = ComposeConfig.num_layers
-    num_heads: int = ComposeConfig.num_heads
-    adapter_dim: int = ComposeConfig.adapter_dim
-    dropout: float = ComposeConfig.dropout
+    bridge: str = ComposeConfig.bridge
+    small_inputs: str = ComposeConfig.small_inputs
+    train_embeddings: bool = ComposeConfig.train_embeddings
+    # bridge options (each passed only to the bridges that have it): eca
+    num_layers: int = EcaOptions.num_layers
+    num_heads: int = EcaOptions.num_heads  # eca and xattn
+    adapter_dim: int = EcaOptions.adapter_dim
+    dropout: float = EcaOptions.dropout
+    # ladder and xattn: large hidden states to tap, "3,7,11" (empty: every 4th, ending at the last)
+    large_layers: str = ""
+    small_stride: int = XattnOptions.small_stride  # xattn: a block after every N-th small layer
     # data
     template: str = "stratos"
     loss_on: str = "assistant"
@@ -85,7 +99,7 @@ class TrainConfig:
     progress: bool = True
 
     def __post_init__(self) -> None:
-        positive = ["num_layers", "num_heads", "adapter_dim", "max_length", "batch_size", "grad_accum", "keep_checkpoints"]
+        positive = ["num_layers", "num_heads", "adapter_dim", "small_stride", "max_length", "batch_size", "grad_accum", "keep_checkpoints"]
         non_negative = ["epochs", "max_steps", "eval_every", "save_every", "early_stopping_patience", "num_samples",
                         "max_new_tokens"]
         for name in positive + non_negative:
@@ -106,6 +120,25 @@ class TrainConfig:
         for name in ("large", "small", "data", "output"):
             if not isinstance(getattr(self, name), str) or not getattr(self, name):
                 raise LLMModulesError(f"--{name} is required")
+        if self.bridge not in BRIDGES:
+            raise LLMModulesError(f"--bridge must be one of {', '.join(BRIDGES)}, got {self.bridge!r}")
+        mine = set(option_names(self.bridge))
+        for name in sorted((_BRIDGE_OPTIONS & set(self.fields())) - mine):
+            if getattr(self, name) != self.fields()[name].default:
+                owners = [b for b in BRIDGES if name in option_names(b)]
+                raise LLMModulesError(f"--{name.replace('_', '-')} is an option of the {' and '.join(owners)} "
+                                      f"bridge, not of --bridge {self.bridge}")
+        self._large_layers()  # a parse error surfaces now, not after the models loaded
+        ComposeConfig.from_options(self.large, self.small, **self.compose_options())
+
+    def _large_layers(self) -> list[int] | None:
+        value = self.large_layers
+        if isinstance(value, (list, tuple)):  # from a config file
+            return list(value)
+        try:
+            return [int(x) for x in value.split(",")] if value.strip() else None
+        except ValueError:
+            raise LLMModulesError(f"--large-layers must be comma-separated integers like 3,7,11, got {value!r}") from None
 
     @classmethod
     def fields(cls) -> dict[str, dataclasses.Field]:
@@ -136,14 +169,20 @@ class TrainConfig:
         return cls(**{**data, **(overrides or {})})
 
     def compose_options(self) -> dict[str, Any]:
-        """The bridge/head options of this run, as `LLMModulesModel.compose` takes them."""
-        names = {f.name for f in dataclasses.fields(ComposeConfig)} - {"large", "small", "library_version"}
-        return {name: getattr(self, name) for name in names if name in self.fields()}
+        """The composition and bridge options of this run, as `LLMModulesModel.compose` takes them:
+        ComposeConfig's fields, and only the chosen bridge's own options."""
+        names = ({f.name for f in dataclasses.fields(ComposeConfig)} | set(option_names(self.bridge))) & set(self.fields())
+        options = {name: getattr(self, name) for name in names - {"large", "small", "library_version"}}
+        if "large_layers" in options:
+            options["large_layers"] = self._large_layers()
+        return options
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
     def differences(self, other: dict[str, Any]) -> list[str]:
         """Options (other than resume-free ones) whose value differs from a saved run's."""
-        mine = self.to_dict()
-        return sorted(k for k in set(mine) | set(other) if k not in RESUME_FREE and mine.get(k) != other.get(k))
+        mine, fields = self.to_dict(), self.fields()
+        # an option the saved run predates had its default then
+        saved = {k: other.get(k, fields[k].default) if k in fields else other.get(k) for k in set(mine) | set(other)}
+        return sorted(k for k in saved if k not in RESUME_FREE and mine.get(k) != saved[k])
