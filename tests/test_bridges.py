@@ -383,3 +383,45 @@ def test_default_taps_are_every_fourth_layer_ending_at_the_last():
     assert resolve_taps(None, 30) == [2, 6, 10, 14, 18, 22, 26, 30]
     assert resolve_taps(None, 2) == [2]
     assert resolve_taps([-1, 3], 24) == [3, 24]
+
+
+# ---------------------------------------------------------------------------------------------- command line
+def test_train_cli_composes_the_named_bridge_and_inputs(mapped_pair, tmp_path):
+    from llm_modules.cli import main
+
+    from .test_train import write_data
+
+    args = ["train", "--large", mapped_pair["large"], "--small", mapped_pair["small"],
+            "--data", write_data(tmp_path / "data.jsonl", n=12), "--output", str(tmp_path / "run"),
+            "--template", "stratos", "--batch-size", "2", "--max-length", "1000", "--max-steps", "2",
+            "--eval-every", "2", "--num-samples", "0", "--no-progress", "--state-cache-dir", str(tmp_path / "states"),
+            "--bridge", "xattn", "--small-inputs", "mapped", "--large-layers", "1,3", "--small-stride", "1",
+            "--num-heads", "4", "--train-embeddings"]
+    assert main(args) == 0
+    config = json.loads((tmp_path / "run" / "best" / CONFIG_FILE).read_text())
+    assert config["bridge"] == "xattn" and config["small_inputs"] == "mapped" and config["train_embeddings"]
+    assert config["bridge_options"] == {"large_layers": [1, 3], "small_stride": 1, "num_heads": 4}
+    model = LLMModulesModel.from_pretrained(tmp_path / "run" / "best")
+    assert model.large_taps == [1, 3, 4] and len(model.bridge.blocks) == 2
+
+
+def test_train_config_passes_only_the_chosen_bridges_options(tmp_path):
+    from llm_modules.train_config import TrainConfig
+
+    base = dict(large="l", small="s", data="d", output=str(tmp_path))
+    ladder = TrainConfig(**base, bridge="ladder", large_layers="3,7,11", small_inputs="mapped")
+    assert ladder.compose_options() == {"causal": True, "head": "residual", "bridge": "ladder",
+                                        "small_inputs": "mapped", "train_embeddings": False,
+                                        "large_layers": [3, 7, 11]}
+    assert TrainConfig(**base).compose_options()["bridge"] == "eca"
+    with pytest.raises(LLMModulesError, match="--num-layers is an option of the eca bridge"):
+        TrainConfig(**base, bridge="ladder", num_layers=3)
+    with pytest.raises(LLMModulesError, match="--large-layers must be comma-separated"):
+        TrainConfig(**base, bridge="ladder", large_layers="3,x")
+    with pytest.raises(LLMModulesError, match="--bridge must be one of"):
+        TrainConfig(**base, bridge="lora")
+    with pytest.raises(LLMModulesError, match="train_embeddings"):
+        TrainConfig(**base, train_embeddings=True)
+    saved_before_bridges = {k: v for k, v in TrainConfig(**base).to_dict().items()
+                            if k not in ("bridge", "small_inputs", "train_embeddings", "large_layers", "small_stride")}
+    assert TrainConfig(**base).differences(saved_before_bridges) == []  # an older run still resumes
