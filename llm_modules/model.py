@@ -163,18 +163,10 @@ class LLMModulesModel(nn.Module):
         from .specs import resolve_model
 
         large = resolve_model(config.large, dtype=large_dtype or dtype, with_tokenizer=True)
-        mapped = config.small_inputs == "mapped"
-        small = resolve_model(config.small, dtype=dtype, with_tokenizer=mapped and vocab_map is None)
-        if mapped and vocab_map is None:
-            missing = [f"{side} model {spec!r}" for side, spec, loaded in
-                       (("large", config.large, large), ("small", config.small, small)) if loaded.tokenizer is None]
-            if missing:
-                raise LLMModulesError(f"small_inputs='mapped' re-tokenizes the large vocabulary with the small "
-                                      f"tokenizer, so it needs both tokenizers; none found for the {' and the '.join(missing)}")
-            vocab_map = VocabMap.from_tokenizers(
-                large.tokenizer, small.tokenizer, large.model.get_output_embeddings().weight.shape[0],
-                small.model.get_input_embeddings().weight.shape[0],
-            )
+        build_map = config.small_inputs == "mapped" and vocab_map is None
+        small = resolve_model(config.small, dtype=dtype, with_tokenizer=build_map)
+        if build_map:
+            vocab_map = VocabMap.from_models(large, small)
         model = cls(config, large.model, small.model, tokenizer=large.tokenizer, vocab_map=vocab_map)
         return model.to(device) if device is not None else model
 
@@ -423,11 +415,8 @@ class LLMModulesModel(nn.Module):
         if not weights.is_file():
             raise LLMModulesError(f"{directory} has {CONFIG_FILE} but no {WEIGHTS_FILE}")
         state = load_file(str(weights))
-        vocab_map = None
-        if config.small_inputs == "mapped":  # stored with the weights: the small tokenizer is not needed
-            if "vocab_map.offsets" not in state or "vocab_map.small_ids" not in state:
-                raise LLMModulesError(f"{weights} has no vocabulary map, which small_inputs='mapped' needs")
-            vocab_map = VocabMap(state["vocab_map.offsets"], state["vocab_map.small_ids"])
+        # the vocabulary map is stored with the weights: the small tokenizer is not needed again
+        vocab_map = VocabMap.from_state(state, "vocab_map.", weights) if config.small_inputs == "mapped" else None
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # the leak warning was given when the model was composed
             model = cls._build(config, dtype, large_dtype, None, vocab_map=vocab_map)

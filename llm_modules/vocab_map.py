@@ -50,6 +50,24 @@ class VocabMap(nn.Module):
         return self.offsets.numel() - 1
 
     @classmethod
+    def from_models(cls, large: Any, small: Any) -> "VocabMap":
+        """From two `specs.LoadedModel`s, each with its tokenizer (else a clear error)."""
+        missing = [f"{side} model {loaded.spec!r}" for side, loaded in (("large", large), ("small", small))
+                   if loaded.tokenizer is None]
+        if missing:
+            raise LLMModulesError(f"small_inputs='mapped' re-tokenizes the large vocabulary with the small tokenizer, "
+                                  f"so it needs both tokenizers; none found for the {' and the '.join(missing)}")
+        return cls.from_tokenizers(large.tokenizer, small.tokenizer, large.model.get_output_embeddings().weight.shape[0],
+                                   small.model.get_input_embeddings().weight.shape[0])
+
+    @classmethod
+    def from_state(cls, state: dict[str, torch.Tensor], prefix: str, source: Any) -> "VocabMap":
+        """From saved weights (keys `prefix + "offsets"`, `prefix + "small_ids"`)."""
+        if prefix + "offsets" not in state or prefix + "small_ids" not in state:
+            raise LLMModulesError(f"{source} has no vocabulary map, which small_inputs='mapped' needs")
+        return cls(state[prefix + "offsets"], state[prefix + "small_ids"])
+
+    @classmethod
     def from_tokenizers(cls, large_tokenizer: Any, small_tokenizer: Any, large_vocab_size: int,
                         small_vocab_size: int) -> "VocabMap":
         """Re-tokenize every large token's text with the small tokenizer (both batched, once)."""

@@ -425,3 +425,22 @@ def test_train_config_passes_only_the_chosen_bridges_options(tmp_path):
     saved_before_bridges = {k: v for k, v in TrainConfig(**base).to_dict().items()
                             if k not in ("bridge", "small_inputs", "train_embeddings", "large_layers", "small_stride")}
     assert TrainConfig(**base).differences(saved_before_bridges) == []  # an older run still resumes
+
+
+@pytest.mark.parametrize("bridge", ["ladder", "xattn"])
+def test_gradient_checkpointing_recomputes_the_hooked_layers_identically(mapped_pair, bridge):
+    model = compose(mapped_pair, bridge, "mapped", head="new").train()
+    nudge(model)
+    ids = random_ids(model, 2, 9)
+
+    def grads():
+        model.zero_grad()
+        model(input_ids=ids, labels=ids).loss.backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    plain = grads()
+    model.small.gradient_checkpointing_enable()
+    checkpointed = grads()
+    assert set(checkpointed) == set(plain) and any(n.startswith("bridge.") for n in plain)
+    for n in plain:
+        torch.testing.assert_close(checkpointed[n], plain[n], msg=n)
