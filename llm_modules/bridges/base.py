@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, ClassVar
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ..errors import LLMModulesError
@@ -167,3 +168,62 @@ class TapInput(nn.Module):
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         return self.proj(self.norm(h))  # (..., dS)
+
+
+class CrossAttention(nn.Module):
+    """Queries from the small stream, keys/values from large states, LayerNorm on both, nh heads.
+
+    `keys_values` is separate from `attend` so that decoding can cache keys/values.
+    """
+
+    def __init__(self, large_dim: int, small_dim: int, num_heads: int, dropout: float = 0.0):
+        super().__init__()
+        if small_dim % num_heads:
+            raise LLMModulesError(f"the small model's width {small_dim} is not divisible by num_heads={num_heads}; "
+                                  f"pick a bridge head count that divides it")
+        self.num_heads = num_heads
+        self.dropout = dropout
+        self.norm_large = nn.LayerNorm(large_dim)
+        self.norm_small = nn.LayerNorm(small_dim)
+        self.query = nn.Linear(small_dim, small_dim)
+        self.key = nn.Linear(large_dim, small_dim)
+        self.value = nn.Linear(large_dim, small_dim)
+        self.out = nn.Linear(small_dim, small_dim)
+
+    def keys_values(self, p: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """p (B, N, dL) -> keys, values, each (B, nh, N, hs)."""
+        p = self.norm_large(p)
+        return split_heads(self.key(p), self.num_heads), split_heads(self.value(p), self.num_heads)
+
+    def attend(self, x: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """x (B, T, dS) queries; k, v (B, nh, N, hs); mask (B, 1, T, N) -> (B, T, dS)."""
+        b, t, d = x.shape
+        q = split_heads(self.query(self.norm_small(x)), self.num_heads)  # (B, nh, T, hs)
+        a = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0
+        )  # (B, nh, T, hs)
+        return self.out(a.transpose(1, 2).reshape(b, t, d))  # (B, T, dS)
+
+
+class SideBridge(Bridge):
+    """A bridge that works inside the small model: it taps `options.large_layers` (see
+    `resolve_taps`) and its hooks add into the small model's layers. When the small model reads
+    the bridge (small_inputs "bridge"), its input embeddings are the first tap brought to the
+    small width by a TapInput of their own; otherwise it keeps its own (mapped) embeddings.
+    Subclasses keep what their hooks need from each call in `remember`.
+    """
+
+    def __init__(self, options: Any, shape: BridgeShape):
+        super().__init__(options, shape)
+        self.large_layers = resolve_taps(options.large_layers, shape.large_layers)
+        self.inputs = TapInput(shape.large_dim, shape.small_dim) if shape.provide_inputs else None
+
+    def remember(self, states: torch.Tensor, key_mask: torch.Tensor, causal: bool, cache: BridgeCache | None) -> None:
+        raise NotImplementedError
+
+    def forward(
+        self, states: torch.Tensor, key_mask: torch.Tensor, causal: bool = True, cache: BridgeCache | None = None
+    ) -> torch.Tensor | None:
+        """states (B, T, K, dL), key_mask (B, S) -> input embeddings (B, T, dS) or None; readies the hooks."""
+        self.remember(states, key_mask, causal, cache)
+        return self.inputs(states[:, :, 0]) if self.inputs is not None else None  # (B, T, dS)

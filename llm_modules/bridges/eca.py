@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import LLMModulesError
-from .base import Bridge, BridgeCache, BridgeShape, check_int, cross_attention_mask, split_heads
+from .base import Bridge, BridgeCache, BridgeShape, CrossAttention, check_int, cross_attention_mask
 
 
 @dataclass
@@ -37,7 +37,7 @@ class EcaOptions:
             raise LLMModulesError(f"bridge option dropout must be in [0, 1), got {self.dropout!r}")
 
 
-class EnhancedCrossAttention(nn.Module):
+class EnhancedCrossAttention(CrossAttention):
     """One Enhanced Cross-Attention layer: cross-attention, a bottleneck adapter, a sigmoid gate.
 
     Queries come from the small stream G, keys/values from the large stream P. Returns
@@ -45,32 +45,14 @@ class EnhancedCrossAttention(nn.Module):
     """
 
     def __init__(self, large_dim: int, small_dim: int, num_heads: int, adapter_dim: int, dropout: float):
-        super().__init__()
-        self.num_heads = num_heads
-        self.dropout = dropout
-        self.norm_large = nn.LayerNorm(large_dim)
-        self.norm_small = nn.LayerNorm(small_dim)
-        self.query = nn.Linear(small_dim, small_dim)
-        self.key = nn.Linear(large_dim, small_dim)
-        self.value = nn.Linear(large_dim, small_dim)
-        self.out = nn.Linear(small_dim, small_dim)
+        super().__init__(large_dim, small_dim, num_heads, dropout)
         self.adapter_down = nn.Linear(small_dim, adapter_dim)
         self.adapter_up = nn.Linear(adapter_dim, small_dim)
         self.adapter_norm = nn.LayerNorm(small_dim)
         self.gate = nn.Linear(2 * small_dim, small_dim)
 
-    def keys_values(self, p: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """p (B, T, dL) -> keys, values, each (B, nh, T, hs)."""
-        p = self.norm_large(p)
-        return split_heads(self.key(p), self.num_heads), split_heads(self.value(p), self.num_heads)
-
     def forward(self, g: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        b, t, d = g.shape  # g (B, T, dS)
-        q = split_heads(self.query(self.norm_small(g)), self.num_heads)  # (B, nh, T, hs)
-        a = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0
-        )  # (B, nh, T, hs)
-        a = self.out(a.transpose(1, 2).reshape(b, t, d))  # (B, T, dS)
+        a = self.attend(g, k, v, mask)  # (B, T, dS)
         a = self.adapter_norm(self.adapter_up(F.gelu(self.adapter_down(a)))) + a
         gate = torch.sigmoid(self.gate(torch.cat([g, a], dim=-1)))  # (B, T, dS)
         return gate * a + (1 - gate) * g
@@ -88,11 +70,6 @@ class EcaBridge(Bridge):
     def __init__(self, options: EcaOptions, shape: BridgeShape):
         super().__init__(options, shape)
         large_dim, small_dim = shape.large_dim, shape.small_dim
-        if small_dim % options.num_heads:
-            raise LLMModulesError(
-                f"the small model's width {small_dim} is not divisible by num_heads={options.num_heads}; "
-                f"pick a bridge head count that divides it"
-            )
         layer = options.large_layer + shape.large_layers + 1 if options.large_layer < 0 else options.large_layer
         if not 0 <= layer <= shape.large_layers:
             raise LLMModulesError(f"large_layer={options.large_layer} is not a hidden state of the large model "

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from ..errors import LLMModulesError
-from .base import Bridge, BridgeCache, BridgeShape, TapInput, add_after_layer, decoder_layers, resolve_taps
+from .base import BridgeCache, BridgeShape, SideBridge, TapInput, add_after_layer, decoder_layers
 
 
 @dataclass
@@ -40,31 +40,22 @@ class LadderOptions:
             self.large_layers = list(self.large_layers)
 
 
-class LadderBridge(Bridge):
-    """Per tap: LayerNorm -> Linear(dL, dS) -> x tanh(alpha), added after the matching small layer.
-
-    With `provide_inputs` (small_inputs "bridge"), the small model's input embeddings are the
-    first tap brought to the small width by a TapInput of their own.
-    """
+class LadderBridge(SideBridge):
+    """Per tap: LayerNorm -> Linear(dL, dS) -> x tanh(alpha), added after the matching small layer."""
 
     options_class = LadderOptions
 
     def __init__(self, options: LadderOptions, shape: BridgeShape):
         super().__init__(options, shape)
-        self.large_layers = resolve_taps(options.large_layers, shape.large_layers)
         self.small_layer_of_tap = [
             max(1, round(tap * shape.small_layers / shape.large_layers)) - 1 for tap in self.large_layers
         ]  # 0-based small layer after which each tap is added
         self.taps = nn.ModuleList(TapInput(shape.large_dim, shape.small_dim) for _ in self.large_layers)
         self.alphas = nn.Parameter(torch.zeros(len(self.large_layers)))  # tanh(0) = 0: starts closed
-        self.inputs = TapInput(shape.large_dim, shape.small_dim) if shape.provide_inputs else None
         self._states: torch.Tensor | None = None  # (B, T, K, dL) of the current call, read by the hooks
 
     def attach(self, small_decoder: nn.Module) -> None:
         layers = decoder_layers(small_decoder)
-        if len(layers) != self.shape.small_layers:
-            raise LLMModulesError(f"the small model has {len(layers)} layers, the ladder was built for "
-                                  f"{self.shape.small_layers}")
         for j in sorted(set(self.small_layer_of_tap)):
             add_after_layer(layers[j], lambda h, j=j: self._add_taps(j, h))
 
@@ -75,12 +66,8 @@ class LadderBridge(Bridge):
                 h = h + torch.tanh(self.alphas[k]) * self.taps[k](self._states[:, :, k].to(h.dtype))  # (B, T, dS)
         return h
 
-    def forward(
-        self, states: torch.Tensor, key_mask: torch.Tensor, causal: bool = True, cache: BridgeCache | None = None
-    ) -> torch.Tensor | None:
-        """states (B, T, K, dL) -> input embeddings (B, T, dS) or None; readies the hooks."""
-        self._states = states
-        return self.inputs(states[:, :, 0]) if self.inputs is not None else None  # (B, T, dS)
+    def remember(self, states: torch.Tensor, key_mask: torch.Tensor, causal: bool, cache: BridgeCache | None) -> None:
+        self._states = states  # per-position additions: no mask, no cache needed
 
     def extra_repr(self) -> str:
         return f"large_layers={self.large_layers}, after small layers={[j + 1 for j in self.small_layer_of_tap]}"
