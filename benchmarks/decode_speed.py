@@ -36,7 +36,7 @@ def decoder_step_time(model: LLMModulesModel, ids: torch.Tensor, steps: int = 16
     mask = torch.ones_like(ids)
     pos = positions_from_mask(mask)
     _, large_cache = model.encode_large(ids, mask, pos, use_cache=True)
-    embeds = torch.randn(1, ids.shape[1], model.bridge.proj.out_features)
+    embeds = torch.randn(1, ids.shape[1], model.small.get_input_embeddings().weight.shape[1])
     _, small_cache = model._small_decoder(use_cache=True, inputs_embeds=embeds, attention_mask=mask, position_ids=pos)
     large_total = small_total = 0.0
     for _ in range(steps):

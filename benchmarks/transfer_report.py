@@ -67,6 +67,13 @@ ROWS = {
     "composed_residual": {"kind": "train", "method": "composed", "options": {"head": "residual"}},
     "composed_new": {"kind": "train", "method": "composed", "options": {"head": "new"}},
     "composed_projected": {"kind": "train", "method": "composed", "options": {"head": "projected"}},
+    # bridges beyond the paper (llm_modules/bridges/), the small model keeping its own embeddings
+    "composed_eca_mapped": {"kind": "train", "method": "composed",
+                            "options": {"head": "residual", "small_inputs": "mapped"}},
+    "composed_ladder": {"kind": "train", "method": "composed",
+                        "options": {"head": "residual", "bridge": "ladder", "small_inputs": "mapped"}},
+    "composed_xattn": {"kind": "train", "method": "composed",
+                       "options": {"head": "residual", "bridge": "xattn", "small_inputs": "mapped"}},
     "small_finetuned": {"kind": "train", "method": "finetune", "options": {}},
     "lora_large": {"kind": "train", "method": "lora", "options": {"lora_rank": 8}},
     "distilled": {"kind": "train", "method": "distill", "options": {}},
@@ -293,6 +300,8 @@ class Plan:
         unit = {**self.base, "phase": phase, "row": row, **fields}
         if ROWS[row]["kind"] == "train":
             unit["options"] = ROWS[row]["options"]
+        if ROWS[row].get("method") == "composed":  # rows tapping the same large layers share one state cache
+            unit["states"] = f"{self.base['states']}/{cache_group(row)}"
         return unit
 
     def run(self, unit: dict) -> dict:
@@ -321,6 +330,13 @@ class Plan:
         return result
 
 
+def cache_group(row: str) -> str:
+    """Composed rows whose large-model states are the same (same bridge and taps) share a cache: its name."""
+    options = ROWS[row]["options"]
+    taps = {k: options[k] for k in ("bridge", "large_layers") if k in options}
+    return "eca" if not taps else hashlib.sha256(json.dumps(taps, sort_keys=True).encode()).hexdigest()[:8]
+
+
 def budget_of(args: argparse.Namespace, row: str) -> float:
     return float(args.row_budget.get(row, args.budget_seconds))
 
@@ -328,7 +344,7 @@ def budget_of(args: argparse.Namespace, row: str) -> float:
 def execute(args: argparse.Namespace) -> dict:
     """Every unit of the report in order, writing the report after each finished one."""
     plan = Plan(args)
-    state: dict = {"rows": [], "grid": [], "calibration": {}, "cache": None, "skipped": []}
+    state: dict = {"rows": [], "grid": [], "calibration": {}, "caches": {}}
     train_rows = [r for r in args.rows if ROWS[r]["kind"] == "train"]
 
     def checkpoint_report():
@@ -340,17 +356,23 @@ def execute(args: argparse.Namespace) -> dict:
             result = plan.run(plan.unit(kind, row))
             state["rows"].append({"row": row, "seed": None, **result})
             checkpoint_report()
-    if any(ROWS[r]["method"] == "composed" for r in train_rows):
-        state["cache"] = plan.run(plan.unit("cache", "composed_residual"))  # the head does not change the states
-        checkpoint_report()
-    cache_seconds = (state["cache"] or {}).get("cache_seconds") or 0.0
+    caches = state["caches"]  # cache group -> its timed build (the head does not change the states)
     for row in train_rows:
+        if ROWS[row]["method"] == "composed" and cache_group(row) not in caches:
+            caches[cache_group(row)] = plan.run(plan.unit("cache", row))
+            checkpoint_report()
+    for row in train_rows:
+        cache = caches.get(cache_group(row), {}) if ROWS[row]["method"] == "composed" else {}
+        if "error" in cache:  # no timed state cache: the row cannot be charged for it
+            state["calibration"][row] = {"error": f"state cache: {cache['error']}"}
+            continue
         state["calibration"][row] = plan.run(plan.unit("calibrate", row, lr_small=GRIDS[ROWS[row]["method"]][0][0],
                                                        lr_bridge=GRIDS[ROWS[row]["method"]][0][1] or None))
         checkpoint_report()
+
     def budget_steps(row: str) -> tuple[int, float]:
         """Steps of `row` in its budget, and the seconds counted before its first step (the cache build)."""
-        overhead = cache_seconds if ROWS[row]["method"] == "composed" else 0.0
+        overhead = (caches[cache_group(row)].get("cache_seconds") or 0.0) if ROWS[row]["method"] == "composed" else 0.0
         return round((budget_of(args, row) - overhead) / state["calibration"][row]["sec_per_step"]), overhead
 
     winners = {}
@@ -445,7 +467,6 @@ def write_report(args: argparse.Namespace, state: dict, wall: float) -> None:
     finished_runs = sum(1 for r in state["rows"] if r.get("seed") is not None and "error" not in r)
     partial = finished_runs < expected_runs
     train_data, test_data = data_specs(args)
-    cache = state.get("cache") or {}
     import torch
 
     device = f"GPU {torch.cuda.get_device_name()}" if torch.cuda.is_available() else \
@@ -464,9 +485,11 @@ def write_report(args: argparse.Namespace, state: dict, wall: float) -> None:
               + "".join(f", {r} {s:.0f} s" for r, s in args.row_budget.items()) + "; learning-rate grid "
               + ("at the full budget on the first seed (the winner's run is that seed's)" if args.grid_seconds is None
                  else f"{args.grid_seconds:.0f} s per point") + ".", ""]
-    if cache:
-        lines += [f"State cache: built in {cache.get('cache_seconds', 0):.1f} s ({cache.get('cache_mib')} MiB); "
-                  "these seconds are counted in every composed row's training time.", ""]
+    for group, cache in state["caches"].items():
+        users = ", ".join(r for r in args.rows if ROWS[r].get("method") == "composed" and cache_group(r) == group)
+        lines += [f"State cache `{group}` ({users}): " + (f"failed: {cache['error']}" if "error" in cache else
+                  f"built in {cache['cache_seconds']:.1f} s ({cache['cache_mib']} MiB), counted in the training "
+                  "time of each row that reads it."), ""]
     lines += ["## Held-out test set at 25%, 50% and 100% of the budget",
               "", "Bits per byte of the answer text (lower is better) | accuracy with the task's own scorer. "
               "Mean ± sd over seeds.", "",
@@ -510,7 +533,8 @@ def write_report(args: argparse.Namespace, state: dict, wall: float) -> None:
             if "error" in cal:
                 lines.append(f"| {row} | failed: {cal['error'][:100]} | |")
                 continue
-            overhead = cache.get("cache_seconds", 0.0) if ROWS[row]["method"] == "composed" else 0.0
+            overhead = (state["caches"].get(cache_group(row), {}).get("cache_seconds") or 0.0
+                        if ROWS[row]["method"] == "composed" else 0.0)
             lines.append(f"| {row} | {cal['sec_per_step']:.2f} | "
                          f"{max(0, round((budget_of(args, row) - overhead) / cal['sec_per_step']))} |")
     if state["grid"]:
@@ -526,7 +550,7 @@ def write_report(args: argparse.Namespace, state: dict, wall: float) -> None:
     (folder / "results.md").write_text("\n".join(lines))
     payload = {"task": args.task, "large": args.large, "small": args.small, "partial": partial, "device": device,
                "budget_seconds": args.budget_seconds, "rows": rows, "grid": state["grid"],
-               "calibration": state["calibration"], "cache": cache, "details": state["rows"]}
+               "calibration": state["calibration"], "caches": state["caches"], "details": state["rows"]}
     (folder / "results.json").write_text(json.dumps(payload, indent=1))
     plot(folder, by_row, done)
 

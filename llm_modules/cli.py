@@ -64,7 +64,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser = Parser(
         prog="llm-modules",
-        description="Compose a frozen large causal LM with a small trainable one through Enhanced Cross-Attention.",
+        description="Compose a frozen large causal LM with a small trainable one through a bridge "
+                    "(the paper's Enhanced Cross-Attention by default; also ladder and xattn).",
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
     parser.add_argument("--version", action="version", version=f"llm-modules {__version__}")
@@ -124,6 +125,8 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("--large", help="large model spec (with --small, instead of --model)")
     info.add_argument("--small", help="small model spec")
     info.add_argument("--head", default=ComposeConfig.head, help="head kind when composing from specs")
+    info.add_argument("--bridge", default=ComposeConfig.bridge, help="bridge when composing from specs")
+    info.add_argument("--small-inputs", default=ComposeConfig.small_inputs, help="bridge or mapped, from specs")
     return parser
 
 
@@ -294,11 +297,13 @@ def run_info(args: argparse.Namespace) -> int:
     if args.model:
         model = LLMModulesModel.from_pretrained(args.model)
     elif args.large and args.small:
-        model = LLMModulesModel.compose(large=args.large, small=args.small, head=args.head)
+        model = LLMModulesModel.compose(large=args.large, small=args.small, head=args.head, bridge=args.bridge,
+                                        small_inputs=args.small_inputs)
     else:
         raise LLMModulesError("info needs --model DIR, or --large SPEC and --small SPEC")
     counts = model.parameter_counts()
-    print(f"large: {model.config.large}\nsmall: {model.config.small}\nhead:  {model.config.head}")
+    print(f"large: {model.config.large}\nsmall: {model.config.small}\nhead:  {model.config.head}\n"
+          f"bridge: {model.config.bridge} {model.config.bridge_options} (small inputs: {model.config.small_inputs})")
     print(f"{'part':<8}{'trainable':>16}{'frozen':>16}")
     for part, entry in counts.items():
         print(f"{part:<8}{entry['trainable']:>16,}{entry['frozen']:>16,}")

@@ -1,25 +1,32 @@
-"""The composition config: which two models, how the bridge is shaped, which head; saved as JSON."""
+"""The composition config: which two models, which bridge and its options, which head, which small-model
+inputs; saved as JSON. Versioned: folders saved before bridges had names (format 1) still load."""
 
 from __future__ import annotations
 
 import dataclasses
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
+from .bridges import bridge_options, option_names
 from .errors import LLMModulesError
 
 HEAD_KINDS = ("new", "projected", "residual")
+SMALL_INPUTS = ("bridge", "mapped")
 CONFIG_FILE = "llm_modules_config.json"
 WEIGHTS_FILE = "model.safetensors"
+CONFIG_FORMAT = 2  # 1: no version field, the Enhanced Cross-Attention options at the top level
+_FORMAT_1_BRIDGE_KEYS = ("num_layers", "num_heads", "adapter_dim", "dropout", "large_layer")
 
 
 @dataclass
 class ComposeConfig:
-    """How a frozen large LM, the Enhanced Cross-Attention bridge and a small LM are put together.
+    """How a frozen large LM, a bridge and a small LM are put together.
 
-    `large` and `small` are model specs (see `llm_modules.specs`). Bridge defaults are the paper's:
-    2 Enhanced Cross-Attention layers, 8 heads, adapter width 256, dropout 0.1.
+    `large` and `small` are model specs (see `llm_modules.specs`). `bridge` names one of
+    `llm_modules.bridges.BRIDGES` and `bridge_options` holds its options (every option written
+    out, defaults included); the default, `eca`, is the paper's Enhanced Cross-Attention.
     `head` picks how the small model's output becomes logits over the LARGE vocabulary:
       - "residual" (the default): the large model's own logits plus the projected head's
         correction, the correction zero-initialised so training starts from the large model's
@@ -28,6 +35,11 @@ class ComposeConfig:
       - "new": a fresh Linear(d_small, |V_large|) (the paper's head);
       - "projected": a trainable Linear(d_small, d_large) followed by the large model's frozen
         output embedding.
+    `small_inputs` picks what the small model reads as its input embeddings:
+      - "bridge" (the paper): only the bridge's output;
+      - "mapped": its own pretrained token embeddings through a vocabulary map (each large token's
+        text re-tokenized by the small tokenizer, its embeddings averaged; see `vocab_map`), plus the
+        bridge's output when the bridge gives one. `train_embeddings` makes those embeddings trainable.
     `causal=False` reproduces the paper's leak: every position reads the large model's states
     of later positions too. Only for reproducing the paper.
     """
@@ -36,31 +48,52 @@ class ComposeConfig:
     small: str
     causal: bool = True
     head: str = "residual"
-    num_layers: int = 2
-    num_heads: int = 8
-    adapter_dim: int = 256
-    dropout: float = 0.1
-    large_layer: int = -1  # which hidden state of the large model feeds the bridge (-1: last, after the final norm)
+    bridge: str = "eca"
+    bridge_options: dict[str, Any] = field(default_factory=dict)
+    small_inputs: str = "bridge"
+    train_embeddings: bool = False
     library_version: str = ""
     # digests of the large weights this model was trained on (see large_identity); {} in older folders
-    large_identity: dict = dataclasses.field(default_factory=dict)
+    large_identity: dict = field(default_factory=dict)
+    format_version: int = CONFIG_FORMAT
 
     def __post_init__(self) -> None:
         if self.head not in HEAD_KINDS:
             raise LLMModulesError(f"unknown head kind {self.head!r}; valid kinds: {', '.join(HEAD_KINDS)}")
-        for name in ("num_layers", "num_heads", "adapter_dim"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value < (0 if name == "num_layers" else 1):
-                raise LLMModulesError(f"bridge option {name} must be a positive integer, got {value!r}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise LLMModulesError(f"bridge option dropout must be in [0, 1), got {self.dropout!r}")
-        if self.head == "residual" and self.large_layer != -1:
-            raise LLMModulesError("head 'residual' adds to the large model's own logits, so it needs large_layer=-1 "
-                                  "(use head 'new' or 'projected' to feed the bridge another layer)")
+        if self.small_inputs not in SMALL_INPUTS:
+            raise LLMModulesError(f"unknown small_inputs {self.small_inputs!r}; valid: {', '.join(SMALL_INPUTS)}")
+        if self.train_embeddings and self.small_inputs != "mapped":
+            raise LLMModulesError("train_embeddings needs small_inputs='mapped' (with 'bridge' the small model "
+                                  "has no token embeddings)")
+        if not isinstance(self.bridge_options, dict):
+            raise LLMModulesError(f"bridge_options must be a mapping, got {self.bridge_options!r}")
+        self.bridge_options = dataclasses.asdict(self.options())  # validated, defaults written out
+        if self.format_version != CONFIG_FORMAT:
+            raise LLMModulesError(f"composition config format {self.format_version!r} is not this version's "
+                                  f"({CONFIG_FORMAT}); was it written by a newer llm-modules?")
         if not self.library_version:
             from . import __version__
 
             self.library_version = __version__
+
+    def options(self) -> Any:
+        """The bridge's options as its own dataclass."""
+        return bridge_options(self.bridge, self.bridge_options)
+
+    @classmethod
+    def from_options(cls, large: str, small: str, **options: Any) -> "ComposeConfig":
+        """Flat keyword options (as `compose` takes them): config fields by name, the rest the bridge's."""
+        own = {f.name for f in dataclasses.fields(cls)} - {"bridge_options", "format_version", "library_version"}
+        top = {k: v for k, v in options.items() if k in own}
+        rest = {k: v for k, v in options.items() if k not in own}
+        bridge = top.get("bridge", cls.bridge)
+        unknown = sorted(set(rest) - set(option_names(bridge)))
+        if unknown:
+            raise LLMModulesError(
+                f"unknown option(s) {unknown} for bridge {bridge!r}; its options: {', '.join(option_names(bridge))}; "
+                f"composition options: {', '.join(sorted(own - {'large', 'small'}))}"
+            )
+        return cls(large=large, small=small, bridge_options=rest, **top)
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True) + "\n"
@@ -79,6 +112,11 @@ class ComposeConfig:
             data = json.loads(path.read_text())
         except json.JSONDecodeError as err:
             raise LLMModulesError(f"{path} is not valid JSON: {err}") from None
+        if not isinstance(data, dict):
+            raise LLMModulesError(f"{path} must hold a JSON object")
+        if "format_version" not in data:  # format 1: the paper's bridge, its options at the top level
+            options = {k: data.pop(k) for k in _FORMAT_1_BRIDGE_KEYS if k in data}
+            data = {**data, "bridge": "eca", "bridge_options": options, "format_version": CONFIG_FORMAT}
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:

@@ -20,7 +20,6 @@ import torch
 import torch.nn.functional as F
 
 from .answers import answers_match, extract_final_answer
-from .config import CONFIG_FILE
 from .data import DataConfig, TokenizedExample, answer_bytes, bits_per_byte, collate, pad_id, prepare_data
 from .errors import LLMModulesError
 from .train_config import RUN_CONFIG_FILE
@@ -32,7 +31,7 @@ class ComposedScorer:
     def __init__(self, model: Any):
         self.model, self.tokenizer = model.eval(), model.tokenizer
         self.max_positions = model.small_max_positions
-        self.device = model.bridge.pre_proj.weight.device
+        self.device = model.device
 
     def loss_sum(self, batch: dict[str, torch.Tensor]) -> float:
         return float(self.model(**batch, return_logits=False, loss_reduction="sum").loss)

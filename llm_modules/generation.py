@@ -120,7 +120,7 @@ def _generate(
     model, input_ids, attention_mask, max_new_tokens, min_new_tokens, do_sample, temperature, top_k, top_p,
     repetition_penalty, eos_token_id, pad_token_id, stop_strings, tokenizer, streamer, use_cache, generator, on_token,
 ):
-    device = model.bridge.pre_proj.weight.device
+    device = model.device
     ids = input_ids.to(device)
     mask = (attention_mask if attention_mask is not None else torch.ones_like(ids)).to(device)
     if mask.shape != ids.shape:

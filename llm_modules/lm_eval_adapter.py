@@ -75,7 +75,7 @@ class LLMModulesLM(TemplateLM):
         elif device is not None:
             model.to(device)
         self.model = model.eval()
-        self._device = model.bridge.pre_proj.weight.device
+        self._device = model.device
         ignored = {k: v for k, v in unused.items() if v is not None}
         if ignored:
             logger.warning("llm-modules: ignoring unsupported model arguments %s", sorted(ignored))

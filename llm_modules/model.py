@@ -1,12 +1,13 @@
-"""The composed model: frozen large LM -> Enhanced Cross-Attention bridge -> small LM -> head.
+"""The composed model: frozen large LM -> bridge -> small LM -> head.
 
-Data flows one way. Both sides read the LARGE model's token ids; the small model only sees the
-bridge output through `inputs_embeds`, and the head predicts over the large vocabulary.
+Data flows one way. Both sides read the LARGE model's token ids. The small model reads, as its
+input embeddings, the bridge's output (the paper), or its own token embeddings through a
+vocabulary map (plus the bridge's output when the bridge gives one); bridges such as `ladder`
+and `xattn` also add into its layers. The head predicts over the large vocabulary.
 """
 
 from __future__ import annotations
 
-import inspect
 import logging
 import warnings
 from dataclasses import dataclass
@@ -20,10 +21,12 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from .bridge import Bridge, BridgeCache
+from .bridges import BridgeCache, BridgeShape, bridge_classes
 from .config import CONFIG_FILE, WEIGHTS_FILE, ComposeConfig
 from .errors import LLMModulesError
 from .heads import ComposedHead
+from .large import Decoder, Released, num_layers, tapped_states
+from .vocab_map import VocabMap
 
 logger = logging.getLogger(__name__)
 
@@ -41,6 +44,7 @@ class ComposedCache:
     large: Any = None
     bridge: BridgeCache | None = None
     small: Any = None
+    length: int = 0  # positions seen so far
 
 
 @dataclass
@@ -63,38 +67,17 @@ def next_token_loss(logits: torch.Tensor, labels: torch.Tensor, reduction: str =
     )
 
 
-class _Decoder:
-    """Calls a Hugging Face decoder (no LM head) with its KV cache, across transformers 5.x renames."""
-
-    def __init__(self, module: nn.Module):
-        self.module = module
-        params = inspect.signature(module.forward).parameters
-        self.cache_arg = "cache" if "cache" in params else "past_key_values"
-
-    def __call__(self, cache: Any = None, use_cache: bool = False, **kwargs: Any) -> tuple[Any, Any]:
-        out = self.module(**{self.cache_arg: cache}, use_cache=use_cache, **kwargs)
-        new_cache = out.cache if hasattr(out, "cache") else getattr(out, "past_key_values", None)
-        return out, (new_cache if use_cache else None)
-
-
-class _Released(nn.Module):
-    """Stands where a part of the large model was freed by `LLMModulesModel.release_large`."""
-
-    def forward(self, *args: Any, **kwargs: Any) -> Any:
-        raise LLMModulesError(
-            "this part of the large model was released to save memory while training from cached states; "
-            "call restore_large() before running the large model"
-        )
-
-
 class LLMModulesModel(nn.Module):
-    """A frozen large causal LM feeding a small trainable causal LM through Enhanced Cross-Attention.
+    """A frozen large causal LM feeding a small trainable causal LM through a bridge.
 
-    Build with `LLMModulesModel.compose(large=SPEC, small=SPEC)`; reload a trained one with
-    `LLMModulesModel.from_pretrained(dir)`. Only the bridge, the small decoder and the head train.
+    Build with `LLMModulesModel.compose(large=SPEC, small=SPEC, bridge=NAME, small_inputs=KIND)`;
+    reload a trained one with `LLMModulesModel.from_pretrained(dir)`. Only the bridge, the small
+    decoder and the head train. `vocab_map` is required for `small_inputs="mapped"` (`compose`
+    builds it from both tokenizers, `from_pretrained` reads it from the saved weights).
     """
 
-    def __init__(self, config: ComposeConfig, large: nn.Module, small: nn.Module, tokenizer: Any = None):
+    def __init__(self, config: ComposeConfig, large: nn.Module, small: nn.Module, tokenizer: Any = None,
+                 vocab_map: VocabMap | None = None):
         super().__init__()
         self.config = config
         self.tokenizer = tokenizer  # the LARGE model's tokenizer; None for folders without one
@@ -105,7 +88,8 @@ class LLMModulesModel(nn.Module):
         self.large = large
         self.large.requires_grad_(False)
         self.large.eval()
-        self._large_decoder = _Decoder(large.base_model)
+        self._large_decoder = Decoder(large.base_model)
+        self.num_large_layers = num_layers(large)
         large_head = large.get_output_embeddings()
         if large_head is None:
             raise LLMModulesError(f"large model {config.large!r} has no output embedding (is it a causal LM?)")
@@ -114,23 +98,35 @@ class LLMModulesModel(nn.Module):
         self._large_head_name = next(n for n, m in large.named_modules() if m is large_head)
         vocab_size, large_dim = large_head.weight.shape
 
-        # The small model keeps only its decoder: its old LM head is dropped and its token
-        # embeddings (unused: it reads the bridge through inputs_embeds) become a frozen 1-row stub.
+        # The small model keeps only its decoder: its old LM head is dropped. With small_inputs
+        # "bridge" its token embeddings (unused: it reads the bridge through inputs_embeds) become a
+        # frozen 1-row stub; with "mapped" they stay, frozen unless config.train_embeddings.
         self.small = small.base_model
         small_dim = self.small.get_input_embeddings().weight.shape[1]
-        # in the small model's dtype: `self.small.dtype` (read below) is its first parameter's, the stub's
-        stub = nn.Embedding(1, small_dim, dtype=self.small.get_input_embeddings().weight.dtype)
-        stub.weight.requires_grad_(False)
-        self.small.set_input_embeddings(stub)
-        self._small_decoder = _Decoder(self.small)
+        self.vocab_map = vocab_map if config.small_inputs == "mapped" else None
+        if config.small_inputs == "mapped":
+            if vocab_map is None or vocab_map.large_vocab_size != vocab_size:
+                raise LLMModulesError("small_inputs='mapped' needs a vocabulary map over the large vocabulary "
+                                      "(compose builds one from both models' tokenizers)")
+            self.small.get_input_embeddings().weight.requires_grad_(config.train_embeddings)
+        else:
+            # in the small model's dtype: `self.small.dtype` (read below) is its first parameter's, the stub's
+            stub = nn.Embedding(1, small_dim, dtype=self.small.get_input_embeddings().weight.dtype)
+            stub.weight.requires_grad_(False)
+            self.small.set_input_embeddings(stub)
+        self._small_decoder = Decoder(self.small)
         self.small_max_positions = getattr(self.small.config, "max_position_embeddings", None)
 
-        if small_dim % config.num_heads:
-            raise LLMModulesError(
-                f"the small model's width {small_dim} is not divisible by num_heads={config.num_heads}; "
-                f"pick a bridge head count that divides it"
-            )
-        self.bridge = Bridge(large_dim, small_dim, config.num_layers, config.num_heads, config.adapter_dim, config.dropout)
+        bridge_class = bridge_classes(config.bridge)[1]
+        shape = BridgeShape(large_dim, small_dim, self.num_large_layers, num_layers(small),
+                            provide_inputs=config.small_inputs == "bridge")
+        self.bridge = bridge_class(config.options(), shape)
+        self.bridge.attach(self.small)
+        # The large hidden states the model reads: the bridge's taps, and the final one for the residual head.
+        final = {self.num_large_layers} if config.head == "residual" else set()
+        self.large_taps = sorted(set(self.bridge.large_layers) | final)
+        self._bridge_taps = [self.large_taps.index(t) for t in self.bridge.large_layers]
+        self._head_tap = self.large_taps.index(self.num_large_layers) if final else None
         self.head = ComposedHead(config.head, small_dim, large_dim, vocab_size)
         self.bridge.to(self.small.dtype)
         self.head.to(self.small.dtype)
@@ -154,15 +150,17 @@ class LLMModulesModel(nn.Module):
     ) -> "LLMModulesModel":
         """Load both models from their specs and join them with a freshly initialised bridge and head.
 
-        bridge_options: head, num_layers, num_heads, adapter_dim, dropout, large_layer.
-        `large_dtype` (default: `dtype`) lets the frozen large model run in bf16/fp16.
+        options: the composition's (head, bridge="eca"|"ladder"|"xattn", small_inputs="bridge"|"mapped",
+        train_embeddings) and the bridge's own (see `llm_modules.bridges`; eca: num_layers, num_heads,
+        adapter_dim, dropout, large_layer; ladder: large_layers; xattn: large_layers, small_stride,
+        num_heads). `large_dtype` (default: `dtype`) lets the frozen large model run in bf16/fp16.
         """
-        config = ComposeConfig(large=large, small=small, causal=causal, **bridge_options)
+        config = ComposeConfig.from_options(large=large, small=small, causal=causal, **bridge_options)
         return cls._build(config, dtype, large_dtype, device)
 
     @classmethod
     def _build(cls, config: ComposeConfig, dtype: torch.dtype, large_dtype: torch.dtype | None, device: Any,
-               saved_in: Path | None = None, allow_large_mismatch: bool = False):
+               saved_in: Path | None = None, allow_large_mismatch: bool = False, vocab_map: VocabMap | None = None):
         from . import large_identity
         from .specs import resolve_model
 
@@ -171,8 +169,11 @@ class LLMModulesModel(nn.Module):
             config.large_identity = large_identity.record(large.model)
         else:
             large_identity.check(config.large_identity, large.model, config.large, str(saved_in), allow_large_mismatch)
-        small = resolve_model(config.small, dtype=dtype, with_tokenizer=False)
-        model = cls(config, large.model, small.model, tokenizer=large.tokenizer)
+        build_map = config.small_inputs == "mapped" and vocab_map is None
+        small = resolve_model(config.small, dtype=dtype, with_tokenizer=build_map)
+        if build_map:
+            vocab_map = VocabMap.from_models(large, small)
+        model = cls(config, large.model, small.model, tokenizer=large.tokenizer, vocab_map=vocab_map)
         return model.to(device) if device is not None else model
 
     # ------------------------------------------------------------------ bookkeeping
@@ -180,6 +181,10 @@ class LLMModulesModel(nn.Module):
         super().train(mode)
         self.large.eval()  # the frozen model never runs dropout
         return self
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.small.parameters()).device
 
     def parameter_counts(self) -> dict[str, dict[str, int]]:
         """{part: {"trainable": n, "frozen": n}} for large, bridge, small, head and total."""
@@ -211,7 +216,7 @@ class LLMModulesModel(nn.Module):
     # ------------------------------------------------------------------ freeing the large model
     @property
     def large_released(self) -> bool:
-        return isinstance(self._large_decoder.module, _Released)
+        return isinstance(self._large_decoder.module, Released)
 
     def release_large(self) -> bool:
         """Free the large model's weights that training from cached states never reads.
@@ -229,15 +234,15 @@ class LLMModulesModel(nn.Module):
         body = self.large.base_model
         first = next(body.parameters())
         self._large_place = (first.dtype, first.device)
-        setattr(self.large, self.large.base_model_prefix, _Released())
+        setattr(self.large, self.large.base_model_prefix, Released())
         if self.config.head == "new":
             parent, _, name = self._large_head_name.rpartition(".")
-            setattr(self.large.get_submodule(parent), name, _Released())
+            setattr(self.large.get_submodule(parent), name, Released())
         else:  # the head stays, in a copy of its own: loaded weights may all live in one memory map of
             # the checkpoint file, which any surviving tensor keeps mapped (and its pages resident)
             head = self.large.get_submodule(self._large_head_name)
             head.weight = nn.Parameter(head.weight.detach().clone(), requires_grad=False)
-        self._large_decoder = _Decoder(self.large.base_model)
+        self._large_decoder = Decoder(self.large.base_model)
         return True
 
     def restore_large(self) -> None:
@@ -250,7 +255,7 @@ class LLMModulesModel(nn.Module):
         large = resolve_model(self.config.large, dtype=dtype, with_tokenizer=False).model.to(device)
         large.requires_grad_(False)
         self.large = large.eval()
-        self._large_decoder = _Decoder(large.base_model)
+        self._large_decoder = Decoder(large.base_model)
 
     # ------------------------------------------------------------------ forward
     @torch.no_grad()
@@ -262,14 +267,11 @@ class LLMModulesModel(nn.Module):
         cache: Any = None,
         use_cache: bool = False,
     ) -> tuple[torch.Tensor, Any]:
-        """Frozen large model -> its hidden states (B, T, dL) at `config.large_layer`, and its KV cache."""
-        want_all = self.config.large_layer != -1
-        out, new_cache = self._large_decoder(
-            cache=cache, use_cache=use_cache, input_ids=input_ids, attention_mask=attention_mask,
-            position_ids=position_ids, output_hidden_states=want_all,
+        """Frozen large model -> its hidden states (B, T, K, dL) at `self.large_taps`, and its KV cache."""
+        return tapped_states(
+            self._large_decoder, self.large_taps, self.num_large_layers, cache=cache, use_cache=use_cache,
+            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
         )
-        states = out.hidden_states[self.config.large_layer] if want_all else out.last_hidden_state
-        return states, new_cache
 
     def forward(
         self,
@@ -286,18 +288,18 @@ class LLMModulesModel(nn.Module):
         """Logits over the large vocabulary for every new position.
 
         input_ids (B, T) in the large tokenizer's ids; attention_mask (B, S) covers cached AND new
-        positions (S = cached + T), left or right padding. `large_states` (B, T, dL) replaces the
-        large model's forward (training from cached states). `logits_to_keep=n` keeps the last n.
+        positions (S = cached + T), left or right padding. `large_states` (B, T, K, dL), the large
+        model's states at `self.large_taps` (or (B, T, dL) when K = 1), replaces the large model's
+        forward (training from cached states); input_ids are still needed with small_inputs "mapped". `logits_to_keep=n` keeps the last n.
         With labels and `return_logits=False` the head runs only where a label is predicted (the
         vocabulary projection is the costliest step of training) and `logits` is None.
         """
         if input_ids is None and large_states is None:
             raise ValueError("give input_ids or large_states")
         batch, length = (input_ids if input_ids is not None else large_states).shape[:2]
-        device = self.bridge.pre_proj.weight.device
         if attention_mask is None:
-            past = cache.bridge.length if cache is not None and cache.bridge is not None else 0
-            attention_mask = torch.ones(batch, past + length, dtype=torch.long, device=device)
+            past = cache.length if cache is not None else 0
+            attention_mask = torch.ones(batch, past + length, dtype=torch.long, device=self.device)
         position_ids = positions_from_mask(attention_mask)[:, -length:]  # (B, T)
         top = int(position_ids.max()) + 1
         if self.small_max_positions is not None and top > self.small_max_positions:
@@ -314,50 +316,66 @@ class LLMModulesModel(nn.Module):
             )
             if cache is not None:
                 cache.large = large_cache
+        elif large_states.dim() == 3:  # one tap
+            large_states = large_states[:, :, None]  # (B, T, 1, dL)
+        if large_states.shape[2] != len(self.large_taps):
+            raise LLMModulesError(f"large_states hold {large_states.shape[2]} layers; this model reads "
+                                  f"{len(self.large_taps)} (hidden states {self.large_taps})")
         bridge_cache = None
         if cache is not None:
             cache.bridge = bridge_cache = cache.bridge or BridgeCache()
-        h = large_states.to(self.bridge.pre_proj.weight.dtype)  # (B, T, dL)
-        embeds = self.bridge(h, attention_mask, self.config.causal, bridge_cache)  # (B, T, dS)
+        bridge_states = large_states[:, :, self._bridge_taps].to(self.small.dtype)  # (B, T, Kb, dL)
+        # The bridge also readies any hooks it has inside the small decoder for the call below.
+        embeds = self.bridge(bridge_states, attention_mask, self.config.causal, bridge_cache)  # (B, T, dS) or None
+        if self.vocab_map is not None:
+            if input_ids is None:
+                raise LLMModulesError("small_inputs='mapped' embeds the token ids: pass input_ids with large_states")
+            mapped = self.vocab_map(input_ids, self.small.get_input_embeddings().weight)  # (B, T, dS)
+            embeds = mapped if embeds is None else embeds + mapped
         small_out, small_cache = self._small_decoder(
             cache=cache.small if cache else None, use_cache=use_cache, inputs_embeds=embeds,
             attention_mask=attention_mask, position_ids=position_ids,
         )
         if cache is not None:
-            cache.small = small_cache
+            cache.small, cache.length = small_cache, cache.length + length
         s = small_out.last_hidden_state  # (B, T, dS)
+        # The residual head adds to the large model's final states; the other heads do not read them.
+        final = large_states[:, :, self._head_tap] if self._head_tap is not None else None  # (B, T, dL)
         large_head = self.large.get_submodule(self._large_head_name)
         if labels is not None and not return_logits:
             targets = labels[:, 1:].to(s.device)
             keep = targets != -100  # (B, T-1)
-            loss = self._chunked_head_loss(s[:, :-1][keep], large_states[:, :-1][keep], large_head, targets[keep])
+            picked = final[:, :-1][keep] if final is not None else None  # (N, dL)
+            loss = self._chunked_head_loss(s[:, :-1][keep], picked, large_head, targets[keep])
             if loss_reduction == "mean":
                 loss = loss / keep.sum()
             elif loss_reduction != "sum":
                 raise ValueError(f"loss_reduction must be 'mean' or 'sum' with return_logits=False, got {loss_reduction!r}")
             return ComposedOutput(logits=None, loss=loss, cache=cache if use_cache else None)
         if logits_to_keep:
-            s, large_states = s[:, -logits_to_keep:], large_states[:, -logits_to_keep:]
-        logits = self.head(s, large_states, large_head)  # (B, T, V)
+            s = s[:, -logits_to_keep:]
+            final = final[:, -logits_to_keep:] if final is not None else None
+        logits = self.head(s, final, large_head)  # (B, T, V)
         loss = next_token_loss(logits, labels, loss_reduction) if labels is not None else None
         return ComposedOutput(logits=logits, loss=loss, cache=cache if use_cache else None)
 
-    def _chunked_head_loss(self, s: torch.Tensor, h: torch.Tensor, large_head: nn.Module,
+    def _chunked_head_loss(self, s: torch.Tensor, h: torch.Tensor | None, large_head: nn.Module,
                            targets: torch.Tensor) -> torch.Tensor:
         """Summed cross-entropy of the head over N picked positions, `loss_chunk_tokens` at a time.
 
-        s (N, dS), h (N, dL), targets (N,). With gradients on, each chunk's logits (chunk, |V|) are
+        s (N, dS), h (N, dL) or None (heads that do not read it), targets (N,). With gradients on, each chunk's logits (chunk, |V|) are
         recomputed in the backward pass instead of kept, so memory holds one chunk's logits, not
         N x |V| (the largest tensor of training on long answers) at the price of one more head pass.
         """
-        def chunk_loss(s_i: torch.Tensor, h_i: torch.Tensor, t_i: torch.Tensor) -> torch.Tensor:
+        def chunk_loss(s_i: torch.Tensor, h_i: torch.Tensor | None, t_i: torch.Tensor) -> torch.Tensor:
             return F.cross_entropy(self.head(s_i, h_i, large_head).float(), t_i, reduction="sum")
 
         n, size = s.shape[0], self.loss_chunk_tokens
         if n <= size:
             return chunk_loss(s, h, targets)
         run = partial(checkpoint, chunk_loss, use_reentrant=False) if torch.is_grad_enabled() else chunk_loss
-        return sum(run(s[i : i + size], h[i : i + size], targets[i : i + size]) for i in range(0, n, size))
+        return sum(run(s[i : i + size], None if h is None else h[i : i + size], targets[i : i + size])
+                   for i in range(0, n, size))
 
     def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **options: Any):
         """Decode new tokens; returns ids including the prompt. See `llm_modules.generation.generate`."""
@@ -367,11 +385,14 @@ class LLMModulesModel(nn.Module):
 
     # ------------------------------------------------------------------ save / load
     def trained_state_dict(self) -> dict[str, torch.Tensor]:
-        """Everything but the frozen large model and the small model's unused embedding stub."""
-        stub = "small." + _embedding_name(self.small) + ".weight"
+        """Everything but the frozen large model and the small model's frozen token embeddings (the
+        unused stub, or the pretrained ones that small_inputs "mapped" reads untrained), which
+        come back from the small model's spec. The vocabulary map's index buffers are included."""
+        embeddings = self.small.get_input_embeddings().weight
+        skip = "small." + _embedding_name(self.small) + ".weight" if not embeddings.requires_grad else None
         return {
             name: tensor for name, tensor in self.state_dict().items()
-            if not name.startswith("large.") and name != stub
+            if not name.startswith("large.") and name != skip
         }
 
     def save_pretrained(self, directory: str | Path) -> Path:
@@ -407,12 +428,15 @@ class LLMModulesModel(nn.Module):
         weights = directory / WEIGHTS_FILE
         if not weights.is_file():
             raise LLMModulesError(f"{directory} has {CONFIG_FILE} but no {WEIGHTS_FILE}")
+        state = load_file(str(weights))
+        # the vocabulary map is stored with the weights: the small tokenizer is not needed again
+        vocab_map = VocabMap.from_state(state, "vocab_map.", weights) if config.small_inputs == "mapped" else None
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # the leak warning was given when the model was composed
-            model = cls._build(config, dtype, large_dtype, None, directory, allow_large_mismatch)
+            model = cls._build(config, dtype, large_dtype, None, directory, allow_large_mismatch, vocab_map=vocab_map)
         if not config.causal:
             warnings.warn(LEAK_WARNING, stacklevel=2)
-        model.load_trained_state_dict(load_file(str(weights)))
+        model.load_trained_state_dict(state)
         return model.to(device) if device is not None else model
 
     def load_trained_state_dict(self, state: dict[str, torch.Tensor]) -> None:

@@ -68,14 +68,14 @@ def large_weights_digest(large: torch.nn.Module) -> str:
 
 def model_state_key(model: Any, dtype: str = "float32") -> str:
     """Hex digest of everything but the data that decides the stored states: the large spec, its
-    weights' identity, `config.large_layer`, the storage dtype, the attention implementation and
+    weights' identity, the tapped layers (`model.large_taps`), the storage dtype, the attention implementation and
     the torch, transformers and llm-modules versions (an upgrade may change the numbers)."""
     import transformers
 
     _check_dtype(dtype)
     payload = {
         "format": _FORMAT, "large": model.config.large, "weights": large_weights_digest(model.large),
-        "large_layer": model.config.large_layer, "dtype": dtype,
+        "taps": model.large_taps, "dtype": dtype,
         "attention": getattr(model.large.config, "_attn_implementation", None),
         "torch": torch.__version__, "transformers": transformers.__version__, "llm_modules": __version__,
     }
@@ -150,7 +150,7 @@ def prune(root: str | Path, keep: set[str]) -> list[Path]:
 
 
 class StateCache:
-    """Memory-mapped, read-only view of cached states: ``cache[i]`` -> tensor (T_i, d_large).
+    """Memory-mapped, read-only view of cached states: ``cache[i]`` -> tensor (T_i, K, d_large), K tapped layers.
 
     Tensors come back in the stored dtype (the caller casts). Shards are opened lazily through
     `safetensors.safe_open` and each example is read on demand; nothing is loaded up front.
@@ -174,15 +174,16 @@ class StateCache:
         shard = self.index["shard_of"][i]
         if shard not in self._handles:
             self._handles[shard] = safe_open(str(self.path / self.index["shards"][shard]), framework="pt")
-        return self._handles[shard].get_tensor(str(i))  # (T_i, d_large)
+        return self._handles[shard].get_tensor(str(i))  # (T_i, K, d_large)
 
     def batch(self, indices: Sequence[int], pad_to: int) -> torch.Tensor:
-        """(B, pad_to, d_large) states, right-padded with zeros like `data.collate`."""
-        out = torch.zeros(len(indices), pad_to, self.d_large, dtype=self.dtype)
-        for row, i in enumerate(indices):
+        """(B, pad_to, K, d_large) states, right-padded with zeros like `data.collate`."""
+        rows = [self[i] for i in indices]
+        out = torch.zeros(len(indices), pad_to, *rows[0].shape[1:], dtype=self.dtype)
+        for row, (i, states) in enumerate(zip(indices, rows)):
             if self.lengths[i] > pad_to:
                 raise LLMModulesError(f"example {i} has {self.lengths[i]} tokens, more than pad_to={pad_to}")
-            out[row, : self.lengths[i]] = self[i]
+            out[row, : self.lengths[i]] = states
         return out
 
     # ------------------------------------------------------------------ open / build
@@ -306,9 +307,9 @@ class StateCache:
                     ids[r, : lengths[i]] = torch.as_tensor(examples[i].input_ids, dtype=torch.long)
                     mask[r, : lengths[i]] = 1
                 ids, mask = ids.to(device), mask.to(device)
-                states, _ = model.encode_large(ids, mask, positions_from_mask(mask))  # (B, width, dL)
+                states, _ = model.encode_large(ids, mask, positions_from_mask(mask))  # (B, width, K, dL)
                 for r, i in enumerate(rows):
-                    add(i, states[r, : lengths[i]].to("cpu", DTYPES[dtype]).clone())  # (T_i, dL)
+                    add(i, states[r, : lengths[i]].to("cpu", DTYPES[dtype]).clone())  # (T_i, K, dL)
                 if pending_bytes >= shard_bytes:
                     flush()
                 bar.update(len(rows))

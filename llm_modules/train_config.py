@@ -8,7 +8,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .config import HEAD_KINDS, ComposeConfig
+from .bridges import BRIDGES, option_names
+from .bridges.eca import EcaOptions
+from .bridges.xattn import XattnOptions
+from .config import HEAD_KINDS, SMALL_INPUTS, ComposeConfig
 from .data import LOSS_ON, OVERFLOW, TEMPLATES
 from .errors import LLMModulesError
 from .objectives import METHODS
@@ -35,7 +38,8 @@ DEMO = dict(  # sized to finish within 15 minutes on a 2-core CPU (measured: see
 
 # Options with a fixed set of values: checked on construction, offered as choices by the CLI.
 CHOICES: dict[str, tuple[str, ...]] = {
-    "method": METHODS, "head": HEAD_KINDS, "template": TEMPLATES, "loss_on": LOSS_ON, "overflow": OVERFLOW,
+    "method": METHODS, "head": HEAD_KINDS, "bridge": tuple(BRIDGES), "small_inputs": SMALL_INPUTS,
+    "template": TEMPLATES, "loss_on": LOSS_ON, "overflow": OVERFLOW,
     "mixed_precision": ("auto", "no", "bf16", "fp16"), "state_cache_dtype": ("float32", "float16", "bfloat16"),
 }
 
@@ -48,6 +52,12 @@ HELP: dict[str, str] = {
     "method": "what trains: composed (ours), finetune (the small model), lora (on the large model), distill",
     "causal": "cross-attention reads only past large-model states; --no-causal reproduces the paper's leak",
     "head": "how the small model's output becomes logits over the large vocabulary",
+    "bridge": "how the large model's states reach the small one: eca (the paper's), ladder or xattn",
+    "small_inputs": "what the small model reads: the bridge output only (the paper), or its own embeddings "
+                    "through a map of the large vocabulary (mapped)",
+    "train_embeddings": "with --small-inputs mapped: train the small model's token embeddings too",
+    "large_layers": "ladder and xattn: large hidden states to tap, e.g. 3,7,11 (empty: every 4th, ending at the last)",
+    "small_stride": "xattn: a cross-attention block after every N-th small layer",
     "num_layers": "Enhanced Cross-Attention layers in the bridge",
     "num_heads": "attention heads per bridge layer (must divide the small model's width)",
     "adapter_dim": "bottleneck width of each bridge layer's adapter",
@@ -88,6 +98,10 @@ HELP: dict[str, str] = {
 }
 
 
+# every bridge's option names; the TrainConfig fields among them are checked against --bridge
+_BRIDGE_OPTIONS = {name for bridge in BRIDGES for name in option_names(bridge)}
+
+
 @dataclass
 class TrainConfig:
     """A training run: models, data, optimisation, checkpoints. Defaults are the paper's where it has one.
@@ -105,13 +119,20 @@ class TrainConfig:
     data: str = ""
     output: str = ""
     method: str = "composed"
-    # composition: the defaults are ComposeConfig's, declared once there
+    # composition: the defaults are ComposeConfig's and the bridges' option classes', declared once there
     causal: bool = ComposeConfig.causal
     head: str = ComposeConfig.head
-    num_layers: int = ComposeConfig.num_layers
-    num_heads: int = ComposeConfig.num_heads
-    adapter_dim: int = ComposeConfig.adapter_dim
-    dropout: float = ComposeConfig.dropout
+    bridge: str = ComposeConfig.bridge
+    small_inputs: str = ComposeConfig.small_inputs
+    train_embeddings: bool = ComposeConfig.train_embeddings
+    # bridge options (each passed only to the bridges that have it): eca
+    num_layers: int = EcaOptions.num_layers
+    num_heads: int = EcaOptions.num_heads  # eca and xattn
+    adapter_dim: int = EcaOptions.adapter_dim
+    dropout: float = EcaOptions.dropout
+    # ladder and xattn: large hidden states to tap, "3,7,11" (empty: every 4th, ending at the last)
+    large_layers: str = ""
+    small_stride: int = XattnOptions.small_stride  # xattn: a block after every N-th small layer
     # data
     template: str = "stratos"
     loss_on: str = "assistant"
@@ -153,8 +174,8 @@ class TrainConfig:
     progress: bool = True
 
     def __post_init__(self) -> None:
-        positive = ["num_layers", "num_heads", "adapter_dim", "max_length", "batch_size", "grad_accum", "keep_checkpoints",
-                    "lora_rank"]
+        positive = ["num_layers", "num_heads", "adapter_dim", "small_stride", "max_length", "batch_size", "grad_accum",
+                    "keep_checkpoints", "lora_rank"]
         non_negative = ["epochs", "max_steps", "eval_every", "save_every", "early_stopping_patience", "num_samples",
                         "max_new_tokens"]
         for name in positive + non_negative:
@@ -177,10 +198,28 @@ class TrainConfig:
         for name in (*needed, "data", "output"):
             if not isinstance(getattr(self, name), str) or not getattr(self, name):
                 raise LLMModulesError(f"--{name} is required" + (f" by --method {self.method}" if name in needed else ""))
+        mine = set(option_names(self.bridge))
+        for name in sorted((_BRIDGE_OPTIONS & set(self.fields())) - mine):
+            if getattr(self, name) != self.fields()[name].default:
+                owners = [b for b in BRIDGES if name in option_names(b)]
+                raise LLMModulesError(f"--{name.replace('_', '-')} is an option of the {' and '.join(owners)} "
+                                      f"bridge, not of --bridge {self.bridge}")
+        self._large_layers()  # a parse error surfaces now, not after the models loaded
+        if self.method == "composed":
+            ComposeConfig.from_options(self.large, self.small, **self.compose_options())
 
     def trained_model(self) -> str:
         """The spec a plain method trains: the small model (finetune) or the large one (lora)."""
         return self.small if self.method == "finetune" else self.large
+
+    def _large_layers(self) -> list[int] | None:
+        value = self.large_layers
+        if isinstance(value, (list, tuple)):  # from a config file
+            return list(value)
+        try:
+            return [int(x) for x in value.split(",")] if value.strip() else None
+        except ValueError:
+            raise LLMModulesError(f"--large-layers must be comma-separated integers like 3,7,11, got {value!r}") from None
 
     @classmethod
     def fields(cls) -> dict[str, dataclasses.Field]:
@@ -219,14 +258,20 @@ class TrainConfig:
                           subset=self.subset)
 
     def compose_options(self) -> dict[str, Any]:
-        """The bridge/head options of this run, as `LLMModulesModel.compose` takes them."""
-        names = {f.name for f in dataclasses.fields(ComposeConfig)} - {"large", "small", "library_version"}
-        return {name: getattr(self, name) for name in names if name in self.fields()}
+        """The composition and bridge options of this run, as `LLMModulesModel.compose` takes them:
+        ComposeConfig's fields, and only the chosen bridge's own options."""
+        names = ({f.name for f in dataclasses.fields(ComposeConfig)} | set(option_names(self.bridge))) & set(self.fields())
+        options = {name: getattr(self, name) for name in names - {"large", "small", "library_version"}}
+        if "large_layers" in options:
+            options["large_layers"] = self._large_layers()
+        return options
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
     def differences(self, other: dict[str, Any]) -> list[str]:
         """Options (other than resume-free ones) whose value differs from a saved run's."""
-        mine = self.to_dict()
-        return sorted(k for k in set(mine) | set(other) if k not in RESUME_FREE and mine.get(k) != other.get(k))
+        mine, fields = self.to_dict(), self.fields()
+        # an option the saved run predates had its default then
+        saved = {k: other.get(k, fields[k].default) if k in fields else other.get(k) for k in set(mine) | set(other)}
+        return sorted(k for k in saved if k not in RESUME_FREE and mine.get(k) != saved[k])

@@ -78,3 +78,16 @@ def test_real_short_training_run(tmp_path, capsys, composed):
     trained = LLMModulesModel.from_pretrained(output / "best").eval()
     assert result["examples"] == min(2, len(val))
     assert result["loss"] == pytest.approx(per_token_loss(lambda ids: trained(input_ids=ids).logits, val[:2]), abs=1e-4)
+
+
+def test_real_vocabulary_map_from_qwen_to_smollm():
+    from llm_modules.specs import resolve_tokenizer
+    from llm_modules.vocab_map import VocabMap
+
+    large_tok, small_tok = resolve_tokenizer(LARGE), resolve_tokenizer(SMALL)
+    vm = VocabMap.from_tokenizers(large_tok, small_tok, 151936, 49152)
+    assert vm.offsets.nbytes + vm.small_ids.nbytes < 8e6  # a dense 151,936 x 576 float matrix: 350 MB
+    ids = large_tok("<|im_start|>user\nHow many legs does a spider have?<|im_end|>")["input_ids"]
+    for i in ids:  # these words and both chat markers are single tokens in both vocabularies
+        pieces = vm.small_ids[vm.offsets[i]:vm.offsets[i + 1]].tolist()
+        assert [small_tok.decode(pieces)] == [large_tok.decode([i])] and len(pieces) == 1

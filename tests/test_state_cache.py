@@ -46,16 +46,16 @@ def test_states_equal_unpadded_forward_and_loss_matches(tmp_path, model):
     for i, e in enumerate(examples):
         ids = torch.tensor([e.input_ids])
         mask = torch.ones_like(ids)
-        alone, _ = model.encode_large(ids, mask, positions_from_mask(mask))  # (1, T_i, dL)
+        alone, _ = model.encode_large(ids, mask, positions_from_mask(mask))  # (1, T_i, K, dL)
         got = cache[i]
-        assert got.shape == (len(e.input_ids), alone.shape[-1]) and got.dtype == torch.float32
+        assert got.shape == (len(e.input_ids), 1, alone.shape[-1]) and got.dtype == torch.float32
         torch.testing.assert_close(got, alone[0], atol=1e-5, rtol=0)
 
     rows = [1, 3, 6, 0]  # mixed lengths: right padding
     batch = collate([examples[i] for i in rows], pad_id=0)
     width = batch["input_ids"].shape[1]
     states = cache.batch(rows, pad_to=width)
-    assert states.shape == (len(rows), width, cache.d_large)
+    assert states.shape == (len(rows), width, 1, cache.d_large)
     assert torch.all(states[1, LENGTHS[3]:] == 0)
     with torch.no_grad():
         ref = model(batch["input_ids"], batch["attention_mask"], labels=batch["labels"])

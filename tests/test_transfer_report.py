@@ -64,7 +64,7 @@ def test_every_row_reports_bits_per_byte_within_its_budget_and_reruns_reuse(pair
         assert 0.0 <= row["accuracy"] <= 1.0
         if name != "majority_answer":
             assert row["bits_per_byte"] > 0
-    cache_seconds = results["cache"]["cache_seconds"]
+    cache_seconds = results["caches"]["eca"]["cache_seconds"]
     assert cache_seconds > 0
     for name, budget in (("composed_residual", 10), ("small_finetuned", 6), ("lora_large", 6)):
         row = rows[name]
