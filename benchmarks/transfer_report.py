@@ -127,12 +127,13 @@ def test_examples(unit: dict, scorer) -> list:
                                         max_length=unit["max_length"]), scorer.tokenizer, scorer.max_positions, "all")
 
 
-def score_test(unit: dict, scorer, keep_samples: bool) -> dict:
+def score_test(unit: dict, scorer, keep_samples: bool, generate: bool = True) -> dict:
+    """Held-out bits per byte, and (when `generate`) accuracy of greedy answers, every sample kept."""
     from llm_modules.evaluate import EvalOptions, evaluate
 
     result = evaluate(scorer, test_examples(unit, scorer), EvalOptions(
         split="all", max_new_tokens=unit["max_new_tokens"], batch_size=unit["eval_batch_size"],
-        num_samples=-1 if keep_samples else 0))
+        num_samples=-1 if keep_samples else 0, generate=generate))
     out = {k: result.get(k) for k in ("bits_per_byte", "accuracy", "correct", "checked", "loss", "examples",
                                       "answer_bytes", "seconds")}
     if keep_samples:
@@ -213,7 +214,9 @@ def run_training(unit: dict, output: Path) -> dict:
         if step not in marks or str(step) in scores:
             return
         objective = run.objective
-        scores[str(step)] = {"step": step, **score_test(unit, objective.scorer(), step == steps)}
+        fraction = max(f for f, s in step_of.items() if s == step)
+        accuracy = fraction in unit.get("accuracy_at", FRACTIONS)
+        scores[str(step)] = {"step": step, **score_test(unit, objective.scorer(), step == steps, generate=accuracy)}
         scores_path.write_text(json.dumps(scores))
         if getattr(objective, "released", False):
             objective.model.release_large()  # scoring reloaded it to generate; training needs it no more
@@ -298,6 +301,8 @@ class Plan:
 
     def unit(self, phase: str, row: str, **fields) -> dict:
         unit = {**self.base, "phase": phase, "row": row, **fields}
+        if phase == "run":
+            unit["accuracy_at"] = sorted(self.args.accuracy_at)
         if ROWS[row]["kind"] == "train":
             unit["options"] = ROWS[row]["options"]
         if ROWS[row].get("method") == "composed":  # rows tapping the same large layers share one state cache
@@ -480,7 +485,9 @@ def write_report(args: argparse.Namespace, state: dict, wall: float) -> None:
               f"`{code_digest()}`; this invocation {wall / 60:.1f} min of wall time.  ",
               f"Large `{args.large}`, small `{args.small}`. Training data `{train_data}` (the same for every "
               f"seed), held-out test data `{test_data}`; template `{args.template}`, max length {args.max_length}, "
-              f"batch {args.batch_size}, greedy decoding up to {args.max_new_tokens} new tokens. Seeds {args.seeds}.  ",
+              f"batch {args.batch_size}, greedy decoding up to {args.max_new_tokens} new tokens. Seeds {args.seeds}. "
+              f"Accuracy measured at {', '.join(f'{f:.0%}' for f in sorted(args.accuracy_at))} of the budget "
+              "(bits per byte at 25%, 50% and 100%).  ",
               f"Budget: {args.budget_seconds:.0f} training seconds per row"
               + "".join(f", {r} {s:.0f} s" for r, s in args.row_budget.items()) + "; learning-rate grid "
               + ("at the full budget on the first seed (the winner's run is that seed's)" if args.grid_seconds is None
@@ -627,6 +634,9 @@ def main() -> None:
                              "runs doubling as the first seed's runs)")
     parser.add_argument("--grid", nargs="*", default=[], metavar="ROW=LR[:LR_BRIDGE],...",
                         help="replace a row's learning-rate grid (one value: no grid search)")
+    parser.add_argument("--accuracy-at", type=float, nargs="+", default=list(FRACTIONS), choices=FRACTIONS,
+                        help="fractions of the budget where accuracy is measured too (greedy generation over the "
+                             "test set; bits per byte is measured at every fraction)")
     parser.add_argument("--quiet-load", type=float, default=1.0,
                         help="calibration waits until the 1-minute load average is below this (0: never waits)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
