@@ -49,6 +49,7 @@ TEST_SEED = 10_000  # the held-out test set: one for every row and seed, disjoin
 FRACTIONS = (0.25, 0.5, 1.0)  # of the budget, where the test set is scored
 VAL_POINTS = 20  # validation evaluations per full run (the curves)
 CALIBRATION_STEPS = 4  # timed steps, after one warm-up step
+STEADY = 2.0  # a calibration whose slowest step takes this many times its fastest was disturbed: retried
 QUIET_ENV = "TRANSFER_REPORT_QUIET_LOAD"  # calibration's load-average limit, from --quiet-load
 
 # Learning-rate grids, each 3 values spanning 10x, as (lr_small, lr_bridge) pairs; see TrainConfig
@@ -178,7 +179,8 @@ def wait_until_quiet(limit: float) -> float:
 
 def run_calibration(unit: dict, scratch: Path) -> dict:
     """Seconds per optimizer step of this row, timed alone: the machine must be quiet before (load
-    below --quiet-load) and stay so (below this process's threads + that), else the timing is retried."""
+    below --quiet-load) and stay so (below this process's threads + that), and the timed steps must
+    agree (the slowest under STEADY x the fastest), else the timing is retried."""
     import torch
 
     from llm_modules.train import train
@@ -190,10 +192,10 @@ def run_calibration(unit: dict, scratch: Path) -> dict:
         shutil.rmtree(scratch, ignore_errors=True)
         train(train_config(unit, scratch, max_steps=steps, eval_every=10**6))
         load_after = os.getloadavg()[0]
-        if quiet <= 0 or load_after < threads + quiet:
+        times = [r["time"] for r in map(json.loads, (scratch / "metrics.jsonl").read_text().splitlines()) if "time" in r]
+        per_step = [round(b - a, 3) for a, b in zip(times, times[1:])]  # steps 2.. (step 1 holds the warm-up)
+        if quiet <= 0 or (load_after < threads + quiet and max(per_step) < STEADY * min(per_step)):
             break
-    times = [r["time"] for r in map(json.loads, (scratch / "metrics.jsonl").read_text().splitlines()) if "time" in r]
-    per_step = [round(b - a, 3) for a, b in zip(times, times[1:])]  # steps 2.. (step 1 holds the warm-up)
     return {"sec_per_step": round(statistics.mean(per_step), 4), "timed_steps": per_step,
             "load_before": round(load_before, 2), "load_after": round(load_after, 2), "attempts": attempt + 1}
 
