@@ -16,7 +16,10 @@ HEAD_KINDS = ("new", "projected", "residual")
 SMALL_INPUTS = ("bridge", "mapped")
 CONFIG_FILE = "llm_modules_config.json"
 WEIGHTS_FILE = "model.safetensors"
-CONFIG_FORMAT = 2  # 1: no version field, the Enhanced Cross-Attention options at the top level
+# 1: no version field, the Enhanced Cross-Attention options at the top level;
+# 2: ladder/xattn gates were tanh(alpha), i.e. gate_temperature 1 (3 writes it out, default 0.1)
+CONFIG_FORMAT = 3
+_GATED_BRIDGES = ("ladder", "xattn")
 _FORMAT_1_BRIDGE_KEYS = ("num_layers", "num_heads", "adapter_dim", "dropout", "large_layer")
 
 
@@ -117,6 +120,10 @@ class ComposeConfig:
         if "format_version" not in data:  # format 1: the paper's bridge, its options at the top level
             options = {k: data.pop(k) for k in _FORMAT_1_BRIDGE_KEYS if k in data}
             data = {**data, "bridge": "eca", "bridge_options": options, "format_version": CONFIG_FORMAT}
+        if data.get("format_version") == 2:  # gates trained as tanh(alpha): temperature 1
+            if data.get("bridge") in _GATED_BRIDGES and isinstance(data.get("bridge_options"), dict):
+                data["bridge_options"] = {"gate_temperature": 1.0, **data["bridge_options"]}
+            data["format_version"] = CONFIG_FORMAT
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:

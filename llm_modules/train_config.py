@@ -58,6 +58,7 @@ HELP: dict[str, str] = {
     "train_embeddings": "with --small-inputs mapped: train the small model's token embeddings too",
     "large_layers": "ladder and xattn: large hidden states to tap, e.g. 3,7,11 (empty: every 4th, ending at the last)",
     "small_stride": "xattn: a cross-attention block after every N-th small layer",
+    "gate_temperature": "ladder and xattn: T of the tanh(alpha / T) gates; smaller opens them faster (LST: 0.1)",
     "num_layers": "Enhanced Cross-Attention layers in the bridge",
     "num_heads": "attention heads per bridge layer (must divide the small model's width)",
     "adapter_dim": "bottleneck width of each bridge layer's adapter",
@@ -133,6 +134,7 @@ class TrainConfig:
     # ladder and xattn: large hidden states to tap, "3,7,11" (empty: every 4th, ending at the last)
     large_layers: str = ""
     small_stride: int = XattnOptions.small_stride  # xattn: a block after every N-th small layer
+    gate_temperature: float = XattnOptions.gate_temperature  # ladder and xattn
     # data
     template: str = "stratos"
     loss_on: str = "assistant"
@@ -188,8 +190,9 @@ class TrainConfig:
         for name in ("lr_bridge", "lr_small"):
             if not getattr(self, name) > 0:
                 raise LLMModulesError(f"--{name.replace('_', '-')} must be > 0")
-        if not self.distill_temperature > 0:
-            raise LLMModulesError("--distill-temperature must be > 0")
+        for name in ("distill_temperature", "gate_temperature"):
+            if not getattr(self, name) > 0:
+                raise LLMModulesError(f"--{name.replace('_', '-')} must be > 0")
         for name, allowed in CHOICES.items():
             if getattr(self, name) not in allowed:
                 raise LLMModulesError(f"--{name.replace('_', '-')} must be one of {', '.join(allowed)}, "
@@ -272,6 +275,9 @@ class TrainConfig:
     def differences(self, other: dict[str, Any]) -> list[str]:
         """Options (other than resume-free ones) whose value differs from a saved run's."""
         mine, fields = self.to_dict(), self.fields()
-        # an option the saved run predates had its default then
-        saved = {k: other.get(k, fields[k].default) if k in fields else other.get(k) for k in set(mine) | set(other)}
+        # an option the saved run predates had its default then (the gates before they had a temperature: 1)
+        then = {k: fields[k].default for k in fields}
+        if other.get("bridge") in ("ladder", "xattn"):
+            then["gate_temperature"] = 1.0
+        saved = {k: other.get(k, then[k]) if k in fields else other.get(k) for k in set(mine) | set(other)}
         return sorted(k for k in saved if k not in RESUME_FREE and mine.get(k) != saved[k])

@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import load_file
 
 from llm_modules import LLMModulesModel
-from llm_modules.config import CONFIG_FILE, WEIGHTS_FILE, ComposeConfig
+from llm_modules.config import CONFIG_FILE, CONFIG_FORMAT, WEIGHTS_FILE, ComposeConfig
 from llm_modules.errors import LLMModulesError
 from llm_modules.model import positions_from_mask
 
@@ -128,7 +128,7 @@ def test_save_load_round_trip_gives_identical_logits(mapped_pair, tmp_path, brid
     assert ("vocab_map.offsets" in saved) == (inputs == "mapped")
     assert not any("embed_tokens" in k for k in saved)  # a stub, or pretrained and frozen: from the spec
     config = json.loads((tmp_path / CONFIG_FILE).read_text())
-    assert config["bridge"] == bridge and config["small_inputs"] == inputs and config["format_version"] == 2
+    assert config["bridge"] == bridge and config["small_inputs"] == inputs and config["format_version"] == CONFIG_FORMAT
     assert all(config["bridge_options"][k] == v for k, v in OPTIONS[bridge].items())
     torch.manual_seed(123)  # a different random init must not matter
     loaded = LLMModulesModel.from_pretrained(tmp_path).eval()
@@ -347,8 +347,38 @@ def test_a_folder_saved_before_bridges_had_names_loads_with_identical_logits(tin
         logits = model(input_ids=expected["input_ids"]).logits
     torch.testing.assert_close(logits, expected["logits"], rtol=0, atol=0)
     model.save_pretrained(tmp_path / "new")  # re-saved in today's format, with the same tensor names
-    assert json.loads((tmp_path / "new" / CONFIG_FILE).read_text())["format_version"] == 2
+    assert json.loads((tmp_path / "new" / CONFIG_FILE).read_text())["format_version"] == CONFIG_FORMAT
     assert set(load_file(str(tmp_path / "new" / WEIGHTS_FILE))) == set(load_file(str(tmp_path / "old" / WEIGHTS_FILE)))
+
+
+@pytest.mark.parametrize("bridge", ["ladder", "xattn"])
+def test_a_gated_folder_saved_before_gate_temperatures_loads_with_identical_logits(mapped_pair, tmp_path, bridge):
+    """Format 2 wrote no gate_temperature: its gates were tanh(alpha), so it loads with temperature 1."""
+    model = compose(mapped_pair, bridge, "mapped", gate_temperature=1.0)
+    nudge(model)
+    model.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / CONFIG_FILE).read_text())
+    assert config["bridge_options"].pop("gate_temperature") == 1.0
+    (tmp_path / CONFIG_FILE).write_text(json.dumps({**config, "format_version": 2}))
+    loaded = LLMModulesModel.from_pretrained(tmp_path).eval()
+    assert loaded.config.options().gate_temperature == 1.0 and loaded.config.format_version == CONFIG_FORMAT
+    ids = random_ids(model, 2, 9)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(input_ids=ids).logits, model(input_ids=ids).logits, rtol=0, atol=0)
+    assert compose(mapped_pair, bridge, "mapped").config.options().gate_temperature == 0.1  # today's default
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.1])
+@pytest.mark.parametrize("bridge", ["ladder", "xattn"])
+def test_a_gate_opens_by_about_the_learning_rate_over_its_temperature_per_step(mapped_pair, bridge, temperature):
+    model = compose(mapped_pair, bridge, "mapped", head="projected", gate_temperature=temperature).train()
+    gates = [p for n, p in model.named_parameters() if "alpha" in n]
+    optimizer = torch.optim.Adam(gates, lr=1e-3)  # Adam's first step moves each alpha by lr
+    ids = random_ids(model, 2, 10)
+    model(input_ids=ids, labels=ids).loss.backward()
+    optimizer.step()
+    opened = torch.cat([torch.tanh(p.detach().flatten() / temperature).abs() for p in gates])
+    torch.testing.assert_close(opened, torch.full_like(opened, 1e-3 / temperature), rtol=1e-3, atol=0)
 
 
 def test_bad_bridge_choices_are_clear_errors(mapped_pair, tmp_path):
@@ -362,9 +392,11 @@ def test_bad_bridge_choices_are_clear_errors(mapped_pair, tmp_path):
         compose(mapped_pair, "ladder", "bridge", large_layers=[0, 9])
     with pytest.raises(LLMModulesError, match="twice"):
         compose(mapped_pair, "xattn", "bridge", large_layers=[4, -1])
+    with pytest.raises(LLMModulesError, match="gate_temperature must be a number > 0"):
+        compose(mapped_pair, "ladder", "bridge", gate_temperature=0)
     ComposeConfig(large="a", small="b").save(tmp_path)
     newer = json.loads((tmp_path / CONFIG_FILE).read_text())
-    (tmp_path / CONFIG_FILE).write_text(json.dumps({**newer, "format_version": 3}))
+    (tmp_path / CONFIG_FILE).write_text(json.dumps({**newer, "format_version": CONFIG_FORMAT + 1}))
     with pytest.raises(LLMModulesError, match="newer"):
         ComposeConfig.load(tmp_path)
 
@@ -389,11 +421,12 @@ def test_train_cli_composes_the_named_bridge_and_inputs(mapped_pair, tmp_path):
             "--template", "stratos", "--batch-size", "2", "--max-length", "1000", "--max-steps", "2",
             "--eval-every", "2", "--num-samples", "0", "--no-progress", "--state-cache-dir", str(tmp_path / "states"),
             "--bridge", "xattn", "--small-inputs", "mapped", "--large-layers", "1,3", "--small-stride", "1",
-            "--num-heads", "4", "--train-embeddings"]
+            "--num-heads", "4", "--train-embeddings", "--gate-temperature", "0.5"]
     assert main(args) == 0
     config = json.loads((tmp_path / "run" / "best" / CONFIG_FILE).read_text())
     assert config["bridge"] == "xattn" and config["small_inputs"] == "mapped" and config["train_embeddings"]
-    assert config["bridge_options"] == {"large_layers": [1, 3], "small_stride": 1, "num_heads": 4}
+    assert config["bridge_options"] == {"large_layers": [1, 3], "small_stride": 1, "num_heads": 4,
+                                        "gate_temperature": 0.5}
     model = LLMModulesModel.from_pretrained(tmp_path / "run" / "best")
     assert model.large_taps == [1, 3, 4] and len(model.bridge.blocks) == 2
 
@@ -405,7 +438,7 @@ def test_train_config_passes_only_the_chosen_bridges_options(tmp_path):
     ladder = TrainConfig(**base, bridge="ladder", large_layers="3,7,11", small_inputs="mapped")
     assert ladder.compose_options() == {"causal": True, "head": "residual", "bridge": "ladder",
                                         "small_inputs": "mapped", "train_embeddings": False,
-                                        "large_layers": [3, 7, 11]}
+                                        "large_layers": [3, 7, 11], "gate_temperature": 0.1}
     assert TrainConfig(**base).compose_options()["bridge"] == "eca"
     with pytest.raises(LLMModulesError, match="--num-layers is an option of the eca bridge"):
         TrainConfig(**base, bridge="ladder", num_layers=3)
@@ -416,8 +449,15 @@ def test_train_config_passes_only_the_chosen_bridges_options(tmp_path):
     with pytest.raises(LLMModulesError, match="train_embeddings"):
         TrainConfig(**base, train_embeddings=True)
     saved_before_bridges = {k: v for k, v in TrainConfig(**base).to_dict().items()
-                            if k not in ("bridge", "small_inputs", "train_embeddings", "large_layers", "small_stride")}
+                            if k not in ("bridge", "small_inputs", "train_embeddings", "large_layers", "small_stride",
+                                         "gate_temperature")}
     assert TrainConfig(**base).differences(saved_before_bridges) == []  # an older run still resumes
+    ladder_before_temperatures = {k: v for k, v in ladder.to_dict().items() if k != "gate_temperature"}
+    assert ladder.differences(ladder_before_temperatures) == ["gate_temperature"]  # its gates had T = 1
+    assert TrainConfig(**{**base, "bridge": "ladder", "large_layers": "3,7,11", "small_inputs": "mapped",
+                          "gate_temperature": 1.0}).differences(ladder_before_temperatures) == []
+    with pytest.raises(LLMModulesError, match="--gate-temperature is an option of the ladder and xattn"):
+        TrainConfig(**base, gate_temperature=0.5)
 
 
 @pytest.mark.parametrize("bridge", ["ladder", "xattn"])

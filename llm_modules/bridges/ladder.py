@@ -9,10 +9,14 @@ Depth map: the tap of large hidden state l (of L) joins after small layer
 c = max(1, round(l * n_small / L)) (1-based), i.e. the layer that ends the same fraction of the
 stack; taps that land on one layer are summed.
 
-Gate: tanh(alpha) with alpha = 0 (Flamingo's), one scalar per tap. At initialisation every ladder
-adds exactly zero, so the composed small side starts as the pretrained small model; the
-projection is randomly initialised, so alpha still gets a gradient from the first step. LST's
+Gate: tanh(alpha / T) with alpha = 0 (Flamingo's start), one scalar per tap. At initialisation
+every ladder adds exactly zero, so the composed small side starts as the pretrained small model;
+the projection is randomly initialised, so alpha still gets a gradient from the first step. LST's
 sigmoid(alpha / T) would start at 0.5, mixing half of a random projection into every layer.
+The temperature T (`gate_temperature`, LST's 0.1) sets how fast a gate can open: Adam moves alpha
+by about the learning rate per step whatever its gradient, so the gate opens by about lr / T per
+step. With T = 1 and the bridge's usual rates (1e-4..1e-3) a gate stays below 0.003 after 20 steps
+and below 0.1 after hundreds: the taps are barely heard while everything around them trains.
 """
 
 from __future__ import annotations
@@ -28,11 +32,17 @@ from .base import BridgeCache, BridgeShape, SideBridge, TapInput, add_after_laye
 
 @dataclass
 class LadderOptions:
-    """`large_layers`: large hidden states to tap (1..L, -1 the last); None: every 4th, ending at the last."""
+    """`large_layers`: large hidden states to tap (1..L, -1 the last); None: every 4th, ending at the last.
+    `gate_temperature`: T of the tanh(alpha / T) gates (smaller opens faster)."""
 
     large_layers: list[int] | None = None
+    gate_temperature: float = 0.1
 
     def __post_init__(self) -> None:
+        if isinstance(self.gate_temperature, bool) or not isinstance(self.gate_temperature, (int, float)) \
+                or not self.gate_temperature > 0:
+            raise LLMModulesError(f"bridge option gate_temperature must be a number > 0, got {self.gate_temperature!r}")
+        self.gate_temperature = float(self.gate_temperature)
         if self.large_layers is not None:
             if not isinstance(self.large_layers, (list, tuple)) or not all(
                     isinstance(i, int) and not isinstance(i, bool) for i in self.large_layers):
@@ -41,7 +51,7 @@ class LadderOptions:
 
 
 class LadderBridge(SideBridge):
-    """Per tap: LayerNorm -> Linear(dL, dS) -> x tanh(alpha), added after the matching small layer."""
+    """Per tap: LayerNorm -> Linear(dL, dS) -> x tanh(alpha / T), added after the matching small layer."""
 
     options_class = LadderOptions
 
@@ -52,6 +62,7 @@ class LadderBridge(SideBridge):
         ]  # 0-based small layer after which each tap is added
         self.taps = nn.ModuleList(TapInput(shape.large_dim, shape.small_dim) for _ in self.large_layers)
         self.alphas = nn.Parameter(torch.zeros(len(self.large_layers)))  # tanh(0) = 0: starts closed
+        self.temperature = options.gate_temperature
         self._states: torch.Tensor | None = None  # (B, T, K, dL) of the current call, read by the hooks
 
     def attach(self, small_decoder: nn.Module) -> None:
@@ -63,11 +74,12 @@ class LadderBridge(SideBridge):
         """h (B, T, dS) after small layer `layer` plus every tap that joins there."""
         for k, target in enumerate(self.small_layer_of_tap):
             if target == layer:
-                h = h + torch.tanh(self.alphas[k]) * self.taps[k](self._states[:, :, k].to(h.dtype))  # (B, T, dS)
+                h = h + torch.tanh(self.alphas[k] / self.temperature) * self.taps[k](self._states[:, :, k].to(h.dtype))  # (B, T, dS)
         return h
 
     def remember(self, states: torch.Tensor, key_mask: torch.Tensor, causal: bool, cache: BridgeCache | None) -> None:
         self._states = states  # per-position additions: no mask, no cache needed
 
     def extra_repr(self) -> str:
-        return f"large_layers={self.large_layers}, after small layers={[j + 1 for j in self.small_layer_of_tap]}"
+        return (f"large_layers={self.large_layers}, after small layers={[j + 1 for j in self.small_layer_of_tap]}, "
+                f"gate_temperature={self.temperature}")

@@ -3,7 +3,8 @@
 After Flamingo's gated cross-attention dense blocks and CALM's every-4th-layer cross-attention.
 After each chosen small layer, a block lets every position attend, causally, to the large
 model's tapped states of all positions up to its own, across all taps (S x K keys), and adds the
-result through tanh(alpha), alpha = 0: the small side starts exactly as the pretrained small model.
+result through tanh(alpha / T), alpha = 0: the small side starts exactly as the pretrained small
+model (T, `gate_temperature`, as the ladder's: smaller opens faster).
 Keys/values depend only on the large states, so decoding caches and appends them like the
 paper's bridge does.
 """
@@ -37,15 +38,16 @@ class XattnOptions(LadderOptions):
 
 
 class GatedCrossAttention(CrossAttention):
-    """h <- h + tanh(alpha) * Attn(LN(h), LN(large taps)); alpha starts at 0."""
+    """h <- h + tanh(alpha / T) * Attn(LN(h), LN(large taps)); alpha starts at 0."""
 
-    def __init__(self, large_dim: int, small_dim: int, num_heads: int):
+    def __init__(self, large_dim: int, small_dim: int, num_heads: int, temperature: float):
         super().__init__(large_dim, small_dim, num_heads)
         self.alpha = nn.Parameter(torch.zeros(()))
+        self.temperature = temperature
 
     def forward(self, h: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """h (B, T, dS); k, v (B, nh, S*K, hs), position-major (s0k0, s0k1, ...); mask (B, 1, T, S*K)."""
-        return h + torch.tanh(self.alpha) * self.attend(h, k, v, mask)  # (B, T, dS)
+        return h + torch.tanh(self.alpha / self.temperature) * self.attend(h, k, v, mask)  # (B, T, dS)
 
 
 class XattnBridge(SideBridge):
@@ -58,7 +60,8 @@ class XattnBridge(SideBridge):
         stride = options.small_stride
         self.small_layers = list(range(stride - 1, shape.small_layers, stride)) or [shape.small_layers - 1]
         self.blocks = nn.ModuleList(
-            GatedCrossAttention(shape.large_dim, shape.small_dim, options.num_heads) for _ in self.small_layers
+            GatedCrossAttention(shape.large_dim, shape.small_dim, options.num_heads, options.gate_temperature)
+            for _ in self.small_layers
         )
         self._context: tuple[torch.Tensor, torch.Tensor, BridgeCache | None] | None = None
 
