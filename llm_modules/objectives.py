@@ -138,8 +138,8 @@ class ComposedObjective(Objective):
             print("large model released for training from cached states (reloaded to generate)")
 
     def _build_state_caches(self, config: Any, data: Any, accelerator: Any) -> bool:
-        """Large-model states of train and validation examples, computed once (main process first);
-        returns whether anything was built (rather than reused)."""
+        """Large-model states of train and validation examples, computed once, every process encoding
+        its share (`StateCache.open_or_build`); returns whether anything was built (rather than reused)."""
         if not config.state_cache:
             return False
         from .cache_admin import enforce_size_cap
@@ -148,14 +148,13 @@ class ComposedObjective(Objective):
 
         root = Path(config.state_cache_dir) if config.state_cache_dir else cache_dir() / "states"
         model_key = model_state_key(self.model, config.state_cache_dtype)
-        with accelerator.main_process_first():
-            for split in ("train", "val"):  # keyed by token ids: another split reuses their states
-                examples = getattr(data, split)
-                key = state_cache_key(self.model, examples_digest(examples), config.state_cache_dtype)
-                self.states[split] = StateCache.open_or_build(
-                    root, key, self.model, examples, dtype=config.state_cache_dtype,
-                    progress=config.progress and accelerator.is_main_process, model_key=model_key,
-                ) if examples else None
+        for split in ("train", "val"):  # keyed by token ids: another split reuses their states
+            examples = getattr(data, split)
+            key = state_cache_key(self.model, examples_digest(examples), config.state_cache_dtype)
+            self.states[split] = StateCache.open_or_build(
+                root, key, self.model, examples, dtype=config.state_cache_dtype,
+                progress=config.progress and accelerator.is_main_process, model_key=model_key,
+            ) if examples else None
         caches = [c for c in self.states.values() if c is not None]
         reused = all(not c.built for c in caches)
         if accelerator.is_main_process:
