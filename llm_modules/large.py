@@ -79,7 +79,7 @@ def load_options(dtype: str = "float32", device_map: str = "none", quantization:
 
         if importlib.util.find_spec("bitsandbytes") is None:
             raise LLMModulesError(f"--large-quantization {quantization} needs bitsandbytes, which is not installed "
-                                  "(pip install bitsandbytes; it runs on CUDA GPUs)")
+                                  "(pip install 'llm-modules[quantization]'; it runs on CUDA GPUs)")
         if device.type != "cuda":
             raise LLMModulesError(f"--large-quantization {quantization} needs a CUDA GPU (bitsandbytes); this "
                                   f"process runs on {device}")
