@@ -55,27 +55,29 @@ def set_rng_state(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> Non
     np.random.set_state((name, tensors["numpy.keys"].numpy().astype(np.uint32), pos, has_gauss, cached))
 
 
-def optimizer_to_safetensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """Split `optimizer.state_dict()` into tensors ("state.<param>.<name>") and JSON-able rest."""
-    state = optimizer.state_dict()
-    tensors, scalars = {}, {}
-    for index, entry in state["state"].items():
-        for name, value in entry.items():
+def optimizer_to_safetensors(optimizer: torch.optim.Optimizer | dict[str, Any]
+                             ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Split an optimizer's state dict (or the dict itself) into tensors ("state.<n>.<name>", n the
+    parameter's position) and a JSON-able rest whose "keys" name the parameters: indices from
+    `optimizer.state_dict()`, names from a full state dict gathered from FSDP shards."""
+    state = optimizer.state_dict() if isinstance(optimizer, torch.optim.Optimizer) else optimizer
+    tensors, scalars, keys = {}, {}, list(state["state"])
+    for position, key in enumerate(keys):
+        for name, value in state["state"][key].items():
             if torch.is_tensor(value):
-                tensors[f"state.{index}.{name}"] = value.detach().cpu().contiguous()
+                tensors[f"state.{position}.{name}"] = value.detach().cpu().contiguous()
             else:
-                scalars[f"{index}.{name}"] = value
-    return tensors, {"param_groups": state["param_groups"], "scalars": scalars}
+                scalars[f"{position}.{name}"] = value
+    return tensors, {"param_groups": state["param_groups"], "scalars": scalars, "keys": keys}
 
 
 def optimizer_from_safetensors(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> dict[str, Any]:
-    state: dict[int, dict[str, Any]] = {}
-    for key, value in tensors.items():
-        _, index, name = key.split(".", 2)
-        state.setdefault(int(index), {})[name] = value
-    for key, value in meta["scalars"].items():
-        index, name = key.split(".", 1)
-        state.setdefault(int(index), {})[name] = value
+    keys = meta.get("keys")  # absent in checkpoints written before FSDP: the positions were the indices
+    state: dict[Any, dict[str, Any]] = {}
+    for key, value in [*((k.split(".", 2)[1:], v) for k, v in tensors.items()),
+                       *((k.split(".", 1), v) for k, v in meta["scalars"].items())]:
+        position, name = key
+        state.setdefault(keys[int(position)] if keys is not None else int(position), {})[name] = value
     return {"state": state, "param_groups": meta["param_groups"]}
 
 
@@ -105,10 +107,12 @@ def temporary_folder(directory: Path, step: int) -> Path:
     return directory / f".tmp-{PREFIX}{step:06d}"
 
 
-def write_weights_and_optimizer(tmp: Path, model: Any, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
-    """Main process: trained weights and optimizer tensors; returns the optimizer's JSON part."""
+def write_weights_and_optimizer(tmp: Path, model: Any, optimizer: torch.optim.Optimizer | dict[str, Any],
+                                weights: dict[str, torch.Tensor] | None = None) -> dict[str, Any]:
+    """Main process: trained weights and optimizer tensors; returns the optimizer's JSON part.
+    `weights` and a state-dict `optimizer`: full tensors gathered from FSDP shards."""
     remove_checkpoint(tmp)
-    model.save_pretrained(tmp)
+    model.save_pretrained(tmp, weights)
     opt_tensors, opt_meta = optimizer_to_safetensors(optimizer)
     save_file(opt_tensors, str(tmp / OPTIMIZER_FILE))
     return opt_meta
@@ -151,14 +155,21 @@ def remove_checkpoint(folder: Path) -> None:
     shutil.rmtree(folder, ignore_errors=True)
 
 
-def load_checkpoint(path: Path, model: Any, optimizer: torch.optim.Optimizer, rank: int = 0) -> dict[str, Any]:
-    """Restore weights, optimizer and this process's RNG from `path`; returns the trainer state."""
+def load_checkpoint(path: Path, model: Any, optimizer: torch.optim.Optimizer, rank: int = 0,
+                    restore: Any = None) -> dict[str, Any]:
+    """Restore weights, optimizer and this process's RNG from `path`; returns the trainer state.
+    `restore(weights, optimizer_state)` replaces the loading of the first two (FSDP scatters them)."""
     from .config import WEIGHTS_FILE
 
     try:
         state = json.loads((path / STATE_FILE).read_text())
-        model.load_trained_state_dict(load_file(str(path / WEIGHTS_FILE)))
-        optimizer.load_state_dict(optimizer_from_safetensors(load_file(str(path / OPTIMIZER_FILE)), state["optimizer"]))
+        weights = load_file(str(path / WEIGHTS_FILE))
+        optimizer_state = optimizer_from_safetensors(load_file(str(path / OPTIMIZER_FILE)), state["optimizer"])
+        if restore is not None:
+            restore(weights, optimizer_state)
+        else:
+            model.load_trained_state_dict(weights)
+            optimizer.load_state_dict(optimizer_state)
         rng_file = path / f"rng-{rank}.safetensors"
         if not rng_file.is_file():
             raise LLMModulesError(

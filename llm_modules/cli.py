@@ -50,12 +50,12 @@ def add_sampling_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-cache", action="store_true", help="recompute the whole prefix for each token (slow)")
 
 
-def sampling_options(args: argparse.Namespace) -> dict[str, Any]:
+def sampling_options(args: argparse.Namespace, device: Any = "cpu") -> dict[str, Any]:
     return dict(
         max_new_tokens=args.max_new_tokens, min_new_tokens=args.min_new_tokens, do_sample=args.do_sample,
         temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
         repetition_penalty=args.repetition_penalty, stop_strings=args.stop, use_cache=not args.no_cache,
-        generator=torch.Generator().manual_seed(args.seed),
+        generator=torch.Generator(device=device).manual_seed(args.seed),  # where the sampling runs
     )
 
 
@@ -78,6 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="auto: the training run's template, else the tokenizer's chat template, else raw text")
     add_sampling_flags(gen)
     add_large_mismatch_flag(gen)
+    add_device_flags(gen)
 
     train = sub.add_parser(
         "train", help="train a composed model (no options: the embedded demo)",
@@ -101,6 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--no-generate", action="store_true", help="loss only, no generation")
     ev.add_argument("--output", help="also write the result (with samples) to this JSON file")
     add_large_mismatch_flag(ev)
+    add_device_flags(ev)
 
     chat = sub.add_parser("chat", help="interactive chat with a trained composed model, streamed")
     chat.add_argument("--model", required=True, help=MODEL_HELP)
@@ -108,6 +110,7 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("--system", help="system prompt (default: the template's)")
     add_sampling_flags(chat)
     add_large_mismatch_flag(chat)
+    add_device_flags(chat)
 
     cache = sub.add_parser("cache", help="list or prune the large-model state cache")
     cache_sub = cache.add_subparsers(dest="cache_command", metavar="ACTION", required=True)
@@ -184,10 +187,28 @@ def add_large_mismatch_flag(parser: argparse.ArgumentParser) -> None:
                         help="load even when the large model's weights differ from those the model was trained on")
 
 
-def load_composed(directory: str, allow_large_mismatch: bool = False):
+def add_device_flags(parser: argparse.ArgumentParser) -> None:
+    from .devices import DTYPE_CHOICES
+
+    parser.add_argument("--device", default="auto",
+                        help="cpu, cuda, cuda:N, mps, or auto: the best available (a CUDA GPU, then mps, then the CPU)")
+    parser.add_argument("--dtype", choices=DTYPE_CHOICES, default="auto",
+                        help="precision of the models; auto: bfloat16 on a CUDA GPU that has it, else float32")
+
+
+def device_and_dtype(args: argparse.Namespace) -> tuple[torch.device, torch.dtype]:
+    from .devices import pick_device, pick_dtype
+
+    device = pick_device(args.device)
+    return device, pick_dtype(args.dtype, device)
+
+
+def load_composed(directory: str, allow_large_mismatch: bool = False, device: Any = None,
+                  dtype: torch.dtype = torch.float32):
     from .model import LLMModulesModel
 
-    model = LLMModulesModel.from_pretrained(directory, allow_large_mismatch=allow_large_mismatch).eval()
+    model = LLMModulesModel.from_pretrained(directory, dtype=dtype, device=device,
+                                            allow_large_mismatch=allow_large_mismatch).eval()
     if model.tokenizer is None:
         raise LLMModulesError(f"the large model of {directory} ({model.config.large}) has no tokenizer files")
     return model
@@ -197,10 +218,10 @@ def load_composed(directory: str, allow_large_mismatch: bool = False):
 def run_generate(args: argparse.Namespace) -> int:
     from transformers import TextStreamer
 
-    model = load_composed(args.model, args.allow_large_mismatch)
+    model = load_composed(args.model, args.allow_large_mismatch, *device_and_dtype(args))
     ids = torch.tensor([format_prompt(args.model, model.tokenizer, args.prompt, args.template)])
     streamer = TextStreamer(model.tokenizer, skip_prompt=True, skip_special_tokens=True)
-    model.generate(ids, streamer=streamer, **sampling_options(args))
+    model.generate(ids, streamer=streamer, **sampling_options(args, model.device))
     return 0
 
 
@@ -231,7 +252,8 @@ def run_eval(args: argparse.Namespace) -> int:
                **{k: v for k, v in given.items() if v is not None}}
     if "spec" not in options:
         raise LLMModulesError("eval needs --data SPEC (the model folder has no training run to take it from)")
-    scorer = load_scorer(args.model, allow_large_mismatch=args.allow_large_mismatch)
+    device, dtype = device_and_dtype(args)
+    scorer = load_scorer(args.model, device=device, allow_large_mismatch=args.allow_large_mismatch, dtype=dtype)
     examples = held_out_examples(DataConfig(**options), scorer.tokenizer, scorer.max_positions, args.split)
     result = evaluate(scorer, examples, EvalOptions(
         split=args.split, limit=args.limit, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
@@ -255,7 +277,7 @@ def run_chat(args: argparse.Namespace) -> int:
     from .evaluate import run_defaults
     from .prompting import prompt_ids
 
-    model = load_composed(args.model, args.allow_large_mismatch)
+    model = load_composed(args.model, args.allow_large_mismatch, *device_and_dtype(args))
     template = args.template or run_defaults(args.model).get("template") or "stratos"
     history: list[dict[str, str]] = []
     print(f"chatting with {args.model} (template {template}); empty line or Ctrl-D to quit", file=sys.stderr)
@@ -269,7 +291,7 @@ def run_chat(args: argparse.Namespace) -> int:
         history.append({"role": "user", "content": line})
         ids = torch.tensor([prompt_ids(history, model.tokenizer, template, args.system)])
         streamer = TextStreamer(model.tokenizer, skip_prompt=True, skip_special_tokens=True)
-        out = model.generate(ids, streamer=streamer, **sampling_options(args))
+        out = model.generate(ids, streamer=streamer, **sampling_options(args, model.device))
         history.append({"role": "assistant",
                         "content": model.tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip()})
     return 0

@@ -58,9 +58,11 @@ class PlainScorer:
                                    do_sample=False, pad_token_id=pad_id(self.tokenizer))
 
 
-def load_scorer(spec: str, device: str | None = None, allow_large_mismatch: bool = False) -> ComposedScorer | PlainScorer:
+def load_scorer(spec: str, device: Any = None, allow_large_mismatch: bool = False,
+                dtype: torch.dtype = torch.float32) -> ComposedScorer | PlainScorer:
     """A folder written by save_pretrained/train (or a training run folder: its best/, else last/) ->
-    composed (or the plain method it trained); anything else -> a plain model spec."""
+    composed (or the plain method it trained); anything else -> a plain model spec. Loaded in
+    `dtype` onto `device` (default: where it loads, the CPU)."""
     from .objectives import load_plain, saved_kind
     from .run_folder import is_run_folder, resolve_model_folder
 
@@ -69,20 +71,21 @@ def load_scorer(spec: str, device: str | None = None, allow_large_mismatch: bool
         spec = str(resolve_model_folder(spec))  # errors name what a model folder holds
     if saved_kind(spec) == "plain":
         model, tokenizer = load_plain(spec)
-        return PlainScorer(model.to(device) if device else model, tokenizer)
+        return PlainScorer(model.to(device=device, dtype=dtype), tokenizer)
     if saved_kind(spec) == "composed":
         from .model import LLMModulesModel
 
-        model = LLMModulesModel.from_pretrained(spec, device=device, allow_large_mismatch=allow_large_mismatch)
+        model = LLMModulesModel.from_pretrained(spec, dtype=dtype, device=device,
+                                                allow_large_mismatch=allow_large_mismatch)
         if model.tokenizer is None:
             raise LLMModulesError(f"{spec}: its large model has no tokenizer; evaluation needs one")
         return ComposedScorer(model)
     from .specs import resolve_model
 
-    loaded = resolve_model(spec)
+    loaded = resolve_model(spec, dtype=dtype)
     if loaded.tokenizer is None:
         raise LLMModulesError(f"model {spec!r} has no tokenizer; evaluation needs one")
-    return PlainScorer(loaded.model.to(device) if device else loaded.model, loaded.tokenizer)
+    return PlainScorer(loaded.model.to(device) if device is not None else loaded.model, loaded.tokenizer)
 
 
 def run_defaults(model_dir: str) -> dict[str, Any]:

@@ -34,6 +34,6 @@ class ComposedHead(nn.Module):
             return self.out(s)
         x = self.up(s)  # (B, T, dL)
         if self.kind == "residual":
-            x = h.to(x.dtype) + x
-        weight = large_head.weight
-        return large_head(x.to(weight.dtype)).to(s.dtype)
+            x = h.to(x.device, x.dtype) + x
+        weight = large_head.weight  # frozen, maybe on another device (a device map) and in another precision
+        return large_head(x.to(weight.device, weight.dtype)).to(s.device, s.dtype)

@@ -9,7 +9,9 @@ unless told `allow_large_mismatch=True` (`--allow-large-mismatch`).
 The digest hashes every parameter's name, shape and dtype and a strided sample of its values:
 it never copies a whole tensor (an embedding matrix may be 1 GB). It is recorded in the training
 precision and, from float32, in each half precision too, so a model trained on a float32 large
-model still checks when the large model is later loaded in bfloat16 or float16.
+model still checks when the large model is later loaded in bfloat16 or float16. Weights quantized
+while loading (8-/4-bit) are other numbers: across a change of quantization nothing is compared,
+with a warning.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import torch
 from torch import nn
 
 from .errors import LLMModulesError
+from .large import quantization_of
 
 logger = logging.getLogger(__name__)
 
@@ -67,7 +70,9 @@ def record(large: nn.Module) -> dict[str, Any]:
     if dtype == torch.float32:
         digests.update({half: weights_digest(large, as_dtype) for half, as_dtype in HALF.items()})
     revision = getattr(getattr(large, "config", None), "_commit_hash", None)
-    return {"dtype": name, "digests": digests, **({"revision": revision} if revision else {})}
+    quantization = quantization_of(large)
+    return {"dtype": name, "digests": digests, **({"revision": revision} if revision else {}),
+            **({"quantization": quantization} if quantization != "none" else {})}
 
 
 def check(saved: dict[str, Any], large: nn.Module, spec: str, where: str, allow_mismatch: bool = False) -> None:
@@ -75,6 +80,12 @@ def check(saved: dict[str, Any], large: nn.Module, spec: str, where: str, allow_
     if not saved:
         logger.warning("%s was saved without a digest of its large model (older llm-modules): cannot check that "
                        "%s is the model it was trained on", where, spec)
+        return
+    then, now_quantized = saved.get("quantization", "none"), quantization_of(large)
+    if then != now_quantized:  # quantized weights are other numbers: no digest can compare them
+        logger.warning("%s was trained on %s large weights and %s is loaded %s: its weights cannot be checked "
+                       "against the digest", where, then if then != "none" else "unquantized", spec,
+                       now_quantized if now_quantized != "none" else "unquantized")
         return
     loaded = _NAMES.get(_dtype_of(large), str(_dtype_of(large)))
     if loaded in saved["digests"]:

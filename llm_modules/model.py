@@ -25,7 +25,7 @@ from .bridges import BridgeCache, BridgeShape, bridge_classes
 from .config import CONFIG_FILE, WEIGHTS_FILE, ComposeConfig
 from .errors import LLMModulesError
 from .heads import ComposedHead
-from .large import Decoder, Released, num_layers, tapped_states
+from .large import Decoder, Released, is_placed, num_layers, tapped_states
 from .vocab_map import VocabMap
 
 logger = logging.getLogger(__name__)
@@ -89,6 +89,7 @@ class LLMModulesModel(nn.Module):
         self.large.requires_grad_(False)
         self.large.eval()
         self._large_decoder = Decoder(large.base_model)
+        self._large_placement: dict[str, Any] = {}  # how it was placed while loading; restore_large repeats it
         self.num_large_layers = num_layers(large)
         large_head = large.get_output_embeddings()
         if large_head is None:
@@ -146,6 +147,7 @@ class LLMModulesModel(nn.Module):
         dtype: torch.dtype = torch.float32,
         large_dtype: torch.dtype | None = None,
         device: str | torch.device | None = None,
+        large_placement: dict[str, Any] | None = None,
         **bridge_options: Any,
     ) -> "LLMModulesModel":
         """Load both models from their specs and join them with a freshly initialised bridge and head.
@@ -153,18 +155,20 @@ class LLMModulesModel(nn.Module):
         options: the composition's (head, bridge="eca"|"ladder"|"xattn", small_inputs="bridge"|"mapped",
         train_embeddings) and the bridge's own (see `llm_modules.bridges`; eca: num_layers, num_heads,
         adapter_dim, dropout, large_layer; ladder: large_layers; xattn: large_layers, small_stride,
-        num_heads). `large_dtype` (default: `dtype`) lets the frozen large model run in bf16/fp16.
+        num_heads). `large_dtype` (default: `dtype`) lets the frozen large model run in bf16/fp16;
+        `large_placement` (`large.load_options`) spreads it over GPUs or quantizes it while loading.
         """
         config = ComposeConfig.from_options(large=large, small=small, causal=causal, **bridge_options)
-        return cls._build(config, dtype, large_dtype, device)
+        return cls._build(config, dtype, large_dtype, device, large_placement=large_placement)
 
     @classmethod
     def _build(cls, config: ComposeConfig, dtype: torch.dtype, large_dtype: torch.dtype | None, device: Any,
-               saved_in: Path | None = None, allow_large_mismatch: bool = False, vocab_map: VocabMap | None = None):
+               saved_in: Path | None = None, allow_large_mismatch: bool = False, vocab_map: VocabMap | None = None,
+               large_placement: dict[str, Any] | None = None):
         from . import large_identity
         from .specs import resolve_model
 
-        large = resolve_model(config.large, dtype=large_dtype or dtype, with_tokenizer=True)
+        large = resolve_model(config.large, dtype=large_dtype or dtype, with_tokenizer=True, placement=large_placement)
         if saved_in is None:  # composed now: pin this large model in the config that gets saved
             config.large_identity = large_identity.record(large.model)
         else:
@@ -174,7 +178,8 @@ class LLMModulesModel(nn.Module):
         if build_map:
             vocab_map = VocabMap.from_models(large, small)
         model = cls(config, large.model, small.model, tokenizer=large.tokenizer, vocab_map=vocab_map)
-        return model.to(device) if device is not None else model
+        model._large_placement = large_placement or {}
+        return model.place(device) if device is not None else model
 
     # ------------------------------------------------------------------ bookkeeping
     def train(self, mode: bool = True) -> "LLMModulesModel":
@@ -185,6 +190,16 @@ class LLMModulesModel(nn.Module):
     @property
     def device(self) -> torch.device:
         return next(self.small.parameters()).device
+
+    def place(self, device: str | torch.device) -> "LLMModulesModel":
+        """Move the model to `device`, except a large model that was placed while loading (a device
+        map or quantization: `large.load_options`), which stays where it was put."""
+        if not is_placed(self.large):
+            return self.to(device)
+        for name, child in self.named_children():
+            if name != "large":
+                child.to(device)
+        return self
 
     def parameter_counts(self) -> dict[str, dict[str, int]]:
         """{part: {"trainable": n, "frozen": n}} for large, bridge, small, head and total."""
@@ -252,7 +267,9 @@ class LLMModulesModel(nn.Module):
         from .specs import resolve_model
 
         dtype, device = self._large_place
-        large = resolve_model(self.config.large, dtype=dtype, with_tokenizer=False).model.to(device)
+        large = resolve_model(self.config.large, dtype=dtype, with_tokenizer=False,
+                              placement=self._large_placement).model
+        large = large if is_placed(large) else large.to(device)
         large.requires_grad_(False)
         self.large = large.eval()
         self._large_decoder = Decoder(large.base_model)
@@ -324,7 +341,8 @@ class LLMModulesModel(nn.Module):
         bridge_cache = None
         if cache is not None:
             cache.bridge = bridge_cache = cache.bridge or BridgeCache()
-        bridge_states = large_states[:, :, self._bridge_taps].to(self.small.dtype)  # (B, T, Kb, dL)
+        # the large model may live on other devices (a device map) and in another precision
+        bridge_states = large_states[:, :, self._bridge_taps].to(self.device, self.small.dtype)  # (B, T, Kb, dL)
         # The bridge also readies any hooks it has inside the small decoder for the call below.
         embeds = self.bridge(bridge_states, attention_mask, self.config.causal, bridge_cache)  # (B, T, dS) or None
         if self.vocab_map is not None:
@@ -340,7 +358,7 @@ class LLMModulesModel(nn.Module):
             cache.small, cache.length = small_cache, cache.length + length
         s = small_out.last_hidden_state  # (B, T, dS)
         # The residual head adds to the large model's final states; the other heads do not read them.
-        final = large_states[:, :, self._head_tap] if self._head_tap is not None else None  # (B, T, dL)
+        final = large_states[:, :, self._head_tap].to(s.device) if self._head_tap is not None else None  # (B, T, dL)
         large_head = self.large.get_submodule(self._large_head_name)
         if labels is not None and not return_logits:
             targets = labels[:, 1:].to(s.device)
@@ -395,11 +413,15 @@ class LLMModulesModel(nn.Module):
             if not name.startswith("large.") and name != skip
         }
 
-    def save_pretrained(self, directory: str | Path) -> Path:
-        """Write the JSON config and safetensors of the trained parts only (never the large model)."""
+    def save_pretrained(self, directory: str | Path, state: dict[str, torch.Tensor] | None = None) -> Path:
+        """Write the JSON config and safetensors of the trained parts only (never the large model).
+
+        `state`: the trained tensors to write, by the same names, when they do not live in this
+        module whole (gathered from FSDP shards); names it has beyond the trained ones are left out.
+        """
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in self.trained_state_dict().items()}
+        tensors = cpu_copies(self.trained_state_dict(), state)
         tmp = directory / (WEIGHTS_FILE + ".tmp")
         save_file(tensors, str(tmp), metadata={"format": "pt", "llm_modules": self.config.library_version})
         tmp.replace(directory / WEIGHTS_FILE)
@@ -414,6 +436,7 @@ class LLMModulesModel(nn.Module):
         large_dtype: torch.dtype | None = None,
         device: str | torch.device | None = None,
         allow_large_mismatch: bool = False,
+        large_placement: dict[str, Any] | None = None,
     ) -> "LLMModulesModel":
         """Rebuild from a folder written by `save_pretrained` (or a training run folder: its best/, else
         last/): specs from the JSON, weights from safetensors.
@@ -433,11 +456,12 @@ class LLMModulesModel(nn.Module):
         vocab_map = VocabMap.from_state(state, "vocab_map.", weights) if config.small_inputs == "mapped" else None
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # the leak warning was given when the model was composed
-            model = cls._build(config, dtype, large_dtype, None, directory, allow_large_mismatch, vocab_map=vocab_map)
+            model = cls._build(config, dtype, large_dtype, None, directory, allow_large_mismatch, vocab_map=vocab_map,
+                               large_placement=large_placement)
         if not config.causal:
             warnings.warn(LEAK_WARNING, stacklevel=2)
         model.load_trained_state_dict(state)
-        return model.to(device) if device is not None else model
+        return model.place(device) if device is not None else model
 
     def load_trained_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         expected = set(self.trained_state_dict())
@@ -447,6 +471,18 @@ class LLMModulesModel(nn.Module):
                 f"saved weights do not match this composition: missing {missing[:5]}, unexpected {unexpected[:5]}"
             )
         self.load_state_dict(state, strict=False)
+
+
+def cpu_copies(trained: dict[str, torch.Tensor], state: dict[str, torch.Tensor] | None = None
+               ) -> dict[str, torch.Tensor]:
+    """CPU copies of the `trained` tensors to save, taken from `state` (the same names, gathered from
+    FSDP shards) when given; `state`'s other names are left out."""
+    if state is not None:
+        missing = sorted(set(trained) - set(state))
+        if missing:
+            raise LLMModulesError(f"the weights to save lack trained tensors {missing[:5]}")
+        trained = {k: state[k] for k in trained}
+    return {k: v.detach().to("cpu").contiguous().clone() for k, v in trained.items()}
 
 
 def _embedding_name(decoder: nn.Module) -> str:

@@ -86,7 +86,8 @@ class Objective:
     def load_trained_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         raise NotImplementedError
 
-    def save_pretrained(self, directory: str | Path) -> Path:
+    def save_pretrained(self, directory: str | Path, state: dict[str, torch.Tensor] | None = None) -> Path:
+        """Write the trained weights (or `state`, the same names gathered from FSDP shards) and JSON."""
         raise NotImplementedError
 
     def scorer(self) -> Any:
@@ -96,6 +97,10 @@ class Objective:
     def before_generation(self) -> None:
         """Make the model able to generate (the composed model reloads a released large model)."""
 
+    def place(self, device: torch.device) -> None:
+        """Move what trains (and any frozen model the loss reads) to this process's device."""
+        self.module.to(device)
+
 
 def _count(module: nn.Module) -> dict[str, int]:
     seen: dict[int, nn.Parameter] = {id(p): p for p in module.parameters()}
@@ -103,21 +108,50 @@ def _count(module: nn.Module) -> dict[str, int]:
             "frozen": sum(p.numel() for p in seen.values() if not p.requires_grad)}
 
 
+def large_loading(config: Any, device: Any = "cpu", processes: int = 1) -> dict[str, Any]:
+    """`resolve_model` arguments of a run's frozen large model: its dtype and placement (large.load_options)."""
+    from .large import LARGE_DTYPES, load_options
+
+    placement = load_options(config.large_dtype, config.large_device_map, config.large_quantization, device, processes)
+    return {"dtype": LARGE_DTYPES[config.large_dtype], "placement": placement}
+
+
 # ----------------------------------------------------------------------------- composed
+class TrainedParts(nn.Module):
+    """What DDP or FSDP wraps for the composed method: the bridge, the small model, the head (and
+    the vocabulary map), never the frozen large model, which is then neither broadcast, sharded,
+    reduced nor saved by the wrapper. Calling it runs the whole composed model, whose forward uses
+    these very modules. State-dict names are the composed model's ("bridge.", "small.", "head.")."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.bridge, self.small, self.head = model.bridge, model.small, model.head
+        if model.vocab_map is not None:
+            self.vocab_map = model.vocab_map
+        # FSDP's transformer auto-wrap reads the decoder layer classes from here
+        self._no_split_modules = list(getattr(model.small, "_no_split_modules", None) or [])
+        object.__setattr__(self, "composed", model)  # a plain reference: the large model stays outside
+
+    def forward(self, **batch: Any) -> Any:
+        return self.composed(**batch)
+
+
 class ComposedObjective(Objective):
     """Ours: the bridge, the small model and the head train; the large model's states are cached."""
 
     method = "composed"
 
-    def __init__(self, config: Any):
+    def __init__(self, config: Any, device: Any = "cpu", processes: int = 1):
         from .model import LLMModulesModel
 
-        self.model = LLMModulesModel.compose(large=config.large, small=config.small, **config.compose_options())
+        large = large_loading(config, device, processes)
+        self.model = LLMModulesModel.compose(large=config.large, small=config.small, large_dtype=large["dtype"],
+                                             large_placement=large["placement"], **config.compose_options())
         if self.model.tokenizer is None:
             raise LLMModulesError(f"the large model {config.large!r} has no tokenizer; training needs one")
         if config.gradient_checkpointing:
             self.model.small.gradient_checkpointing_enable()
-        self.module, self.tokenizer = self.model, self.model.tokenizer
+        self.module, self.tokenizer = TrainedParts(self.model), self.model.tokenizer
         self.max_positions = self.model.small_max_positions
         self.states: dict[str, Any] = {"train": None, "val": None}
         self.counts = self.model.parameter_counts()  # before any release of the large model
@@ -138,8 +172,8 @@ class ComposedObjective(Objective):
             print("large model released for training from cached states (reloaded to generate)")
 
     def _build_state_caches(self, config: Any, data: Any, accelerator: Any) -> bool:
-        """Large-model states of train and validation examples, computed once (main process first);
-        returns whether anything was built (rather than reused)."""
+        """Large-model states of train and validation examples, computed once, every process encoding
+        its share (`StateCache.open_or_build`); returns whether anything was built (rather than reused)."""
         if not config.state_cache:
             return False
         from .cache_admin import enforce_size_cap
@@ -148,14 +182,13 @@ class ComposedObjective(Objective):
 
         root = Path(config.state_cache_dir) if config.state_cache_dir else cache_dir() / "states"
         model_key = model_state_key(self.model, config.state_cache_dtype)
-        with accelerator.main_process_first():
-            for split in ("train", "val"):  # keyed by token ids: another split reuses their states
-                examples = getattr(data, split)
-                key = state_cache_key(self.model, examples_digest(examples), config.state_cache_dtype)
-                self.states[split] = StateCache.open_or_build(
-                    root, key, self.model, examples, dtype=config.state_cache_dtype,
-                    progress=config.progress and accelerator.is_main_process, model_key=model_key,
-                ) if examples else None
+        for split in ("train", "val"):  # keyed by token ids: another split reuses their states
+            examples = getattr(data, split)
+            key = state_cache_key(self.model, examples_digest(examples), config.state_cache_dtype)
+            self.states[split] = StateCache.open_or_build(
+                root, key, self.model, examples, dtype=config.state_cache_dtype,
+                progress=config.progress and accelerator.is_main_process, model_key=model_key,
+            ) if examples else None
         caches = [c for c in self.states.values() if c is not None]
         reused = all(not c.built for c in caches)
         if accelerator.is_main_process:
@@ -181,11 +214,14 @@ class ComposedObjective(Objective):
     def load_trained_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         self.model.load_trained_state_dict(state)
 
-    def save_pretrained(self, directory: str | Path) -> Path:
-        return self.model.save_pretrained(directory)
+    def save_pretrained(self, directory: str | Path, state: dict[str, torch.Tensor] | None = None) -> Path:
+        return self.model.save_pretrained(directory, state)
 
     def before_generation(self) -> None:
         self.model.restore_large()
+
+    def place(self, device: torch.device) -> None:
+        self.model.place(device)
 
     def scorer(self) -> Any:
         from .evaluate import ComposedScorer
@@ -234,7 +270,7 @@ class PlainObjective(Objective):
             return answer_nll_sum(logits, batch["labels"])
         with torch.no_grad():
             teacher = self.teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-            target, _ = answer_logit_targets(teacher, batch["labels"])  # (N, V)
+            target, _ = answer_logit_targets(teacher.to(logits.device), batch["labels"])  # (N, V)
         student, _ = answer_logit_targets(logits, batch["labels"])
         t = self.temperature
         kl = F.kl_div(F.log_softmax(student.float() / t, -1), F.log_softmax(target.float() / t, -1),
@@ -243,6 +279,13 @@ class PlainObjective(Objective):
 
     def eval_loss_sum(self, wrapped: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         return answer_nll_sum(self._logits(wrapped, batch), batch["labels"])
+
+    def place(self, device: torch.device) -> None:
+        from .large import is_placed
+
+        self.module.to(device)
+        if self.teacher is not None and not is_placed(self.teacher):
+            self.teacher.to(device)
 
     def trained_state_dict(self) -> dict[str, torch.Tensor]:
         seen: set[int] = set()
@@ -264,10 +307,12 @@ class PlainObjective(Objective):
             for name, tensor in state.items():
                 params[name].copy_(tensor)
 
-    def save_pretrained(self, directory: str | Path) -> Path:
+    def save_pretrained(self, directory: str | Path, state: dict[str, torch.Tensor] | None = None) -> Path:
+        from .model import cpu_copies
+
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in self.trained_state_dict().items()}
+        tensors = cpu_copies(self.trained_state_dict(), state)
         tmp = directory / (WEIGHTS_FILE + ".tmp")
         save_file(tensors, str(tmp), metadata={"format": "pt"})
         tmp.replace(directory / WEIGHTS_FILE)
@@ -328,13 +373,14 @@ def build_plain(spec: PlainSpec, teacher: nn.Module | None = None, tokenizer: An
     return model, loaded.tokenizer
 
 
-def plain_objective(config: Any) -> PlainObjective:
+def plain_objective(config: Any, device: Any = "cpu", processes: int = 1) -> PlainObjective:
     """finetune trains `config.small`, lora `config.large`; distill reads `config.large` as the
-    teacher and builds its student from `config.small`'s body."""
+    teacher (loaded like the composed method's frozen large model) and builds its student from
+    `config.small`'s body."""
     from .specs import resolve_model
 
     if config.method == "distill":
-        large = resolve_model(config.large)
+        large = resolve_model(config.large, **large_loading(config, device, processes))
         if large.tokenizer is None:
             raise LLMModulesError(f"model {config.large!r} has no tokenizer; distillation needs one")
         teacher = large.model.eval().requires_grad_(False)
@@ -352,11 +398,11 @@ def plain_objective(config: Any) -> PlainObjective:
     return PlainObjective(spec, model.train(), tokenizer)
 
 
-def build_objective(config: Any) -> Objective:
-    """The objective of a TrainConfig's `method`."""
+def build_objective(config: Any, device: Any = "cpu", processes: int = 1) -> Objective:
+    """The objective of a TrainConfig's `method`; `device` and `processes` place a frozen large model."""
     if config.method == "composed":
-        return ComposedObjective(config)
-    return plain_objective(config)
+        return ComposedObjective(config, device, processes)
+    return plain_objective(config, device, processes)
 
 
 def load_plain(directory: str | Path) -> tuple[nn.Module, Any]:

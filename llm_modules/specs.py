@@ -292,14 +292,14 @@ def _folder_tokenizer(folder: Path, spec: str) -> PreTrainedTokenizerBase | None
         return AutoTokenizer.from_pretrained(folder)
 
 
-def _load_folder(folder: Path, spec: str, dtype: torch.dtype, with_tokenizer: bool):
+def _load_folder(folder: Path, spec: str, dtype: torch.dtype, with_tokenizer: bool, **placement):
     if not (folder / "config.json").is_file():
         ggufs = sorted(p.name for p in folder.glob("*.gguf"))
         hint = f"; to load a GGUF pass its file path, e.g. {folder / ggufs[0]}" if ggufs else ""
         raise LLMModulesError(f"model spec {spec!r}: folder {folder} has no config.json, "
                               f"so it is not a Hugging Face model folder{hint}")
     with _user_errors(f"model spec {spec!r}: could not load a causal LM from {folder}"):
-        model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype)
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, **placement)
     return model, (_folder_tokenizer(folder, spec) if with_tokenizer else None)
 
 
@@ -385,10 +385,20 @@ def _classify(spec: str) -> tuple[str, str | Path]:
     raise _unknown_spec(spec)
 
 
-def resolve_model(spec: str, dtype: torch.dtype = torch.float32, with_tokenizer: bool = True) -> LoadedModel:
-    """Load the causal LM named by ``spec`` (see the module docstring) in ``dtype``, eval mode."""
+def resolve_model(spec: str, dtype: torch.dtype = torch.float32, with_tokenizer: bool = True,
+                  placement: dict | None = None) -> LoadedModel:
+    """Load the causal LM named by ``spec`` (see the module docstring) in ``dtype``, eval mode.
+
+    `placement`: extra `from_pretrained` arguments that place or quantize pretrained weights while
+    loading (`device_map`, `max_memory`, `quantization_config`; see `large.load_options`). A
+    `config:` spec has no weights to place: it is built on the CPU and refuses them.
+    """
     source, arg = _classify(spec)
     tokenizer = None
+    placement = placement or {}
+    if source == "config" and placement:
+        raise LLMModulesError(f"model spec {spec!r} is randomly initialised from a config: device maps and "
+                              f"quantization ({', '.join(sorted(placement))}) need pretrained weights")
     if source == "config":
         config = _load_config(spec, arg)
         with _user_errors(f"model spec {spec!r}: could not build a causal LM from its config"):
@@ -397,13 +407,13 @@ def resolve_model(spec: str, dtype: torch.dtype = torch.float32, with_tokenizer:
     elif source in ("builtin", "gguf"):
         folder = convert_builtin(arg) if source == "builtin" else \
             _convert_gguf(arg, _gguf_folder(arg), f"model spec {spec!r}")
-        model, tokenizer = _load_folder(folder, spec, dtype, with_tokenizer)
+        model, tokenizer = _load_folder(folder, spec, dtype, with_tokenizer, **placement)
     elif source == "folder":
-        model, tokenizer = _load_folder(arg, spec, dtype, with_tokenizer)
+        model, tokenizer = _load_folder(arg, spec, dtype, with_tokenizer, **placement)
     else:
         with _hub_errors(arg):
             where = _hub_source(arg)
-            model = AutoModelForCausalLM.from_pretrained(where, dtype=dtype)
+            model = AutoModelForCausalLM.from_pretrained(where, dtype=dtype, **placement)
             tokenizer = AutoTokenizer.from_pretrained(where) if with_tokenizer else None
     model.eval()
     return LoadedModel(model=model, tokenizer=tokenizer, spec=spec, source=source)

@@ -2,7 +2,8 @@
 
 The large model never trains, so its states for each example are the same every epoch. They are
 stored under ``root/<key>/`` as safetensors shards (one tensor per example, named by its index)
-plus ``index.json``, which is written last: a folder without a valid index is never read. A key
+plus ``index.json``, which is written last: a folder without a valid index is never read. Several
+processes build one folder together, each its share (see `cache_fence` for hosts and locks). A key
 (:func:`state_cache_key`) covers everything that changes the states, so any change lands in a
 new folder; old folders stay (a user may switch back) until :func:`prune` removes them.
 """
@@ -13,6 +14,7 @@ import hashlib
 import json
 import logging
 import os
+import secrets
 import shutil
 from pathlib import Path
 from typing import Any, Sequence
@@ -23,6 +25,7 @@ from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from . import __version__
+from .cache_fence import Group, build_name, finish_lock, host_name, sharing_groups, stale_build
 from .errors import LLMModulesError
 from .large_identity import weights_digest
 from .model import positions_from_mask
@@ -120,20 +123,6 @@ def _donors(root: Path, model_key: str, dtype: str) -> dict[str, tuple["StateCac
     return found
 
 
-def _stale_tmp(path: Path) -> bool:
-    """A `<key>.tmp-<pid>` build folder whose process is gone (or is this process)."""
-    pid = path.name.rpartition(".tmp-")[2]
-    if not pid.isdigit() or int(pid) == os.getpid():
-        return pid.isdigit()
-    try:
-        os.kill(int(pid), 0)  # signal 0: only asks whether the process exists
-    except ProcessLookupError:
-        return True
-    except OSError:  # exists but is someone else's
-        return False
-    return False
-
-
 def prune(root: str | Path, keep: set[str]) -> list[Path]:
     """Delete cache folders under `root` whose key is not in `keep`, and dead build folders.
 
@@ -143,7 +132,7 @@ def prune(root: str | Path, keep: set[str]) -> list[Path]:
     for path in sorted(root.iterdir()) if root.is_dir() else []:
         key, is_tmp, _ = path.name.partition(".tmp-")
         is_key = len(key) == 64 and all(c in "0123456789abcdef" for c in key)
-        if path.is_dir() and is_key and ((is_tmp and _stale_tmp(path)) or (not is_tmp and key not in keep)):
+        if path.is_dir() and is_key and ((is_tmp and stale_build(path)) or (not is_tmp and key not in keep)):
             shutil.rmtree(path, ignore_errors=True)
             removed.append(path)
     return removed
@@ -190,60 +179,69 @@ class StateCache:
     @classmethod
     def open_or_build(cls, root: str | Path, key: str, model: Any, examples: Sequence[Any], dtype: str = "float32",
                       batch_size: int = 8, progress: bool = True, shard_bytes: int = SHARD_BYTES,
-                      model_key: str | None = None) -> "StateCache":
+                      model_key: str | None = None, group: Group | None = None) -> "StateCache":
         """Open the complete cache `root/<key>/` for `examples`, or compute and store it first.
 
-        A folder without a valid `index.json` (a killed build) is wiped and rebuilt. A complete
-        folder built for other examples raises: give each example list its own key. With
-        `model_key` (see `model_state_key`), a build copies the states of examples that other
-        folders of the same model key already hold (another split of the same data) and runs the
-        large model on the others only. Opening a folder marks it used (the mtime of its index).
+        Every process of a torch.distributed run must call this (`group`, default: the initialised
+        process group, else this process alone). The processes that see the same `root` build it
+        together: each encodes every n-th batch of the length-sorted examples (the batches a
+        single process would run, so the states are the same bytes) and writes its own shards and
+        a manifest; when all are written, the lowest rank checks every manifest, writes the index
+        and puts the folder in place under a lock (`cache_fence`). A folder without a valid
+        `index.json` (a killed build) is never read, and is replaced. A complete folder built for
+        other examples raises: give each example list its own key. With `model_key` (see
+        `model_state_key`), a build copies the states of examples that other folders of the same
+        model key already hold and runs the large model on the others only. Opening a folder marks
+        it used (the mtime of its index).
         """
         _check_dtype(dtype)
         if not examples:
             raise LLMModulesError("state cache: no examples to cache")
+        group = group or Group()
         head = getattr(model.config, "head", None)
-        if dtype != "float32" and head in HEADS_READING_STATES:
+        if dtype != "float32" and head in HEADS_READING_STATES and group.rank == 0:
             logger.warning(HALF_STATES_WARNING, dtype, head, HALF_STATES_MEASURED[dtype])
         root, final = Path(root), Path(root) / key
         root.mkdir(parents=True, exist_ok=True)
         digest = examples_digest(examples)
+        me = {"complete": cls._read_index(final, key, dtype) is not None, "host": host_name(), "pid": os.getpid(),
+              "nonce": secrets.token_hex(4)}
+        everyone = group.gather(me)
+        built = False
+        if not all(p["complete"] for p in everyone):
+            groups = sharing_groups(root, group, everyone[0]["nonce"])
+            members = groups[group.rank]
+            leader = everyone[members[0]]
+            if not leader["complete"]:
+                built = True
+                name = build_name(key, leader["host"], leader["pid"], everyone[0]["nonce"])
+                if group.rank == members[0]:
+                    for leftover in root.glob(f"{key}.tmp-*"):
+                        if leftover.name != name and stale_build(leftover):
+                            shutil.rmtree(leftover, ignore_errors=True)
+                cls._build_shared(root, key, root / name, model, examples, dtype, batch_size, progress, shard_bytes,
+                                  model_key, members.index(group.rank), len(members))
+            group.barrier()  # every share written
+            if built and group.rank == members[0]:
+                cls._finish(root, key, root / name, examples, dtype, len(members), digest, model_key)
+            group.barrier()  # every folder in place
         index = cls._read_index(final, key, dtype)
-        if index is not None:
-            if index["examples"] != digest:
-                raise LLMModulesError(
-                    f"state cache {final} was built for other examples ({index['n']} of them; {len(examples)} "
-                    "given): the key must cover the example list, e.g. add the split name to the data fingerprint"
-                )
-            cache = cls(final, index, built=False)
-            os.utime(final / INDEX_FILE)  # last used: the size cap evicts the least recently used first
+        if index is None:
+            raise LLMModulesError(f"state cache {final} has no valid {INDEX_FILE} after its build")
+        if index["examples"] != digest:
+            raise LLMModulesError(
+                f"state cache {final} was built for other examples ({index['n']} of them; {len(examples)} "
+                "given): the key must cover the example list, e.g. add the split name to the data fingerprint"
+            )
+        cache = cls(final, index, built=built)
+        if built:
+            logger.info("cached large-model states of %d examples in %s (%.1f MB, %s; %d computed, %d reused)",
+                        len(cache), final, cache.size_bytes / 1e6, dtype, cache.computed, len(cache) - cache.computed)
+        else:
+            if group.rank == 0:
+                os.utime(final / INDEX_FILE)  # last used: the size cap evicts the least recently used first
             logger.info("reusing cached large-model states %s (%d examples, %.1f MB)",
                         final, len(cache), cache.size_bytes / 1e6)
-            return cache
-        if final.exists():
-            logger.warning("state cache %s is incomplete (no valid %s): rebuilding it", final, INDEX_FILE)
-            shutil.rmtree(final)
-        for leftover in root.glob(f"{key}.tmp-*"):
-            if _stale_tmp(leftover):
-                shutil.rmtree(leftover, ignore_errors=True)
-        tmp = root / f"{key}.tmp-{os.getpid()}"
-        try:
-            donors = _donors(root, model_key, dtype) if model_key else {}
-            index = cls._build(tmp, key, model, examples, dtype, batch_size, progress, shard_bytes, donors)
-            index.update(examples=digest, model_key=model_key)
-            _write_json_atomic(tmp / INDEX_FILE, index)  # last: only now is the folder complete
-            if cls._read_index(final, key, dtype) is not None:  # another process finished first
-                shutil.rmtree(tmp)
-                return cls.open_or_build(root, key, model, examples, dtype, batch_size, progress, shard_bytes,
-                                         model_key)
-            shutil.rmtree(final, ignore_errors=True)
-            os.replace(tmp, final)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-        cache = cls(final, index, built=True)
-        logger.info("cached large-model states of %d examples in %s (%.1f MB, %s; %d computed, %d reused)",
-                    len(cache), final, cache.size_bytes / 1e6, dtype, cache.computed, len(cache) - cache.computed)
         return cache
 
     @staticmethod
@@ -259,47 +257,92 @@ class StateCache:
             return None
         return index if ok else None
 
+    @classmethod
+    def _build_shared(cls, root: Path, key: str, folder: Path, model: Any, examples: Sequence[Any], dtype: str,
+                      batch_size: int, progress: bool, shard_bytes: int, model_key: str | None, member: int,
+                      members: int) -> None:
+        """This process's share of a build in `folder`; a failure removes the folder (the others then
+        fail at the next barrier, and nothing is left that a later run would read)."""
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            donors = _donors(root, model_key, dtype) if model_key else {}
+            cls._build(folder, key, model, examples, dtype, batch_size, progress and member == 0, shard_bytes,
+                       donors, member, members)
+        except BaseException:
+            shutil.rmtree(folder, ignore_errors=True)
+            raise
+
+    @classmethod
+    def _finish(cls, root: Path, key: str, folder: Path, examples: Sequence[Any], dtype: str, members: int,
+                digest: str, model_key: str | None) -> None:
+        """The lowest rank of a build: check every member's manifest and shards, write the index
+        last, and put the folder in place unless a complete one got there first."""
+        final = root / key
+        try:
+            index = _merge_manifests(folder, key, members, dtype, [len(e.input_ids) for e in examples],
+                                     [example_hash(e) for e in examples])
+            index.update(examples=digest, model_key=model_key)
+            _write_json_atomic(folder / INDEX_FILE, index)  # last: only now is the folder complete
+            with finish_lock(root, key):
+                if cls._read_index(final, key, dtype) is not None:  # another build finished first: keep it
+                    shutil.rmtree(folder)
+                    return
+                if final.exists():  # a folder without a valid index: debris that no build owns any more
+                    logger.warning("state cache %s is incomplete (no valid %s): replacing it", final, INDEX_FILE)
+                    debris = root / f"{key}.tmp-{host_name()}-{os.getpid()}-debris"
+                    os.replace(final, debris)
+                    shutil.rmtree(debris, ignore_errors=True)
+                os.replace(folder, final)
+        except BaseException:
+            shutil.rmtree(folder, ignore_errors=True)
+            raise
+
     @staticmethod
     def _build(folder: Path, key: str, model: Any, examples: Sequence[Any], dtype: str, batch_size: int,
-               progress: bool, shard_bytes: int, donors: dict[str, tuple["StateCache", int]]) -> dict[str, Any]:
-        """Copy the states `donors` hold and run the large model over the other `examples` (sorted by
-        length, right-padded), into shards in `folder`."""
-        folder.mkdir(parents=True)
+               progress: bool, shard_bytes: int, donors: dict[str, tuple["StateCache", int]], member: int = 0,
+               members: int = 1) -> None:
+        """Member `member` of `members`: copy its share of the states `donors` hold, and run the
+        large model over its share of the other `examples` (sorted by length, cut into batches of
+        `batch_size` as one process would, every `members`-th batch), into shards
+        `shard-<member>-<n>` in `folder`, then `part-<member>.json` naming them: the manifest."""
         lengths = [len(e.input_ids) for e in examples]
         if min(lengths) < 1:
             raise LLMModulesError("state cache: an example has no tokens")
         hashes = [example_hash(e) for e in examples]
-        reused = [i for i in range(len(examples)) if hashes[i] in donors]
+        reused = [i for i in range(len(examples)) if hashes[i] in donors][member::members]
         order = sorted((i for i in range(len(examples)) if hashes[i] not in donors), key=lambda i: lengths[i])
-        shards: list[str] = []
-        shard_of = [-1] * len(examples)
+        batches = [order[s : s + batch_size] for s in range(0, len(order), batch_size)][member::members]
+        shards: dict[str, int] = {}  # name -> bytes
+        where: dict[int, str] = {}
         pending: dict[str, torch.Tensor] = {}
         pending_bytes, d_large = 0, None
+        alive = folder / f"part-{member:05d}.alive"  # touched after every batch: the build is not dead
 
         def flush() -> None:
             nonlocal pending, pending_bytes
-            name = f"shard-{len(shards):05d}.safetensors"
+            name = f"shard-{member:05d}-{len(shards):05d}.safetensors"
             save_file(pending, str(folder / name), metadata={"key": key, "llm_modules": __version__})
-            shards.append(name)
+            with open(folder / name, "rb") as f:
+                os.fsync(f.fileno())
+            shards[name] = (folder / name).stat().st_size
             pending, pending_bytes = {}, 0
 
-        def add(i: int, states: torch.Tensor) -> None:  # states (T_i, dL) in the stored dtype
+        def add(i: int, states: torch.Tensor) -> None:  # states (T_i, K, dL) in the stored dtype
             nonlocal pending_bytes, d_large
             pending[str(i)], d_large = states, states.shape[-1]
             pending_bytes += states.nbytes
-            shard_of[i] = len(shards)
+            where[i] = f"shard-{member:05d}-{len(shards):05d}.safetensors"
+            if pending_bytes >= shard_bytes:
+                flush()
 
         for i in reused:
             cache, j = donors[hashes[i]]
             add(i, cache[j])
-            if pending_bytes >= shard_bytes:
-                flush()
-        bar = tqdm(total=len(order), desc="large-model states", unit="ex",
-                   disable=None if progress or not order else True)  # None: off when not a TTY
-        device = next(model.large.parameters()).device if order else None
+        bar = tqdm(total=sum(map(len, batches)), desc="large-model states", unit="ex",
+                   disable=None if progress and batches else True)  # None: off when not a TTY
+        device = next(model.large.parameters()).device if batches else None
         with torch.no_grad():
-            for start in range(0, len(order), batch_size):
-                rows = order[start: start + batch_size]
+            for rows in batches:
                 width = max(lengths[i] for i in rows)
                 ids = torch.zeros(len(rows), width, dtype=torch.long)  # pad id 0: masked out
                 mask = torch.zeros(len(rows), width, dtype=torch.long)
@@ -310,15 +353,40 @@ class StateCache:
                 states, _ = model.encode_large(ids, mask, positions_from_mask(mask))  # (B, width, K, dL)
                 for r, i in enumerate(rows):
                     add(i, states[r, : lengths[i]].to("cpu", DTYPES[dtype]).clone())  # (T_i, K, dL)
-                if pending_bytes >= shard_bytes:
-                    flush()
+                alive.touch()
                 bar.update(len(rows))
         bar.close()
         if pending:
             flush()
-        return {"format": _FORMAT, "key": key, "n": len(examples), "lengths": lengths, "d_large": d_large,
-                "dtype": dtype, "shards": shards, "shard_of": shard_of, "library_version": __version__,
-                "hashes": hashes, "computed": len(order)}
+        manifest = {"member": member, "shards": shards, "where": {str(i): s for i, s in where.items()},
+                    "d_large": d_large, "computed": sum(map(len, batches))}
+        _write_json_atomic(folder / f"part-{member:05d}.json", manifest)
+
+
+def _merge_manifests(folder: Path, key: str, members: int, dtype: str, lengths: list[int],
+                     hashes: list[str]) -> dict[str, Any]:
+    """The index of a shared build from its members' manifests; raises when a member's part is
+    missing or a shard is not the size its member wrote."""
+    manifests = []
+    for member in range(members):
+        path = folder / f"part-{member:05d}.json"
+        try:
+            manifests.append(json.loads(path.read_text()))
+        except (OSError, ValueError) as err:
+            raise LLMModulesError(f"state cache build {folder}: member {member} left no readable manifest ({err})")
+    shards = [name for m in manifests for name in m["shards"]]
+    for m in manifests:
+        for name, size in m["shards"].items():
+            if not (folder / name).is_file() or (folder / name).stat().st_size != size:
+                raise LLMModulesError(f"state cache build {folder}: shard {name} is missing or not the size written")
+    position = {name: n for n, name in enumerate(shards)}
+    where = {int(i): position[name] for m in manifests for i, name in m["where"].items()}
+    if sorted(where) != list(range(len(lengths))) or sum(len(m["where"]) for m in manifests) != len(lengths):
+        raise LLMModulesError(f"state cache build {folder}: the members' shares do not cover every example once")
+    d_large = next(m["d_large"] for m in manifests if m["d_large"] is not None)
+    return {"format": _FORMAT, "key": key, "n": len(lengths), "lengths": lengths, "d_large": d_large,
+            "dtype": dtype, "shards": shards, "shard_of": [where[i] for i in range(len(lengths))],
+            "library_version": __version__, "hashes": hashes, "computed": sum(m["computed"] for m in manifests)}
 
 
 def _write_json_atomic(path: Path, data: dict[str, Any]) -> None:

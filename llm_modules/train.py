@@ -99,9 +99,27 @@ def lr_lambda(total_steps: int, warmup_steps: int):
     return factor
 
 
-def setup(config: TrainConfig) -> Run:
+def make_accelerator(config: TrainConfig) -> Accelerator:
+    """DDP over the processes (default), or FSDP with --fsdp: only the trained parts are wrapped
+    (objectives.TrainedParts), never the frozen large model."""
+    plugin = None
+    if config.fsdp:
+        if not torch.cuda.is_available():
+            raise LLMModulesError("--fsdp needs CUDA GPUs: accelerate shards with FSDP on GPUs only; on CPUs train "
+                                  "without it (the trained parts are then replicated with DDP over gloo)")
+        from accelerate import FullyShardedDataParallelPlugin
+
+        # use_orig_params: the trained parts hold frozen tensors too (the small model's embedding stub);
+        # full state dicts: best/, last/ and checkpoints hold whole tensors, as without FSDP.
+        plugin = FullyShardedDataParallelPlugin(fsdp_version=1, use_orig_params=True, state_dict_type="FULL_STATE_DICT",
+                                                auto_wrap_policy="transformer_based_wrap", cpu_ram_efficient_loading=False)
     # cpu=True on machines without CUDA lets accelerate see torchrun/accelerate-launch processes (gloo).
-    accelerator = Accelerator(mixed_precision=mixed_precision(config.mixed_precision), cpu=not torch.cuda.is_available())
+    return Accelerator(mixed_precision=mixed_precision(config.mixed_precision), cpu=not torch.cuda.is_available(),
+                       fsdp_plugin=plugin)
+
+
+def setup(config: TrainConfig) -> Run:
+    accelerator = make_accelerator(config)
     output = Path(config.output)
     if accelerator.is_main_process:
         check_output(output, config)
@@ -109,10 +127,8 @@ def setup(config: TrainConfig) -> Run:
         (output / RUN_CONFIG_FILE).write_text(json.dumps(config.to_dict(), indent=1))
     accelerator.wait_for_everyone()
     set_seed(config.seed)
-    objective = build_objective(config)
-    objective.module.to(accelerator.device)
-    if getattr(objective, "teacher", None) is not None:
-        objective.teacher.to(accelerator.device)
+    objective = build_objective(config, accelerator.device, accelerator.num_processes)
+    objective.place(accelerator.device)
     data = prepare_data(config.data_config(), objective.tokenizer, objective.max_positions)
     if accelerator.is_main_process:
         (output / "data_report.json").write_text(json.dumps(data.report, indent=1))
@@ -156,10 +172,19 @@ def validate(run: Run) -> dict[str, float] | None:
         return None
     run.wrapped.eval()
     acc, rank, world = run.accelerator, run.accelerator.process_index, run.accelerator.num_processes
+    size = run.config.batch_size
     mine = list(range(rank, len(run.data.val), world))
     total = torch.zeros(3, dtype=torch.float64, device=acc.device)  # nll, tokens, bytes
-    for start in range(0, len(mine), run.config.batch_size):
-        batch, examples = batch_tensors(run, "val", mine[start : start + run.config.batch_size])
+    # Every process runs the same number of forwards, those with fewer (or no) examples on a stand-in
+    # batch whose result is dropped: FSDP gathers weights and DDP may sync buffers inside a forward,
+    # and a process that skipped one would leave the others waiting for ever.
+    most = -(-len(run.data.val) // world)  # examples of the process that holds the most
+    for start in range(0, most, size):
+        if start >= len(mine):
+            batch, _ = batch_tensors(run, "val", [0])
+            run.objective.eval_loss_sum(run.wrapped, batch)
+            continue
+        batch, examples = batch_tensors(run, "val", mine[start : start + size])
         nll = run.objective.eval_loss_sum(run.wrapped, batch)
         total += torch.tensor([nll.item(), loss_tokens(examples), sum(answer_bytes(e.record) for e in examples)],
                               dtype=torch.float64, device=acc.device)
@@ -183,7 +208,7 @@ def train_step(run: Run, batches: list[list[int]]) -> float:
             acc.backward(loss * (acc.num_processes / step_tokens))
         loss_sum += loss.item()
     if cfg.max_grad_norm > 0:
-        acc.clip_grad_norm_(run.model.parameters(), cfg.max_grad_norm)
+        acc.clip_grad_norm_(run.wrapped.parameters(), cfg.max_grad_norm)  # FSDP: the sharded norm
     run.optimizer.step()
     run.scheduler.step()
     run.optimizer.zero_grad(set_to_none=True)
@@ -191,12 +216,34 @@ def train_step(run: Run, batches: list[list[int]]) -> float:
     return float(total[0]) / step_tokens
 
 
+def _full_state(run: Run, optimizer: bool = True
+                ) -> tuple[dict[str, torch.Tensor] | None, dict[str, Any] | torch.optim.Optimizer]:
+    """(weights, optimizer) to write: under FSDP the whole tensors gathered on the main process (every
+    process takes part), else (None, the optimizer) since the module holds them whole already."""
+    if not run.config.fsdp:
+        return None, run.optimizer
+    from torch.distributed.checkpoint import state_dict as dcp
+
+    options = dcp.StateDictOptions(full_state_dict=True, cpu_offload=True)
+    if not optimizer:
+        return dcp.get_model_state_dict(run.wrapped, options=options), run.optimizer
+    return dcp.get_state_dict(run.wrapped, run.optimizer, options=options)
+
+
+def save_model(run: Run, folder: Path) -> None:
+    """best/ or last/ (called by every process: FSDP gathers the weights first)."""
+    weights, _ = _full_state(run, optimizer=False)
+    if run.accelerator.is_main_process:
+        run.objective.save_pretrained(folder, weights)
+
+
 def save_checkpoint(run: Run, step: int, state: dict[str, Any]) -> None:
     acc = run.accelerator
     tmp = ckpt.temporary_folder(run.output / "checkpoints", step)
     opt_meta = None
+    weights, optimizer = _full_state(run)
     if acc.is_main_process:
-        opt_meta = ckpt.write_weights_and_optimizer(tmp, run.objective, run.optimizer)
+        opt_meta = ckpt.write_weights_and_optimizer(tmp, run.objective, optimizer, weights)
     acc.wait_for_everyone()
     ckpt.write_rng(tmp, acc.process_index)
     acc.wait_for_everyone()
@@ -214,7 +261,14 @@ def resume_state(run: Run) -> tuple[int, dict[str, Any] | None]:
     checkpoints = ckpt.complete_checkpoints(run.output / "checkpoints")
     if not (run.config.resume and checkpoints):
         return 0, None
-    state = ckpt.load_checkpoint(checkpoints[-1], run.objective, run.optimizer, acc.process_index)
+    restore = None
+    if run.config.fsdp:  # every process holds the whole tensors; each keeps its shard
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+
+        def restore(weights: dict[str, torch.Tensor], optimizer: dict[str, Any]) -> None:
+            set_state_dict(run.wrapped, run.optimizer, model_state_dict=weights, optim_state_dict=optimizer,
+                           options=StateDictOptions(full_state_dict=True, strict=False))
+    state = ckpt.load_checkpoint(checkpoints[-1], run.objective, run.optimizer, acc.process_index, restore)
     saved = state.pop("data_fingerprint", None)
     if saved != run.data_fingerprint:
         raise LLMModulesError(
@@ -281,8 +335,7 @@ def fit(run: Run, on_step: Callable[[Run, int], None] | None = None) -> dict[str
             record.update(val)
             if state["best_val"] is None or val["val_loss"] < state["best_val"]:
                 state["best_val"], state["best_val_bpb"], state["evals_since_best"] = val["val_loss"], val["val_bpb"], 0
-                if acc.is_main_process:
-                    run.objective.save_pretrained(run.output / "best")
+                save_model(run, run.output / "best")
             else:
                 state["evals_since_best"] += 1
                 if patience and state["evals_since_best"] >= patience:
@@ -298,10 +351,9 @@ def fit(run: Run, on_step: Callable[[Run, int], None] | None = None) -> dict[str
         if cfg.save_every and step % cfg.save_every == 0:
             save_checkpoint(run, step, state)
     bar.close()
-    if acc.is_main_process:
-        run.objective.save_pretrained(run.output / "last")
-        if not run.data.val:
-            run.objective.save_pretrained(run.output / "best")
+    save_model(run, run.output / "last")
+    if not run.data.val:
+        save_model(run, run.output / "best")
     if not (cfg.save_every and step % cfg.save_every == 0):
         save_checkpoint(run, step, state)
     initial = state.get("initial_val") or {}
@@ -326,10 +378,15 @@ def train(config: TrainConfig, on_step: Callable[[Run, int], None] | None = None
         if config.num_samples and run.data.val:
             best = run.output / "best" / WEIGHTS_FILE
             summary["samples_from"] = "best" if best.is_file() else "last"
-            if best.is_file():  # samples show the weights a user would keep, not merely the last ones
-                run.objective.load_trained_state_dict(load_file(str(best)))
-            summary["samples"] = held_out_samples(run.objective.scorer(), run.data.val[: config.num_samples],
-                                                  config.max_new_tokens)
+            if config.fsdp:  # this process holds a shard of the weights: answer from the saved folder
+                from .evaluate import load_scorer
+
+                scorer = load_scorer(str(run.output / summary["samples_from"]), device=str(acc.device))
+            else:
+                if best.is_file():  # samples show the weights a user would keep, not merely the last ones
+                    run.objective.load_trained_state_dict(load_file(str(best)))
+                scorer = run.objective.scorer()
+            summary["samples"] = held_out_samples(scorer, run.data.val[: config.num_samples], config.max_new_tokens)
         (run.output / "summary.json").write_text(json.dumps(summary, indent=1))
     acc.wait_for_everyone()
     acc.end_training()

@@ -14,11 +14,12 @@ from .bridges.xattn import XattnOptions
 from .config import HEAD_KINDS, SMALL_INPUTS, ComposeConfig
 from .data import LOSS_ON, OVERFLOW, TEMPLATES
 from .errors import LLMModulesError
+from .large import DEVICE_MAPS, LARGE_DTYPES, QUANTIZATIONS
 from .objectives import METHODS
 
 RUN_CONFIG_FILE = "run_config.json"
 # Options that may differ between an interrupted run and its resumption.
-RESUME_FREE = {"resume", "progress", "release_large"}  # change nothing a run computes
+RESUME_FREE = {"resume", "progress", "release_large", "large_device_map"}  # change nothing a run computes
 
 DEMO = dict(  # sized to finish within 15 minutes on a 2-core CPU (measured: see README)
     large="qwen2.5-coder-0.5b-instruct",
@@ -41,7 +42,10 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "method": METHODS, "head": HEAD_KINDS, "bridge": tuple(BRIDGES), "small_inputs": SMALL_INPUTS,
     "template": TEMPLATES, "loss_on": LOSS_ON, "overflow": OVERFLOW,
     "mixed_precision": ("auto", "no", "bf16", "fp16"), "state_cache_dtype": ("float32", "float16", "bfloat16"),
+    "large_dtype": tuple(LARGE_DTYPES), "large_device_map": DEVICE_MAPS, "large_quantization": QUANTIZATIONS,
 }
+# Options of the frozen large model: the methods that train it (lora) refuse them.
+LARGE_LOADING = ("large_dtype", "large_device_map", "large_quantization")
 
 # One line per option for `llm-modules train --help` (the CLI appends the default).
 HELP: dict[str, str] = {
@@ -87,6 +91,11 @@ HELP: dict[str, str] = {
     "state_cache": "compute the frozen large model's states once and keep them on disk",
     "state_cache_dtype": "storage precision of cached large-model states",
     "state_cache_dir": "folder of the state cache (empty: <LLM_MODULES_CACHE>/states)",
+    "large_dtype": "precision the frozen large model runs in (and its cached states are computed in)",
+    "large_device_map": "auto: spread the frozen large model over this process's GPUs, then the CPU, while loading "
+                        "(accelerate big-model loading); none: load it whole on this process's device",
+    "large_quantization": "load the frozen large model in 8 or 4 bits through bitsandbytes (a CUDA GPU)",
+    "fsdp": "shard the trained parts over the processes with FSDP (GPUs) instead of replicating them (DDP)",
     "release_large": "with cached states, free the large weights training never reads (reloaded for samples)",
     "eval_every": "steps between validations; 0: once per epoch",
     "early_stopping_patience": "validations without improvement before stopping; 0: never stop early",
@@ -162,6 +171,11 @@ class TrainConfig:
     state_cache: bool = True
     state_cache_dtype: str = "float32"
     state_cache_dir: str = ""  # default: <cache_dir()>/states
+    # the frozen large model: precision, placement while loading, quantization (large.load_options)
+    large_dtype: str = "float32"
+    large_device_map: str = "none"
+    large_quantization: str = "none"
+    fsdp: bool = False  # the trained parts sharded (FSDP) instead of replicated (DDP) over the processes
     # with cached states, free the large model's weights training never reads (its body; its output
     # embedding too under the `new` head) and reload it from its spec for the end-of-training samples
     release_large: bool = True
@@ -197,6 +211,11 @@ class TrainConfig:
             if getattr(self, name) not in allowed:
                 raise LLMModulesError(f"--{name.replace('_', '-')} must be one of {', '.join(allowed)}, "
                                       f"got {getattr(self, name)!r}")
+        if self.method in ("lora", "finetune"):
+            for name in LARGE_LOADING:
+                if getattr(self, name) != self.fields()[name].default:
+                    raise LLMModulesError(f"--{name.replace('_', '-')} sets how the FROZEN large model loads (methods "
+                                          f"composed and distill); --method {self.method} has none")
         needed = {"finetune": ("small",), "lora": ("large",)}.get(self.method, ("large", "small"))
         for name in (*needed, "data", "output"):
             if not isinstance(getattr(self, name), str) or not getattr(self, name):

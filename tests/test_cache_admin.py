@@ -10,6 +10,7 @@ import torch
 
 from llm_modules import LLMModulesModel
 from llm_modules.cache_admin import enforce_size_cap, list_caches, max_cache_bytes
+from llm_modules.cache_fence import build_name, host_name
 from llm_modules.cli import main
 from llm_modules.data import TokenizedExample
 from llm_modules.state_cache import StateCache, state_cache_key
@@ -30,7 +31,7 @@ def three_caches(root, model):
         cache = StateCache.open_or_build(root, state_cache_key(model, f"data-{n}"), model, examples, progress=False)
         os.utime(cache.path / "index.json", (used, used))
         caches.append(cache)
-    (root / f"{'0' * 64}.tmp-999999999").mkdir()  # a dead build
+    (root / build_name("0" * 64, host_name(), 999999999, "dead")).mkdir()  # a dead build on this host
     return caches
 
 

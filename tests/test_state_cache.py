@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from llm_modules import LLMModulesModel
+from llm_modules.cache_fence import build_name, host_name
 from llm_modules.data import TokenizedExample, collate
 from llm_modules.errors import LLMModulesError
 from llm_modules.model import positions_from_mask
@@ -120,7 +121,7 @@ def test_partial_builds_are_rebuilt_not_read(tmp_path, model):
     folder = tmp_path / key
     folder.mkdir()
     torch.save(torch.zeros(1), folder / "shard-00000.safetensors")  # junk from a killed build
-    dead = tmp_path / f"{key}.tmp-999999999"  # a leftover build folder of a dead process
+    dead = tmp_path / build_name(key, host_name(), 999999999, "dead")  # a leftover build of a dead process
     dead.mkdir()
     (dead / INDEX_FILE).write_text("{}")
     cache = build(tmp_path, model, examples)
