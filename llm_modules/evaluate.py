@@ -54,8 +54,10 @@ class PlainScorer:
         return float(F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), reduction="sum"))
 
     def generate(self, ids: torch.Tensor, mask: torch.Tensor, max_new_tokens: int) -> torch.Tensor:
-        return self.model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens,
-                                   do_sample=False, pad_token_id=pad_id(self.tokenizer))
+        from .generation import generate
+
+        return generate(self.model, ids, mask, max_new_tokens=max_new_tokens, pad_token_id=pad_id(self.tokenizer),
+                        tokenizer=self.tokenizer)
 
 
 def load_scorer(spec: str, device: str | None = None, allow_large_mismatch: bool = False) -> ComposedScorer | PlainScorer:
