@@ -328,8 +328,10 @@ def run_info(args: argparse.Namespace) -> int:
 
 @command("serve")
 def run_serve(args: argparse.Namespace) -> int:
-    from .serving import serve
-
+    try:
+        from .serving import serve
+    except ImportError as err:
+        raise LLMModulesError(f"serve needs FastAPI and uvicorn ({err}): pip install 'llm-modules[serve]'") from None
     if args.max_batch < 1 or args.max_queue < 0:
         raise LLMModulesError(f"--max-batch must be >= 1 and --max-queue >= 0, got {args.max_batch} and {args.max_queue}")
     serve(args.model, args.host, args.port, max_batch=args.max_batch, max_queue=args.max_queue,

@@ -239,3 +239,18 @@ def test_a_client_that_stops_waiting_for_a_whole_response_frees_its_row(long_mod
             pytest.fail(f"the request should outlast the client, got {post_with_timeout.status_code}")
         wait_for(lambda: health(server.url)["running"] == 0, timeout=10, what="the abandoned row to be freed")
         assert health(server.url)["finished"] == 1
+
+
+def test_a_plain_model_spec_is_served_and_decodes_as_transformers_does(tiny_pair_with_tokenizer):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    spec = tiny_pair_with_tokenizer["large"]  # a plain causal LM folder with tokenizer files (a baseline)
+    with ServerThread(spec) as server:
+        result = client_for(server.url).completions.create(model=spec, prompt="Once upon a time", max_tokens=8,
+                                                           temperature=0)
+    tokenizer = AutoTokenizer.from_pretrained(spec)
+    ids = tokenizer("Once upon a time", return_tensors="pt").input_ids
+    model = AutoModelForCausalLM.from_pretrained(spec).eval()
+    expected = model.generate(ids, max_new_tokens=8, do_sample=False, pad_token_id=tokenizer.eos_token_id)
+    assert result.choices[0].text == tokenizer.decode(expected[0, ids.shape[1]:], skip_special_tokens=True)
+    assert result.usage.completion_tokens == 8
