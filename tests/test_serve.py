@@ -254,3 +254,25 @@ def test_a_plain_model_spec_is_served_and_decodes_as_transformers_does(tiny_pair
     expected = model.generate(ids, max_new_tokens=8, do_sample=False, pad_token_id=tokenizer.eos_token_id)
     assert result.choices[0].text == tokenizer.decode(expected[0, ids.shape[1]:], skip_special_tokens=True)
     assert result.usage.completion_tokens == 8
+
+
+class PieceTokenizer:
+    """Token i decodes as PIECES[i]."""
+
+    PIECES = ["Hel", "lo", " wo", "rld", "\ufffd", "!"]
+
+    def decode(self, tokens, skip_special_tokens=True):
+        return "".join(self.PIECES[t] for t in tokens)
+
+
+def test_streamed_text_holds_back_what_could_start_a_stop_string_or_a_character():
+    from llm_modules.serving.text import TextDeltas
+
+    deltas = TextDeltas(PieceTokenizer(), ["lo wo"])
+    assert deltas.update([0], final=False) == "He"  # "l" may start "lo wo"
+    assert deltas.update([0, 1], final=False) == "l"  # "lo" may too
+    assert deltas.update([0, 1, 2], final=False) == "" and deltas.stopped and deltas.sent == "Hel"
+    plain = TextDeltas(PieceTokenizer(), [])
+    pieces = [plain.update([0, 1, 2, 3, 4][:n], final=False) for n in range(1, 6)]
+    assert pieces == ["Hel", "lo", " wo", "rld", ""]  # a partial character waits for its next token
+    assert plain.update([0, 1, 2, 3, 4, 5], final=True) == "\ufffd!" and not plain.stopped
