@@ -1,11 +1,12 @@
 """The decoding engine: continuous batching for the composed model and for plain causal LMs.
 
 Every decode goes through `DecodeBatch`: rows (one per prompt) decode together, one token per
-step. A row can join between any two steps: its prompt is run alone-or-with-the-other-newcomers
+step. A row can join between any two steps: its prompt is run (with the other newcomers of that step)
 (prefill), then its KV caches are left-padded to the running batch's width and concatenated as new
 rows; a row leaves as soon as it is finished or cancelled, and the columns that are padding in every
 remaining row are cut away. The caches that move row by row are all three stages' (the large
-model's, the bridge's cross-attention keys/values, the small model's) or a plain model's own.
+model's, the bridge's cross-attention keys/values, the small model's) or a plain model's own
+(`llm_modules.row_caches`).
 Padding never changes what a row computes: positions count real tokens only and padded keys are
 masked, so a greedy row gives the tokens it gives alone (exactly in float64; float32 sums in
 another order can flip a near-tie).
@@ -19,7 +20,7 @@ from __future__ import annotations
 
 import threading
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import torch
 from transformers import (
@@ -32,7 +33,7 @@ from transformers import (
 )
 
 from .errors import LLMModulesError
-from .large import Decoder
+from .row_caches import right_aligned, stepper_for
 
 
 @dataclass
@@ -139,135 +140,6 @@ class Sequence:
         return any(s in text for s in self.options.stop_strings)
 
 
-# ---------------------------------------------------------------------------------------- caches by row
-@dataclass
-class _Slot:
-    """One cached tensor (B, nh, N, hs) whose N columns are the last `cols(S)` of S positions
-    (`per_position` columns each; a sliding-window layer keeps at most `window`)."""
-
-    holder: Any
-    key: Any  # attribute name, or list index
-    per_position: int = 1
-    window: int | None = None
-
-    def get(self) -> torch.Tensor:
-        return self.holder[self.key] if isinstance(self.key, int) else getattr(self.holder, self.key)
-
-    def set(self, value: torch.Tensor) -> None:
-        if isinstance(self.key, int):
-            self.holder[self.key] = value
-        else:
-            setattr(self.holder, self.key, value)
-
-    def cols(self, positions: int) -> int:
-        n = positions * self.per_position
-        return n if self.window is None else min(n, self.window)
-
-
-def _hf_slots(cache: Any) -> Iterator[_Slot]:
-    """The key/value tensors of a transformers DynamicCache (full or sliding-window layers)."""
-    layers = getattr(cache, "layers", None)
-    if layers is None:
-        raise LLMModulesError(f"continuous batching needs a transformers DynamicCache, got {type(cache).__name__}")
-    for layer in layers:
-        if type(layer).__name__ not in ("DynamicLayer", "DynamicSlidingWindowLayer"):
-            raise LLMModulesError(f"continuous batching does not support {type(layer).__name__} cache layers")
-        window = layer.sliding_window - 1 if getattr(layer, "is_sliding", False) else None
-        yield _Slot(layer, "keys", window=window)
-        yield _Slot(layer, "values", window=window)
-
-
-def _set_hf_length(cache: Any, positions: int) -> None:
-    for layer in cache.layers:
-        if hasattr(layer, "cumulative_length"):  # sliding layers count every position seen
-            layer.cumulative_length = positions
-
-
-def _right_aligned(t: torch.Tensor, cols: int) -> torch.Tensor:
-    """Keep the last `cols` columns of (B, nh, N, hs), zero-filling on the left when there are fewer."""
-    have = t.shape[2]
-    if cols <= have:
-        return t[:, :, have - cols:]
-    return torch.cat([t.new_zeros(t.shape[0], t.shape[1], cols - have, t.shape[3]), t], dim=2)
-
-
-class Stepper:
-    """Runs a model one chunk of positions ahead with a KV cache, and lists that cache's tensors."""
-
-    def __init__(self, model: Any):
-        self.model = model
-
-    def forward(self, ids: torch.Tensor, mask: torch.Tensor, cache: Any, use_cache: bool) -> tuple[torch.Tensor, Any]:
-        """ids (B, T), mask (B, S) over cached + new positions -> last-position logits (B, V) and the cache."""
-        raise NotImplementedError
-
-    def slots(self, cache: Any) -> list[_Slot]:
-        raise NotImplementedError
-
-    def set_length(self, cache: Any, positions: int) -> None:
-        raise NotImplementedError
-
-    @property
-    def max_positions(self) -> int | None:
-        raise NotImplementedError
-
-
-class ComposedStepper(Stepper):
-    """The composed model: the large model's, the bridge's and the small model's caches."""
-
-    def forward(self, ids, mask, cache, use_cache):
-        out = self.model(input_ids=ids, attention_mask=mask, cache=cache, use_cache=use_cache, logits_to_keep=1)
-        return out.logits[:, -1], out.cache
-
-    def slots(self, cache):
-        positions = cache.length
-        found = [*_hf_slots(cache.large), *_hf_slots(cache.small)]
-        for entries in (cache.bridge.keys, cache.bridge.values):
-            # eca: one column per position; xattn: one per position and tap (position-major)
-            found += [_Slot(entries, i, per_position=t.shape[2] // positions) for i, t in enumerate(entries)]
-        return found
-
-    def set_length(self, cache, positions):
-        cache.length = positions
-        _set_hf_length(cache.large, positions)
-        _set_hf_length(cache.small, positions)
-
-    @property
-    def max_positions(self):
-        return self.model.small_max_positions
-
-
-class PlainStepper(Stepper):
-    """A Hugging Face causal LM (the baselines): its own KV cache; positions from the mask, as composed."""
-
-    def __init__(self, model: Any):
-        super().__init__(model)
-        self.decoder = Decoder(model)
-
-    def forward(self, ids, mask, cache, use_cache):
-        from .model import positions_from_mask
-
-        out, cache = self.decoder(cache=cache, use_cache=use_cache, input_ids=ids, attention_mask=mask,
-                                  position_ids=positions_from_mask(mask)[:, -ids.shape[1]:])
-        return out.logits[:, -1], cache
-
-    def slots(self, cache):
-        return list(_hf_slots(cache))
-
-    def set_length(self, cache, positions):
-        _set_hf_length(cache, positions)
-
-    @property
-    def max_positions(self):
-        return getattr(self.model.config, "max_position_embeddings", None)
-
-
-def stepper_for(model: Any) -> Stepper:
-    from .model import LLMModulesModel
-
-    return ComposedStepper(model) if isinstance(model, LLMModulesModel) else PlainStepper(model)
-
-
 def model_eos_ids(model: Any, tokenizer: Any = None) -> list[int]:
     """The end-of-sequence ids of the model's generation config, else of its tokenizer."""
     config_source = model.large if hasattr(model, "large") else model
@@ -342,7 +214,7 @@ class DecodeBatch:
         if self.use_cache and width != have:
             slots = self.stepper.slots(cache)  # read before the length changes (per-position counts)
             for slot in slots:
-                slot.set(_right_aligned(slot.get(), slot.cols(width)))
+                slot.set(right_aligned(slot.get(), slot.cols(width)))
             self.stepper.set_length(cache, width)
         return ids, mask
 
