@@ -84,9 +84,10 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(model: str, port: int, max_batch: int, max_queue: int, log: Path) -> subprocess.Popen:
+def start_server(model: str, port: int, max_batch: int, max_queue: int, log: Path,
+                 name: str | None = None) -> subprocess.Popen:
     command = [sys.executable, "-m", "llm_modules.cli", "serve", "--model", model, "--port", str(port),
-               "--max-batch", str(max_batch), "--max-queue", str(max_queue)]
+               "--max-batch", str(max_batch), "--max-queue", str(max_queue), *(["--name", name] if name else [])]
     process = subprocess.Popen(command, stdout=log.open("w"), stderr=subprocess.STDOUT)
     deadline = time.monotonic() + 900
     while time.monotonic() < deadline:

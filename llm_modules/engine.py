@@ -1,8 +1,8 @@
 """The decoding engine: continuous batching for the composed model and for plain causal LMs.
 
 Every decode goes through `DecodeBatch`: rows (one per prompt) decode together, one token per
-step. A row can join between any two steps: its prompt is run (with the other newcomers of that step)
-(prefill), then its KV caches are left-padded to the running batch's width and concatenated as new
+step. A row can join between any two steps: its prompt is prefilled (with the other newcomers of
+that step), then its KV caches are left-padded to the running batch's width and concatenated as new
 rows; a row leaves as soon as it is finished or cancelled, and the columns that are padding in every
 remaining row are cut away. The caches that move row by row are all three stages' (the large
 model's, the bridge's cross-attention keys/values, the small model's) or a plain model's own
