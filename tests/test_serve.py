@@ -129,12 +129,15 @@ def post(url: str, body, path: str = "/v1/chat/completions") -> httpx.Response:
     ({"messages": []}, 400, "messages", ["at least one message"]),
     ({"max_tokens": 4}, 400, "messages", ["missing required field 'messages'"]),
     ([1, 2], 400, None, ["JSON object"]),
-    ({"messages": HELLO, "max_tokens": 5000}, 400, "max_tokens", ["1024 positions", "at most"]),
+    ({"messages": HELLO, "max_tokens": 5000}, 400, "max_tokens", ["max_tokens=5000", "1024 positions", "at most"]),
+    ({"messages": HELLO, "max_completion_tokens": 5000}, 400, "max_completion_tokens", ["1024 positions"]),
+    ({"prompt": " x" * 1100}, 400, "prompt", ["fills the 1024 positions"]),
     ({"messages": [{"role": "assistant", "content": "hi"}]}, 400, "messages", ["expected a 'user' message"]),
     ({"messages": HELLO, "model": "gpt-4"}, 404, "model", ["'gpt-4' is not served"]),
 ])
 def test_bad_requests_get_an_openai_error_and_the_server_keeps_serving(server, body, status, param, words):
-    response = post(server.url, body)
+    path = "/v1/completions" if isinstance(body, dict) and "prompt" in body else "/v1/chat/completions"
+    response = post(server.url, body, path)
     assert response.status_code == status, response.text
     error = response.json()["error"]
     assert set(error) == {"message", "type", "param", "code"} and error["param"] == param

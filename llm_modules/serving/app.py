@@ -128,14 +128,17 @@ def create_app(served: Served) -> FastAPI:
 def sampling_options(served: Served, body: SamplingRequest, prompt: list[int]) -> SamplingOptions:
     """Request fields -> engine options; temperature 0 is greedy, and OpenAI's default is 1 (sampling)."""
     limit = served.engine.max_positions
+    room = limit - len(prompt) if limit is not None else None
+    if room is not None and room < 1:
+        raise ApiError(400, f"the prompt ({len(prompt)} tokens) fills the {limit} positions the model can place; "
+                            f"shorten it", param="messages" if isinstance(body, ChatCompletionRequest) else "prompt")
     new_tokens = body.new_tokens()
     if new_tokens is None:
-        room = limit - len(prompt) if limit is not None else served.default_max_tokens
-        if room < 1:
-            raise ApiError(400, f"the prompt ({len(prompt)} tokens) fills the {limit} positions the model can "
-                                f"place; shorten it", param="messages" if isinstance(body, ChatCompletionRequest)
-                           else "prompt")
-        new_tokens = min(served.default_max_tokens, room)
+        new_tokens = min(served.default_max_tokens, room or served.default_max_tokens)
+    elif room is not None and new_tokens > room:
+        field = "max_completion_tokens" if getattr(body, "max_completion_tokens", None) else "max_tokens"
+        raise ApiError(400, f"{field}={new_tokens} with the prompt's {len(prompt)} tokens exceeds the {limit} "
+                            f"positions the model can place; ask for at most {room}", param=field)
     temperature = 1.0 if body.temperature is None else body.temperature
     return SamplingOptions(max_new_tokens=new_tokens, do_sample=temperature > 0, temperature=temperature or 1.0,
                            top_p=1.0 if body.top_p is None else body.top_p, stop_strings=body.stop_strings() or None)
@@ -150,7 +153,7 @@ async def respond(served: Served, reply: Reply, body: SamplingRequest, prompt: l
         seq = served.engine.sequence(prompt, sampling_options(served, body, prompt), seed=body.seed,
                                      on_update=lambda s: loop.call_soon_threadsafe(updates.put_nowait, None))
     except LLMModulesError as err:
-        raise ApiError(400, str(err), param="max_tokens") from None
+        raise ApiError(400, str(err)) from None
     try:
         served.engine.submit(seq)
     except EngineFull as err:
