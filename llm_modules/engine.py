@@ -277,6 +277,8 @@ class EngineFull(LLMModulesError):
 
 @dataclass
 class EngineStats:
+    """What the engine is doing (read by the server's /health): rows decoding, requests waiting, totals."""
+
     running: int = 0
     queued: int = 0
     finished: int = 0

@@ -40,6 +40,8 @@ class Served:
 
 
 class ApiError(Exception):
+    """A refusal with its HTTP status and OpenAI-style error body."""
+
     def __init__(self, status: int, message: str, kind: str = "invalid_request_error", param: str | None = None,
                  code: str | None = None):
         super().__init__(message)

@@ -16,11 +16,15 @@ class _Strict(BaseModel):
 
 
 class TextPart(_Strict):
+    """A text part of a message's content given as a list of parts."""
+
     type: Literal["text"]
     text: str
 
 
 class ChatMessage(_Strict):
+    """One message; "developer" is the newer name of "system"."""
+
     role: Literal["system", "developer", "user", "assistant"]
     content: str | list[TextPart]
     name: str | None = None
@@ -30,6 +34,8 @@ class ChatMessage(_Strict):
 
 
 class StreamOptions(_Strict):
+    """include_usage: one more chunk before [DONE], with no choices and the usage."""
+
     include_usage: bool = False
 
 
@@ -56,6 +62,8 @@ class SamplingRequest(_Strict):
 
 
 class ChatCompletionRequest(SamplingRequest):
+    """POST /v1/chat/completions."""
+
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1)  # newer clients' name for max_tokens
 
@@ -64,6 +72,8 @@ class ChatCompletionRequest(SamplingRequest):
 
 
 class CompletionRequest(SamplingRequest):
+    """POST /v1/completions (one prompt string)."""
+
     prompt: str = Field(min_length=1)
 
 
