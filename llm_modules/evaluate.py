@@ -21,6 +21,7 @@ import torch.nn.functional as F
 
 from .answers import answers_match, extract_final_answer
 from .data import DataConfig, TokenizedExample, answer_bytes, bits_per_byte, collate, pad_id, prepare_data
+from .engine import left_pad
 from .errors import LLMModulesError
 from .train_config import RUN_CONFIG_FILE
 
@@ -54,8 +55,10 @@ class PlainScorer:
         return float(F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), reduction="sum"))
 
     def generate(self, ids: torch.Tensor, mask: torch.Tensor, max_new_tokens: int) -> torch.Tensor:
-        return self.model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens,
-                                   do_sample=False, pad_token_id=pad_id(self.tokenizer))
+        from .generation import generate
+
+        return generate(self.model, ids, mask, max_new_tokens=max_new_tokens, pad_token_id=pad_id(self.tokenizer),
+                        tokenizer=self.tokenizer)
 
 
 def load_scorer(spec: str, device: Any = None, allow_large_mismatch: bool = False,
@@ -125,16 +128,6 @@ def prompt_of(example: TokenizedExample) -> list[int]:
     """The example's tokens before its first answer token (the prompt, template included)."""
     first = next((i for i, label in enumerate(example.labels) if label != -100), len(example.labels))
     return example.input_ids[:first]
-
-
-def left_pad(rows: list[list[int]], pad: int, device: Any) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), pad, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, row in enumerate(rows):
-        ids[i, width - len(row):] = torch.tensor(row)
-        mask[i, width - len(row):] = 1
-    return ids.to(device), mask.to(device)
 
 
 def is_correct(example: TokenizedExample, predicted: str | None, text: str | None = None) -> bool | None:

@@ -1,0 +1,38 @@
+"""Serving a model over HTTP: an OpenAI-compatible API (`/v1/chat/completions`, `/v1/completions`,
+`/v1/models`, `/health`) with streaming, continuous batching by `llm_modules.engine`, and a chat
+page at `/`. `llm-modules serve --model DIR_OR_SPEC` runs it with uvicorn."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ..engine import Engine
+from ..errors import LLMModulesError
+from .app import Served, create_app
+from .text import PromptFormat, choose_template
+
+
+def build_app(model_spec: str, max_batch: int = 8, max_queue: int = 64, max_tokens: int = 256,
+              template: str | None = None, name: str | None = None, allow_large_mismatch: bool = False) -> Any:
+    """Load a saved composed model (or run folder), a saved plain method or a plain model spec and
+    wrap it in the FastAPI app; the engine's thread starts with the app."""
+    from ..evaluate import load_scorer
+
+    if max_tokens < 1:
+        raise LLMModulesError(f"--max-tokens must be >= 1, got {max_tokens}")
+    loaded = load_scorer(model_spec, allow_large_mismatch=allow_large_mismatch)
+    engine = Engine(loaded.model, loaded.tokenizer, max_batch=max_batch, max_queue=max_queue)
+    prompts = PromptFormat(loaded.tokenizer, choose_template(model_spec, loaded.tokenizer, template))
+    return create_app(Served(engine, name or model_spec, prompts, max_tokens))
+
+
+def serve(model_spec: str, host: str = "127.0.0.1", port: int = 8000, **options: Any) -> None:
+    """Build the app and run it with uvicorn until interrupted."""
+    import uvicorn
+
+    app = build_app(model_spec, **options)
+    print(f"serving {model_spec} on http://{host}:{port} (chat page at /, API at /v1)", flush=True)
+    uvicorn.run(app, host=host, port=port, log_level="warning")
+
+
+__all__ = ["Served", "build_app", "create_app", "serve"]
