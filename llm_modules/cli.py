@@ -146,6 +146,7 @@ def build_parser() -> argparse.ArgumentParser:
                             "else stratos)")
     serve.add_argument("--name", help="the model id the API reports (default: --model as given)")
     add_large_mismatch_flag(serve)
+    add_device_flags(serve)
     return parser
 
 
@@ -358,7 +359,7 @@ def run_serve(args: argparse.Namespace) -> int:
         raise LLMModulesError(f"--max-batch must be >= 1 and --max-queue >= 0, got {args.max_batch} and {args.max_queue}")
     serve(args.model, args.host, args.port, max_batch=args.max_batch, max_queue=args.max_queue,
           max_tokens=args.max_tokens, template=args.template, name=args.name,
-          allow_large_mismatch=args.allow_large_mismatch)
+          allow_large_mismatch=args.allow_large_mismatch, **dict(zip(("device", "dtype"), device_and_dtype(args))))
     return 0
 
 

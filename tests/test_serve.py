@@ -279,3 +279,13 @@ def test_streamed_text_holds_back_what_could_start_a_stop_string_or_a_character(
     pieces = [plain.update([0, 1, 2, 3, 4][:n], final=False) for n in range(1, 6)]
     assert pieces == ["Hel", "lo", " wo", "rld", ""]  # a partial character waits for its next token
     assert plain.update([0, 1, 2, 3, 4, 5], final=True) == "\ufffd!" and not plain.stopped
+
+
+def test_the_served_model_loads_in_the_asked_dtype_and_a_missing_device_is_one_line(model_dir, capsys):
+    from llm_modules.serving import build_app
+
+    app = build_app(model_dir, dtype=torch.bfloat16, device="cpu")
+    engine = app.state.served.engine
+    assert {p.dtype for p in engine.model.parameters()} == {torch.bfloat16}
+    assert main(["serve", "--model", model_dir, "--device", "cuda:3"]) == 2
+    assert "--device cuda:3" in capsys.readouterr().err

@@ -13,14 +13,19 @@ from .text import PromptFormat, choose_template
 
 
 def build_app(model_spec: str, max_batch: int = 8, max_queue: int = 64, max_tokens: int = 256,
-              template: str | None = None, name: str | None = None, allow_large_mismatch: bool = False) -> Any:
-    """Load a saved composed model (or run folder), a saved plain method or a plain model spec and
-    wrap it in the FastAPI app; the engine's thread starts with the app."""
+              template: str | None = None, name: str | None = None, allow_large_mismatch: bool = False,
+              device: Any = None, dtype: Any = None) -> Any:
+    """Load a saved composed model (or run folder), a saved plain method or a plain model spec, in
+    `dtype` (default float32) onto `device` (default the CPU), and wrap it in the FastAPI app; the
+    engine's thread starts with the app."""
+    import torch
+
     from ..evaluate import load_scorer
 
     if max_tokens < 1:
         raise LLMModulesError(f"--max-tokens must be >= 1, got {max_tokens}")
-    loaded = load_scorer(model_spec, allow_large_mismatch=allow_large_mismatch)
+    loaded = load_scorer(model_spec, device=device, allow_large_mismatch=allow_large_mismatch,
+                         dtype=dtype or torch.float32)
     engine = Engine(loaded.model, loaded.tokenizer, max_batch=max_batch, max_queue=max_queue)
     prompts = PromptFormat(loaded.tokenizer, choose_template(model_spec, loaded.tokenizer, template))
     return create_app(Served(engine, name or model_spec, prompts, max_tokens))

@@ -81,6 +81,7 @@ def create_app(served: Served) -> FastAPI:
         engine.stop()
 
     app = FastAPI(title="llm-modules", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.served = served
 
     @app.exception_handler(ApiError)
     async def api_error(request: Request, err: ApiError):
