@@ -20,6 +20,7 @@ the cost estimate in docs/scaling.md. Time it on a quiet machine: other load ske
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import platform
@@ -106,7 +107,9 @@ def main() -> None:
 
     data = prepare_data(DataConfig(spec=args.data, template=args.template, max_length=args.max_length,
                                    val_fraction=0.0), resolve_tokenizer(args.large), None)
-    examples = data.train + data.val
+    # the records' task scorers (closures) cannot travel to spawned processes, and building states needs none
+    examples = [dataclasses.replace(e, record=dataclasses.replace(e.record, scorer=None))
+                for e in data.train + data.val]
     tokens = sum(len(e.input_ids) for e in examples)
     work = Path(tempfile.mkdtemp(prefix="llm-modules-scale-"))
     rows = []
