@@ -19,7 +19,7 @@ WEIGHTS_FILE = "model.safetensors"
 # 1: no version field, the Enhanced Cross-Attention options at the top level;
 # 2: ladder/xattn gates were tanh(alpha), i.e. gate_temperature 1 (3 writes it out, default 0.1)
 CONFIG_FORMAT = 3
-_GATED_BRIDGES = ("ladder", "xattn")
+GATED_BRIDGES = ("ladder", "xattn")  # bridges whose gates have a temperature (format 3)
 _FORMAT_1_BRIDGE_KEYS = ("num_layers", "num_heads", "adapter_dim", "dropout", "large_layer")
 
 
@@ -121,7 +121,7 @@ class ComposeConfig:
             options = {k: data.pop(k) for k in _FORMAT_1_BRIDGE_KEYS if k in data}
             data = {**data, "bridge": "eca", "bridge_options": options, "format_version": CONFIG_FORMAT}
         if data.get("format_version") == 2:  # gates trained as tanh(alpha): temperature 1
-            if data.get("bridge") in _GATED_BRIDGES and isinstance(data.get("bridge_options"), dict):
+            if data.get("bridge") in GATED_BRIDGES and isinstance(data.get("bridge_options"), dict):
                 data["bridge_options"] = {"gate_temperature": 1.0, **data["bridge_options"]}
             data["format_version"] = CONFIG_FORMAT
         known = {f.name for f in dataclasses.fields(cls)}

@@ -11,7 +11,7 @@ from typing import Any
 from .bridges import BRIDGES, option_names
 from .bridges.eca import EcaOptions
 from .bridges.xattn import XattnOptions
-from .config import HEAD_KINDS, SMALL_INPUTS, ComposeConfig
+from .config import GATED_BRIDGES, HEAD_KINDS, SMALL_INPUTS, ComposeConfig
 from .data import LOSS_ON, OVERFLOW, TEMPLATES
 from .errors import LLMModulesError
 from .large import DEVICE_MAPS, LARGE_DTYPES, QUANTIZATIONS
@@ -296,7 +296,7 @@ class TrainConfig:
         mine, fields = self.to_dict(), self.fields()
         # an option the saved run predates had its default then (the gates before they had a temperature: 1)
         then = {k: fields[k].default for k in fields}
-        if other.get("bridge") in ("ladder", "xattn"):
+        if other.get("bridge") in GATED_BRIDGES:
             then["gate_temperature"] = 1.0
         saved = {k: other.get(k, then[k]) if k in fields else other.get(k) for k in set(mine) | set(other)}
         return sorted(k for k in saved if k not in RESUME_FREE and mine.get(k) != saved[k])
