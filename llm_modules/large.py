@@ -41,13 +41,26 @@ def num_layers(model: nn.Module) -> int:
     return model.config.get_text_config().num_hidden_layers
 
 
+def input_device(model: nn.Module) -> torch.device | None:
+    """Where `model` takes its token ids: its input embeddings' device. With a device map the layers
+    may be spread over several GPUs, and a single-device map adds no hooks that move inputs there."""
+    embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    return embeddings.weight.device if embeddings is not None else None
+
+
 def tapped_states(decoder: Decoder, taps: list[int], last: int, cache: Any = None, use_cache: bool = False,
                   **inputs: Any) -> tuple[torch.Tensor, Any]:
     """Hidden states at `taps` (indices as in `output_hidden_states`; `last` = the final, normed one),
-    stacked (B, T, K, dL) in tap order, and the decoder's new KV cache."""
+    stacked (B, T, K, dL) in tap order on the device of the given `input_ids`, and the decoder's new KV
+    cache. The inputs go to the large model's own input device first (it may sit on other GPUs)."""
+    out_device = inputs["input_ids"].device
+    to = input_device(decoder.module)
+    if to is not None:  # None: a released large model, which raises its own error below
+        inputs = {k: v.to(to) if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
     inner = any(t != last for t in taps)  # only then keep every layer's states
     out, new_cache = decoder(cache=cache, use_cache=use_cache, output_hidden_states=inner, **inputs)
-    states = [out.last_hidden_state if t == last else out.hidden_states[t] for t in taps]  # K x (B, T, dL)
+    # K x (B, T, dL), each from whichever device its layer ran on
+    states = [(out.last_hidden_state if t == last else out.hidden_states[t]).to(out_device) for t in taps]
     return torch.stack(states, dim=2), new_cache  # (B, T, K, dL)
 
 

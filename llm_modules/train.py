@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -99,9 +100,25 @@ def lr_lambda(total_steps: int, warmup_steps: int):
     return factor
 
 
+def forget_earlier_accelerator() -> None:
+    """accelerate keeps one AcceleratorState per process and refuses a later Accelerator with another
+    mixed precision or FSDP setting. A second `train` in one Python process (a notebook, a sweep,
+    bf16 after float32) starts from a fresh one; launched processes (several) keep theirs."""
+    from accelerate.state import AcceleratorState, PartialState
+
+    if AcceleratorState._shared_state and PartialState().num_processes == 1:
+        AcceleratorState._reset_state()
+
+
 def make_accelerator(config: TrainConfig) -> Accelerator:
     """DDP over the processes (default), or FSDP with --fsdp: only the trained parts are wrapped
     (objectives.TrainedParts), never the frozen large model."""
+    forget_earlier_accelerator()
+    launched, gpus = int(os.environ.get("LOCAL_WORLD_SIZE", "1")), torch.cuda.device_count()
+    if gpus and launched > gpus:  # accelerate would give each process a GPU of its own, beyond the last
+        raise LLMModulesError(f"{launched} processes on this machine but {gpus} CUDA GPU(s): launch one process per "
+                              f"GPU (--nproc_per_node {gpus}), or hide the GPUs (CUDA_VISIBLE_DEVICES=) to train on "
+                              "the CPUs over gloo")
     plugin = None
     if config.fsdp:
         if not torch.cuda.is_available():

@@ -36,8 +36,11 @@ def client_for(url: str) -> OpenAI:
 
 def cli_generate(capsys, model_dir: str, prompt: str, template: str, max_new_tokens: int) -> str:
     capsys.readouterr()
+    # the server fixture's model is on the CPU in float32 (build_app's defaults); generate's own
+    # defaults would pick a GPU in bfloat16 where there is one, and a tiny random model's near-ties
+    # then decode other tokens
     assert main(["generate", "--model", model_dir, "--prompt", prompt, "--template", template,
-                 "--max-new-tokens", str(max_new_tokens)]) == 0
+                 "--max-new-tokens", str(max_new_tokens), "--device", "cpu", "--dtype", "float32"]) == 0
     out = capsys.readouterr().out
     assert out.endswith("\n")  # TextStreamer ends the stream with a newline
     return out[:-1]
