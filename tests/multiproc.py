@@ -12,6 +12,7 @@ import time
 from datetime import timedelta
 from pathlib import Path
 from typing import Any, Callable
+from unittest import mock
 
 import torch
 import torch.multiprocessing as mp
@@ -39,16 +40,9 @@ def _entry(rank: int, world: int, port: int, fn: Callable, args: tuple, use_acce
 def spawn(fn: Callable, world: int, *args: Any, timeout: float = 300, use_accelerate: bool = False) -> None:
     """Run fn(rank, world, *args) in `world` fresh processes on CPUs (any GPU hidden from them: gloo,
     and more processes than a one-GPU machine has GPUs); raises when one fails or time runs out."""
-    hidden = os.environ.get("CUDA_VISIBLE_DEVICES")
-    os.environ["CUDA_VISIBLE_DEVICES"] = ""  # the children inherit the environment at their start
-    try:
+    with mock.patch.dict(os.environ, CUDA_VISIBLE_DEVICES=""):  # the children inherit it at their start
         context = mp.start_processes(_entry, args=(world, free_port(), fn, args, use_accelerate), nprocs=world,
                                      join=False, start_method="spawn")
-    finally:
-        if hidden is None:
-            del os.environ["CUDA_VISIBLE_DEVICES"]
-        else:
-            os.environ["CUDA_VISIBLE_DEVICES"] = hidden
     deadline = time.monotonic() + timeout
     while not context.join(timeout=1):
         if time.monotonic() > deadline:

@@ -51,18 +51,14 @@ def run_schedule(model, prompts, options):
     return rows, widths
 
 
-def model_device(model) -> torch.device:
-    return next(model.parameters()).device
-
-
 def check_rows_equal_alone(model, vocab, options):
     prompts = prompts_for(model, vocab)
     rows, widths = run_schedule(model, prompts, options)
     assert max(n for n, _, _ in widths) == 3 and any(padded for _, _, padded in widths)  # really batched, padded
     for row, prompt, (_, max_new, _) in zip(rows, prompts, SCHEDULE):
         # alone and recomputing the whole prefix each step: no cache is moved between rows
-        alone = generate(model, torch.tensor([prompt], device=model_device(model)), max_new_tokens=max_new, eos_token_id=[], use_cache=False,
-                         **options)[0, len(prompt):].tolist()
+        alone = generate(model, torch.tensor([prompt], device=model.device), max_new_tokens=max_new, eos_token_id=[],
+                         use_cache=False, **options)[0, len(prompt):].tolist()
         assert row.tokens == alone and row.finish_reason == "length", (prompt, row.tokens, alone)
     assert len(set(sum((r.tokens for r in rows), []))) > 5  # not a degenerate constant stream
     return widths
@@ -83,7 +79,7 @@ def test_composed_rows_joining_and_leaving_decode_what_they_decode_alone(tiny_mo
 def test_composed_rows_on_a_gpu_decode_what_they_decode_alone(tiny_models, bridge):
     model = composed(tiny_models, "qwen2", "llama", bridge).to("cuda")
     check_rows_equal_alone(model, model.vocab_size, dict(repetition_penalty=1.5))
-    assert model_device(model).type == "cuda"
+    assert model.device.type == "cuda"
 
 
 @pytest.mark.parametrize("family,options", [
