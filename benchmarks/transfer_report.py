@@ -8,7 +8,7 @@ trained by the one loop (`llm_modules.train`) with its learning rate picked the 
 How a row is run (each unit of work in its own process, so its memory and time are its own):
 1. State cache (composed rows): the large model's states of the training examples are built once per
    task and timed; that time is counted against every composed row (not per learning rate or seed).
-2. Calibration: each trainable row times a few of its own steps (after one warm-up step) and turns the
+2. Calibration: each trainable row times a few of its own steps (after three warm-up steps) and turns the
    budget into a step count: steps = (budget - cache build, for composed rows) / seconds per step.
    From then on a row is a fixed number of steps, reproducible from its seed, whatever else the
    machine runs: `train_seconds` is that calibrated time, `wall_seconds` what the clock said.
@@ -48,7 +48,9 @@ TRAIN_SEED = 0  # the training examples, the same for every run seed
 TEST_SEED = 10_000  # the held-out test set: one for every row and seed, disjoint from the training data
 FRACTIONS = (0.25, 0.5, 1.0)  # of the budget, where the test set is scored
 VAL_POINTS = 20  # validation evaluations per full run (the curves)
-CALIBRATION_STEPS = 4  # timed steps, after one warm-up step
+CALIBRATION_STEPS = 4  # timed steps, after CALIBRATION_WARMUP untimed ones
+CALIBRATION_WARMUP = 3  # on a GPU the first steps pay for lazy kernel loading and allocator growth: an H100
+# timed a tiny pair's steps 2 to 5 at 1.58, 1.16, 0.14 and 0.03 s after a single warm-up step
 STEADY = 2.0  # a calibration whose slowest step takes this many times its fastest was disturbed: retried
 QUIET_ENV = "TRANSFER_REPORT_QUIET_LOAD"  # calibration's load-average limit, from --quiet-load
 
@@ -185,15 +187,16 @@ def run_calibration(unit: dict, scratch: Path) -> dict:
 
     from llm_modules.train import train
 
-    steps, threads = CALIBRATION_STEPS + 1, torch.get_num_threads()
+    warmup, threads = unit["warmup_steps"], torch.get_num_threads()
     quiet = float(os.environ.get(QUIET_ENV, "1.0"))
     for attempt in range(3):
         load_before = wait_until_quiet(quiet)
         shutil.rmtree(scratch, ignore_errors=True)
-        train(train_config(unit, scratch, max_steps=steps, eval_every=10**6))
+        train(train_config(unit, scratch, max_steps=warmup + CALIBRATION_STEPS, eval_every=10**6))
         load_after = os.getloadavg()[0]
         times = [r["time"] for r in map(json.loads, (scratch / "metrics.jsonl").read_text().splitlines()) if "time" in r]
-        per_step = [round(b - a, 3) for a, b in zip(times, times[1:])]  # steps 2.. (step 1 holds the warm-up)
+        timed = times[warmup - 1:]  # from the end of the last warm-up step
+        per_step = [round(b - a, 3) for a, b in zip(timed, timed[1:])]
         if quiet <= 0 or (load_after < threads + quiet and max(per_step) < STEADY * min(per_step)):
             break
     return {"sec_per_step": round(statistics.mean(per_step), 4), "timed_steps": per_step,
@@ -374,7 +377,8 @@ def execute(args: argparse.Namespace) -> dict:
             state["calibration"][row] = {"error": f"state cache: {cache['error']}"}
             continue
         state["calibration"][row] = plan.run(plan.unit("calibrate", row, lr_small=GRIDS[ROWS[row]["method"]][0][0],
-                                                       lr_bridge=GRIDS[ROWS[row]["method"]][0][1] or None))
+                                                       lr_bridge=GRIDS[ROWS[row]["method"]][0][1] or None,
+                                                       warmup_steps=CALIBRATION_WARMUP))
         checkpoint_report()
 
     def budget_steps(row: str) -> tuple[int, float]:
@@ -536,7 +540,7 @@ def write_report(args: argparse.Namespace, state: dict, wall: float) -> None:
             cells = ", ".join("not reached" if t is None else f"{t:.0f} s" for t in reached)
             lines.append(f"| {row} | {cells} | {rs[0]['budget_seconds']:.0f} s |" if rs else f"| {row} | | |")
     if state["calibration"]:
-        lines += ["", "## Calibration (seconds per optimizer step, timed alone, after one warm-up step)", "",
+        lines += ["", f"## Calibration (seconds per optimizer step, timed alone, after {CALIBRATION_WARMUP} warm-up steps)", "",
                   "| row | s / step | steps in the budget |", "|---|---|---|"]
         for row, cal in state["calibration"].items():
             if "error" in cal:

@@ -64,6 +64,9 @@ def test_every_row_reports_bits_per_byte_within_its_budget_and_reruns_reuse(pair
         assert 0.0 <= row["accuracy"] <= 1.0
         if name != "majority_answer":
             assert row["bits_per_byte"] > 0
+    for name in ("composed_residual", "small_finetuned", "lora_large"):  # timed after the warm-up steps
+        calibration = results["calibration"][name]
+        assert calibration["warmup_steps"] == 3 and len(calibration["timed_steps"]) == 4, calibration
     cache_seconds = results["caches"]["eca"]["cache_seconds"]
     assert cache_seconds > 0
     for name, budget in (("composed_residual", 10), ("small_finetuned", 6), ("lora_large", 6)):
