@@ -77,6 +77,10 @@ ROWS = {
                         "options": {"head": "residual", "bridge": "ladder", "small_inputs": "mapped"}},
     "composed_xattn": {"kind": "train", "method": "composed",
                        "options": {"head": "residual", "bridge": "xattn", "small_inputs": "mapped"}},
+    # CALM's setting: the small model frozen too, only the ladder's taps and the head train
+    "composed_ladder_frozen_small": {"kind": "train", "method": "composed",
+                                     "options": {"head": "residual", "bridge": "ladder", "small_inputs": "mapped",
+                                                 "train_small": False}},
     "small_finetuned": {"kind": "train", "method": "finetune", "options": {}},
     "lora_large": {"kind": "train", "method": "lora", "options": {"lora_rank": 8}},
     "distilled": {"kind": "train", "method": "distill", "options": {}},

@@ -43,6 +43,9 @@ class ComposeConfig:
       - "mapped": its own pretrained token embeddings through a vocabulary map (each large token's
         text re-tokenized by the small tokenizer, its embeddings averaged; see `vocab_map`), plus the
         bridge's output when the bridge gives one. `train_embeddings` makes those embeddings trainable.
+    `train_small=False` freezes the small model's own weights (CALM's setting: both models frozen):
+    only the bridge, the head and, with `train_embeddings`, the mapped embeddings train, and a saved
+    folder holds only those (the small model comes back from its spec).
     `causal=False` reproduces the paper's leak: every position reads the large model's states
     of later positions too. Only for reproducing the paper.
     """
@@ -55,6 +58,7 @@ class ComposeConfig:
     bridge_options: dict[str, Any] = field(default_factory=dict)
     small_inputs: str = "bridge"
     train_embeddings: bool = False
+    train_small: bool = True
     library_version: str = ""
     # digests of the large weights this model was trained on (see large_identity); {} in older folders
     large_identity: dict = field(default_factory=dict)
@@ -68,6 +72,9 @@ class ComposeConfig:
         if self.train_embeddings and self.small_inputs != "mapped":
             raise LLMModulesError("train_embeddings needs small_inputs='mapped' (with 'bridge' the small model "
                                   "has no token embeddings)")
+        for name in ("train_embeddings", "train_small"):
+            if not isinstance(getattr(self, name), bool):
+                raise LLMModulesError(f"{name} must be true or false, got {getattr(self, name)!r}")
         if not isinstance(self.bridge_options, dict):
             raise LLMModulesError(f"bridge_options must be a mapping, got {self.bridge_options!r}")
         self.bridge_options = dataclasses.asdict(self.options())  # validated, defaults written out

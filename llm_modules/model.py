@@ -103,6 +103,7 @@ class LLMModulesModel(nn.Module):
         # "bridge" its token embeddings (unused: it reads the bridge through inputs_embeds) become a
         # frozen 1-row stub; with "mapped" they stay, frozen unless config.train_embeddings.
         self.small = small.base_model
+        self.small.requires_grad_(config.train_small)
         small_dim = self.small.get_input_embeddings().weight.shape[1]
         self.vocab_map = vocab_map if config.small_inputs == "mapped" else None
         if config.small_inputs == "mapped":
@@ -153,7 +154,7 @@ class LLMModulesModel(nn.Module):
         """Load both models from their specs and join them with a freshly initialised bridge and head.
 
         options: the composition's (head, bridge="eca"|"ladder"|"xattn", small_inputs="bridge"|"mapped",
-        train_embeddings) and the bridge's own (see `llm_modules.bridges`; eca: num_layers, num_heads,
+        train_embeddings, train_small) and the bridge's own (see `llm_modules.bridges`; eca: num_layers, num_heads,
         adapter_dim, dropout, large_layer; ladder: large_layers; xattn: large_layers, small_stride,
         num_heads). `large_dtype` (default: `dtype`) lets the frozen large model run in bf16/fp16;
         `large_placement` (`large.load_options`) spreads it over GPUs or quantizes it while loading.
@@ -403,14 +404,14 @@ class LLMModulesModel(nn.Module):
 
     # ------------------------------------------------------------------ save / load
     def trained_state_dict(self) -> dict[str, torch.Tensor]:
-        """Everything but the frozen large model and the small model's frozen token embeddings (the
-        unused stub, or the pretrained ones that small_inputs "mapped" reads untrained), which
-        come back from the small model's spec. The vocabulary map's index buffers are included."""
-        embeddings = self.small.get_input_embeddings().weight
-        skip = "small." + _embedding_name(self.small) + ".weight" if not embeddings.requires_grad else None
+        """Everything but the frozen large model and the small model's frozen weights (its token
+        embeddings: the unused stub, or the pretrained ones that small_inputs "mapped" reads
+        untrained; all of them with train_small=False), which come back from the small model's
+        spec. The vocabulary map's index buffers are included."""
+        skip = {"small." + name for name, p in self.small.named_parameters() if not p.requires_grad}
         return {
             name: tensor for name, tensor in self.state_dict().items()
-            if not name.startswith("large.") and name != skip
+            if not name.startswith("large.") and name not in skip
         }
 
     def save_pretrained(self, directory: str | Path, state: dict[str, torch.Tensor] | None = None) -> Path:
@@ -483,11 +484,3 @@ def cpu_copies(trained: dict[str, torch.Tensor], state: dict[str, torch.Tensor] 
             raise LLMModulesError(f"the weights to save lack trained tensors {missing[:5]}")
         trained = {k: state[k] for k in trained}
     return {k: v.detach().to("cpu").contiguous().clone() for k, v in trained.items()}
-
-
-def _embedding_name(decoder: nn.Module) -> str:
-    stub = decoder.get_input_embeddings()
-    for name, module in decoder.named_modules():
-        if module is stub:
-            return name
-    raise LLMModulesError("could not find the small model's input embedding")

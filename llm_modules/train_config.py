@@ -60,6 +60,8 @@ HELP: dict[str, str] = {
     "small_inputs": "what the small model reads: the bridge output only (the paper), or its own embeddings "
                     "through a map of the large vocabulary (mapped)",
     "train_embeddings": "with --small-inputs mapped: train the small model's token embeddings too",
+    "train_small": "composed: train the small model's own weights; --no-train-small freezes them (CALM's setting), "
+                   "so only the bridge, the head and any --train-embeddings train",
     "large_layers": "ladder and xattn: large hidden states to tap, e.g. 3,7,11 (empty: every 4th, ending at the last)",
     "small_stride": "xattn: a cross-attention block after every N-th small layer",
     "gate_temperature": "ladder and xattn: T of the tanh(alpha / T) gates; smaller opens them faster (LST: 0.1)",
@@ -135,6 +137,7 @@ class TrainConfig:
     bridge: str = ComposeConfig.bridge
     small_inputs: str = ComposeConfig.small_inputs
     train_embeddings: bool = ComposeConfig.train_embeddings
+    train_small: bool = ComposeConfig.train_small
     # bridge options (each passed only to the bridges that have it): eca
     num_layers: int = EcaOptions.num_layers
     num_heads: int = EcaOptions.num_heads  # eca and xattn

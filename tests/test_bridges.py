@@ -194,6 +194,44 @@ def test_training_step_keeps_large_frozen_and_trains_the_counted_parameters(mapp
         assert embeddings + ".weight" in model.trained_state_dict()
 
 
+@pytest.mark.parametrize("bridge,inputs", COMBOS)
+def test_a_frozen_small_model_trains_only_the_bridge_and_head_and_saves_only_them(mapped_pair, tmp_path, bridge,
+                                                                                   inputs):
+    model = compose(mapped_pair, bridge, inputs, head="projected", train_small=False).train()
+    counts = model.parameter_counts()
+    assert counts["small"]["trainable"] == 0 and counts["large"]["trainable"] == 0
+    assert counts["bridge"]["trainable"] == expected_bridge_parameters(bridge, inputs)
+    assert counts["head"]["trainable"] == SMALL_DIM * LARGE_DIM
+
+    small_before = {k: v.clone() for k, v in model.small.state_dict().items()}
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    ids = random_ids(model, 2, 10)
+    model(input_ids=ids, labels=ids).loss.backward()
+    assert all(p.grad is None for p in model.small.parameters())
+    assert all(p.grad is not None for p in model.bridge.parameters())  # through the frozen small layers
+    optimizer.step()
+    assert all(torch.equal(v, model.small.state_dict()[k]) for k, v in small_before.items())
+
+    model.eval().save_pretrained(tmp_path)
+    saved = load_file(str(tmp_path / WEIGHTS_FILE))
+    assert not any(k.startswith(("small.", "large.")) for k in saved)
+    assert json.loads((tmp_path / CONFIG_FILE).read_text())["train_small"] is False
+    torch.manual_seed(123)
+    loaded = LLMModulesModel.from_pretrained(tmp_path).eval()
+    assert not any(p.requires_grad for p in loaded.small.parameters())
+    torch.testing.assert_close(loaded(input_ids=ids).logits, model(input_ids=ids).logits, rtol=0, atol=0)
+
+
+def test_a_frozen_small_model_can_still_train_its_mapped_embeddings(mapped_pair):
+    model = compose(mapped_pair, "ladder", "mapped", train_small=False, train_embeddings=True)
+    small_vocab = model.small.get_input_embeddings().weight.shape[0]
+    assert model.parameter_counts()["small"]["trainable"] == small_vocab * SMALL_DIM
+    assert set(k for k in model.trained_state_dict() if k.startswith("small.")) == {
+        "small." + n for n, p in model.small.named_parameters() if p.requires_grad}
+    with pytest.raises(LLMModulesError, match="train_small must be true or false"):
+        compose(mapped_pair, "ladder", "mapped", train_small="no")
+
+
 # ---------------------------------------------------------------------------------------------- mapped inputs
 @pytest.mark.parametrize("bridge", ["ladder", "xattn"])
 def test_zero_gates_start_as_the_pretrained_small_model_on_mapped_embeddings(mapped_pair, bridge):
@@ -431,13 +469,33 @@ def test_train_cli_composes_the_named_bridge_and_inputs(mapped_pair, tmp_path):
     assert model.large_taps == [1, 3, 4] and len(model.bridge.blocks) == 2
 
 
+def test_train_cli_no_train_small_keeps_the_pretrained_small_weights(mapped_pair, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from llm_modules.cli import main
+
+    from .test_train import write_data
+
+    args = ["train", "--large", mapped_pair["large"], "--small", mapped_pair["small"],
+            "--data", write_data(tmp_path / "data.jsonl", n=12), "--output", str(tmp_path / "run"),
+            "--template", "stratos", "--batch-size", "2", "--max-length", "1000", "--max-steps", "2",
+            "--eval-every", "2", "--num-samples", "0", "--no-progress", "--state-cache-dir", str(tmp_path / "states"),
+            "--bridge", "ladder", "--small-inputs", "mapped", "--large-layers", "1,3", "--no-train-small"]
+    assert main(args) == 0
+    assert json.loads((tmp_path / "run" / "best" / CONFIG_FILE).read_text())["train_small"] is False
+    assert not any(k.startswith("small.") for k in load_file(str(tmp_path / "run" / "best" / WEIGHTS_FILE)))
+    model = LLMModulesModel.from_pretrained(tmp_path / "run" / "best")
+    pretrained = AutoModelForCausalLM.from_pretrained(mapped_pair["small"]).base_model.state_dict()
+    assert all(torch.equal(v, pretrained[k]) for k, v in model.small.state_dict().items())
+
+
 def test_train_config_passes_only_the_chosen_bridges_options(tmp_path):
     from llm_modules.train_config import TrainConfig
 
     base = dict(large="l", small="s", data="d", output=str(tmp_path))
     ladder = TrainConfig(**base, bridge="ladder", large_layers="3,7,11", small_inputs="mapped")
     assert ladder.compose_options() == {"causal": True, "head": "residual", "bridge": "ladder",
-                                        "small_inputs": "mapped", "train_embeddings": False,
+                                        "small_inputs": "mapped", "train_embeddings": False, "train_small": True,
                                         "large_layers": [3, 7, 11], "gate_temperature": 0.1}
     assert TrainConfig(**base).compose_options()["bridge"] == "eca"
     with pytest.raises(LLMModulesError, match="--num-layers is an option of the eca bridge"):
@@ -450,8 +508,9 @@ def test_train_config_passes_only_the_chosen_bridges_options(tmp_path):
         TrainConfig(**base, train_embeddings=True)
     saved_before_bridges = {k: v for k, v in TrainConfig(**base).to_dict().items()
                             if k not in ("bridge", "small_inputs", "train_embeddings", "large_layers", "small_stride",
-                                         "gate_temperature")}
+                                         "gate_temperature", "train_small")}
     assert TrainConfig(**base).differences(saved_before_bridges) == []  # an older run still resumes
+    assert TrainConfig(**base, train_small=False).differences(saved_before_bridges) == ["train_small"]
     ladder_before_temperatures = {k: v for k, v in ladder.to_dict().items() if k != "gate_temperature"}
     assert ladder.differences(ladder_before_temperatures) == ["gate_temperature"]  # its gates had T = 1
     assert TrainConfig(**{**base, "bridge": "ladder", "large_layers": "3,7,11", "small_inputs": "mapped",

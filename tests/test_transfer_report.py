@@ -94,3 +94,22 @@ def test_every_row_reports_bits_per_byte_within_its_budget_and_reruns_reuse(pair
     reran = {line.split("-")[1] for line in log.splitlines() if line.endswith(": running")}
     assert "lora" in "".join(reran) and not any("composed" in r or "small" in r for r in reran)
     assert {r["row"]: r for r in changed["rows"]}["lora_large"]["lr"] == 1e-3
+
+
+def test_every_train_row_is_a_valid_training_config(monkeypatch):
+    """A row's options are TrainConfig fields with valid values (a typo would fail only hours into a report)."""
+    import importlib.util
+
+    from llm_modules.train_config import TrainConfig
+
+    spec = importlib.util.spec_from_file_location("transfer_report", SCRIPT)
+    harness = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "transfer_report", harness)  # its dataclasses look themselves up
+    spec.loader.exec_module(harness)
+    for row, entry in harness.ROWS.items():
+        if entry["kind"] == "train":
+            config = TrainConfig(large="l", small="s", data="d.jsonl", output="o", method=entry["method"],
+                                 **entry["options"])
+            assert all(config.to_dict()[k] == v for k, v in entry["options"].items()), row
+    assert TrainConfig(large="l", small="s", data="d.jsonl", output="o",
+                       **harness.ROWS["composed_ladder_frozen_small"]["options"]).compose_options()["train_small"] is False
