@@ -520,8 +520,9 @@ def test_train_config_passes_only_the_chosen_bridges_options(tmp_path):
 
 
 @pytest.mark.parametrize("bridge", ["ladder", "xattn"])
-def test_gradient_checkpointing_recomputes_the_hooked_layers_identically(mapped_pair, bridge):
-    model = compose(mapped_pair, bridge, "mapped", head="new").train()
+@pytest.mark.parametrize("train_small", [True, False])
+def test_gradient_checkpointing_recomputes_the_hooked_layers_identically(mapped_pair, bridge, train_small):
+    model = compose(mapped_pair, bridge, "mapped", head="new", train_small=train_small).train()
     nudge(model)
     ids = random_ids(model, 2, 9)
 
