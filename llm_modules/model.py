@@ -408,7 +408,7 @@ class LLMModulesModel(nn.Module):
         embeddings: the unused stub, or the pretrained ones that small_inputs "mapped" reads
         untrained; all of them with train_small=False), which come back from the small model's
         spec. The vocabulary map's index buffers are included."""
-        skip = {"small." + name for name, p in self.small.named_parameters() if not p.requires_grad}
+        skip = {"small." + plain_name(name) for name, p in self.small.named_parameters() if not p.requires_grad}
         return {
             name: tensor for name, tensor in self.state_dict().items()
             if not name.startswith("large.") and name not in skip
@@ -472,6 +472,18 @@ class LLMModulesModel(nn.Module):
                 f"saved weights do not match this composition: missing {missing[:5]}, unexpected {unexpected[:5]}"
             )
         self.load_state_dict(state, strict=False)
+
+
+# the segments that FSDP's auto-wrap, activation checkpointing and torch.compile add to parameter names
+# (named_parameters) but not to state-dict keys
+WRAPPER_SEGMENTS = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.", "_orig_mod.")
+
+
+def plain_name(name: str) -> str:
+    """A parameter's name as the state dict gives it, without the segments of a wrapper around its module."""
+    for segment in WRAPPER_SEGMENTS:
+        name = name.replace(segment, "")
+    return name
 
 
 def cpu_copies(trained: dict[str, torch.Tensor], state: dict[str, torch.Tensor] | None = None

@@ -288,12 +288,14 @@ class PlainObjective(Objective):
             self.teacher.to(device)
 
     def trained_state_dict(self) -> dict[str, torch.Tensor]:
+        from .model import plain_name
+
         seen: set[int] = set()
         state = {}
         for name, p in self.module.named_parameters():  # tied weights once, under their first name
             if p.requires_grad and id(p) not in seen:
                 seen.add(id(p))
-                state[name] = p
+                state[plain_name(name)] = p
         return state
 
     def load_trained_state_dict(self, state: dict[str, torch.Tensor]) -> None:
@@ -302,7 +304,9 @@ class PlainObjective(Objective):
             missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
             raise LLMModulesError(f"saved {self.method} weights do not match the model: missing {missing[:5]}, "
                                   f"unexpected {unexpected[:5]}")
-        params = dict(self.module.named_parameters())
+        from .model import plain_name
+
+        params = {plain_name(name): p for name, p in self.module.named_parameters()}
         with torch.no_grad():
             for name, tensor in state.items():
                 params[name].copy_(tensor)

@@ -219,6 +219,16 @@ class TrainConfig:
                 if getattr(self, name) != self.fields()[name].default:
                     raise LLMModulesError(f"--{name.replace('_', '-')} sets how the FROZEN large model loads (methods "
                                           f"composed and distill); --method {self.method} has none")
+        if self.method != "composed":
+            composing = ({f.name for f in dataclasses.fields(ComposeConfig)} | _BRIDGE_OPTIONS) & set(self.fields())
+            for name in sorted(composing - {"large", "small", "library_version"}):
+                if getattr(self, name) != self.fields()[name].default:
+                    raise LLMModulesError(f"--{name.replace('_', '-')} shapes the composed model (--method composed); "
+                                          f"--method {self.method} has no bridge, head or composition to apply it to")
+        if self.fsdp and self.method == "lora":
+            raise LLMModulesError("--fsdp with --method lora fails inside FSDP's state-dict gathering (seen on a GPU "
+                                  "with torch 2.11: the large model's frozen embeddings go missing); train LoRA under "
+                                  "DDP (leave out --fsdp): its trained adapters are small")
         needed = {"finetune": ("small",), "lora": ("large",)}.get(self.method, ("large", "small"))
         for name in (*needed, "data", "output"):
             if not isinstance(getattr(self, name), str) or not getattr(self, name):

@@ -8,6 +8,7 @@ import json
 import pytest
 import torch
 
+from llm_modules.errors import LLMModulesError
 from llm_modules.evaluate import EvalOptions, evaluate, load_scorer
 from llm_modules.objectives import PLAIN_FILE
 from llm_modules.train import train
@@ -76,3 +77,14 @@ def test_distillation_student_reads_and_writes_the_large_vocabulary(tmp_path, ti
     assert summary["parameters"]["total"]["trainable"] == sum(p.numel() for p in set(model.parameters()))
     ids = torch.tensor([[1, 2, 3, 4, 5]])
     assert model.generate(input_ids=ids, max_new_tokens=2, do_sample=False).shape == (1, 7)
+
+
+@pytest.mark.parametrize("method", ["finetune", "lora", "distill"])
+@pytest.mark.parametrize("option,value", [("train_small", False), ("head", "projected"), ("bridge", "ladder"),
+                                          ("small_inputs", "mapped"), ("train_embeddings", True), ("causal", False),
+                                          ("num_layers", 3), ("dropout", 0.0), ("large_layers", "1")])
+def test_composition_options_are_refused_by_the_methods_that_do_not_compose(tmp_path, tiny_pair_with_tokenizer,
+                                                                             method, option, value):
+    """Silently ignoring them would train something other than what the command line says."""
+    with pytest.raises(LLMModulesError, match=f"--{option.replace('_', '-')} shapes the composed model"):
+        plain_config(tmp_path, tiny_pair_with_tokenizer, method, **{option: value})

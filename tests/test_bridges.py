@@ -222,6 +222,23 @@ def test_a_frozen_small_model_trains_only_the_bridge_and_head_and_saves_only_the
     torch.testing.assert_close(loaded(input_ids=ids).logits, model(input_ids=ids).logits, rtol=0, atol=0)
 
 
+def test_frozen_small_layers_inside_a_wrapper_are_still_left_out_of_the_saved_weights(mapped_pair):
+    """FSDP's auto-wrap (and activation checkpointing) wraps each decoder layer in place: their
+    parameters' names gain a segment that the state dict's keys do not have. Found on a GPU: FSDP
+    with --no-train-small saved every frozen small-model layer. The checkpoint wrapper adds the same
+    kind of segment on a CPU."""
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+
+    model = compose(mapped_pair, "ladder", "mapped", head="projected", train_small=False)
+    expected = set(model.trained_state_dict())
+    layers = model.small.layers
+    for i in range(len(layers)):
+        layers[i] = checkpoint_wrapper(layers[i])
+    assert any("_checkpoint_wrapped_module." in n for n, _ in model.small.named_parameters())
+    assert set(model.trained_state_dict()) == expected
+    assert not any(k.startswith("small.") for k in expected)
+
+
 def test_a_frozen_small_model_can_still_train_its_mapped_embeddings(mapped_pair):
     model = compose(mapped_pair, "ladder", "mapped", train_small=False, train_embeddings=True)
     small_vocab = model.small.get_input_embeddings().weight.shape[0]

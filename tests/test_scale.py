@@ -109,6 +109,13 @@ def test_fsdp_on_cpu_is_one_clear_error(train_args, capsys):
     assert "--fsdp needs CUDA GPUs" in capsys.readouterr().err
 
 
+def test_fsdp_with_lora_is_one_clear_error(train_args, capsys):
+    """Seen on an H200 (torch 2.11): FSDP's full state dict of the LoRA-wrapped large model lost its
+    frozen embeddings and the first checkpoint failed deep inside torch; refused up front instead."""
+    assert main(train_args("fsdp", "--fsdp", "--method", "lora")) == 2
+    assert "--fsdp with --method lora fails inside FSDP's state-dict gathering" in capsys.readouterr().err
+
+
 def test_more_processes_than_gpus_is_one_clear_error(train_args, capsys, monkeypatch):
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")  # as torchrun --nproc_per_node 2 sets it
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
@@ -239,24 +246,26 @@ def test_two_and_four_processes_train_like_one_with_one_validation_example(tiny_
 
 @pytest.mark.skipif(not torch.cuda.is_available(),
                     reason="accelerate runs FSDP on CUDA GPUs only (not on CPU with gloo): needs a GPU")
-def test_fsdp_on_the_gpus_matches_ddp(train_args, tmp_path):
+@pytest.mark.parametrize("frozen", [(), ("--no-train-small",)], ids=["small_trained", "small_frozen"])
+def test_fsdp_on_the_gpus_matches_ddp(train_args, tmp_path, frozen):
     """One process per GPU, two at most: on one GPU this still checks FSDP's wrapping and its
-    checkpoint gathered to one file and scattered back on resume."""
+    checkpoint gathered to one file and scattered back on resume; with the small model frozen
+    (--no-train-small) too, where FSDP wraps decoder layers that hold no trained tensor."""
     import sys
 
     gpus = str(min(2, torch.cuda.device_count()))
     launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", gpus, "--master_port", "29541"]
-    ddp = run_cli(train_args("ddp", "--mixed-precision", "no", "--dropout", "0"), launcher)
+    ddp = run_cli(train_args("ddp", "--mixed-precision", "no", "--dropout", "0", *frozen), launcher)
     assert ddp.wait(timeout=600) == 0, ddp.stdout.read()
-    fsdp = run_cli(train_args("fsdp", "--fsdp", "--mixed-precision", "no", "--dropout", "0", "--save-every", "1"),
-                   launcher)
+    fsdp = run_cli(train_args("fsdp", "--fsdp", "--mixed-precision", "no", "--dropout", "0", "--save-every", "1",
+                              *frozen), launcher)
     assert fsdp.wait(timeout=600) == 0, fsdp.stdout.read()
     torch.testing.assert_close(torch.tensor(losses(tmp_path / "fsdp")), torch.tensor(losses(tmp_path / "ddp")),
                                rtol=1e-4, atol=1e-4)
     a, b = (load_file(str(tmp_path / run / "last" / WEIGHTS_FILE)) for run in ("ddp", "fsdp"))
     assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-4) for k in a)
     resumed = run_cli(train_args("fsdp", "--fsdp", "--mixed-precision", "no", "--dropout", "0", "--save-every", "1",
-                                 "--resume"), launcher)  # the gathered checkpoint scattered back over FSDP
+                                 "--resume", *frozen), launcher)  # the gathered checkpoint scattered back over FSDP
     output = resumed.communicate(timeout=600)[0]
     assert resumed.returncode == 0 and "at step 2" in output, output
     c = load_file(str(tmp_path / "fsdp" / "last" / WEIGHTS_FILE))
