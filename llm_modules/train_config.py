@@ -12,7 +12,7 @@ from .bridges import BRIDGES, option_names
 from .bridges.eca import EcaOptions
 from .bridges.xattn import XattnOptions
 from .config import GATED_BRIDGES, HEAD_KINDS, SMALL_INPUTS, ComposeConfig
-from .data import LOSS_ON, OVERFLOW, TEMPLATES
+from .data import LOSS_ON, OVERFLOW, TEMPLATES, DataConfig
 from .errors import LLMModulesError
 from .large import DEVICE_MAPS, LARGE_DTYPES, QUANTIZATIONS
 from .objectives import METHODS
@@ -147,13 +147,13 @@ class TrainConfig:
     large_layers: str = ""
     small_stride: int = XattnOptions.small_stride  # xattn: a block after every N-th small layer
     gate_temperature: float = XattnOptions.gate_temperature  # ladder and xattn
-    # data
-    template: str = "stratos"
-    loss_on: str = "assistant"
-    max_length: int = 1024
-    overflow: str = "drop"
-    val_fraction: float = 0.1
-    subset: float = 1.0
+    # data: the defaults are DataConfig's, declared once there
+    template: str = DataConfig.template
+    loss_on: str = DataConfig.loss_on
+    max_length: int = DataConfig.max_length
+    overflow: str = DataConfig.overflow
+    val_fraction: float = DataConfig.val_fraction
+    subset: float = DataConfig.subset
     lora_rank: int = 8  # method lora (alpha = 2 x rank, every linear layer)
     distill_temperature: float = 1.0  # method distill
     # optimisation (paper: AdamW, lr 1e-4 bridge, 5e-5 small model and head, clip 1.0, batch 1)
