@@ -215,16 +215,14 @@ class TrainConfig:
                 raise LLMModulesError(f"--{name.replace('_', '-')} must be one of {', '.join(allowed)}, "
                                       f"got {getattr(self, name)!r}")
         if self.method in ("lora", "finetune"):
-            for name in LARGE_LOADING:
-                if getattr(self, name) != self.fields()[name].default:
-                    raise LLMModulesError(f"--{name.replace('_', '-')} sets how the FROZEN large model loads (methods "
-                                          f"composed and distill); --method {self.method} has none")
+            for name in self._changed(LARGE_LOADING):
+                raise LLMModulesError(f"--{name.replace('_', '-')} sets how the FROZEN large model loads (methods "
+                                      f"composed and distill); --method {self.method} has none")
         if self.method != "composed":
             composing = ({f.name for f in dataclasses.fields(ComposeConfig)} | _BRIDGE_OPTIONS) & set(self.fields())
-            for name in sorted(composing - {"large", "small", "library_version"}):
-                if getattr(self, name) != self.fields()[name].default:
-                    raise LLMModulesError(f"--{name.replace('_', '-')} shapes the composed model (--method composed); "
-                                          f"--method {self.method} has no bridge, head or composition to apply it to")
+            for name in self._changed(sorted(composing - {"large", "small", "library_version"})):
+                raise LLMModulesError(f"--{name.replace('_', '-')} shapes the composed model (--method composed); "
+                                      f"--method {self.method} has no bridge, head or composition to apply it to")
         if self.fsdp and self.method == "lora":
             raise LLMModulesError("--fsdp with --method lora fails inside FSDP's state-dict gathering (seen on a GPU "
                                   "with torch 2.11: the large model's frozen embeddings go missing); train LoRA under "
@@ -234,14 +232,17 @@ class TrainConfig:
             if not isinstance(getattr(self, name), str) or not getattr(self, name):
                 raise LLMModulesError(f"--{name} is required" + (f" by --method {self.method}" if name in needed else ""))
         mine = set(option_names(self.bridge))
-        for name in sorted((_BRIDGE_OPTIONS & set(self.fields())) - mine):
-            if getattr(self, name) != self.fields()[name].default:
-                owners = [b for b in BRIDGES if name in option_names(b)]
-                raise LLMModulesError(f"--{name.replace('_', '-')} is an option of the {' and '.join(owners)} "
-                                      f"bridge, not of --bridge {self.bridge}")
+        for name in self._changed(sorted((_BRIDGE_OPTIONS & set(self.fields())) - mine)):
+            owners = [b for b in BRIDGES if name in option_names(b)]
+            raise LLMModulesError(f"--{name.replace('_', '-')} is an option of the {' and '.join(owners)} "
+                                  f"bridge, not of --bridge {self.bridge}")
         self._large_layers()  # a parse error surfaces now, not after the models loaded
         if self.method == "composed":
             ComposeConfig.from_options(self.large, self.small, **self.compose_options())
+
+    def _changed(self, names: Any) -> list[str]:
+        """Those of `names` whose value differs from the option's default, in order."""
+        return [name for name in names if getattr(self, name) != self.fields()[name].default]
 
     def trained_model(self) -> str:
         """The spec a plain method trains: the small model (finetune) or the large one (lora)."""
