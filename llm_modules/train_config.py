@@ -112,6 +112,8 @@ HELP: dict[str, str] = {
 
 # every bridge's option names; the TrainConfig fields among them are checked against --bridge
 _BRIDGE_OPTIONS = {name for bridge in BRIDGES for name in option_names(bridge)}
+# ComposeConfig's own options (not the model specs nor the version it stamps)
+_COMPOSE_OPTIONS = {f.name for f in dataclasses.fields(ComposeConfig)} - {"large", "small", "library_version"}
 
 
 @dataclass
@@ -219,8 +221,7 @@ class TrainConfig:
                 raise LLMModulesError(f"--{name.replace('_', '-')} sets how the FROZEN large model loads (methods "
                                       f"composed and distill); --method {self.method} has none")
         if self.method != "composed":
-            composing = ({f.name for f in dataclasses.fields(ComposeConfig)} | _BRIDGE_OPTIONS) & set(self.fields())
-            for name in self._changed(sorted(composing - {"large", "small", "library_version"})):
+            for name in self._changed(sorted((_COMPOSE_OPTIONS | _BRIDGE_OPTIONS) & set(self.fields()))):
                 raise LLMModulesError(f"--{name.replace('_', '-')} shapes the composed model (--method composed); "
                                       f"--method {self.method} has no bridge, head or composition to apply it to")
         if self.fsdp and self.method == "lora":
@@ -296,8 +297,8 @@ class TrainConfig:
     def compose_options(self) -> dict[str, Any]:
         """The composition and bridge options of this run, as `LLMModulesModel.compose` takes them:
         ComposeConfig's fields, and only the chosen bridge's own options."""
-        names = ({f.name for f in dataclasses.fields(ComposeConfig)} | set(option_names(self.bridge))) & set(self.fields())
-        options = {name: getattr(self, name) for name in names - {"large", "small", "library_version"}}
+        names = (_COMPOSE_OPTIONS | set(option_names(self.bridge))) & set(self.fields())
+        options = {name: getattr(self, name) for name in names}
         if "large_layers" in options:
             options["large_layers"] = self._large_layers()
         return options
