@@ -389,7 +389,12 @@ def test_an_unsupported_small_family_is_a_clear_error(tiny_models, tmp_path):
 def test_a_folder_saved_before_bridges_had_names_loads_with_identical_logits(tiny_models, tmp_path):
     """tests/fixtures/format1 was written by the code of main at d42e517 (no format version, the
     Enhanced Cross-Attention options at the top level): an eca model on the tiny qwen2 -> llama
-    pair, weights nudged, with its logits for fixed ids in expected.safetensors."""
+    pair, weights nudged, with its logits for fixed ids in expected.safetensors.
+
+    Those logits were computed on another CPU, whose matmul kernels round differently in the last
+    bits (seen: 1.8e-7 on an AMD EPYC), so they are matched within float32 rounding; identity is
+    checked bit for bit on this machine: the old folder, re-saved in today's format, loads to a
+    model with the very same weights and logits."""
     shutil.copytree(FIXTURES / "format1", tmp_path / "old")
     config = json.loads((tmp_path / "old" / CONFIG_FILE).read_text())
     assert "format_version" not in config and "bridge" not in config and config["num_heads"] == 4
@@ -400,10 +405,16 @@ def test_a_folder_saved_before_bridges_had_names_loads_with_identical_logits(tin
     expected = load_file(str(tmp_path / "old" / "expected.safetensors"))
     with torch.no_grad():
         logits = model(input_ids=expected["input_ids"]).logits
-    torch.testing.assert_close(logits, expected["logits"], rtol=0, atol=0)
+    torch.testing.assert_close(logits, expected["logits"], rtol=1e-5, atol=1e-6)
     model.save_pretrained(tmp_path / "new")  # re-saved in today's format, with the same tensor names
     assert json.loads((tmp_path / "new" / CONFIG_FILE).read_text())["format_version"] == CONFIG_FORMAT
-    assert set(load_file(str(tmp_path / "new" / WEIGHTS_FILE))) == set(load_file(str(tmp_path / "old" / WEIGHTS_FILE)))
+    old_weights, new_weights = (load_file(str(tmp_path / name / WEIGHTS_FILE)) for name in ("old", "new"))
+    assert set(new_weights) == set(old_weights)
+    for name, tensor in old_weights.items():
+        assert torch.equal(new_weights[name], tensor), name
+    reloaded = LLMModulesModel.from_pretrained(tmp_path / "new").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(input_ids=expected["input_ids"]).logits, logits, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("bridge", ["ladder", "xattn"])
