@@ -18,7 +18,7 @@ import time
 import torch
 
 from llm_modules import LLMModulesModel
-from llm_modules.model import positions_from_mask
+from llm_modules.tensors import positions_from_mask
 
 
 def timed(fn, repeat: int = 1) -> float:

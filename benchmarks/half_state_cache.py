@@ -22,9 +22,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from llm_modules.data import DataConfig, prepare_data
-from llm_modules.specs import resolve_model
-from llm_modules.train_config import DEMO
+from llm_modules.data.prepare import DataConfig, prepare_data
+from llm_modules.models.specs import resolve_model
+from llm_modules.training.config import DEMO
 
 
 def main() -> None:

@@ -50,8 +50,8 @@ def worker(rank: int, world: int, port: int, args: argparse.Namespace, examples:
         torch.cuda.set_device(device)
     torch.distributed.init_process_group(backend, rank=rank, world_size=world)
     from llm_modules import LLMModulesModel
-    from llm_modules.model import positions_from_mask
-    from llm_modules.state_cache import StateCache, state_cache_key
+    from llm_modules.states.store import StateCache, state_cache_key
+    from llm_modules.tensors import positions_from_mask
 
     torch.manual_seed(0)  # config: specs draw their weights here: every process the same
     model = LLMModulesModel.compose(large=args.large, small=args.small, head=args.head,
@@ -102,8 +102,8 @@ def main() -> None:
     if 1 not in args.processes:
         parser.error("--processes must include 1: the speed-up is against one process")
 
-    from llm_modules.data import DataConfig, prepare_data
-    from llm_modules.specs import resolve_tokenizer
+    from llm_modules.data.prepare import DataConfig, prepare_data
+    from llm_modules.models.specs import resolve_tokenizer
 
     data = prepare_data(DataConfig(spec=args.data, template=args.template, max_length=args.max_length,
                                    val_fraction=0.0), resolve_tokenizer(args.large), None)

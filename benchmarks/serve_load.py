@@ -59,8 +59,8 @@ PROMPTS = [
 
 
 def demo_model() -> str:
-    from llm_modules.config import CONFIG_FILE
-    from llm_modules.specs import cache_dir
+    from llm_modules.models.config import CONFIG_FILE
+    from llm_modules.models.specs import cache_dir
 
     for folder in ("runs/demo/best", "runs/demo/last"):
         if (Path(folder) / CONFIG_FILE).is_file():
@@ -70,7 +70,7 @@ def demo_model() -> str:
         import torch
 
         from llm_modules import LLMModulesModel
-        from llm_modules.train_config import DEMO
+        from llm_modules.training.config import DEMO
 
         print(f"composing the demo pair once into {folder}", file=sys.stderr)
         torch.manual_seed(0)
@@ -86,7 +86,7 @@ def free_port() -> int:
 
 def start_server(model: str, port: int, max_batch: int, max_queue: int, log: Path,
                  name: str | None = None) -> subprocess.Popen:
-    command = [sys.executable, "-m", "llm_modules.cli", "serve", "--model", model, "--port", str(port),
+    command = [sys.executable, "-m", "llm_modules.entrypoints.cli", "serve", "--model", model, "--port", str(port),
                "--max-batch", str(max_batch), "--max-queue", str(max_queue), *(["--name", name] if name else [])]
     process = subprocess.Popen(command, stdout=log.open("w"), stderr=subprocess.STDOUT)
     deadline = time.monotonic() + 900

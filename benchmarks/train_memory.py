@@ -41,8 +41,8 @@ def run_config(args: argparse.Namespace, name: str, work: Path) -> dict:
     """One configuration, in this process."""
     import torch
 
-    from llm_modules.train import train
-    from llm_modules.train_config import TrainConfig
+    from llm_modules.training.config import TrainConfig
+    from llm_modules.training.loop import train
 
     started = time.perf_counter()
     method = "lora" if name == "lora_large" else "composed"

@@ -21,8 +21,8 @@ from pathlib import Path
 
 import torch
 
-from llm_modules.train import train
-from llm_modules.train_config import TrainConfig
+from llm_modules.training.config import TrainConfig
+from llm_modules.training.loop import train
 
 
 def folder_bytes(path: Path) -> int:

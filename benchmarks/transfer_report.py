@@ -1,6 +1,6 @@
 """Equal-time knowledge-transfer report: the composed model against its rivals at the same training
 seconds, in bits per byte of held-out answer text (the unit every tokenizer shares), every row
-trained by the one loop (`llm_modules.train`) with its learning rate picked the same way.
+trained by the one loop (`llm_modules.training.loop`) with its learning rate picked the same way.
 
     python benchmarks/transfer_report.py --large qwen2.5-coder-1.5b-instruct --small smollm2-135m-instruct \\
         --task gsm_symbolic --train-size 120 --test-size 48 --budget-seconds 1200 --seeds 0 1 2 --out reports/x
@@ -113,7 +113,7 @@ def unit_key(unit: dict) -> str:
 
 def train_config(unit: dict, output: Path, **over):
     """The TrainConfig of a training unit (cache, calibration, grid or full run)."""
-    from llm_modules.train_config import TrainConfig
+    from llm_modules.training.config import TrainConfig
 
     return TrainConfig(**{
         "large": unit["large"], "small": unit["small"], "data": unit["train_data"], "output": str(output),
@@ -127,8 +127,8 @@ def train_config(unit: dict, output: Path, **over):
 
 # ----------------------------------------------------------------------------- child: one unit
 def test_examples(unit: dict, scorer) -> list:
-    from llm_modules.data import DataConfig
-    from llm_modules.evaluate import held_out_examples
+    from llm_modules.data.prepare import DataConfig
+    from llm_modules.evaluation.harness import held_out_examples
 
     return held_out_examples(DataConfig(spec=unit["test_data"], template=unit["template"],
                                         max_length=unit["max_length"]), scorer.tokenizer, scorer.max_positions, "all")
@@ -136,7 +136,7 @@ def test_examples(unit: dict, scorer) -> list:
 
 def score_test(unit: dict, scorer, keep_samples: bool, generate: bool = True) -> dict:
     """Held-out bits per byte, and (when `generate`) accuracy of greedy answers, every sample kept."""
-    from llm_modules.evaluate import EvalOptions, evaluate
+    from llm_modules.evaluation.harness import EvalOptions, evaluate
 
     result = evaluate(scorer, test_examples(unit, scorer), EvalOptions(
         split="all", max_new_tokens=unit["max_new_tokens"], batch_size=unit["eval_batch_size"],
@@ -152,7 +152,7 @@ def run_cache(unit: dict, scratch: Path) -> dict:
     """Build the state cache of the training examples and time it, alone (retried once if the machine got busy)."""
     import torch
 
-    from llm_modules.train import setup
+    from llm_modules.training.loop import setup
 
     quiet, threads = float(os.environ.get(QUIET_ENV, "1.0")), torch.get_num_threads()
     if Path(unit["states"]).exists():
@@ -189,7 +189,7 @@ def run_calibration(unit: dict, scratch: Path) -> dict:
     agree (the slowest under STEADY x the fastest), else the timing is retried."""
     import torch
 
-    from llm_modules.train import train
+    from llm_modules.training.loop import train
 
     warmup, threads = unit["warmup_steps"], torch.get_num_threads()
     quiet = float(os.environ.get(QUIET_ENV, "1.0"))
@@ -211,7 +211,7 @@ def run_training(unit: dict, output: Path) -> dict:
     """A grid point or a full run: `steps` optimizer steps, test scores at FRACTIONS of them (full runs)."""
     import torch
 
-    from llm_modules.train import train
+    from llm_modules.training.loop import train
 
     steps, full = unit["steps"], unit["phase"] == "run"
     step_of = {f: max(1, round(f * steps)) for f in FRACTIONS} if full else {}
@@ -251,8 +251,8 @@ def run_training(unit: dict, output: Path) -> dict:
 def run_zero_shot(unit: dict) -> dict:
     import torch
 
-    from llm_modules.evaluate import PlainScorer
-    from llm_modules.specs import resolve_model
+    from llm_modules.evaluation.harness import PlainScorer
+    from llm_modules.models.specs import resolve_model
 
     loaded = resolve_model(unit[ROWS[unit["row"]]["model"]])
     if torch.cuda.is_available():
@@ -280,8 +280,8 @@ def majority_answer(unit: dict) -> dict:
     from collections import Counter
     from types import SimpleNamespace
 
-    from llm_modules.data_sources import load_records
-    from llm_modules.evaluate import is_correct
+    from llm_modules.data.sources import load_records
+    from llm_modules.evaluation.harness import is_correct
 
     counts = Counter(r.reference for r in load_records(unit["train_data"]) if r.reference is not None)
     guess = counts.most_common(1)[0][0]

@@ -3,10 +3,16 @@
 Implements K. Kolomeitsev, "LLM Modules: Knowledge Transfer from a Large to a Small Model using
 Enhanced Cross-Attention" (arXiv 2502.08213), causal by default and without the defects of the
 paper's published code.
+
+The sub-packages follow the pipeline, and imports point down this list only (a test checks it):
+entrypoints -> training -> evaluation -> decoding -> states -> data -> models -> bridges -> the
+leaf modules (errors, version, devices, tensors).
 """
 
-__version__ = "0.1.0"
+from llm_modules import _moved
+from llm_modules.models.composed import LLMModulesModel
+from llm_modules.version import __version__
 
-from .model import LLMModulesModel  # noqa: E402
+_moved.install()
 
 __all__ = ["LLMModulesModel", "__version__"]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from .errors import LLMModulesError
+from llm_modules.errors import LLMModulesError
 
 DTYPE_CHOICES = ("auto", "float32", "bfloat16", "float16")
 

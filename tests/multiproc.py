@@ -64,7 +64,7 @@ def build_states(rank: int, world: int, large: str, small: str, roots: list[str]
                  fingerprint: str, kill_rank: int = -1) -> None:
     """Build the state cache of `examples` in roots[rank % len(roots)] (one root: a shared folder;
     several: node-local folders). `kill_rank` SIGKILLs itself after encoding its first batch."""
-    from llm_modules.state_cache import StateCache, state_cache_key
+    from llm_modules.states.store import StateCache, state_cache_key
 
     model = compose_tiny(large, small)
     if rank == kill_rank:
@@ -86,9 +86,9 @@ def train_run(rank: int, world: int, config: dict) -> None:
     """train.setup + fit on `world` processes; checks that only the trained parts are wrapped."""
     from torch.nn.parallel import DistributedDataParallel
 
-    from llm_modules.objectives import TrainedParts
-    from llm_modules.train import fit, setup
-    from llm_modules.train_config import TrainConfig
+    from llm_modules.training.config import TrainConfig
+    from llm_modules.training.loop import fit, setup
+    from llm_modules.training.objectives.composed import TrainedParts
 
     run = setup(TrainConfig(**config))
     assert isinstance(run.wrapped, DistributedDataParallel), type(run.wrapped)

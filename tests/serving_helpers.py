@@ -12,7 +12,7 @@ import torch
 import uvicorn
 
 from llm_modules import LLMModulesModel
-from llm_modules.serving import build_app
+from llm_modules.entrypoints.openai import build_app
 
 from .test_model import nudge
 
@@ -34,7 +34,7 @@ def free_port() -> int:
 
 
 class ServerThread:
-    """`llm_modules.serving.build_app(model, **options)` served by uvicorn on a thread; `url` is its base."""
+    """`llm_modules.entrypoints.openai.build_app(model, **options)` served by uvicorn on a thread; `url` is its base."""
 
     def __init__(self, model: str, **options):
         self.port = free_port()

@@ -2,7 +2,7 @@
 
 import pytest
 
-from llm_modules.answers import answers_match, extract_final_answer
+from llm_modules.data.answers import answers_match, extract_final_answer
 
 
 @pytest.mark.parametrize(

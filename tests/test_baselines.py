@@ -9,10 +9,10 @@ import pytest
 import torch
 
 from llm_modules.errors import LLMModulesError
-from llm_modules.evaluate import EvalOptions, evaluate, load_scorer
-from llm_modules.objectives import PLAIN_FILE
-from llm_modules.train import train
-from llm_modules.train_config import TrainConfig
+from llm_modules.evaluation.harness import EvalOptions, evaluate, load_scorer
+from llm_modules.models.saved import PLAIN_FILE
+from llm_modules.training.config import TrainConfig
+from llm_modules.training.loop import train
 
 from .test_train import write_data
 
@@ -41,7 +41,7 @@ def test_finetuning_trains_every_weight_through_the_one_loop(tmp_path, tiny_pair
     best = tmp_path / "finetune" / "best"
     assert json.loads((best / PLAIN_FILE).read_text())["method"] == "finetune"
     scorer = load_scorer(str(best))
-    from llm_modules.data import prepare_data
+    from llm_modules.data.prepare import prepare_data
 
     data = prepare_data(config.data_config(), scorer.tokenizer, None)
     result = evaluate(scorer, data.val, EvalOptions(max_new_tokens=2, num_samples=-1))

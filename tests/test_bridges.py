@@ -13,9 +13,14 @@ import torch
 from safetensors.torch import load_file
 
 from llm_modules import LLMModulesModel
-from llm_modules.config import CONFIG_FILE, CONFIG_FORMAT, WEIGHTS_FILE, ComposeConfig
 from llm_modules.errors import LLMModulesError
-from llm_modules.model import positions_from_mask
+from llm_modules.models.config import (
+    CONFIG_FILE,
+    CONFIG_FORMAT,
+    WEIGHTS_FILE,
+    ComposeConfig,
+)
+from llm_modules.tensors import positions_from_mask
 
 from .test_model import assert_causal, random_ids
 
@@ -47,9 +52,14 @@ def byte_bpe(vocab_size: int, corpus: list[str]):
 @pytest.fixture(scope="module")
 def mapped_pair(tmp_path_factory) -> dict[str, str]:
     """A 4-layer Qwen2 large and a 2-layer Llama small, each with its OWN byte-level BPE tokenizer."""
-    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+    from transformers import (
+        LlamaConfig,
+        LlamaForCausalLM,
+        Qwen2Config,
+        Qwen2ForCausalLM,
+    )
 
-    from llm_modules.data import STRATOS_SYSTEM_PROMPT
+    from llm_modules.data.prepare import STRATOS_SYSTEM_PROMPT
 
     root = tmp_path_factory.mktemp("mapped_pair")
     corpus = [STRATOS_SYSTEM_PROMPT] * 20 + [f"What is {a} plus {b}? {a} plus {b} is {a + b}."
@@ -227,7 +237,9 @@ def test_frozen_small_layers_inside_a_wrapper_are_still_left_out_of_the_saved_we
     parameters' names gain a segment that the state dict's keys do not have. Found on a GPU: FSDP
     with --no-train-small saved every frozen small-model layer. The checkpoint wrapper adds the same
     kind of segment on a CPU."""
-    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import (
+        checkpoint_wrapper,
+    )
 
     model = compose(mapped_pair, "ladder", "mapped", head="projected", train_small=False)
     expected = set(model.trained_state_dict())
@@ -322,8 +334,8 @@ def test_mapped_needs_both_tokenizers(mapped_pair, tiny_models):
 def test_training_from_cached_taps_equals_computing_them(mapped_pair, tmp_path):
     from types import SimpleNamespace
 
-    from llm_modules.data import TokenizedExample, collate
-    from llm_modules.state_cache import StateCache, state_cache_key
+    from llm_modules.data.prepare import TokenizedExample, collate
+    from llm_modules.states.store import StateCache, state_cache_key
 
     model = compose(mapped_pair, "ladder", "mapped").train()
     nudge(model)
@@ -478,7 +490,7 @@ def test_default_taps_are_every_fourth_layer_ending_at_the_last():
 
 # ---------------------------------------------------------------------------------------------- command line
 def test_train_cli_composes_the_named_bridge_and_inputs(mapped_pair, tmp_path):
-    from llm_modules.cli import main
+    from llm_modules.entrypoints.cli import main
 
     from .test_train import write_data
 
@@ -500,7 +512,7 @@ def test_train_cli_composes_the_named_bridge_and_inputs(mapped_pair, tmp_path):
 def test_train_cli_no_train_small_keeps_the_pretrained_small_weights(mapped_pair, tmp_path):
     from transformers import AutoModelForCausalLM
 
-    from llm_modules.cli import main
+    from llm_modules.entrypoints.cli import main
 
     from .test_train import write_data
 
@@ -518,7 +530,7 @@ def test_train_cli_no_train_small_keeps_the_pretrained_small_weights(mapped_pair
 
 
 def test_train_config_passes_only_the_chosen_bridges_options(tmp_path):
-    from llm_modules.train_config import TrainConfig
+    from llm_modules.training.config import TrainConfig
 
     base = dict(large="l", small="s", data="d", output=str(tmp_path))
     ladder = TrainConfig(**base, bridge="ladder", large_layers="3,7,11", small_inputs="mapped")

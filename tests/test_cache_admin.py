@@ -9,11 +9,11 @@ import pytest
 import torch
 
 from llm_modules import LLMModulesModel
-from llm_modules.cache_admin import enforce_size_cap, list_caches, max_cache_bytes
-from llm_modules.cache_fence import build_name, host_name
-from llm_modules.cli import main
-from llm_modules.data import TokenizedExample
-from llm_modules.state_cache import StateCache, state_cache_key
+from llm_modules.data.prepare import TokenizedExample
+from llm_modules.entrypoints.cli import main
+from llm_modules.states.admin import enforce_size_cap, list_caches, max_cache_bytes
+from llm_modules.states.fence import build_name, host_name
+from llm_modules.states.store import StateCache, state_cache_key
 
 
 @pytest.fixture(scope="module")

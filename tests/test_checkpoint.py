@@ -10,8 +10,8 @@ import torch
 from safetensors.torch import load_file
 
 from llm_modules import LLMModulesModel
-from llm_modules import checkpoint as ckpt
-from llm_modules.config import WEIGHTS_FILE
+from llm_modules.models.config import WEIGHTS_FILE
+from llm_modules.training import checkpoint as ckpt
 
 
 @pytest.fixture

@@ -7,8 +7,8 @@ import argparse
 import pytest
 
 from llm_modules import __version__
-from llm_modules.cli import build_parser, main
-from llm_modules.train_config import TrainConfig
+from llm_modules.entrypoints.cli import build_parser, main
+from llm_modules.training.config import TrainConfig
 
 REQUIRED = ("large", "small", "data", "output")
 

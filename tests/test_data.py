@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from llm_modules.data import (
+from llm_modules.data.prepare import (
     IGNORE_INDEX,
     STRATOS_SYSTEM_PROMPT,
     DataConfig,
@@ -201,7 +201,7 @@ def test_unknown_reasoning_gym_task():
 
 def test_gsm_symbolic_records_reference_and_scorer():
     pytest.importorskip("reasoning_gym")
-    from llm_modules.answers import answers_match, extract_final_answer
+    from llm_modules.data.answers import answers_match, extract_final_answer
 
     recs = load_records("reasoning-gym:gsm_symbolic?size=5&seed=3")
     assert len(recs) == 5 and recs[0].source == "reasoning-gym:gsm_symbolic#0"

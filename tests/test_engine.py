@@ -8,9 +8,15 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from llm_modules.engine import DecodeBatch, Engine, EngineFull, SamplingOptions, Sequence
+from llm_modules.decoding.engine import (
+    DecodeBatch,
+    Engine,
+    EngineFull,
+    SamplingOptions,
+    Sequence,
+)
+from llm_modules.decoding.generation import generate
 from llm_modules.errors import LLMModulesError
-from llm_modules.generation import generate
 
 from .test_model import compose, nudge, random_ids
 

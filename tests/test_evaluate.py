@@ -9,9 +9,9 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from llm_modules.data import DataConfig, answer_bytes, prepare_data
-from llm_modules.data_sources import load_records
-from llm_modules.evaluate import EvalOptions, evaluate, is_correct
+from llm_modules.data.prepare import DataConfig, answer_bytes, prepare_data
+from llm_modules.data.sources import load_records
+from llm_modules.evaluation.harness import EvalOptions, evaluate, is_correct
 
 from .conftest import gpt2_tokenizer
 
@@ -22,7 +22,7 @@ def test_plain_text_answers_are_judged_by_the_tasks_own_scorer(task):
     records = load_records(f"reasoning-gym:{task}?size=4&seed=1")
     for record in records:
         example = SimpleNamespace(record=record)
-        from llm_modules.answers import extract_final_answer
+        from llm_modules.data.answers import extract_final_answer
 
         right, wrong = record.reference, "definitely not it"
         assert is_correct(example, extract_final_answer(right), right) is True
@@ -34,7 +34,7 @@ def test_a_short_answer_with_numbers_in_it_is_judged_whole():
     # number_sorting's answer is a list: the last-number rule alone would pick one element.
     pytest.importorskip("reasoning_gym")
     record = load_records("reasoning-gym:number_sorting?size=1&seed=1")[0]
-    from llm_modules.answers import extract_final_answer
+    from llm_modules.data.answers import extract_final_answer
 
     text = record.reference
     assert extract_final_answer(text) != text
@@ -80,7 +80,7 @@ def test_accuracy_equals_a_hand_count_of_every_kept_sample_and_bits_per_byte_is_
 
 
 def test_eval_cli_prints_bits_per_byte_for_a_plain_model(tiny_pair_with_tokenizer, tmp_path, capsys):
-    from llm_modules.cli import main
+    from llm_modules.entrypoints.cli import main
 
     from .test_train import write_data
 

@@ -11,10 +11,10 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from llm_modules import LLMModulesModel
-from llm_modules.cli import main
-from llm_modules.config import CONFIG_FILE
+from llm_modules.entrypoints.cli import main
 from llm_modules.errors import LLMModulesError
-from llm_modules.large_identity import weights_digest
+from llm_modules.models.config import CONFIG_FILE
+from llm_modules.models.large_identity import weights_digest
 
 
 @pytest.fixture
@@ -78,7 +78,7 @@ def test_cli_refuses_a_changed_large_model_unless_allowed(saved, capsys):
 
 
 def main_help(command: str) -> str:
-    from llm_modules.cli import build_parser
+    from llm_modules.entrypoints.cli import build_parser
 
     return build_parser()._subparsers._group_actions[0].choices[command].format_help()
 

@@ -21,7 +21,7 @@ pytest.importorskip("lm_eval")
 
 from lm_eval.api.instance import Instance
 
-from llm_modules.lm_eval_adapter import LLMModulesLM
+from llm_modules.evaluation.lm_eval import LLMModulesLM
 
 FIXTURES = Path(__file__).parent / "fixtures" / "lm_eval"
 TOL = 1e-4
@@ -239,11 +239,11 @@ def test_missing_lm_eval_gives_an_install_hint(monkeypatch):
     for name in [n for n in sys.modules if n == "lm_eval" or n.startswith("lm_eval.")]:
         monkeypatch.setitem(sys.modules, name, None)
     monkeypatch.setitem(sys.modules, "lm_eval", None)
-    monkeypatch.delitem(sys.modules, "llm_modules.lm_eval_adapter")
+    monkeypatch.delitem(sys.modules, "llm_modules.evaluation.lm_eval")
     with pytest.raises(LLMModulesError, match=r"pip install 'llm-modules\[eval\]'"):
-        importlib.import_module("llm_modules.lm_eval_adapter")
+        importlib.import_module("llm_modules.evaluation.lm_eval")
 
 
 def test_importing_llm_modules_does_not_import_lm_eval():
-    code = "import sys, llm_modules, llm_modules.model; assert 'lm_eval' not in sys.modules"
+    code = "import sys, llm_modules, llm_modules.models.composed; assert 'lm_eval' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).parent.parent)

@@ -10,8 +10,8 @@ import torch
 from safetensors.torch import load_file
 
 from llm_modules import LLMModulesModel
-from llm_modules.config import CONFIG_FILE, WEIGHTS_FILE
 from llm_modules.errors import LLMModulesError
+from llm_modules.models.config import CONFIG_FILE, WEIGHTS_FILE
 
 PAIRS = [("qwen2", "gpt_neo"), ("llama", "gpt2"), ("gpt2", "qwen2"), ("gpt_neo", "llama")]
 
@@ -151,7 +151,7 @@ def test_released_large_model_frees_its_body_and_restores_identically(tiny_model
     import gc
     import weakref
 
-    from llm_modules.model import positions_from_mask
+    from llm_modules.tensors import positions_from_mask
 
     model = compose(tiny_models, large, "llama", head=head)
     nudge(model)

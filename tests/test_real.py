@@ -9,9 +9,9 @@ import torch
 import torch.nn.functional as F
 
 from llm_modules import LLMModulesModel
-from llm_modules.cli import main
-from llm_modules.data import prepare_data
-from llm_modules.train_config import DEMO, TrainConfig
+from llm_modules.data.prepare import prepare_data
+from llm_modules.entrypoints.cli import main
+from llm_modules.training.config import DEMO, TrainConfig
 
 pytestmark = pytest.mark.real
 LARGE, SMALL = "qwen2.5-coder-0.5b-instruct", "smollm2-135m-instruct"
@@ -81,8 +81,8 @@ def test_real_short_training_run(tmp_path, capsys, composed):
 
 
 def test_real_vocabulary_map_from_qwen_to_smollm():
-    from llm_modules.specs import resolve_tokenizer
-    from llm_modules.vocab_map import VocabMap
+    from llm_modules.models.specs import resolve_tokenizer
+    from llm_modules.models.vocab_map import VocabMap
 
     large_tok, small_tok = resolve_tokenizer(LARGE), resolve_tokenizer(SMALL)
     vm = VocabMap.from_tokenizers(large_tok, small_tok, 151936, 49152)

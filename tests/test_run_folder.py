@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from llm_modules import LLMModulesModel
-from llm_modules.cli import main
+from llm_modules.entrypoints.cli import main
 from llm_modules.errors import LLMModulesError
 
 from .test_train import write_data

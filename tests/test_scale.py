@@ -13,13 +13,13 @@ import torch
 from safetensors.torch import load_file
 
 from llm_modules import LLMModulesModel
-from llm_modules.cache_fence import build_name, finish_lock, host_name, stale_build
-from llm_modules.cli import main
-from llm_modules.config import WEIGHTS_FILE
+from llm_modules.entrypoints.cli import main
 from llm_modules.errors import LLMModulesError
-from llm_modules.large import is_placed, load_options
-from llm_modules.state_cache import INDEX_FILE, StateCache, state_cache_key
-from llm_modules.train_config import TrainConfig
+from llm_modules.models.config import WEIGHTS_FILE
+from llm_modules.models.large import is_placed, load_options
+from llm_modules.states.fence import build_name, finish_lock, host_name, stale_build
+from llm_modules.states.store import INDEX_FILE, StateCache, state_cache_key
+from llm_modules.training.config import TrainConfig
 
 from .multiproc import build_states, compose_tiny, spawn, train_run
 from .test_state_cache import make_examples
@@ -194,7 +194,7 @@ def test_build_folders_are_judged_by_pid_only_on_their_own_host(tmp_path):
 
 
 def test_finish_lock_excludes_and_breaks_a_dead_holders_lock(tmp_path):
-    from llm_modules import cache_fence
+    from llm_modules.states import fence as cache_fence
 
     with finish_lock(tmp_path, "k"):
         lock = json.loads((tmp_path / "k.lock").read_text())
@@ -218,8 +218,8 @@ def test_finish_lock_excludes_and_breaks_a_dead_holders_lock(tmp_path):
 
 # ----------------------------------------------------------------------------- training on several processes
 def test_two_and_four_processes_train_like_one_with_one_validation_example(tiny_pair_with_tokenizer, tmp_path):
-    from llm_modules.data import prepare_data
-    from llm_modules.specs import resolve_tokenizer
+    from llm_modules.data.prepare import prepare_data
+    from llm_modules.models.specs import resolve_tokenizer
 
     data = write_data(tmp_path / "data.jsonl", n=9)
     config = dict(large=tiny_pair_with_tokenizer["large"], small=tiny_pair_with_tokenizer["small"], data=data,
@@ -305,8 +305,8 @@ def test_large_device_map_auto_on_a_gpu_trains_like_the_whole_model_on_it(train_
 
 # ----------------------------------------------------------------------------- --device and --dtype
 def test_device_and_dtype_on_generate_eval_and_chat(tiny_pair_with_tokenizer, tmp_path, capsys, monkeypatch):
-    from llm_modules.cli import load_composed
     from llm_modules.devices import pick_device, pick_dtype
+    from llm_modules.entrypoints.cli import load_composed
 
     torch.manual_seed(0)
     LLMModulesModel.compose(large=tiny_pair_with_tokenizer["large"], small=tiny_pair_with_tokenizer["small"]) \

@@ -12,9 +12,15 @@ import pytest
 import torch
 from openai import OpenAI
 
-from llm_modules.cli import main
+from llm_modules.entrypoints.cli import main
 
-from .serving_helpers import ServerThread, free_port, save_tiny_composed, wait_for, wait_until_healthy
+from .serving_helpers import (
+    ServerThread,
+    free_port,
+    save_tiny_composed,
+    wait_for,
+    wait_until_healthy,
+)
 
 HELLO = [{"role": "user", "content": "Hello there, how are you?"}]
 
@@ -216,7 +222,7 @@ def test_concurrent_requests_decode_together_and_each_equals_its_answer_alone(se
 def test_the_serve_command_starts_a_server_on_a_saved_model(model_dir):
     port = free_port()
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in [os.getcwd(), os.environ.get("PYTHONPATH")] if p)}
-    process = subprocess.Popen([sys.executable, "-m", "llm_modules.cli", "serve", "--model", model_dir, "--port",
+    process = subprocess.Popen([sys.executable, "-m", "llm_modules.entrypoints.cli", "serve", "--model", model_dir, "--port",
                                 str(port), "--max-batch", "2"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                text=True)
     try:
@@ -272,7 +278,7 @@ class PieceTokenizer:
 
 
 def test_streamed_text_holds_back_what_could_start_a_stop_string_or_a_character():
-    from llm_modules.serving.text import TextDeltas
+    from llm_modules.entrypoints.openai.text import TextDeltas
 
     deltas = TextDeltas(PieceTokenizer(), ["lo wo"])
     assert deltas.update([0], final=False) == "He"  # "l" may start "lo wo"
@@ -285,7 +291,7 @@ def test_streamed_text_holds_back_what_could_start_a_stop_string_or_a_character(
 
 
 def test_the_served_model_loads_in_the_asked_dtype_and_a_missing_device_is_one_line(model_dir, capsys):
-    from llm_modules.serving import build_app
+    from llm_modules.entrypoints.openai import build_app
 
     app = build_app(model_dir, dtype=torch.bfloat16, device="cpu")
     engine = app.state.served.engine

@@ -1,4 +1,4 @@
-"""Tests for llm_modules.specs: spec string -> loaded causal LM (+ tokenizer).
+"""Tests for llm_modules.models.specs: spec string -> loaded causal LM (+ tokenizer).
 
 Fast tests build tiny models from configs in tmp_path and use a private cache. Tests marked
 ``real`` load the packaged pretrained models through the default cache (the first run converts
@@ -17,9 +17,9 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-from llm_modules import specs
 from llm_modules.errors import LLMModulesError
-from llm_modules.specs import (
+from llm_modules.models import specs
+from llm_modules.models.specs import (
     BUILTIN_MODELS,
     CONFIG_PRESETS,
     BuiltinModel,

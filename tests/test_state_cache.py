@@ -10,11 +10,11 @@ import pytest
 import torch
 
 from llm_modules import LLMModulesModel
-from llm_modules.cache_fence import build_name, host_name
-from llm_modules.data import TokenizedExample, collate
+from llm_modules.data.prepare import TokenizedExample, collate
 from llm_modules.errors import LLMModulesError
-from llm_modules.model import positions_from_mask
-from llm_modules.state_cache import INDEX_FILE, StateCache, prune, state_cache_key
+from llm_modules.states.fence import build_name, host_name
+from llm_modules.states.store import INDEX_FILE, StateCache, prune, state_cache_key
+from llm_modules.tensors import positions_from_mask
 
 LENGTHS = [5, 17, 9, 1, 23, 12, 30, 7, 14, 3, 19]
 
@@ -157,7 +157,7 @@ def test_failed_build_leaves_nothing(tmp_path, model, monkeypatch):
 def test_key_covers_library_versions_and_attention_implementation(model, monkeypatch):
     import transformers
 
-    import llm_modules.state_cache as sc
+    import llm_modules.states.store as sc
 
     key = state_cache_key(model, "data-a", "float32")
     for module, attribute, value in ((torch, "__version__", "0.0.1"), (transformers, "__version__", "0.0.1"),
@@ -172,7 +172,7 @@ def test_key_covers_library_versions_and_attention_implementation(model, monkeyp
 
 
 def test_a_new_split_of_the_same_examples_reuses_their_states(tmp_path, model, monkeypatch):
-    from llm_modules.state_cache import examples_digest, model_state_key
+    from llm_modules.states.store import examples_digest, model_state_key
 
     examples = make_examples(model)
     dtype = "float16"  # reused states are copied as stored, not recomputed and rounded again

@@ -15,8 +15,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from llm_modules.cli import main
-from llm_modules.config import WEIGHTS_FILE
+from llm_modules.entrypoints.cli import main
+from llm_modules.models.config import WEIGHTS_FILE
 
 
 def write_data(path: Path, n: int = 24) -> str:
@@ -71,7 +71,7 @@ def test_another_split_of_the_same_data_reuses_the_cached_states(train_args, tmp
 
 
 def test_end_of_training_samples_come_from_best_weights(train_args, tmp_path, monkeypatch):
-    import llm_modules.train as train_module
+    import llm_modules.training.loop as train_module
 
     val_losses, seen = iter([5.0, 1.0, 2.0]), {}  # step 0, step 3 (best), step 6 (worse)
     monkeypatch.setattr(train_module, "validate", lambda run: dict.fromkeys(("val_loss", "val_bpb"), next(val_losses)))
@@ -112,7 +112,7 @@ def test_releasing_the_large_model_changes_nothing_trained(train_args, tmp_path,
 
 def test_interrupted_run_resumes_to_the_same_weights(train_args, tmp_path, monkeypatch):
     assert main(train_args("straight", "--save-every", "2")) == 0
-    import llm_modules.train as train_module
+    import llm_modules.training.loop as train_module
 
     real_step, calls = train_module.train_step, {"n": 0}
 
@@ -164,7 +164,7 @@ def test_resume_on_changed_data_is_refused(train_args, tmp_path, capsys):
 def test_grad_scaler_state_survives_resume(train_args, tmp_path, monkeypatch):
     # fp16 training cannot run on this CPU: give the accelerator a scaler with a non-default state and
     # check that the resumed run gets that state back.
-    import llm_modules.train as train_module
+    import llm_modules.training.loop as train_module
 
     real_setup, restored = train_module.setup, {}
 
@@ -211,7 +211,7 @@ def run_cli(args: list[str], launcher: list[str] | None = None, cpu: bool = Fals
     the gloo tests of several processes that a one-GPU machine could not place one per GPU."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parents[1]),
            **({"CUDA_VISIBLE_DEVICES": ""} if cpu else {})}
-    return subprocess.Popen([*(launcher or [sys.executable]), "-m", "llm_modules.cli", *args], env=env,
+    return subprocess.Popen([*(launcher or [sys.executable]), "-m", "llm_modules.entrypoints.cli", *args], env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
@@ -238,7 +238,7 @@ def test_two_processes_match_one_at_the_same_global_batch(train_args, tmp_path):
 
 
 def test_sigkill_after_a_checkpoint_then_resume_gives_the_same_weights(train_args, tmp_path):
-    from llm_modules.checkpoint import complete_checkpoints
+    from llm_modules.training.checkpoint import complete_checkpoints
 
     steps = 10
     args = ["--max-steps", str(steps), "--save-every", "1"]
@@ -269,11 +269,11 @@ def test_eval_generate_and_chat_on_a_trained_model(train_args, tmp_path, capsys,
     from transformers import AutoModelForCausalLM
 
     from llm_modules import LLMModulesModel
-    from llm_modules.cli import format_prompt
-    from llm_modules.data import DataConfig, prepare_data
-    from llm_modules.model import next_token_loss
-    from llm_modules.prompting import prompt_ids
-    from llm_modules.train_config import TrainConfig
+    from llm_modules.data.prepare import DataConfig, prepare_data
+    from llm_modules.data.prompting import prompt_ids
+    from llm_modules.entrypoints.cli import format_prompt
+    from llm_modules.models.composed import next_token_loss
+    from llm_modules.training.config import TrainConfig
 
     # The `new` head: with the default `residual` one, the tiny random large model's own predictions
     # still dominate after 6 steps, and `generate` printed nothing.
@@ -346,9 +346,10 @@ def test_eval_generate_and_chat_on_a_trained_model(train_args, tmp_path, capsys,
 
 
 def test_prompt_ids_match_training_render(tiny_pair_with_tokenizer):
-    from llm_modules.data import Record, render
-    from llm_modules.prompting import prompt_ids
     from transformers import AutoTokenizer
+
+    from llm_modules.data.prepare import Record, render
+    from llm_modules.data.prompting import prompt_ids
 
     tok = AutoTokenizer.from_pretrained(tiny_pair_with_tokenizer["large"])
     messages = [{"role": "user", "content": "What is 3 plus 4?"}]

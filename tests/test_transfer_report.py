@@ -100,7 +100,7 @@ def test_every_train_row_is_a_valid_training_config(monkeypatch):
     """A row's options are TrainConfig fields with valid values (a typo would fail only hours into a report)."""
     import importlib.util
 
-    from llm_modules.train_config import TrainConfig
+    from llm_modules.training.config import TrainConfig
 
     spec = importlib.util.spec_from_file_location("transfer_report", SCRIPT)
     harness = importlib.util.module_from_spec(spec)

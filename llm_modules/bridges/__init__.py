@@ -13,11 +13,11 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from ..errors import LLMModulesError
-from .base import Bridge, BridgeCache, BridgeShape
-from .eca import EcaBridge, EcaOptions
-from .ladder import LadderBridge, LadderOptions
-from .xattn import XattnBridge, XattnOptions
+from llm_modules.bridges.base import Bridge, BridgeCache, BridgeShape
+from llm_modules.bridges.eca import EcaBridge, EcaOptions
+from llm_modules.bridges.ladder import LadderBridge, LadderOptions
+from llm_modules.bridges.xattn import XattnBridge, XattnOptions
+from llm_modules.errors import LLMModulesError
 
 BRIDGES: dict[str, tuple[type, type[Bridge]]] = {
     "eca": (EcaOptions, EcaBridge),

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..errors import LLMModulesError
+from llm_modules.errors import LLMModulesError
 
 # Where each supported family keeps its decoder layers (checked by the tests on tiny models).
 # Each layer returns its hidden states (B, T, dS), alone or first in a tuple (GPT-Neo).

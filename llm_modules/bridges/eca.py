@@ -13,8 +13,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..errors import LLMModulesError
-from .base import Bridge, BridgeCache, BridgeShape, CrossAttention, check_int, cross_attention_mask
+from llm_modules.bridges.base import (
+    Bridge,
+    BridgeCache,
+    BridgeShape,
+    CrossAttention,
+    check_int,
+    cross_attention_mask,
+)
+from llm_modules.errors import LLMModulesError
 
 
 @dataclass

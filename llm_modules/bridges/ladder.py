@@ -26,8 +26,15 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..errors import LLMModulesError
-from .base import BridgeCache, BridgeShape, SideBridge, TapInput, add_after_layer, decoder_layers
+from llm_modules.bridges.base import (
+    BridgeCache,
+    BridgeShape,
+    SideBridge,
+    TapInput,
+    add_after_layer,
+    decoder_layers,
+)
+from llm_modules.errors import LLMModulesError
 
 
 @dataclass

@@ -16,11 +16,17 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .base import (
-    BridgeCache, BridgeShape, CrossAttention, SideBridge, add_after_layer, check_int, cross_attention_mask,
+from llm_modules.bridges.base import (
+    BridgeCache,
+    BridgeShape,
+    CrossAttention,
+    SideBridge,
+    add_after_layer,
+    check_int,
+    cross_attention_mask,
     decoder_layers,
 )
-from .ladder import LadderOptions
+from llm_modules.bridges.ladder import LadderOptions
 
 
 @dataclass

@@ -1,0 +1,107 @@
+"""Decoding a fixed batch of prompts, with one KV cache per stage (large model, bridge, small model).
+
+With the cache, each new token costs one decode step of the large model, one append to the
+bridge's cross-attention keys/values and one decode step of the small model. Causality makes
+this exact: under greedy decoding the tokens equal a full recompute (`use_cache=False`).
+Sampling, repetition penalty and min-new-tokens reuse transformers' logits processors.
+The decoding itself is the engine's (`llm_modules.decoding.engine.DecodeBatch`), the one path every
+caller takes: this function, `llm-modules generate` and `chat`, evaluation and the server.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any, Callable
+
+import torch
+
+from llm_modules.decoding.engine import (
+    DecodeBatch,
+    SamplingOptions,
+    Sequence,
+    model_eos_ids,
+)
+from llm_modules.errors import LLMModulesError
+
+
+@torch.no_grad()
+def generate(
+    model: Any,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None = None,
+    max_new_tokens: int = 128,
+    min_new_tokens: int = 0,
+    do_sample: bool = False,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    repetition_penalty: float = 1.0,
+    eos_token_id: int | list[int] | None = None,
+    pad_token_id: int | None = None,
+    stop_strings: list[str] | None = None,
+    tokenizer: Any = None,
+    streamer: Any = None,
+    use_cache: bool = True,
+    generator: torch.Generator | None = None,
+    on_token: Callable[[torch.Tensor], None] | None = None,
+) -> torch.Tensor:
+    """Generate up to `max_new_tokens` tokens; returns (B, prompt + new) ids including the prompt.
+
+    `model` is an LLMModulesModel or a plain Hugging Face causal LM. Prompts with padding must be
+    LEFT-padded (new tokens are appended on the right); a row that ends early is filled with
+    `pad_token_id` (default: the first EOS id). `streamer` follows transformers' streamer protocol
+    (`put(ids)`, `end()`), e.g. TextStreamer; `on_token(ids)` is a plain callback with the (B,)
+    ids of each step.
+    """
+    was_training = model.training
+    model.eval()
+    try:
+        return _generate(
+            model, input_ids, attention_mask, SamplingOptions(
+                max_new_tokens=max(max_new_tokens, 1), min_new_tokens=min_new_tokens, do_sample=do_sample,
+                temperature=temperature, top_k=top_k, top_p=top_p, repetition_penalty=repetition_penalty,
+                stop_strings=stop_strings,
+            ), max_new_tokens, eos_token_id, pad_token_id, tokenizer, streamer, use_cache, generator, on_token,
+        )
+    finally:
+        model.train(was_training)
+
+
+def _generate(model, input_ids, attention_mask, options, max_new_tokens, eos_token_id, pad_token_id, tokenizer,
+              streamer, use_cache, generator, on_token):
+    device = model.device
+    ids = input_ids.to(device)
+    mask = (attention_mask if attention_mask is not None else torch.ones_like(ids)).to(device)
+    if mask.shape != ids.shape:
+        raise LLMModulesError(f"attention_mask shape {tuple(mask.shape)} differs from input_ids {tuple(ids.shape)}")
+    if mask.shape[0] > 1 and bool((mask[:, -1] == 0).any()):
+        raise LLMModulesError("batched prompts must be left-padded for generation (a row ends with padding)")
+    config = getattr(model, "config", None)
+    if use_cache and getattr(config, "causal", True) is False:
+        warnings.warn("causal=False: cached decoding differs from a full recompute (the leak reads later states)")
+    if max_new_tokens < 1:
+        return ids
+    if eos_token_id is not None:
+        eos = [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)
+    else:
+        eos = model_eos_ids(model, tokenizer)
+    pad = pad_token_id if pad_token_id is not None else (eos[0] if eos else 0)
+    tokenizer = tokenizer or getattr(model, "tokenizer", None)
+    rows = [Sequence(row[keep.bool()].tolist(), options, eos, tokenizer, generator) for row, keep in zip(ids, mask)]
+    batch = DecodeBatch(model, pad, use_cache)
+    batch.add(rows)
+    if streamer is not None:
+        streamer.put(ids.cpu())
+    steps = 0
+    while batch.rows:
+        batch.step()
+        steps += 1
+        step_ids = torch.tensor([r.tokens[steps - 1] if len(r.tokens) >= steps else pad for r in rows])  # (B,)
+        if streamer is not None:
+            streamer.put(step_ids)
+        if on_token is not None:
+            on_token(step_ids.to(device))
+    if streamer is not None:
+        streamer.end()
+    new = torch.tensor([r.tokens + [pad] * (steps - len(r.tokens)) for r in rows], dtype=ids.dtype, device=device)
+    return torch.cat([ids, new.view(len(rows), steps)], dim=1)

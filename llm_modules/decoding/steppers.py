@@ -1,0 +1,137 @@
+"""Running a model one chunk of positions ahead with KV caches whose rows can be realigned, joined
+and selected: what continuous batching (`llm_modules.decoding.engine`) needs from a model.
+
+A `Stepper` wraps a plain Hugging Face causal LM (its own cache) or a model that supplies its own
+(`decode_stepper()`: the composed model's three caches, `llm_modules.models.stepping`), and lists every cached
+tensor as a `Slot`: (B, nh, N, hs) whose N columns are the last ones of the S positions seen, right
+aligned, so padding a cache on the left (zeros, masked) or cutting leading columns keeps each row's
+keys where the attention mask says they are.
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+from typing import Any, Iterator
+
+import torch
+from torch import nn
+
+from llm_modules.errors import LLMModulesError
+from llm_modules.tensors import positions_from_mask
+
+
+class Decoder:
+    """Calls a Hugging Face decoder (no LM head) with its KV cache, across transformers 5.x renames."""
+
+    def __init__(self, module: nn.Module):
+        self.module = module
+        params = inspect.signature(module.forward).parameters
+        self.cache_arg = "cache" if "cache" in params else "past_key_values"
+
+    def __call__(self, cache: Any = None, use_cache: bool = False, **kwargs: Any) -> tuple[Any, Any]:
+        out = self.module(**{self.cache_arg: cache}, use_cache=use_cache, **kwargs)
+        new_cache = out.cache if hasattr(out, "cache") else getattr(out, "past_key_values", None)
+        return out, (new_cache if use_cache else None)
+
+
+@dataclass
+class Slot:
+    """One cached tensor (B, nh, N, hs) whose N columns are the last `cols(S)` of S positions
+    (`per_position` columns each; a sliding-window layer keeps at most `window`)."""
+
+    holder: Any
+    key: Any  # attribute name, or list index
+    per_position: int = 1
+    window: int | None = None
+
+    def get(self) -> torch.Tensor:
+        return self.holder[self.key] if isinstance(self.key, int) else getattr(self.holder, self.key)
+
+    def set(self, value: torch.Tensor) -> None:
+        if isinstance(self.key, int):
+            self.holder[self.key] = value
+        else:
+            setattr(self.holder, self.key, value)
+
+    def cols(self, positions: int) -> int:
+        n = positions * self.per_position
+        return n if self.window is None else min(n, self.window)
+
+
+def hf_slots(cache: Any) -> Iterator[Slot]:
+    """The key/value tensors of a transformers DynamicCache (full or sliding-window layers)."""
+    layers = getattr(cache, "layers", None)
+    if layers is None:
+        raise LLMModulesError(f"continuous batching needs a transformers DynamicCache, got {type(cache).__name__}")
+    for layer in layers:
+        if type(layer).__name__ not in ("DynamicLayer", "DynamicSlidingWindowLayer"):
+            raise LLMModulesError(f"continuous batching does not support {type(layer).__name__} cache layers")
+        window = layer.sliding_window - 1 if getattr(layer, "is_sliding", False) else None
+        yield Slot(layer, "keys", window=window)
+        yield Slot(layer, "values", window=window)
+
+
+def set_hf_length(cache: Any, positions: int) -> None:
+    for layer in cache.layers:
+        if hasattr(layer, "cumulative_length"):  # sliding layers count every position seen
+            layer.cumulative_length = positions
+
+
+def right_aligned(t: torch.Tensor, cols: int) -> torch.Tensor:
+    """Keep the last `cols` columns of (B, nh, N, hs), zero-filling on the left when there are fewer."""
+    have = t.shape[2]
+    if cols <= have:
+        return t[:, :, have - cols:]
+    return torch.cat([t.new_zeros(t.shape[0], t.shape[1], cols - have, t.shape[3]), t], dim=2)
+
+
+class Stepper:
+    """Runs a model one chunk of positions ahead with a KV cache, and lists that cache's tensors."""
+
+    def __init__(self, model: Any):
+        self.model = model
+
+    def forward(self, ids: torch.Tensor, mask: torch.Tensor, cache: Any, use_cache: bool) -> tuple[torch.Tensor, Any]:
+        """ids (B, T), mask (B, S) over cached + new positions -> last-position logits (B, V) and the cache."""
+        raise NotImplementedError
+
+    def slots(self, cache: Any) -> list[Slot]:
+        raise NotImplementedError
+
+    def set_length(self, cache: Any, positions: int) -> None:
+        raise NotImplementedError
+
+    @property
+    def max_positions(self) -> int | None:
+        raise NotImplementedError
+
+
+class PlainStepper(Stepper):
+    """A Hugging Face causal LM (the baselines): its own KV cache; positions from the mask, as composed."""
+
+    def __init__(self, model: Any):
+        super().__init__(model)
+        self.decoder = Decoder(model)
+
+    def forward(self, ids, mask, cache, use_cache):
+        out, cache = self.decoder(cache=cache, use_cache=use_cache, input_ids=ids, attention_mask=mask,
+                                  position_ids=positions_from_mask(mask)[:, -ids.shape[1]:])
+        return out.logits[:, -1], cache
+
+    def slots(self, cache):
+        return list(hf_slots(cache))
+
+    def set_length(self, cache, positions):
+        set_hf_length(cache, positions)
+
+    @property
+    def max_positions(self):
+        return getattr(self.model.config, "max_position_embeddings", None)
+
+
+def stepper_for(model: Any) -> Stepper:
+    """The model's own stepper (`decode_stepper()`, e.g. the composed model's three caches), else a plain
+    Hugging Face causal LM's."""
+    own = getattr(model, "decode_stepper", None)
+    return own() if callable(own) else PlainStepper(model)

@@ -1,0 +1,399 @@
+"""The `llm-modules` command line: generate, info (and train, eval, chat as they land).
+
+User errors (LLMModulesError) print one line `error: ...` and exit with status 2, no traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import sys
+from typing import Any, Callable
+
+import torch
+
+from llm_modules.errors import LLMModulesError
+from llm_modules.models.config import ComposeConfig
+
+COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {}
+MODEL_HELP = "a saved model folder, or a training run folder (train --output: its best/, else last/)"
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with one-line errors (`error: train: argument --head: invalid choice ...`), status 2."""
+
+    def error(self, message: str):
+        command = self.prog.split()[-1]
+        prefix = f"{command}: " if command != "llm-modules" else ""
+        self.exit(2, f"error: {prefix}{message}\n")
+
+
+def command(name: str):
+    def register(fn):
+        COMMANDS[name] = fn
+        return fn
+
+    return register
+
+
+def add_sampling_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--max-new-tokens", type=int, default=256)
+    parser.add_argument("--min-new-tokens", type=int, default=0)
+    parser.add_argument("--do-sample", action="store_true", help="sample instead of greedy decoding")
+    parser.add_argument("--temperature", type=float, default=1.0)
+    parser.add_argument("--top-k", type=int, default=0)
+    parser.add_argument("--top-p", type=float, default=1.0)
+    parser.add_argument("--repetition-penalty", type=float, default=1.0)
+    parser.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--no-cache", action="store_true", help="recompute the whole prefix for each token (slow)")
+
+
+def sampling_options(args: argparse.Namespace, device: Any = "cpu") -> dict[str, Any]:
+    return dict(
+        max_new_tokens=args.max_new_tokens, min_new_tokens=args.min_new_tokens, do_sample=args.do_sample,
+        temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+        repetition_penalty=args.repetition_penalty, stop_strings=args.stop, use_cache=not args.no_cache,
+        generator=torch.Generator(device=device).manual_seed(args.seed),  # where the sampling runs
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from llm_modules.version import __version__
+
+    parser = Parser(
+        prog="llm-modules",
+        description="Compose a frozen large causal LM with a small trainable one through a bridge "
+                    "(the paper's Enhanced Cross-Attention by default; also ladder and xattn).",
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
+    parser.add_argument("--version", action="version", version=f"llm-modules {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    gen = sub.add_parser("generate", help="stream a completion from a saved composed model")
+    gen.add_argument("--model", required=True, help=MODEL_HELP)
+    gen.add_argument("--prompt", required=True)
+    gen.add_argument("--template", choices=["auto", "stratos", "chat", "raw"], default="auto",
+                     help="auto: the training run's template, else the tokenizer's chat template, else raw text")
+    add_sampling_flags(gen)
+    add_large_mismatch_flag(gen)
+    add_device_flags(gen)
+
+    train = sub.add_parser(
+        "train", help="train a composed model (no options: the embedded demo)",
+        description="Train the bridge and the small model. With no options, runs the embedded demo: packaged "
+                    "Qwen2.5-Coder-0.5B-Instruct -> SmolLM2-135M-Instruct on reasoning-gym gsm_symbolic.",
+    )
+    train.add_argument("--config", help="YAML or JSON file of options (command-line options win)")
+    train.add_argument("--demo", action="store_true", help="start from the demo's options, then apply the others")
+    add_train_flags(train)
+
+    ev = sub.add_parser("eval", help="loss, perplexity and answer accuracy on held-out data (last line: JSON)")
+    ev.add_argument("--model", required=True, help=MODEL_HELP + ", or a plain model spec (baseline)")
+    ev.add_argument("--data", help="data spec (default: the training run's data)")
+    ev.add_argument("--split", choices=["val", "all"], default="val",
+                    help="val: the fixed validation split of --data; all: every example (fresh held-out data)")
+    ev.add_argument("--template", choices=["stratos", "chat"], help="default: the training run's, else stratos")
+    ev.add_argument("--max-length", type=int)
+    ev.add_argument("--limit", type=int, default=0, help="evaluate at most N examples")
+    ev.add_argument("--max-new-tokens", type=int, default=256)
+    ev.add_argument("--batch-size", type=int, default=8)
+    ev.add_argument("--no-generate", action="store_true", help="loss only, no generation")
+    ev.add_argument("--output", help="also write the result (with samples) to this JSON file")
+    add_large_mismatch_flag(ev)
+    add_device_flags(ev)
+
+    chat = sub.add_parser("chat", help="interactive chat with a trained composed model, streamed")
+    chat.add_argument("--model", required=True, help=MODEL_HELP)
+    chat.add_argument("--template", choices=["stratos", "chat"], help="default: the training run's template")
+    chat.add_argument("--system", help="system prompt (default: the template's)")
+    add_sampling_flags(chat)
+    add_large_mismatch_flag(chat)
+    add_device_flags(chat)
+
+    cache = sub.add_parser("cache", help="list or prune the large-model state cache")
+    cache_sub = cache.add_subparsers(dest="cache_command", metavar="ACTION", required=True)
+    for name, text in (("ls", "list cached states, least recently used first"),
+                       ("prune", "remove dead builds, then the least recently used caches beyond the size cap")):
+        action = cache_sub.add_parser(name, help=text)
+        action.add_argument("--dir", help="state cache folder (default: <LLM_MODULES_CACHE>/states; training's "
+                                          "--state-cache-dir)")
+        if name == "prune":
+            action.add_argument("--max-gb", type=float, help="size cap in GiB (default: $LLM_MODULES_CACHE_MAX_GB, "
+                                                            "else 50); 0 removes every cache")
+
+    info = sub.add_parser("info", help="frozen and trainable parameter counts per part")
+    info.add_argument("--model", help=MODEL_HELP)
+    info.add_argument("--large", help="large model spec (with --small, instead of --model)")
+    info.add_argument("--small", help="small model spec")
+    info.add_argument("--head", default=ComposeConfig.head, help="head kind when composing from specs")
+    info.add_argument("--bridge", default=ComposeConfig.bridge, help="bridge when composing from specs")
+    info.add_argument("--small-inputs", default=ComposeConfig.small_inputs, help="bridge or mapped, from specs")
+
+    serve = sub.add_parser("serve", help="an OpenAI-compatible HTTP API with streaming and batched decoding, "
+                                         "and a chat page at /")
+    serve.add_argument("--model", required=True, help=MODEL_HELP + ", or a plain model spec (baseline)")
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
+    serve.add_argument("--port", type=int, default=8000, help="(default: 8000)")
+    serve.add_argument("--max-batch", type=int, default=8, help="requests decoded together at most (default: 8)")
+    serve.add_argument("--max-queue", type=int, default=64,
+                       help="requests waiting for a place in the batch at most; more get 429 (default: 64)")
+    serve.add_argument("--max-tokens", type=int, default=256,
+                       help="new tokens for a request that gives no max_tokens (default: 256)")
+    serve.add_argument("--template", choices=["stratos", "chat"],
+                       help="chat prompt layout (default: the training run's, else the tokenizer's chat template, "
+                            "else stratos)")
+    serve.add_argument("--name", help="the model id the API reports (default: --model as given)")
+    add_large_mismatch_flag(serve)
+    add_device_flags(serve)
+    return parser
+
+
+def add_train_flags(parser: argparse.ArgumentParser) -> None:
+    """One flag per TrainConfig field; defaults stay None so only given flags override.
+
+    The help names TrainConfig's default, which applies when neither the flag nor --config gives one.
+    """
+    from llm_modules.training.config import CHOICES, HELP, TrainConfig
+
+    for name, field in TrainConfig.fields().items():
+        flag = "--" + name.replace("_", "-")
+        text = HELP.get(name, "")
+        if field.default is not dataclasses.MISSING:
+            text += f" (default: {field.default if field.default != '' else 'empty'})"
+        text = text.replace("%", "%%")
+        if field.type in ("bool", bool):
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=text)
+        elif name in CHOICES:
+            parser.add_argument(flag, choices=CHOICES[name], default=None, help=text)
+        else:
+            kind = {"int": int, "float": float}.get(str(field.type), str)
+            parser.add_argument(flag, type=kind, default=None, metavar=name.upper(), help=text)
+
+
+def train_config_from_args(args: argparse.Namespace):
+    from llm_modules.training.config import DEMO, TrainConfig
+
+    given = {name: getattr(args, name) for name in TrainConfig.fields() if getattr(args, name) is not None}
+    if args.config:
+        return TrainConfig.from_file(args.config, overrides=given)
+    if args.demo or not given:
+        return TrainConfig(**{**DEMO, **given})
+    missing = [f"--{n}" for n in ("data", "output") if n not in given]
+    if missing:
+        raise LLMModulesError(f"train needs {', '.join(missing)} (or --config FILE, or no options for the demo)")
+    return TrainConfig(**given)
+
+
+def format_prompt(model_dir: str, tokenizer: Any, prompt: str, template: str) -> list[int]:
+    """auto: the template the model was trained with, else the tokenizer's chat template, else raw text."""
+    from llm_modules.data.prompting import prompt_ids
+    from llm_modules.evaluation.harness import run_defaults
+
+    if template == "auto":
+        template = run_defaults(model_dir).get("template") or (
+            "chat" if getattr(tokenizer, "chat_template", None) else "raw")
+    if template == "raw":
+        return tokenizer(prompt)["input_ids"]
+    return prompt_ids([{"role": "user", "content": prompt}], tokenizer, template)
+
+
+def add_large_mismatch_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--allow-large-mismatch", action="store_true",
+                        help="load even when the large model's weights differ from those the model was trained on")
+
+
+def add_device_flags(parser: argparse.ArgumentParser) -> None:
+    from llm_modules.devices import DTYPE_CHOICES
+
+    parser.add_argument("--device", default="auto",
+                        help="cpu, cuda, cuda:N, mps, or auto: the best available (a CUDA GPU, then mps, then the CPU)")
+    parser.add_argument("--dtype", choices=DTYPE_CHOICES, default="auto",
+                        help="precision of the models; auto: bfloat16 on a CUDA GPU that has it, else float32")
+
+
+def device_and_dtype(args: argparse.Namespace) -> tuple[torch.device, torch.dtype]:
+    from llm_modules.devices import pick_device, pick_dtype
+
+    device = pick_device(args.device)
+    return device, pick_dtype(args.dtype, device)
+
+
+def load_composed(directory: str, allow_large_mismatch: bool = False, device: Any = None,
+                  dtype: torch.dtype = torch.float32):
+    from llm_modules.models.composed import LLMModulesModel
+
+    model = LLMModulesModel.from_pretrained(directory, dtype=dtype, device=device,
+                                            allow_large_mismatch=allow_large_mismatch).eval()
+    if model.tokenizer is None:
+        raise LLMModulesError(f"the large model of {directory} ({model.config.large}) has no tokenizer files")
+    return model
+
+
+@command("generate")
+def run_generate(args: argparse.Namespace) -> int:
+    from transformers import TextStreamer
+
+    model = load_composed(args.model, args.allow_large_mismatch, *device_and_dtype(args))
+    ids = torch.tensor([format_prompt(args.model, model.tokenizer, args.prompt, args.template)])
+    streamer = TextStreamer(model.tokenizer, skip_prompt=True, skip_special_tokens=True)
+    model.generate(ids, streamer=streamer, **sampling_options(args, model.device))
+    return 0
+
+
+@command("train")
+def run_train(args: argparse.Namespace) -> int:
+    from llm_modules.training.loop import train
+
+    config = train_config_from_args(args)
+    summary = train(config)
+    if summary is not None:
+        best = summary["best_val_loss"]
+        print(f"\ndone: {summary['steps']} steps in {summary['train_seconds']} s; validation loss per answer token "
+              f"{summary['initial_val_loss']} before training, best {best if best is None else round(best, 5)}; "
+              f"model in {config.output}/best (last: {config.output}/last)")
+    return 0
+
+
+@command("eval")
+def run_eval(args: argparse.Namespace) -> int:
+    import json
+
+    from llm_modules.data.prepare import DataConfig
+    from llm_modules.evaluation.harness import (
+        EvalOptions,
+        evaluate,
+        held_out_examples,
+        load_scorer,
+        run_defaults,
+    )
+
+    defaults = run_defaults(args.model)
+    given = {"spec": args.data, "template": args.template, "max_length": args.max_length}
+    options = {**{("spec" if k == "data" else k): v for k, v in defaults.items()},
+               **{k: v for k, v in given.items() if v is not None}}
+    if "spec" not in options:
+        raise LLMModulesError("eval needs --data SPEC (the model folder has no training run to take it from)")
+    device, dtype = device_and_dtype(args)
+    scorer = load_scorer(args.model, device=device, allow_large_mismatch=args.allow_large_mismatch, dtype=dtype)
+    examples = held_out_examples(DataConfig(**options), scorer.tokenizer, scorer.max_positions, args.split)
+    result = evaluate(scorer, examples, EvalOptions(
+        split=args.split, limit=args.limit, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
+        generate=not args.no_generate,
+    ))
+    result = {"model": args.model, "data": options["spec"], "split": args.split, **result}
+    if args.output:
+        with open(args.output, "w") as f:
+            json.dump(result, f, indent=1)
+    for sample in result.get("samples", [])[:3]:
+        print(f"Q: {sample['question'][:300]}\nA: {sample['model_answer'].strip()[:300]}\n"
+              f"   extracted {sample['extracted']!r}, reference {sample['reference']!r}\n", file=sys.stderr)
+    print(json.dumps({k: v for k, v in result.items() if k != "samples"}))
+    return 0
+
+
+@command("chat")
+def run_chat(args: argparse.Namespace) -> int:
+    from transformers import TextStreamer
+
+    from llm_modules.data.prompting import prompt_ids
+    from llm_modules.evaluation.harness import run_defaults
+
+    model = load_composed(args.model, args.allow_large_mismatch, *device_and_dtype(args))
+    template = args.template or run_defaults(args.model).get("template") or "stratos"
+    history: list[dict[str, str]] = []
+    print(f"chatting with {args.model} (template {template}); empty line or Ctrl-D to quit", file=sys.stderr)
+    while True:
+        try:
+            line = input("you> ").strip()
+        except EOFError:
+            break
+        if not line:
+            break
+        history.append({"role": "user", "content": line})
+        ids = torch.tensor([prompt_ids(history, model.tokenizer, template, args.system)])
+        streamer = TextStreamer(model.tokenizer, skip_prompt=True, skip_special_tokens=True)
+        out = model.generate(ids, streamer=streamer, **sampling_options(args, model.device))
+        history.append({"role": "assistant",
+                        "content": model.tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip()})
+    return 0
+
+
+@command("cache")
+def run_cache(args: argparse.Namespace) -> int:
+    from llm_modules.states.admin import (
+        default_root,
+        enforce_size_cap,
+        format_listing,
+        list_caches,
+    )
+
+    root = args.dir or default_root()
+    if args.cache_command == "ls":
+        print("\n".join(format_listing(list_caches(root))))
+        return 0
+    if args.max_gb is not None and args.max_gb < 0:
+        raise LLMModulesError(f"--max-gb must be >= 0, got {args.max_gb}")
+    removed = enforce_size_cap(root, None if args.max_gb is None else int(args.max_gb * 2**30))
+    print(f"removed {len(removed)} caches from {root}")
+    return 0
+
+
+@command("info")
+def run_info(args: argparse.Namespace) -> int:
+    from llm_modules.models.composed import LLMModulesModel
+
+    if args.model:
+        model = LLMModulesModel.from_pretrained(args.model)
+    elif args.large and args.small:
+        model = LLMModulesModel.compose(large=args.large, small=args.small, head=args.head, bridge=args.bridge,
+                                        small_inputs=args.small_inputs)
+    else:
+        raise LLMModulesError("info needs --model DIR, or --large SPEC and --small SPEC")
+    counts = model.parameter_counts()
+    print(f"large: {model.config.large}\nsmall: {model.config.small}\nhead:  {model.config.head}\n"
+          f"bridge: {model.config.bridge} {model.config.bridge_options} (small inputs: {model.config.small_inputs})")
+    print(f"{'part':<8}{'trainable':>16}{'frozen':>16}")
+    for part, entry in counts.items():
+        print(f"{part:<8}{entry['trainable']:>16,}{entry['frozen']:>16,}")
+    return 0
+
+
+@command("serve")
+def run_serve(args: argparse.Namespace) -> int:
+    try:
+        from llm_modules.entrypoints.openai import serve
+    except ImportError as err:
+        raise LLMModulesError(f"serve needs FastAPI and uvicorn ({err}): pip install 'llm-modules[serve]'") from None
+    if args.max_batch < 1 or args.max_queue < 0:
+        raise LLMModulesError(f"--max-batch must be >= 1 and --max-queue >= 0, got {args.max_batch} and {args.max_queue}")
+    serve(args.model, args.host, args.port, max_batch=args.max_batch, max_queue=args.max_queue,
+          max_tokens=args.max_tokens, template=args.template, name=args.name,
+          allow_large_mismatch=args.allow_large_mismatch, **dict(zip(("device", "dtype"), device_and_dtype(args))))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
+    if not args.verbose:  # keep the terminal for our own progress bars and results
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
+    if args.command is None:
+        parser.print_help()
+        return 0
+    try:
+        return COMMANDS[args.command](args)
+    except LLMModulesError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

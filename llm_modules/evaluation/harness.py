@@ -1,0 +1,198 @@
+"""One evaluation harness for composed models AND plain Hugging Face models.
+
+Scores, on held-out examples: bits per byte of the answer text (the unit every tokenizer shares,
+see `data.bits_per_byte`), mean cross-entropy per answer token (and perplexity), and, where
+the data has checkable answers, accuracy of greedy generations (final answer extracted by
+`answers.extract_final_answer`, checked by the task's own scorer when it has one, else
+`answers.answers_match`). Keeps the generations as samples.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from llm_modules.data.answers import answers_match, extract_final_answer
+from llm_modules.data.prepare import (
+    DataConfig,
+    TokenizedExample,
+    answer_bytes,
+    bits_per_byte,
+    collate,
+    pad_id,
+    prepare_data,
+)
+from llm_modules.errors import LLMModulesError
+from llm_modules.models.saved import RUN_CONFIG_FILE
+from llm_modules.tensors import left_pad
+
+
+class ComposedScorer:
+    """Adapter: a trained `LLMModulesModel`."""
+
+    def __init__(self, model: Any):
+        self.model, self.tokenizer = model.eval(), model.tokenizer
+        self.max_positions = model.small_max_positions
+        self.device = model.device
+
+    def loss_sum(self, batch: dict[str, torch.Tensor]) -> float:
+        return float(self.model(**batch, return_logits=False, loss_reduction="sum").loss)
+
+    def generate(self, ids: torch.Tensor, mask: torch.Tensor, max_new_tokens: int) -> torch.Tensor:
+        return self.model.generate(ids, mask, max_new_tokens=max_new_tokens, pad_token_id=self.tokenizer.pad_token_id)
+
+
+class PlainScorer:
+    """Adapter: any Hugging Face causal LM with its tokenizer (the baselines)."""
+
+    def __init__(self, model: Any, tokenizer: Any):
+        self.model, self.tokenizer = model.eval(), tokenizer
+        self.max_positions = getattr(model.config, "max_position_embeddings", None)
+        self.device = next(model.parameters()).device
+
+    def loss_sum(self, batch: dict[str, torch.Tensor]) -> float:
+        labels = batch.pop("labels")
+        logits = self.model(**batch).logits  # (B, T, V)
+        return float(F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), reduction="sum"))
+
+    def generate(self, ids: torch.Tensor, mask: torch.Tensor, max_new_tokens: int) -> torch.Tensor:
+        from llm_modules.decoding.generation import generate
+
+        return generate(self.model, ids, mask, max_new_tokens=max_new_tokens, pad_token_id=pad_id(self.tokenizer),
+                        tokenizer=self.tokenizer)
+
+
+def load_scorer(spec: str, device: Any = None, allow_large_mismatch: bool = False,
+                dtype: torch.dtype = torch.float32) -> ComposedScorer | PlainScorer:
+    """A folder written by save_pretrained/train (or a training run folder: its best/, else last/) ->
+    composed (or the plain method it trained); anything else -> a plain model spec. Loaded in
+    `dtype` onto `device` (default: where it loads, the CPU)."""
+    from llm_modules.models.plain import load_plain
+    from llm_modules.models.saved import is_run_folder, resolve_model_folder, saved_kind
+
+    if saved_kind(spec) is not None or is_run_folder(Path(spec)) \
+            or (Path(spec).is_dir() and not (Path(spec) / "config.json").is_file()):
+        spec = str(resolve_model_folder(spec))  # errors name what a model folder holds
+    if saved_kind(spec) == "plain":
+        model, tokenizer = load_plain(spec)
+        return PlainScorer(model.to(device=device, dtype=dtype), tokenizer)
+    if saved_kind(spec) == "composed":
+        from llm_modules.models.composed import LLMModulesModel
+
+        model = LLMModulesModel.from_pretrained(spec, dtype=dtype, device=device,
+                                                allow_large_mismatch=allow_large_mismatch)
+        if model.tokenizer is None:
+            raise LLMModulesError(f"{spec}: its large model has no tokenizer; evaluation needs one")
+        return ComposedScorer(model)
+    from llm_modules.models.specs import resolve_model
+
+    loaded = resolve_model(spec, dtype=dtype)
+    if loaded.tokenizer is None:
+        raise LLMModulesError(f"model {spec!r} has no tokenizer; evaluation needs one")
+    return PlainScorer(loaded.model.to(device) if device is not None else loaded.model, loaded.tokenizer)
+
+
+def run_defaults(model_dir: str) -> dict[str, Any]:
+    """Data options of the training run that produced `model_dir` (its parent's run_config.json)."""
+    for folder in (Path(model_dir), Path(model_dir).parent):
+        path = folder / RUN_CONFIG_FILE
+        if path.is_file():
+            saved = json.loads(path.read_text())
+            keys = ("data", "template", "loss_on", "max_length", "overflow", "val_fraction", "subset")
+            found = {k: saved[k] for k in keys if k in saved}
+            if "data_seed" in saved or "seed" in saved:  # runs before data_seed split with their seed
+                found["seed"] = saved.get("data_seed", saved.get("seed"))
+            return found
+    return {}
+
+
+@dataclass
+class EvalOptions:
+    split: str = "val"  # "val": the fixed validation split; "all": every example (fresh held-out data)
+    limit: int = 0  # at most this many examples (0: all)
+    max_new_tokens: int = 256
+    batch_size: int = 8
+    generate: bool = True
+    num_samples: int = 5  # generations kept in the result; -1: every one (so accuracy can be re-counted)
+
+
+def held_out_examples(data: DataConfig, tokenizer: Any, max_positions: int | None, split: str) -> list[TokenizedExample]:
+    if split not in ("val", "all"):
+        raise LLMModulesError(f"--split must be 'val' or 'all', got {split!r}")
+    if split == "all":
+        data = DataConfig(**{**data.__dict__, "val_fraction": 0.0})
+    prepared = prepare_data(data, tokenizer, max_positions)
+    return prepared.val if split == "val" else prepared.train
+
+
+def prompt_of(example: TokenizedExample) -> list[int]:
+    """The example's tokens before its first answer token (the prompt, template included)."""
+    first = next((i for i, label in enumerate(example.labels) if label != -100), len(example.labels))
+    return example.input_ids[:first]
+
+
+def is_correct(example: TokenizedExample, predicted: str | None, text: str | None = None) -> bool | None:
+    """Whether `predicted` (the extracted final answer) is right; None when the example has no answer.
+
+    A task's own scorer decides where there is one; when it rejects the extracted answer, the whole
+    stripped generation `text` gets the same scorer (a task whose answer is a short string with
+    numbers in it is judged as the task defines). Otherwise `answers_match` against the reference.
+    """
+    record = example.record
+    if record.scorer is not None:
+        candidates = [c for c in dict.fromkeys([predicted, text.strip() if text else None]) if c]
+        return any(record.scorer(c) >= 1.0 for c in candidates)
+    if record.reference is None:
+        return None
+    return answers_match(predicted, record.reference)
+
+
+@torch.no_grad()
+def evaluate(scorer: ComposedScorer | PlainScorer, examples: list[TokenizedExample], options: EvalOptions) -> dict:
+    """Loss/perplexity over answer tokens, and generation accuracy where answers are checkable."""
+    if options.limit:
+        examples = examples[: options.limit]
+    if not examples:
+        raise LLMModulesError("no held-out examples to evaluate (try --split all or more data)")
+    started = time.perf_counter()
+    tok = scorer.tokenizer
+    pad = pad_id(tok)
+    total, count, n_bytes = 0.0, 0, 0
+    for start in range(0, len(examples), options.batch_size):
+        chunk = examples[start : start + options.batch_size]
+        batch = {k: v.to(scorer.device) for k, v in collate(chunk, pad).items()}
+        count += int((batch["labels"][:, 1:] != -100).sum())
+        n_bytes += sum(answer_bytes(e.record) for e in chunk)
+        total += scorer.loss_sum(batch)
+    loss = total / count
+    result: dict[str, Any] = {"examples": len(examples), "answer_tokens": count, "answer_bytes": n_bytes,
+                              "bits_per_byte": round(bits_per_byte(total, n_bytes), 5), "loss": round(loss, 5),
+                              "perplexity": round(math.exp(min(loss, 50.0)), 3)}
+    if options.generate:
+        checked, right, samples = 0, 0, []
+        for start in range(0, len(examples), options.batch_size):
+            chunk = examples[start : start + options.batch_size]
+            ids, mask = left_pad([prompt_of(e) for e in chunk], pad, scorer.device)
+            out = scorer.generate(ids, mask, options.max_new_tokens)
+            for example, row in zip(chunk, out[:, ids.shape[1]:]):
+                text = tok.decode(row, skip_special_tokens=True)
+                predicted = extract_final_answer(text)
+                verdict = is_correct(example, predicted, text)
+                if verdict is not None:
+                    checked, right = checked + 1, right + int(verdict)
+                if options.num_samples < 0 or len(samples) < options.num_samples:
+                    question = next(m["content"] for m in example.record.messages if m["role"] == "user")
+                    samples.append({"question": question, "reference": example.record.reference,
+                                    "model_answer": text, "extracted": predicted, "correct": verdict})
+        if checked:
+            result.update(accuracy=round(right / checked, 4), correct=right, checked=checked)
+        result["samples"] = samples
+    result["seconds"] = round(time.perf_counter() - started, 1)
+    return result

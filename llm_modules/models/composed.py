@@ -1,0 +1,474 @@
+"""The composed model: frozen large LM -> bridge -> small LM -> head.
+
+Data flows one way. Both sides read the LARGE model's token ids. The small model reads, as its
+input embeddings, the bridge's output (the paper), or its own token embeddings through a
+vocabulary map (plus the bridge's output when the bridge gives one); bridges such as `ladder`
+and `xattn` also add into its layers. The head predicts over the large vocabulary.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from llm_modules.bridges import BridgeCache, BridgeShape, bridge_classes
+from llm_modules.decoding.steppers import Decoder
+from llm_modules.errors import LLMModulesError
+from llm_modules.losses import next_token_loss
+from llm_modules.models.config import ComposeConfig
+from llm_modules.models.heads import ComposedHead
+from llm_modules.models.large import Released, is_placed, num_layers, tapped_states
+from llm_modules.models.saved import (
+    CONFIG_FILE,
+    WEIGHTS_FILE,
+    cpu_copies,
+    plain_name,
+    resolve_model_folder,
+    save_weights,
+)
+from llm_modules.models.vocab_map import VocabMap
+from llm_modules.tensors import IGNORE_INDEX, positions_from_mask
+
+logger = logging.getLogger(__name__)
+
+LEAK_WARNING = (
+    "causal=False reproduces the paper's leak: every position's cross-attention reads the large "
+    "model's states of LATER positions, which encode the very tokens it must predict. Training "
+    "loss is then not a next-token loss and does not match generation. Use only to reproduce the paper."
+)
+
+
+@dataclass
+class ComposedCache:
+    """Decoding caches of the three stages; the attention mask is the caller's, kept outside."""
+
+    large: Any = None
+    bridge: BridgeCache | None = None
+    small: Any = None
+    length: int = 0  # positions seen so far
+
+
+@dataclass
+class ComposedOutput:
+    logits: torch.Tensor | None  # (B, T, |V_large|), or the last `logits_to_keep` positions
+    loss: torch.Tensor | None = None
+    cache: ComposedCache | None = None
+
+
+class LLMModulesModel(nn.Module):
+    """A frozen large causal LM feeding a small trainable causal LM through a bridge.
+
+    Build with `LLMModulesModel.compose(large=SPEC, small=SPEC, bridge=NAME, small_inputs=KIND)`;
+    reload a trained one with `LLMModulesModel.from_pretrained(dir)`. Only the bridge, the small
+    decoder and the head train. `vocab_map` is required for `small_inputs="mapped"` (`compose`
+    builds it from both tokenizers, `from_pretrained` reads it from the saved weights).
+    """
+
+    def __init__(self, config: ComposeConfig, large: nn.Module, small: nn.Module, tokenizer: Any = None,
+                 vocab_map: VocabMap | None = None):
+        super().__init__()
+        self.config = config
+        self.tokenizer = tokenizer  # the LARGE model's tokenizer; None for folders without one
+        if not config.causal:
+            warnings.warn(LEAK_WARNING, stacklevel=3)
+
+        # Frozen for real: every weight, eval mode, called under no_grad.
+        self.large = large
+        self.large.requires_grad_(False)
+        self.large.eval()
+        self._large_decoder = Decoder(large.base_model)
+        self._large_placement: dict[str, Any] = {}  # how it was placed while loading; restore_large repeats it
+        self.num_large_layers = num_layers(large)
+        large_head = large.get_output_embeddings()
+        if large_head is None:
+            raise LLMModulesError(f"large model {config.large!r} has no output embedding (is it a causal LM?)")
+        # Looked up by name: transformers' get_output_embeddings() goes through the body, which
+        # release_large() may free.
+        self._large_head_name = next(n for n, m in large.named_modules() if m is large_head)
+        vocab_size, large_dim = large_head.weight.shape
+
+        # The small model keeps only its decoder: its old LM head is dropped. With small_inputs
+        # "bridge" its token embeddings (unused: it reads the bridge through inputs_embeds) become a
+        # frozen 1-row stub; with "mapped" they stay, frozen unless config.train_embeddings.
+        self.small = small.base_model
+        self.small.requires_grad_(config.train_small)
+        small_dim = self.small.get_input_embeddings().weight.shape[1]
+        self.vocab_map = vocab_map if config.small_inputs == "mapped" else None
+        if config.small_inputs == "mapped":
+            if vocab_map is None or vocab_map.large_vocab_size != vocab_size:
+                raise LLMModulesError("small_inputs='mapped' needs a vocabulary map over the large vocabulary "
+                                      "(compose builds one from both models' tokenizers)")
+            self.small.get_input_embeddings().weight.requires_grad_(config.train_embeddings)
+        else:
+            # in the small model's dtype: `self.small.dtype` (read below) is its first parameter's, the stub's
+            stub = nn.Embedding(1, small_dim, dtype=self.small.get_input_embeddings().weight.dtype)
+            stub.weight.requires_grad_(False)
+            self.small.set_input_embeddings(stub)
+        self._small_decoder = Decoder(self.small)
+        self.small_max_positions = getattr(self.small.config, "max_position_embeddings", None)
+
+        bridge_class = bridge_classes(config.bridge)[1]
+        shape = BridgeShape(large_dim, small_dim, self.num_large_layers, num_layers(small),
+                            provide_inputs=config.small_inputs == "bridge")
+        self.bridge = bridge_class(config.options(), shape)
+        self.bridge.attach(self.small)
+        # The large hidden states the model reads: the bridge's taps, and the final one for the residual head.
+        final = {self.num_large_layers} if config.head == "residual" else set()
+        self.large_taps = sorted(set(self.bridge.large_layers) | final)
+        self._bridge_taps = [self.large_taps.index(t) for t in self.bridge.large_layers]
+        self._head_tap = self.large_taps.index(self.num_large_layers) if final else None
+        self.head = ComposedHead(config.head, small_dim, large_dim, vocab_size)
+        self.bridge.to(self.small.dtype)
+        self.head.to(self.small.dtype)
+        self.vocab_size = vocab_size
+        # Positions per chunk when the training loss runs the head only where labels are (see
+        # _chunked_head_loss): 256 x 151,936 float32 logits are 148 MiB.
+        self.loss_chunk_tokens = 256
+        self.log_parameter_counts()
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def compose(
+        cls,
+        large: str,
+        small: str,
+        causal: bool = True,
+        dtype: torch.dtype = torch.float32,
+        large_dtype: torch.dtype | None = None,
+        device: str | torch.device | None = None,
+        large_placement: dict[str, Any] | None = None,
+        **bridge_options: Any,
+    ) -> "LLMModulesModel":
+        """Load both models from their specs and join them with a freshly initialised bridge and head.
+
+        options: the composition's (head, bridge="eca"|"ladder"|"xattn", small_inputs="bridge"|"mapped",
+        train_embeddings, train_small) and the bridge's own (see `llm_modules.bridges`; eca: num_layers, num_heads,
+        adapter_dim, dropout, large_layer; ladder: large_layers; xattn: large_layers, small_stride,
+        num_heads). `large_dtype` (default: `dtype`) lets the frozen large model run in bf16/fp16;
+        `large_placement` (`large.load_options`) spreads it over GPUs or quantizes it while loading.
+        """
+        config = ComposeConfig.from_options(large=large, small=small, causal=causal, **bridge_options)
+        return cls._build(config, dtype, large_dtype, device, large_placement=large_placement)
+
+    @classmethod
+    def _build(cls, config: ComposeConfig, dtype: torch.dtype, large_dtype: torch.dtype | None, device: Any,
+               saved_in: Path | None = None, allow_large_mismatch: bool = False, vocab_map: VocabMap | None = None,
+               large_placement: dict[str, Any] | None = None):
+        from llm_modules.models import large_identity
+        from llm_modules.models.specs import resolve_model
+
+        large = resolve_model(config.large, dtype=large_dtype or dtype, with_tokenizer=True, placement=large_placement)
+        if saved_in is None:  # composed now: pin this large model in the config that gets saved
+            config.large_identity = large_identity.record(large.model)
+        else:
+            large_identity.check(config.large_identity, large.model, config.large, str(saved_in), allow_large_mismatch)
+        build_map = config.small_inputs == "mapped" and vocab_map is None
+        small = resolve_model(config.small, dtype=dtype, with_tokenizer=build_map)
+        if build_map:
+            vocab_map = VocabMap.from_models(large, small)
+        model = cls(config, large.model, small.model, tokenizer=large.tokenizer, vocab_map=vocab_map)
+        model._large_placement = large_placement or {}
+        return model.place(device) if device is not None else model
+
+    # ------------------------------------------------------------------ bookkeeping
+    def train(self, mode: bool = True) -> "LLMModulesModel":
+        super().train(mode)
+        self.large.eval()  # the frozen model never runs dropout
+        return self
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.small.parameters()).device
+
+    def place(self, device: str | torch.device) -> "LLMModulesModel":
+        """Move the model to `device`, except a large model that was placed while loading (a device
+        map or quantization: `large.load_options`), which stays where it was put."""
+        if not is_placed(self.large):
+            return self.to(device)
+        for name, child in self.named_children():
+            if name != "large":
+                child.to(device)
+        return self
+
+    def parameter_counts(self) -> dict[str, dict[str, int]]:
+        """{part: {"trainable": n, "frozen": n}} for large, bridge, small, head and total."""
+        counts: dict[str, dict[str, int]] = {}
+        for part in ("large", "bridge", "small", "head"):
+            seen: set[int] = set()
+            entry = {"trainable": 0, "frozen": 0}
+            for p in getattr(self, part).parameters():
+                if id(p) in seen:
+                    continue
+                seen.add(id(p))
+                entry["trainable" if p.requires_grad else "frozen"] += p.numel()
+            counts[part] = entry
+        counts["total"] = {k: sum(c[k] for c in counts.values()) for k in ("trainable", "frozen")}
+        return counts
+
+    def log_parameter_counts(self) -> dict[str, dict[str, int]]:
+        counts = self.parameter_counts()
+        assert counts["large"]["trainable"] == 0, "the large model must be frozen"
+        trainable = sum(p.numel() for p in self.parameters() if p.requires_grad)
+        assert trainable == counts["total"]["trainable"], "a trainable parameter lives outside the known parts"
+        logger.info(
+            "parameters: trainable %s (bridge %s, small %s, head %s), frozen %s (large %s)",
+            f"{trainable:,}", f"{counts['bridge']['trainable']:,}", f"{counts['small']['trainable']:,}",
+            f"{counts['head']['trainable']:,}", f"{counts['total']['frozen']:,}", f"{counts['large']['frozen']:,}",
+        )
+        return counts
+
+    # ------------------------------------------------------------------ freeing the large model
+    @property
+    def large_released(self) -> bool:
+        return isinstance(self._large_decoder.module, Released)
+
+    def release_large(self) -> bool:
+        """Free the large model's weights that training from cached states never reads.
+
+        Its body (embeddings, layers, final norm) goes, and its output embedding too when the head
+        is `new` (the other heads read it). What remains are the head's frozen weights. Calling the
+        large model afterwards is an error until `restore_large()` reloads it from its spec. A
+        `config:` large model (random weights) cannot be reloaded as it was, so it is kept; the
+        return value says whether anything was freed.
+        """
+        if self.large_released:
+            return True
+        if self.config.large.startswith("config:"):
+            return False
+        body = self.large.base_model
+        first = next(body.parameters())
+        self._large_place = (first.dtype, first.device)
+        setattr(self.large, self.large.base_model_prefix, Released())
+        if self.config.head == "new":
+            parent, _, name = self._large_head_name.rpartition(".")
+            setattr(self.large.get_submodule(parent), name, Released())
+        else:  # the head stays, in a copy of its own: loaded weights may all live in one memory map of
+            # the checkpoint file, which any surviving tensor keeps mapped (and its pages resident)
+            head = self.large.get_submodule(self._large_head_name)
+            head.weight = nn.Parameter(head.weight.detach().clone(), requires_grad=False)
+        self._large_decoder = Decoder(self.large.base_model)
+        return True
+
+    def restore_large(self) -> None:
+        """Reload the large model from its spec after `release_large()` (same weights, dtype, device)."""
+        if not self.large_released:
+            return
+        from llm_modules.models.specs import resolve_model
+
+        dtype, device = self._large_place
+        large = resolve_model(self.config.large, dtype=dtype, with_tokenizer=False,
+                              placement=self._large_placement).model
+        large = large if is_placed(large) else large.to(device)
+        large.requires_grad_(False)
+        self.large = large.eval()
+        self._large_decoder = Decoder(large.base_model)
+
+    # ------------------------------------------------------------------ forward
+    @torch.no_grad()
+    def encode_large(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        position_ids: torch.Tensor,
+        cache: Any = None,
+        use_cache: bool = False,
+    ) -> tuple[torch.Tensor, Any]:
+        """Frozen large model -> its hidden states (B, T, K, dL) at `self.large_taps`, and its KV cache."""
+        return tapped_states(
+            self._large_decoder, self.large_taps, self.num_large_layers, cache=cache, use_cache=use_cache,
+            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+        )
+
+    def forward(
+        self,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        large_states: torch.Tensor | None = None,
+        cache: ComposedCache | None = None,
+        use_cache: bool = False,
+        logits_to_keep: int = 0,
+        return_logits: bool = True,
+        loss_reduction: str = "mean",
+    ) -> ComposedOutput:
+        """Logits over the large vocabulary for every new position.
+
+        input_ids (B, T) in the large tokenizer's ids; attention_mask (B, S) covers cached AND new
+        positions (S = cached + T), left or right padding. `large_states` (B, T, K, dL), the large
+        model's states at `self.large_taps` (or (B, T, dL) when K = 1), replaces the large model's
+        forward (training from cached states); input_ids are still needed with small_inputs "mapped". `logits_to_keep=n` keeps the last n.
+        With labels and `return_logits=False` the head runs only where a label is predicted (the
+        vocabulary projection is the costliest step of training) and `logits` is None.
+        """
+        if input_ids is None and large_states is None:
+            raise ValueError("give input_ids or large_states")
+        batch, length = (input_ids if input_ids is not None else large_states).shape[:2]
+        if attention_mask is None:
+            past = cache.length if cache is not None else 0
+            attention_mask = torch.ones(batch, past + length, dtype=torch.long, device=self.device)
+        position_ids = positions_from_mask(attention_mask)[:, -length:]  # (B, T)
+        top = int(position_ids.max()) + 1
+        if self.small_max_positions is not None and top > self.small_max_positions:
+            raise LLMModulesError(
+                f"a sequence of {top} tokens is longer than the small model can position "
+                f"({self.small_max_positions}); shorten the input or use a small model with more positions"
+            )
+        if cache is None and use_cache:
+            cache = ComposedCache()
+
+        if large_states is None:
+            large_states, large_cache = self.encode_large(
+                input_ids, attention_mask, position_ids, cache.large if cache else None, use_cache
+            )
+            if cache is not None:
+                cache.large = large_cache
+        elif large_states.dim() == 3:  # one tap
+            large_states = large_states[:, :, None]  # (B, T, 1, dL)
+        if large_states.shape[2] != len(self.large_taps):
+            raise LLMModulesError(f"large_states hold {large_states.shape[2]} layers; this model reads "
+                                  f"{len(self.large_taps)} (hidden states {self.large_taps})")
+        bridge_cache = None
+        if cache is not None:
+            cache.bridge = bridge_cache = cache.bridge or BridgeCache()
+        # the large model may live on other devices (a device map) and in another precision
+        bridge_states = large_states[:, :, self._bridge_taps].to(self.device, self.small.dtype)  # (B, T, Kb, dL)
+        # The bridge also readies any hooks it has inside the small decoder for the call below.
+        embeds = self.bridge(bridge_states, attention_mask, self.config.causal, bridge_cache)  # (B, T, dS) or None
+        if self.vocab_map is not None:
+            if input_ids is None:
+                raise LLMModulesError("small_inputs='mapped' embeds the token ids: pass input_ids with large_states")
+            mapped = self.vocab_map(input_ids, self.small.get_input_embeddings().weight)  # (B, T, dS)
+            embeds = mapped if embeds is None else embeds + mapped
+        small_out, small_cache = self._small_decoder(
+            cache=cache.small if cache else None, use_cache=use_cache, inputs_embeds=embeds,
+            attention_mask=attention_mask, position_ids=position_ids,
+        )
+        if cache is not None:
+            cache.small, cache.length = small_cache, cache.length + length
+        s = small_out.last_hidden_state  # (B, T, dS)
+        # The residual head adds to the large model's final states; the other heads do not read them.
+        final = large_states[:, :, self._head_tap].to(s.device) if self._head_tap is not None else None  # (B, T, dL)
+        large_head = self.large.get_submodule(self._large_head_name)
+        if labels is not None and not return_logits:
+            targets = labels[:, 1:].to(s.device)
+            keep = targets != IGNORE_INDEX  # (B, T-1)
+            picked = final[:, :-1][keep] if final is not None else None  # (N, dL)
+            loss = self._chunked_head_loss(s[:, :-1][keep], picked, large_head, targets[keep])
+            if loss_reduction == "mean":
+                loss = loss / keep.sum()
+            elif loss_reduction != "sum":
+                raise ValueError(f"loss_reduction must be 'mean' or 'sum' with return_logits=False, got {loss_reduction!r}")
+            return ComposedOutput(logits=None, loss=loss, cache=cache if use_cache else None)
+        if logits_to_keep:
+            s = s[:, -logits_to_keep:]
+            final = final[:, -logits_to_keep:] if final is not None else None
+        logits = self.head(s, final, large_head)  # (B, T, V)
+        loss = next_token_loss(logits, labels, loss_reduction) if labels is not None else None
+        return ComposedOutput(logits=logits, loss=loss, cache=cache if use_cache else None)
+
+    def _chunked_head_loss(self, s: torch.Tensor, h: torch.Tensor | None, large_head: nn.Module,
+                           targets: torch.Tensor) -> torch.Tensor:
+        """Summed cross-entropy of the head over N picked positions, `loss_chunk_tokens` at a time.
+
+        s (N, dS), h (N, dL) or None (heads that do not read it), targets (N,). With gradients on, each chunk's logits (chunk, |V|) are
+        recomputed in the backward pass instead of kept, so memory holds one chunk's logits, not
+        N x |V| (the largest tensor of training on long answers) at the price of one more head pass.
+        """
+        def chunk_loss(s_i: torch.Tensor, h_i: torch.Tensor | None, t_i: torch.Tensor) -> torch.Tensor:
+            return F.cross_entropy(self.head(s_i, h_i, large_head).float(), t_i, reduction="sum")
+
+        n, size = s.shape[0], self.loss_chunk_tokens
+        if n <= size:
+            return chunk_loss(s, h, targets)
+        run = partial(checkpoint, chunk_loss, use_reentrant=False) if torch.is_grad_enabled() else chunk_loss
+        return sum(run(s[i : i + size], None if h is None else h[i : i + size], targets[i : i + size])
+                   for i in range(0, n, size))
+
+    def decode_stepper(self):
+        """What the decoding engine steps: this model's three KV caches (`llm_modules.models.stepping`)."""
+        from llm_modules.models.stepping import ComposedStepper
+
+        return ComposedStepper(self)
+
+    def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **options: Any):
+        """Decode new tokens; returns ids including the prompt. See `llm_modules.decoding.generation.generate`."""
+        from llm_modules.decoding.generation import generate
+
+        return generate(self, input_ids, attention_mask, **options)
+
+    # ------------------------------------------------------------------ save / load
+    def trained_state_dict(self) -> dict[str, torch.Tensor]:
+        """Everything but the frozen large model and the small model's frozen weights (its token
+        embeddings: the unused stub, or the pretrained ones that small_inputs "mapped" reads
+        untrained; all of them with train_small=False), which come back from the small model's
+        spec. The vocabulary map's index buffers are included."""
+        skip = {"small." + plain_name(name) for name, p in self.small.named_parameters() if not p.requires_grad}
+        return {
+            name: tensor for name, tensor in self.state_dict().items()
+            if not name.startswith("large.") and name not in skip
+        }
+
+    def save_pretrained(self, directory: str | Path, state: dict[str, torch.Tensor] | None = None) -> Path:
+        """Write the JSON config and safetensors of the trained parts only (never the large model).
+
+        `state`: the trained tensors to write, by the same names, when they do not live in this
+        module whole (gathered from FSDP shards); names it has beyond the trained ones are left out.
+        """
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        tensors = cpu_copies(self.trained_state_dict(), state)
+        save_weights(directory, tensors, {"format": "pt", "llm_modules": self.config.library_version})
+        self.config.save(directory)
+        return directory
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        directory: str | Path,
+        dtype: torch.dtype = torch.float32,
+        large_dtype: torch.dtype | None = None,
+        device: str | torch.device | None = None,
+        allow_large_mismatch: bool = False,
+        large_placement: dict[str, Any] | None = None,
+    ) -> "LLMModulesModel":
+        """Rebuild from a folder written by `save_pretrained` (or a training run folder: its best/, else
+        last/): specs from the JSON, weights from safetensors.
+
+        The large model must be the one the folder was saved with (same weights digest, see
+        `llm_modules.models.large_identity`); `allow_large_mismatch=True` loads another one with a warning.
+        """
+        directory = resolve_model_folder(directory)
+        config = ComposeConfig.load(directory)
+        weights = directory / WEIGHTS_FILE
+        if not weights.is_file():
+            raise LLMModulesError(f"{directory} has {CONFIG_FILE} but no {WEIGHTS_FILE}")
+        state = load_file(str(weights))
+        # the vocabulary map is stored with the weights: the small tokenizer is not needed again
+        vocab_map = VocabMap.from_state(state, "vocab_map.", weights) if config.small_inputs == "mapped" else None
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the leak warning was given when the model was composed
+            model = cls._build(config, dtype, large_dtype, None, directory, allow_large_mismatch, vocab_map=vocab_map,
+                               large_placement=large_placement)
+        if not config.causal:
+            warnings.warn(LEAK_WARNING, stacklevel=2)
+        model.load_trained_state_dict(state)
+        return model.place(device) if device is not None else model
+
+    def load_trained_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        expected = set(self.trained_state_dict())
+        missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
+        if missing or unexpected:
+            raise LLMModulesError(
+                f"saved weights do not match this composition: missing {missing[:5]}, unexpected {unexpected[:5]}"
+            )
+        self.load_state_dict(state, strict=False)

@@ -1,0 +1,137 @@
+"""The composition config: which two models, which bridge and its options, which head, which small-model
+inputs; saved as JSON. Versioned: folders saved before bridges had names (format 1) still load."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from llm_modules.bridges import bridge_options, option_names
+from llm_modules.errors import LLMModulesError
+from llm_modules.models.saved import CONFIG_FILE, WEIGHTS_FILE  # noqa: F401 (WEIGHTS_FILE: its old home)
+
+HEAD_KINDS = ("new", "projected", "residual")
+SMALL_INPUTS = ("bridge", "mapped")
+# 1: no version field, the Enhanced Cross-Attention options at the top level;
+# 2: ladder/xattn gates were tanh(alpha), i.e. gate_temperature 1 (3 writes it out, default 0.1)
+CONFIG_FORMAT = 3
+GATED_BRIDGES = ("ladder", "xattn")  # bridges whose gates have a temperature (format 3)
+_FORMAT_1_BRIDGE_KEYS = ("num_layers", "num_heads", "adapter_dim", "dropout", "large_layer")
+
+
+@dataclass
+class ComposeConfig:
+    """How a frozen large LM, a bridge and a small LM are put together.
+
+    `large` and `small` are model specs (see `llm_modules.models.specs`). `bridge` names one of
+    `llm_modules.bridges.BRIDGES` and `bridge_options` holds its options (every option written
+    out, defaults included); the default, `eca`, is the paper's Enhanced Cross-Attention.
+    `head` picks how the small model's output becomes logits over the LARGE vocabulary:
+      - "residual" (the default): the large model's own logits plus the projected head's
+        correction, the correction zero-initialised so training starts from the large model's
+        predictions. It is the default because it is the only head that beat the large model
+        zero-shot in our transfer reports (reports/*/results.md, 3 seeds each);
+      - "new": a fresh Linear(d_small, |V_large|) (the paper's head);
+      - "projected": a trainable Linear(d_small, d_large) followed by the large model's frozen
+        output embedding.
+    `small_inputs` picks what the small model reads as its input embeddings:
+      - "bridge" (the paper): only the bridge's output;
+      - "mapped": its own pretrained token embeddings through a vocabulary map (each large token's
+        text re-tokenized by the small tokenizer, its embeddings averaged; see `vocab_map`), plus the
+        bridge's output when the bridge gives one. `train_embeddings` makes those embeddings trainable.
+    `train_small=False` freezes the small model's own weights (CALM's setting: both models frozen):
+    only the bridge, the head and, with `train_embeddings`, the mapped embeddings train, and a saved
+    folder holds only those (the small model comes back from its spec).
+    `causal=False` reproduces the paper's leak: every position reads the large model's states
+    of later positions too. Only for reproducing the paper.
+    """
+
+    large: str
+    small: str
+    causal: bool = True
+    head: str = "residual"
+    bridge: str = "eca"
+    bridge_options: dict[str, Any] = field(default_factory=dict)
+    small_inputs: str = "bridge"
+    train_embeddings: bool = False
+    train_small: bool = True
+    library_version: str = ""
+    # digests of the large weights this model was trained on (see large_identity); {} in older folders
+    large_identity: dict = field(default_factory=dict)
+    format_version: int = CONFIG_FORMAT
+
+    def __post_init__(self) -> None:
+        if self.head not in HEAD_KINDS:
+            raise LLMModulesError(f"unknown head kind {self.head!r}; valid kinds: {', '.join(HEAD_KINDS)}")
+        if self.small_inputs not in SMALL_INPUTS:
+            raise LLMModulesError(f"unknown small_inputs {self.small_inputs!r}; valid: {', '.join(SMALL_INPUTS)}")
+        if self.train_embeddings and self.small_inputs != "mapped":
+            raise LLMModulesError("train_embeddings needs small_inputs='mapped' (with 'bridge' the small model "
+                                  "has no token embeddings)")
+        for name in ("train_embeddings", "train_small"):
+            if not isinstance(getattr(self, name), bool):
+                raise LLMModulesError(f"{name} must be true or false, got {getattr(self, name)!r}")
+        if not isinstance(self.bridge_options, dict):
+            raise LLMModulesError(f"bridge_options must be a mapping, got {self.bridge_options!r}")
+        self.bridge_options = dataclasses.asdict(self.options())  # validated, defaults written out
+        if self.format_version != CONFIG_FORMAT:
+            raise LLMModulesError(f"composition config format {self.format_version!r} is not this version's "
+                                  f"({CONFIG_FORMAT}); was it written by a newer llm-modules?")
+        if not self.library_version:
+            from llm_modules.version import __version__
+
+            self.library_version = __version__
+
+    def options(self) -> Any:
+        """The bridge's options as its own dataclass."""
+        return bridge_options(self.bridge, self.bridge_options)
+
+    @classmethod
+    def from_options(cls, large: str, small: str, **options: Any) -> "ComposeConfig":
+        """Flat keyword options (as `compose` takes them): config fields by name, the rest the bridge's."""
+        own = {f.name for f in dataclasses.fields(cls)} - {"bridge_options", "format_version", "library_version"}
+        top = {k: v for k, v in options.items() if k in own}
+        rest = {k: v for k, v in options.items() if k not in own}
+        bridge = top.get("bridge", cls.bridge)
+        unknown = sorted(set(rest) - set(option_names(bridge)))
+        if unknown:
+            raise LLMModulesError(
+                f"unknown option(s) {unknown} for bridge {bridge!r}; its options: {', '.join(option_names(bridge))}; "
+                f"composition options: {', '.join(sorted(own - {'large', 'small'}))}"
+            )
+        return cls(large=large, small=small, bridge_options=rest, **top)
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True) + "\n"
+
+    def save(self, directory: str | Path) -> Path:
+        path = Path(directory) / CONFIG_FILE
+        path.write_text(self.to_json())
+        return path
+
+    @classmethod
+    def load(cls, directory: str | Path) -> "ComposeConfig":
+        path = Path(directory) / CONFIG_FILE
+        if not path.is_file():
+            raise LLMModulesError(f"{directory} is not a saved llm-modules model: {CONFIG_FILE} is missing")
+        try:
+            data = json.loads(path.read_text())
+        except json.JSONDecodeError as err:
+            raise LLMModulesError(f"{path} is not valid JSON: {err}") from None
+        if not isinstance(data, dict):
+            raise LLMModulesError(f"{path} must hold a JSON object")
+        if "format_version" not in data:  # format 1: the paper's bridge, its options at the top level
+            options = {k: data.pop(k) for k in _FORMAT_1_BRIDGE_KEYS if k in data}
+            data = {**data, "bridge": "eca", "bridge_options": options, "format_version": CONFIG_FORMAT}
+        if data.get("format_version") == 2:  # gates trained as tanh(alpha): temperature 1
+            if data.get("bridge") in GATED_BRIDGES and isinstance(data.get("bridge_options"), dict):
+                data["bridge_options"] = {"gate_temperature": 1.0, **data["bridge_options"]}
+            data["format_version"] = CONFIG_FORMAT
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise LLMModulesError(f"{path} has unknown keys {unknown}; was it written by a newer llm-modules?")
+        return cls(**data)

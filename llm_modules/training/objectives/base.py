@@ -1,0 +1,76 @@
+"""The objective interface of the one training loop, and what every objective shares."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from llm_modules.losses import answer_logit_targets, answer_nll_sum  # noqa: F401 (re-exported for objectives)
+
+
+class Objective:
+    """A trainable model and its loss, as the training loop sees them."""
+
+    method: str
+    module: nn.Module  # what accelerate prepares: every trainable parameter lives in it
+    tokenizer: Any
+    max_positions: int | None
+
+    def param_groups(self, config: Any) -> list[dict[str, Any]]:
+        raise NotImplementedError
+
+    def attach_data(self, config: Any, data: Any, accelerator: Any) -> None:
+        """Called once the data is prepared (the composed model builds its state caches here)."""
+
+    def batch_extras(self, split: str, indices: list[int], width: int) -> dict[str, torch.Tensor]:
+        """Tensors beside input_ids/attention_mask/labels for examples `indices` of `split`."""
+        return {}
+
+    def loss_sum(self, wrapped: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The training loss of a batch, summed over its answer positions."""
+        raise NotImplementedError
+
+    def eval_loss_sum(self, wrapped: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Summed cross-entropy of the answer tokens (validation; the same for every method)."""
+        return self.loss_sum(wrapped, batch)
+
+    def parameter_counts(self) -> dict[str, dict[str, int]]:
+        return {"total": _count(self.module)}
+
+    def trained_state_dict(self) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    def load_trained_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        raise NotImplementedError
+
+    def save_pretrained(self, directory: str | Path, state: dict[str, torch.Tensor] | None = None) -> Path:
+        """Write the trained weights (or `state`, the same names gathered from FSDP shards) and JSON."""
+        raise NotImplementedError
+
+    def scorer(self) -> Any:
+        """The evaluation adapter (`evaluate.ComposedScorer` / `PlainScorer`) over the trained model."""
+        raise NotImplementedError
+
+    def before_generation(self) -> None:
+        """Make the model able to generate (the composed model reloads a released large model)."""
+
+    def place(self, device: torch.device) -> None:
+        """Move what trains (and any frozen model the loss reads) to this process's device."""
+        self.module.to(device)
+
+
+def _count(module: nn.Module) -> dict[str, int]:
+    seen: dict[int, nn.Parameter] = {id(p): p for p in module.parameters()}
+    return {"trainable": sum(p.numel() for p in seen.values() if p.requires_grad),
+            "frozen": sum(p.numel() for p in seen.values() if not p.requires_grad)}
+
+
+def large_loading(config: Any, device: Any = "cpu", processes: int = 1) -> dict[str, Any]:
+    """`resolve_model` arguments of a run's frozen large model: its dtype and placement (large.load_options)."""
+    from llm_modules.models.large import LARGE_DTYPES, load_options
+
+    placement = load_options(config.large_dtype, config.large_device_map, config.large_quantization, device, processes)
+    return {"dtype": LARGE_DTYPES[config.large_dtype], "placement": placement}
