@@ -222,3 +222,25 @@ def test_half_precision_cache_says_the_head_trains_on_rounded_states(tmp_path, m
     with caplog.at_level("WARNING", logger="llm_modules"):
         build(tmp_path / "new", new_head, examples, dtype=dtype)  # the `new` head never reads the states
     assert not [r for r in caplog.records if "rounded" in r.getMessage()]
+
+
+def test_duplicate_examples_copied_from_an_earlier_cache_are_saved_apart(tmp_path, model):
+    """Repeated records (common in real data) copied from an earlier split's cache: safetensors refuses
+    tensors that share storage, so each copy must be its own tensor (issue 28, item 17)."""
+    from llm_modules.states.store import examples_digest, model_state_key
+
+    unique = make_examples(model, lengths=[5, 9, 7, 12])
+    examples = [unique[0], unique[1], unique[0], unique[2], unique[1], unique[0], unique[3]]  # 3 duplicates
+    mkey = model_state_key(model)
+
+    def cache_of(rows):
+        chosen = [examples[i] for i in rows]
+        return StateCache.open_or_build(tmp_path, state_cache_key(model, examples_digest(chosen)), model, chosen,
+                                        progress=False, model_key=mkey)
+
+    first = cache_of(range(len(examples)))  # one data seed: every example
+    assert first.computed == len(examples)
+    second = cache_of([5, 2, 4, 1, 6])  # another data seed's split: copied, duplicates included
+    assert second.built and second.computed == 0
+    for row, i in enumerate([5, 2, 4, 1, 6]):
+        assert torch.equal(second[row], first[i])

@@ -344,7 +344,9 @@ class StateCache:
 
         for i in reused:
             cache, j = donors[hashes[i]]
-            add(i, cache[j])
+            # a copy of its own: duplicate examples map to one donor row, and safetensors refuses to
+            # save tensors that share storage
+            add(i, cache[j].clone())
         bar = tqdm(total=sum(map(len, batches)), desc="large-model states", unit="ex",
                    disable=None if progress and batches else True)  # None: off when not a TTY
         device = next(model.large.parameters()).device if batches else None
