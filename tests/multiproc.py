@@ -98,3 +98,26 @@ def train_run(rank: int, world: int, config: dict) -> None:
     assert not any(name.startswith("large.") for name in run.wrapped.module.state_dict())
     fit(run)
     run.accelerator.end_training()
+
+
+def read_states_with_a_pause(large: str, small: str, root: str, fingerprint: str, examples: list, ready: Any,
+                             go: Any, results: Any) -> None:
+    """A reader of the state cache of `examples` in `root`: opens it, reads example 0, sets `ready`, waits
+    for `go`, then reads every example; puts "ok" or the error it met in `results`."""
+    from llm_modules.states.store import StateCache, state_cache_key
+
+    torch.set_num_threads(1)
+    model = compose_tiny(large, small)
+    try:
+        cache = StateCache.open_or_build(Path(root), state_cache_key(model, fingerprint), model, examples,
+                                         progress=False)
+        cache[0]
+        ready.set()
+        go.wait(300)
+        for i in range(len(cache)):
+            cache[i]
+        results.put("ok")
+    except Exception as err:
+        results.put(f"{type(err).__name__}: {err}")
+    finally:
+        ready.set()

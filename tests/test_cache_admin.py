@@ -30,6 +30,7 @@ def three_caches(root, model):
         examples = [TokenizedExample(ids, ids, SimpleNamespace(source="t"))]
         cache = StateCache.open_or_build(root, state_cache_key(model, f"data-{n}"), model, examples, progress=False)
         os.utime(cache.path / "index.json", (used, used))
+        cache.close()  # no run reads it any more: only its age protects it
         caches.append(cache)
     (root / build_name("0" * 64, host_name(), 999999999, "dead")).mkdir()  # a dead build on this host
     return caches
@@ -39,7 +40,8 @@ def test_ls_lists_each_cache_with_its_size_and_examples(tmp_path, model, capsys)
     caches = three_caches(tmp_path, model)
     entries = list_caches(tmp_path)
     assert [e.key for e in entries] == [c.path.name for c in caches]  # oldest first
-    assert [e.size_bytes for e in entries] == [sum(f.stat().st_size for f in c.path.iterdir()) for c in caches]
+    assert [e.size_bytes for e in entries] == [sum(f.stat().st_size for f in c.path.iterdir() if f.is_file())
+                                               for c in caches]  # files: not the folder of leases
     assert [e.examples for e in entries] == [1, 1, 1]
     assert main(["cache", "ls", "--dir", str(tmp_path)]) == 0
     out = capsys.readouterr().out.splitlines()
@@ -73,3 +75,47 @@ def test_prune_command(tmp_path, model, capsys):
     caches = three_caches(tmp_path, model)
     assert main(["cache", "prune", "--dir", str(tmp_path)]) == 0  # under the default cap: only dead builds
     assert all(c.path.exists() for c in caches)
+
+
+def test_prune_and_the_size_cap_never_remove_a_cache_another_process_reads(tmp_path, model, tiny_models, capsys):
+    """A reader in another process holds a lease (host, pid) on the cache it reads: `cache prune` and the
+    size cap leave it, and its later reads (other shards, opened lazily) succeed; once it exits, or is
+    killed (its lease then names a dead process on this host), the cache can go (issue 28, item 9)."""
+    import multiprocessing
+
+    from llm_modules.states.leases import LEASES
+
+    from .multiproc import read_states_with_a_pause
+
+    examples = [TokenizedExample(list(range(1, n + 1)), list(range(1, n + 1)), SimpleNamespace(source="t"))
+                for n in (4, 9, 6, 11, 3, 8, 7, 5)]
+    cache = StateCache.open_or_build(tmp_path, state_cache_key(model, "read"), model, examples, batch_size=2,
+                                     progress=False, shard_bytes=2000)
+    assert len(cache.index["shards"]) > 2  # the reader opens its later shards after the prune
+    cache.close()
+    spawn = multiprocessing.get_context("spawn")
+
+    def start_reader():
+        ready, go, results = spawn.Event(), spawn.Event(), spawn.Queue()
+        reader = spawn.Process(target=read_states_with_a_pause, args=(
+            tiny_models["qwen2"], tiny_models["llama"], str(tmp_path), "read", examples, ready, go, results))
+        reader.start()
+        assert ready.wait(120)
+        return reader, go, results
+
+    reader, go, results = start_reader()
+    assert len(list((cache.path / LEASES).iterdir())) == 1
+    assert main(["cache", "prune", "--dir", str(tmp_path), "--max-gb", "0"]) == 0
+    assert "removed 0 caches" in capsys.readouterr().out
+    assert [e.readers for e in list_caches(tmp_path)] == [1]  # `cache ls` shows it
+    assert enforce_size_cap(tmp_path, max_bytes=0) == [] and cache.path.is_dir()
+    go.set()
+    assert results.get(timeout=120) == "ok"
+    reader.join(60)
+    assert reader.exitcode == 0 and not list((cache.path / LEASES).iterdir())  # released at exit
+    # A reader killed while it reads leaves a lease naming a dead process: stale, so the cache goes.
+    reader, go, results = start_reader()
+    reader.kill()
+    reader.join(60)
+    assert len(list((cache.path / LEASES).iterdir())) == 1
+    assert enforce_size_cap(tmp_path, max_bytes=0) == [cache.path] and not cache.path.exists()

@@ -110,6 +110,8 @@ def test_key_covers_data_dtype_and_large_model(tmp_path, model, tiny_models):
     torch.testing.assert_close(half[4].float(), a[4], atol=2e-2, rtol=1e-2)
     assert all(p.exists() for p in (a.path, b.path, half.path))  # old folders are kept
 
+    assert prune(tmp_path, keep={a.path.name}) == []  # read by this process (leased): kept
+    b.close(), half.close()
     removed = prune(tmp_path, keep={a.path.name})
     assert set(removed) == {b.path, half.path} and a.path.exists()
     assert not b.path.exists() and not half.path.exists()

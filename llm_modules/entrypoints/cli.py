@@ -336,7 +336,8 @@ def run_cache(args: argparse.Namespace) -> int:
     if args.max_gb is not None and args.max_gb < 0:
         raise LLMModulesError(f"--max-gb must be >= 0, got {args.max_gb}")
     removed = enforce_size_cap(root, None if args.max_gb is None else int(args.max_gb * 2**30))
-    print(f"removed {len(removed)} caches from {root}")
+    busy = sum(1 for e in list_caches(root) if e.readers)
+    print(f"removed {len(removed)} caches from {root}" + (f"; kept {busy} that running jobs read" if busy else ""))
     return 0
 
 

@@ -95,7 +95,7 @@ def last_change(folder: Path) -> float:
     return max(times)
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)  # signal 0: only asks whether the process exists
     except ProcessLookupError:
@@ -124,7 +124,7 @@ def stale_build(path: Path, now: float | None = None) -> bool:
     if len(parts) != 3 or not parts[1].isdigit():
         return False
     host, pid = parts[0], int(parts[1])
-    return host == host_name() and (pid == os.getpid() or not _pid_alive(pid))
+    return host == host_name() and (pid == os.getpid() or not pid_alive(pid))
 
 
 def _read_lock(path: Path) -> dict[str, Any] | None:
@@ -143,7 +143,7 @@ def _stale_lock(path: Path, holder: dict[str, Any] | None) -> bool:
         return True
     if holder is None:  # being written this instant, or its writer died between create and write
         return False
-    return holder.get("host") == host_name() and not _pid_alive(int(holder.get("pid", -1)))
+    return holder.get("host") == host_name() and not pid_alive(int(holder.get("pid", -1)))
 
 
 def _break_lock(path: Path, holder: dict[str, Any] | None) -> None:

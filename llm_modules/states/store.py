@@ -34,6 +34,7 @@ from llm_modules.states.fence import (
     sharing_groups,
     stale_build,
 )
+from llm_modules.states.leases import Lease, remove_unless_in_use, take_lease
 from llm_modules.tensors import positions_from_mask
 from llm_modules.version import __version__
 
@@ -118,29 +119,37 @@ def example_hash(example: Any) -> str:
 
 
 def _donors(root: Path, model_key: str, dtype: str) -> dict[str, tuple["StateCache", int]]:
-    """{example hash: (cache, index)} over the complete folders under `root` built with `model_key`."""
+    """{example hash: (cache, index)} over the complete folders under `root` built with `model_key`,
+    each leased while the build copies from it (release them with `StateCache.close`)."""
     found: dict[str, tuple[StateCache, int]] = {}
     for folder in sorted(root.iterdir()):
         index = StateCache._read_index(folder, folder.name, dtype) if folder.is_dir() else None
         if index is None or index.get("model_key") != model_key or "hashes" not in index:
             continue
-        cache = StateCache(folder, index, built=False)
+        cache = StateCache._open_leased(root, folder.name, dtype)
+        if cache is None:  # pruned meanwhile
+            continue
         for i, h in enumerate(index["hashes"]):
             found.setdefault(h, (cache, i))
     return found
 
 
 def prune(root: str | Path, keep: set[str]) -> list[Path]:
-    """Delete cache folders under `root` whose key is not in `keep`, and dead build folders.
+    """Delete cache folders under `root` whose key is not in `keep` and that no run reads (see
+    `states.leases`), and dead build folders.
 
-    Only folders named like a key (64 hex digits) or a build folder are touched. Returns them.
+    Only folders named like a key (64 hex digits) or a build folder are touched. Returns the removed ones.
     """
     root, removed = Path(root), []
     for path in sorted(root.iterdir()) if root.is_dir() else []:
         key, is_tmp, _ = path.name.partition(".tmp-")
         is_key = len(key) == 64 and all(c in "0123456789abcdef" for c in key)
-        if path.is_dir() and is_key and ((is_tmp and stale_build(path)) or (not is_tmp and key not in keep)):
+        if not (path.is_dir() and is_key):
+            continue
+        if is_tmp and stale_build(path):
             shutil.rmtree(path, ignore_errors=True)
+            removed.append(path)
+        elif not is_tmp and key not in keep and remove_unless_in_use(root, key):
             removed.append(path)
     return removed
 
@@ -149,11 +158,13 @@ class StateCache:
     """Memory-mapped, read-only view of cached states: ``cache[i]`` -> tensor (T_i, K, d_large), K tapped layers.
 
     Tensors come back in the stored dtype (the caller casts). Shards are opened lazily through
-    `safetensors.safe_open` and each example is read on demand; nothing is loaded up front.
+    `safetensors.safe_open` and each example is read on demand; nothing is loaded up front. While
+    open, the folder is leased (`states.leases`): pruning leaves it alone until `close()`, the
+    object is collected, or the process ends.
     """
 
-    def __init__(self, path: Path, index: dict[str, Any], built: bool):
-        self.path, self.index, self.built = path, index, built
+    def __init__(self, path: Path, index: dict[str, Any], built: bool, lease: Lease | None = None):
+        self.path, self.index, self.built, self.lease = path, index, built, lease
         self.computed = index.get("computed", 0) if built else 0  # examples run through the large model
         self.lengths: list[int] = index["lengths"]
         self.d_large: int = index["d_large"]
@@ -168,6 +179,8 @@ class StateCache:
         if not 0 <= i < len(self):
             raise IndexError(f"state cache index {i} out of range for {len(self)} examples")
         shard = self.index["shard_of"][i]
+        if self.lease is not None:
+            self.lease.touch()
         if shard not in self._handles:
             self._handles[shard] = safe_open(str(self.path / self.index["shards"][shard]), framework="pt")
         return self._handles[shard].get_tensor(str(i))  # (T_i, K, d_large)
@@ -182,7 +195,21 @@ class StateCache:
             out[row, : self.lengths[i]] = states
         return out
 
+    def close(self) -> None:
+        """Let go of the folder: its shards and its lease (pruning may then remove it)."""
+        self._handles.clear()
+        if self.lease is not None:
+            self.lease.release()
+
     # ------------------------------------------------------------------ open / build
+    @classmethod
+    def _open_leased(cls, root: Path, key: str, dtype: str, built: bool = False) -> "StateCache | None":
+        """The complete folder `root/<key>`, leased; None when it is not (or no longer) complete. The
+        check and the lease happen under the key's lock, which pruning takes too."""
+        with finish_lock(root, key):
+            index = cls._read_index(root / key, key, dtype)
+            lease = take_lease(root / key) if index is not None else None
+        return None if index is None else cls(root / key, index, built=built, lease=lease)
     @classmethod
     def open_or_build(cls, root: str | Path, key: str, model: Any, examples: Sequence[Any], dtype: str = "float32",
                       batch_size: int = 8, progress: bool = True, shard_bytes: int = SHARD_BYTES,
@@ -199,7 +226,7 @@ class StateCache:
         other examples raises: give each example list its own key. With `model_key` (see
         `model_state_key`), a build copies the states of examples that other folders of the same
         model key already hold and runs the large model on the others only. Opening a folder marks
-        it used (the mtime of its index).
+        it used (the mtime of its index) and leases it while the cache is open (`states.leases`).
         """
         _check_dtype(dtype)
         if not examples:
@@ -232,15 +259,16 @@ class StateCache:
             if built and group.rank == members[0]:
                 cls._finish(root, key, root / name, examples, dtype, len(members), digest, model_key)
             group.barrier()  # every folder in place
-        index = cls._read_index(final, key, dtype)
-        if index is None:
+        cache = cls._open_leased(root, key, dtype, built=built)
+        if cache is None:
             raise LLMModulesError(f"state cache {final} has no valid {INDEX_FILE} after its build")
+        index = cache.index
         if index["examples"] != digest:
+            cache.close()
             raise LLMModulesError(
                 f"state cache {final} was built for other examples ({index['n']} of them; {len(examples)} "
                 "given): the key must cover the example list, e.g. add the split name to the data fingerprint"
             )
-        cache = cls(final, index, built=built)
         if built:
             logger.info("cached large-model states of %d examples in %s (%.1f MB, %s; %d computed, %d reused)",
                         len(cache), final, cache.size_bytes / 1e6, dtype, cache.computed, len(cache) - cache.computed)
@@ -270,6 +298,7 @@ class StateCache:
                       members: int) -> None:
         """This process's share of a build in `folder`; a failure removes the folder (the others then
         fail at the next barrier, and nothing is left that a later run would read)."""
+        donors: dict[str, tuple[StateCache, int]] = {}
         try:
             folder.mkdir(parents=True, exist_ok=True)
             donors = _donors(root, model_key, dtype) if model_key else {}
@@ -278,6 +307,9 @@ class StateCache:
         except BaseException:
             shutil.rmtree(folder, ignore_errors=True)
             raise
+        finally:
+            for cache, _ in donors.values():
+                cache.close()
 
     @classmethod
     def _finish(cls, root: Path, key: str, folder: Path, examples: Sequence[Any], dtype: str, members: int,
