@@ -14,12 +14,13 @@ from llm_modules import LLMModulesModel
 from llm_modules.entrypoints.cli import main
 from llm_modules.errors import LLMModulesError
 from llm_modules.models.config import CONFIG_FILE
-from llm_modules.models.large_identity import weights_digest
+from llm_modules.models.large_identity import sampled_digest, weights_digest
 
 
 @pytest.fixture
-def saved(tiny_pair_with_tokenizer, tmp_path):
+def saved(tiny_pair_with_tokenizer, tmp_path, monkeypatch):
     """A large model folder of our own (so the test may overwrite it) and a model saved on it."""
+    monkeypatch.setenv("LLM_MODULES_CACHE", str(tmp_path / "cache"))  # the digests kept per model file
     large = tmp_path / "large"
     AutoModelForCausalLM.from_pretrained(tiny_pair_with_tokenizer["large"]).save_pretrained(large)
     for name in ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt", "special_tokens_map.json"):
@@ -94,27 +95,73 @@ def test_old_folder_without_digest_loads_with_a_one_line_warning(saved, caplog):
     assert len(said) == 1 and "\n" not in said[0]
 
 
-def test_digest_samples_without_copying_whole_tensors(monkeypatch):
-    big = torch.nn.Embedding(50_000, 64)  # 3.2M values; a sample is 4096 of them
-    seen = []  # sizes of every copy made and every array hashed
-    real_contiguous, real_numpy = torch.Tensor.contiguous, torch.Tensor.numpy
+def test_digest_covers_every_value_without_copying_whole_tensors(monkeypatch):
+    """Format 2 hashes every value (format 1 sampled 4,096 per parameter, so an edit between samples went
+    unnoticed), streamed in chunks: no whole tensor is copied (issue 28, item 15)."""
+    from llm_modules.models import large_identity
 
-    def contiguous(self, *args, **kwargs):
-        out = real_contiguous(self, *args, **kwargs)
-        if out.data_ptr() != self.data_ptr():
-            seen.append(out.numel())
-        return out
+    big = torch.nn.Embedding(80_000, 64)  # 5.1M values, two blocks; format 1 hashed every 1250th
+    first = weights_digest(big)
+    assert sampled_digest(big) != first  # a different digest format
+    before_sampled = sampled_digest(big)
+    with torch.no_grad():
+        big.weight[0, 1] += 1  # between two of format 1's samples
+    assert sampled_digest(big) == before_sampled  # what format 1 missed
+    assert weights_digest(big) != first
+    assert weights_digest(copy.deepcopy(big).to(torch.bfloat16)) != weights_digest(big)
+    seen = []  # sizes of every array hashed
+    real_numpy = torch.Tensor.numpy
 
     def numpy(self, *args, **kwargs):
         seen.append(self.numel())
         return real_numpy(self, *args, **kwargs)
 
-    monkeypatch.setattr(torch.Tensor, "contiguous", contiguous)
     monkeypatch.setattr(torch.Tensor, "numpy", numpy)
-    first = weights_digest(big)
+    both = large_identity.weights_digests(big, ["native", "bfloat16"])
     monkeypatch.undo()
-    assert seen and max(seen) <= 4 * 8192  # bytes of a sample, never the 12.8 MB matrix
+    assert seen and max(seen) <= 4 * large_identity.BLOCK < 4 * big.weight.numel()  # blocks, never the matrix
+    assert both["native"] == weights_digest(big)  # one pass for several precisions, the same digests
+    assert both["bfloat16"] == weights_digest(copy.deepcopy(big).to(torch.bfloat16))
+
+
+def test_an_edit_between_the_old_samples_is_caught_and_old_records_still_check(saved, monkeypatch):
+    large, folder = saved
+    identity = json.loads((folder / CONFIG_FILE).read_text())["large_identity"]
+    assert identity["digest_format"] == 2
+    weights = AutoModelForCausalLM.from_pretrained(large)
+    format1 = {"dtype": "float32", "digests": {"float32": sampled_digest(weights)}}
     with torch.no_grad():
-        big.weight[0, 0] += 1  # an element on the sampling stride changes the digest
-    assert weights_digest(big) != first
-    assert weights_digest(copy.deepcopy(big).to(torch.bfloat16)) != weights_digest(big)
+        weights.model.embed_tokens.weight[0, 1] += 1e-3  # one value, between format 1's samples
+    assert sampled_digest(weights) == format1["digests"]["float32"]  # format 1 cannot see it
+    weights.save_pretrained(large)
+    with pytest.raises(LLMModulesError, match="digest"):
+        LLMModulesModel.from_pretrained(folder)
+    # A folder saved before format 2 (sampled digests, no digest_format) is checked with its own format.
+    config = json.loads((folder / CONFIG_FILE).read_text())
+    (folder / CONFIG_FILE).write_text(json.dumps({**config, "large_identity": format1}))
+    LLMModulesModel.from_pretrained(folder)
+
+
+def test_digests_are_kept_per_model_file_and_in_memory_until_a_weight_changes(saved, monkeypatch):
+    from llm_modules.models import large_identity
+    from llm_modules.states.store import large_weights_digest
+
+    large, folder = saved
+    computed = []
+    real = large_identity.weights_digests
+
+    def counting(module, dtypes):
+        computed.append(list(dtypes))
+        return real(module, dtypes)
+
+    monkeypatch.setattr(large_identity, "weights_digests", counting)
+    model = LLMModulesModel.from_pretrained(folder)  # the digest kept for this file when composed
+    first = large_weights_digest(model.large)  # the state cache's key: from memory
+    assert computed == []
+    with torch.no_grad():
+        model.large.model.norm.weight.mul_(2)  # changed in memory: computed again
+    assert large_weights_digest(model.large) != first and computed == [["native"]]
+    overwrite_large(large)  # another file (size or mtime): computed again, and refused
+    with pytest.raises(LLMModulesError, match="digest"):
+        LLMModulesModel.from_pretrained(folder)
+    assert len(computed) == 2

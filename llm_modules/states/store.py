@@ -25,7 +25,7 @@ from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from llm_modules.errors import LLMModulesError
-from llm_modules.models.large_identity import weights_digest
+from llm_modules.models.large_identity import loaded_weights_digest
 from llm_modules.states.fence import (
     Group,
     build_name,
@@ -66,9 +66,9 @@ def _check_dtype(dtype: str) -> torch.dtype:
 
 
 def large_weights_digest(large: torch.nn.Module) -> str:
-    """sha256 of the weights' digest (names, shapes, dtypes, strided samples: no tensor copied whole),
+    """sha256 of the weights' digest (names, shapes, dtypes and every value, see `large_identity`),
     the parameter count, and the model config."""
-    h = hashlib.sha256(weights_digest(large).encode())
+    h = hashlib.sha256(loaded_weights_digest(large).encode())
     h.update(str(sum(p.numel() for p in large.parameters())).encode())
     config = getattr(large, "config", None)
     if config is not None:  # rope, norm eps...: not in the weights but change the states
