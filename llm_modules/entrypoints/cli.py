@@ -9,6 +9,7 @@ import argparse
 import dataclasses
 import logging
 import sys
+from pathlib import Path
 from typing import Any, Callable
 
 import torch
@@ -48,6 +49,15 @@ def add_sampling_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-cache", action="store_true", help="recompute the whole prefix for each token (slow)")
+
+
+def check_sampling_flags(args: argparse.Namespace) -> None:
+    """Refuse decoding flags that would generate nothing, before any model loads."""
+    if args.max_new_tokens < 1:
+        raise LLMModulesError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+    if not 0 <= args.min_new_tokens <= args.max_new_tokens:
+        raise LLMModulesError(f"--min-new-tokens must be between 0 and --max-new-tokens ({args.max_new_tokens}), "
+                              f"got {args.min_new_tokens}")
 
 
 def sampling_options(args: argparse.Namespace, device: Any = "cpu") -> dict[str, Any]:
@@ -235,6 +245,7 @@ def load_composed(directory: str, allow_large_mismatch: bool = False, device: An
 def run_generate(args: argparse.Namespace) -> int:
     from transformers import TextStreamer
 
+    check_sampling_flags(args)
     model = load_composed(args.model, args.allow_large_mismatch, *device_and_dtype(args))
     ids = torch.tensor([format_prompt(args.model, model.tokenizer, args.prompt, args.template)])
     streamer = TextStreamer(model.tokenizer, skip_prompt=True, skip_special_tokens=True)
@@ -275,6 +286,14 @@ def run_eval(args: argparse.Namespace) -> int:
                **{k: v for k, v in given.items() if v is not None}}
     if "spec" not in options:
         raise LLMModulesError("eval needs --data SPEC (the model folder has no training run to take it from)")
+    output = Path(args.output) if args.output else None
+    if output is not None:  # a place for the file before the evaluation runs, not after
+        if output.is_dir():
+            raise LLMModulesError(f"--output {output} is a folder; give a file name, e.g. {output / 'eval.json'}")
+        try:
+            output.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise LLMModulesError(f"--output {output}: cannot create its folder ({err.strerror})") from None
     device, dtype = device_and_dtype(args)
     scorer = load_scorer(args.model, device=device, allow_large_mismatch=args.allow_large_mismatch, dtype=dtype)
     examples = held_out_examples(DataConfig(**options), scorer.tokenizer, scorer.max_positions, args.split)
@@ -283,40 +302,29 @@ def run_eval(args: argparse.Namespace) -> int:
         generate=not args.no_generate,
     ))
     result = {"model": args.model, "data": options["spec"], "split": args.split, **result}
-    if args.output:
-        with open(args.output, "w") as f:
-            json.dump(result, f, indent=1)
     for sample in result.get("samples", [])[:3]:
         print(f"Q: {sample['question'][:300]}\nA: {sample['model_answer'].strip()[:300]}\n"
               f"   extracted {sample['extracted']!r}, reference {sample['reference']!r}\n", file=sys.stderr)
-    print(json.dumps({k: v for k, v in result.items() if k != "samples"}))
+    print(json.dumps({k: v for k, v in result.items() if k != "samples"}), flush=True)  # first: never lost
+    if output is not None:
+        try:
+            output.write_text(json.dumps(result, indent=1))
+        except OSError as err:
+            raise LLMModulesError(f"could not write --output {output} ({err.strerror}); the result is printed "
+                                  "above") from None
     return 0
 
 
 @command("chat")
 def run_chat(args: argparse.Namespace) -> int:
-    from transformers import TextStreamer
-
-    from llm_modules.data.prompting import prompt_ids
+    from llm_modules.entrypoints.chat import chat
     from llm_modules.evaluation.harness import run_defaults
 
+    check_sampling_flags(args)
     model = load_composed(args.model, args.allow_large_mismatch, *device_and_dtype(args))
     template = args.template or run_defaults(args.model).get("template") or "stratos"
-    history: list[dict[str, str]] = []
     print(f"chatting with {args.model} (template {template}); empty line or Ctrl-D to quit", file=sys.stderr)
-    while True:
-        try:
-            line = input("you> ").strip()
-        except EOFError:
-            break
-        if not line:
-            break
-        history.append({"role": "user", "content": line})
-        ids = torch.tensor([prompt_ids(history, model.tokenizer, template, args.system)])
-        streamer = TextStreamer(model.tokenizer, skip_prompt=True, skip_special_tokens=True)
-        out = model.generate(ids, streamer=streamer, **sampling_options(args, model.device))
-        history.append({"role": "assistant",
-                        "content": model.tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip()})
+    chat(model, template, args.system, args.max_new_tokens, lambda: sampling_options(args, model.device))
     return 0
 
 
@@ -361,6 +369,24 @@ def run_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def check_listen_address(host: str, port: int) -> None:
+    """Resolve `host` and bind `host:port` once, so that a bad address is one line before the model loads."""
+    import socket
+
+    if not 0 <= port <= 65535:
+        raise LLMModulesError(f"--port must be between 0 and 65535, got {port}")
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+    except (socket.gaierror, UnicodeError) as err:
+        raise LLMModulesError(f"--host {host!r} cannot be resolved ({err})") from None
+    with socket.socket(family, kind, proto) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds
+        try:
+            probe.bind(address)
+        except OSError as err:
+            raise LLMModulesError(f"cannot listen on {host}:{port} ({err.strerror})") from None
+
+
 @command("serve")
 def run_serve(args: argparse.Namespace) -> int:
     try:
@@ -369,6 +395,7 @@ def run_serve(args: argparse.Namespace) -> int:
         raise LLMModulesError(f"serve needs FastAPI and uvicorn ({err}): pip install 'llm-modules[serve]'") from None
     if args.max_batch < 1 or args.max_queue < 0:
         raise LLMModulesError(f"--max-batch must be >= 1 and --max-queue >= 0, got {args.max_batch} and {args.max_queue}")
+    check_listen_address(args.host, args.port)
     serve(args.model, args.host, args.port, max_batch=args.max_batch, max_queue=args.max_queue,
           max_tokens=args.max_tokens, template=args.template, name=args.name,
           allow_large_mismatch=args.allow_large_mismatch, **dict(zip(("device", "dtype"), device_and_dtype(args))))
@@ -390,7 +417,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return COMMANDS[args.command](args)
     except LLMModulesError as err:
-        print(f"error: {err}", file=sys.stderr)
+        message = " ".join(line.strip() for line in str(err).splitlines() if line.strip())
+        print(f"error: {message}", file=sys.stderr)  # one line, as promised
         return 2
     except KeyboardInterrupt:
         return 130

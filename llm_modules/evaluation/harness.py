@@ -104,7 +104,13 @@ def run_defaults(model_dir: str) -> dict[str, Any]:
     for folder in (Path(model_dir), Path(model_dir).parent):
         path = folder / RUN_CONFIG_FILE
         if path.is_file():
-            saved = json.loads(path.read_text())
+            try:
+                saved = json.loads(path.read_text())
+            except (OSError, ValueError) as err:
+                raise LLMModulesError(f"{path} cannot be read ({err}); restore it or give the options "
+                                      "(--data, --template) yourself with a saved model folder") from None
+            if not isinstance(saved, dict):
+                raise LLMModulesError(f"{path} must hold a JSON object of the run's options")
             keys = ("data", "template", "loss_on", "max_length", "overflow", "val_fraction", "subset")
             found = {k: saved[k] for k in keys if k in saved}
             if "data_seed" in saved or "seed" in saved:  # runs before data_seed split with their seed

@@ -17,7 +17,6 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
@@ -32,6 +31,7 @@ from llm_modules.models.saved import (
     CONFIG_FILE,
     WEIGHTS_FILE,
     cpu_copies,
+    load_weights,
     plain_name,
     resolve_model_folder,
     save_weights,
@@ -452,7 +452,7 @@ class LLMModulesModel(nn.Module):
         weights = directory / WEIGHTS_FILE
         if not weights.is_file():
             raise LLMModulesError(f"{directory} has {CONFIG_FILE} but no {WEIGHTS_FILE}")
-        state = load_file(str(weights))
+        state = load_weights(weights)
         # the vocabulary map is stored with the weights: the small tokenizer is not needed again
         vocab_map = VocabMap.from_state(state, "vocab_map.", weights) if config.small_inputs == "mapped" else None
         with warnings.catch_warnings():

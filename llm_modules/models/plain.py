@@ -18,7 +18,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file
 from torch import nn
 
 from llm_modules.errors import LLMModulesError
@@ -26,6 +25,7 @@ from llm_modules.models.saved import (
     PLAIN_FILE,
     WEIGHTS_FILE,
     cpu_copies,
+    load_weights,
     plain_name,
     save_weights,
 )
@@ -134,9 +134,9 @@ def load_plain(directory: str | Path) -> tuple[nn.Module, Any]:
     directory = Path(directory)
     try:
         spec = PlainSpec(**json.loads((directory / PLAIN_FILE).read_text()))
-    except (OSError, json.JSONDecodeError, TypeError) as err:
+    except (OSError, ValueError, TypeError) as err:  # ValueError: not JSON; TypeError: not its fields
         raise LLMModulesError(f"{directory / PLAIN_FILE} cannot be read: {err}") from None
     tokenizer = resolve_tokenizer(str(directory))
     model, base_tokenizer = build_plain(spec, tokenizer=tokenizer)
-    load_trainable_state(model, load_file(str(directory / WEIGHTS_FILE)), spec.method)
+    load_trainable_state(model, load_weights(directory / WEIGHTS_FILE), spec.method)
     return model.eval(), tokenizer or base_tokenizer

@@ -68,6 +68,19 @@ def save_weights(directory: Path, tensors: dict[str, torch.Tensor], metadata: di
     tmp.replace(directory / WEIGHTS_FILE)
 
 
+def load_weights(path: Path) -> dict[str, torch.Tensor]:
+    """The tensors of a WEIGHTS_FILE; a file that is not readable safetensors (truncated, overwritten)
+    is an LLMModulesError naming it."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError) as err:
+        raise LLMModulesError(f"{path} is not a readable safetensors file ({err}); save or train the model again") \
+            from None
+
+
 def _described(folder: Path) -> bool:
     return any((folder / name).is_file() for name in DESCRIPTIONS)
 

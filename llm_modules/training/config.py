@@ -115,6 +115,16 @@ HELP: dict[str, str] = {
 }
 
 
+def _where(err: Exception) -> str:
+    """A YAML or JSON parse error in one line: line, column and the problem."""
+    mark = getattr(err, "problem_mark", None)  # yaml's MarkedYAMLError
+    if mark is not None:
+        return f"line {mark.line + 1}, column {mark.column + 1}: {getattr(err, 'problem', None) or err}"
+    if isinstance(err, json.JSONDecodeError):
+        return f"line {err.lineno}, column {err.colno}: {err.msg}"
+    return " ".join(str(err).split())
+
+
 # every bridge's option names; the TrainConfig fields among them are checked against --bridge
 _BRIDGE_OPTIONS = {name for bridge in BRIDGES for name in option_names(bridge)}
 # ComposeConfig's own options (not the model specs nor the version it stamps)
@@ -282,7 +292,7 @@ class TrainConfig:
             else:
                 data = json.loads(text)
         except Exception as err:  # yaml and json raise different types
-            raise LLMModulesError(f"config file {path} cannot be parsed: {err}") from None
+            raise LLMModulesError(f"config file {path} cannot be parsed: {_where(err)}") from None
         if not isinstance(data, dict):
             raise LLMModulesError(f"config file {path} must hold a mapping of options")
         data = {k.replace("-", "_"): v for k, v in data.items()}

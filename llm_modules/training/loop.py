@@ -38,6 +38,7 @@ from llm_modules.data.prepare import (
 )
 from llm_modules.errors import LLMModulesError
 from llm_modules.models.config import WEIGHTS_FILE
+from llm_modules.models.saved import RUN_MODELS
 from llm_modules.training import checkpoint as ckpt
 from llm_modules.training.config import RUN_CONFIG_FILE, TrainConfig
 from llm_modules.training.objectives import Objective, build_objective
@@ -77,7 +78,10 @@ def mixed_precision(choice: str) -> str:
 
 
 def check_output(output: Path, config: TrainConfig) -> None:
-    """Refuse to write over a different run, or over this run's checkpoints without --resume."""
+    """Refuse to write over a different run, or over this run's checkpoints without --resume.
+
+    A folder that holds this run but nothing it trained (no checkpoint, no best/ nor last/: it failed
+    before its first checkpoint) starts again without --resume."""
     saved = output / RUN_CONFIG_FILE
     if not saved.is_file():
         if output.is_dir() and any(output.iterdir()) and not config.resume:
@@ -93,7 +97,8 @@ def check_output(output: Path, config: TrainConfig) -> None:
             f"output folder {output} holds a different run (differs in: {', '.join(differing)}); "
             "pick another --output, or repeat that run's options to --resume it"
         )
-    if not config.resume:
+    trained = ckpt.complete_checkpoints(output / "checkpoints") or any((output / n).exists() for n in RUN_MODELS)
+    if not config.resume and trained:
         raise LLMModulesError(f"output folder {output} already holds this run; add --resume to continue it")
 
 
@@ -143,22 +148,20 @@ def make_accelerator(config: TrainConfig) -> Accelerator:
 
 
 def setup(config: TrainConfig) -> Run:
+    """Everything `fit` needs. Every check comes before anything is written to the output folder, so
+    a run refused for its options (or interrupted while the state cache builds) leaves the folder as
+    it was, and the corrected run starts there."""
     accelerator = make_accelerator(config)
     output = Path(config.output)
     if accelerator.is_main_process:
         check_output(output, config)
-        output.mkdir(parents=True, exist_ok=True)
-        (output / RUN_CONFIG_FILE).write_text(json.dumps(config.to_dict(), indent=1))
     accelerator.wait_for_everyone()
     set_seed(config.seed)
     objective = build_objective(config, accelerator.device, accelerator.num_processes)
     objective.place(accelerator.device)
     data = prepare_data(config.data_config(), objective.tokenizer, objective.max_positions)
     if accelerator.is_main_process:
-        (output / "data_report.json").write_text(json.dumps(data.report, indent=1))
         print(f"data: {json.dumps(data.report)}")
-    objective.attach_data(config, data, accelerator)
-
     global_batch = config.batch_size * accelerator.num_processes
     steps_per_epoch = len(data.train) // (global_batch * config.grad_accum)
     if steps_per_epoch == 0:
@@ -166,6 +169,13 @@ def setup(config: TrainConfig) -> Run:
             f"{len(data.train)} training examples are fewer than one optimizer step's "
             f"{global_batch * config.grad_accum} (batch size x processes x grad accum); lower them or add data"
         )
+    objective.attach_data(config, data, accelerator)
+    if accelerator.is_main_process:  # checked: now the folder holds this run
+        output.mkdir(parents=True, exist_ok=True)
+        (output / RUN_CONFIG_FILE).write_text(json.dumps(config.to_dict(), indent=1))
+        (output / "data_report.json").write_text(json.dumps(data.report, indent=1))
+    accelerator.wait_for_everyone()
+
     total_steps = config.max_steps or steps_per_epoch * config.epochs
     optimizer = torch.optim.AdamW(objective.param_groups(config), weight_decay=config.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
