@@ -96,6 +96,23 @@ def test_a_refused_train_leaves_its_output_folder_usable(tiny_pair_with_tokenize
     assert "--resume" in one_error_line(capsys)
 
 
+# ----------------------------------------------------------------------------- item 17
+def test_train_on_data_with_duplicate_records_then_another_split(tiny_pair_with_tokenizer, tmp_path):
+    """Repeated records, then another --data-seed: the second state cache copies the states the first
+    holds, duplicates included, and must save each as a tensor of its own."""
+    lines = Path(write_data(tmp_path / "unique.jsonl")).read_text().splitlines()
+    (tmp_path / "data.jsonl").write_text("\n".join(lines + lines[:5] + lines[2:4]) + "\n")  # 7 duplicates
+
+    def train(output: str, *extra: str) -> int:
+        return main(["train", "--large", tiny_pair_with_tokenizer["large"], "--small", tiny_pair_with_tokenizer["small"],
+                     "--data", str(tmp_path / "data.jsonl"), "--output", str(tmp_path / output), "--template",
+                     "stratos", "--batch-size", "2", "--max-length", "512", "--max-steps", "1", "--num-samples", "0",
+                     "--no-progress", "--state-cache-dir", str(tmp_path / "states"), *extra])
+
+    assert train("first") == 0
+    assert train("second", "--data-seed", "3", "--val-fraction", "0.25") == 0
+
+
 # ----------------------------------------------------------------------------- item 11
 def test_eval_output_into_a_missing_folder_creates_it_and_prints_the_result(run_folder, tmp_path, capsys):
     output = tmp_path / "results" / "deeper" / "eval.json"
