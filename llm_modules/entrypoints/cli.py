@@ -170,7 +170,7 @@ def add_train_flags(parser: argparse.ArgumentParser) -> None:
     for name, field in TrainConfig.fields().items():
         flag = "--" + name.replace("_", "-")
         text = HELP.get(name, "")
-        if field.default is not dataclasses.MISSING:
+        if field.default not in (dataclasses.MISSING, None):  # None: the help says what decides it
             text += f" (default: {field.default if field.default != '' else 'empty'})"
         text = text.replace("%", "%%")
         if field.type in ("bool", bool):
@@ -178,7 +178,7 @@ def add_train_flags(parser: argparse.ArgumentParser) -> None:
         elif name in CHOICES:
             parser.add_argument(flag, choices=CHOICES[name], default=None, help=text)
         else:
-            kind = {"int": int, "float": float}.get(str(field.type), str)
+            kind = {"int": int, "float": float, "float | None": float}.get(str(field.type), str)
             parser.add_argument(flag, type=kind, default=None, metavar=name.upper(), help=text)
 
 
