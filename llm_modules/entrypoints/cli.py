@@ -395,10 +395,11 @@ def run_serve(args: argparse.Namespace) -> int:
         raise LLMModulesError(f"serve needs FastAPI and uvicorn ({err}): pip install 'llm-modules[serve]'") from None
     if args.max_batch < 1 or args.max_queue < 0:
         raise LLMModulesError(f"--max-batch must be >= 1 and --max-queue >= 0, got {args.max_batch} and {args.max_queue}")
-    check_listen_address(args.host, args.port)
+    device, dtype = device_and_dtype(args)
+    check_listen_address(args.host, args.port)  # before the model loads
     serve(args.model, args.host, args.port, max_batch=args.max_batch, max_queue=args.max_queue,
           max_tokens=args.max_tokens, template=args.template, name=args.name,
-          allow_large_mismatch=args.allow_large_mismatch, **dict(zip(("device", "dtype"), device_and_dtype(args))))
+          allow_large_mismatch=args.allow_large_mismatch, device=device, dtype=dtype)
     return 0
 
 

@@ -210,6 +210,7 @@ class StateCache:
             index = cls._read_index(root / key, key, dtype)
             lease = take_lease(root / key) if index is not None else None
         return None if index is None else cls(root / key, index, built=built, lease=lease)
+
     @classmethod
     def open_or_build(cls, root: str | Path, key: str, model: Any, examples: Sequence[Any], dtype: str = "float32",
                       batch_size: int = 8, progress: bool = True, shard_bytes: int = SHARD_BYTES,
