@@ -21,7 +21,7 @@ from safetensors.torch import load_file
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from llm_modules.bridges import BridgeCache, BridgeShape, bridge_classes
+from llm_modules.bridges import BridgeCache, BridgeShape, LargeView, bridge_classes
 from llm_modules.decoding.steppers import Decoder
 from llm_modules.errors import LLMModulesError
 from llm_modules.losses import next_token_loss
@@ -300,6 +300,7 @@ class LLMModulesModel(nn.Module):
         logits_to_keep: int = 0,
         return_logits: bool = True,
         loss_reduction: str = "mean",
+        large_source: torch.Tensor | None = None,
     ) -> ComposedOutput:
         """Logits over the large vocabulary for every new position.
 
@@ -309,6 +310,10 @@ class LLMModulesModel(nn.Module):
         forward (training from cached states); input_ids are still needed with small_inputs "mapped". `logits_to_keep=n` keeps the last n.
         With labels and `return_logits=False` the head runs only where a label is predicted (the
         vocabulary projection is the costliest step of training) and `logits` is None.
+        `large_source` (B, T): for each position, the index (within this call, no cache) of the last
+        large state the bridge may read there, -1 for none (default: its own). A drafter trains with
+        lagged sources (`lagged_source`), as the large model's states exist only up to the last
+        verified token while it drafts; the bridge reads nothing after a position's source.
         """
         if input_ids is None and large_states is None:
             raise ValueError("give input_ids or large_states")
@@ -342,8 +347,9 @@ class LLMModulesModel(nn.Module):
             cache.bridge = bridge_cache = cache.bridge or BridgeCache()
         # the large model may live on other devices (a device map) and in another precision
         bridge_states = large_states[:, :, self._bridge_taps].to(self.device, self.small.dtype)  # (B, T, Kb, dL)
+        view = None if large_source is None else self._view(bridge_states, attention_mask, large_source, cache)
         # The bridge also readies any hooks it has inside the small decoder for the call below.
-        embeds = self.bridge(bridge_states, attention_mask, self.config.causal, bridge_cache)  # (B, T, dS) or None
+        embeds = self.bridge(bridge_states, attention_mask, self.config.causal, bridge_cache, view)  # (B, T, dS) or None
         if self.vocab_map is not None:
             if input_ids is None:
                 raise LLMModulesError("small_inputs='mapped' embeds the token ids: pass input_ids with large_states")
@@ -375,6 +381,23 @@ class LLMModulesModel(nn.Module):
         logits = self.head(s, final, large_head)  # (B, T, V)
         loss = next_token_loss(logits, labels, loss_reduction) if labels is not None else None
         return ComposedOutput(logits=logits, loss=loss, cache=cache if use_cache else None)
+
+    def _view(self, states: torch.Tensor, attention_mask: torch.Tensor, source: torch.Tensor,
+              cache: ComposedCache | None) -> LargeView:
+        """The LargeView of `source` (B, T) over this call's bridge states (B, T, Kb, dL)."""
+        if cache is not None and cache.length:
+            raise LLMModulesError("large_source indexes the positions of one call; it cannot follow a cache")
+        if self._head_tap is not None:
+            raise LLMModulesError(
+                "the residual head adds the large model's logits at the very position it predicts from, which a "
+                "lagged or prompt-only read does not have: use --head projected or new")
+        if source.shape != states.shape[:2]:
+            raise LLMModulesError(f"large_source has shape {tuple(source.shape)}; expected (B, T) = {tuple(states.shape[:2])}")
+        source = source.to(states.device).long()
+        real = attention_mask[:, -states.shape[1]:].to(states.device).bool()  # (B, T): padding is never a source
+        source = torch.where((source >= 0) & real.gather(1, source.clamp(min=0)), source, -1)
+        picked = states.gather(1, source.clamp(min=0)[:, :, None, None].expand_as(states))  # (B, T, Kb, dL)
+        return LargeView(source, picked * (source >= 0)[:, :, None, None].to(states.dtype))
 
     def _chunked_head_loss(self, s: torch.Tensor, h: torch.Tensor | None, large_head: nn.Module,
                            targets: torch.Tensor) -> torch.Tensor:
