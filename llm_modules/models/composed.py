@@ -301,6 +301,8 @@ class LLMModulesModel(nn.Module):
         return_logits: bool = True,
         loss_reduction: str = "mean",
         large_source: torch.Tensor | None = None,
+        large_view: LargeView | None = None,
+        large_mask: torch.Tensor | None = None,
     ) -> ComposedOutput:
         """Logits over the large vocabulary for every new position.
 
@@ -314,6 +316,11 @@ class LLMModulesModel(nn.Module):
         large state the bridge may read there, -1 for none (default: its own). A drafter trains with
         lagged sources (`lagged_source`), as the large model's states exist only up to the last
         verified token while it drafts; the bridge reads nothing after a position's source.
+        `large_view` gives the view outright, for callers that decode with a cache (a drafter, a decoder
+        reading the prompt only): its sources index all key positions (cached + new) and its states are
+        the large states at those sources, in the bridge's taps (B, T, Kb, dL). `large_mask` (B, S) marks
+        the key positions whose large states are real (default: attention_mask); positions without one
+        (tokens the large model has not read yet) pass zeros in `large_states` and 0 here.
         """
         if input_ids is None and large_states is None:
             raise ValueError("give input_ids or large_states")
@@ -347,9 +354,15 @@ class LLMModulesModel(nn.Module):
             cache.bridge = bridge_cache = cache.bridge or BridgeCache()
         # the large model may live on other devices (a device map) and in another precision
         bridge_states = large_states[:, :, self._bridge_taps].to(self.device, self.small.dtype)  # (B, T, Kb, dL)
-        view = None if large_source is None else self._view(bridge_states, attention_mask, large_source, cache)
+        view = large_view
+        if large_source is not None:
+            view = self._view(bridge_states, attention_mask, large_source, cache)
+        elif view is not None:
+            self._check_view(view)
+            view = LargeView(view.source.to(self.device), view.states.to(self.device, self.small.dtype))
+        key_mask = attention_mask if large_mask is None else large_mask.to(attention_mask.device)
         # The bridge also readies any hooks it has inside the small decoder for the call below.
-        embeds = self.bridge(bridge_states, attention_mask, self.config.causal, bridge_cache, view)  # (B, T, dS) or None
+        embeds = self.bridge(bridge_states, key_mask, self.config.causal, bridge_cache, view)  # (B, T, dS) or None
         if self.vocab_map is not None:
             if input_ids is None:
                 raise LLMModulesError("small_inputs='mapped' embeds the token ids: pass input_ids with large_states")
@@ -386,11 +399,9 @@ class LLMModulesModel(nn.Module):
               cache: ComposedCache | None) -> LargeView:
         """The LargeView of `source` (B, T) over this call's bridge states (B, T, Kb, dL)."""
         if cache is not None and cache.length:
-            raise LLMModulesError("large_source indexes the positions of one call; it cannot follow a cache")
-        if self._head_tap is not None:
-            raise LLMModulesError(
-                "the residual head adds the large model's logits at the very position it predicts from, which a "
-                "lagged or prompt-only read does not have: use --head projected or new")
+            raise LLMModulesError("large_source indexes the positions of one call; it cannot follow a cache "
+                                  "(pass large_view)")
+        self._check_view(None)
         if source.shape != states.shape[:2]:
             raise LLMModulesError(f"large_source has shape {tuple(source.shape)}; expected (B, T) = {tuple(states.shape[:2])}")
         source = source.to(states.device).long()
@@ -398,6 +409,12 @@ class LLMModulesModel(nn.Module):
         source = torch.where((source >= 0) & real.gather(1, source.clamp(min=0)), source, -1)
         picked = states.gather(1, source.clamp(min=0)[:, :, None, None].expand_as(states))  # (B, T, Kb, dL)
         return LargeView(source, picked * (source >= 0)[:, :, None, None].to(states.dtype))
+
+    def _check_view(self, view: LargeView | None) -> None:
+        if self._head_tap is not None:
+            raise LLMModulesError(
+                "the residual head adds the large model's logits at the very position it predicts from, which a "
+                "lagged or prompt-only read does not have: use --head projected or new")
 
     def _chunked_head_loss(self, s: torch.Tensor, h: torch.Tensor | None, large_head: nn.Module,
                            targets: torch.Tensor) -> torch.Tensor:
