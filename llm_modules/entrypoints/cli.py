@@ -168,7 +168,7 @@ def add_train_flags(parser: argparse.ArgumentParser) -> None:
         elif name in CHOICES:
             parser.add_argument(flag, choices=CHOICES[name], default=None, help=text)
         else:
-            kind = {"int": int, "float": float}.get(str(field.type), str)
+            kind = {"int": int, "float": float, "int | None": int}.get(str(field.type), str)
             parser.add_argument(flag, type=kind, default=None, metavar=name.upper(), help=text)
 
 

@@ -65,6 +65,22 @@ class ComposedOutput:
     cache: ComposedCache | None = None
 
 
+def keep_first_layers(model: nn.Module, n: int, spec: str) -> None:
+    """Cut a Hugging Face causal LM down to its first `n` decoder layers, in place (config included)."""
+    from llm_modules.bridges.base import decoder_layers
+
+    layers = decoder_layers(model.base_model)
+    if n > len(layers):
+        raise LLMModulesError(f"small_layers={n}, but the small model {spec!r} has only {len(layers)} layers")
+    parent = model.base_model
+    name = next(k for k, v in parent.named_children() if v is layers)
+    setattr(parent, name, nn.ModuleList(list(layers)[:n]))
+    config = model.config.get_text_config()
+    config.num_hidden_layers = n
+    if getattr(config, "layer_types", None):
+        config.layer_types = list(config.layer_types)[:n]
+
+
 class LLMModulesModel(nn.Module):
     """A frozen large causal LM feeding a small trainable causal LM through a bridge.
 
@@ -100,6 +116,8 @@ class LLMModulesModel(nn.Module):
         # The small model keeps only its decoder: its old LM head is dropped. With small_inputs
         # "bridge" its token embeddings (unused: it reads the bridge through inputs_embeds) become a
         # frozen 1-row stub; with "mapped" they stay, frozen unless config.train_embeddings.
+        if config.small_layers is not None:
+            keep_first_layers(small, config.small_layers, config.small)
         self.small = small.base_model
         self.small.requires_grad_(config.train_small)
         small_dim = self.small.get_input_embeddings().weight.shape[1]

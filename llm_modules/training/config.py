@@ -67,6 +67,7 @@ HELP: dict[str, str] = {
     "train_embeddings": "with --small-inputs mapped: train the small model's token embeddings too",
     "train_small": "composed: train the small model's own weights; --no-train-small freezes them (CALM's setting), "
                    "so only the bridge, the head and any --train-embeddings train",
+    "small_layers": "keep only the small model's first N decoder layers (a cheaper drafter or decoder); default: all",
     "large_layers": "ladder and xattn: large hidden states to tap, e.g. 3,7,11 (empty: every 4th, ending at the last)",
     "small_stride": "xattn: a cross-attention block after every N-th small layer",
     "gate_temperature": "ladder and xattn: T of the tanh(alpha / T) gates; smaller opens them faster (LST: 0.1)",
@@ -145,6 +146,7 @@ class TrainConfig:
     small_inputs: str = ComposeConfig.small_inputs
     train_embeddings: bool = ComposeConfig.train_embeddings
     train_small: bool = ComposeConfig.train_small
+    small_layers: int | None = ComposeConfig.small_layers
     # bridge options (each passed only to the bridges that have it): eca
     num_layers: int = EcaOptions.num_layers
     num_heads: int = EcaOptions.num_heads  # eca and xattn
