@@ -181,11 +181,12 @@ class LLMModulesModel(nn.Module):
     @classmethod
     def _build(cls, config: ComposeConfig, dtype: torch.dtype, large_dtype: torch.dtype | None, device: Any,
                saved_in: Path | None = None, allow_large_mismatch: bool = False, vocab_map: VocabMap | None = None,
-               large_placement: dict[str, Any] | None = None):
+               large_placement: dict[str, Any] | None = None, large: Any = None):
         from llm_modules.models import large_identity
         from llm_modules.models.specs import resolve_model
 
-        large = resolve_model(config.large, dtype=large_dtype or dtype, with_tokenizer=True, placement=large_placement)
+        if large is None:
+            large = resolve_model(config.large, dtype=large_dtype or dtype, with_tokenizer=True, placement=large_placement)
         if saved_in is None:  # composed now: pin this large model in the config that gets saved
             config.large_identity = large_identity.record(large.model)
         else:
@@ -498,6 +499,7 @@ class LLMModulesModel(nn.Module):
         device: str | torch.device | None = None,
         allow_large_mismatch: bool = False,
         large_placement: dict[str, Any] | None = None,
+        large: Any = None,
     ) -> "LLMModulesModel":
         """Rebuild from a folder written by `save_pretrained` (or a training run folder: its best/, else
         last/): specs from the JSON, weights from safetensors.
@@ -516,7 +518,7 @@ class LLMModulesModel(nn.Module):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # the leak warning was given when the model was composed
             model = cls._build(config, dtype, large_dtype, None, directory, allow_large_mismatch, vocab_map=vocab_map,
-                               large_placement=large_placement)
+                               large_placement=large_placement, large=large)
         if not config.causal:
             warnings.warn(LEAK_WARNING, stacklevel=2)
         model.load_trained_state_dict(state)
