@@ -235,3 +235,88 @@ def test_shift_right_moves_each_row_by_its_own_amount():
     t = torch.arange(1, 13).view(2, 6).float()
     out = shift_right(t, torch.tensor([0, 2]), 1)
     assert out.tolist() == [[1, 2, 3, 4, 5, 6], [0, 0, 7, 8, 9, 10]]
+
+
+def test_generate_with_a_drafter_gives_the_targets_tokens_and_streams_them_in_order(mapped_pair):
+    from llm_modules.decoding.generation import generate
+
+    drafter = _drafter(mapped_pair, "ladder")
+    target = drafter.large
+    prompts = _prompts(drafter.vocab_size, n=3, seed=5)
+    from llm_modules.tensors import left_pad
+
+    ids, mask = left_pad(prompts, 0)
+    alone = generate(target, ids, mask, max_new_tokens=11, eos_token_id=[])
+    streamed = []
+    spec = generate(target, ids, mask, max_new_tokens=11, eos_token_id=[], on_token=streamed.append,
+                    drafter=ComposedDrafter(drafter, draft_tokens=3))
+    assert torch.equal(spec, alone)
+    assert torch.equal(torch.stack(streamed, 1), alone[:, ids.shape[1]:])
+
+
+SAMPLES = 1200
+
+
+def test_sampled_speculative_tokens_follow_the_targets_distribution(mapped_pair):
+    """The first two sampled tokens (top-k 3, so 9 cells) over 1200 seeds: chi-square against the target's
+    exact joint distribution, p = 0.001 (26.1 for 8 degrees of freedom; cells merged up to 5 expected)."""
+    drafter = _drafter(mapped_pair, "eca").float()
+    target = drafter.large
+    prompt = _prompts(drafter.vocab_size, n=1, seed=8)[0]
+    options = SamplingOptions(max_new_tokens=2, do_sample=True, temperature=1.5, top_k=3)
+    eos = []
+    # exact joint of the target alone, with the same processors
+    with torch.no_grad():
+        base = Sequence(prompt, options, eos)
+        first = base.processors(torch.tensor([prompt]), target(torch.tensor([prompt])).logits[:, -1].float())[0]
+        p1 = torch.softmax(first, -1)
+        joint = {}
+        for t1 in torch.nonzero(p1 > 0).flatten().tolist():
+            ids = torch.tensor([prompt + [t1]])
+            second = base.processors(ids, target(ids).logits[:, -1].float())[0]
+            for t2, p2 in enumerate(torch.softmax(second, -1).tolist()):
+                if p2 > 0:
+                    joint[(t1, t2)] = float(p1[t1]) * p2
+    counts = dict.fromkeys(joint, 0)
+    n = SAMPLES
+    # every seed is a row of one batch (rows keep their own generators): one prefill, a few verify passes
+    seqs = [Sequence(prompt, options, eos, generator=torch.Generator().manual_seed(seed)) for seed in range(n)]
+    batch = SpeculativeBatch(target, ComposedDrafter(drafter, draft_tokens=2))
+    batch.add(seqs)
+    while batch.rows:
+        batch.step()
+    for seq in seqs:
+        counts[tuple(seq.tokens)] += 1
+    cells = sorted(joint, key=joint.get)
+    chi2, merged_e, merged_o = 0.0, 0.0, 0
+    for cell in cells:
+        merged_e += joint[cell] * n
+        merged_o += counts[cell]
+        if merged_e >= 5:
+            chi2 += (merged_o - merged_e) ** 2 / merged_e
+            merged_e, merged_o = 0.0, 0
+    assert chi2 < 26.1, chi2  # p = 0.001 for up to 8 degrees of freedom
+
+
+def test_a_draft_vocabulary_drafts_only_its_tokens_and_keeps_the_targets_output(mapped_pair):
+    from llm_modules.models.drafting import draft_vocabulary
+
+    drafter = _drafter(mapped_pair, "eca")
+    target = drafter.large
+    prompts = _prompts(drafter.vocab_size, seed=6)
+    options = [SamplingOptions(max_new_tokens=10)] * 4
+    alone = _target_alone(target, prompts, options)
+    vocab = draft_vocabulary(alone + prompts, 30, always=[0])
+    assert vocab.numel() <= 31 and torch.equal(vocab, vocab.sort().values)
+    inner = ComposedDrafter(drafter, draft_tokens=3, vocab=vocab)
+    proposed = []
+    original = inner.propose
+
+    def spy(first, k, rows):
+        drafts, q = original(first, k, rows)
+        proposed.extend(drafts.flatten().tolist())
+        return drafts, q
+
+    inner.propose = spy
+    assert _run(SpeculativeBatch(target, inner), prompts, options) == alone
+    assert proposed and set(proposed) <= set(vocab.tolist())

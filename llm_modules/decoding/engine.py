@@ -32,6 +32,7 @@ from transformers import (
     TopPLogitsWarper,
 )
 
+from llm_modules.decoding.speculative import SpeculativeBatch
 from llm_modules.decoding.steppers import right_aligned, stepper_for
 from llm_modules.errors import LLMModulesError
 from llm_modules.tensors import left_pad
@@ -174,6 +175,10 @@ class DecodeBatch:
     def width(self) -> int:
         return 0 if self.mask is None else self.mask.shape[1]
 
+    @property
+    def max_positions(self) -> int | None:
+        return self.stepper.max_positions
+
     def add(self, seqs: list[Sequence]) -> None:
         """Prefill the newcomers together (left-padded) and join them to the running rows."""
         if not seqs:
@@ -284,15 +289,16 @@ class Engine:
     with `max_batch + max_queue` requests in hand `submit` raises EngineFull. `Sequence.cancel()`
     frees a row (or a place in the queue) at the next step."""
 
-    def __init__(self, model: Any, tokenizer: Any, max_batch: int = 8, max_queue: int = 64):
+    def __init__(self, model: Any, tokenizer: Any, max_batch: int = 8, max_queue: int = 64, drafter: Any = None):
         if max_batch < 1 or max_queue < 0:
             raise LLMModulesError(f"max_batch must be >= 1 and max_queue >= 0, got {max_batch} and {max_queue}")
         self.model, self.tokenizer = model.eval(), tokenizer
         self.max_batch, self.max_queue = max_batch, max_queue
         self.eos_ids = model_eos_ids(model, tokenizer)
         pad = getattr(tokenizer, "pad_token_id", None)
-        self.batch = DecodeBatch(model, pad if pad is not None else (self.eos_ids[0] if self.eos_ids else 0))
-        self.max_positions = self.batch.stepper.max_positions
+        pad = pad if pad is not None else (self.eos_ids[0] if self.eos_ids else 0)
+        self.batch = DecodeBatch(model, pad) if drafter is None else SpeculativeBatch(model, drafter, pad)
+        self.max_positions = self.batch.max_positions
         self._waiting: list[Sequence] = []
         self._wake = threading.Condition()
         self._stop = False

@@ -21,6 +21,7 @@ from llm_modules.decoding.engine import (
     Sequence,
     model_eos_ids,
 )
+from llm_modules.decoding.speculative import SpeculativeBatch
 from llm_modules.errors import LLMModulesError
 
 
@@ -44,6 +45,7 @@ def generate(
     use_cache: bool = True,
     generator: torch.Generator | None = None,
     on_token: Callable[[torch.Tensor], None] | None = None,
+    drafter: Any = None,
 ) -> torch.Tensor:
     """Generate up to `max_new_tokens` tokens; returns (B, prompt + new) ids including the prompt.
 
@@ -52,6 +54,8 @@ def generate(
     `pad_token_id` (default: the first EOS id). `streamer` follows transformers' streamer protocol
     (`put(ids)`, `end()`), e.g. TextStreamer; `on_token(ids)` is a plain callback with the (B,)
     ids of each step.
+    `drafter` (a `decoding.speculative.Drafter`, e.g. `models.drafting.ComposedDrafter`) decodes speculatively:
+    the same tokens (greedy) or the same distribution (sampling), in fewer passes of `model`.
     """
     was_training = model.training
     model.eval()
@@ -62,13 +66,14 @@ def generate(
                 temperature=temperature, top_k=top_k, top_p=top_p, repetition_penalty=repetition_penalty,
                 stop_strings=stop_strings,
             ), max_new_tokens, eos_token_id, pad_token_id, tokenizer, streamer, use_cache, generator, on_token,
+            drafter,
         )
     finally:
         model.train(was_training)
 
 
 def _generate(model, input_ids, attention_mask, options, max_new_tokens, eos_token_id, pad_token_id, tokenizer,
-              streamer, use_cache, generator, on_token):
+              streamer, use_cache, generator, on_token, drafter=None):
     device = model.device
     ids = input_ids.to(device)
     mask = (attention_mask if attention_mask is not None else torch.ones_like(ids)).to(device)
@@ -88,19 +93,20 @@ def _generate(model, input_ids, attention_mask, options, max_new_tokens, eos_tok
     pad = pad_token_id if pad_token_id is not None else (eos[0] if eos else 0)
     tokenizer = tokenizer or getattr(model, "tokenizer", None)
     rows = [Sequence(row[keep.bool()].tolist(), options, eos, tokenizer, generator) for row, keep in zip(ids, mask)]
-    batch = DecodeBatch(model, pad, use_cache)
+    batch = DecodeBatch(model, pad, use_cache) if drafter is None else SpeculativeBatch(model, drafter, pad)
     batch.add(rows)
     if streamer is not None:
         streamer.put(ids.cpu())
-    steps = 0
+    steps = 0  # new positions given out so far (a speculative step may add several per row)
     while batch.rows:
         batch.step()
-        steps += 1
-        step_ids = torch.tensor([r.tokens[steps - 1] if len(r.tokens) >= steps else pad for r in rows])  # (B,)
-        if streamer is not None:
-            streamer.put(step_ids)
-        if on_token is not None:
-            on_token(step_ids.to(device))
+        for _ in range(steps, max(len(r.tokens) for r in rows)):
+            steps += 1
+            step_ids = torch.tensor([r.tokens[steps - 1] if len(r.tokens) >= steps else pad for r in rows])  # (B,)
+            if streamer is not None:
+                streamer.put(step_ids)
+            if on_token is not None:
+                on_token(step_ids.to(device))
     if streamer is not None:
         streamer.end()
     new = torch.tensor([r.tokens + [pad] * (steps - len(r.tokens)) for r in rows], dtype=ids.dtype, device=device)

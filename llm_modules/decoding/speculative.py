@@ -17,13 +17,13 @@ take it in its place.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 import torch
 
-from llm_modules.decoding.engine import Sequence
-from llm_modules.decoding.steppers import Decoder, PlainStepper, Slot, hf_slots, right_aligned
+from llm_modules.decoding.steppers import Decoder, PlainStepper, Slot, right_aligned
 from llm_modules.errors import LLMModulesError
 from llm_modules.tensors import left_pad, positions_from_mask
 
@@ -69,7 +69,7 @@ class Drafter(Protocol):
     def add(self, ids: torch.Tensor, mask: torch.Tensor, states: torch.Tensor | None) -> None:
         """New rows (left-padded prompts, mask, the target's states at `taps` over them) join the batch."""
 
-    def propose(self, first: torch.Tensor, k: int, rows: list[Sequence]) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def propose(self, first: torch.Tensor, k: int, rows: list[Any]) -> tuple[torch.Tensor, torch.Tensor | None]:
         """first (B,): each row's token that the target has not read yet -> (B, k) drafts following it and,
         when some row samples, the drafter's probabilities (B, k, V) they were drawn from."""
 
@@ -142,6 +142,9 @@ class SpeculativeStats:
     drafted: int = 0
     accepted: int = 0
     emitted: int = 0
+    draft_seconds: float = 0.0  # the drafter's proposals
+    verify_seconds: float = 0.0  # the target's passes over first + K drafts
+    rollback_seconds: float = 0.0  # acceptance, rolling caches back, the drafter's commit
 
     @property
     def accepted_per_pass(self) -> float:
@@ -167,10 +170,11 @@ class SpeculativeBatch:
         self.stepper = TargetStepper(target, drafter.taps)
         self.device = target.device
         self.pad_id = pad_id
-        self.rows: list[Sequence] = []
+        self.rows: list[Any] = []
         self.ids = self.mask = self.cache = None
         self.pending: list[int] = []
         self.stats = SpeculativeStats()
+        drafter.last_batch_stats = self.stats  # how the last batch it drafted for went (read by benchmarks)
 
     @property
     def width(self) -> int:
@@ -178,10 +182,10 @@ class SpeculativeBatch:
 
     @property
     def max_positions(self) -> int | None:
-        limit = self.stepper.max_positions
-        return None if limit is None else limit - self.k - 1  # a verify pass reads K + 1 positions ahead
+        limits = [x for x in (self.stepper.max_positions, getattr(self.drafter, "max_positions", None)) if x is not None]
+        return min(limits) - self.k - 1 if limits else None  # a verify pass reads K + 1 positions ahead
 
-    def add(self, seqs: list[Sequence]) -> None:
+    def add(self, seqs: list[Any]) -> None:
         if not seqs:
             return
         ids, mask = left_pad([s.prompt for s in seqs], self.pad_id, self.device)
@@ -233,13 +237,13 @@ class SpeculativeBatch:
         if len(going) < len(self.rows):
             self._keep(going)
 
-    def step(self) -> list[tuple[Sequence, int]]:
+    def step(self) -> list[tuple[Any, int]]:
         """One verify pass: emits 1 to K + 1 tokens per row; returns (row, token) in order."""
         for seq in self.rows:
             if seq._cancelled:
                 seq.finish("cancelled")
         self._drop_finished()
-        emitted: list[tuple[Sequence, int]] = []
+        emitted: list[tuple[Any, int]] = []
         for seq, token in zip(self.rows, self.pending):  # each row's pending token is the target's own
             seq.append(token)
             emitted.append((seq, token))
@@ -248,11 +252,14 @@ class SpeculativeBatch:
             return emitted
         k = self.k
         first = torch.tensor(self.pending, device=self.device)  # (B,)
+        clock = time.perf_counter()
         drafts, q = self.drafter.propose(first, k, self.rows)  # (B, k), (B, k, V) or None
         inputs = torch.cat([first[:, None], drafts.to(self.device)], 1)  # (B, k + 1)
         self.ids = torch.cat([self.ids, inputs], 1)
         self.mask = torch.cat([self.mask, torch.ones_like(inputs)], 1)
+        clock = self._lap("draft_seconds", clock)
         logits, states, self.cache = self.stepper.run(inputs, self.mask, self.cache)  # (B, k + 1, V)
+        clock = self._lap("verify_seconds", clock)
         accepted, pending = [], []
         logits = logits.float().cpu()
         drafts_cpu = drafts.cpu()
@@ -273,6 +280,7 @@ class SpeculativeBatch:
         drop_last(self.stepper.slots(self.cache), drop, width)
         self.stepper.set_length(self.cache, width)
         self.drafter.commit(accepted_t, inputs, states)
+        self._lap("rollback_seconds", clock)
         for b, seq in enumerate(list(self.rows)):
             for token in drafts_cpu[b, : accepted[b]].tolist():
                 if seq.finished:
@@ -286,7 +294,12 @@ class SpeculativeBatch:
             self.ids, self.mask = self._aligned(self.ids, self.mask, self.cache, real)
         return emitted
 
-    def _check(self, seq: Sequence, drafts: torch.Tensor, q: torch.Tensor | None, logits: torch.Tensor
+    def _lap(self, name: str, since: float) -> float:
+        now = time.perf_counter()
+        setattr(self.stats, name, getattr(self.stats, name) + now - since)
+        return now
+
+    def _check(self, seq: Any, drafts: torch.Tensor, q: torch.Tensor | None, logits: torch.Tensor
                ) -> tuple[int, int]:
         """The row's accepted count and next token, with its own processors applied at every position
         (the prefix each sees includes the drafts before it)."""

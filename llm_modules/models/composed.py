@@ -322,6 +322,7 @@ class LLMModulesModel(nn.Module):
         large_source: torch.Tensor | None = None,
         large_view: LargeView | None = None,
         large_mask: torch.Tensor | None = None,
+        vocab_rows: torch.Tensor | None = None,
     ) -> ComposedOutput:
         """Logits over the large vocabulary for every new position.
 
@@ -340,6 +341,7 @@ class LLMModulesModel(nn.Module):
         the large states at those sources, in the bridge's taps (B, T, Kb, dL). `large_mask` (B, S) marks
         the key positions whose large states are real (default: attention_mask); positions without one
         (tokens the large model has not read yet) pass zeros in `large_states` and 0 here.
+        `vocab_rows` (n,): logits over those vocabulary ids only (B, T, n) (a drafter's smaller vocabulary).
         """
         if input_ids is None and large_states is None:
             raise ValueError("give input_ids or large_states")
@@ -410,7 +412,7 @@ class LLMModulesModel(nn.Module):
         if logits_to_keep:
             s = s[:, -logits_to_keep:]
             final = final[:, -logits_to_keep:] if final is not None else None
-        logits = self.head(s, final, large_head)  # (B, T, V)
+        logits = self.head(s, final, large_head, vocab_rows)  # (B, T, V), or (B, T, n) over vocab_rows
         loss = next_token_loss(logits, labels, loss_reduction) if labels is not None else None
         return ComposedOutput(logits=logits, loss=loss, cache=cache if use_cache else None)
 

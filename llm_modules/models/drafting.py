@@ -28,13 +28,15 @@ from llm_modules.tensors import draft_source
 class ComposedDrafter:
     """Drafts for a SpeculativeBatch with an LLMModulesModel whose large model is the target."""
 
-    def __init__(self, model: Any, draft_tokens: int = 4, pad_id: int = 0):
+    def __init__(self, model: Any, draft_tokens: int = 4, pad_id: int = 0, vocab: torch.Tensor | None = None):
         if model.config.head == "residual":
             raise LLMModulesError("a drafter cannot use the residual head: it adds the large model's logits at the "
                                   "very position it drafts, which the target has not computed yet")
         if not model.config.causal:
             raise LLMModulesError("a drafter must be causal")
         self.model = model.eval()
+        # drafts come from these vocabulary ids only (None: all): the head's cost falls with their number
+        self.vocab = None if vocab is None else torch.as_tensor(vocab, dtype=torch.long, device=model.device)
         self.draft_tokens = draft_tokens
         self.pad_id = pad_id
         self.taps = list(model.large_taps)
@@ -45,6 +47,11 @@ class ComposedDrafter:
         self.frontier: torch.Tensor | None = None  # (B, K, dL) the target's state at each row's last verified token
         self.chunk: list[list[int]] = []
         self.chunk_states: list[torch.Tensor | None] = []  # per row (n, K, dL)
+        self.last_batch_stats: Any = None  # set by the SpeculativeBatch it drafts for
+
+    @property
+    def max_positions(self) -> int | None:
+        return self.model.small_max_positions
 
     @property
     def width(self) -> int:
@@ -117,9 +124,13 @@ class ComposedDrafter:
         self.large_mask = torch.cat([self.large_mask, large_new], 1)
         out = self.model(input_ids=ids, attention_mask=self.mask, large_states=key_states, cache=self.cache,
                          use_cache=True, logits_to_keep=1, large_view=LargeView(source, query_states),
-                         large_mask=self.large_mask)
+                         large_mask=self.large_mask, vocab_rows=self.vocab)
         self.cache = out.cache
-        return out.logits[:, -1]  # (B, V)
+        logits = out.logits[:, -1]  # (B, V), or (B, n) over self.vocab
+        if self.vocab is None:
+            return logits
+        full = logits.new_full((logits.shape[0], self.model.vocab_size), float("-inf"))
+        return full.index_copy_(1, self.vocab, logits)  # outside the draft vocabulary: probability 0
 
     @torch.no_grad()
     def propose(self, first: torch.Tensor, k: int, rows: list[Sequence]) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -205,3 +216,15 @@ def _shifted(source: torch.Tensor, pad: int) -> torch.Tensor:
     real = source[: width - pad]
     return torch.cat([torch.full((pad,), -1, dtype=torch.long, device=source.device),
                       torch.where(real >= 0, real + pad, -1)])
+
+
+def draft_vocabulary(sequences: list[list[int]], size: int, always: list[int] = ()) -> torch.Tensor:
+    """The `size` most frequent token ids of `sequences` (ties: the smaller id), plus `always` (e.g. the
+    end-of-sequence ids), sorted: a drafter's smaller vocabulary (EAGLE-3 keeps the target's 32k most
+    frequent). Tokens outside it are never drafted; the target still emits them."""
+    counts: dict[int, int] = {}
+    for seq in sequences:
+        for t in seq:
+            counts[t] = counts.get(t, 0) + 1
+    top = sorted(counts, key=lambda t: (-counts[t], t))[:size]
+    return torch.tensor(sorted(set(top) | set(always)), dtype=torch.long)
