@@ -155,13 +155,14 @@ def add_train_flags(parser: argparse.ArgumentParser) -> None:
 
     The help names TrainConfig's default, which applies when neither the flag nor --config gives one.
     """
-    from llm_modules.training.config import CHOICES, HELP, TrainConfig
+    from llm_modules.training.config import CHOICES, HELP, METHOD_DEFAULTS, TrainConfig
 
     for name, field in TrainConfig.fields().items():
         flag = "--" + name.replace("_", "-")
         text = HELP.get(name, "")
-        if field.default is not dataclasses.MISSING:
-            text += f" (default: {field.default if field.default != '' else 'empty'})"
+        default = METHOD_DEFAULTS["composed"].get(name, field.default)  # head, small_inputs: per method
+        if default is not dataclasses.MISSING:
+            text += f" (default: {default if default != '' else 'empty'})"
         text = text.replace("%", "%%")
         if field.type in ("bool", bool):
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=text)

@@ -63,6 +63,7 @@ class ComposedOutput:
     logits: torch.Tensor | None  # (B, T, |V_large|), or the last `logits_to_keep` positions
     loss: torch.Tensor | None = None
     cache: ComposedCache | None = None
+    hidden: torch.Tensor | None = None  # (B, T, dS) the small model's output, with return_hidden=True
 
 
 def keep_first_layers(model: nn.Module, n: int, spec: str) -> None:
@@ -246,19 +247,25 @@ class LLMModulesModel(nn.Module):
         )
         return counts
 
+    @property
+    def large_head(self) -> nn.Module:
+        """The large model's output embedding (frozen): the large logits are large_head(final hidden state)."""
+        return self.large.get_submodule(self._large_head_name)
+
     # ------------------------------------------------------------------ freeing the large model
     @property
     def large_released(self) -> bool:
         return isinstance(self._large_decoder.module, Released)
 
-    def release_large(self) -> bool:
+    def release_large(self, keep_head: bool = False) -> bool:
         """Free the large model's weights that training from cached states never reads.
 
         Its body (embeddings, layers, final norm) goes, and its output embedding too when the head
-        is `new` (the other heads read it). What remains are the head's frozen weights. Calling the
-        large model afterwards is an error until `restore_large()` reloads it from its spec. A
-        `config:` large model (random weights) cannot be reloaded as it was, so it is kept; the
-        return value says whether anything was freed.
+        is `new` (the other heads read it) unless `keep_head` (a drafter's targets are the large
+        model's logits: its head over the cached final states). What remains are the head's frozen
+        weights. Calling the large model afterwards is an error until `restore_large()` reloads it
+        from its spec. A `config:` large model (random weights) cannot be reloaded as it was, so it is
+        kept; the return value says whether anything was freed.
         """
         if self.large_released:
             return True
@@ -268,7 +275,7 @@ class LLMModulesModel(nn.Module):
         first = next(body.parameters())
         self._large_place = (first.dtype, first.device)
         setattr(self.large, self.large.base_model_prefix, Released())
-        if self.config.head == "new":
+        if self.config.head == "new" and not keep_head:
             parent, _, name = self._large_head_name.rpartition(".")
             setattr(self.large.get_submodule(parent), name, Released())
         else:  # the head stays, in a copy of its own: loaded weights may all live in one memory map of
@@ -301,11 +308,14 @@ class LLMModulesModel(nn.Module):
         position_ids: torch.Tensor,
         cache: Any = None,
         use_cache: bool = False,
+        taps: list[int] | None = None,
     ) -> tuple[torch.Tensor, Any]:
-        """Frozen large model -> its hidden states (B, T, K, dL) at `self.large_taps`, and its KV cache."""
+        """Frozen large model -> its hidden states (B, T, K, dL) at `taps` (default `self.large_taps`), and
+        its KV cache."""
         return tapped_states(
-            self._large_decoder, self.large_taps, self.num_large_layers, cache=cache, use_cache=use_cache,
-            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+            self._large_decoder, self.large_taps if taps is None else taps, self.num_large_layers,
+            cache=cache, use_cache=use_cache, input_ids=input_ids, attention_mask=attention_mask,
+            position_ids=position_ids,
         )
 
     def forward(
@@ -323,6 +333,7 @@ class LLMModulesModel(nn.Module):
         large_view: LargeView | None = None,
         large_mask: torch.Tensor | None = None,
         vocab_rows: torch.Tensor | None = None,
+        return_hidden: bool = False,
     ) -> ComposedOutput:
         """Logits over the large vocabulary for every new position.
 
@@ -342,6 +353,8 @@ class LLMModulesModel(nn.Module):
         the key positions whose large states are real (default: attention_mask); positions without one
         (tokens the large model has not read yet) pass zeros in `large_states` and 0 here.
         `vocab_rows` (n,): logits over those vocabulary ids only (B, T, n) (a drafter's smaller vocabulary).
+        `return_hidden=True` stops before the head: `hidden` is the small model's output (B, T, dS) and
+        `logits` None (a loss that applies the head itself, chunked: the drafter's).
         """
         if input_ids is None and large_states is None:
             raise ValueError("give input_ids or large_states")
@@ -396,6 +409,8 @@ class LLMModulesModel(nn.Module):
         if cache is not None:
             cache.small, cache.length = small_cache, cache.length + length
         s = small_out.last_hidden_state  # (B, T, dS)
+        if return_hidden:
+            return ComposedOutput(logits=None, cache=cache if use_cache else None, hidden=s)
         # The residual head adds to the large model's final states; the other heads do not read them.
         final = large_states[:, :, self._head_tap].to(s.device) if self._head_tap is not None else None  # (B, T, dL)
         large_head = self.large.get_submodule(self._large_head_name)

@@ -23,6 +23,7 @@ CONFIG_FILE = "llm_modules_config.json"  # a composed model's description (model
 PLAIN_FILE = "llm_modules_plain.json"  # a plain (finetune / lora / distill) model's (models.plain.PlainSpec)
 WEIGHTS_FILE = "model.safetensors"  # the trained tensors, beside either description
 RUN_CONFIG_FILE = "run_config.json"  # a training run's options (training.config.TrainConfig)
+DRAFTER_FILE = "llm_modules_drafter.json"  # beside CONFIG_FILE: the composed model is a drafter (models.drafter)
 RUN_MODELS = ("best", "last")  # in order of preference
 DESCRIPTIONS = (CONFIG_FILE, PLAIN_FILE)
 # the segments that FSDP's auto-wrap, activation checkpointing and torch.compile add to parameter names
