@@ -12,9 +12,9 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
-from .conftest import gpt2_tokenizer
+from ..helpers import REPO, gpt2_tokenizer
 
-SCRIPT = Path(__file__).parent.parent / "benchmarks" / "transfer_report.py"
+SCRIPT = REPO / "benchmarks" / "transfer_report.py"
 
 
 CHAT_TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}{{ eos_token }}{% endfor %}"

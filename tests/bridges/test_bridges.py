@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import shutil
-from pathlib import Path
 
 import pytest
 import torch
@@ -22,9 +21,8 @@ from llm_modules.models.config import (
 )
 from llm_modules.tensors import positions_from_mask
 
-from .test_model import assert_causal, random_ids
+from ..helpers import FIXTURES, assert_causal, random_ids
 
-FIXTURES = Path(__file__).parent / "fixtures"
 COMBOS = [(bridge, inputs) for bridge in ("eca", "ladder", "xattn") for inputs in ("bridge", "mapped")]
 # Tiny options: the large model of `mapped_pair` has 4 layers (hidden states 0..4), the small one 2.
 OPTIONS = {
@@ -492,7 +490,7 @@ def test_default_taps_are_every_fourth_layer_ending_at_the_last():
 def test_train_cli_composes_the_named_bridge_and_inputs(mapped_pair, tmp_path):
     from llm_modules.entrypoints.cli import main
 
-    from .test_train import write_data
+    from ..helpers import write_data
 
     args = ["train", "--large", mapped_pair["large"], "--small", mapped_pair["small"],
             "--data", write_data(tmp_path / "data.jsonl", n=12), "--output", str(tmp_path / "run"),
@@ -514,7 +512,7 @@ def test_train_cli_no_train_small_keeps_the_pretrained_small_weights(mapped_pair
 
     from llm_modules.entrypoints.cli import main
 
-    from .test_train import write_data
+    from ..helpers import write_data
 
     args = ["train", "--large", mapped_pair["large"], "--small", mapped_pair["small"],
             "--data", write_data(tmp_path / "data.jsonl", n=12), "--output", str(tmp_path / "run"),

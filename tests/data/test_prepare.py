@@ -30,7 +30,7 @@ from llm_modules.data.prepare import (
 )
 from llm_modules.errors import LLMModulesError
 
-FIX = Path(__file__).parent / "fixtures"
+from ..helpers import FIXTURES as FIX
 
 
 def _package_dir(name):

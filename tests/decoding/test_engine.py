@@ -18,7 +18,7 @@ from llm_modules.decoding.engine import (
 from llm_modules.decoding.generation import generate
 from llm_modules.errors import LLMModulesError
 
-from .test_model import compose, nudge, random_ids
+from ..helpers import compose, nudge, random_ids
 
 # (prompt length, max new tokens, step at which the row joins): rows of different lengths join a
 # running batch and leave it at different steps, the longest prompt leaving first.

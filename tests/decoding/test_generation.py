@@ -7,7 +7,7 @@ import torch
 
 from llm_modules.errors import LLMModulesError
 
-from .test_model import PAIRS, compose, nudge, random_ids
+from ..helpers import PAIRS, compose, nudge, random_ids
 
 NO_EOS: list[int] = []
 

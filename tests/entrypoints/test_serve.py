@@ -14,7 +14,7 @@ from openai import OpenAI
 
 from llm_modules.entrypoints.cli import main
 
-from .serving_helpers import (
+from ..helpers import (
     ServerThread,
     free_port,
     save_tiny_composed,

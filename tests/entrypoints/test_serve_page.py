@@ -12,7 +12,7 @@ import shutil
 import httpx
 import pytest
 
-from .serving_helpers import ServerThread, save_tiny_composed
+from ..helpers import ServerThread, save_tiny_composed
 
 BROWSER = shutil.which("chromium") or shutil.which("chromium-browser")
 DRIVER = shutil.which("chromedriver")

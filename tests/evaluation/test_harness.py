@@ -13,7 +13,7 @@ from llm_modules.data.prepare import DataConfig, answer_bytes, prepare_data
 from llm_modules.data.sources import load_records
 from llm_modules.evaluation.harness import EvalOptions, evaluate, is_correct
 
-from .conftest import gpt2_tokenizer
+from ..helpers import gpt2_tokenizer
 
 
 @pytest.mark.parametrize("task", ["spell_backward", "family_relationships", "word_sorting"])
@@ -82,7 +82,7 @@ def test_accuracy_equals_a_hand_count_of_every_kept_sample_and_bits_per_byte_is_
 def test_eval_cli_prints_bits_per_byte_for_a_plain_model(tiny_pair_with_tokenizer, tmp_path, capsys):
     from llm_modules.entrypoints.cli import main
 
-    from .test_train import write_data
+    from ..helpers import write_data
 
     data = write_data(tmp_path / "d.jsonl", n=6)
     args = ["eval", "--model", tiny_pair_with_tokenizer["large"], "--data", data, "--template", "stratos",

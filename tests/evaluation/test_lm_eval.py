@@ -7,7 +7,6 @@ import shutil
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 import torch
@@ -15,7 +14,7 @@ import torch
 from llm_modules import LLMModulesModel
 from llm_modules.errors import LLMModulesError
 
-from .test_model import nudge
+from ..helpers import FIXTURES, REPO, nudge
 
 pytest.importorskip("lm_eval")
 
@@ -23,7 +22,6 @@ from lm_eval.api.instance import Instance
 
 from llm_modules.evaluation.lm_eval import LLMModulesLM
 
-FIXTURES = Path(__file__).parent / "fixtures" / "lm_eval"
 TOL = 1e-4
 
 
@@ -204,7 +202,7 @@ def test_simple_evaluate_runs_local_tasks_offline(saved, tmp_path, monkeypatch):
     monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
     monkeypatch.setattr(datasets.config, "HF_DATASETS_OFFLINE", True, raising=False)
     monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "hf_datasets")
-    tasks_dir = shutil.copytree(FIXTURES, tmp_path / "tasks")
+    tasks_dir = shutil.copytree(FIXTURES / "lm_eval", tmp_path / "tasks")
     monkeypatch.chdir(tasks_dir)  # the YAMLs name their data files relative to the working directory
 
     start = time.perf_counter()
@@ -246,4 +244,4 @@ def test_missing_lm_eval_gives_an_install_hint(monkeypatch):
 
 def test_importing_llm_modules_does_not_import_lm_eval():
     code = "import sys, llm_modules, llm_modules.models.composed; assert 'lm_eval' not in sys.modules"
-    subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).parent.parent)
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO)

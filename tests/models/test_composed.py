@@ -13,27 +13,7 @@ from llm_modules import LLMModulesModel
 from llm_modules.errors import LLMModulesError
 from llm_modules.models.config import CONFIG_FILE, WEIGHTS_FILE
 
-PAIRS = [("qwen2", "gpt_neo"), ("llama", "gpt2"), ("gpt2", "qwen2"), ("gpt_neo", "llama")]
-
-
-def compose(tiny_models, large="qwen2", small="llama", seed=0, **options):
-    torch.manual_seed(seed)
-    model = LLMModulesModel.compose(large=tiny_models[large], small=tiny_models[small], **options)
-    return model.eval()
-
-
-def random_ids(model, batch, length, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    return torch.randint(0, model.vocab_size, (batch, length), generator=g)
-
-
-def nudge(model, seed=3, scale=0.05):
-    """Move every trained weight off its initial value (zero-initialised heads included)."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.requires_grad:
-                p.add_(scale * torch.randn(p.shape, generator=g))
+from ..helpers import PAIRS, assert_causal, compose, nudge, random_ids
 
 
 @pytest.mark.parametrize("large,small", PAIRS)
@@ -60,16 +40,6 @@ def test_large_model_stays_in_eval_mode(tiny_models):
     model = compose(tiny_models).train()
     assert model.bridge.training and model.small.training
     assert not model.large.training and not any(m.training for m in model.large.modules())
-
-
-def assert_causal(model, first_changed=9):
-    """Changing the tokens from `first_changed` on changes no earlier logit, and does change later ones."""
-    ids = random_ids(model, 1, 16)
-    changed = ids.clone()
-    changed[:, first_changed:] = (changed[:, first_changed:] + 7) % model.vocab_size
-    a, b = model(input_ids=ids).logits, model(input_ids=changed).logits
-    torch.testing.assert_close(a[:, :first_changed], b[:, :first_changed], rtol=0, atol=1e-6)
-    assert (a[:, first_changed:] - b[:, first_changed:]).abs().max() > 1e-3
 
 
 @pytest.mark.parametrize("large,small", PAIRS[:2])

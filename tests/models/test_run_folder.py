@@ -12,7 +12,7 @@ from llm_modules import LLMModulesModel
 from llm_modules.entrypoints.cli import main
 from llm_modules.errors import LLMModulesError
 
-from .test_train import write_data
+from ..helpers import write_data
 
 
 @pytest.fixture

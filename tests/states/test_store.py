@@ -4,34 +4,24 @@ from __future__ import annotations
 
 import json
 import os
-from types import SimpleNamespace
 
 import pytest
 import torch
 
 from llm_modules import LLMModulesModel
-from llm_modules.data.prepare import TokenizedExample, collate
+from llm_modules.data.prepare import collate
 from llm_modules.errors import LLMModulesError
 from llm_modules.states.fence import build_name, host_name
 from llm_modules.states.store import INDEX_FILE, StateCache, prune, state_cache_key
 from llm_modules.tensors import positions_from_mask
 
-LENGTHS = [5, 17, 9, 1, 23, 12, 30, 7, 14, 3, 19]
+from ..helpers import STATE_LENGTHS, make_examples
 
 
 @pytest.fixture(scope="module")
 def model(tiny_models):
     torch.manual_seed(0)
     return LLMModulesModel.compose(large=tiny_models["qwen2"], small=tiny_models["llama"]).eval()
-
-
-def make_examples(model, lengths=LENGTHS, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    out = []
-    for n in lengths:
-        ids = torch.randint(0, model.vocab_size, (n,), generator=g).tolist()
-        out.append(TokenizedExample(input_ids=ids, labels=list(ids), record=SimpleNamespace(source="test")))
-    return out
 
 
 def build(tmp_path, model, examples, fp="data-a", dtype="float32", **kw):
@@ -57,7 +47,7 @@ def test_states_equal_unpadded_forward_and_loss_matches(tmp_path, model):
     width = batch["input_ids"].shape[1]
     states = cache.batch(rows, pad_to=width)
     assert states.shape == (len(rows), width, 1, cache.d_large)
-    assert torch.all(states[1, LENGTHS[3]:] == 0)
+    assert torch.all(states[1, STATE_LENGTHS[3]:] == 0)
     with torch.no_grad():
         ref = model(batch["input_ids"], batch["attention_mask"], labels=batch["labels"])
         got = model(batch["input_ids"], batch["attention_mask"], labels=batch["labels"], large_states=states)

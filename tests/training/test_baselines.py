@@ -14,7 +14,7 @@ from llm_modules.models.saved import PLAIN_FILE
 from llm_modules.training.config import TrainConfig
 from llm_modules.training.loop import train
 
-from .test_train import write_data
+from ..helpers import write_data
 
 
 def plain_config(tmp_path, pair, method, **over):

@@ -21,9 +21,16 @@ from llm_modules.states.fence import build_name, finish_lock, host_name, stale_b
 from llm_modules.states.store import INDEX_FILE, StateCache, state_cache_key
 from llm_modules.training.config import TrainConfig
 
-from .multiproc import build_states, compose_tiny, spawn, train_run
-from .test_state_cache import make_examples
-from .test_train import losses, run_cli, write_data
+from ..helpers import (
+    build_states,
+    compose_tiny,
+    losses,
+    make_examples,
+    run_cli,
+    spawn,
+    train_run,
+    write_data,
+)
 
 
 @pytest.fixture

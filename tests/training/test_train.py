@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import json
-import os
 import random
 import signal
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -18,14 +16,7 @@ from safetensors.torch import load_file
 from llm_modules.entrypoints.cli import main
 from llm_modules.models.config import WEIGHTS_FILE
 
-
-def write_data(path: Path, n: int = 24) -> str:
-    with path.open("w") as f:
-        for i in range(n):
-            a, b = i % 7 + 1, i // 3 + 2
-            f.write(json.dumps({"prompt": f"What is {a} plus {b}?",
-                                "completion": f"{a} plus {b} is {a + b}. #### {a + b}", "answer": str(a + b)}) + "\n")
-    return str(path)
+from ..helpers import losses, run_cli, write_data
 
 
 @pytest.fixture
@@ -40,11 +31,6 @@ def train_args(tiny_pair_with_tokenizer, tmp_path):
                 "--state-cache-dir", str(tmp_path / "states"), *extra]
 
     return build
-
-
-def losses(run: Path) -> list[float]:
-    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    return [r.get("loss", r.get("val_loss")) for r in rows]
 
 
 def test_train_cli_writes_best_last_checkpoints_metrics(train_args, tmp_path, capsys):
@@ -204,15 +190,6 @@ def test_unknown_model_spec_is_one_clear_error(tmp_path, capsys):
     code = main(["train", "--large", "no-such-model", "--small", "smollm2-135m-instruct", "--data",
                  "x.jsonl", "--output", str(tmp_path / "o")])
     assert code == 2 and "no-such-model" in capsys.readouterr().err
-
-
-def run_cli(args: list[str], launcher: list[str] | None = None, cpu: bool = False) -> subprocess.Popen:
-    """`llm-modules ARGS` in a new process (under `launcher`, e.g. torchrun); `cpu`: hides any GPU, for
-    the gloo tests of several processes that a one-GPU machine could not place one per GPU."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parents[1]),
-           **({"CUDA_VISIBLE_DEVICES": ""} if cpu else {})}
-    return subprocess.Popen([*(launcher or [sys.executable]), "-m", "llm_modules.entrypoints.cli", *args], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
 def same_weights(a: Path, b: Path, atol: float = 0.0) -> None:
