@@ -54,6 +54,7 @@ def report(pair: dict[str, str], out: Path, *extra: str) -> tuple[dict, str]:
     return json.loads((out / "results.json").read_text()), proc.stdout
 
 
+@pytest.mark.subprocess
 def test_every_row_reports_bits_per_byte_within_its_budget_and_reruns_reuse(pair, tmp_path):
     results, log = report(pair, tmp_path / "r")
     rows = {r["row"]: r for r in results["rows"]}

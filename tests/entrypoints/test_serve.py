@@ -219,6 +219,7 @@ def test_concurrent_requests_decode_together_and_each_equals_its_answer_alone(se
     assert together == alone
 
 
+@pytest.mark.subprocess
 def test_the_serve_command_starts_a_server_on_a_saved_model(model_dir):
     port = free_port()
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in [os.getcwd(), os.environ.get("PYTHONPATH")] if p)}

@@ -40,6 +40,7 @@ def api_reply(url: str, messages: list[dict[str, str]]) -> str:
     return httpx.post(url + "/v1/chat/completions", json=body, timeout=60).json()["choices"][0]["message"]["content"]
 
 
+@pytest.mark.browser
 def test_the_page_streams_replies_keeps_the_conversation_and_shows_model_and_speed(tiny_pair_with_tokenizer, tmp_path):
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support import expected_conditions as ready

@@ -242,6 +242,7 @@ def test_missing_lm_eval_gives_an_install_hint(monkeypatch):
         importlib.import_module("llm_modules.evaluation.lm_eval")
 
 
+@pytest.mark.subprocess
 def test_importing_llm_modules_does_not_import_lm_eval():
     code = "import sys, llm_modules, llm_modules.models.composed; assert 'lm_eval' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO)

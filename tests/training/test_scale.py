@@ -140,6 +140,7 @@ def test_a_second_training_in_one_process_may_change_mixed_precision(train_args,
 
 
 # ----------------------------------------------------------------------------- sharded state building
+@pytest.mark.multiprocess
 @pytest.mark.parametrize("world,node_local", [(4, False), (2, True)])
 def test_sharded_build_gives_the_states_of_a_single_process_build(tiny_models, tmp_path, world, node_local):
     """4 processes on one shared folder; 2 with node-local folders (rank 0 and rank 1 each see only
@@ -169,6 +170,7 @@ def test_sharded_build_gives_the_states_of_a_single_process_build(tiny_models, t
             assert a.view(torch.uint8).numpy().tobytes() == b.view(torch.uint8).numpy().tobytes(), i
 
 
+@pytest.mark.multiprocess
 def test_a_process_killed_mid_build_leaves_no_index_a_later_run_trusts(tiny_models, tmp_path):
     model = compose_tiny(tiny_models["qwen2"], tiny_models["llama"])
     examples = make_examples(model)
@@ -224,6 +226,8 @@ def test_finish_lock_excludes_and_breaks_a_dead_holders_lock(tmp_path):
 
 
 # ----------------------------------------------------------------------------- training on several processes
+@pytest.mark.subprocess
+@pytest.mark.multiprocess
 def test_two_and_four_processes_train_like_one_with_one_validation_example(tiny_pair_with_tokenizer, tmp_path):
     from llm_modules.data.prepare import prepare_data
     from llm_modules.models.specs import resolve_tokenizer
@@ -253,6 +257,8 @@ def test_two_and_four_processes_train_like_one_with_one_validation_example(tiny_
 
 @pytest.mark.skipif(not torch.cuda.is_available(),
                     reason="accelerate runs FSDP on CUDA GPUs only (not on CPU with gloo): needs a GPU")
+@pytest.mark.subprocess
+@pytest.mark.multiprocess
 @pytest.mark.parametrize("frozen", [(), ("--no-train-small",)], ids=["small_trained", "small_frozen"])
 def test_fsdp_on_the_gpus_matches_ddp(train_args, tmp_path, frozen):
     """One process per GPU, two at most: on one GPU this still checks FSDP's wrapping and its

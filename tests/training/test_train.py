@@ -199,6 +199,8 @@ def same_weights(a: Path, b: Path, atol: float = 0.0) -> None:
         torch.testing.assert_close(x[key], y[key], rtol=0, atol=atol, msg=key)
 
 
+@pytest.mark.subprocess
+@pytest.mark.multiprocess
 def test_two_processes_match_one_at_the_same_global_batch(train_args, tmp_path):
     one = run_cli(train_args("one", "--dropout", "0", "--batch-size", "4"), cpu=True)
     assert one.wait(timeout=300) == 0, one.stdout.read()
@@ -214,6 +216,7 @@ def test_two_processes_match_one_at_the_same_global_batch(train_args, tmp_path):
     same_weights(tmp_path / "one" / "last", tmp_path / "two" / "last", atol=1e-5)
 
 
+@pytest.mark.subprocess
 def test_sigkill_after_a_checkpoint_then_resume_gives_the_same_weights(train_args, tmp_path):
     from llm_modules.training.checkpoint import complete_checkpoints
 
