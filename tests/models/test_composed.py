@@ -8,6 +8,7 @@ import warnings
 import pytest
 import torch
 from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
 
 from llm_modules import LLMModulesModel
 from llm_modules.errors import LLMModulesError
@@ -31,9 +32,19 @@ def test_families_train_only_the_bridge_small_and_head(tiny_models, large, small
     assert any(p.grad is not None for p in model.small.parameters())
     stub = model.small.get_input_embeddings()
     assert stub.weight.shape[0] == 1 and not stub.weight.requires_grad
+    # The counts against each model loaded on its own (tied weights once), and the trainable total
+    # against the weights that got a gradient.
+    large_alone = AutoModelForCausalLM.from_pretrained(tiny_models[large])
+    small_alone = AutoModelForCausalLM.from_pretrained(tiny_models[small]).base_model
+    embeddings = small_alone.get_input_embeddings().weight  # (V_small, d_small), replaced by the stub
     counts = model.parameter_counts()
-    assert counts["large"]["trainable"] == 0 and counts["large"]["frozen"] > 0
-    assert counts["total"]["trainable"] == sum(p.numel() for p in model.parameters() if p.requires_grad)
+    assert counts["large"] == {"trainable": 0, "frozen": numel_once(large_alone)}
+    assert counts["small"] == {"trainable": numel_once(small_alone) - embeddings.numel(), "frozen": embeddings.shape[1]}
+    assert counts["total"]["trainable"] == sum(p.numel() for p in model.parameters() if p.grad is not None)
+
+
+def numel_once(model) -> int:
+    return sum({id(p): p.numel() for p in model.parameters()}.values())
 
 
 def test_large_model_stays_in_eval_mode(tiny_models):
