@@ -249,6 +249,7 @@ def test_eval_generate_and_chat_on_a_trained_model(train_args, tmp_path, capsys,
     from transformers import AutoModelForCausalLM
 
     from llm_modules import LLMModulesModel
+    from llm_modules.data.answers import answers_match, extract_final_answer
     from llm_modules.data.prepare import DataConfig, prepare_data
     from llm_modules.data.prompting import prompt_ids
     from llm_modules.entrypoints.cli import format_prompt
@@ -276,10 +277,26 @@ def test_eval_generate_and_chat_on_a_trained_model(train_args, tmp_path, capsys,
     # eval runs on the default device: a GPU's float32 kernels sum in another order than the CPU's
     tolerance = dict(rel=2e-5) if torch.cuda.is_available() else dict(abs=2e-5)
     assert result["loss"] == pytest.approx(sum(sums) / tokens, **tolerance)
+    # Each validation question answered again, alone and unbatched: the samples hold these answers, and
+    # `correct` counts the ones whose final answer matches the data's.
+    alone = [answer_alone(composed, e, max_new_tokens=6) for e in val]
     samples = json.loads((tmp_path / "eval.json").read_text())["samples"]
-    assert result["checked"] == len(val) == len(samples)
-    assert result["correct"] == sum(bool(s["correct"]) for s in samples)
-    assert result["accuracy"] == round(result["correct"] / len(val), 4)
+    assert [s["model_answer"] for s in samples] == alone
+    right = [answers_match(extract_final_answer(text), e.record.reference) for text, e in zip(alone, val)]
+    assert result["checked"] == len(val) and result["correct"] == sum(right)
+    assert result["accuracy"] == round(sum(right) / len(val), 4)
+    # The same questions, every other one with the model's own final answer as its reference: those
+    # and only those are counted right.
+    own = [extract_final_answer(text) for text in alone]
+    assert own[0] is not None  # so at least one is right
+    crafted = tmp_path / "crafted.jsonl"
+    crafted.write_text("".join(json.dumps({"prompt": s["question"], "completion": "-",
+                                           "answer": own[i] if i % 2 == 0 else "no such answer"}) + "\n"
+                               for i, s in enumerate(samples)))
+    assert main(["eval", "--model", model, "--data", str(crafted), "--split", "all", "--max-new-tokens", "6"]) == 0
+    crafted_result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert crafted_result["checked"] == len(val)
+    assert crafted_result["correct"] == sum(own[i] is not None for i in range(0, len(val), 2))
 
     # The same harness scores a plain model spec (a baseline).
     assert main(["eval", "--model", run_config["large"], "--data", run_config["data"], "--template", "stratos",
@@ -323,6 +340,14 @@ def test_eval_generate_and_chat_on_a_trained_model(train_args, tmp_path, capsys,
     assert rows["total"] == [f"{trainable:,}", f"{frozen:,}"]
     assert rows["large"] == ["0", f"{sum(p.numel() for p in large.parameters()):,}"]
     assert rows["bridge"] == [f"{sum(p.numel() for p in composed.bridge.parameters()):,}", "0"]
+
+
+def answer_alone(model, example, max_new_tokens: int) -> str:
+    """`model`'s greedy answer to the prompt of `example` (its tokens before the first label), alone."""
+    first = next(i for i, label in enumerate(example.labels) if label != -100)
+    ids = torch.tensor([example.input_ids[:first]])
+    return model.tokenizer.decode(model.generate(ids, max_new_tokens=max_new_tokens)[0, first:],
+                                  skip_special_tokens=True)
 
 
 def test_prompt_ids_match_training_render(tiny_pair_with_tokenizer):
