@@ -35,23 +35,31 @@ def three_caches(root, model):
     return caches
 
 
+def bytes_on_disk(folder) -> int:
+    """The length of every file under `folder`, at any depth, as the file system reports it."""
+    return sum(os.path.getsize(os.path.join(parent, name)) for parent, _, names in os.walk(folder) for name in names)
+
+
 def test_ls_lists_each_cache_with_its_size_and_examples(tmp_path, model, capsys):
     caches = three_caches(tmp_path, model)
     entries = list_caches(tmp_path)
     assert [e.key for e in entries] == [c.path.name for c in caches]  # oldest first
-    assert [e.size_bytes for e in entries] == [sum(f.stat().st_size for f in c.path.iterdir()) for c in caches]
+    on_disk = [bytes_on_disk(c.path) for c in caches]
+    assert [e.size_bytes for e in entries] == on_disk
+    for tokens, size in zip((3, 5, 7), on_disk):  # at least the float32 states: (T, K, d_large)
+        assert size > tokens * len(model.large_taps) * model.large.config.hidden_size * 4
     assert [e.examples for e in entries] == [1, 1, 1]
     assert main(["cache", "ls", "--dir", str(tmp_path)]) == 0
     out = capsys.readouterr().out.splitlines()
     assert len(out) == 1 + 3 + 1  # header, three caches, total
     for cache, line in zip(caches, out[1:4]):
         assert line.startswith(cache.path.name[:16])
-    assert out[-1].startswith("total") and f"{sum(e.size_bytes for e in entries) / 2**20:.2f} MiB" in out[-1]
+    assert out[-1].startswith("total") and f"{sum(on_disk) / 2**20:.2f} MiB" in out[-1]
 
 
 def test_size_cap_evicts_oldest_first_but_never_a_cache_in_use(tmp_path, model, monkeypatch):
     caches = three_caches(tmp_path, model)
-    sizes = [e.size_bytes for e in list_caches(tmp_path)]
+    sizes = [bytes_on_disk(c.path) for c in caches]
     # Room for the two newest: the oldest goes.
     removed = enforce_size_cap(tmp_path, max_bytes=sizes[1] + sizes[2], keep=set())
     assert removed == [caches[0].path] and not caches[0].path.exists() and caches[1].path.exists()
