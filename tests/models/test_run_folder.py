@@ -63,14 +63,34 @@ def test_empty_or_foreign_folder_names_what_was_expected(tmp_path, content):
     assert "llm_modules_config.json" in message
 
 
-def test_cli_eval_generate_and_info_accept_a_run_folder(run_folder, capsys, caplog):
-    assert main(["eval", "--model", str(run_folder), "--no-generate"]) == 0
-    captured = capsys.readouterr()
-    result = json.loads(captured.out.strip().splitlines()[-1])
-    assert result["examples"] >= 1 and result["loss"] > 0
-    assert any(str(run_folder / "best") in r.getMessage() for r in caplog.records)
-    assert main(["generate", "--model", str(run_folder), "--prompt", "What is 2 plus 2?", "--max-new-tokens", "2"]) == 0
-    assert main(["info", "--model", str(run_folder)]) == 0
+def test_cli_eval_generate_and_info_on_a_run_folder_use_its_best(run_folder, capsys, caplog):
+    def run(*args: str) -> tuple[str, list[str]]:
+        caplog.clear()
+        assert main(list(args)) == 0
+        return capsys.readouterr().out, [r.getMessage() for r in caplog.records]
+
+    def says_best(said: list[str]) -> bool:
+        return any(str(run_folder / "best") in message for message in said)
+
+    def evaluated(model: str) -> tuple[float, float]:
+        result = json.loads(run("eval", "--model", model, "--no-generate")[0].strip().splitlines()[-1])
+        return result["loss"], result["bits_per_byte"]
+
+    # Each command on the run folder prints what it prints on best/ named outright, and not what it
+    # prints on last/, and says which folder it took.
+    out, said = run("eval", "--model", str(run_folder), "--no-generate")
+    result = json.loads(out.strip().splitlines()[-1])
+    assert result["examples"] >= 1 and says_best(said)
+    assert (result["loss"], result["bits_per_byte"]) == evaluated(str(run_folder / "best"))
+    assert (result["loss"], result["bits_per_byte"]) != evaluated(str(run_folder / "last"))
+    prompt = ("--prompt", "What is 2 plus 2?", "--max-new-tokens", "8")
+    out, said = run("generate", "--model", str(run_folder), *prompt)
+    assert out.strip() and says_best(said)
+    assert out == run("generate", "--model", str(run_folder / "best"), *prompt)[0]
+    assert out != run("generate", "--model", str(run_folder / "last"), *prompt)[0]
+    out, said = run("info", "--model", str(run_folder))
+    assert says_best(said) and out == run("info", "--model", str(run_folder / "best"))[0]  # same counts as last/
+
     (run_folder / "checkpoints").mkdir()
     assert main(["eval", "--model", str(run_folder / "checkpoints"), "--data", "x.jsonl"]) == 2
     assert "best/" in capsys.readouterr().err
