@@ -25,8 +25,8 @@ from llm_modules.data.sources import (  # noqa: F401
     to_record,
 )
 from llm_modules.errors import LLMModulesError
+from llm_modules.tensors import IGNORE_INDEX, right_pad
 
-IGNORE_INDEX = -100
 TEMPLATES = ("stratos", "chat")
 LOSS_ON = ("assistant", "all")
 OVERFLOW = ("drop", "truncate")
@@ -134,7 +134,7 @@ def _chat_segments(record: Record, tokenizer) -> list[tuple[str | list[int], boo
 
 def render(record: Record, tokenizer, template: str = "stratos", loss_on: str = "assistant"
            ) -> tuple[list[int], list[int]]:
-    """Token ids and aligned labels (same length, -100 = no loss; the model shifts) for ``record``.
+    """Token ids and aligned labels (same length, IGNORE_INDEX = no loss; the model shifts) for ``record``.
 
     ``stratos``: "System:\\n\\n{system}\\n\\nUser:\\n\\n{q}\\n\\nAssistant:\\n\\n{a}<eos>\\n\\n"
     (more turns repeat the User/Assistant blocks; system defaults to
@@ -224,7 +224,7 @@ class DataConfig:
 
 @dataclass
 class TokenizedExample:
-    """Token ids and aligned labels (-100 = no loss) of one record."""
+    """Token ids and aligned labels (IGNORE_INDEX = no loss) of one record."""
 
     input_ids: list[int]
     labels: list[int]
@@ -385,23 +385,14 @@ def pad_id(tokenizer) -> int:
 
 
 def collate(examples: list, pad_id: int) -> dict:
-    """Right-pad a batch into tensors: input_ids (pad_id), attention_mask (0 on pad), labels (-100 on pad).
-
-    ``examples`` are :class:`TokenizedExample` or mappings with ``input_ids`` and ``labels``.
+    """Right-pad a batch into tensors: input_ids (pad_id), attention_mask (0 on pad), labels (IGNORE_INDEX on
+    pad). ``examples`` are :class:`TokenizedExample` or mappings with ``input_ids`` and ``labels``.
     """
-    import torch
-
     if not examples:
         raise LLMModulesError("collate: empty batch")
     rows = [(e["input_ids"], e["labels"]) if isinstance(e, dict) else (e.input_ids, e.labels) for e in examples]
-    width = max(len(ids) for ids, _ in rows)
-    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, (ids, lab) in enumerate(rows):
-        input_ids[i, : len(ids)] = torch.tensor(ids, dtype=torch.long)
-        labels[i, : len(lab)] = torch.tensor(lab, dtype=torch.long)
-        mask[i, : len(ids)] = 1
+    input_ids, mask = right_pad([ids for ids, _ in rows], pad_id)  # (B, W), (B, W)
+    labels, _ = right_pad([lab for _, lab in rows], IGNORE_INDEX)  # (B, W): labels align with the ids
     return {"input_ids": input_ids, "attention_mask": mask, "labels": labels}
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from llm_modules.data.prepare import Record, render
+from llm_modules.tensors import IGNORE_INDEX
 
 _PLACEHOLDER = "x"
 
@@ -18,8 +19,8 @@ def prompt_ids(messages: list[dict[str, str]], tokenizer: Any, template: str, sy
     """
     record = Record(system=system, messages=[*messages, {"role": "assistant", "content": _PLACEHOLDER}])
     ids, labels = render(record, tokenizer, template, "assistant")
-    last_answer = max(i for i, label in enumerate(labels) if label != -100)
+    last_answer = max(i for i, label in enumerate(labels) if label != IGNORE_INDEX)
     start = last_answer
-    while start > 0 and labels[start - 1] != -100:  # walk back to the start of the last answer span
+    while start > 0 and labels[start - 1] != IGNORE_INDEX:  # walk back to the start of the last answer span
         start -= 1
     return ids[:start]

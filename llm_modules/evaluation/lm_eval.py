@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from llm_modules.errors import LLMModulesError
+from llm_modules.tensors import DTYPES, left_pad, right_pad
 
 try:
     from lm_eval.api.model import TemplateLM
@@ -32,10 +33,12 @@ logger = logging.getLogger(__name__)
 
 
 def _dtype(value: Any) -> torch.dtype | None:
-    """'float32' | 'bfloat16' | 'float16' | a torch.dtype | None -> torch.dtype or None."""
-    if value is None or isinstance(value, torch.dtype) or value in ("float32", "bfloat16", "float16"):
-        return getattr(torch, value) if isinstance(value, str) else value
-    raise LLMModulesError(f"unknown dtype {value!r}; use float32, bfloat16 or float16")
+    """A name in DTYPES | a torch.dtype | None -> torch.dtype or None."""
+    if value is None or isinstance(value, torch.dtype):
+        return value
+    if value in DTYPES:
+        return DTYPES[value]
+    raise LLMModulesError(f"unknown dtype {value!r}; use {', '.join(DTYPES)}")
 
 
 @register_model("llm-modules", "llm_modules")
@@ -143,13 +146,7 @@ class LLMModulesLM(TemplateLM):
 
     def _pad(self, rows: list[list[int]], left: bool) -> tuple[torch.Tensor, torch.Tensor]:
         """Token lists -> (B, T) ids and 0/1 mask on the model's device, padded on the left or right."""
-        width = max(len(r) for r in rows)
-        ids = torch.full((len(rows), width), self.eot_token_id, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for n, r in enumerate(rows):
-            span = slice(width - len(r), width) if left else slice(0, len(r))
-            ids[n, span], mask[n, span] = torch.tensor(r, dtype=torch.long), 1
-        return ids.to(self.device), mask.to(self.device)
+        return (left_pad if left else right_pad)(rows, self.eot_token_id, self.device)
 
     # ------------------------------------------------------------------ scoring
     @torch.no_grad()

@@ -34,12 +34,11 @@ from llm_modules.states.fence import (
     sharing_groups,
     stale_build,
 )
-from llm_modules.tensors import positions_from_mask
+from llm_modules.tensors import DTYPES, positions_from_mask, right_pad
 from llm_modules.version import __version__
 
 logger = logging.getLogger(__name__)
 
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 INDEX_FILE = "index.json"
 SHARD_BYTES = 256 << 20  # a shard is closed once it holds this many bytes of states
 _FORMAT = 1  # bump when the on-disk layout changes
@@ -350,13 +349,8 @@ class StateCache:
         device = next(model.large.parameters()).device if batches else None
         with torch.no_grad():
             for rows in batches:
-                width = max(lengths[i] for i in rows)
-                ids = torch.zeros(len(rows), width, dtype=torch.long)  # pad id 0: masked out
-                mask = torch.zeros(len(rows), width, dtype=torch.long)
-                for r, i in enumerate(rows):
-                    ids[r, : lengths[i]] = torch.as_tensor(examples[i].input_ids, dtype=torch.long)
-                    mask[r, : lengths[i]] = 1
-                ids, mask = ids.to(device), mask.to(device)
+                # (B, width); pad id 0: masked out
+                ids, mask = right_pad([list(examples[i].input_ids) for i in rows], 0, device)
                 states, _ = model.encode_large(ids, mask, positions_from_mask(mask))  # (B, width, K, dL)
                 for r, i in enumerate(rows):
                     add(i, states[r, : lengths[i]].to("cpu", DTYPES[dtype]).clone())  # (T_i, K, dL)
