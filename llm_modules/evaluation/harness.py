@@ -17,7 +17,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from llm_modules.data.answers import answers_match, extract_final_answer
 from llm_modules.data.prepare import (
@@ -30,8 +29,9 @@ from llm_modules.data.prepare import (
     prepare_data,
 )
 from llm_modules.errors import LLMModulesError
+from llm_modules.losses import next_token_loss
 from llm_modules.models.saved import RUN_CONFIG_FILE
-from llm_modules.tensors import left_pad
+from llm_modules.tensors import IGNORE_INDEX, left_pad
 
 
 class ComposedScorer:
@@ -60,7 +60,7 @@ class PlainScorer:
     def loss_sum(self, batch: dict[str, torch.Tensor]) -> float:
         labels = batch.pop("labels")
         logits = self.model(**batch).logits  # (B, T, V)
-        return float(F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), reduction="sum"))
+        return float(next_token_loss(logits, labels, reduction="sum"))
 
     def generate(self, ids: torch.Tensor, mask: torch.Tensor, max_new_tokens: int) -> torch.Tensor:
         from llm_modules.decoding.generation import generate
@@ -134,7 +134,7 @@ def held_out_examples(data: DataConfig, tokenizer: Any, max_positions: int | Non
 
 def prompt_of(example: TokenizedExample) -> list[int]:
     """The example's tokens before its first answer token (the prompt, template included)."""
-    first = next((i for i, label in enumerate(example.labels) if label != -100), len(example.labels))
+    first = next((i for i, label in enumerate(example.labels) if label != IGNORE_INDEX), len(example.labels))
     return example.input_ids[:first]
 
 
@@ -168,7 +168,7 @@ def evaluate(scorer: ComposedScorer | PlainScorer, examples: list[TokenizedExamp
     for start in range(0, len(examples), options.batch_size):
         chunk = examples[start : start + options.batch_size]
         batch = {k: v.to(scorer.device) for k, v in collate(chunk, pad).items()}
-        count += int((batch["labels"][:, 1:] != -100).sum())
+        count += int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
         n_bytes += sum(answer_bytes(e.record) for e in chunk)
         total += scorer.loss_sum(batch)
     loss = total / count
