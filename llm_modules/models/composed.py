@@ -400,11 +400,13 @@ class LLMModulesModel(nn.Module):
 
         return ComposedStepper(self)
 
-    def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **options: Any):
-        """Decode new tokens; returns ids including the prompt. See `llm_modules.decoding.generation.generate`."""
+    def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, options: Any = None,
+                 **keywords: Any) -> torch.Tensor:
+        """Decode new tokens; returns ids including the prompt. How: a `SamplingOptions` or its fields as
+        keywords (`max_new_tokens=64, do_sample=True, top_p=0.9`); see `llm_modules.decoding.generation.generate`."""
         from llm_modules.decoding.generation import generate
 
-        return generate(self, input_ids, attention_mask, **options)
+        return generate(self, input_ids, attention_mask, options, **keywords)
 
     # ------------------------------------------------------------------ save / load
     def trained_state_dict(self) -> dict[str, torch.Tensor]:
