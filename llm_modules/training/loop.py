@@ -64,10 +64,6 @@ class Run:
     output: Path
     data_fingerprint: str  # of the prepared examples: a resume on changed data is refused
 
-    @property
-    def model(self) -> Any:
-        return self.objective.module
-
 
 def mixed_precision(choice: str) -> str:
     if choice != "auto":
