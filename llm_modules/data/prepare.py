@@ -13,8 +13,7 @@ import json
 import math
 import os
 import random
-import weakref
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any
 
 from llm_modules.data.sources import (  # noqa: F401
@@ -283,62 +282,6 @@ def prepare_data(config: DataConfig, tokenizer, model_max_positions: int | None 
                   train_tokens=sum(len(e.input_ids) for e in train),
                   train_loss_tokens=sum(sum(x != IGNORE_INDEX for x in e.labels[1:]) for e in train))
     return PreparedData(train=train, val=val, report=report)
-
-
-def _file_digest(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-_TOKENIZER_FPS: "weakref.WeakKeyDictionary[Any, tuple[Any, str]]" = weakref.WeakKeyDictionary()
-
-
-def tokenizer_fingerprint(tokenizer) -> str:
-    """sha256 of the tokenizer's class, name, vocabulary, special tokens and chat template."""
-    probe = (len(tokenizer), tokenizer.eos_token_id, getattr(tokenizer, "chat_template", None))
-    try:
-        cached = _TOKENIZER_FPS.get(tokenizer)
-    except TypeError:  # not weak-referenceable
-        cached = None
-    if cached and cached[0] == probe:
-        return cached[1]
-    parts = {"class": type(tokenizer).__name__, "name": getattr(tokenizer, "name_or_path", ""),
-             "vocab": sorted(tokenizer.get_vocab().items()), "eos": tokenizer.eos_token_id,
-             "bos_prefix": _bos_prefix(tokenizer), "chat_template": getattr(tokenizer, "chat_template", None)}
-    digest = hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
-    try:
-        _TOKENIZER_FPS[tokenizer] = (probe, digest)
-    except TypeError:
-        pass
-    return digest
-
-
-def fingerprint(config: DataConfig, tokenizer) -> str:
-    """Stable hex digest of everything that decides the prepared token ids (a cache key).
-
-    Covers the config, the data itself (file content hash, or reasoning-gym task and parameters
-    with the package version; a hub name is taken as is) and the tokenizer.
-    """
-    data: Any = None
-    if config.spec.startswith(RG_PREFIX):
-        try:
-            from importlib.metadata import version
-
-            rg_version = version("reasoning-gym")
-        except Exception:
-            rg_version = "?"
-        data = [parse_reasoning_gym_spec(config.spec), rg_version]
-    elif os.path.isfile(config.spec):
-        data = _file_digest(config.spec)
-    settings = asdict(config)
-    if data is not None and config.spec.startswith(RG_PREFIX):
-        settings["spec"] = None  # the parsed parameters stand for it, whatever their order
-    payload = {"format": _FORMAT_VERSION, "config": settings, "data": data,
-               "tokenizer": tokenizer_fingerprint(tokenizer)}
-    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
 
 
 def examples_digest(examples: list[TokenizedExample]) -> str:
