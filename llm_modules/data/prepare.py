@@ -13,8 +13,7 @@ import json
 import math
 import os
 import random
-import weakref
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any
 
 from llm_modules.data.sources import (  # noqa: F401
@@ -25,8 +24,8 @@ from llm_modules.data.sources import (  # noqa: F401
     to_record,
 )
 from llm_modules.errors import LLMModulesError
+from llm_modules.tensors import IGNORE_INDEX, right_pad
 
-IGNORE_INDEX = -100
 TEMPLATES = ("stratos", "chat")
 LOSS_ON = ("assistant", "all")
 OVERFLOW = ("drop", "truncate")
@@ -134,7 +133,7 @@ def _chat_segments(record: Record, tokenizer) -> list[tuple[str | list[int], boo
 
 def render(record: Record, tokenizer, template: str = "stratos", loss_on: str = "assistant"
            ) -> tuple[list[int], list[int]]:
-    """Token ids and aligned labels (same length, -100 = no loss; the model shifts) for ``record``.
+    """Token ids and aligned labels (same length, IGNORE_INDEX = no loss; the model shifts) for ``record``.
 
     ``stratos``: "System:\\n\\n{system}\\n\\nUser:\\n\\n{q}\\n\\nAssistant:\\n\\n{a}<eos>\\n\\n"
     (more turns repeat the User/Assistant blocks; system defaults to
@@ -224,7 +223,7 @@ class DataConfig:
 
 @dataclass
 class TokenizedExample:
-    """Token ids and aligned labels (-100 = no loss) of one record."""
+    """Token ids and aligned labels (IGNORE_INDEX = no loss) of one record."""
 
     input_ids: list[int]
     labels: list[int]
@@ -285,62 +284,6 @@ def prepare_data(config: DataConfig, tokenizer, model_max_positions: int | None 
     return PreparedData(train=train, val=val, report=report)
 
 
-def _file_digest(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-_TOKENIZER_FPS: "weakref.WeakKeyDictionary[Any, tuple[Any, str]]" = weakref.WeakKeyDictionary()
-
-
-def tokenizer_fingerprint(tokenizer) -> str:
-    """sha256 of the tokenizer's class, name, vocabulary, special tokens and chat template."""
-    probe = (len(tokenizer), tokenizer.eos_token_id, getattr(tokenizer, "chat_template", None))
-    try:
-        cached = _TOKENIZER_FPS.get(tokenizer)
-    except TypeError:  # not weak-referenceable
-        cached = None
-    if cached and cached[0] == probe:
-        return cached[1]
-    parts = {"class": type(tokenizer).__name__, "name": getattr(tokenizer, "name_or_path", ""),
-             "vocab": sorted(tokenizer.get_vocab().items()), "eos": tokenizer.eos_token_id,
-             "bos_prefix": _bos_prefix(tokenizer), "chat_template": getattr(tokenizer, "chat_template", None)}
-    digest = hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
-    try:
-        _TOKENIZER_FPS[tokenizer] = (probe, digest)
-    except TypeError:
-        pass
-    return digest
-
-
-def fingerprint(config: DataConfig, tokenizer) -> str:
-    """Stable hex digest of everything that decides the prepared token ids (a cache key).
-
-    Covers the config, the data itself (file content hash, or reasoning-gym task and parameters
-    with the package version; a hub name is taken as is) and the tokenizer.
-    """
-    data: Any = None
-    if config.spec.startswith(RG_PREFIX):
-        try:
-            from importlib.metadata import version
-
-            rg_version = version("reasoning-gym")
-        except Exception:
-            rg_version = "?"
-        data = [parse_reasoning_gym_spec(config.spec), rg_version]
-    elif os.path.isfile(config.spec):
-        data = _file_digest(config.spec)
-    settings = asdict(config)
-    if data is not None and config.spec.startswith(RG_PREFIX):
-        settings["spec"] = None  # the parsed parameters stand for it, whatever their order
-    payload = {"format": _FORMAT_VERSION, "config": settings, "data": data,
-               "tokenizer": tokenizer_fingerprint(tokenizer)}
-    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
-
-
 def examples_digest(examples: list[TokenizedExample]) -> str:
     """sha256 of every example's input ids and labels, in order: which examples, tokenized how."""
     h = hashlib.sha256()
@@ -385,23 +328,14 @@ def pad_id(tokenizer) -> int:
 
 
 def collate(examples: list, pad_id: int) -> dict:
-    """Right-pad a batch into tensors: input_ids (pad_id), attention_mask (0 on pad), labels (-100 on pad).
-
-    ``examples`` are :class:`TokenizedExample` or mappings with ``input_ids`` and ``labels``.
+    """Right-pad a batch into tensors: input_ids (pad_id), attention_mask (0 on pad), labels (IGNORE_INDEX on
+    pad). ``examples`` are :class:`TokenizedExample` or mappings with ``input_ids`` and ``labels``.
     """
-    import torch
-
     if not examples:
         raise LLMModulesError("collate: empty batch")
     rows = [(e["input_ids"], e["labels"]) if isinstance(e, dict) else (e.input_ids, e.labels) for e in examples]
-    width = max(len(ids) for ids, _ in rows)
-    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, (ids, lab) in enumerate(rows):
-        input_ids[i, : len(ids)] = torch.tensor(ids, dtype=torch.long)
-        labels[i, : len(lab)] = torch.tensor(lab, dtype=torch.long)
-        mask[i, : len(ids)] = 1
+    input_ids, mask = right_pad([ids for ids, _ in rows], pad_id)  # (B, W), (B, W)
+    labels, _ = right_pad([lab for _, lab in rows], IGNORE_INDEX)  # (B, W): labels align with the ids
     return {"input_ids": input_ids, "attention_mask": mask, "labels": labels}
 
 

@@ -23,61 +23,11 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import torch
-from transformers import (
-    LogitsProcessorList,
-    MinNewTokensLengthLogitsProcessor,
-    RepetitionPenaltyLogitsProcessor,
-    TemperatureLogitsWarper,
-    TopKLogitsWarper,
-    TopPLogitsWarper,
-)
 
+from llm_modules.decoding.sampling import SamplingOptions
 from llm_modules.decoding.steppers import right_aligned, stepper_for
 from llm_modules.errors import LLMModulesError
 from llm_modules.tensors import left_pad
-
-
-@dataclass
-class SamplingOptions:
-    """How one request decodes. Greedy unless `do_sample`; `eos_token_ids` None: the model's own."""
-
-    max_new_tokens: int = 128
-    min_new_tokens: int = 0
-    do_sample: bool = False
-    temperature: float = 1.0
-    top_k: int = 0
-    top_p: float = 1.0
-    repetition_penalty: float = 1.0
-    stop_strings: list[str] | None = None
-    eos_token_ids: list[int] | None = None
-
-    def __post_init__(self) -> None:
-        if self.max_new_tokens < 1:
-            raise LLMModulesError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
-        if self.min_new_tokens < 0:
-            raise LLMModulesError(f"min_new_tokens must be >= 0, got {self.min_new_tokens}")
-        if self.do_sample and self.temperature <= 0:
-            raise LLMModulesError(f"temperature must be > 0 when sampling, got {self.temperature}")
-        if not 0.0 < self.top_p <= 1.0:
-            raise LLMModulesError(f"top_p must be in (0, 1], got {self.top_p}")
-        if self.repetition_penalty <= 0:
-            raise LLMModulesError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
-
-    def processors(self, prompt_length: int, eos_ids: list[int]) -> LogitsProcessorList:
-        """transformers' own processors, in the order its generate() applies them."""
-        processors = LogitsProcessorList()
-        if self.repetition_penalty != 1.0:
-            processors.append(RepetitionPenaltyLogitsProcessor(penalty=self.repetition_penalty))
-        if self.min_new_tokens > 0 and eos_ids:
-            processors.append(MinNewTokensLengthLogitsProcessor(prompt_length, self.min_new_tokens, eos_ids))
-        if self.do_sample:
-            if self.temperature != 1.0:
-                processors.append(TemperatureLogitsWarper(self.temperature))
-            if self.top_k > 0:
-                processors.append(TopKLogitsWarper(self.top_k))
-            if self.top_p < 1.0:
-                processors.append(TopPLogitsWarper(self.top_p))
-        return processors
 
 
 class Sequence:
@@ -92,6 +42,8 @@ class Sequence:
                  generator: torch.Generator | None = None, on_update: Callable[["Sequence"], None] | None = None):
         if not prompt:
             raise LLMModulesError("a prompt needs at least one token")
+        if options.max_new_tokens < 1:
+            raise LLMModulesError(f"a decoding row needs max_new_tokens >= 1, got {options.max_new_tokens}")
         if options.stop_strings and tokenizer is None:
             raise LLMModulesError("stop strings need a tokenizer; this model has none (pass tokenizer=...)")
         self.prompt, self.options, self.eos_ids = list(prompt), options, list(eos_ids)
@@ -278,6 +230,12 @@ class EngineStats:
     errors: list[str] = field(default_factory=list)
 
 
+def check_batch_limits(max_batch: int, max_queue: int, names: tuple[str, str] = ("max_batch", "max_queue")) -> None:
+    """At least one row decodes, and no fewer than zero wait; `names`: how the caller calls the two."""
+    if max_batch < 1 or max_queue < 0:
+        raise LLMModulesError(f"{names[0]} must be >= 1 and {names[1]} >= 0, got {max_batch} and {max_queue}")
+
+
 class Engine:
     """Continuous batching on a background thread: `submit` from any thread; a request joins the
     running batch at the next step (up to `max_batch` rows) or waits in a queue of `max_queue`;
@@ -285,8 +243,7 @@ class Engine:
     frees a row (or a place in the queue) at the next step."""
 
     def __init__(self, model: Any, tokenizer: Any, max_batch: int = 8, max_queue: int = 64):
-        if max_batch < 1 or max_queue < 0:
-            raise LLMModulesError(f"max_batch must be >= 1 and max_queue >= 0, got {max_batch} and {max_queue}")
+        check_batch_limits(max_batch, max_queue)
         self.model, self.tokenizer = model.eval(), tokenizer
         self.max_batch, self.max_queue = max_batch, max_queue
         self.eos_ids = model_eos_ids(model, tokenizer)
@@ -299,16 +256,17 @@ class Engine:
         self._thread: threading.Thread | None = None
         self.stats = EngineStats(max_batch=max_batch, max_queue=max_queue)
 
-    def sequence(self, prompt: list[int], options: SamplingOptions, seed: int | None = None,
+    def sequence(self, prompt: list[int], options: SamplingOptions,
                  on_update: Callable[[Sequence], None] | None = None) -> Sequence:
-        """A request for this engine: the model's EOS unless `options` names others; `seed` fixes sampling."""
+        """A request for this engine: the model's EOS unless `options` names others; `options.seed` fixes
+        sampling (none: a fresh generator)."""
         if self.max_positions is not None and len(prompt) + options.max_new_tokens > self.max_positions:
             raise LLMModulesError(
                 f"the prompt ({len(prompt)} tokens) plus max_new_tokens ({options.max_new_tokens}) exceeds the "
                 f"{self.max_positions} positions the model can place; ask for at most "
                 f"{max(self.max_positions - len(prompt), 0)} new tokens"
             )
-        generator = torch.Generator(device="cpu").manual_seed(seed) if seed is not None else None
+        generator = options.generator()
         if options.do_sample and generator is None:
             generator = torch.Generator(device="cpu")
             generator.seed()

@@ -24,7 +24,7 @@ from torch.utils.checkpoint import checkpoint
 from llm_modules.bridges import BridgeCache, BridgeShape, bridge_classes
 from llm_modules.decoding.steppers import Decoder
 from llm_modules.errors import LLMModulesError
-from llm_modules.losses import next_token_loss
+from llm_modules.losses import answer_logit_targets, next_token_loss
 from llm_modules.models.config import ComposeConfig
 from llm_modules.models.heads import ComposedHead
 from llm_modules.models.large import Released, is_placed, num_layers, tapped_states
@@ -37,7 +37,7 @@ from llm_modules.models.saved import (
     save_weights,
 )
 from llm_modules.models.vocab_map import VocabMap
-from llm_modules.tensors import IGNORE_INDEX, positions_from_mask
+from llm_modules.tensors import positions_from_mask
 
 logger = logging.getLogger(__name__)
 
@@ -360,12 +360,11 @@ class LLMModulesModel(nn.Module):
         final = large_states[:, :, self._head_tap].to(s.device) if self._head_tap is not None else None  # (B, T, dL)
         large_head = self.large.get_submodule(self._large_head_name)
         if labels is not None and not return_logits:
-            targets = labels[:, 1:].to(s.device)
-            keep = targets != IGNORE_INDEX  # (B, T-1)
-            picked = final[:, :-1][keep] if final is not None else None  # (N, dL)
-            loss = self._chunked_head_loss(s[:, :-1][keep], picked, large_head, targets[keep])
+            picked, targets = answer_logit_targets(s, labels)  # (N, dS), (N,): the positions that predict a label
+            picked_final = answer_logit_targets(final, labels)[0] if final is not None else None  # (N, dL)
+            loss = self._chunked_head_loss(picked, picked_final, large_head, targets)
             if loss_reduction == "mean":
-                loss = loss / keep.sum()
+                loss = loss / targets.numel()
             elif loss_reduction != "sum":
                 raise ValueError(f"loss_reduction must be 'mean' or 'sum' with return_logits=False, got {loss_reduction!r}")
             return ComposedOutput(logits=None, loss=loss, cache=cache if use_cache else None)
@@ -400,11 +399,13 @@ class LLMModulesModel(nn.Module):
 
         return ComposedStepper(self)
 
-    def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **options: Any):
-        """Decode new tokens; returns ids including the prompt. See `llm_modules.decoding.generation.generate`."""
+    def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, options: Any = None,
+                 **keywords: Any) -> torch.Tensor:
+        """Decode new tokens; returns ids including the prompt. How: a `SamplingOptions` or its fields as
+        keywords (`max_new_tokens=64, do_sample=True, top_p=0.9`); see `llm_modules.decoding.generation.generate`."""
         from llm_modules.decoding.generation import generate
 
-        return generate(self, input_ids, attention_mask, **options)
+        return generate(self, input_ids, attention_mask, options, **keywords)
 
     # ------------------------------------------------------------------ save / load
     def trained_state_dict(self) -> dict[str, torch.Tensor]:

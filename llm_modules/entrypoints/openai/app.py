@@ -21,7 +21,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException
 
-from llm_modules.decoding.engine import Engine, EngineFull, SamplingOptions, Sequence
+from llm_modules.decoding.engine import Engine, EngineFull, Sequence
+from llm_modules.decoding.sampling import SamplingOptions
 from llm_modules.entrypoints.openai.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
@@ -151,7 +152,8 @@ def sampling_options(served: Served, body: SamplingRequest, prompt: list[int]) -
                             f"positions the model can place; ask for at most {room}", param=field)
     temperature = 1.0 if body.temperature is None else body.temperature
     return SamplingOptions(max_new_tokens=new_tokens, do_sample=temperature > 0, temperature=temperature or 1.0,
-                           top_p=1.0 if body.top_p is None else body.top_p, stop_strings=body.stop_strings() or None)
+                           top_p=1.0 if body.top_p is None else body.top_p, stop_strings=body.stop_strings() or None,
+                           seed=body.seed)
 
 
 async def respond(served: Served, reply: Reply, body: SamplingRequest, prompt: list[int], request: Request):
@@ -160,7 +162,7 @@ async def respond(served: Served, reply: Reply, body: SamplingRequest, prompt: l
                        "not_found_error", "model", "model_not_found")
     loop, updates = asyncio.get_running_loop(), asyncio.Queue()
     try:
-        seq = served.engine.sequence(prompt, sampling_options(served, body, prompt), seed=body.seed,
+        seq = served.engine.sequence(prompt, sampling_options(served, body, prompt),
                                      on_update=lambda s: loop.call_soon_threadsafe(updates.put_nowait, None))
     except LLMModulesError as err:
         raise ApiError(400, str(err)) from None
