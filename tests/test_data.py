@@ -292,7 +292,7 @@ def test_drop_and_truncate_are_counted(tmp_path, gpt2_tok):
 
 def test_max_length_beyond_model_positions(tmp_path, gpt2_tok):
     path = _write_jsonl(tmp_path / "p.jsonl", [_pc(0), _pc(1)])
-    with pytest.raises(LLMModulesError, match="the small model can position 2048 tokens but --max-length is 4096"):
+    with pytest.raises(LLMModulesError, match="the model can position 2048 tokens but --max-length is 4096"):
         prepare_data(DataConfig(path, max_length=4096), gpt2_tok, model_max_positions=2048)
     assert prepare_data(DataConfig(path, max_length=2048), gpt2_tok, model_max_positions=2048).report["kept"] == 2
 

@@ -165,15 +165,17 @@ def first_content_line(lines) -> str:
 
 @pytest.fixture(scope="module")
 def long_model_dir(tiny_pair_with_tokenizer, tmp_path_factory):
-    """The tiny pair with a small model that places 100,000 positions: requests that outlast the test."""
-    from transformers import AutoConfig, LlamaForCausalLM
+    """The tiny pair with both models placing 100,000 positions: requests that outlast the test."""
+    from transformers import AutoConfig, AutoTokenizer, LlamaForCausalLM, Qwen2ForCausalLM
 
     root = tmp_path_factory.mktemp("long")
-    config = AutoConfig.from_pretrained(tiny_pair_with_tokenizer["small"])
-    config.max_position_embeddings = 100_000
     torch.manual_seed(1)
-    LlamaForCausalLM(config).save_pretrained(root / "small")
-    return save_tiny_composed({**tiny_pair_with_tokenizer, "small": str(root / "small")}, root / "model")
+    for side, family in (("small", LlamaForCausalLM), ("large", Qwen2ForCausalLM)):
+        config = AutoConfig.from_pretrained(tiny_pair_with_tokenizer[side])
+        config.max_position_embeddings = 100_000
+        family(config).save_pretrained(root / side)
+    AutoTokenizer.from_pretrained(tiny_pair_with_tokenizer["large"]).save_pretrained(root / "large")
+    return save_tiny_composed({"large": str(root / "large"), "small": str(root / "small")}, root / "model")
 
 
 def test_a_full_queue_gets_429_and_a_client_that_leaves_frees_its_row(long_model_dir):

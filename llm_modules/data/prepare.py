@@ -241,9 +241,9 @@ class PreparedData:
 
 
 def check_positions(max_length: int, model_max_positions: int | None) -> None:
-    """Refuse a max length the small model cannot position (never cut silently)."""
+    """Refuse a max length the model cannot position (never cut silently)."""
     if model_max_positions is not None and max_length > model_max_positions:
-        raise LLMModulesError(f"the small model can position {model_max_positions} tokens but "
+        raise LLMModulesError(f"the model can position {model_max_positions} tokens but "
                               f"--max-length is {max_length}; lower --max-length")
 
 
