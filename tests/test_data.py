@@ -266,6 +266,15 @@ def test_chat_template_mask(qwen_tok):
     assert labels_all == ids
 
 
+def test_one_render_locates_the_turns_as_the_per_turn_render_does(qwen_tok):
+    # prompts render the template twice (a marked copy locates every message); training renders once per turn
+    for turns, system in ((["Reply with exactly: Paris.", "Paris.", "Again?", "Paris.", "Once more"], "Be brief."),
+                          (["hi", "", "x", " spaced  ", "<|im_end|> in text", "q"], None)):
+        messages = [{"role": "user" if i % 2 == 0 else "assistant", "content": t} for i, t in enumerate(turns)]
+        rec = Record(system=system, messages=[*messages, {"role": "assistant", "content": "x"}])
+        assert render(rec, qwen_tok, "chat", one_render=True) == render(rec, qwen_tok, "chat")
+
+
 def test_chat_without_template_is_an_error(gpt2_tok):
     with pytest.raises(LLMModulesError, match="no chat template"):
         render(_record(["q", "a"]), gpt2_tok, "chat")
