@@ -27,10 +27,11 @@ def prompt_ids(messages: list[dict[str, str]], tokenizer: Any, template: str, sy
 
     `messages` alternate user/assistant and end with a user turn. The conversation is rendered
     with a placeholder answer by the training renderer, then cut before the first token of that
-    answer, so the prompt matches training byte for byte (system prompt, turn markers, EOS).
+    answer, so the prompt matches training byte for byte (system prompt, turn markers, EOS). A chat
+    template is rendered twice however long the conversation (`render`'s one_render).
     """
     record = Record(system=system, messages=[*messages, {"role": "assistant", "content": _PLACEHOLDER}])
-    ids, labels = render(record, tokenizer, template, "assistant")
+    ids, labels = render(record, tokenizer, template, "assistant", one_render=True)
     last_answer = max(i for i, label in enumerate(labels) if label != IGNORE_INDEX)
     start = last_answer
     while start > 0 and labels[start - 1] != IGNORE_INDEX:  # walk back to the start of the last answer span

@@ -83,11 +83,13 @@ def generate(
     rows = [Sequence(row[keep.bool()].tolist(), options, eos, tokenizer, generator) for row, keep in zip(ids, mask)]
     batch = DecodeBatch(model, pad, use_cache)
     batch.add(rows)
+    _raise_failure(rows)
     if streamer is not None:
         streamer.put(ids.cpu())
     steps = 0
     while batch.rows:
         batch.step()
+        _raise_failure(rows)
         steps += 1
         step_ids = torch.tensor([r.tokens[steps - 1] if len(r.tokens) >= steps else pad for r in rows])  # (B,)
         if streamer is not None:
@@ -98,3 +100,10 @@ def generate(
         streamer.end()
     new = torch.tensor([r.tokens + [pad] * (steps - len(r.tokens)) for r in rows], dtype=ids.dtype, device=device)
     return torch.cat([ids, new.view(len(rows), steps)], dim=1)
+
+
+def _raise_failure(rows: list[Sequence]) -> None:
+    """A fixed batch is one call: the first row that failed fails it, with that row's own exception."""
+    failed = next((r for r in rows if r.exception is not None), None)
+    if failed is not None:
+        raise failed.exception

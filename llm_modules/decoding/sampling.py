@@ -4,6 +4,7 @@ server's request body, lm-eval's gen_kwargs, `generate`'s keywords) and handed d
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -18,6 +19,10 @@ from transformers import (
 )
 
 from llm_modules.errors import LLMModulesError
+
+# Below this a sampling temperature overflows float32 logits to inf (1e-300: every score inf or NaN);
+# 0.01 is vLLM's floor too. Temperature 0 means greedy, asked for with do_sample=False.
+MIN_TEMPERATURE = 0.01
 
 
 @dataclass
@@ -42,8 +47,14 @@ class SamplingOptions:
             raise LLMModulesError(f"max_new_tokens must be >= 0, got {self.max_new_tokens}")
         if self.min_new_tokens < 0:
             raise LLMModulesError(f"min_new_tokens must be >= 0, got {self.min_new_tokens}")
-        if self.do_sample and self.temperature <= 0:
-            raise LLMModulesError(f"temperature must be > 0 when sampling, got {self.temperature}")
+        for name in ("temperature", "top_p", "repetition_penalty"):
+            if not math.isfinite(getattr(self, name)):
+                raise LLMModulesError(f"{name} must be a finite number, got {getattr(self, name)}")
+        if self.do_sample and self.temperature < MIN_TEMPERATURE:
+            raise LLMModulesError(f"temperature must be >= {MIN_TEMPERATURE} when sampling (0 decodes greedily), "
+                                  f"got {self.temperature}")
+        if self.seed is not None and not -2**63 <= self.seed < 2**64:
+            raise LLMModulesError(f"seed must be in [-2**63, 2**64), got {self.seed}")
         if not 0.0 < self.top_p <= 1.0:
             raise LLMModulesError(f"top_p must be in (0, 1], got {self.top_p}")
         if self.repetition_penalty <= 0:

@@ -147,7 +147,12 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--template", choices=["stratos", "chat"],
                        help="chat prompt layout (default: the training run's, else the tokenizer's chat template, "
                             "else stratos)")
-    serve.add_argument("--name", help="the model id the API reports (default: --model as given)")
+    serve.add_argument("--name", help="the model id the API reports (default: the --model folder's name, or the "
+                                      "spec as given)")
+    serve.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on every /v1/* request (default: "
+                                         "$LLM_MODULES_API_KEY; none: an open API)")
+    serve.add_argument("--max-request-bytes", type=int, default=1 << 20,
+                       help="largest request body; larger ones get 413 (default: 1048576)")
     add_large_mismatch_flag(serve)
     add_device_flags(serve)
     return parser
@@ -371,7 +376,8 @@ def run_serve(args: argparse.Namespace) -> int:
         raise LLMModulesError(f"serve needs FastAPI and uvicorn ({err}): pip install 'llm-modules[serve]'") from None
     check_batch_limits(args.max_batch, args.max_queue, ("--max-batch", "--max-queue"))  # before the model loads
     serve(args.model, args.host, args.port, max_batch=args.max_batch, max_queue=args.max_queue,
-          max_tokens=args.max_tokens, template=args.template, name=args.name,
+          max_tokens=args.max_tokens, template=args.template, name=args.name, api_key=args.api_key,
+          max_request_bytes=args.max_request_bytes,
           allow_large_mismatch=args.allow_large_mismatch, **dict(zip(("device", "dtype"), device_and_dtype(args))))
     return 0
 

@@ -40,7 +40,7 @@ class ComposedScorer:
 
     def __init__(self, model: Any):
         self.model, self.tokenizer = model.eval(), model.tokenizer
-        self.max_positions = model.small_max_positions
+        self.max_positions = model.max_positions
         self.device = model.device
 
     def loss_sum(self, batch: dict[str, torch.Tensor]) -> float:

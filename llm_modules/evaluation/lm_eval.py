@@ -6,7 +6,8 @@
     lm_eval.simple_evaluate(model=LLMModulesLM(model=composed), tasks=[...])
 
 Text goes through the LARGE model's tokenizer (the composed model's vocabulary). Sequences never
-exceed `max_length`, which is capped by the small model's position limit (`small_max_positions`).
+exceed `max_length`, which is capped by the composed model's position limit (`max_positions`, the
+smaller of the large and small models' limits).
 This module is the only place that imports lm_eval; `import llm_modules` does not need it.
 """
 
@@ -101,9 +102,7 @@ class LLMModulesLM(TemplateLM):
         if not str(batch_size).isdigit() or int(batch_size) < 1:
             raise LLMModulesError(f"batch_size must be a positive integer ('auto' is unsupported): {batch_size!r}")
         self.batch_size = int(batch_size)
-        large_limit = getattr(model.large.config, "max_position_embeddings", None)
-        limits = [n for n in (model.small_max_positions, large_limit) if n]
-        cap = min(limits) if limits else 2048
+        cap = model.max_positions or 2048
         if max_length is not None and int(max_length) > cap:
             logger.warning("llm-modules: max_length=%s exceeds the models' position limit; using %d", max_length, cap)
         self._max_length = min(int(max_length), cap) if max_length is not None else cap

@@ -116,6 +116,7 @@ class LLMModulesModel(nn.Module):
             self.small.set_input_embeddings(stub)
         self._small_decoder = Decoder(self.small)
         self.small_max_positions = getattr(self.small.config, "max_position_embeddings", None)
+        self.large_max_positions = getattr(large.config, "max_position_embeddings", None)
 
         bridge_class = bridge_classes(config.bridge)[1]
         shape = BridgeShape(large_dim, small_dim, self.num_large_layers, num_layers(small),
@@ -227,6 +228,14 @@ class LLMModulesModel(nn.Module):
         )
         return counts
 
+    @property
+    def max_positions(self) -> int | None:
+        """The positions the composed model can place: the smaller of the large and small models' limits
+        (None when neither states one). Every reader of the context limit (decoding, the server, training
+        data, lm-eval) asks here."""
+        limits = [n for n in (self.large_max_positions, self.small_max_positions) if n]
+        return min(limits) if limits else None
+
     # ------------------------------------------------------------------ freeing the large model
     @property
     def large_released(self) -> bool:
@@ -318,10 +327,10 @@ class LLMModulesModel(nn.Module):
             attention_mask = torch.ones(batch, past + length, dtype=torch.long, device=self.device)
         position_ids = positions_from_mask(attention_mask)[:, -length:]  # (B, T)
         top = int(position_ids.max()) + 1
-        if self.small_max_positions is not None and top > self.small_max_positions:
+        if self.max_positions is not None and top > self.max_positions:
             raise LLMModulesError(
-                f"a sequence of {top} tokens is longer than the small model can position "
-                f"({self.small_max_positions}); shorten the input or use a small model with more positions"
+                f"a sequence of {top} tokens is longer than the model can position ({self.max_positions}: large "
+                f"model {self.large_max_positions}, small model {self.small_max_positions}); shorten the input"
             )
         if cache is None and use_cache:
             cache = ComposedCache()

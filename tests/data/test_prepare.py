@@ -265,6 +265,15 @@ def test_chat_template_mask(qwen_tok):
     assert labels_all == ids
 
 
+def test_one_render_locates_the_turns_as_the_per_turn_render_does(qwen_tok):
+    # prompts render the template twice (a marked copy locates every message); training renders once per turn
+    for turns, system in ((["Reply with exactly: Paris.", "Paris.", "Again?", "Paris.", "Once more"], "Be brief."),
+                          (["hi", "", "x", " spaced  ", "<|im_end|> in text", "q"], None)):
+        messages = [{"role": "user" if i % 2 == 0 else "assistant", "content": t} for i, t in enumerate(turns)]
+        rec = Record(system=system, messages=[*messages, {"role": "assistant", "content": "x"}])
+        assert render(rec, qwen_tok, "chat", one_render=True) == render(rec, qwen_tok, "chat")
+
+
 def test_chat_without_template_is_an_error(gpt2_tok):
     with pytest.raises(LLMModulesError, match="no chat template"):
         render(_record(["q", "a"]), gpt2_tok, "chat")
@@ -291,7 +300,7 @@ def test_drop_and_truncate_are_counted(tmp_path, gpt2_tok):
 
 def test_max_length_beyond_model_positions(tmp_path, gpt2_tok):
     path = _write_jsonl(tmp_path / "p.jsonl", [_pc(0), _pc(1)])
-    with pytest.raises(LLMModulesError, match="the small model can position 2048 tokens but --max-length is 4096"):
+    with pytest.raises(LLMModulesError, match="the model can position 2048 tokens but --max-length is 4096"):
         prepare_data(DataConfig(path, max_length=4096), gpt2_tok, model_max_positions=2048)
     assert prepare_data(DataConfig(path, max_length=2048), gpt2_tok, model_max_positions=2048).report["kept"] == 2
 

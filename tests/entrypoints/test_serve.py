@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import httpx
 import pytest
@@ -23,6 +24,7 @@ from ..helpers import (
 )
 
 HELLO = [{"role": "user", "content": "Hello there, how are you?"}]
+MODEL_ID = "model"  # the saved folder's name: the id served by default
 
 
 @pytest.fixture(scope="module")
@@ -55,7 +57,7 @@ def cli_generate(capsys, model_dir: str, prompt: str, template: str, max_new_tok
 def test_chat_with_the_openai_client_equals_generate_whole_and_streamed(server, model_dir, capsys):
     client = client_for(server.url)
     [model] = client.models.list().data
-    assert model.id == model_dir
+    assert model.id == MODEL_ID
     whole = client.chat.completions.create(model=model.id, messages=HELLO, max_tokens=12, temperature=0)
     choice = whole.choices[0]
     assert whole.object == "chat.completion" and choice.message.role == "assistant"
@@ -87,26 +89,26 @@ def test_stream_is_server_sent_events_ending_with_done(server):
 
 def test_completions_equal_generate_on_the_raw_prompt(server, model_dir, capsys):
     client = client_for(server.url)
-    result = client.completions.create(model=model_dir, prompt="Once upon a time", max_tokens=10, temperature=0)
+    result = client.completions.create(model=MODEL_ID, prompt="Once upon a time", max_tokens=10, temperature=0)
     assert result.object == "text_completion" and result.choices[0].finish_reason == "length"
     assert result.choices[0].text == cli_generate(capsys, model_dir, "Once upon a time", "raw", 10)
     streamed = "".join(c.choices[0].text for c in client.completions.create(
-        model=model_dir, prompt="Once upon a time", max_tokens=10, temperature=0, stream=True))
+        model=MODEL_ID, prompt="Once upon a time", max_tokens=10, temperature=0, stream=True))
     assert streamed == result.choices[0].text
 
 
 def test_stop_strings_cut_the_text_whole_and_streamed(server, model_dir):
     client = client_for(server.url)
-    free = client.chat.completions.create(model=model_dir, messages=HELLO, max_tokens=24, temperature=0)
+    free = client.chat.completions.create(model=MODEL_ID, messages=HELLO, max_tokens=24, temperature=0)
     text = free.choices[0].message.content
     stop = next(text[i : i + 3] for i in range(len(text) // 3, len(text) - 3) if text[i : i + 3].strip()
                 and "\ufffd" not in text[i : i + 3])
     expected = text[: text.index(stop)]
-    stopped = client.chat.completions.create(model=model_dir, messages=HELLO, max_tokens=24, temperature=0,
+    stopped = client.chat.completions.create(model=MODEL_ID, messages=HELLO, max_tokens=24, temperature=0,
                                              stop=[stop, "never appears"])
     assert stopped.choices[0].message.content == expected and stopped.choices[0].finish_reason == "stop"
     assert stopped.usage.completion_tokens < 24
-    chunks = list(client.chat.completions.create(model=model_dir, messages=HELLO, max_tokens=24, temperature=0,
+    chunks = list(client.chat.completions.create(model=MODEL_ID, messages=HELLO, max_tokens=24, temperature=0,
                                                  stop=stop, stream=True))
     assert "".join(c.choices[0].delta.content or "" for c in chunks) == expected
     assert chunks[-1].choices[0].finish_reason == "stop"
@@ -116,7 +118,7 @@ def test_seeded_sampling_repeats(server, model_dir):
     client = client_for(server.url)
 
     def sample(seed):
-        return client.chat.completions.create(model=model_dir, messages=HELLO, max_tokens=8, temperature=0.9,
+        return client.chat.completions.create(model=MODEL_ID, messages=HELLO, max_tokens=8, temperature=0.9,
                                               top_p=0.95, seed=seed).choices[0].message.content
 
     assert sample(3) == sample(3)
@@ -165,15 +167,17 @@ def first_content_line(lines) -> str:
 
 @pytest.fixture(scope="module")
 def long_model_dir(tiny_pair_with_tokenizer, tmp_path_factory):
-    """The tiny pair with a small model that places 100,000 positions: requests that outlast the test."""
-    from transformers import AutoConfig, LlamaForCausalLM
+    """The tiny pair with both models placing 100,000 positions: requests that outlast the test."""
+    from transformers import AutoConfig, AutoTokenizer, LlamaForCausalLM, Qwen2ForCausalLM
 
     root = tmp_path_factory.mktemp("long")
-    config = AutoConfig.from_pretrained(tiny_pair_with_tokenizer["small"])
-    config.max_position_embeddings = 100_000
     torch.manual_seed(1)
-    LlamaForCausalLM(config).save_pretrained(root / "small")
-    return save_tiny_composed({**tiny_pair_with_tokenizer, "small": str(root / "small")}, root / "model")
+    for side, family in (("small", LlamaForCausalLM), ("large", Qwen2ForCausalLM)):
+        config = AutoConfig.from_pretrained(tiny_pair_with_tokenizer[side])
+        config.max_position_embeddings = 100_000
+        family(config).save_pretrained(root / side)
+    AutoTokenizer.from_pretrained(tiny_pair_with_tokenizer["large"]).save_pretrained(root / "large")
+    return save_tiny_composed({"large": str(root / "large"), "small": str(root / "small")}, root / "model")
 
 
 def test_a_full_queue_gets_429_and_a_client_that_leaves_frees_its_row(long_model_dir):
@@ -207,7 +211,7 @@ def test_concurrent_requests_decode_together_and_each_equals_its_answer_alone(se
 
     def ask(question):
         messages = [{"role": "user", "content": question}]
-        return client.chat.completions.create(model=model_dir, messages=messages, max_tokens=10 + len(question) % 7,
+        return client.chat.completions.create(model=MODEL_ID, messages=messages, max_tokens=10 + len(question) % 7,
                                               temperature=0).choices[0].message.content
 
     alone = [ask(q) for q in questions]
@@ -224,19 +228,25 @@ def test_the_serve_command_starts_a_server_on_a_saved_model(model_dir):
     port = free_port()
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in [os.getcwd(), os.environ.get("PYTHONPATH")] if p)}
     process = subprocess.Popen([sys.executable, "-m", "llm_modules.entrypoints.cli", "serve", "--model", model_dir, "--port",
-                                str(port), "--max-batch", "2"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                               text=True)
+                                str(port), "--max-batch", "2", "--api-key", "cli-key", "--max-request-bytes", "4096"],
+                               env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         url = f"http://127.0.0.1:{port}"
         wait_until_healthy(url, process=process)
-        assert health(url)["max_batch"] == 2
-        result = client_for(url).chat.completions.create(model=model_dir, messages=HELLO, max_tokens=3, temperature=0)
+        assert health(url)["max_batch"] == 2 and health(url)["auth"] is True
+        client = OpenAI(base_url=url + "/v1", api_key="cli-key", max_retries=0, timeout=60)
+        result = client.chat.completions.create(model=MODEL_ID, messages=HELLO, max_tokens=3, temperature=0)
         assert result.usage.completion_tokens == 3
+        assert httpx.get(url + "/v1/models", timeout=10).status_code == 401
+        big = {"messages": [{"role": "user", "content": "x" * 5000}]}
+        assert httpx.post(url + "/v1/chat/completions", json=big, headers={"Authorization": "Bearer cli-key"},
+                          timeout=10).status_code == 413
         assert "<html" in httpx.get(url + "/", timeout=10).text
     finally:
         process.terminate()
         out, err = process.communicate(timeout=30)
-    assert f"on http://127.0.0.1:{port}" in out, (out, err)
+    assert f"as '{MODEL_ID}' on http://127.0.0.1:{port}" in out and "API key required" in out, (out, err)
+    assert model_dir not in out.split(" as ")[1]
 
 
 def test_serve_refuses_a_bad_batch_size_in_one_line(capsys):
@@ -259,7 +269,7 @@ def test_a_plain_model_spec_is_served_and_decodes_as_transformers_does(tiny_pair
 
     spec = tiny_pair_with_tokenizer["large"]  # a plain causal LM folder with tokenizer files (a baseline)
     with ServerThread(spec) as server:
-        result = client_for(server.url).completions.create(model=spec, prompt="Once upon a time", max_tokens=8,
+        result = client_for(server.url).completions.create(model=Path(spec).name, prompt="Once upon a time", max_tokens=8,
                                                            temperature=0)
     tokenizer = AutoTokenizer.from_pretrained(spec)
     ids = tokenizer("Once upon a time", return_tensors="pt").input_ids

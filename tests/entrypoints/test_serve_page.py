@@ -52,7 +52,7 @@ def test_the_page_streams_replies_keeps_the_conversation_and_shows_model_and_spe
         with ServerThread(model, max_tokens=24) as server:
             wait = WebDriverWait(driver, 60)
             driver.get(server.url + "/")
-            wait.until(ready.text_to_be_present_in_element((By.ID, "model-name"), model))
+            wait.until(ready.text_to_be_present_in_element((By.ID, "model-name"), "model"))
             conversation = []
             for turn, text in enumerate(["Hello, who are you?", "Tell me more."]):
                 driver.find_element(By.ID, "prompt").send_keys(text)
@@ -71,5 +71,35 @@ def test_the_page_streams_replies_keeps_the_conversation_and_shows_model_and_spe
             assert users == ["Hello, who are you?", "Tell me more."]
             if os.environ.get("LLM_MODULES_SCREENSHOT"):
                 driver.save_screenshot(os.environ["LLM_MODULES_SCREENSHOT"])
+    finally:
+        driver.quit()
+
+
+def test_the_page_asks_for_the_api_key_when_the_server_has_one(tiny_pair_with_tokenizer, tmp_path):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support import expected_conditions as ready
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    model = save_tiny_composed(tiny_pair_with_tokenizer, tmp_path / "model")
+    driver = browser()
+    try:
+        with ServerThread(model, max_tokens=8, api_key="page-key") as server:
+            wait = WebDriverWait(driver, 60)
+            driver.get(server.url + "/")
+            wait.until(ready.visibility_of_element_located((By.ID, "api-key")))
+            assert driver.find_element(By.ID, "model-name").text == "…"  # nothing read without the key
+            driver.find_element(By.ID, "api-key").send_keys("wrong")
+            driver.find_element(By.ID, "key-save").click()
+            wait.until(ready.text_to_be_present_in_element((By.ID, "key-note"), "refused"))
+            driver.find_element(By.ID, "api-key").send_keys("page-key")
+            driver.find_element(By.ID, "key-save").click()
+            wait.until(ready.text_to_be_present_in_element((By.ID, "model-name"), "model"))
+            assert not driver.find_element(By.ID, "key-form").is_displayed()
+            driver.find_element(By.ID, "prompt").send_keys("Hello?")
+            driver.find_element(By.ID, "send").click()
+            done = (By.CSS_SELECTOR, ".message.assistant[data-done='true']")
+            reply = wait.until(ready.presence_of_element_located(done))
+            assert reply.find_element(By.CLASS_NAME, "content").get_attribute("textContent")
+            assert reply.get_attribute("data-finish-reason") == "length"
     finally:
         driver.quit()

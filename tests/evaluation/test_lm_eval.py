@@ -146,6 +146,8 @@ def test_max_length_respects_the_small_models_position_limit(composed, monkeypat
     [(score, _)] = lm.loglikelihood(requests("loglikelihood", (TEXT, " end")))  # context left-truncated
     whole = encode(composed, TEXT + " end")
     assert score == pytest.approx(float(token_logprobs(composed, whole[-13:])[-1]), abs=TOL)
+    monkeypatch.setattr(composed, "large_max_positions", 10)  # the model's one limit: the smaller of the two
+    assert composed.max_positions == 10 and LLMModulesLM(model=composed).max_length == 10
 
 
 def test_generate_until_stops_at_the_until_string_like_model_generate(composed):
