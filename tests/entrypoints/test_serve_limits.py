@@ -13,7 +13,7 @@ import openai
 import pytest
 import torch
 
-from tests.helpers import ServerThread, save_tiny_composed
+from ..helpers import ServerThread, save_tiny_composed
 
 KEY = "sk-test-0123456789"
 HELLO = [{"role": "user", "content": "Hello there, how are you?"}]
