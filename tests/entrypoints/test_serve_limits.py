@@ -201,7 +201,7 @@ def test_a_chat_template_renders_twice_however_many_turns():
     from llm_modules.data.prepare import Record, render
     from llm_modules.entrypoints.openai.text import PromptFormat
 
-    from .conftest import gpt2_tokenizer
+    from ..helpers import gpt2_tokenizer
 
     tokenizer = gpt2_tokenizer()
     tokenizer.chat_template = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}{{ eos_token }}"
