@@ -24,7 +24,7 @@ from torch.utils.checkpoint import checkpoint
 from llm_modules.bridges import BridgeCache, BridgeShape, LargeView, bridge_classes
 from llm_modules.decoding.steppers import Decoder
 from llm_modules.errors import LLMModulesError
-from llm_modules.losses import next_token_loss
+from llm_modules.losses import answer_logit_targets, next_token_loss
 from llm_modules.models.config import ComposeConfig
 from llm_modules.models.heads import ComposedHead
 from llm_modules.models.large import Released, is_placed, num_layers, tapped_states
@@ -37,7 +37,7 @@ from llm_modules.models.saved import (
     save_weights,
 )
 from llm_modules.models.vocab_map import VocabMap
-from llm_modules.tensors import IGNORE_INDEX, positions_from_mask
+from llm_modules.tensors import positions_from_mask
 
 logger = logging.getLogger(__name__)
 
@@ -135,6 +135,7 @@ class LLMModulesModel(nn.Module):
             self.small.set_input_embeddings(stub)
         self._small_decoder = Decoder(self.small)
         self.small_max_positions = getattr(self.small.config, "max_position_embeddings", None)
+        self.large_max_positions = getattr(large.config, "max_position_embeddings", None)
 
         bridge_class = bridge_classes(config.bridge)[1]
         shape = BridgeShape(large_dim, small_dim, self.num_large_layers, num_layers(small),
@@ -252,6 +253,14 @@ class LLMModulesModel(nn.Module):
         """The large model's output embedding (frozen): the large logits are large_head(final hidden state)."""
         return self.large.get_submodule(self._large_head_name)
 
+    @property
+    def max_positions(self) -> int | None:
+        """The positions the composed model can place: the smaller of the large and small models' limits
+        (None when neither states one). Every reader of the context limit (decoding, the server, training
+        data, lm-eval) asks here."""
+        limits = [n for n in (self.large_max_positions, self.small_max_positions) if n]
+        return min(limits) if limits else None
+
     # ------------------------------------------------------------------ freeing the large model
     @property
     def large_released(self) -> bool:
@@ -364,10 +373,10 @@ class LLMModulesModel(nn.Module):
             attention_mask = torch.ones(batch, past + length, dtype=torch.long, device=self.device)
         position_ids = positions_from_mask(attention_mask)[:, -length:]  # (B, T)
         top = int(position_ids.max()) + 1
-        if self.small_max_positions is not None and top > self.small_max_positions:
+        if self.max_positions is not None and top > self.max_positions:
             raise LLMModulesError(
-                f"a sequence of {top} tokens is longer than the small model can position "
-                f"({self.small_max_positions}); shorten the input or use a small model with more positions"
+                f"a sequence of {top} tokens is longer than the model can position ({self.max_positions}: large "
+                f"model {self.large_max_positions}, small model {self.small_max_positions}); shorten the input"
             )
         if cache is None and use_cache:
             cache = ComposedCache()
@@ -415,12 +424,11 @@ class LLMModulesModel(nn.Module):
         final = large_states[:, :, self._head_tap].to(s.device) if self._head_tap is not None else None  # (B, T, dL)
         large_head = self.large.get_submodule(self._large_head_name)
         if labels is not None and not return_logits:
-            targets = labels[:, 1:].to(s.device)
-            keep = targets != IGNORE_INDEX  # (B, T-1)
-            picked = final[:, :-1][keep] if final is not None else None  # (N, dL)
-            loss = self._chunked_head_loss(s[:, :-1][keep], picked, large_head, targets[keep])
+            picked, targets = answer_logit_targets(s, labels)  # (N, dS), (N,): the positions that predict a label
+            picked_final = answer_logit_targets(final, labels)[0] if final is not None else None  # (N, dL)
+            loss = self._chunked_head_loss(picked, picked_final, large_head, targets)
             if loss_reduction == "mean":
-                loss = loss / keep.sum()
+                loss = loss / targets.numel()
             elif loss_reduction != "sum":
                 raise ValueError(f"loss_reduction must be 'mean' or 'sum' with return_logits=False, got {loss_reduction!r}")
             return ComposedOutput(logits=None, loss=loss, cache=cache if use_cache else None)
@@ -476,11 +484,13 @@ class LLMModulesModel(nn.Module):
 
         return ComposedStepper(self)
 
-    def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **options: Any):
-        """Decode new tokens; returns ids including the prompt. See `llm_modules.decoding.generation.generate`."""
+    def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, options: Any = None,
+                 **keywords: Any) -> torch.Tensor:
+        """Decode new tokens; returns ids including the prompt. How: a `SamplingOptions` or its fields as
+        keywords (`max_new_tokens=64, do_sample=True, top_p=0.9`); see `llm_modules.decoding.generation.generate`."""
         from llm_modules.decoding.generation import generate
 
-        return generate(self, input_ids, attention_mask, **options)
+        return generate(self, input_ids, attention_mask, options, **keywords)
 
     # ------------------------------------------------------------------ save / load
     def trained_state_dict(self) -> dict[str, torch.Tensor]:

@@ -29,4 +29,4 @@ class ComposedStepper(Stepper):
 
     @property
     def max_positions(self):
-        return self.model.small_max_positions
+        return self.model.max_positions

@@ -19,8 +19,9 @@ from llm_modules.models.config import (
     SMALL_INPUTS,
     ComposeConfig,
 )
-from llm_modules.models.large import DEVICE_MAPS, LARGE_DTYPES, QUANTIZATIONS
+from llm_modules.models.large import DEVICE_MAPS, QUANTIZATIONS
 from llm_modules.models.saved import RUN_CONFIG_FILE  # noqa: F401 (its old home)
+from llm_modules.tensors import DTYPES
 from llm_modules.training.objectives import METHODS
 
 # Options that may differ between an interrupted run and its resumption.
@@ -46,8 +47,8 @@ DEMO = dict(  # sized to finish within 15 minutes on a 2-core CPU (measured: see
 CHOICES: dict[str, tuple[str, ...]] = {
     "method": METHODS, "head": HEAD_KINDS, "bridge": tuple(BRIDGES), "small_inputs": SMALL_INPUTS,
     "template": TEMPLATES, "loss_on": LOSS_ON, "overflow": OVERFLOW,
-    "mixed_precision": ("auto", "no", "bf16", "fp16"), "state_cache_dtype": ("float32", "float16", "bfloat16"),
-    "large_dtype": tuple(LARGE_DTYPES), "large_device_map": DEVICE_MAPS, "large_quantization": QUANTIZATIONS,
+    "mixed_precision": ("auto", "no", "bf16", "fp16"), "state_cache_dtype": tuple(DTYPES),
+    "large_dtype": tuple(DTYPES), "large_device_map": DEVICE_MAPS, "large_quantization": QUANTIZATIONS,
     "drafter_loss": ("kl", "ce"), "drafter_targets": ("logits", "generated"),
 }
 # The methods that compose a model (a bridge, a small model, a head), and their composition defaults
@@ -337,10 +338,8 @@ class TrainConfig:
             raise LLMModulesError(f"config file {path}: unknown options {unknown}")
         return cls(**{**data, **(overrides or {})})
 
-    def data_config(self) -> Any:
+    def data_config(self) -> DataConfig:
         """The data options of this run (the split and subset follow `data_seed`, not `seed`)."""
-        from llm_modules.data.prepare import DataConfig
-
         return DataConfig(spec=self.data, template=self.template, loss_on=self.loss_on, max_length=self.max_length,
                           overflow=self.overflow, val_fraction=self.val_fraction, seed=self.data_seed,
                           subset=self.subset)

@@ -38,6 +38,7 @@ from llm_modules.data.prepare import (
 )
 from llm_modules.errors import LLMModulesError
 from llm_modules.models.config import WEIGHTS_FILE
+from llm_modules.tensors import IGNORE_INDEX
 from llm_modules.training import checkpoint as ckpt
 from llm_modules.training.config import RUN_CONFIG_FILE, TrainConfig
 from llm_modules.training.objectives import Objective, build_objective
@@ -62,10 +63,6 @@ class Run:
     total_steps: int
     output: Path
     data_fingerprint: str  # of the prepared examples: a resume on changed data is refused
-
-    @property
-    def model(self) -> Any:
-        return self.objective.module
 
 
 def mixed_precision(choice: str) -> str:
@@ -185,7 +182,7 @@ def batch_tensors(run: Run, split: str, indices: list[int]) -> tuple[dict[str, A
 
 
 def loss_tokens(examples: list[TokenizedExample]) -> int:
-    return sum(sum(1 for x in e.labels[1:] if x != -100) for e in examples)
+    return sum(sum(1 for x in e.labels[1:] if x != IGNORE_INDEX) for e in examples)
 
 
 @torch.no_grad()

@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from llm_modules.losses import answer_logit_targets, answer_nll_sum  # noqa: F401 (re-exported for objectives)
+from llm_modules.tensors import DTYPES
 
 
 class Objective:
@@ -86,7 +86,7 @@ def _count(module: nn.Module) -> dict[str, int]:
 
 def large_loading(config: Any, device: Any = "cpu", processes: int = 1) -> dict[str, Any]:
     """`resolve_model` arguments of a run's frozen large model: its dtype and placement (large.load_options)."""
-    from llm_modules.models.large import LARGE_DTYPES, load_options
+    from llm_modules.models.large import load_options
 
     placement = load_options(config.large_dtype, config.large_device_map, config.large_quantization, device, processes)
-    return {"dtype": LARGE_DTYPES[config.large_dtype], "placement": placement}
+    return {"dtype": DTYPES[config.large_dtype], "placement": placement}

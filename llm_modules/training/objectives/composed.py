@@ -50,7 +50,7 @@ class ComposedObjective(Objective):
         if config.gradient_checkpointing:
             self.model.small.gradient_checkpointing_enable()
         self.module, self.tokenizer = TrainedParts(self.model), self.model.tokenizer
-        self.max_positions = self.model.small_max_positions
+        self.max_positions = self.model.max_positions
         self.states: dict[str, Any] = {"train": None, "val": None}
         self.counts = self.model.parameter_counts()  # before any release of the large model
         self.released = False
