@@ -37,6 +37,13 @@ def command(name: str):
     return register
 
 
+def add_draft_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--draft", metavar="DRAFTER_DIR",
+                        help="decode speculatively with this drafter (train --method drafter); --model must be the "
+                             "large model it was trained on. The output is the model's own, in fewer passes")
+    parser.add_argument("--draft-tokens", type=int, help="tokens drafted per pass (default: the drafter's K)")
+
+
 def add_sampling_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-new-tokens", type=int, default=256)
     parser.add_argument("--min-new-tokens", type=int, default=0)
@@ -81,6 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_sampling_flags(gen)
     add_large_mismatch_flag(gen)
     add_device_flags(gen)
+    add_draft_flags(gen)
 
     train = sub.add_parser(
         "train", help="train a composed model (no options: the embedded demo)",
@@ -105,6 +113,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--output", help="also write the result (with samples) to this JSON file")
     add_large_mismatch_flag(ev)
     add_device_flags(ev)
+    add_draft_flags(ev)
 
     chat = sub.add_parser("chat", help="interactive chat with a trained model, streamed")
     chat.add_argument("--model", required=True, help=MODEL_HELP + ", or a plain model spec (baseline)")
@@ -114,6 +123,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_sampling_flags(chat)
     add_large_mismatch_flag(chat)
     add_device_flags(chat)
+    add_draft_flags(chat)
 
     cache = sub.add_parser("cache", help="list or prune the large-model state cache")
     cache_sub = cache.add_subparsers(dest="cache_command", metavar="ACTION", required=True)
@@ -155,6 +165,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="largest request body; larger ones get 413 (default: 1048576)")
     add_large_mismatch_flag(serve)
     add_device_flags(serve)
+    add_draft_flags(serve)
     return parser
 
 
@@ -230,8 +241,13 @@ def load_for_generation(args: argparse.Namespace):
     """`--model` (composed, plain method or plain spec) with its tokenizer, on `--device` in `--dtype`."""
     from llm_modules.models.loading import load_model
 
+    from llm_modules.models.loading import load_drafter
+
     device, dtype = device_and_dtype(args)
-    return load_model(args.model, device=device, dtype=dtype, allow_large_mismatch=args.allow_large_mismatch)
+    loaded = load_model(args.model, device=device, dtype=dtype, allow_large_mismatch=args.allow_large_mismatch)
+    if getattr(args, "draft", None):
+        loaded.drafter = load_drafter(args.draft, loaded, args.model, args.draft_tokens, args.allow_large_mismatch)
+    return loaded
 
 
 def stream_reply(loaded: Any, ids: torch.Tensor, args: argparse.Namespace) -> torch.Tensor:
@@ -242,7 +258,7 @@ def stream_reply(loaded: Any, ids: torch.Tensor, args: argparse.Namespace) -> to
 
     streamer = TextStreamer(loaded.tokenizer, skip_prompt=True, skip_special_tokens=True)
     return generate(loaded.model, ids, None, sampling_options(args), tokenizer=loaded.tokenizer, streamer=streamer,
-                    use_cache=not args.no_cache)
+                    use_cache=not args.no_cache, drafter=loaded.drafter)
 
 
 @command("generate")
@@ -287,7 +303,8 @@ def run_eval(args: argparse.Namespace) -> int:
     if "spec" not in options:
         raise LLMModulesError("eval needs --data SPEC (the model folder has no training run to take it from)")
     device, dtype = device_and_dtype(args)
-    scorer = load_scorer(args.model, device=device, allow_large_mismatch=args.allow_large_mismatch, dtype=dtype)
+    scorer = load_scorer(args.model, device=device, allow_large_mismatch=args.allow_large_mismatch, dtype=dtype,
+                         draft=args.draft, draft_tokens=args.draft_tokens)
     examples = held_out_examples(DataConfig(**options), scorer.tokenizer, scorer.max_positions, args.split)
     result = evaluate(scorer, examples, EvalOptions(
         split=args.split, limit=args.limit, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
@@ -378,7 +395,7 @@ def run_serve(args: argparse.Namespace) -> int:
     check_batch_limits(args.max_batch, args.max_queue, ("--max-batch", "--max-queue"))  # before the model loads
     serve(args.model, args.host, args.port, max_batch=args.max_batch, max_queue=args.max_queue,
           max_tokens=args.max_tokens, template=args.template, name=args.name, api_key=args.api_key,
-          max_request_bytes=args.max_request_bytes,
+          max_request_bytes=args.max_request_bytes, draft=args.draft, draft_tokens=args.draft_tokens,
           allow_large_mismatch=args.allow_large_mismatch, **dict(zip(("device", "dtype"), device_and_dtype(args))))
     return 0
 

@@ -58,6 +58,7 @@ class PlainScorer:
         self.model, self.tokenizer = model.eval(), tokenizer
         self.max_positions = getattr(model.config, "max_position_embeddings", None)
         self.device = next(model.parameters()).device
+        self.drafter = None  # a models.drafting.ComposedDrafter: generate speculatively (the same tokens)
 
     def loss_sum(self, batch: dict[str, torch.Tensor]) -> float:
         labels = batch.pop("labels")
@@ -66,15 +67,23 @@ class PlainScorer:
 
     def generate(self, ids: torch.Tensor, mask: torch.Tensor, max_new_tokens: int) -> torch.Tensor:
         return generate(self.model, ids, mask, SamplingOptions(max_new_tokens=max_new_tokens),
-                        pad_token_id=pad_id(self.tokenizer), tokenizer=self.tokenizer)
+                        pad_token_id=pad_id(self.tokenizer), tokenizer=self.tokenizer, drafter=self.drafter)
 
 
 def load_scorer(spec: str, device: Any = None, allow_large_mismatch: bool = False,
-                dtype: torch.dtype = torch.float32) -> ComposedScorer | PlainScorer:
+                dtype: torch.dtype = torch.float32, draft: str | None = None,
+                draft_tokens: int | None = None) -> ComposedScorer | PlainScorer:
     """The model `spec` names, loaded by `models.loading.load_model` (composed, plain method or plain
-    spec), as a scorer."""
+    spec), as a scorer; with `draft` (a drafter folder) a plain model generates speculatively."""
     loaded = load_model(spec, device=device, dtype=dtype, allow_large_mismatch=allow_large_mismatch)
-    return ComposedScorer(loaded.model) if loaded.composed else PlainScorer(loaded.model, loaded.tokenizer)
+    if loaded.composed:
+        return ComposedScorer(loaded.model)
+    scorer = PlainScorer(loaded.model, loaded.tokenizer)
+    if draft:
+        from llm_modules.models.loading import load_drafter
+
+        scorer.drafter = load_drafter(draft, loaded, spec, draft_tokens, allow_large_mismatch)
+    return scorer
 
 
 @dataclass

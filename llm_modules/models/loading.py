@@ -26,6 +26,7 @@ class RunnableModel:
     model: nn.Module
     tokenizer: Any
     composed: bool
+    drafter: Any = None  # a models.drafting.ComposedDrafter when decoding speculatively (load_drafter)
 
 
 def load_model(spec: str, device: Any = None, dtype: torch.dtype = torch.float32,
@@ -56,3 +57,29 @@ def load_model(spec: str, device: Any = None, dtype: torch.dtype = torch.float32
     if tokenizer is None:
         raise LLMModulesError(f"{what} has no tokenizer files; generating and scoring text need them")
     return RunnableModel(model.eval(), tokenizer, kind == "composed")
+
+
+def load_drafter(folder: str, target: RunnableModel, spec: str, draft_tokens: int | None = None,
+                 allow_large_mismatch: bool = False) -> Any:
+    """The drafter saved in `folder` (train --method drafter), drafting for `target` (loaded from `spec`),
+    which must be the large model the drafter was trained on: it is shared, not loaded again, and checked
+    against the drafter's record of it. `draft_tokens` defaults to the K it trained with."""
+    from llm_modules.models.composed import LLMModulesModel
+    from llm_modules.models.drafter import DrafterRecord
+    from llm_modules.models.drafting import ComposedDrafter
+    from llm_modules.models.specs import LoadedModel
+
+    if target.composed:
+        raise LLMModulesError(f"--draft drafts for a plain model (the large model the drafter was trained on); "
+                              f"{spec} is a composed model")
+    where = resolve_model_folder(folder)
+    record = DrafterRecord.load(where)
+    if record is None:
+        raise LLMModulesError(f"{folder} is not a drafter (no drafter record: train it with --method drafter)")
+    first = next(target.model.parameters())
+    drafter = LLMModulesModel.from_pretrained(where, dtype=first.dtype, device=first.device,
+                                              allow_large_mismatch=allow_large_mismatch,
+                                              large=LoadedModel(target.model, target.tokenizer, spec, "shared"))
+    k = draft_tokens if draft_tokens is not None else record.draft_tokens
+    pad = target.tokenizer.pad_token_id if target.tokenizer.pad_token_id is not None else 0
+    return ComposedDrafter(drafter.eval(), draft_tokens=k, pad_id=pad)

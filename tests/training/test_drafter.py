@@ -288,3 +288,36 @@ def test_generated_targets_are_the_large_models_greedy_answers_cached_once(draft
     assert main(drafter_args("gen2", "--drafter-targets", "generated", "--max-steps", "1", "--max-length", "64")) == 0
     assert "reused)" in capsys.readouterr().out
     assert json.loads((tmp_path / "gen2" / "summary.json").read_text())["target_generation"]["generated"] is False
+
+
+def test_generate_eval_and_serve_take_a_trained_drafter_and_give_the_targets_output(drafter_args, mapped_pair,
+                                                                                   tmp_path, capsys):
+    """`--draft DIR` on generate and eval: the target's own greedy output, whatever the drafter drafts; the
+    server's engine decodes through it too."""
+    assert main(drafter_args("run")) == 0
+    capsys.readouterr()
+    base = ["--model", mapped_pair["large"], "--prompt", "What is 3 plus 4?", "--max-new-tokens", "12",
+            "--template", "stratos"]
+    assert main(["generate", *base]) == 0
+    alone = capsys.readouterr().out
+    assert main(["generate", *base, "--draft", str(tmp_path / "run"), "--draft-tokens", "3"]) == 0
+    assert capsys.readouterr().out == alone
+    data = str(tmp_path / "data.jsonl")
+    ev = ["eval", "--model", mapped_pair["large"], "--data", data, "--template", "stratos", "--limit", "3",
+          "--max-new-tokens", "8"]
+    assert main(ev) == 0
+    plain = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert main([*ev, "--draft", str(tmp_path / "run")]) == 0
+    drafted = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert drafted["accuracy"] == plain["accuracy"] and drafted["loss"] == plain["loss"]
+
+    from llm_modules.decoding.speculative import SpeculativeBatch
+    from llm_modules.entrypoints.openai import build_app
+
+    app = build_app(mapped_pair["large"], draft=str(tmp_path / "run"), draft_tokens=2)
+    assert isinstance(app.state.served.engine.batch, SpeculativeBatch)
+
+
+def test_draft_refuses_a_folder_that_is_not_a_drafter(drafter_args, mapped_pair, tmp_path, capsys):
+    assert main(["generate", "--model", mapped_pair["large"], "--prompt", "hi", "--draft", str(tmp_path)]) == 2
+    assert "not" in capsys.readouterr().err
