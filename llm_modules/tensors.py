@@ -36,3 +36,25 @@ def right_pad(rows: list[list[int]], pad: int, device: Any = None) -> tuple[torc
         ids[i, :len(row)] = torch.tensor(row, dtype=torch.long)
         mask[i, :len(row)] = 1
     return ids.to(device), mask.to(device)
+
+
+def lagged_source(lag: torch.Tensor | int, batch: int, length: int, device: Any = None) -> torch.Tensor:
+    """(B, T) source indices t - lag (-1 where that falls before the sequence): position t reads the large
+    states up to t - lag only. `lag` an int, or (B,) per row, or (B, T) per position."""
+    positions = torch.arange(length, device=device)[None, :]  # (1, T)
+    lag = torch.as_tensor(lag, device=device)
+    lag = lag[:, None] if lag.dim() == 1 else lag
+    source = (positions - lag).expand(batch, length)
+    return torch.where(source >= 0, source, -1).long()
+
+
+def draft_source(offset: torch.Tensor | int, block: int, batch: int, length: int, device: Any = None) -> torch.Tensor:
+    """(B, T) sources of a drafter's training: the positions fall in blocks of `block` (K, the draft length),
+    the first block of row b ending at position offset[b] (0 <= offset < K), and every position of a block
+    reads the states up to the position just before the block: what a drafter has while it drafts K tokens
+    after the last verified one (the first of them reads one state behind, the last K behind)."""
+    positions = torch.arange(length, device=device)[None, :]  # (1, T)
+    offset = torch.as_tensor(offset, device=device).reshape(-1, 1)  # (B or 1, 1)
+    start = torch.div(positions - offset - 1, block, rounding_mode="floor") * block + offset + 1  # block's first position
+    source = (start - 1).expand(batch, length)
+    return torch.where(source >= 0, source, -1).long()

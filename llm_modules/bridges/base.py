@@ -8,7 +8,7 @@ dS small width, nh heads, hs = dS // nh.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable, ClassVar
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
@@ -52,26 +52,48 @@ class BridgeCache:
             self.values[layer] = torch.cat([self.values[layer], v], dim=2)
         return self.keys[layer], self.values[layer]
 
-    def reorder(self, index: torch.Tensor) -> None:
-        """Keep only the batch rows in `index` (used when finished rows are dropped)."""
-        self.keys = [k.index_select(0, index) for k in self.keys]
-        self.values = [v.index_select(0, index) for v in self.values]
+
+@dataclass
+class LargeView:
+    """What each new position reads of the large model when that is not simply its own state and all
+    before it (a drafter reads states that lag behind the tokens; a decoder may read the prompt only).
+
+    source (B, T): the index, among all S key positions (cached + new), of the last large state new
+    position t may read; -1: none (the bridge then adds nothing at t). states (B, T, K, dL): the large
+    states AT those sources, which stand in for position t's own wherever a bridge reads one (zeros
+    where source is -1). Keys are still the large states of the key positions, masked by source.
+    """
+
+    source: torch.Tensor
+    states: torch.Tensor
+
+    @property
+    def seen(self) -> torch.Tensor:
+        """(B, T, 1) 1.0 where the position reads something, 0.0 where its source is -1."""
+        return (self.source >= 0)[..., None].to(self.states.dtype)
 
 
-def cross_attention_mask(key_mask: torch.Tensor, num_new: int, causal: bool) -> torch.Tensor:
+def cross_attention_mask(key_mask: torch.Tensor, num_new: int, causal: bool,
+                         source: torch.Tensor | None = None) -> torch.Tensor:
     """Boolean (B, 1, T, S) mask, True where new position t may read key position s.
 
-    key_mask (B, S) marks real (non-padding) keys; the T new positions are the last T of S.
-    A position always reads its own key, so no row is empty (padding queries get a finite,
-    ignored output instead of NaN).
+    key_mask (B, S) marks real (non-padding) keys; the T new positions are the last T of S. With
+    `source` (B, T) (see LargeView) position t reads keys up to source[t] instead of up to itself.
+    A position always reads its own key (its source's), so no row is empty (padding queries get a
+    finite, ignored output instead of NaN; a source of -1 reads key 0 and the bridge zeroes the result).
     """
     total = key_mask.shape[1]
-    query_index = torch.arange(total - num_new, total, device=key_mask.device)[:, None]  # (T, 1)
-    key_index = torch.arange(total, device=key_mask.device)[None, :]  # (1, S)
+    key_index = torch.arange(total, device=key_mask.device)[None, None, :]  # (1, 1, S)
+    if source is None:
+        query_index = torch.arange(total - num_new, total, device=key_mask.device)[None, :, None]  # (1, T, 1)
+    else:
+        if not causal:
+            raise LLMModulesError("a lagged or prompt-only view of the large model needs causal=True")
+        query_index = source.to(key_mask.device)[:, :, None]  # (B, T, 1)
     allowed = key_mask[:, None, :].bool()  # (B, 1, S)
     if causal:
         allowed = allowed & (key_index <= query_index)  # (B, T, S)
-    allowed = allowed | (key_index == query_index)
+    allowed = allowed | (key_index == query_index.clamp(min=0))
     return allowed[:, None]  # (B, 1, T, S)
 
 
@@ -139,10 +161,9 @@ class Bridge(nn.Module):
     None when the small model keeps its own inputs. A bridge that reaches inside the small model
     registers forward hooks on its decoder layers in `attach`; `forward` leaves the per-call
     context those hooks read (kept after the call, so gradient checkpointing can recompute).
-    Each bridge has an options dataclass, `options_class`, saved in the composition config.
+    Each bridge has an options dataclass (paired with it in `bridges.BRIDGES`), saved in the
+    composition config.
     """
-
-    options_class: ClassVar[type]
 
     def __init__(self, options: Any, shape: BridgeShape):
         super().__init__()
@@ -153,8 +174,11 @@ class Bridge(nn.Module):
         """Hook into the small decoder's layers; bridges that only feed its inputs do nothing."""
 
     def forward(
-        self, states: torch.Tensor, key_mask: torch.Tensor, causal: bool, cache: BridgeCache | None
+        self, states: torch.Tensor, key_mask: torch.Tensor, causal: bool, cache: BridgeCache | None,
+        view: LargeView | None = None,
     ) -> torch.Tensor | None:
+        """states (B, T, K, dL) of the T new positions (the keys they add), key_mask (B, S); `view`: what
+        each new position reads when not its own state and all before it."""
         raise NotImplementedError
 
 
@@ -218,12 +242,18 @@ class SideBridge(Bridge):
         self.large_layers = resolve_taps(options.large_layers, shape.large_layers)
         self.inputs = TapInput(shape.large_dim, shape.small_dim) if shape.provide_inputs else None
 
-    def remember(self, states: torch.Tensor, key_mask: torch.Tensor, causal: bool, cache: BridgeCache | None) -> None:
+    def remember(self, states: torch.Tensor, key_mask: torch.Tensor, causal: bool, cache: BridgeCache | None,
+                 view: LargeView | None) -> None:
         raise NotImplementedError
 
     def forward(
-        self, states: torch.Tensor, key_mask: torch.Tensor, causal: bool = True, cache: BridgeCache | None = None
+        self, states: torch.Tensor, key_mask: torch.Tensor, causal: bool = True, cache: BridgeCache | None = None,
+        view: LargeView | None = None,
     ) -> torch.Tensor | None:
         """states (B, T, K, dL), key_mask (B, S) -> input embeddings (B, T, dS) or None; readies the hooks."""
-        self.remember(states, key_mask, causal, cache)
-        return self.inputs(states[:, :, 0]) if self.inputs is not None else None  # (B, T, dS)
+        self.remember(states, key_mask, causal, cache, view)
+        if self.inputs is None:
+            return None
+        if view is None:
+            return self.inputs(states[:, :, 0])  # (B, T, dS)
+        return self.inputs(view.states[:, :, 0]) * view.seen  # (B, T, dS)

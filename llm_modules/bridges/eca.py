@@ -18,6 +18,7 @@ from llm_modules.bridges.base import (
     BridgeCache,
     BridgeShape,
     CrossAttention,
+    LargeView,
     check_int,
     cross_attention_mask,
 )
@@ -72,8 +73,6 @@ class EcaBridge(Bridge):
     embeddings when the small model keeps its own inputs).
     """
 
-    options_class = EcaOptions
-
     def __init__(self, options: EcaOptions, shape: BridgeShape):
         super().__init__(options, shape)
         large_dim, small_dim = shape.large_dim, shape.small_dim
@@ -98,15 +97,22 @@ class EcaBridge(Bridge):
         )
 
     def forward(
-        self, states: torch.Tensor, key_mask: torch.Tensor, causal: bool = True, cache: BridgeCache | None = None
+        self, states: torch.Tensor, key_mask: torch.Tensor, causal: bool = True, cache: BridgeCache | None = None,
+        view: LargeView | None = None,
     ) -> torch.Tensor:
-        """states (B, T, 1, dL): the tapped layer at the T new positions; key_mask (B, S): all positions."""
-        p = self.pre_proj(states[:, :, 0])  # (B, T, dL)
+        """states (B, T, 1, dL): the tapped layer at the T new positions; key_mask (B, S): all positions.
+
+        Position t's output depends on the large states up to t only, so under a `view` it is the
+        output at its source: the query stream starts from the source's state and reads keys up to it.
+        """
+        p_keys = self.pre_proj(states[:, :, 0])  # (B, T, dL)
+        p = p_keys if view is None else self.pre_proj(view.states[:, :, 0])  # (B, T, dL)
         g = self.intermediate(p)  # (B, T, dS)
-        mask = cross_attention_mask(key_mask, p.shape[1], causal)  # (B, 1, T, S)
+        mask = cross_attention_mask(key_mask, p.shape[1], causal, None if view is None else view.source)  # (B, 1, T, S)
         for i, layer in enumerate(self.layers):
-            k, v = layer.keys_values(p)  # (B, nh, T, hs)
+            k, v = layer.keys_values(p_keys)  # (B, nh, T, hs)
             if cache is not None:
                 k, v = cache.append(i, k, v)  # (B, nh, S, hs)
             g = g + layer(g, k, v, mask)
-        return g + self.proj(p)  # (B, T, dS)
+        out = g + self.proj(p)  # (B, T, dS)
+        return out if view is None else out * view.seen

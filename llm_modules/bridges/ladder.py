@@ -29,6 +29,7 @@ from torch import nn
 from llm_modules.bridges.base import (
     BridgeCache,
     BridgeShape,
+    LargeView,
     SideBridge,
     TapInput,
     add_after_layer,
@@ -60,8 +61,6 @@ class LadderOptions:
 class LadderBridge(SideBridge):
     """Per tap: LayerNorm -> Linear(dL, dS) -> x tanh(alpha / T), added after the matching small layer."""
 
-    options_class = LadderOptions
-
     def __init__(self, options: LadderOptions, shape: BridgeShape):
         super().__init__(options, shape)
         self.small_layer_of_tap = [
@@ -71,6 +70,7 @@ class LadderBridge(SideBridge):
         self.alphas = nn.Parameter(torch.zeros(len(self.large_layers)))  # tanh(0) = 0: starts closed
         self.temperature = options.gate_temperature
         self._states: torch.Tensor | None = None  # (B, T, K, dL) of the current call, read by the hooks
+        self._seen: torch.Tensor | None = None  # (B, T, 1) under a LargeView: 0 where a position reads nothing
 
     def attach(self, small_decoder: nn.Module) -> None:
         layers = decoder_layers(small_decoder)
@@ -81,11 +81,17 @@ class LadderBridge(SideBridge):
         """h (B, T, dS) after small layer `layer` plus every tap that joins there."""
         for k, target in enumerate(self.small_layer_of_tap):
             if target == layer:
-                h = h + torch.tanh(self.alphas[k] / self.temperature) * self.taps[k](self._states[:, :, k].to(h.dtype))  # (B, T, dS)
+                add = torch.tanh(self.alphas[k] / self.temperature) * self.taps[k](self._states[:, :, k].to(h.dtype))
+                h = h + (add if self._seen is None else add * self._seen.to(h.dtype))  # (B, T, dS)
         return h
 
-    def remember(self, states: torch.Tensor, key_mask: torch.Tensor, causal: bool, cache: BridgeCache | None) -> None:
-        self._states = states  # per-position additions: no mask, no cache needed
+    def remember(self, states: torch.Tensor, key_mask: torch.Tensor, causal: bool, cache: BridgeCache | None,
+                 view: LargeView | None = None) -> None:
+        # per-position additions: no mask, no cache needed. Under a view (a lagged or prompt-only read)
+        # position t takes the taps of its source position instead of its own: the rule for a tap that is
+        # aligned with positions, which keeps "position t reads nothing after its source" true.
+        self._states = states if view is None else view.states
+        self._seen = None if view is None else view.seen
 
     def extra_repr(self) -> str:
         return (f"large_layers={self.large_layers}, after small layers={[j + 1 for j in self.small_layer_of_tap]}, "

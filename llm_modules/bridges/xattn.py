@@ -20,6 +20,7 @@ from llm_modules.bridges.base import (
     BridgeCache,
     BridgeShape,
     CrossAttention,
+    LargeView,
     SideBridge,
     add_after_layer,
     check_int,
@@ -51,15 +52,16 @@ class GatedCrossAttention(CrossAttention):
         self.alpha = nn.Parameter(torch.zeros(()))
         self.temperature = temperature
 
-    def forward(self, h: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """h (B, T, dS); k, v (B, nh, S*K, hs), position-major (s0k0, s0k1, ...); mask (B, 1, T, S*K)."""
-        return h + torch.tanh(self.alpha / self.temperature) * self.attend(h, k, v, mask)  # (B, T, dS)
+    def forward(self, h: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor,
+                seen: torch.Tensor | None = None) -> torch.Tensor:
+        """h (B, T, dS); k, v (B, nh, S*K, hs), position-major (s0k0, s0k1, ...); mask (B, 1, T, S*K);
+        seen (B, T, 1): 0 where a position reads no large state (its attention output is dropped)."""
+        a = self.attend(h, k, v, mask)  # (B, T, dS)
+        return h + torch.tanh(self.alpha / self.temperature) * (a if seen is None else a * seen)
 
 
 class XattnBridge(SideBridge):
     """Gated cross-attention blocks after small layers small_stride, 2*small_stride, ... (1-based)."""
-
-    options_class = XattnOptions
 
     def __init__(self, options: XattnOptions, shape: BridgeShape):
         super().__init__(options, shape)
@@ -69,7 +71,7 @@ class XattnBridge(SideBridge):
             GatedCrossAttention(shape.large_dim, shape.small_dim, options.num_heads, options.gate_temperature)
             for _ in self.small_layers
         )
-        self._context: tuple[torch.Tensor, torch.Tensor, BridgeCache | None] | None = None
+        self._context: tuple[torch.Tensor, torch.Tensor, BridgeCache | None, torch.Tensor | None] | None = None
 
     def attach(self, small_decoder: nn.Module) -> None:
         layers = decoder_layers(small_decoder)
@@ -77,16 +79,18 @@ class XattnBridge(SideBridge):
             add_after_layer(layers[j], lambda h, i=i: self._attend(i, h))
 
     def _attend(self, i: int, h: torch.Tensor) -> torch.Tensor:
-        states, mask, cache = self._context
+        states, mask, cache, seen = self._context
         k, v = self.blocks[i].keys_values(states.to(h.dtype).flatten(1, 2))  # (B, nh, T*K, hs)
         if cache is not None:
             k, v = cache.append(i, k, v)  # (B, nh, S*K, hs)
-        return self.blocks[i](h, k, v, mask)  # (B, T, dS)
+        return self.blocks[i](h, k, v, mask, None if seen is None else seen.to(h.dtype))  # (B, T, dS)
 
-    def remember(self, states: torch.Tensor, key_mask: torch.Tensor, causal: bool, cache: BridgeCache | None) -> None:
+    def remember(self, states: torch.Tensor, key_mask: torch.Tensor, causal: bool, cache: BridgeCache | None,
+                 view: LargeView | None = None) -> None:
         taps = states.shape[2]
-        mask = cross_attention_mask(key_mask, states.shape[1], causal)  # (B, 1, T, S)
-        self._context = (states, mask.repeat_interleave(taps, dim=-1), cache)  # mask (B, 1, T, S*K)
+        mask = cross_attention_mask(key_mask, states.shape[1], causal, None if view is None else view.source)  # (B, 1, T, S)
+        self._context = (states, mask.repeat_interleave(taps, dim=-1), cache,  # mask (B, 1, T, S*K)
+                         None if view is None else view.seen)
 
     def extra_repr(self) -> str:
         return f"large_layers={self.large_layers}, after small layers={[j + 1 for j in self.small_layers]}"

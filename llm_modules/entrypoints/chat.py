@@ -18,10 +18,11 @@ Messages = list[dict[str, str]]
 
 
 def context_limit(model: Any) -> int | None:
-    """The longest sequence a composed model can place: the smaller of its two models' position limits."""
-    large = getattr(model.large.config, "max_position_embeddings", None)
-    limits = [n for n in (model.small_max_positions, large) if n]
-    return min(limits) if limits else None
+    """The longest sequence the model can place (a composed model: the smaller of its two models' limits)."""
+    limit = getattr(model, "max_positions", None)
+    if isinstance(limit, int) or limit is None and hasattr(model, "large"):
+        return limit
+    return getattr(getattr(model, "config", None), "max_position_embeddings", None)
 
 
 def fit_conversation(history: Messages, render: Callable[[Messages], list[int]], room: int | None
@@ -40,14 +41,15 @@ def fit_conversation(history: Messages, render: Callable[[Messages], list[int]],
         dropped += 1
 
 
-def chat(model: Any, template: str, system: str | None, max_new_tokens: int,
-         options: Callable[[], dict[str, Any]]) -> None:
+def chat(loaded: Any, template: str, system: str | None, options: Any, use_cache: bool = True) -> None:
     """Read user messages until an empty line or end of input; stream each answer to stdout.
-    `options()`: generate()'s decoding options for one reply."""
+    `loaded`: a models.loading.RunnableModel (its drafter, if any, drafts); `options`: a SamplingOptions."""
     from transformers import TextStreamer
 
     from llm_modules.data.prompting import prompt_ids
+    from llm_modules.decoding.generation import generate
 
+    model, tokenizer, max_new_tokens = loaded.model, loaded.tokenizer, options.max_new_tokens
     limit = context_limit(model)
     room = None if limit is None else limit - max_new_tokens  # prompt tokens that leave room for a reply
     if room is not None and room < 1:
@@ -62,7 +64,7 @@ def chat(model: Any, template: str, system: str | None, max_new_tokens: int,
         if not line:
             break
         history.append({"role": "user", "content": line})
-        ids, dropped = fit_conversation(history, lambda h: prompt_ids(h, model.tokenizer, template, system), room)
+        ids, dropped = fit_conversation(history, lambda h: prompt_ids(h, tokenizer, template, system), room)
         if ids is None:
             history.clear()
             print(f"(message not sent: with --max-new-tokens {max_new_tokens} it does not fit the model's context "
@@ -71,12 +73,13 @@ def chat(model: Any, template: str, system: str | None, max_new_tokens: int,
         if dropped:
             print(f"(dropped the oldest {dropped} exchange{'s' if dropped > 1 else ''} to fit the model's context of "
                   f"{limit} tokens)", file=sys.stderr)
-        streamer = TextStreamer(model.tokenizer, skip_prompt=True, skip_special_tokens=True)
+        streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
         try:
-            out = model.generate(torch.tensor([ids]), streamer=streamer, **options())
+            out = generate(model, torch.tensor([ids]), None, options, tokenizer=tokenizer, streamer=streamer,
+                           use_cache=use_cache, drafter=loaded.drafter)
         except LLMModulesError as err:
             history.pop()
             print(f"\n(no reply: {err})", file=sys.stderr)
             continue
         history.append({"role": "assistant",
-                        "content": model.tokenizer.decode(out[0, len(ids):], skip_special_tokens=True).strip()})
+                        "content": tokenizer.decode(out[0, len(ids):], skip_special_tokens=True).strip()})

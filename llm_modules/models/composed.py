@@ -20,10 +20,10 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from llm_modules.bridges import BridgeCache, BridgeShape, bridge_classes
+from llm_modules.bridges import BridgeCache, BridgeShape, LargeView, bridge_classes
 from llm_modules.decoding.steppers import Decoder
 from llm_modules.errors import LLMModulesError
-from llm_modules.losses import next_token_loss
+from llm_modules.losses import answer_logit_targets, next_token_loss
 from llm_modules.models.config import ComposeConfig
 from llm_modules.models.heads import ComposedHead
 from llm_modules.models.large import Released, is_placed, num_layers, tapped_states
@@ -37,7 +37,7 @@ from llm_modules.models.saved import (
     save_weights,
 )
 from llm_modules.models.vocab_map import VocabMap
-from llm_modules.tensors import IGNORE_INDEX, positions_from_mask
+from llm_modules.tensors import positions_from_mask
 
 logger = logging.getLogger(__name__)
 
@@ -63,6 +63,23 @@ class ComposedOutput:
     logits: torch.Tensor | None  # (B, T, |V_large|), or the last `logits_to_keep` positions
     loss: torch.Tensor | None = None
     cache: ComposedCache | None = None
+    hidden: torch.Tensor | None = None  # (B, T, dS) the small model's output, with return_hidden=True
+
+
+def keep_first_layers(model: nn.Module, n: int, spec: str) -> None:
+    """Cut a Hugging Face causal LM down to its first `n` decoder layers, in place (config included)."""
+    from llm_modules.bridges.base import decoder_layers
+
+    layers = decoder_layers(model.base_model)
+    if n > len(layers):
+        raise LLMModulesError(f"small_layers={n}, but the small model {spec!r} has only {len(layers)} layers")
+    parent = model.base_model
+    name = next(k for k, v in parent.named_children() if v is layers)
+    setattr(parent, name, nn.ModuleList(list(layers)[:n]))
+    config = model.config.get_text_config()
+    config.num_hidden_layers = n
+    if getattr(config, "layer_types", None):
+        config.layer_types = list(config.layer_types)[:n]
 
 
 class LLMModulesModel(nn.Module):
@@ -100,6 +117,8 @@ class LLMModulesModel(nn.Module):
         # The small model keeps only its decoder: its old LM head is dropped. With small_inputs
         # "bridge" its token embeddings (unused: it reads the bridge through inputs_embeds) become a
         # frozen 1-row stub; with "mapped" they stay, frozen unless config.train_embeddings.
+        if config.small_layers is not None:
+            keep_first_layers(small, config.small_layers, config.small)
         self.small = small.base_model
         self.small.requires_grad_(config.train_small)
         small_dim = self.small.get_input_embeddings().weight.shape[1]
@@ -116,6 +135,7 @@ class LLMModulesModel(nn.Module):
             self.small.set_input_embeddings(stub)
         self._small_decoder = Decoder(self.small)
         self.small_max_positions = getattr(self.small.config, "max_position_embeddings", None)
+        self.large_max_positions = getattr(large.config, "max_position_embeddings", None)
 
         bridge_class = bridge_classes(config.bridge)[1]
         shape = BridgeShape(large_dim, small_dim, self.num_large_layers, num_layers(small),
@@ -163,11 +183,12 @@ class LLMModulesModel(nn.Module):
     @classmethod
     def _build(cls, config: ComposeConfig, dtype: torch.dtype, large_dtype: torch.dtype | None, device: Any,
                saved_in: Path | None = None, allow_large_mismatch: bool = False, vocab_map: VocabMap | None = None,
-               large_placement: dict[str, Any] | None = None):
+               large_placement: dict[str, Any] | None = None, large: Any = None):
         from llm_modules.models import large_identity
         from llm_modules.models.specs import resolve_model
 
-        large = resolve_model(config.large, dtype=large_dtype or dtype, with_tokenizer=True, placement=large_placement)
+        if large is None:
+            large = resolve_model(config.large, dtype=large_dtype or dtype, with_tokenizer=True, placement=large_placement)
         if saved_in is None:  # composed now: pin this large model in the config that gets saved
             config.large_identity = large_identity.record(large.model)
         else:
@@ -227,19 +248,33 @@ class LLMModulesModel(nn.Module):
         )
         return counts
 
+    @property
+    def large_head(self) -> nn.Module:
+        """The large model's output embedding (frozen): the large logits are large_head(final hidden state)."""
+        return self.large.get_submodule(self._large_head_name)
+
+    @property
+    def max_positions(self) -> int | None:
+        """The positions the composed model can place: the smaller of the large and small models' limits
+        (None when neither states one). Every reader of the context limit (decoding, the server, training
+        data, lm-eval) asks here."""
+        limits = [n for n in (self.large_max_positions, self.small_max_positions) if n]
+        return min(limits) if limits else None
+
     # ------------------------------------------------------------------ freeing the large model
     @property
     def large_released(self) -> bool:
         return isinstance(self._large_decoder.module, Released)
 
-    def release_large(self) -> bool:
+    def release_large(self, keep_head: bool = False) -> bool:
         """Free the large model's weights that training from cached states never reads.
 
         Its body (embeddings, layers, final norm) goes, and its output embedding too when the head
-        is `new` (the other heads read it). What remains are the head's frozen weights. Calling the
-        large model afterwards is an error until `restore_large()` reloads it from its spec. A
-        `config:` large model (random weights) cannot be reloaded as it was, so it is kept; the
-        return value says whether anything was freed.
+        is `new` (the other heads read it) unless `keep_head` (a drafter's targets are the large
+        model's logits: its head over the cached final states). What remains are the head's frozen
+        weights. Calling the large model afterwards is an error until `restore_large()` reloads it
+        from its spec. A `config:` large model (random weights) cannot be reloaded as it was, so it is
+        kept; the return value says whether anything was freed.
         """
         if self.large_released:
             return True
@@ -249,7 +284,7 @@ class LLMModulesModel(nn.Module):
         first = next(body.parameters())
         self._large_place = (first.dtype, first.device)
         setattr(self.large, self.large.base_model_prefix, Released())
-        if self.config.head == "new":
+        if self.config.head == "new" and not keep_head:
             parent, _, name = self._large_head_name.rpartition(".")
             setattr(self.large.get_submodule(parent), name, Released())
         else:  # the head stays, in a copy of its own: loaded weights may all live in one memory map of
@@ -282,11 +317,14 @@ class LLMModulesModel(nn.Module):
         position_ids: torch.Tensor,
         cache: Any = None,
         use_cache: bool = False,
+        taps: list[int] | None = None,
     ) -> tuple[torch.Tensor, Any]:
-        """Frozen large model -> its hidden states (B, T, K, dL) at `self.large_taps`, and its KV cache."""
+        """Frozen large model -> its hidden states (B, T, K, dL) at `taps` (default `self.large_taps`), and
+        its KV cache."""
         return tapped_states(
-            self._large_decoder, self.large_taps, self.num_large_layers, cache=cache, use_cache=use_cache,
-            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+            self._large_decoder, self.large_taps if taps is None else taps, self.num_large_layers,
+            cache=cache, use_cache=use_cache, input_ids=input_ids, attention_mask=attention_mask,
+            position_ids=position_ids,
         )
 
     def forward(
@@ -300,6 +338,11 @@ class LLMModulesModel(nn.Module):
         logits_to_keep: int = 0,
         return_logits: bool = True,
         loss_reduction: str = "mean",
+        large_source: torch.Tensor | None = None,
+        large_view: LargeView | None = None,
+        large_mask: torch.Tensor | None = None,
+        vocab_rows: torch.Tensor | None = None,
+        return_hidden: bool = False,
     ) -> ComposedOutput:
         """Logits over the large vocabulary for every new position.
 
@@ -309,6 +352,18 @@ class LLMModulesModel(nn.Module):
         forward (training from cached states); input_ids are still needed with small_inputs "mapped". `logits_to_keep=n` keeps the last n.
         With labels and `return_logits=False` the head runs only where a label is predicted (the
         vocabulary projection is the costliest step of training) and `logits` is None.
+        `large_source` (B, T): for each position, the index (within this call, no cache) of the last
+        large state the bridge may read there, -1 for none (default: its own). A drafter trains with
+        lagged sources (`lagged_source`), as the large model's states exist only up to the last
+        verified token while it drafts; the bridge reads nothing after a position's source.
+        `large_view` gives the view outright, for callers that decode with a cache (a drafter, a decoder
+        reading the prompt only): its sources index all key positions (cached + new) and its states are
+        the large states at those sources, in the bridge's taps (B, T, Kb, dL). `large_mask` (B, S) marks
+        the key positions whose large states are real (default: attention_mask); positions without one
+        (tokens the large model has not read yet) pass zeros in `large_states` and 0 here.
+        `vocab_rows` (n,): logits over those vocabulary ids only (B, T, n) (a drafter's smaller vocabulary).
+        `return_hidden=True` stops before the head: `hidden` is the small model's output (B, T, dS) and
+        `logits` None (a loss that applies the head itself, chunked: the drafter's).
         """
         if input_ids is None and large_states is None:
             raise ValueError("give input_ids or large_states")
@@ -318,10 +373,10 @@ class LLMModulesModel(nn.Module):
             attention_mask = torch.ones(batch, past + length, dtype=torch.long, device=self.device)
         position_ids = positions_from_mask(attention_mask)[:, -length:]  # (B, T)
         top = int(position_ids.max()) + 1
-        if self.small_max_positions is not None and top > self.small_max_positions:
+        if self.max_positions is not None and top > self.max_positions:
             raise LLMModulesError(
-                f"a sequence of {top} tokens is longer than the small model can position "
-                f"({self.small_max_positions}); shorten the input or use a small model with more positions"
+                f"a sequence of {top} tokens is longer than the model can position ({self.max_positions}: large "
+                f"model {self.large_max_positions}, small model {self.small_max_positions}); shorten the input"
             )
         if cache is None and use_cache:
             cache = ComposedCache()
@@ -342,8 +397,15 @@ class LLMModulesModel(nn.Module):
             cache.bridge = bridge_cache = cache.bridge or BridgeCache()
         # the large model may live on other devices (a device map) and in another precision
         bridge_states = large_states[:, :, self._bridge_taps].to(self.device, self.small.dtype)  # (B, T, Kb, dL)
+        view = large_view
+        if large_source is not None:
+            view = self._view(bridge_states, attention_mask, large_source, cache)
+        elif view is not None:
+            self._check_view(view)
+            view = LargeView(view.source.to(self.device), view.states.to(self.device, self.small.dtype))
+        key_mask = attention_mask if large_mask is None else large_mask.to(attention_mask.device)
         # The bridge also readies any hooks it has inside the small decoder for the call below.
-        embeds = self.bridge(bridge_states, attention_mask, self.config.causal, bridge_cache)  # (B, T, dS) or None
+        embeds = self.bridge(bridge_states, key_mask, self.config.causal, bridge_cache, view)  # (B, T, dS) or None
         if self.vocab_map is not None:
             if input_ids is None:
                 raise LLMModulesError("small_inputs='mapped' embeds the token ids: pass input_ids with large_states")
@@ -356,25 +418,47 @@ class LLMModulesModel(nn.Module):
         if cache is not None:
             cache.small, cache.length = small_cache, cache.length + length
         s = small_out.last_hidden_state  # (B, T, dS)
+        if return_hidden:
+            return ComposedOutput(logits=None, cache=cache if use_cache else None, hidden=s)
         # The residual head adds to the large model's final states; the other heads do not read them.
         final = large_states[:, :, self._head_tap].to(s.device) if self._head_tap is not None else None  # (B, T, dL)
         large_head = self.large.get_submodule(self._large_head_name)
         if labels is not None and not return_logits:
-            targets = labels[:, 1:].to(s.device)
-            keep = targets != IGNORE_INDEX  # (B, T-1)
-            picked = final[:, :-1][keep] if final is not None else None  # (N, dL)
-            loss = self._chunked_head_loss(s[:, :-1][keep], picked, large_head, targets[keep])
+            picked, targets = answer_logit_targets(s, labels)  # (N, dS), (N,): the positions that predict a label
+            picked_final = answer_logit_targets(final, labels)[0] if final is not None else None  # (N, dL)
+            loss = self._chunked_head_loss(picked, picked_final, large_head, targets)
             if loss_reduction == "mean":
-                loss = loss / keep.sum()
+                loss = loss / targets.numel()
             elif loss_reduction != "sum":
                 raise ValueError(f"loss_reduction must be 'mean' or 'sum' with return_logits=False, got {loss_reduction!r}")
             return ComposedOutput(logits=None, loss=loss, cache=cache if use_cache else None)
         if logits_to_keep:
             s = s[:, -logits_to_keep:]
             final = final[:, -logits_to_keep:] if final is not None else None
-        logits = self.head(s, final, large_head)  # (B, T, V)
+        logits = self.head(s, final, large_head, vocab_rows)  # (B, T, V), or (B, T, n) over vocab_rows
         loss = next_token_loss(logits, labels, loss_reduction) if labels is not None else None
         return ComposedOutput(logits=logits, loss=loss, cache=cache if use_cache else None)
+
+    def _view(self, states: torch.Tensor, attention_mask: torch.Tensor, source: torch.Tensor,
+              cache: ComposedCache | None) -> LargeView:
+        """The LargeView of `source` (B, T) over this call's bridge states (B, T, Kb, dL)."""
+        if cache is not None and cache.length:
+            raise LLMModulesError("large_source indexes the positions of one call; it cannot follow a cache "
+                                  "(pass large_view)")
+        self._check_view(None)
+        if source.shape != states.shape[:2]:
+            raise LLMModulesError(f"large_source has shape {tuple(source.shape)}; expected (B, T) = {tuple(states.shape[:2])}")
+        source = source.to(states.device).long()
+        real = attention_mask[:, -states.shape[1]:].to(states.device).bool()  # (B, T): padding is never a source
+        source = torch.where((source >= 0) & real.gather(1, source.clamp(min=0)), source, -1)
+        picked = states.gather(1, source.clamp(min=0)[:, :, None, None].expand_as(states))  # (B, T, Kb, dL)
+        return LargeView(source, picked * (source >= 0)[:, :, None, None].to(states.dtype))
+
+    def _check_view(self, view: LargeView | None) -> None:
+        if self._head_tap is not None:
+            raise LLMModulesError(
+                "the residual head adds the large model's logits at the very position it predicts from, which a "
+                "lagged or prompt-only read does not have: use --head projected or new")
 
     def _chunked_head_loss(self, s: torch.Tensor, h: torch.Tensor | None, large_head: nn.Module,
                            targets: torch.Tensor) -> torch.Tensor:
@@ -400,11 +484,13 @@ class LLMModulesModel(nn.Module):
 
         return ComposedStepper(self)
 
-    def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **options: Any):
-        """Decode new tokens; returns ids including the prompt. See `llm_modules.decoding.generation.generate`."""
+    def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, options: Any = None,
+                 **keywords: Any) -> torch.Tensor:
+        """Decode new tokens; returns ids including the prompt. How: a `SamplingOptions` or its fields as
+        keywords (`max_new_tokens=64, do_sample=True, top_p=0.9`); see `llm_modules.decoding.generation.generate`."""
         from llm_modules.decoding.generation import generate
 
-        return generate(self, input_ids, attention_mask, **options)
+        return generate(self, input_ids, attention_mask, options, **keywords)
 
     # ------------------------------------------------------------------ save / load
     def trained_state_dict(self) -> dict[str, torch.Tensor]:
@@ -440,6 +526,7 @@ class LLMModulesModel(nn.Module):
         device: str | torch.device | None = None,
         allow_large_mismatch: bool = False,
         large_placement: dict[str, Any] | None = None,
+        large: Any = None,
     ) -> "LLMModulesModel":
         """Rebuild from a folder written by `save_pretrained` (or a training run folder: its best/, else
         last/): specs from the JSON, weights from safetensors.
@@ -458,7 +545,7 @@ class LLMModulesModel(nn.Module):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # the leak warning was given when the model was composed
             model = cls._build(config, dtype, large_dtype, None, directory, allow_large_mismatch, vocab_map=vocab_map,
-                               large_placement=large_placement)
+                               large_placement=large_placement, large=large)
         if not config.causal:
             warnings.warn(LEAK_WARNING, stacklevel=2)
         model.load_trained_state_dict(state)

@@ -45,6 +45,8 @@ class ComposeConfig:
     `train_small=False` freezes the small model's own weights (CALM's setting: both models frozen):
     only the bridge, the head and, with `train_embeddings`, the mapped embeddings train, and a saved
     folder holds only those (the small model comes back from its spec).
+    `small_layers=N` keeps the small model's first N decoder layers (None: all): a drafter, or a small side
+    that decodes alone, is cheaper the shallower it is (EAGLE's drafter is one layer).
     `causal=False` reproduces the paper's leak: every position reads the large model's states
     of later positions too. Only for reproducing the paper.
     """
@@ -58,6 +60,7 @@ class ComposeConfig:
     small_inputs: str = "bridge"
     train_embeddings: bool = False
     train_small: bool = True
+    small_layers: int | None = None
     library_version: str = ""
     # digests of the large weights this model was trained on (see large_identity); {} in older folders
     large_identity: dict = field(default_factory=dict)
@@ -71,6 +74,9 @@ class ComposeConfig:
         if self.train_embeddings and self.small_inputs != "mapped":
             raise LLMModulesError("train_embeddings needs small_inputs='mapped' (with 'bridge' the small model "
                                   "has no token embeddings)")
+        if self.small_layers is not None and (not isinstance(self.small_layers, int) or isinstance(
+                self.small_layers, bool) or self.small_layers < 1):
+            raise LLMModulesError(f"small_layers must be an integer >= 1 (or null for all), got {self.small_layers!r}")
         for name in ("train_embeddings", "train_small"):
             if not isinstance(getattr(self, name), bool):
                 raise LLMModulesError(f"{name} must be true or false, got {getattr(self, name)!r}")

@@ -38,6 +38,7 @@ from torch import nn
 
 from llm_modules.errors import LLMModulesError
 from llm_modules.models.large import quantization_of
+from llm_modules.tensors import DTYPES
 
 logger = logging.getLogger(__name__)
 

@@ -15,7 +15,7 @@ class ComposedStepper(Stepper):
 
     def slots(self, cache):
         positions = cache.length
-        found = [*hf_slots(cache.large), *hf_slots(cache.small)]
+        found = [*(hf_slots(cache.large) if cache.large is not None else ()), *hf_slots(cache.small)]  # a drafter keeps no large cache
         for entries in (cache.bridge.keys, cache.bridge.values):
             # eca: one column per position; xattn: one per position and tap (position-major)
             found += [Slot(entries, i, per_position=t.shape[2] // positions) for i, t in enumerate(entries)]
@@ -23,9 +23,10 @@ class ComposedStepper(Stepper):
 
     def set_length(self, cache, positions):
         cache.length = positions
-        set_hf_length(cache.large, positions)
+        if cache.large is not None:
+            set_hf_length(cache.large, positions)
         set_hf_length(cache.small, positions)
 
     @property
     def max_positions(self):
-        return self.model.small_max_positions
+        return self.model.max_positions
