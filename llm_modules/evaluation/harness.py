@@ -28,6 +28,7 @@ from llm_modules.data.prepare import (
     collate,
     pad_id,
     prepare_data,
+    prompt_length,
 )
 from llm_modules.errors import LLMModulesError
 from llm_modules.models.saved import RUN_CONFIG_FILE
@@ -134,8 +135,7 @@ def held_out_examples(data: DataConfig, tokenizer: Any, max_positions: int | Non
 
 def prompt_of(example: TokenizedExample) -> list[int]:
     """The example's tokens before its first answer token (the prompt, template included)."""
-    first = next((i for i, label in enumerate(example.labels) if label != -100), len(example.labels))
-    return example.input_ids[:first]
+    return example.input_ids[:prompt_length(example)]
 
 
 def is_correct(example: TokenizedExample, predicted: str | None, text: str | None = None) -> bool | None:
