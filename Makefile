@@ -24,8 +24,11 @@ demo: install
 test: install
 	$(BIN)/python -m pytest -q
 
+# The slow kinds are pytest markers (pyproject.toml); README "Tests" gives each one's time.
+SLOW_MARKERS := not real and not subprocess and not browser and not multiprocess
+
 test-fast: install
-	$(BIN)/python -m pytest -q -m "not real"
+	$(BIN)/python -m pytest -q -m "$(SLOW_MARKERS)"
 
 bench: install
 	$(BIN)/python benchmarks/decode_speed.py

@@ -5,8 +5,9 @@ from __future__ import annotations
 import torch
 
 from llm_modules.errors import LLMModulesError
+from llm_modules.tensors import DTYPES
 
-DTYPE_CHOICES = ("auto", "float32", "bfloat16", "float16")
+DTYPE_CHOICES = ("auto", *DTYPES)
 
 
 def best_device() -> torch.device:
@@ -42,4 +43,4 @@ def pick_dtype(name: str, device: torch.device) -> torch.dtype:
         raise LLMModulesError(f"--dtype must be one of {', '.join(DTYPE_CHOICES)}, got {name!r}")
     if name == "auto":
         return torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
-    return getattr(torch, name)
+    return DTYPES[name]

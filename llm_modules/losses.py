@@ -10,7 +10,8 @@ from llm_modules.tensors import IGNORE_INDEX
 
 def answer_logit_targets(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Logits (N, V) at the positions that predict a counted label, and those labels (N,): position t
-    predicts labels[t + 1]."""
+    predicts labels[t + 1]. Any per-position tensor (B, T, ...) works in place of logits (the composed
+    model picks its hidden states this way before running the head)."""
     targets = labels[:, 1:].to(logits.device)  # (B, T-1)
     keep = targets != IGNORE_INDEX
     return logits[:, :-1][keep], targets[keep]

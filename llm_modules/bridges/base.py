@@ -8,7 +8,7 @@ dS small width, nh heads, hs = dS // nh.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable, ClassVar
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
@@ -51,11 +51,6 @@ class BridgeCache:
             self.keys[layer] = torch.cat([self.keys[layer], k], dim=2)
             self.values[layer] = torch.cat([self.values[layer], v], dim=2)
         return self.keys[layer], self.values[layer]
-
-    def reorder(self, index: torch.Tensor) -> None:
-        """Keep only the batch rows in `index` (used when finished rows are dropped)."""
-        self.keys = [k.index_select(0, index) for k in self.keys]
-        self.values = [v.index_select(0, index) for v in self.values]
 
 
 @dataclass
@@ -166,10 +161,9 @@ class Bridge(nn.Module):
     None when the small model keeps its own inputs. A bridge that reaches inside the small model
     registers forward hooks on its decoder layers in `attach`; `forward` leaves the per-call
     context those hooks read (kept after the call, so gradient checkpointing can recompute).
-    Each bridge has an options dataclass, `options_class`, saved in the composition config.
+    Each bridge has an options dataclass (paired with it in `bridges.BRIDGES`), saved in the
+    composition config.
     """
-
-    options_class: ClassVar[type]
 
     def __init__(self, options: Any, shape: BridgeShape):
         super().__init__()

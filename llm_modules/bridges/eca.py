@@ -73,8 +73,6 @@ class EcaBridge(Bridge):
     embeddings when the small model keeps its own inputs).
     """
 
-    options_class = EcaOptions
-
     def __init__(self, options: EcaOptions, shape: BridgeShape):
         super().__init__(options, shape)
         large_dim, small_dim = shape.large_dim, shape.small_dim

@@ -61,8 +61,6 @@ class LadderOptions:
 class LadderBridge(SideBridge):
     """Per tap: LayerNorm -> Linear(dL, dS) -> x tanh(alpha / T), added after the matching small layer."""
 
-    options_class = LadderOptions
-
     def __init__(self, options: LadderOptions, shape: BridgeShape):
         super().__init__(options, shape)
         self.small_layer_of_tap = [

@@ -63,8 +63,6 @@ class GatedCrossAttention(CrossAttention):
 class XattnBridge(SideBridge):
     """Gated cross-attention blocks after small layers small_stride, 2*small_stride, ... (1-based)."""
 
-    options_class = XattnOptions
-
     def __init__(self, options: XattnOptions, shape: BridgeShape):
         super().__init__(options, shape)
         stride = options.small_stride

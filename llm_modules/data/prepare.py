@@ -13,8 +13,8 @@ import json
 import math
 import os
 import random
-import weakref
-from dataclasses import asdict, dataclass
+import re
+from dataclasses import dataclass
 from typing import Any
 
 from llm_modules.data.sources import (  # noqa: F401
@@ -25,8 +25,8 @@ from llm_modules.data.sources import (  # noqa: F401
     to_record,
 )
 from llm_modules.errors import LLMModulesError
+from llm_modules.tensors import IGNORE_INDEX, right_pad
 
-IGNORE_INDEX = -100
 TEMPLATES = ("stratos", "chat")
 LOSS_ON = ("assistant", "all")
 OVERFLOW = ("drop", "truncate")
@@ -91,7 +91,36 @@ def _stratos_segments(record: Record, tokenizer) -> list[tuple[str | list[int], 
     return segs
 
 
-def _chat_segments(record: Record, tokenizer) -> list[tuple[str | list[int], bool]]:
+# A conversation whose template rewrites message text is located one render per assistant turn;
+# prompts (one_render) refuse more turns than this rather than render for seconds.
+MAX_TURNS_RENDERED_APART = 256
+_SPACES = re.compile(" *")
+
+
+def _content_starts(msgs: list[dict[str, str]], tokenizer, full: str) -> list[int] | None:
+    """Where each message's content starts in `full` (the conversation rendered), from ONE more render
+    in which each content is a unique marker; None when the template changes the text (the markers
+    then cannot stand in for the contents) or the render fails."""
+    markers = [f"\ue000{i}\ue001" for i in range(len(msgs))]  # private-use characters: in no template
+    try:
+        marked = tokenizer.apply_chat_template([{**m, "content": k} for m, k in zip(msgs, markers)], tokenize=False)
+    except Exception:
+        return None
+    found = list(re.finditer("\ue000([0-9]+)\ue001", marked))
+    if [m.group(1) for m in found] != [str(i) for i in range(len(msgs))]:  # each once, in order
+        return None
+    starts, pieces, length, cursor = [], [], 0, 0
+    for at, msg in zip(found, msgs):
+        length += at.start() - cursor
+        starts.append(length)
+        length += len(msg["content"])
+        pieces += [marked[cursor:at.start()], msg["content"]]
+        cursor = at.end()
+    pieces.append(marked[cursor:])
+    return starts if "".join(pieces) == full else None
+
+
+def _chat_segments(record: Record, tokenizer, one_render: bool = False) -> list[tuple[str | list[int], bool]]:
     if not getattr(tokenizer, "chat_template", None):
         raise LLMModulesError("template 'chat': the tokenizer has no chat template; use --template stratos")
     msgs = ([{"role": "system", "content": record.system}] if record.system is not None else []) \
@@ -100,6 +129,10 @@ def _chat_segments(record: Record, tokenizer) -> list[tuple[str | list[int], boo
         full = tokenizer.apply_chat_template(msgs, tokenize=False)
     except Exception as e:
         raise LLMModulesError(f"{record.source}: the chat template failed ({e})") from None
+    starts = _content_starts(msgs, tokenizer, full) if one_render else None
+    if one_render and starts is None and sum(m["role"] == "assistant" for m in msgs) > MAX_TURNS_RENDERED_APART:
+        raise LLMModulesError(f"this chat template rewrites message text, so each assistant turn is rendered apart; "
+                              f"send at most {MAX_TURNS_RENDERED_APART} assistant turns")
     specials = {t for t in getattr(tokenizer, "all_special_tokens", []) if t}
     specials |= {t.content for t in getattr(tokenizer, "added_tokens_decoder", {}).values() if t.special}
     segs: list[tuple[str | list[int], bool]] = []
@@ -108,8 +141,11 @@ def _chat_segments(record: Record, tokenizer) -> list[tuple[str | list[int], boo
         if msg["role"] != "assistant":
             continue
         try:  # skip past the prompt as the template renders it, so a quote in the question never matches
-            head = tokenizer.apply_chat_template(msgs[:i], tokenize=False, add_generation_prompt=True)
-            start = max(cursor, len(os.path.commonprefix([head, full])))
+            if starts is not None:  # known from the marked render: no render per turn
+                start = max(cursor, starts[i])
+            else:
+                head = tokenizer.apply_chat_template(msgs[:i], tokenize=False, add_generation_prompt=True)
+                start = max(cursor, len(os.path.commonprefix([head, full])))
         except Exception:
             start = cursor
         content = msg["content"]
@@ -121,9 +157,8 @@ def _chat_segments(record: Record, tokenizer) -> list[tuple[str | list[int], boo
             raise LLMModulesError(f"{record.source}: the chat template changes assistant turn {i}'s "
                                   "text, so its loss span cannot be found; use --template stratos")
         end = pos + len(content)
-        rest = full[end:]
-        gap = len(rest) - len(rest.lstrip(" "))  # the end-of-turn token, maybe after spaces
-        closing = next((t for t in sorted(specials, key=len, reverse=True) if rest[gap:].startswith(t)), None)
+        gap = _SPACES.match(full, end).end() - end  # the end-of-turn token, maybe after spaces
+        closing = next((t for t in sorted(specials, key=len, reverse=True) if full.startswith(t, end + gap)), None)
         if closing:
             end += gap + len(closing)
         segs += [(full[cursor:pos], False), (full[pos:end], True)]
@@ -132,20 +167,23 @@ def _chat_segments(record: Record, tokenizer) -> list[tuple[str | list[int], boo
     return segs
 
 
-def render(record: Record, tokenizer, template: str = "stratos", loss_on: str = "assistant"
-           ) -> tuple[list[int], list[int]]:
-    """Token ids and aligned labels (same length, -100 = no loss; the model shifts) for ``record``.
+def render(record: Record, tokenizer, template: str = "stratos", loss_on: str = "assistant",
+           one_render: bool = False) -> tuple[list[int], list[int]]:
+    """Token ids and aligned labels (same length, IGNORE_INDEX = no loss; the model shifts) for ``record``.
 
     ``stratos``: "System:\\n\\n{system}\\n\\nUser:\\n\\n{q}\\n\\nAssistant:\\n\\n{a}<eos>\\n\\n"
     (more turns repeat the User/Assistant blocks; system defaults to
     :data:`STRATOS_SYSTEM_PROMPT`). ``chat``: the tokenizer's chat template; the assistant
-    content plus the end-of-turn token that follows it are the targets.
+    content plus the end-of-turn token that follows it are the targets; `one_render` finds the
+    assistant turns with two renders of the template instead of one per turn (the same ids unless an
+    answer's text also sits between the template's head for that turn and the answer itself).
     """
     if template not in TEMPLATES:
         raise LLMModulesError(f"unknown template '{template}' (choose from {', '.join(TEMPLATES)})")
     if loss_on not in LOSS_ON:
         raise LLMModulesError(f"unknown loss_on '{loss_on}' (choose from {', '.join(LOSS_ON)})")
-    segs = _stratos_segments(record, tokenizer) if template == "stratos" else _chat_segments(record, tokenizer)
+    segs = _stratos_segments(record, tokenizer) if template == "stratos" else _chat_segments(record, tokenizer,
+                                                                                           one_render)
     return _segments_to_ids(tokenizer, segs, loss_on)
 
 
@@ -224,7 +262,7 @@ class DataConfig:
 
 @dataclass
 class TokenizedExample:
-    """Token ids and aligned labels (-100 = no loss) of one record."""
+    """Token ids and aligned labels (IGNORE_INDEX = no loss) of one record."""
 
     input_ids: list[int]
     labels: list[int]
@@ -247,9 +285,9 @@ class PreparedData:
 
 
 def check_positions(max_length: int, model_max_positions: int | None) -> None:
-    """Refuse a max length the small model cannot position (never cut silently)."""
+    """Refuse a max length the model cannot position (never cut silently)."""
     if model_max_positions is not None and max_length > model_max_positions:
-        raise LLMModulesError(f"the small model can position {model_max_positions} tokens but "
+        raise LLMModulesError(f"the model can position {model_max_positions} tokens but "
                               f"--max-length is {max_length}; lower --max-length")
 
 
@@ -289,62 +327,6 @@ def prepare_data(config: DataConfig, tokenizer, model_max_positions: int | None 
                   train_tokens=sum(len(e.input_ids) for e in train),
                   train_loss_tokens=sum(sum(x != IGNORE_INDEX for x in e.labels[1:]) for e in train))
     return PreparedData(train=train, val=val, report=report)
-
-
-def _file_digest(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-_TOKENIZER_FPS: "weakref.WeakKeyDictionary[Any, tuple[Any, str]]" = weakref.WeakKeyDictionary()
-
-
-def tokenizer_fingerprint(tokenizer) -> str:
-    """sha256 of the tokenizer's class, name, vocabulary, special tokens and chat template."""
-    probe = (len(tokenizer), tokenizer.eos_token_id, getattr(tokenizer, "chat_template", None))
-    try:
-        cached = _TOKENIZER_FPS.get(tokenizer)
-    except TypeError:  # not weak-referenceable
-        cached = None
-    if cached and cached[0] == probe:
-        return cached[1]
-    parts = {"class": type(tokenizer).__name__, "name": getattr(tokenizer, "name_or_path", ""),
-             "vocab": sorted(tokenizer.get_vocab().items()), "eos": tokenizer.eos_token_id,
-             "bos_prefix": _bos_prefix(tokenizer), "chat_template": getattr(tokenizer, "chat_template", None)}
-    digest = hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
-    try:
-        _TOKENIZER_FPS[tokenizer] = (probe, digest)
-    except TypeError:
-        pass
-    return digest
-
-
-def fingerprint(config: DataConfig, tokenizer) -> str:
-    """Stable hex digest of everything that decides the prepared token ids (a cache key).
-
-    Covers the config, the data itself (file content hash, or reasoning-gym task and parameters
-    with the package version; a hub name is taken as is) and the tokenizer.
-    """
-    data: Any = None
-    if config.spec.startswith(RG_PREFIX):
-        try:
-            from importlib.metadata import version
-
-            rg_version = version("reasoning-gym")
-        except Exception:
-            rg_version = "?"
-        data = [parse_reasoning_gym_spec(config.spec), rg_version]
-    elif os.path.isfile(config.spec):
-        data = _file_digest(config.spec)
-    settings = asdict(config)
-    if data is not None and config.spec.startswith(RG_PREFIX):
-        settings["spec"] = None  # the parsed parameters stand for it, whatever their order
-    payload = {"format": _FORMAT_VERSION, "config": settings, "data": data,
-               "tokenizer": tokenizer_fingerprint(tokenizer)}
-    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
 
 
 def examples_digest(examples: list[TokenizedExample]) -> str:
@@ -391,23 +373,14 @@ def pad_id(tokenizer) -> int:
 
 
 def collate(examples: list, pad_id: int) -> dict:
-    """Right-pad a batch into tensors: input_ids (pad_id), attention_mask (0 on pad), labels (-100 on pad).
-
-    ``examples`` are :class:`TokenizedExample` or mappings with ``input_ids`` and ``labels``.
+    """Right-pad a batch into tensors: input_ids (pad_id), attention_mask (0 on pad), labels (IGNORE_INDEX on
+    pad). ``examples`` are :class:`TokenizedExample` or mappings with ``input_ids`` and ``labels``.
     """
-    import torch
-
     if not examples:
         raise LLMModulesError("collate: empty batch")
     rows = [(e["input_ids"], e["labels"]) if isinstance(e, dict) else (e.input_ids, e.labels) for e in examples]
-    width = max(len(ids) for ids, _ in rows)
-    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, (ids, lab) in enumerate(rows):
-        input_ids[i, : len(ids)] = torch.tensor(ids, dtype=torch.long)
-        labels[i, : len(lab)] = torch.tensor(lab, dtype=torch.long)
-        mask[i, : len(ids)] = 1
+    input_ids, mask = right_pad([ids for ids, _ in rows], pad_id)  # (B, W), (B, W)
+    labels, _ = right_pad([lab for _, lab in rows], IGNORE_INDEX)  # (B, W): labels align with the ids
     return {"input_ids": input_ids, "attention_mask": mask, "labels": labels}
 
 

@@ -18,88 +18,51 @@ bounded queue. Neither knows anything of HTTP.
 
 from __future__ import annotations
 
+import logging
 import threading
+import time
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import torch
-from transformers import (
-    LogitsProcessorList,
-    MinNewTokensLengthLogitsProcessor,
-    RepetitionPenaltyLogitsProcessor,
-    TemperatureLogitsWarper,
-    TopKLogitsWarper,
-    TopPLogitsWarper,
-)
 
+from llm_modules.decoding.sampling import MIN_TEMPERATURE, SamplingOptions  # noqa: F401 (re-exported)
+from llm_modules.decoding.speculative import SpeculativeBatch
 from llm_modules.decoding.steppers import right_aligned, stepper_for
 from llm_modules.errors import LLMModulesError
 from llm_modules.tensors import left_pad
 
-
-@dataclass
-class SamplingOptions:
-    """How one request decodes. Greedy unless `do_sample`; `eos_token_ids` None: the model's own."""
-
-    max_new_tokens: int = 128
-    min_new_tokens: int = 0
-    do_sample: bool = False
-    temperature: float = 1.0
-    top_k: int = 0
-    top_p: float = 1.0
-    repetition_penalty: float = 1.0
-    stop_strings: list[str] | None = None
-    eos_token_ids: list[int] | None = None
-
-    def __post_init__(self) -> None:
-        if self.max_new_tokens < 1:
-            raise LLMModulesError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
-        if self.min_new_tokens < 0:
-            raise LLMModulesError(f"min_new_tokens must be >= 0, got {self.min_new_tokens}")
-        if self.do_sample and self.temperature <= 0:
-            raise LLMModulesError(f"temperature must be > 0 when sampling, got {self.temperature}")
-        if not 0.0 < self.top_p <= 1.0:
-            raise LLMModulesError(f"top_p must be in (0, 1], got {self.top_p}")
-        if self.repetition_penalty <= 0:
-            raise LLMModulesError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
-
-    def processors(self, prompt_length: int, eos_ids: list[int]) -> LogitsProcessorList:
-        """transformers' own processors, in the order its generate() applies them."""
-        processors = LogitsProcessorList()
-        if self.repetition_penalty != 1.0:
-            processors.append(RepetitionPenaltyLogitsProcessor(penalty=self.repetition_penalty))
-        if self.min_new_tokens > 0 and eos_ids:
-            processors.append(MinNewTokensLengthLogitsProcessor(prompt_length, self.min_new_tokens, eos_ids))
-        if self.do_sample:
-            if self.temperature != 1.0:
-                processors.append(TemperatureLogitsWarper(self.temperature))
-            if self.top_k > 0:
-                processors.append(TopKLogitsWarper(self.top_k))
-            if self.top_p < 1.0:
-                processors.append(TopPLogitsWarper(self.top_p))
-        return processors
+logger = logging.getLogger(__name__)
 
 
 class Sequence:
     """One row: its prompt, the tokens generated so far, and why it ended (None while it runs).
 
     finish_reason: "stop" (an end-of-sequence token or a stop string), "length" (max_new_tokens),
-    "cancelled" (`cancel()`, e.g. the client went away) or "error" (`error` says what).
+    "cancelled" (`cancel()`, e.g. the client went away) or "error" (`error` says what, `exception`
+    is what was raised; only this row's own computation failed, or the whole batch's).
     `on_update(seq)` is called on the decoding thread after each new token and once at the end.
+    `request_id` names the row in the engine's log.
     """
 
     def __init__(self, prompt: list[int], options: SamplingOptions, eos_ids: list[int], tokenizer: Any = None,
-                 generator: torch.Generator | None = None, on_update: Callable[["Sequence"], None] | None = None):
+                 generator: torch.Generator | None = None, on_update: Callable[["Sequence"], None] | None = None,
+                 request_id: str | None = None):
         if not prompt:
             raise LLMModulesError("a prompt needs at least one token")
+        if options.max_new_tokens < 1:
+            raise LLMModulesError(f"a decoding row needs max_new_tokens >= 1, got {options.max_new_tokens}")
         if options.stop_strings and tokenizer is None:
             raise LLMModulesError("stop strings need a tokenizer; this model has none (pass tokenizer=...)")
         self.prompt, self.options, self.eos_ids = list(prompt), options, list(eos_ids)
         self.tokenizer, self.generator, self.on_update = tokenizer, generator, on_update
+        self.request_id = request_id
         self.processors = options.processors(len(prompt), self.eos_ids)
         self.tokens: list[int] = []
         self.finish_reason: str | None = None
         self.error: str | None = None
+        self.exception: BaseException | None = None
         self._cancelled = False
 
     @property
@@ -115,6 +78,15 @@ class Sequence:
             self.finish_reason, self.error = reason, error
             if self.on_update is not None:
                 self.on_update(self)
+
+    def fail(self, err: BaseException) -> None:
+        """End this row with `err` (its own computation raised); never raises itself."""
+        if self.finish_reason is None:
+            self.exception = err
+            try:
+                self.finish("error", f"{type(err).__name__}: {err}")
+            except Exception:  # its listener failed as well: the row has ended all the same
+                pass
 
     def choose(self, scores: torch.Tensor) -> int:
         """scores (V,) float logits -> this row's next token (its processors, then argmax or a draw)."""
@@ -161,6 +133,11 @@ class DecodeBatch:
     next-token logits (B, V). With `use_cache=False` every step recomputes the whole prefix (slow;
     it checks the cached path); a stepper may still keep per-row state then (a model that reads the
     prompt only keeps where each row's prompt ends), moved row by row like a cache.
+
+    A failure ends only the rows whose own computation fails (`Sequence.fail`): a row's choice of
+    token, its stop strings and its listener are each guarded; when the model's forward raises, each
+    row is run alone (its prompt and tokens prefilled afresh) and the rows that fail alone end with
+    their error while the others go on. Only a failure no row causes alone ends every row.
     """
 
     def __init__(self, model: Any, pad_id: int = 0, use_cache: bool = True):
@@ -175,12 +152,27 @@ class DecodeBatch:
     def width(self) -> int:
         return 0 if self.mask is None else self.mask.shape[1]
 
+    @property
+    def max_positions(self) -> int | None:
+        return self.stepper.max_positions
+
     def add(self, seqs: list[Sequence]) -> None:
-        """Prefill the newcomers together (left-padded) and join them to the running rows."""
+        """Prefill the newcomers together (left-padded) and join them to the running rows. When that
+        prefill raises, each newcomer is prefilled alone: one that fails alone ends with its error."""
+        seqs = [s for s in seqs if not s.finished]
         if not seqs:
             return
-        ids, mask = left_pad([s.prompt for s in seqs], self.pad_id, self.device)
-        scores, cache = self.stepper.forward(ids, mask, None, self.use_cache)
+        # prompt + tokens: a row that rejoins after a failed step (`_rebuild`) carries its tokens
+        ids, mask = left_pad([s.prompt + s.tokens for s in seqs], self.pad_id, self.device)
+        try:
+            scores, cache = self.stepper.forward(ids, mask, None, self.use_cache)
+        except Exception as err:
+            if len(seqs) == 1:
+                seqs[0].fail(err)
+            else:
+                for seq in seqs:
+                    self.add([seq])
+            return
         if not self.rows:
             self.ids, self.mask, self.scores, self.cache = ids, mask, scores, cache
         else:
@@ -235,29 +227,52 @@ class DecodeBatch:
         if not self.rows:
             return []
         scores = self.scores.float()  # (B, V)
+        greedy = None
         if all(not s.processors and not s.options.do_sample for s in self.rows):
-            tokens = scores.argmax(dim=-1).tolist()  # (B,): greedy rows need no per-row work
+            greedy = scores.argmax(dim=-1).tolist()  # (B,): greedy rows need no per-row work
         else:
             scores = scores.cpu()  # per-row processors and generators live on the CPU
-            tokens = [seq.choose(scores[i]) for i, seq in enumerate(self.rows)]
-        emitted = list(zip(self.rows, tokens))
-        for seq, token in emitted:
-            seq.append(token)
+        emitted = []
+        for i, seq in enumerate(self.rows):
+            try:  # this row's own work: its processors and draw, its stop strings, its listener
+                token = greedy[i] if greedy is not None else seq.choose(scores[i])
+                emitted.append((seq, token))
+                seq.append(token)
+            except Exception as err:
+                seq.fail(err)
         going = [i for i, s in enumerate(self.rows) if not s.finished]
         if len(going) < len(self.rows):
             self._keep(going)  # before the new column: the cache has not seen it yet
         if self.rows:
-            next_ids = torch.tensor([tokens[i] for i in going], device=self.device)[:, None]  # (B, 1)
-            self.ids = torch.cat([self.ids, next_ids], 1)
-            self.mask = torch.cat([self.mask, torch.ones_like(self.mask[:, :1])], 1)
-            inputs = next_ids if self.use_cache else self.ids
-            self.scores, self.cache = self.stepper.forward(inputs, self.mask, self.cache, self.use_cache)
+            next_ids = torch.tensor([s.tokens[-1] for s in self.rows], device=self.device)[:, None]  # (B, 1)
+            ids = torch.cat([self.ids, next_ids], 1)
+            mask = torch.cat([self.mask, torch.ones_like(self.mask[:, :1])], 1)
+            try:
+                self.scores, self.cache = self.stepper.forward(next_ids if self.use_cache else ids, mask, self.cache,
+                                                               self.use_cache)
+                self.ids, self.mask = ids, mask
+            except Exception as err:  # the cache may be half-updated: start again from the rows' tokens
+                self._rebuild(err)
         return emitted
 
-    def fail(self, message: str) -> None:
+    def _rebuild(self, err: Exception) -> None:
+        """After a failed forward: prefill each row alone from its prompt and tokens (`add`); the rows
+        that fail alone end with their own error, the others go on. When none fails alone, the failure
+        is not any one row's, and every row ends with `err`."""
+        rows = self.rows
+        self._keep([])
+        for seq in rows:
+            self.add([seq])
+        if len(self.rows) == len(rows):
+            self.fail(f"{type(err).__name__}: {err}", err)
+
+    def fail(self, message: str, err: BaseException | None = None) -> None:
         """End every row with an error (the model raised): the rows go, the batch is empty again."""
         for seq in self.rows:
-            seq.finish("error", message)
+            if err is not None:
+                seq.fail(err)
+            else:
+                seq.finish("error", message)
         self._keep([])
 
 
@@ -268,7 +283,11 @@ class EngineFull(LLMModulesError):
 
 @dataclass
 class EngineStats:
-    """What the engine is doing (read by the server's /health): rows decoding, requests waiting, totals."""
+    """What the engine is doing (read by the server's /health): rows decoding (or being admitted),
+    requests waiting, totals, and the failed requests: `failed` counts them all, `errors` keeps the
+    last ERRORS_KEPT (request id, error type, message, time)."""
+
+    ERRORS_KEPT = 100
 
     running: int = 0
     queued: int = 0
@@ -276,51 +295,61 @@ class EngineStats:
     generated_tokens: int = 0
     max_batch: int = 0
     max_queue: int = 0
-    errors: list[str] = field(default_factory=list)
+    failed: int = 0
+    errors: deque = field(default_factory=lambda: deque(maxlen=EngineStats.ERRORS_KEPT))
+
+
+def check_batch_limits(max_batch: int, max_queue: int, names: tuple[str, str] = ("max_batch", "max_queue")) -> None:
+    """At least one row decodes, and no fewer than zero wait; `names`: how the caller calls the two."""
+    if max_batch < 1 or max_queue < 0:
+        raise LLMModulesError(f"{names[0]} must be >= 1 and {names[1]} >= 0, got {max_batch} and {max_queue}")
 
 
 class Engine:
     """Continuous batching on a background thread: `submit` from any thread; a request joins the
     running batch at the next step (up to `max_batch` rows) or waits in a queue of `max_queue`;
-    with `max_batch + max_queue` requests in hand `submit` raises EngineFull. `Sequence.cancel()`
-    frees a row (or a place in the queue) at the next step."""
+    with `max_batch + max_queue` requests in hand (decoding, being admitted or waiting) `submit`
+    raises EngineFull. `Sequence.cancel()` frees a row (or a place in the queue) at the next step.
+    A request that fails is logged once (its id and error type) and counted in `stats`."""
 
-    def __init__(self, model: Any, tokenizer: Any, max_batch: int = 8, max_queue: int = 64):
-        if max_batch < 1 or max_queue < 0:
-            raise LLMModulesError(f"max_batch must be >= 1 and max_queue >= 0, got {max_batch} and {max_queue}")
+    def __init__(self, model: Any, tokenizer: Any, max_batch: int = 8, max_queue: int = 64, drafter: Any = None):
+        check_batch_limits(max_batch, max_queue)
         self.model, self.tokenizer = model.eval(), tokenizer
         self.max_batch, self.max_queue = max_batch, max_queue
         self.eos_ids = model_eos_ids(model, tokenizer)
         pad = getattr(tokenizer, "pad_token_id", None)
-        self.batch = DecodeBatch(model, pad if pad is not None else (self.eos_ids[0] if self.eos_ids else 0))
-        self.max_positions = self.batch.stepper.max_positions
+        pad = pad if pad is not None else (self.eos_ids[0] if self.eos_ids else 0)
+        self.batch = DecodeBatch(model, pad) if drafter is None else SpeculativeBatch(model, drafter, pad)
+        self.max_positions = self.batch.max_positions
         self._waiting: list[Sequence] = []
+        self._held = 0  # rows in the batch or admitted to it (prefilling), under _wake; the queue is apart
         self._wake = threading.Condition()
         self._stop = False
         self._thread: threading.Thread | None = None
         self.stats = EngineStats(max_batch=max_batch, max_queue=max_queue)
 
-    def sequence(self, prompt: list[int], options: SamplingOptions, seed: int | None = None,
-                 on_update: Callable[[Sequence], None] | None = None) -> Sequence:
-        """A request for this engine: the model's EOS unless `options` names others; `seed` fixes sampling."""
+    def sequence(self, prompt: list[int], options: SamplingOptions,
+                 on_update: Callable[[Sequence], None] | None = None, request_id: str | None = None) -> Sequence:
+        """A request for this engine: the model's EOS unless `options` names others; `options.seed` fixes
+        sampling (none: a fresh generator)."""
         if self.max_positions is not None and len(prompt) + options.max_new_tokens > self.max_positions:
             raise LLMModulesError(
                 f"the prompt ({len(prompt)} tokens) plus max_new_tokens ({options.max_new_tokens}) exceeds the "
                 f"{self.max_positions} positions the model can place; ask for at most "
                 f"{max(self.max_positions - len(prompt), 0)} new tokens"
             )
-        generator = torch.Generator(device="cpu").manual_seed(seed) if seed is not None else None
+        generator = options.generator()
         if options.do_sample and generator is None:
             generator = torch.Generator(device="cpu")
             generator.seed()
         eos = options.eos_token_ids if options.eos_token_ids is not None else self.eos_ids
-        return Sequence(prompt, options, eos, self.tokenizer, generator, on_update)
+        return Sequence(prompt, options, eos, self.tokenizer, generator, on_update, request_id)
 
     def submit(self, seq: Sequence) -> Sequence:
         with self._wake:
             self._drop_cancelled_waiting()
-            if len(self.batch.rows) + len(self._waiting) >= self.max_batch + self.max_queue:
-                raise EngineFull(f"the server is busy: {len(self.batch.rows)} requests decoding (max {self.max_batch}) "
+            if self._held + len(self._waiting) >= self.max_batch + self.max_queue:
+                raise EngineFull(f"the server is busy: {self._held} requests decoding (max {self.max_batch}) "
                                  f"and {len(self._waiting)} waiting (max {self.max_queue}); retry later")
             self._waiting.append(seq)
             self.stats.queued = len(self._waiting)
@@ -342,13 +371,15 @@ class Engine:
             self._thread = None
 
     def _admit(self) -> list[Sequence]:
+        """Take what fits from the queue; the admitted rows count as held until they leave the batch."""
         with self._wake:
             while not self._stop and not self._waiting and not self.batch.rows:
                 self._wake.wait()
             self._drop_cancelled_waiting()
             room = self.max_batch - len(self.batch.rows)
             admitted, self._waiting = self._waiting[:room], self._waiting[room:]
-            self.stats.queued = len(self._waiting)
+            self._held = len(self.batch.rows) + len(admitted)
+            self.stats.queued, self.stats.running = len(self._waiting), self._held
         return admitted
 
     def _drop_cancelled_waiting(self) -> None:
@@ -366,21 +397,30 @@ class Engine:
                     seq.finish("cancelled")
                 return
             try:
-                self.batch.add(admitted)
-            except Exception as err:  # a prompt the model refuses: end those requests, keep the others
-                self._failed(admitted, err)
+                self.batch.add(admitted)  # a prompt the model refuses ends that request alone
+            except Exception as err:  # beyond the batch's own guards: end those requests, keep the others
+                for seq in admitted:
+                    seq.fail(err)
             self.stats.running = len(self.batch.rows)
             before = list(self.batch.rows)
             try:
                 self.stats.generated_tokens += len(self.batch.step())
-            except Exception as err:  # the model failed mid-batch: end its rows with the error, keep serving
-                self._failed(self.batch.rows, err)
-                self.batch.fail(str(err))
-            self.stats.finished += sum(s.finished for s in before)
-            self.stats.running = len(self.batch.rows)
+            except Exception as err:  # beyond the batch's own guards: end its rows, keep serving
+                self.batch.fail(f"{type(err).__name__}: {err}", err)
+            ended = [s for s in dict.fromkeys(admitted + before) if s.finished]
+            self.stats.finished += len(ended)
+            for seq in ended:
+                if seq.finish_reason == "error":
+                    self._record_failure(seq)
+            with self._wake:
+                self._held = len(self.batch.rows)
+                self.stats.running = self._held
 
-    def _failed(self, seqs: list[Sequence], err: Exception) -> None:
-        message = f"{type(err).__name__}: {err}"
-        self.stats.errors.append(message)
-        for seq in seqs:
-            seq.finish("error", message)
+    def _record_failure(self, seq: Sequence) -> None:
+        """Log a failed request once (its id and error type; the message at debug level) and count it."""
+        kind = type(seq.exception).__name__ if seq.exception is not None else "Error"
+        self.stats.failed += 1
+        self.stats.errors.append({"request_id": seq.request_id, "type": kind, "message": seq.error,
+                                  "time": time.time()})
+        logger.error("request %s failed in the engine: %s", seq.request_id or "(no id)", seq.error,
+                     exc_info=seq.exception if logger.isEnabledFor(logging.DEBUG) else None)

@@ -10,65 +10,64 @@ caller takes: this function, `llm-modules generate` and `chat`, evaluation and t
 
 from __future__ import annotations
 
+import functools
 import warnings
 from typing import Any, Callable
 
 import torch
 
-from llm_modules.decoding.engine import (
-    DecodeBatch,
-    SamplingOptions,
-    Sequence,
-    model_eos_ids,
-)
+from llm_modules.decoding.engine import DecodeBatch, Sequence, model_eos_ids
+from llm_modules.decoding.sampling import SamplingOptions
+from llm_modules.decoding.speculative import SpeculativeBatch
 from llm_modules.errors import LLMModulesError
 
 
+def _in_eval_mode(fn: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
+    """Run `fn(model, ...)` with the model in eval mode, then give it back its mode."""
+
+    @functools.wraps(fn)
+    def run(model: Any, *args: Any, **kwargs: Any) -> torch.Tensor:
+        was_training = model.training
+        model.eval()
+        try:
+            return fn(model, *args, **kwargs)
+        finally:
+            model.train(was_training)
+
+    return run
+
+
 @torch.no_grad()
+@_in_eval_mode
 def generate(
     model: Any,
     input_ids: torch.Tensor,
     attention_mask: torch.Tensor | None = None,
-    max_new_tokens: int = 128,
-    min_new_tokens: int = 0,
-    do_sample: bool = False,
-    temperature: float = 1.0,
-    top_k: int = 0,
-    top_p: float = 1.0,
-    repetition_penalty: float = 1.0,
-    eos_token_id: int | list[int] | None = None,
+    options: SamplingOptions | None = None,
+    *,
     pad_token_id: int | None = None,
-    stop_strings: list[str] | None = None,
     tokenizer: Any = None,
     streamer: Any = None,
     use_cache: bool = True,
     generator: torch.Generator | None = None,
     on_token: Callable[[torch.Tensor], None] | None = None,
+    drafter: Any = None,
+    **sampling: Any,
 ) -> torch.Tensor:
-    """Generate up to `max_new_tokens` tokens; returns (B, prompt + new) ids including the prompt.
+    """Generate up to `options.max_new_tokens` tokens; returns (B, prompt + new) ids including the prompt.
 
-    `model` is an LLMModulesModel or a plain Hugging Face causal LM. Prompts with padding must be
+    `model` is an LLMModulesModel or a plain Hugging Face causal LM. How to decode is `options` (a
+    SamplingOptions), or keywords naming its fields (`max_new_tokens=64, do_sample=True, top_p=0.9`;
+    `eos_token_id` as in transformers), which override `options`' values. Prompts with padding must be
     LEFT-padded (new tokens are appended on the right); a row that ends early is filled with
-    `pad_token_id` (default: the first EOS id). `streamer` follows transformers' streamer protocol
-    (`put(ids)`, `end()`), e.g. TextStreamer; `on_token(ids)` is a plain callback with the (B,)
-    ids of each step.
+    `pad_token_id` (default: the first EOS id). `generator` draws the samples (default: one seeded
+    with `options.seed`, else torch's global one). `streamer` follows transformers' streamer protocol
+    (`put(ids)`, `end()`), e.g. TextStreamer; `on_token(ids)` is a plain callback with the (B,) ids of
+    each step. `drafter` (a `decoding.speculative.Drafter`, e.g. `models.drafting.ComposedDrafter`) decodes
+    speculatively: the same tokens (greedy) or the same distribution (sampling), in fewer passes of `model`.
     """
-    was_training = model.training
-    model.eval()
-    try:
-        return _generate(
-            model, input_ids, attention_mask, SamplingOptions(
-                max_new_tokens=max(max_new_tokens, 1), min_new_tokens=min_new_tokens, do_sample=do_sample,
-                temperature=temperature, top_k=top_k, top_p=top_p, repetition_penalty=repetition_penalty,
-                stop_strings=stop_strings,
-            ), max_new_tokens, eos_token_id, pad_token_id, tokenizer, streamer, use_cache, generator, on_token,
-        )
-    finally:
-        model.train(was_training)
-
-
-def _generate(model, input_ids, attention_mask, options, max_new_tokens, eos_token_id, pad_token_id, tokenizer,
-              streamer, use_cache, generator, on_token):
+    options = (options or SamplingOptions()).updated(**sampling)
+    generator = generator if generator is not None else options.generator()
     device = model.device
     ids = input_ids.to(device)
     mask = (attention_mask if attention_mask is not None else torch.ones_like(ids)).to(device)
@@ -79,29 +78,36 @@ def _generate(model, input_ids, attention_mask, options, max_new_tokens, eos_tok
     config = getattr(model, "config", None)
     if use_cache and getattr(config, "causal", True) is False:
         warnings.warn("causal=False: cached decoding differs from a full recompute (the leak reads later states)")
-    if max_new_tokens < 1:
+    if options.max_new_tokens < 1:
         return ids
-    if eos_token_id is not None:
-        eos = [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)
-    else:
-        eos = model_eos_ids(model, tokenizer)
+    eos = options.eos_token_ids if options.eos_token_ids is not None else model_eos_ids(model, tokenizer)
     pad = pad_token_id if pad_token_id is not None else (eos[0] if eos else 0)
     tokenizer = tokenizer or getattr(model, "tokenizer", None)
     rows = [Sequence(row[keep.bool()].tolist(), options, eos, tokenizer, generator) for row, keep in zip(ids, mask)]
-    batch = DecodeBatch(model, pad, use_cache)
+    batch = DecodeBatch(model, pad, use_cache) if drafter is None else SpeculativeBatch(model, drafter, pad)
     batch.add(rows)
+    _raise_failure(rows)
     if streamer is not None:
         streamer.put(ids.cpu())
-    steps = 0
+    steps = 0  # new positions given out so far (a speculative step may add several per row)
     while batch.rows:
         batch.step()
-        steps += 1
-        step_ids = torch.tensor([r.tokens[steps - 1] if len(r.tokens) >= steps else pad for r in rows])  # (B,)
-        if streamer is not None:
-            streamer.put(step_ids)
-        if on_token is not None:
-            on_token(step_ids.to(device))
+        _raise_failure(rows)
+        for _ in range(steps, max(len(r.tokens) for r in rows)):
+            steps += 1
+            step_ids = torch.tensor([r.tokens[steps - 1] if len(r.tokens) >= steps else pad for r in rows])  # (B,)
+            if streamer is not None:
+                streamer.put(step_ids)
+            if on_token is not None:
+                on_token(step_ids.to(device))
     if streamer is not None:
         streamer.end()
     new = torch.tensor([r.tokens + [pad] * (steps - len(r.tokens)) for r in rows], dtype=ids.dtype, device=device)
     return torch.cat([ids, new.view(len(rows), steps)], dim=1)
+
+
+def _raise_failure(rows: list[Sequence]) -> None:
+    """A fixed batch is one call: the first row that failed fails it, with that row's own exception."""
+    failed = next((r for r in rows if r.exception is not None), None)
+    if failed is not None:
+        raise failed.exception

@@ -1,4 +1,4 @@
-"""The `llm-modules` command line: generate, info (and train, eval, chat as they land).
+"""The `llm-modules` command line: train, generate, chat, eval, serve, info and cache.
 
 User errors (LLMModulesError) print one line `error: ...` and exit with status 2, no traceback.
 """
@@ -37,6 +37,13 @@ def command(name: str):
     return register
 
 
+def add_draft_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--draft", metavar="DRAFTER_DIR",
+                        help="decode speculatively with this drafter (train --method drafter); --model must be the "
+                             "large model it was trained on. The output is the model's own, in fewer passes")
+    parser.add_argument("--draft-tokens", type=int, help="tokens drafted per pass (default: the drafter's K)")
+
+
 def add_sampling_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-new-tokens", type=int, default=256)
     parser.add_argument("--min-new-tokens", type=int, default=0)
@@ -50,12 +57,14 @@ def add_sampling_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-cache", action="store_true", help="recompute the whole prefix for each token (slow)")
 
 
-def sampling_options(args: argparse.Namespace, device: Any = "cpu") -> dict[str, Any]:
-    return dict(
+def sampling_options(args: argparse.Namespace):
+    """The sampling flags as the one object the decoding engine takes."""
+    from llm_modules.decoding.sampling import SamplingOptions
+
+    return SamplingOptions(
         max_new_tokens=args.max_new_tokens, min_new_tokens=args.min_new_tokens, do_sample=args.do_sample,
         temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-        repetition_penalty=args.repetition_penalty, stop_strings=args.stop, use_cache=not args.no_cache,
-        generator=torch.Generator(device=device).manual_seed(args.seed),  # where the sampling runs
+        repetition_penalty=args.repetition_penalty, stop_strings=args.stop, seed=args.seed,
     )
 
 
@@ -71,14 +80,15 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"llm-modules {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
-    gen = sub.add_parser("generate", help="stream a completion from a saved composed model")
-    gen.add_argument("--model", required=True, help=MODEL_HELP)
+    gen = sub.add_parser("generate", help="stream a completion from a saved model")
+    gen.add_argument("--model", required=True, help=MODEL_HELP + ", or a plain model spec (baseline)")
     gen.add_argument("--prompt", required=True)
     gen.add_argument("--template", choices=["auto", "stratos", "chat", "raw"], default="auto",
                      help="auto: the training run's template, else the tokenizer's chat template, else raw text")
     add_sampling_flags(gen)
     add_large_mismatch_flag(gen)
     add_device_flags(gen)
+    add_draft_flags(gen)
 
     train = sub.add_parser(
         "train", help="train a composed model (no options: the embedded demo)",
@@ -103,14 +113,17 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--output", help="also write the result (with samples) to this JSON file")
     add_large_mismatch_flag(ev)
     add_device_flags(ev)
+    add_draft_flags(ev)
 
-    chat = sub.add_parser("chat", help="interactive chat with a trained composed model, streamed")
-    chat.add_argument("--model", required=True, help=MODEL_HELP)
-    chat.add_argument("--template", choices=["stratos", "chat"], help="default: the training run's template")
+    chat = sub.add_parser("chat", help="interactive chat with a trained model, streamed")
+    chat.add_argument("--model", required=True, help=MODEL_HELP + ", or a plain model spec (baseline)")
+    chat.add_argument("--template", choices=["stratos", "chat"],
+                      help="default: the training run's, else the tokenizer's chat template, else stratos")
     chat.add_argument("--system", help="system prompt (default: the template's)")
     add_sampling_flags(chat)
     add_large_mismatch_flag(chat)
     add_device_flags(chat)
+    add_draft_flags(chat)
 
     cache = sub.add_parser("cache", help="list or prune the large-model state cache")
     cache_sub = cache.add_subparsers(dest="cache_command", metavar="ACTION", required=True)
@@ -144,9 +157,15 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--template", choices=["stratos", "chat"],
                        help="chat prompt layout (default: the training run's, else the tokenizer's chat template, "
                             "else stratos)")
-    serve.add_argument("--name", help="the model id the API reports (default: --model as given)")
+    serve.add_argument("--name", help="the model id the API reports (default: the --model folder's name, or the "
+                                      "spec as given)")
+    serve.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on every /v1/* request (default: "
+                                         "$LLM_MODULES_API_KEY; none: an open API)")
+    serve.add_argument("--max-request-bytes", type=int, default=1 << 20,
+                       help="largest request body; larger ones get 413 (default: 1048576)")
     add_large_mismatch_flag(serve)
     add_device_flags(serve)
+    add_draft_flags(serve)
     return parser
 
 
@@ -155,13 +174,14 @@ def add_train_flags(parser: argparse.ArgumentParser) -> None:
 
     The help names TrainConfig's default, which applies when neither the flag nor --config gives one.
     """
-    from llm_modules.training.config import CHOICES, HELP, TrainConfig
+    from llm_modules.training.config import CHOICES, HELP, METHOD_DEFAULTS, TrainConfig
 
     for name, field in TrainConfig.fields().items():
         flag = "--" + name.replace("_", "-")
         text = HELP.get(name, "")
-        if field.default is not dataclasses.MISSING:
-            text += f" (default: {field.default if field.default != '' else 'empty'})"
+        default = METHOD_DEFAULTS["composed"].get(name, field.default)  # head, small_inputs: per method
+        if default is not dataclasses.MISSING:
+            text += f" (default: {default if default != '' else 'empty'})"
         text = text.replace("%", "%%")
         if field.type in ("bool", bool):
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=text)
@@ -188,12 +208,9 @@ def train_config_from_args(args: argparse.Namespace):
 
 def format_prompt(model_dir: str, tokenizer: Any, prompt: str, template: str) -> list[int]:
     """auto: the template the model was trained with, else the tokenizer's chat template, else raw text."""
-    from llm_modules.data.prompting import prompt_ids
-    from llm_modules.evaluation.harness import run_defaults
+    from llm_modules.data.prompting import choose_template, prompt_ids
 
-    if template == "auto":
-        template = run_defaults(model_dir).get("template") or (
-            "chat" if getattr(tokenizer, "chat_template", None) else "raw")
+    template = choose_template(model_dir, tokenizer, template, fallback="raw")
     if template == "raw":
         return tokenizer(prompt)["input_ids"]
     return prompt_ids([{"role": "user", "content": prompt}], tokenizer, template)
@@ -220,25 +237,35 @@ def device_and_dtype(args: argparse.Namespace) -> tuple[torch.device, torch.dtyp
     return device, pick_dtype(args.dtype, device)
 
 
-def load_composed(directory: str, allow_large_mismatch: bool = False, device: Any = None,
-                  dtype: torch.dtype = torch.float32):
-    from llm_modules.models.composed import LLMModulesModel
+def load_for_generation(args: argparse.Namespace):
+    """`--model` (composed, plain method or plain spec) with its tokenizer, on `--device` in `--dtype`."""
+    from llm_modules.models.loading import load_model
 
-    model = LLMModulesModel.from_pretrained(directory, dtype=dtype, device=device,
-                                            allow_large_mismatch=allow_large_mismatch).eval()
-    if model.tokenizer is None:
-        raise LLMModulesError(f"the large model of {directory} ({model.config.large}) has no tokenizer files")
-    return model
+    from llm_modules.models.loading import load_drafter
+
+    device, dtype = device_and_dtype(args)
+    loaded = load_model(args.model, device=device, dtype=dtype, allow_large_mismatch=args.allow_large_mismatch)
+    if getattr(args, "draft", None):
+        loaded.drafter = load_drafter(args.draft, loaded, args.model, args.draft_tokens, args.allow_large_mismatch)
+    return loaded
+
+
+def stream_reply(loaded: Any, ids: torch.Tensor, args: argparse.Namespace) -> torch.Tensor:
+    """Decode after the prompt `ids` (1, T) as the sampling flags say, printing the text as it comes."""
+    from transformers import TextStreamer
+
+    from llm_modules.decoding.generation import generate
+
+    streamer = TextStreamer(loaded.tokenizer, skip_prompt=True, skip_special_tokens=True)
+    return generate(loaded.model, ids, None, sampling_options(args), tokenizer=loaded.tokenizer, streamer=streamer,
+                    use_cache=not args.no_cache, drafter=loaded.drafter)
 
 
 @command("generate")
 def run_generate(args: argparse.Namespace) -> int:
-    from transformers import TextStreamer
-
-    model = load_composed(args.model, args.allow_large_mismatch, *device_and_dtype(args))
-    ids = torch.tensor([format_prompt(args.model, model.tokenizer, args.prompt, args.template)])
-    streamer = TextStreamer(model.tokenizer, skip_prompt=True, skip_special_tokens=True)
-    model.generate(ids, streamer=streamer, **sampling_options(args, model.device))
+    loaded = load_for_generation(args)
+    ids = torch.tensor([format_prompt(args.model, loaded.tokenizer, args.prompt, args.template)])
+    stream_reply(loaded, ids, args)
     return 0
 
 
@@ -266,8 +293,8 @@ def run_eval(args: argparse.Namespace) -> int:
         evaluate,
         held_out_examples,
         load_scorer,
-        run_defaults,
     )
+    from llm_modules.models.saved import run_defaults
 
     defaults = run_defaults(args.model)
     given = {"spec": args.data, "template": args.template, "max_length": args.max_length}
@@ -276,7 +303,8 @@ def run_eval(args: argparse.Namespace) -> int:
     if "spec" not in options:
         raise LLMModulesError("eval needs --data SPEC (the model folder has no training run to take it from)")
     device, dtype = device_and_dtype(args)
-    scorer = load_scorer(args.model, device=device, allow_large_mismatch=args.allow_large_mismatch, dtype=dtype)
+    scorer = load_scorer(args.model, device=device, allow_large_mismatch=args.allow_large_mismatch, dtype=dtype,
+                         draft=args.draft, draft_tokens=args.draft_tokens)
     examples = held_out_examples(DataConfig(**options), scorer.tokenizer, scorer.max_positions, args.split)
     result = evaluate(scorer, examples, EvalOptions(
         split=args.split, limit=args.limit, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
@@ -295,13 +323,10 @@ def run_eval(args: argparse.Namespace) -> int:
 
 @command("chat")
 def run_chat(args: argparse.Namespace) -> int:
-    from transformers import TextStreamer
+    from llm_modules.data.prompting import choose_template, prompt_ids
 
-    from llm_modules.data.prompting import prompt_ids
-    from llm_modules.evaluation.harness import run_defaults
-
-    model = load_composed(args.model, args.allow_large_mismatch, *device_and_dtype(args))
-    template = args.template or run_defaults(args.model).get("template") or "stratos"
+    loaded = load_for_generation(args)
+    template = choose_template(args.model, loaded.tokenizer, args.template)
     history: list[dict[str, str]] = []
     print(f"chatting with {args.model} (template {template}); empty line or Ctrl-D to quit", file=sys.stderr)
     while True:
@@ -312,11 +337,10 @@ def run_chat(args: argparse.Namespace) -> int:
         if not line:
             break
         history.append({"role": "user", "content": line})
-        ids = torch.tensor([prompt_ids(history, model.tokenizer, template, args.system)])
-        streamer = TextStreamer(model.tokenizer, skip_prompt=True, skip_special_tokens=True)
-        out = model.generate(ids, streamer=streamer, **sampling_options(args, model.device))
+        ids = torch.tensor([prompt_ids(history, loaded.tokenizer, template, args.system)])
+        out = stream_reply(loaded, ids, args)
         history.append({"role": "assistant",
-                        "content": model.tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip()})
+                        "content": loaded.tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip()})
     return 0
 
 
@@ -362,14 +386,16 @@ def run_info(args: argparse.Namespace) -> int:
 
 @command("serve")
 def run_serve(args: argparse.Namespace) -> int:
+    from llm_modules.decoding.engine import check_batch_limits
+
     try:
         from llm_modules.entrypoints.openai import serve
     except ImportError as err:
         raise LLMModulesError(f"serve needs FastAPI and uvicorn ({err}): pip install 'llm-modules[serve]'") from None
-    if args.max_batch < 1 or args.max_queue < 0:
-        raise LLMModulesError(f"--max-batch must be >= 1 and --max-queue >= 0, got {args.max_batch} and {args.max_queue}")
+    check_batch_limits(args.max_batch, args.max_queue, ("--max-batch", "--max-queue"))  # before the model loads
     serve(args.model, args.host, args.port, max_batch=args.max_batch, max_queue=args.max_queue,
-          max_tokens=args.max_tokens, template=args.template, name=args.name,
+          max_tokens=args.max_tokens, template=args.template, name=args.name, api_key=args.api_key,
+          max_request_bytes=args.max_request_bytes, draft=args.draft, draft_tokens=args.draft_tokens,
           allow_large_mismatch=args.allow_large_mismatch, **dict(zip(("device", "dtype"), device_and_dtype(args))))
     return 0
 

@@ -9,15 +9,12 @@ the data has checkable answers, accuracy of greedy generations (final answer ext
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from llm_modules.data.answers import answers_match, extract_final_answer
 from llm_modules.data.prepare import (
@@ -30,9 +27,13 @@ from llm_modules.data.prepare import (
     prepare_data,
     prompt_length,
 )
+from llm_modules.decoding.generation import generate
+from llm_modules.decoding.sampling import SamplingOptions
 from llm_modules.errors import LLMModulesError
-from llm_modules.models.saved import RUN_CONFIG_FILE
-from llm_modules.tensors import left_pad
+from llm_modules.losses import next_token_loss
+from llm_modules.models.loading import load_model
+from llm_modules.models.saved import run_defaults  # noqa: F401 (its old home)
+from llm_modules.tensors import IGNORE_INDEX, left_pad
 
 
 class ComposedScorer:
@@ -40,14 +41,15 @@ class ComposedScorer:
 
     def __init__(self, model: Any):
         self.model, self.tokenizer = model.eval(), model.tokenizer
-        self.max_positions = model.small_max_positions
+        self.max_positions = model.max_positions
         self.device = model.device
 
     def loss_sum(self, batch: dict[str, torch.Tensor]) -> float:
         return float(self.model(**batch, return_logits=False, loss_reduction="sum").loss)
 
     def generate(self, ids: torch.Tensor, mask: torch.Tensor, max_new_tokens: int) -> torch.Tensor:
-        return self.model.generate(ids, mask, max_new_tokens=max_new_tokens, pad_token_id=self.tokenizer.pad_token_id)
+        return self.model.generate(ids, mask, SamplingOptions(max_new_tokens=max_new_tokens),
+                                   pad_token_id=self.tokenizer.pad_token_id)
 
 
 class PlainScorer:
@@ -57,61 +59,32 @@ class PlainScorer:
         self.model, self.tokenizer = model.eval(), tokenizer
         self.max_positions = getattr(model.config, "max_position_embeddings", None)
         self.device = next(model.parameters()).device
+        self.drafter = None  # a models.drafting.ComposedDrafter: generate speculatively (the same tokens)
 
     def loss_sum(self, batch: dict[str, torch.Tensor]) -> float:
         labels = batch.pop("labels")
         logits = self.model(**batch).logits  # (B, T, V)
-        return float(F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), reduction="sum"))
+        return float(next_token_loss(logits, labels, reduction="sum"))
 
     def generate(self, ids: torch.Tensor, mask: torch.Tensor, max_new_tokens: int) -> torch.Tensor:
-        from llm_modules.decoding.generation import generate
-
-        return generate(self.model, ids, mask, max_new_tokens=max_new_tokens, pad_token_id=pad_id(self.tokenizer),
-                        tokenizer=self.tokenizer)
+        return generate(self.model, ids, mask, SamplingOptions(max_new_tokens=max_new_tokens),
+                        pad_token_id=pad_id(self.tokenizer), tokenizer=self.tokenizer, drafter=self.drafter)
 
 
 def load_scorer(spec: str, device: Any = None, allow_large_mismatch: bool = False,
-                dtype: torch.dtype = torch.float32) -> ComposedScorer | PlainScorer:
-    """A folder written by save_pretrained/train (or a training run folder: its best/, else last/) ->
-    composed (or the plain method it trained); anything else -> a plain model spec. Loaded in
-    `dtype` onto `device` (default: where it loads, the CPU)."""
-    from llm_modules.models.plain import load_plain
-    from llm_modules.models.saved import is_run_folder, resolve_model_folder, saved_kind
+                dtype: torch.dtype = torch.float32, draft: str | None = None,
+                draft_tokens: int | None = None) -> ComposedScorer | PlainScorer:
+    """The model `spec` names, loaded by `models.loading.load_model` (composed, plain method or plain
+    spec), as a scorer; with `draft` (a drafter folder) a plain model generates speculatively."""
+    loaded = load_model(spec, device=device, dtype=dtype, allow_large_mismatch=allow_large_mismatch)
+    if loaded.composed:
+        return ComposedScorer(loaded.model)
+    scorer = PlainScorer(loaded.model, loaded.tokenizer)
+    if draft:
+        from llm_modules.models.loading import load_drafter
 
-    if saved_kind(spec) is not None or is_run_folder(Path(spec)) \
-            or (Path(spec).is_dir() and not (Path(spec) / "config.json").is_file()):
-        spec = str(resolve_model_folder(spec))  # errors name what a model folder holds
-    if saved_kind(spec) == "plain":
-        model, tokenizer = load_plain(spec)
-        return PlainScorer(model.to(device=device, dtype=dtype), tokenizer)
-    if saved_kind(spec) == "composed":
-        from llm_modules.models.composed import LLMModulesModel
-
-        model = LLMModulesModel.from_pretrained(spec, dtype=dtype, device=device,
-                                                allow_large_mismatch=allow_large_mismatch)
-        if model.tokenizer is None:
-            raise LLMModulesError(f"{spec}: its large model has no tokenizer; evaluation needs one")
-        return ComposedScorer(model)
-    from llm_modules.models.specs import resolve_model
-
-    loaded = resolve_model(spec, dtype=dtype)
-    if loaded.tokenizer is None:
-        raise LLMModulesError(f"model {spec!r} has no tokenizer; evaluation needs one")
-    return PlainScorer(loaded.model.to(device) if device is not None else loaded.model, loaded.tokenizer)
-
-
-def run_defaults(model_dir: str) -> dict[str, Any]:
-    """Data options of the training run that produced `model_dir` (its parent's run_config.json)."""
-    for folder in (Path(model_dir), Path(model_dir).parent):
-        path = folder / RUN_CONFIG_FILE
-        if path.is_file():
-            saved = json.loads(path.read_text())
-            keys = ("data", "template", "loss_on", "max_length", "overflow", "val_fraction", "subset")
-            found = {k: saved[k] for k in keys if k in saved}
-            if "data_seed" in saved or "seed" in saved:  # runs before data_seed split with their seed
-                found["seed"] = saved.get("data_seed", saved.get("seed"))
-            return found
-    return {}
+        scorer.drafter = load_drafter(draft, loaded, spec, draft_tokens, allow_large_mismatch)
+    return scorer
 
 
 @dataclass
@@ -168,7 +141,7 @@ def evaluate(scorer: ComposedScorer | PlainScorer, examples: list[TokenizedExamp
     for start in range(0, len(examples), options.batch_size):
         chunk = examples[start : start + options.batch_size]
         batch = {k: v.to(scorer.device) for k, v in collate(chunk, pad).items()}
-        count += int((batch["labels"][:, 1:] != -100).sum())
+        count += int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
         n_bytes += sum(answer_bytes(e.record) for e in chunk)
         total += scorer.loss_sum(batch)
     loss = total / count

@@ -6,7 +6,8 @@
     lm_eval.simple_evaluate(model=LLMModulesLM(model=composed), tasks=[...])
 
 Text goes through the LARGE model's tokenizer (the composed model's vocabulary). Sequences never
-exceed `max_length`, which is capped by the small model's position limit (`small_max_positions`).
+exceed `max_length`, which is capped by the composed model's position limit (`max_positions`, the
+smaller of the large and small models' limits).
 This module is the only place that imports lm_eval; `import llm_modules` does not need it.
 """
 
@@ -18,7 +19,9 @@ from typing import Any
 
 import torch
 
+from llm_modules.decoding.sampling import SamplingOptions
 from llm_modules.errors import LLMModulesError
+from llm_modules.tensors import DTYPES, left_pad, right_pad
 
 try:
     from lm_eval.api.model import TemplateLM
@@ -32,10 +35,12 @@ logger = logging.getLogger(__name__)
 
 
 def _dtype(value: Any) -> torch.dtype | None:
-    """'float32' | 'bfloat16' | 'float16' | a torch.dtype | None -> torch.dtype or None."""
-    if value is None or isinstance(value, torch.dtype) or value in ("float32", "bfloat16", "float16"):
-        return getattr(torch, value) if isinstance(value, str) else value
-    raise LLMModulesError(f"unknown dtype {value!r}; use float32, bfloat16 or float16")
+    """A name in DTYPES | a torch.dtype | None -> torch.dtype or None."""
+    if value is None or isinstance(value, torch.dtype):
+        return value
+    if value in DTYPES:
+        return DTYPES[value]
+    raise LLMModulesError(f"unknown dtype {value!r}; use {', '.join(DTYPES)}")
 
 
 @register_model("llm-modules", "llm_modules")
@@ -97,9 +102,7 @@ class LLMModulesLM(TemplateLM):
         if not str(batch_size).isdigit() or int(batch_size) < 1:
             raise LLMModulesError(f"batch_size must be a positive integer ('auto' is unsupported): {batch_size!r}")
         self.batch_size = int(batch_size)
-        large_limit = getattr(model.large.config, "max_position_embeddings", None)
-        limits = [n for n in (model.small_max_positions, large_limit) if n]
-        cap = min(limits) if limits else 2048
+        cap = model.max_positions or 2048
         if max_length is not None and int(max_length) > cap:
             logger.warning("llm-modules: max_length=%s exceeds the models' position limit; using %d", max_length, cap)
         self._max_length = min(int(max_length), cap) if max_length is not None else cap
@@ -143,13 +146,7 @@ class LLMModulesLM(TemplateLM):
 
     def _pad(self, rows: list[list[int]], left: bool) -> tuple[torch.Tensor, torch.Tensor]:
         """Token lists -> (B, T) ids and 0/1 mask on the model's device, padded on the left or right."""
-        width = max(len(r) for r in rows)
-        ids = torch.full((len(rows), width), self.eot_token_id, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for n, r in enumerate(rows):
-            span = slice(width - len(r), width) if left else slice(0, len(r))
-            ids[n, span], mask[n, span] = torch.tensor(r, dtype=torch.long), 1
-        return ids.to(self.device), mask.to(self.device)
+        return (left_pad if left else right_pad)(rows, self.eot_token_id, self.device)
 
     # ------------------------------------------------------------------ scoring
     @torch.no_grad()
@@ -205,8 +202,8 @@ class LLMModulesLM(TemplateLM):
         return totals
 
     # ------------------------------------------------------------------ generation
-    def _generation_options(self, gen_kwargs: dict) -> tuple[list[str], int, dict[str, Any]]:
-        """lm_eval gen_kwargs -> (stop strings, max new tokens, options for `model.generate`)."""
+    def _generation_options(self, gen_kwargs: dict) -> tuple[list[str], SamplingOptions]:
+        """lm_eval gen_kwargs -> (stop strings, how to decode: ends at `eot_token_id` or a stop string)."""
         kwargs = dict(gen_kwargs or {})
         until = kwargs.pop("until", None) or []
         until = [until] if isinstance(until, str) else [s for s in until if s]
@@ -226,7 +223,8 @@ class LLMModulesLM(TemplateLM):
                 options[name] = cast(kwargs.pop(name))
         if kwargs:
             logger.warning("llm-modules: ignoring unsupported generation arguments %s", sorted(kwargs))
-        return until, int(max_new), options
+        return until, SamplingOptions(max_new_tokens=int(max_new), stop_strings=until or None,
+                                      eos_token_ids=[self.eot_token_id], **options)
 
     @torch.no_grad()
     def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
@@ -237,19 +235,17 @@ class LLMModulesLM(TemplateLM):
         for n, req in enumerate(requests):
             groups.setdefault(json.dumps(req.args[1], sort_keys=True, default=str), []).append(n)
         for members in groups.values():
-            until, max_new, options = self._generation_options(requests[members[0]].args[1])
-            room = self.max_length - max_new
+            until, options = self._generation_options(requests[members[0]].args[1])
+            room = self.max_length - options.max_new_tokens
             if room < 1:
-                raise LLMModulesError(f"max_gen_toks={max_new} leaves no prompt room in max_length={self.max_length}")
+                raise LLMModulesError(f"max_gen_toks={options.max_new_tokens} leaves no prompt room in "
+                                      f"max_length={self.max_length}")
             prompts = {n: (self.tok_encode(requests[n].args[0]) or [self.prefix_token_id])[-room:] for n in members}
             members = sorted(members, key=lambda n: -len(prompts[n]))
             for start in range(0, len(members), self.batch_size):
                 batch = members[start : start + self.batch_size]
                 ids, mask = self._pad([prompts[n] for n in batch], left=True)
-                out = self.model.generate(
-                    ids, mask, max_new_tokens=max_new, eos_token_id=self.eot_token_id, pad_token_id=self.eot_token_id,
-                    stop_strings=until or None, tokenizer=self.tokenizer, **options,
-                )
+                out = self.model.generate(ids, mask, options, pad_token_id=self.eot_token_id, tokenizer=self.tokenizer)
                 for row, n in enumerate(batch):
                     new = out[row, ids.shape[1] :].tolist()
                     if self.eot_token_id in new:

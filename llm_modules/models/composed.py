@@ -24,7 +24,7 @@ from torch.utils.checkpoint import checkpoint
 from llm_modules.bridges import BridgeCache, BridgeShape, LargeView, bridge_classes
 from llm_modules.decoding.steppers import Decoder
 from llm_modules.errors import LLMModulesError
-from llm_modules.losses import next_token_loss
+from llm_modules.losses import answer_logit_targets, next_token_loss
 from llm_modules.models.config import ComposeConfig
 from llm_modules.models.heads import ComposedHead
 from llm_modules.models.large import Released, is_placed, num_layers, tapped_states
@@ -42,7 +42,7 @@ from llm_modules.models.stepping import (
     PromptReadStepper,
 )
 from llm_modules.models.vocab_map import VocabMap
-from llm_modules.tensors import IGNORE_INDEX, positions_from_mask, prompt_source
+from llm_modules.tensors import positions_from_mask, prompt_source
 from llm_modules.tensors import answer_start as first_label
 
 logger = logging.getLogger(__name__)
@@ -59,6 +59,7 @@ class ComposedOutput:
     logits: torch.Tensor | None  # (B, T, |V_large|), or the last `logits_to_keep` positions
     loss: torch.Tensor | None = None
     cache: ComposedCache | None = None
+    hidden: torch.Tensor | None = None  # (B, T, dS) the small model's output, with return_hidden=True
 
 
 def keep_first_layers(model: nn.Module, n: int, spec: str) -> None:
@@ -130,6 +131,7 @@ class LLMModulesModel(nn.Module):
             self.small.set_input_embeddings(stub)
         self._small_decoder = Decoder(self.small)
         self.small_max_positions = getattr(self.small.config, "max_position_embeddings", None)
+        self.large_max_positions = getattr(large.config, "max_position_embeddings", None)
 
         bridge_class = bridge_classes(config.bridge)[1]
         shape = BridgeShape(large_dim, small_dim, self.num_large_layers, num_layers(small),
@@ -177,11 +179,12 @@ class LLMModulesModel(nn.Module):
     @classmethod
     def _build(cls, config: ComposeConfig, dtype: torch.dtype, large_dtype: torch.dtype | None, device: Any,
                saved_in: Path | None = None, allow_large_mismatch: bool = False, vocab_map: VocabMap | None = None,
-               large_placement: dict[str, Any] | None = None):
+               large_placement: dict[str, Any] | None = None, large: Any = None):
         from llm_modules.models import large_identity
         from llm_modules.models.specs import resolve_model
 
-        large = resolve_model(config.large, dtype=large_dtype or dtype, with_tokenizer=True, placement=large_placement)
+        if large is None:
+            large = resolve_model(config.large, dtype=large_dtype or dtype, with_tokenizer=True, placement=large_placement)
         if saved_in is None:  # composed now: pin this large model in the config that gets saved
             config.large_identity = large_identity.record(large.model)
         else:
@@ -241,19 +244,33 @@ class LLMModulesModel(nn.Module):
         )
         return counts
 
+    @property
+    def large_head(self) -> nn.Module:
+        """The large model's output embedding (frozen): the large logits are large_head(final hidden state)."""
+        return self.large.get_submodule(self._large_head_name)
+
+    @property
+    def max_positions(self) -> int | None:
+        """The positions the composed model can place: the smaller of the large and small models' limits
+        (None when neither states one). Every reader of the context limit (decoding, the server, training
+        data, lm-eval) asks here."""
+        limits = [n for n in (self.large_max_positions, self.small_max_positions) if n]
+        return min(limits) if limits else None
+
     # ------------------------------------------------------------------ freeing the large model
     @property
     def large_released(self) -> bool:
         return isinstance(self._large_decoder.module, Released)
 
-    def release_large(self) -> bool:
+    def release_large(self, keep_head: bool = False) -> bool:
         """Free the large model's weights that training from cached states never reads.
 
         Its body (embeddings, layers, final norm) goes, and its output embedding too when the head
-        is `new` (the other heads read it). What remains are the head's frozen weights. Calling the
-        large model afterwards is an error until `restore_large()` reloads it from its spec. A
-        `config:` large model (random weights) cannot be reloaded as it was, so it is kept; the
-        return value says whether anything was freed.
+        is `new` (the other heads read it) unless `keep_head` (a drafter's targets are the large
+        model's logits: its head over the cached final states). What remains are the head's frozen
+        weights. Calling the large model afterwards is an error until `restore_large()` reloads it
+        from its spec. A `config:` large model (random weights) cannot be reloaded as it was, so it is
+        kept; the return value says whether anything was freed.
         """
         if self.large_released:
             return True
@@ -263,7 +280,7 @@ class LLMModulesModel(nn.Module):
         first = next(body.parameters())
         self._large_place = (first.dtype, first.device)
         setattr(self.large, self.large.base_model_prefix, Released())
-        if self.config.head == "new":
+        if self.config.head == "new" and not keep_head:
             parent, _, name = self._large_head_name.rpartition(".")
             setattr(self.large.get_submodule(parent), name, Released())
         else:  # the head stays, in a copy of its own: loaded weights may all live in one memory map of
@@ -296,11 +313,14 @@ class LLMModulesModel(nn.Module):
         position_ids: torch.Tensor,
         cache: Any = None,
         use_cache: bool = False,
+        taps: list[int] | None = None,
     ) -> tuple[torch.Tensor, Any]:
-        """Frozen large model -> its hidden states (B, T, K, dL) at `self.large_taps`, and its KV cache."""
+        """Frozen large model -> its hidden states (B, T, K, dL) at `taps` (default `self.large_taps`), and
+        its KV cache."""
         return tapped_states(
-            self._large_decoder, self.large_taps, self.num_large_layers, cache=cache, use_cache=use_cache,
-            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+            self._large_decoder, self.large_taps if taps is None else taps, self.num_large_layers,
+            cache=cache, use_cache=use_cache, input_ids=input_ids, attention_mask=attention_mask,
+            position_ids=position_ids,
         )
 
     def forward(
@@ -318,6 +338,8 @@ class LLMModulesModel(nn.Module):
         large_view: LargeView | None = None,
         large_mask: torch.Tensor | None = None,
         answer_start: torch.Tensor | None = None,
+        vocab_rows: torch.Tensor | None = None,
+        return_hidden: bool = False,
     ) -> ComposedOutput:
         """Logits over the large vocabulary for every new position.
 
@@ -340,6 +362,9 @@ class LLMModulesModel(nn.Module):
         answer starts: `answer_start` (B,), an index within this call, else the first labelled position of
         `labels`; position t then reads the large states up to min(t, answer_start - 1), and the large model
         runs only as far as some row reads. Decoding with a cache goes through `decode_stepper()`.
+        `vocab_rows` (n,): logits over those vocabulary ids only (B, T, n) (a drafter's smaller vocabulary).
+        `return_hidden=True` stops before the head: `hidden` is the small model's output (B, T, dS) and
+        `logits` None (a loss that applies the head itself, chunked: the drafter's).
         """
         if input_ids is None and large_states is None:
             raise ValueError("give input_ids or large_states")
@@ -349,10 +374,10 @@ class LLMModulesModel(nn.Module):
             attention_mask = torch.ones(batch, past + length, dtype=torch.long, device=self.device)
         position_ids = positions_from_mask(attention_mask)[:, -length:]  # (B, T)
         top = int(position_ids.max()) + 1
-        if self.small_max_positions is not None and top > self.small_max_positions:
+        if self.max_positions is not None and top > self.max_positions:
             raise LLMModulesError(
-                f"a sequence of {top} tokens is longer than the small model can position "
-                f"({self.small_max_positions}); shorten the input or use a small model with more positions"
+                f"a sequence of {top} tokens is longer than the model can position ({self.max_positions}: large "
+                f"model {self.large_max_positions}, small model {self.small_max_positions}); shorten the input"
             )
         if cache is None and use_cache:
             cache = ComposedCache()
@@ -413,23 +438,24 @@ class LLMModulesModel(nn.Module):
         if cache is not None:
             cache.small, cache.length = small_cache, cache.length + length
         s = small_out.last_hidden_state  # (B, T, dS)
+        if return_hidden:
+            return ComposedOutput(logits=None, cache=cache if use_cache else None, hidden=s)
         # The residual head adds to the large model's final states; the other heads do not read them.
         final = large_states[:, :, self._head_tap].to(s.device) if self._head_tap is not None else None  # (B, T, dL)
         large_head = self.large.get_submodule(self._large_head_name)
         if labels is not None and not return_logits:
-            targets = labels[:, 1:].to(s.device)
-            keep = targets != IGNORE_INDEX  # (B, T-1)
-            picked = final[:, :-1][keep] if final is not None else None  # (N, dL)
-            loss = self._chunked_head_loss(s[:, :-1][keep], picked, large_head, targets[keep])
+            picked, targets = answer_logit_targets(s, labels)  # (N, dS), (N,): the positions that predict a label
+            picked_final = answer_logit_targets(final, labels)[0] if final is not None else None  # (N, dL)
+            loss = self._chunked_head_loss(picked, picked_final, large_head, targets)
             if loss_reduction == "mean":
-                loss = loss / keep.sum()
+                loss = loss / targets.numel()
             elif loss_reduction != "sum":
                 raise ValueError(f"loss_reduction must be 'mean' or 'sum' with return_logits=False, got {loss_reduction!r}")
             return ComposedOutput(logits=None, loss=loss, cache=cache if use_cache else None)
         if logits_to_keep:
             s = s[:, -logits_to_keep:]
             final = final[:, -logits_to_keep:] if final is not None else None
-        logits = self.head(s, final, large_head)  # (B, T, V)
+        logits = self.head(s, final, large_head, vocab_rows)  # (B, T, V), or (B, T, n) over vocab_rows
         loss = next_token_loss(logits, labels, loss_reduction) if labels is not None else None
         return ComposedOutput(logits=logits, loss=loss, cache=cache if use_cache else None)
 
@@ -477,11 +503,13 @@ class LLMModulesModel(nn.Module):
         bridge's and the small model's (`llm_modules.models.stepping`)."""
         return PromptReadStepper(self) if self.config.large_reads == "prompt" else ComposedStepper(self)
 
-    def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **options: Any):
-        """Decode new tokens; returns ids including the prompt. See `llm_modules.decoding.generation.generate`."""
+    def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, options: Any = None,
+                 **keywords: Any) -> torch.Tensor:
+        """Decode new tokens; returns ids including the prompt. How: a `SamplingOptions` or its fields as
+        keywords (`max_new_tokens=64, do_sample=True, top_p=0.9`); see `llm_modules.decoding.generation.generate`."""
         from llm_modules.decoding.generation import generate
 
-        return generate(self, input_ids, attention_mask, **options)
+        return generate(self, input_ids, attention_mask, options, **keywords)
 
     # ------------------------------------------------------------------ save / load
     def trained_state_dict(self) -> dict[str, torch.Tensor]:
@@ -517,7 +545,8 @@ class LLMModulesModel(nn.Module):
         device: str | torch.device | None = None,
         allow_large_mismatch: bool = False,
         large_placement: dict[str, Any] | None = None,
-    ) -> LLMModulesModel:
+        large: Any = None,
+    ) -> "LLMModulesModel":
         """Rebuild from a folder written by `save_pretrained` (or a training run folder: its best/, else
         last/): specs from the JSON, weights from safetensors.
 
@@ -535,7 +564,7 @@ class LLMModulesModel(nn.Module):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # the leak warning was given when the model was composed
             model = cls._build(config, dtype, large_dtype, None, directory, allow_large_mismatch, vocab_map=vocab_map,
-                               large_placement=large_placement)
+                               large_placement=large_placement, large=large)
         if not config.causal:
             warnings.warn(LEAK_WARNING, stacklevel=2)
         model.load_trained_state_dict(state)

@@ -28,8 +28,18 @@ class ComposedHead(nn.Module):
             if kind == "residual":
                 nn.init.zeros_(self.up.weight)
 
-    def forward(self, s: torch.Tensor, h: torch.Tensor | None, large_head: nn.Module) -> torch.Tensor:
-        """s (B, T, dS) small output; h (B, T, dL) large final states -> logits (B, T, |V_large|)."""
+    def forward(self, s: torch.Tensor, h: torch.Tensor | None, large_head: nn.Module,
+                rows: torch.Tensor | None = None) -> torch.Tensor:
+        """s (B, T, dS) small output; h (B, T, dL) large final states -> logits (B, T, |V_large|).
+
+        `rows` (n,): logits of those vocabulary entries only (B, T, n), for a drafter that drafts from a
+        smaller vocabulary (EAGLE-3's); the slice of the output weights is kept while the same rows come."""
+        if rows is not None:
+            if self.kind == "residual":
+                raise ValueError("the residual head has no vocabulary subset")
+            weight = self._rows_weight(rows, self.out.weight if self.kind == "new" else large_head.weight)
+            x = s if self.kind == "new" else self.up(s)
+            return torch.nn.functional.linear(x.to(weight.device, weight.dtype), weight).to(s.device, s.dtype)
         if self.kind == "new":
             return self.out(s)
         x = self.up(s)  # (B, T, dL)
@@ -37,3 +47,10 @@ class ComposedHead(nn.Module):
             x = h.to(x.device, x.dtype) + x
         weight = large_head.weight  # frozen, maybe on another device (a device map) and in another precision
         return large_head(x.to(weight.device, weight.dtype)).to(s.device, s.dtype)
+
+    def _rows_weight(self, rows: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        key = (rows.data_ptr(), rows.numel(), weight.data_ptr())
+        if getattr(self, "_rows_key", None) != key:
+            self._rows_key = key
+            self._rows_value = weight.detach()[rows.to(weight.device)]  # (n, d)
+        return self._rows_value

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from llm_modules.errors import LLMModulesError
+from llm_modules.tensors import DTYPES
 
 
 class Released(nn.Module):
@@ -50,7 +51,7 @@ def tapped_states(decoder: Decoder, taps: list[int], last: int, cache: Any = Non
 
 
 # ----------------------------------------------------------------------------- loading
-LARGE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+LARGE_DTYPES = DTYPES  # its old name
 DEVICE_MAPS = ("none", "auto")
 QUANTIZATIONS = ("none", "8bit", "4bit")
 
@@ -66,7 +67,7 @@ def load_options(dtype: str = "float32", device_map: str = "none", quantization:
     through bitsandbytes (a CUDA GPU), onto this process's GPU unless a device map says otherwise.
     An empty dict: nothing to do while loading.
     """
-    for name, value, allowed in (("--large-dtype", dtype, tuple(LARGE_DTYPES)), ("--large-device-map", device_map,
+    for name, value, allowed in (("--large-dtype", dtype, tuple(DTYPES)), ("--large-device-map", device_map,
                                  DEVICE_MAPS), ("--large-quantization", quantization, QUANTIZATIONS)):
         if value not in allowed:
             raise LLMModulesError(f"{name} must be one of {', '.join(allowed)}, got {value!r}")
@@ -86,7 +87,7 @@ def load_options(dtype: str = "float32", device_map: str = "none", quantization:
         options["quantization_config"] = (
             BitsAndBytesConfig(load_in_8bit=True) if quantization == "8bit" else
             BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
-                               bnb_4bit_compute_dtype=LARGE_DTYPES[dtype]))
+                               bnb_4bit_compute_dtype=DTYPES[dtype]))
         options["device_map"] = {"": device}
     if device_map == "auto":
         options["device_map"] = "auto"

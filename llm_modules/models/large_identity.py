@@ -25,12 +25,13 @@ from torch import nn
 
 from llm_modules.errors import LLMModulesError
 from llm_modules.models.large import quantization_of
+from llm_modules.tensors import DTYPES
 
 logger = logging.getLogger(__name__)
 
 SAMPLES = 4096  # values hashed per parameter
-HALF = {"bfloat16": torch.bfloat16, "float16": torch.float16}
-_NAMES = {torch.float32: "float32", **{v: k for k, v in HALF.items()}}
+HALF = {name: dtype for name, dtype in DTYPES.items() if name != "float32"}
+_NAMES = {dtype: name for name, dtype in DTYPES.items()}
 
 
 def _sample(p: torch.Tensor, n: int = SAMPLES) -> torch.Tensor:
@@ -92,7 +93,7 @@ def check(saved: dict[str, Any], large: nn.Module, spec: str, where: str, allow_
         expected, now = saved["digests"][loaded], weights_digest(large)
     else:  # loaded in more precision than it was trained in: compare at the training precision
         expected = saved["digests"][saved["dtype"]]
-        now = weights_digest(large, {"float32": torch.float32, **HALF}[saved["dtype"]])
+        now = weights_digest(large, DTYPES[saved["dtype"]])
     if now == expected:
         return
     revisions = ""

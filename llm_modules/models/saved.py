@@ -10,8 +10,10 @@ the run folder is taken too, and one line says which of the two was used.
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -23,6 +25,7 @@ CONFIG_FILE = "llm_modules_config.json"  # a composed model's description (model
 PLAIN_FILE = "llm_modules_plain.json"  # a plain (finetune / lora / distill) model's (models.plain.PlainSpec)
 WEIGHTS_FILE = "model.safetensors"  # the trained tensors, beside either description
 RUN_CONFIG_FILE = "run_config.json"  # a training run's options (training.config.TrainConfig)
+DRAFTER_FILE = "llm_modules_drafter.json"  # beside CONFIG_FILE: the composed model is a drafter (models.drafter)
 RUN_MODELS = ("best", "last")  # in order of preference
 DESCRIPTIONS = (CONFIG_FILE, PLAIN_FILE)
 # the segments that FSDP's auto-wrap, activation checkpointing and torch.compile add to parameter names
@@ -96,3 +99,17 @@ def resolve_model_folder(directory: str | Path) -> Path:
         f"(or {PLAIN_FILE}) and {WEIGHTS_FILE} in it, or a training run folder (train --output) holding best/ "
         "or last/ with them"
     )
+
+
+def run_defaults(model_dir: str | Path) -> dict[str, Any]:
+    """Data options of the training run that produced `model_dir` (its own or its parent's RUN_CONFIG_FILE)."""
+    for folder in (Path(model_dir), Path(model_dir).parent):
+        path = folder / RUN_CONFIG_FILE
+        if path.is_file():
+            saved = json.loads(path.read_text())
+            keys = ("data", "template", "loss_on", "max_length", "overflow", "val_fraction", "subset")
+            found = {k: saved[k] for k in keys if k in saved}
+            if "data_seed" in saved or "seed" in saved:  # runs before data_seed split with their seed
+                found["seed"] = saved.get("data_seed", saved.get("seed"))
+            return found
+    return {}

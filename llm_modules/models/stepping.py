@@ -55,7 +55,7 @@ class ComposedStepper(Stepper):
 
     @property
     def max_positions(self):
-        return self.model.small_max_positions
+        return self.model.max_positions
 
 
 @dataclass

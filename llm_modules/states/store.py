@@ -16,6 +16,7 @@ import logging
 import os
 import secrets
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -34,12 +35,11 @@ from llm_modules.states.fence import (
     sharing_groups,
     stale_build,
 )
-from llm_modules.tensors import positions_from_mask
+from llm_modules.tensors import DTYPES, positions_from_mask, right_pad
 from llm_modules.version import __version__
 
 logger = logging.getLogger(__name__)
 
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 INDEX_FILE = "index.json"
 SHARD_BYTES = 256 << 20  # a shard is closed once it holds this many bytes of states
 _FORMAT = 1  # bump when the on-disk layout changes
@@ -145,6 +145,27 @@ def prune(root: str | Path, keep: set[str]) -> list[Path]:
     return removed
 
 
+@dataclass
+class BuildPlan:
+    """One cache folder, `root/<key>/`, and how it is built: `model`'s large states of `examples`, stored
+    in `dtype` in shards of about `shard_bytes`, computed `batch_size` examples at a time; with
+    `model_key`, states that other folders of that model key hold are copied instead of computed."""
+
+    root: Path
+    key: str
+    model: Any
+    examples: Sequence[Any]
+    dtype: str = "float32"
+    batch_size: int = 8
+    progress: bool = True
+    shard_bytes: int = SHARD_BYTES
+    model_key: str | None = None
+
+    @property
+    def final(self) -> Path:
+        return self.root / self.key
+
+
 class StateCache:
     """Memory-mapped, read-only view of cached states: ``cache[i]`` -> tensor (T_i, K, d_large), K tapped layers.
 
@@ -208,7 +229,9 @@ class StateCache:
         head = getattr(model.config, "head", None)
         if dtype != "float32" and head in HEADS_READING_STATES and group.rank == 0:
             logger.warning(HALF_STATES_WARNING, dtype, head, HALF_STATES_MEASURED[dtype])
-        root, final = Path(root), Path(root) / key
+        plan = BuildPlan(Path(root), key, model, examples, dtype=dtype, batch_size=batch_size, progress=progress,
+                         shard_bytes=shard_bytes, model_key=model_key)
+        root, final = plan.root, plan.final
         root.mkdir(parents=True, exist_ok=True)
         digest = examples_digest(examples)
         me = {"complete": cls._read_index(final, key, dtype) is not None, "host": host_name(), "pid": os.getpid(),
@@ -226,11 +249,10 @@ class StateCache:
                     for leftover in root.glob(f"{key}.tmp-*"):
                         if leftover.name != name and stale_build(leftover):
                             shutil.rmtree(leftover, ignore_errors=True)
-                cls._build_shared(root, key, root / name, model, examples, dtype, batch_size, progress, shard_bytes,
-                                  model_key, members.index(group.rank), len(members))
+                cls._build_shared(plan, root / name, members.index(group.rank), len(members))
             group.barrier()  # every share written
             if built and group.rank == members[0]:
-                cls._finish(root, key, root / name, examples, dtype, len(members), digest, model_key)
+                cls._finish(plan, root / name, len(members), digest)
             group.barrier()  # every folder in place
         index = cls._read_index(final, key, dtype)
         if index is None:
@@ -265,30 +287,26 @@ class StateCache:
         return index if ok else None
 
     @classmethod
-    def _build_shared(cls, root: Path, key: str, folder: Path, model: Any, examples: Sequence[Any], dtype: str,
-                      batch_size: int, progress: bool, shard_bytes: int, model_key: str | None, member: int,
-                      members: int) -> None:
+    def _build_shared(cls, plan: BuildPlan, folder: Path, member: int, members: int) -> None:
         """This process's share of a build in `folder`; a failure removes the folder (the others then
         fail at the next barrier, and nothing is left that a later run would read)."""
         try:
             folder.mkdir(parents=True, exist_ok=True)
-            donors = _donors(root, model_key, dtype) if model_key else {}
-            cls._build(folder, key, model, examples, dtype, batch_size, progress and member == 0, shard_bytes,
-                       donors, member, members)
+            donors = _donors(plan.root, plan.model_key, plan.dtype) if plan.model_key else {}
+            cls._build(plan, folder, donors, member, members)
         except BaseException:
             shutil.rmtree(folder, ignore_errors=True)
             raise
 
     @classmethod
-    def _finish(cls, root: Path, key: str, folder: Path, examples: Sequence[Any], dtype: str, members: int,
-                digest: str, model_key: str | None) -> None:
+    def _finish(cls, plan: BuildPlan, folder: Path, members: int, digest: str) -> None:
         """The lowest rank of a build: check every member's manifest and shards, write the index
         last, and put the folder in place unless a complete one got there first."""
-        final = root / key
+        root, key, dtype, final = plan.root, plan.key, plan.dtype, plan.final
         try:
-            index = _merge_manifests(folder, key, members, dtype, [len(e.input_ids) for e in examples],
-                                     [example_hash(e) for e in examples])
-            index.update(examples=digest, model_key=model_key)
+            index = _merge_manifests(folder, key, members, dtype, [len(e.input_ids) for e in plan.examples],
+                                     [example_hash(e) for e in plan.examples])
+            index.update(examples=digest, model_key=plan.model_key)
             _write_json_atomic(folder / INDEX_FILE, index)  # last: only now is the folder complete
             with finish_lock(root, key):
                 if cls._read_index(final, key, dtype) is not None:  # another build finished first: keep it
@@ -305,20 +323,20 @@ class StateCache:
             raise
 
     @staticmethod
-    def _build(folder: Path, key: str, model: Any, examples: Sequence[Any], dtype: str, batch_size: int,
-               progress: bool, shard_bytes: int, donors: dict[str, tuple["StateCache", int]], member: int = 0,
+    def _build(plan: BuildPlan, folder: Path, donors: dict[str, tuple["StateCache", int]], member: int = 0,
                members: int = 1) -> None:
         """Member `member` of `members`: copy its share of the states `donors` hold, and run the
-        large model over its share of the other `examples` (sorted by length, cut into batches of
-        `batch_size` as one process would, every `members`-th batch), into shards
+        large model over its share of the other examples (sorted by length, cut into batches of
+        `plan.batch_size` as one process would, every `members`-th batch), into shards
         `shard-<member>-<n>` in `folder`, then `part-<member>.json` naming them: the manifest."""
+        key, model, examples, dtype = plan.key, plan.model, plan.examples, plan.dtype
         lengths = [len(e.input_ids) for e in examples]
         if min(lengths) < 1:
             raise LLMModulesError("state cache: an example has no tokens")
         hashes = [example_hash(e) for e in examples]
         reused = [i for i in range(len(examples)) if hashes[i] in donors][member::members]
         order = sorted((i for i in range(len(examples)) if hashes[i] not in donors), key=lambda i: lengths[i])
-        batches = [order[s : s + batch_size] for s in range(0, len(order), batch_size)][member::members]
+        batches = [order[s : s + plan.batch_size] for s in range(0, len(order), plan.batch_size)][member::members]
         shards: dict[str, int] = {}  # name -> bytes
         where: dict[int, str] = {}
         pending: dict[str, torch.Tensor] = {}
@@ -339,24 +357,20 @@ class StateCache:
             pending[str(i)], d_large = states, states.shape[-1]
             pending_bytes += states.nbytes
             where[i] = f"shard-{member:05d}-{len(shards):05d}.safetensors"
-            if pending_bytes >= shard_bytes:
+            if pending_bytes >= plan.shard_bytes:
                 flush()
 
         for i in reused:
             cache, j = donors[hashes[i]]
             add(i, cache[j])
+        shown = plan.progress and member == 0 and batches
         bar = tqdm(total=sum(map(len, batches)), desc="large-model states", unit="ex",
-                   disable=None if progress and batches else True)  # None: off when not a TTY
+                   disable=None if shown else True)  # None: off when not a TTY
         device = next(model.large.parameters()).device if batches else None
         with torch.no_grad():
             for rows in batches:
-                width = max(lengths[i] for i in rows)
-                ids = torch.zeros(len(rows), width, dtype=torch.long)  # pad id 0: masked out
-                mask = torch.zeros(len(rows), width, dtype=torch.long)
-                for r, i in enumerate(rows):
-                    ids[r, : lengths[i]] = torch.as_tensor(examples[i].input_ids, dtype=torch.long)
-                    mask[r, : lengths[i]] = 1
-                ids, mask = ids.to(device), mask.to(device)
+                # (B, width); pad id 0: masked out
+                ids, mask = right_pad([list(examples[i].input_ids) for i in rows], 0, device)
                 states, _ = model.encode_large(ids, mask, positions_from_mask(mask))  # (B, width, K, dL)
                 for r, i in enumerate(rows):
                     add(i, states[r, : lengths[i]].to("cpu", DTYPES[dtype]).clone())  # (T_i, K, dL)

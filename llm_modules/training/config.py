@@ -20,8 +20,9 @@ from llm_modules.models.config import (
     SMALL_INPUTS,
     ComposeConfig,
 )
-from llm_modules.models.large import DEVICE_MAPS, LARGE_DTYPES, QUANTIZATIONS
+from llm_modules.models.large import DEVICE_MAPS, QUANTIZATIONS
 from llm_modules.models.saved import RUN_CONFIG_FILE  # noqa: F401 (its old home)
+from llm_modules.tensors import DTYPES
 from llm_modules.training.objectives import METHODS
 
 # Options that may differ between an interrupted run and its resumption.
@@ -48,9 +49,21 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "method": METHODS, "head": HEAD_KINDS, "bridge": tuple(BRIDGES), "small_inputs": SMALL_INPUTS,
     "large_reads": LARGE_READS,
     "template": TEMPLATES, "loss_on": LOSS_ON, "overflow": OVERFLOW,
-    "mixed_precision": ("auto", "no", "bf16", "fp16"), "state_cache_dtype": ("float32", "float16", "bfloat16"),
-    "large_dtype": tuple(LARGE_DTYPES), "large_device_map": DEVICE_MAPS, "large_quantization": QUANTIZATIONS,
+    "mixed_precision": ("auto", "no", "bf16", "fp16"), "state_cache_dtype": tuple(DTYPES),
+    "large_dtype": tuple(DTYPES), "large_device_map": DEVICE_MAPS, "large_quantization": QUANTIZATIONS,
+    "drafter_loss": ("kl", "ce"), "drafter_targets": ("logits", "generated"),
 }
+# The methods that compose a model (a bridge, a small model, a head), and their composition defaults
+# where they differ from ComposeConfig's: a drafter reads the large model's frozen output embedding (EAGLE
+# reuses the target's LM head) and must see the tokens it drafts itself (with "bridge" inputs the newest
+# token reaches it only through large states it does not have yet).
+COMPOSING = ("composed", "drafter")
+METHOD_DEFAULTS: dict[str, dict[str, str]] = {
+    "composed": {"head": ComposeConfig.head, "small_inputs": ComposeConfig.small_inputs},
+    "drafter": {"head": "projected", "small_inputs": "mapped"},
+}
+# Options of --method drafter only.
+DRAFTER_OPTIONS = ("draft_tokens", "drafter_loss", "drafter_targets")
 # Options of the frozen large model: the methods that train it (lora) refuse them.
 LARGE_LOADING = ("large_dtype", "large_device_map", "large_quantization")
 
@@ -60,12 +73,13 @@ HELP: dict[str, str] = {
     "small": "small trainable model spec (same forms as --large)",
     "data": "data spec: a .jsonl/.json file, reasoning-gym:TASK?size=N&seed=S, or a hub data set",
     "output": "run folder: checkpoints/, best/, last/, metrics and summary are written here",
-    "method": "what trains: composed (ours), finetune (the small model), lora (on the large model), distill",
+    "method": "what trains: composed (ours), finetune (the small model), lora (on the large model), distill, or "
+              "drafter (the composed model trained to draft the large model's next tokens for speculative decoding)",
     "causal": "cross-attention reads only past large-model states; --no-causal reproduces the paper's leak",
-    "head": "how the small model's output becomes logits over the large vocabulary",
+    "head": "how the small model's output becomes logits over the large vocabulary (--method drafter: projected)",
     "bridge": "how the large model's states reach the small one: eca (the paper's), ladder or xattn",
     "small_inputs": "what the small model reads: the bridge output only (the paper), or its own embeddings "
-                    "through a map of the large vocabulary (mapped)",
+                    "through a map of the large vocabulary (mapped; the default of --method drafter)",
     "train_embeddings": "with --small-inputs mapped: train the small model's token embeddings too",
     "train_small": "composed: train the small model's own weights; --no-train-small freezes them (CALM's setting), "
                    "so only the bridge, the head and any --train-embeddings train",
@@ -88,6 +102,11 @@ HELP: dict[str, str] = {
     "subset": "fraction of the records used at all (the paper: 0.3)",
     "lora_rank": "LoRA rank of --method lora (alpha = 2 x rank, every linear layer)",
     "distill_temperature": "softmax temperature of --method distill's KL to the large model",
+    "draft_tokens": "--method drafter: K, the tokens drafted per verify step; training shows the drafter the large "
+                    "states up to the token before each block of K, as it has them while drafting",
+    "drafter_loss": "--method drafter: kl (to the large model's next-token distribution) or ce (on its arg-max)",
+    "drafter_targets": "--method drafter: logits (the large model's own, on the training text) or generated (train "
+                       "on the large model's greedy answers to the training prompts, generated once and cached)",
     "epochs": "passes over the training examples (ignored when --max-steps > 0)",
     "max_steps": "optimizer steps; > 0 overrides --epochs",
     "batch_size": "examples per process per micro-step",
@@ -146,9 +165,9 @@ class TrainConfig:
     method: str = "composed"
     # composition: the defaults are ComposeConfig's and the bridges' option classes', declared once there
     causal: bool = ComposeConfig.causal
-    head: str = ComposeConfig.head
+    head: str | None = None  # None: the method's default (METHOD_DEFAULTS)
     bridge: str = ComposeConfig.bridge
-    small_inputs: str = ComposeConfig.small_inputs
+    small_inputs: str | None = None  # None: the method's default
     train_embeddings: bool = ComposeConfig.train_embeddings
     train_small: bool = ComposeConfig.train_small
     small_layers: int | None = ComposeConfig.small_layers
@@ -171,6 +190,9 @@ class TrainConfig:
     subset: float = DataConfig.subset
     lora_rank: int = 8  # method lora (alpha = 2 x rank, every linear layer)
     distill_temperature: float = 1.0  # method distill
+    draft_tokens: int = 4  # method drafter: K
+    drafter_loss: str = "kl"
+    drafter_targets: str = "logits"
     # optimisation (paper: AdamW, lr 1e-4 bridge, 5e-5 small model and head, clip 1.0, batch 1)
     epochs: int = 1
     max_steps: int = 0  # > 0 overrides epochs
@@ -208,8 +230,11 @@ class TrainConfig:
     progress: bool = True
 
     def __post_init__(self) -> None:
+        for name, value in METHOD_DEFAULTS.get(self.method, METHOD_DEFAULTS["composed"]).items():
+            if getattr(self, name) is None:
+                setattr(self, name, value)
         positive = ["num_layers", "num_heads", "adapter_dim", "small_stride", "max_length", "batch_size", "grad_accum",
-                    "keep_checkpoints", "lora_rank"]
+                    "keep_checkpoints", "lora_rank", "draft_tokens"]
         non_negative = ["epochs", "max_steps", "eval_every", "save_every", "early_stopping_patience", "num_samples",
                         "max_new_tokens"]
         for name in positive + non_negative:
@@ -233,13 +258,19 @@ class TrainConfig:
             for name in self._changed(LARGE_LOADING):
                 raise LLMModulesError(f"--{name.replace('_', '-')} sets how the FROZEN large model loads (methods "
                                       f"composed and distill); --method {self.method} has none")
-        if self.method != "composed":
+        if self.method not in COMPOSING:
             for name in self._changed(sorted((_COMPOSE_OPTIONS | _BRIDGE_OPTIONS) & set(self.fields()))):
                 raise LLMModulesError(f"--{name.replace('_', '-')} shapes the composed model (--method composed); "
                                       f"--method {self.method} has no bridge, head or composition to apply it to")
         if self.large_reads == "prompt" and self.loss_on == "all":
             raise LLMModulesError("--large-reads prompt reads the states before each example's first labelled token; "
                                   "with --loss-on all every token is labelled, so there is no prompt to read")
+        if self.method != "drafter":
+            for name in self._changed(DRAFTER_OPTIONS):
+                raise LLMModulesError(f"--{name.replace('_', '-')} is an option of --method drafter, not of "
+                                      f"--method {self.method}")
+        else:
+            self._check_drafter()
         if self.fsdp and self.method == "lora":
             raise LLMModulesError("--fsdp with --method lora fails inside FSDP's state-dict gathering (seen on a GPU "
                                   "with torch 2.11: the large model's frozen embeddings go missing); train LoRA under "
@@ -254,12 +285,26 @@ class TrainConfig:
             raise LLMModulesError(f"--{name.replace('_', '-')} is an option of the {' and '.join(owners)} "
                                   f"bridge, not of --bridge {self.bridge}")
         self._large_layers()  # a parse error surfaces now, not after the models loaded
-        if self.method == "composed":
+        if self.method in COMPOSING:
             ComposeConfig.from_options(self.large, self.small, **self.compose_options())
+
+    def _check_drafter(self) -> None:
+        if self.head == "residual":
+            raise LLMModulesError("--head residual cannot draft: it adds the large model's logits at the very position "
+                                  "it predicts, which a drafter does not have yet; use --head projected (the drafter's "
+                                  "default) or new")
+        if not self.state_cache:
+            raise LLMModulesError("--method drafter trains from the state cache (its targets are the large model's "
+                                  "cached final states through its head); leave out --no-state-cache")
+
+    def _default(self, name: str) -> Any:
+        """An option's default for this run's method."""
+        defaults = METHOD_DEFAULTS.get(self.method, METHOD_DEFAULTS["composed"])
+        return defaults[name] if name in defaults else self.fields()[name].default
 
     def _changed(self, names: Any) -> list[str]:
         """Those of `names` whose value differs from the option's default, in order."""
-        return [name for name in names if getattr(self, name) != self.fields()[name].default]
+        return [name for name in names if getattr(self, name) != self._default(name)]
 
     def trained_model(self) -> str:
         """The spec a plain method trains: the small model (finetune) or the large one (lora)."""
@@ -302,10 +347,8 @@ class TrainConfig:
             raise LLMModulesError(f"config file {path}: unknown options {unknown}")
         return cls(**{**data, **(overrides or {})})
 
-    def data_config(self) -> Any:
+    def data_config(self) -> DataConfig:
         """The data options of this run (the split and subset follow `data_seed`, not `seed`)."""
-        from llm_modules.data.prepare import DataConfig
-
         return DataConfig(spec=self.data, template=self.template, loss_on=self.loss_on, max_length=self.max_length,
                           overflow=self.overflow, val_fraction=self.val_fraction, seed=self.data_seed,
                           subset=self.subset)

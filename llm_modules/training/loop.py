@@ -38,6 +38,7 @@ from llm_modules.data.prepare import (
 )
 from llm_modules.errors import LLMModulesError
 from llm_modules.models.config import WEIGHTS_FILE
+from llm_modules.tensors import IGNORE_INDEX
 from llm_modules.training import checkpoint as ckpt
 from llm_modules.training.config import RUN_CONFIG_FILE, TrainConfig
 from llm_modules.training.objectives import Objective, build_objective
@@ -62,10 +63,6 @@ class Run:
     total_steps: int
     output: Path
     data_fingerprint: str  # of the prepared examples: a resume on changed data is refused
-
-    @property
-    def model(self) -> Any:
-        return self.objective.module
 
 
 def mixed_precision(choice: str) -> str:
@@ -185,20 +182,23 @@ def batch_tensors(run: Run, split: str, indices: list[int]) -> tuple[dict[str, A
 
 
 def loss_tokens(examples: list[TokenizedExample]) -> int:
-    return sum(sum(1 for x in e.labels[1:] if x != -100) for e in examples)
+    return sum(sum(1 for x in e.labels[1:] if x != IGNORE_INDEX) for e in examples)
 
 
 @torch.no_grad()
 def validate(run: Run) -> dict[str, float] | None:
-    """Cross-entropy per answer token and bits per byte of answer text over the fixed validation
-    split (all processes); None when there is no validation data."""
+    """Loss per answer token (cross-entropy, or the drafter's loss) and bits per byte of answer text
+    (where the loss is the answer's cross-entropy) over the fixed validation split (all processes),
+    plus val_<name> per answer token for the objective's other sums (`Objective.eval_sums`); None when
+    there is no validation data."""
     if not run.data.val:
         return None
     run.wrapped.eval()
     acc, rank, world = run.accelerator, run.accelerator.process_index, run.accelerator.num_processes
     size = run.config.batch_size
     mine = list(range(rank, len(run.data.val), world))
-    total = torch.zeros(3, dtype=torch.float64, device=acc.device)  # nll, tokens, bytes
+    names: list[str] | None = None
+    total: torch.Tensor | None = None  # tokens, bytes, then one sum per name
     # Every process runs the same number of forwards, those with fewer (or no) examples on a stand-in
     # batch whose result is dropped: FSDP gathers weights and DDP may sync buffers inside a forward,
     # and a process that skipped one would leave the others waiting for ever.
@@ -206,16 +206,25 @@ def validate(run: Run) -> dict[str, float] | None:
     for start in range(0, most, size):
         if start >= len(mine):
             batch, _ = batch_tensors(run, "val", [0])
-            run.objective.eval_loss_sum(run.wrapped, batch)
-            continue
-        batch, examples = batch_tensors(run, "val", mine[start : start + size])
-        nll = run.objective.eval_loss_sum(run.wrapped, batch)
-        total += torch.tensor([nll.item(), loss_tokens(examples), sum(answer_bytes(e.record) for e in examples)],
-                              dtype=torch.float64, device=acc.device)
+            sums, examples = run.objective.eval_sums(run.wrapped, batch), []
+        else:
+            batch, examples = batch_tensors(run, "val", mine[start : start + size])
+            sums = run.objective.eval_sums(run.wrapped, batch)
+        names = names or list(sums)
+        if total is None:
+            total = torch.zeros(2 + len(names), dtype=torch.float64, device=acc.device)
+        if examples:
+            total += torch.tensor([loss_tokens(examples), sum(answer_bytes(e.record) for e in examples),
+                                   *(float(sums[n]) for n in names)], dtype=torch.float64, device=acc.device)
     total = acc.reduce(total, reduction="sum")
     run.wrapped.train()
-    return {"val_loss": round(float(total[0] / total[1]), 5),
-            "val_bpb": round(bits_per_byte(float(total[0]), int(total[2])), 5)}
+    tokens, n_bytes, sums = float(total[0]), int(total[1]), dict(zip(names, total[2:].tolist()))
+    loss = sums.pop("loss")
+    result = {"val_loss": round(loss / tokens, 5)}
+    if run.objective.loss_is_answer_nll:
+        result["val_bpb"] = round(bits_per_byte(loss, n_bytes), 5)
+    result.update({f"val_{name}": round(value / tokens, 5) for name, value in sums.items()})
+    return result
 
 
 def train_step(run: Run, batches: list[list[int]]) -> float:
@@ -352,6 +361,7 @@ def fit(run: Run, on_step: Callable[[Run, int], None] | None = None) -> dict[str
             state["epoch"], state["batch"] = state["epoch"] + 1, 0
             continue
         chosen = order[state["batch"]]
+        run.objective.begin_step(step)
         loss = train_step(run, [chosen[i : i + run.global_batch] for i in range(0, step_size, run.global_batch)])
         step += 1
         state["batch"] += 1
@@ -361,7 +371,8 @@ def fit(run: Run, on_step: Callable[[Run, int], None] | None = None) -> dict[str
             val = validate(run)
             record.update(val)
             if state["best_val"] is None or val["val_loss"] < state["best_val"]:
-                state["best_val"], state["best_val_bpb"], state["evals_since_best"] = val["val_loss"], val["val_bpb"], 0
+                state["best_val"], state["best_val_bpb"] = val["val_loss"], val.get("val_bpb")
+                state["best_val_metrics"], state["evals_since_best"] = val, 0  # val: with the drafter's agreement
                 save_model(run, run.output / "best")
             else:
                 state["evals_since_best"] += 1
@@ -386,6 +397,7 @@ def fit(run: Run, on_step: Callable[[Run, int], None] | None = None) -> dict[str
     initial = state.get("initial_val") or {}
     return {"steps": step, "initial_val_loss": initial.get("val_loss"), "initial_val_bpb": initial.get("val_bpb"),
             "best_val_loss": state["best_val"], "best_val_bpb": state.get("best_val_bpb"),
+            "best_val_metrics": state.get("best_val_metrics"),
             "stopped_early": state["stopped_early"], "train_seconds": round(state["elapsed"], 1)}
 
 
@@ -400,6 +412,7 @@ def train(config: TrainConfig, on_step: Callable[[Run, int], None] | None = None
         summary["parameters"] = run.objective.parameter_counts()
         summary["large_released"] = getattr(run.objective, "released", False)
         summary["state_cache_seconds"] = getattr(run.objective, "cache_seconds", 0.0)
+        summary.update(run.objective.summary_extras())
         if plot_losses(run.output / "metrics.jsonl", run.output / "loss_curve.png"):
             summary["loss_curve"] = str(run.output / "loss_curve.png")
         if config.num_samples and run.data.val:

@@ -1,15 +1,19 @@
 """The HTTP side: FastAPI routes with the OpenAI shapes over an `Engine`.
 
 Handlers stay thin: the body is validated by the wire models (`protocol`), the prompt rendered
-(`text`), a Sequence handed to the engine, and its tokens relayed, whole or as server-sent events.
-A client that goes away cancels its row. Every refusal is an OpenAI-style error body: 400 for bad
-input, 404 for an unknown model or route, 429 when the engine's queue is full.
+(`text`, on a worker thread: the event loop never tokenizes), a Sequence handed to the engine, and
+its tokens relayed, whole or as server-sent events. A client that goes away cancels its row. Every
+refusal is an OpenAI-style error body: 400 for bad input, 401 without the API key, 404 for an
+unknown model or route, 413 for a body over the limit, 429 when the engine's queue is full, 500
+(no details; they go to the log) when something fails on the server. `guard` checks the Host
+header, the key and the body size before any route.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import time
 from contextlib import aclosing, asynccontextmanager
 from dataclasses import dataclass
@@ -19,9 +23,12 @@ from typing import Any, AsyncIterator
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
+from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 
-from llm_modules.decoding.engine import Engine, EngineFull, SamplingOptions, Sequence
+from llm_modules.decoding.engine import Engine, EngineFull, Sequence
+from llm_modules.decoding.sampling import SamplingOptions
+from llm_modules.entrypoints.openai.guard import DEFAULT_MAX_REQUEST_BYTES, Guard
 from llm_modules.entrypoints.openai.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
@@ -34,16 +41,22 @@ from llm_modules.entrypoints.openai.text import PromptFormat, TextDeltas
 from llm_modules.errors import LLMModulesError
 
 DISCONNECT_CHECK_S = 0.5  # how often a waiting handler asks whether its client is still there
+logger = logging.getLogger("llm_modules.serve")
 
 
 @dataclass
 class Served:
-    """What the server serves: the engine, the model's name in the API, and how prompts are rendered."""
+    """What the server serves: the engine, the model's name in the API, how prompts are rendered, and
+    who may ask: `host` the address it listens on (loopback: Host headers are checked), `api_key`
+    (None: an open API), `max_request_bytes` the largest body."""
 
     engine: Engine
     name: str
     prompts: PromptFormat
     default_max_tokens: int = 256
+    host: str = "127.0.0.1"
+    api_key: str | None = None
+    max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES
 
 
 class ApiError(Exception):
@@ -71,7 +84,13 @@ def validation_message(error: dict[str, Any]) -> tuple[str, str | None]:
         return f"missing required field '{field}'", field
     if field == "messages" and kind == "too_short":
         return "messages must hold at least one message", field
-    return f"field '{field}': {error['msg']} (got {error.get('input')!r})", field
+    if kind == "string_unicode":  # pydantic's own check of a constrained string
+        return lone_surrogate(field), field
+    if kind == "value_error":  # our own validators: the message says it all
+        return f"field '{field}': {error.get('ctx', {}).get('error', error['msg'])}", field
+    got = repr(error.get("input"))
+    got = got if len(got) <= 80 else got[:77] + "..."  # never echo a whole prompt back
+    return f"field '{field}': {error['msg']} (got {got})", field
 
 
 def page() -> str:
@@ -89,6 +108,7 @@ def create_app(served: Served) -> FastAPI:
 
     app = FastAPI(title="llm-modules", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.served = served
+    app.add_middleware(Guard, bind_host=served.host, api_key=served.api_key, max_body=served.max_request_bytes)
 
     @app.exception_handler(ApiError)
     async def api_error(request: Request, err: ApiError):
@@ -113,7 +133,8 @@ def create_app(served: Served) -> FastAPI:
         stats = engine.stats
         return {"status": "ok", "model": served.name, "running": stats.running, "queued": stats.queued,
                 "max_batch": stats.max_batch, "max_queue": stats.max_queue, "finished": stats.finished,
-                "generated_tokens": stats.generated_tokens}
+                "generated_tokens": stats.generated_tokens, "failed": stats.failed,
+                "auth": served.api_key is not None}
 
     @app.get("/v1/models")
     async def models():
@@ -122,17 +143,39 @@ def create_app(served: Served) -> FastAPI:
 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatCompletionRequest, request: Request):
-        try:
-            prompt = served.prompts.chat([(m.role, m.text()) for m in body.messages])
+        check(served, body)
+        limit = engine.max_positions
+        if limit is not None and len(body.messages) > limit:  # each message renders to a token at least
+            raise ApiError(400, f"{len(body.messages)} messages cannot fit in the {limit} positions the model can "
+                                "place", param="messages")
+        try:  # on a worker thread: a long conversation must not hold the event loop
+            prompt = await run_in_threadpool(served.prompts.chat, [(m.role, m.text()) for m in body.messages])
         except LLMModulesError as err:
             raise ApiError(400, str(err), param="messages") from None
         return await respond(served, Reply(True, served.name), body, prompt, request)
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request):
-        return await respond(served, Reply(False, served.name), body, served.prompts.completion(body.prompt), request)
+        check(served, body)
+        prompt = await run_in_threadpool(served.prompts.completion, body.prompt)
+        return await respond(served, Reply(False, served.name), body, prompt, request)
 
     return app
+
+
+def check(served: Served, body: SamplingRequest) -> None:
+    """What is refused before any work: another model's name, text that is not Unicode."""
+    if body.model is not None and body.model != served.name:
+        raise ApiError(404, f"model '{body.model}' is not served here; this server serves '{served.name}'",
+                       "not_found_error", "model", "model_not_found")
+    field = body.not_unicode()
+    if field is not None:
+        raise ApiError(400, lone_surrogate(field), param=field)
+
+
+def lone_surrogate(field: str) -> str:
+    return (f"field '{field}' holds a lone surrogate (a \\ud800-\\udfff escape without its pair), which is not "
+            "Unicode text")
 
 
 def sampling_options(served: Served, body: SamplingRequest, prompt: list[int]) -> SamplingOptions:
@@ -151,17 +194,16 @@ def sampling_options(served: Served, body: SamplingRequest, prompt: list[int]) -
                             f"positions the model can place; ask for at most {room}", param=field)
     temperature = 1.0 if body.temperature is None else body.temperature
     return SamplingOptions(max_new_tokens=new_tokens, do_sample=temperature > 0, temperature=temperature or 1.0,
-                           top_p=1.0 if body.top_p is None else body.top_p, stop_strings=body.stop_strings() or None)
+                           top_p=1.0 if body.top_p is None else body.top_p, stop_strings=body.stop_strings() or None,
+                           seed=body.seed)
 
 
 async def respond(served: Served, reply: Reply, body: SamplingRequest, prompt: list[int], request: Request):
-    if body.model is not None and body.model != served.name:
-        raise ApiError(404, f"model '{body.model}' is not served here; this server serves '{served.name}'",
-                       "not_found_error", "model", "model_not_found")
     loop, updates = asyncio.get_running_loop(), asyncio.Queue()
     try:
-        seq = served.engine.sequence(prompt, sampling_options(served, body, prompt), seed=body.seed,
-                                     on_update=lambda s: loop.call_soon_threadsafe(updates.put_nowait, None))
+        seq = served.engine.sequence(prompt, sampling_options(served, body, prompt),
+                                     on_update=lambda s: loop.call_soon_threadsafe(updates.put_nowait, None),
+                                     request_id=reply.id)
     except LLMModulesError as err:
         raise ApiError(400, str(err)) from None
     try:
@@ -181,8 +223,13 @@ async def respond(served: Served, reply: Reply, body: SamplingRequest, prompt: l
     text = deltas.update(list(seq.tokens), final=True)
     reason = finish_reason(seq, deltas)
     if reason == "error":
-        raise ApiError(500, f"decoding failed: {seq.error}", "server_error")
+        raise ApiError(500, decoding_failed(seq), "server_error")
     return reply.whole(text, reason, usage(len(prompt), len(seq.tokens)))
+
+
+def decoding_failed(seq: Sequence) -> str:
+    """What the client learns of a failed row: its request id; the error itself is in the server's log."""
+    return f"decoding failed for request {seq.request_id}; the server's log has the details"
 
 
 def finish_reason(seq: Sequence, deltas: TextDeltas) -> str:
@@ -218,21 +265,30 @@ def sse(payload: dict[str, Any]) -> str:
 
 async def stream(reply: Reply, seq: Sequence, deltas: TextDeltas, updates: asyncio.Queue, request: Request,
                  prompt_tokens: int, include_usage: bool) -> AsyncIterator[str]:
-    """Server-sent events: the role (chat), text deltas, a last chunk with the finish reason, [DONE]."""
-    if reply.chat:
-        yield sse(reply.chunk("", first=True))
-    async with aclosing(follow(seq, updates, request)) as steps:
-        async for _ in steps:
-            piece = deltas.update(list(seq.tokens), final=seq.finished)
-            if piece:
-                yield sse(reply.chunk(piece))
-            if deltas.stopped:
-                break
+    """Server-sent events: the role (chat), text deltas, a last chunk with the finish reason, [DONE].
+    A failure (the row's, or here) sends an error event without details (they go to the log), then [DONE]."""
+    try:
+        if reply.chat:
+            yield sse(reply.chunk("", first=True))
+        async with aclosing(follow(seq, updates, request)) as steps:
+            async for _ in steps:
+                piece = deltas.update(list(seq.tokens), final=seq.finished)
+                if piece:
+                    yield sse(reply.chunk(piece))
+                if deltas.stopped:
+                    break
+    except Exception:
+        logger.exception("streaming request %s failed", reply.id)
+        seq.cancel()
+        yield sse(error_body(f"streaming failed for request {reply.id}; the server's log has the details",
+                             "server_error"))
+        yield "data: [DONE]\n\n"
+        return
     reason = finish_reason(seq, deltas)
     if reason == "cancelled":  # the client is gone
         return
     if reason == "error":
-        yield sse(error_body(f"decoding failed: {seq.error}", "server_error"))
+        yield sse(error_body(decoding_failed(seq), "server_error"))
     else:
         rest = deltas.update(list(seq.tokens), final=True)
         if rest:

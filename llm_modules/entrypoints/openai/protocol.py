@@ -1,13 +1,18 @@
-"""The OpenAI wire format: request models (pydantic, unknown fields and wrong types refused) and the
-response and streaming-chunk bodies, plus the OpenAI-style error body."""
+"""The OpenAI wire format: request models (pydantic, unknown fields, wrong types and values out of range
+refused) and the response and streaming-chunk bodies, plus the OpenAI-style error body."""
 
 from __future__ import annotations
 
 import time
 import uuid
-from typing import Any, Literal
+from typing import Any, Iterator, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from llm_modules.decoding.engine import MIN_TEMPERATURE
+
+MAX_STOP_STRINGS = 4  # OpenAI's limit
+MAX_STOP_CHARS = 256  # each; the text streamed back is held against every stop string at every token
 
 
 class _Strict(BaseModel):
@@ -40,18 +45,36 @@ class StreamOptions(_Strict):
 
 
 class SamplingRequest(_Strict):
-    """The fields /v1/chat/completions and /v1/completions share. temperature 0 decodes greedily."""
+    """The fields /v1/chat/completions and /v1/completions share. temperature 0 decodes greedily; a
+    sampling one must be at least MIN_TEMPERATURE; a seed must fit torch's generator (64 bits)."""
 
     model: str | None = None
     max_tokens: int | None = Field(None, ge=1)
-    temperature: float | None = Field(None, ge=0, le=2)
-    top_p: float | None = Field(None, gt=0, le=1)
+    temperature: float | None = Field(None, ge=0, le=2, allow_inf_nan=False)
+    top_p: float | None = Field(None, gt=0, le=1, allow_inf_nan=False)
     stop: str | list[str] | None = None
-    seed: int | None = None
+    seed: int | None = Field(None, ge=-2**63, le=2**64 - 1)
     stream: bool = False
     stream_options: StreamOptions | None = None
     n: int = Field(1, ge=1, le=1)  # one choice per request
     user: str | None = None
+
+    @field_validator("temperature")
+    @classmethod
+    def _temperature_floor(cls, value: float | None) -> float | None:
+        if value is not None and 0 < value < MIN_TEMPERATURE:
+            raise ValueError(f"temperature must be 0 (greedy) or at least {MIN_TEMPERATURE}, got {value!r}")
+        return value
+
+    @field_validator("stop")
+    @classmethod
+    def _bounded_stops(cls, value: str | list[str] | None) -> str | list[str] | None:
+        stops = [value] if isinstance(value, str) else (value or [])
+        if len(stops) > MAX_STOP_STRINGS:
+            raise ValueError(f"at most {MAX_STOP_STRINGS} stop strings, got {len(stops)}")
+        if any(len(s) > MAX_STOP_CHARS for s in stops):
+            raise ValueError(f"a stop string may hold at most {MAX_STOP_CHARS} characters")
+        return value
 
     def stop_strings(self) -> list[str]:
         stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
@@ -59,6 +82,23 @@ class SamplingRequest(_Strict):
 
     def new_tokens(self) -> int | None:
         return self.max_tokens
+
+    def texts(self) -> Iterator[tuple[str, str]]:
+        """(field, text) for every string of the request."""
+        for name in ("model", "user"):
+            if getattr(self, name) is not None:
+                yield name, getattr(self, name)
+        stops = [self.stop] if isinstance(self.stop, str) else (self.stop or [])
+        yield from ((f"stop.{i}" if isinstance(self.stop, list) else "stop", s) for i, s in enumerate(stops))
+
+    def not_unicode(self) -> str | None:
+        """The first field holding a lone surrogate (JSON's "\\ud800": no Unicode text, no tokens), or None."""
+        for name, text in self.texts():
+            try:
+                text.encode("utf-8")
+            except UnicodeEncodeError:
+                return name
+        return None
 
 
 class ChatCompletionRequest(SamplingRequest):
@@ -70,11 +110,25 @@ class ChatCompletionRequest(SamplingRequest):
     def new_tokens(self) -> int | None:
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
 
+    def texts(self) -> Iterator[tuple[str, str]]:
+        yield from super().texts()
+        for i, message in enumerate(self.messages):
+            if message.name is not None:
+                yield f"messages.{i}.name", message.name
+            if isinstance(message.content, str):
+                yield f"messages.{i}.content", message.content
+            else:
+                yield from ((f"messages.{i}.content.{j}.text", p.text) for j, p in enumerate(message.content))
+
 
 class CompletionRequest(SamplingRequest):
     """POST /v1/completions (one prompt string)."""
 
     prompt: str = Field(min_length=1)
+
+    def texts(self) -> Iterator[tuple[str, str]]:
+        yield from super().texts()
+        yield "prompt", self.prompt
 
 
 def error_body(message: str, kind: str = "invalid_request_error", param: str | None = None,

@@ -1,6 +1,6 @@
 """From requests to token ids and from token ids back to text: the chat prompt laid out as the model
-was trained (its run's template, else the tokenizer's chat template, else `stratos`), and the
-generated text released piece by piece, never part of a stop string or half a character."""
+was trained (the template `data.prompting.choose_template` picks), and the generated text released
+piece by piece, never part of a stop string or half a character."""
 
 from __future__ import annotations
 
@@ -8,16 +8,6 @@ from typing import Any
 
 from llm_modules.data.prompting import prompt_ids
 from llm_modules.errors import LLMModulesError
-
-
-def choose_template(model_dir: str, tokenizer: Any, template: str | None = None) -> str:
-    """`template` if given; else the training run's; else "chat" when the tokenizer has a chat template; else "stratos"."""
-    from llm_modules.evaluation.harness import run_defaults
-
-    if template:
-        return template
-    return run_defaults(model_dir).get("template") or (
-        "chat" if getattr(tokenizer, "chat_template", None) else "stratos")
 
 
 class PromptFormat:

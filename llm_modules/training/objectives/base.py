@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from llm_modules.losses import answer_logit_targets, answer_nll_sum  # noqa: F401 (re-exported for objectives)
+from llm_modules.tensors import DTYPES
 
 
 class Objective:
@@ -18,12 +18,19 @@ class Objective:
     module: nn.Module  # what accelerate prepares: every trainable parameter lives in it
     tokenizer: Any
     max_positions: int | None
+    # whether the validation loss is the answer text's cross-entropy, so bits per byte mean something
+    # (the drafter's is its distance to the large model: no bits per byte)
+    loss_is_answer_nll: bool = True
 
     def param_groups(self, config: Any) -> list[dict[str, Any]]:
         raise NotImplementedError
 
     def attach_data(self, config: Any, data: Any, accelerator: Any) -> None:
         """Called once the data is prepared (the composed model builds its state caches here)."""
+
+    def begin_step(self, step: int) -> None:
+        """Called before optimizer step `step` (0-based) trains: an objective whose batches depend on the
+        step (the drafter's random offsets) derives them from it, so a resumed run draws the same."""
 
     def batch_extras(self, split: str, indices: list[int], width: int) -> dict[str, torch.Tensor]:
         """Tensors beside input_ids/attention_mask/labels for examples `indices` of `split`."""
@@ -34,11 +41,20 @@ class Objective:
         raise NotImplementedError
 
     def eval_loss_sum(self, wrapped: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Summed cross-entropy of the answer tokens (validation; the same for every method)."""
+        """Summed cross-entropy of the answer tokens (validation; the same for every method but the drafter)."""
         return self.loss_sum(wrapped, batch)
+
+    def eval_sums(self, wrapped: nn.Module, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """What validation sums over a batch: "loss" (`eval_loss_sum`), and any other count the objective
+        reports (the drafter: "agreement"); each is divided by the answer-token count and logged as val_<name>."""
+        return {"loss": self.eval_loss_sum(wrapped, batch)}
 
     def parameter_counts(self) -> dict[str, dict[str, int]]:
         return {"total": _count(self.module)}
+
+    def summary_extras(self) -> dict[str, Any]:
+        """Entries this method adds to the run's summary.json (the drafter: its record)."""
+        return {}
 
     def trained_state_dict(self) -> dict[str, torch.Tensor]:
         raise NotImplementedError
@@ -70,7 +86,7 @@ def _count(module: nn.Module) -> dict[str, int]:
 
 def large_loading(config: Any, device: Any = "cpu", processes: int = 1) -> dict[str, Any]:
     """`resolve_model` arguments of a run's frozen large model: its dtype and placement (large.load_options)."""
-    from llm_modules.models.large import LARGE_DTYPES, load_options
+    from llm_modules.models.large import load_options
 
     placement = load_options(config.large_dtype, config.large_device_map, config.large_quantization, device, processes)
-    return {"dtype": LARGE_DTYPES[config.large_dtype], "placement": placement}
+    return {"dtype": DTYPES[config.large_dtype], "placement": placement}

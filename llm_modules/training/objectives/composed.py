@@ -47,6 +47,7 @@ class ComposedObjective(Objective):
     """Ours: the bridge, the small model and the head train; the large model's states are cached."""
 
     method = "composed"
+    keep_large_head = False  # release_large keeps the large output embedding even under the `new` head
 
     def __init__(self, config: Any, device: Any = "cpu", processes: int = 1):
         from llm_modules.models.composed import LLMModulesModel
@@ -59,7 +60,7 @@ class ComposedObjective(Objective):
         if config.gradient_checkpointing:
             self.model.small.gradient_checkpointing_enable()
         self.module, self.tokenizer = TrainedParts(self.model), self.model.tokenizer
-        self.max_positions = self.model.small_max_positions
+        self.max_positions = self.model.max_positions
         self.states: dict[str, Any] = {"train": None, "val": None}
         self.counts = self.model.parameter_counts()  # before any release of the large model
         self.released = False
@@ -74,7 +75,8 @@ class ComposedObjective(Objective):
         started = time.perf_counter()
         built = self._build_state_caches(config, data, accelerator)
         self.cache_seconds = round(time.perf_counter() - started, 2) if built else 0.0
-        self.released = self.states["train"] is not None and config.release_large and self.model.release_large()
+        self.released = (self.states["train"] is not None and config.release_large
+                         and self.model.release_large(keep_head=self.keep_large_head))
         if self.released and accelerator.is_main_process:
             print("large model released for training from cached states (reloaded to generate)")
 
@@ -93,14 +95,15 @@ class ComposedObjective(Objective):
         )
 
         root = Path(config.state_cache_dir) if config.state_cache_dir else cache_dir() / "states"
-        model_key = model_state_key(self.model, config.state_cache_dtype)
+        cached = self.cached_model()
+        model_key = model_state_key(cached, config.state_cache_dtype)
         prompt_only = self.model.config.large_reads == "prompt"  # then the states of the prompts only
         for split in ("train", "val"):  # keyed by token ids: another split reuses their states
             examples = prompt_examples(getattr(data, split)) if prompt_only else getattr(data, split)
             fingerprint = ("prompt:" if prompt_only else "") + examples_digest(examples)
-            key = state_cache_key(self.model, fingerprint, config.state_cache_dtype)
+            key = state_cache_key(cached, fingerprint, config.state_cache_dtype)
             self.states[split] = StateCache.open_or_build(
-                root, key, self.model, examples, dtype=config.state_cache_dtype,
+                root, key, cached, examples, dtype=config.state_cache_dtype,
                 progress=config.progress and accelerator.is_main_process, model_key=model_key,
             ) if examples else None
         caches = [c for c in self.states.values() if c is not None]
@@ -111,6 +114,10 @@ class ComposedObjective(Objective):
                   f"{len(data.train) + len(data.val)} examples through the large model) in {root}")
             enforce_size_cap(root, keep={c.path.name for c in caches})
         return not reused
+
+    def cached_model(self) -> Any:
+        """The model as the state cache sees it (its `large_taps` are the cached hidden states and in its key)."""
+        return self.model
 
     def batch_extras(self, split: str, indices: list[int], width: int) -> dict[str, torch.Tensor]:
         # (B, width, K, dL); a prompt-only cache's rows end at their prompt, zeros after (never read)

@@ -1,0 +1,219 @@
+"""Speculative decoding of a target model: our composed drafters against the drafters users already have, all
+rows in one run, on the same prompts, greedy.
+
+    python benchmarks/speculative.py --drafter runs/drafter-eca --drafter runs/drafter-xattn \
+        [--target qwen2.5-coder-1.5b-instruct] [--assistant qwen2.5-coder-0.5b-instruct] \
+        [--data reasoning-gym:gsm_symbolic?size=8&seed=999] [--data reasoning-gym:family_relationships?size=8&seed=999] \
+        [--batch 1 --batch 8] [--max-new-tokens 128] [--draft-tokens 3 --draft-tokens 5] [--output reports/speculative]
+
+Rows, per task and batch size:
+  target alone (our engine)                 the reference: its greedy tokens are what every row must give
+  target alone (transformers generate)      the same model through transformers' own loop
+  assisted: ASSISTANT as draft model         transformers' assisted generation (batch 1 only, as transformers allows)
+  prompt lookup                              transformers' prompt lookup decoding (batch 1 only)
+  ours: DRAFTER, K                           each --drafter folder at each --draft-tokens K (our engine)
+Per row: generated tokens/s (all rows' new tokens over the wall time of the whole batch loop), speed-up over the
+target alone in the same engine, mean draft tokens accepted per verify pass (ours), the drafter's training
+seconds (its run's own summary: training plus state-cache build), and how many outputs equal the target's own.
+Prompts are the tasks' questions in the target's chat template. Nothing else should run: a timed benchmark.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import platform
+import time
+from pathlib import Path
+
+import torch
+
+from llm_modules.data.prompting import prompt_ids
+from llm_modules.data.sources import load_records
+from llm_modules.decoding.generation import generate
+from llm_modules.models.composed import LLMModulesModel
+from llm_modules.models.drafting import ComposedDrafter
+from llm_modules.models.specs import resolve_model
+from llm_modules.tensors import left_pad
+
+
+def prompts_of(spec: str, tokenizer, n: int) -> list[list[int]]:
+    records = load_records(spec)[:n]
+    return [prompt_ids([m for m in r.messages if m["role"] == "user"][:1], tokenizer, "chat", r.system)
+            for r in records]
+
+
+def batches(prompts: list[list[int]], size: int) -> list[list[list[int]]]:
+    return [prompts[i: i + size] for i in range(0, len(prompts), size)]
+
+
+@torch.no_grad()
+def run_ours(target, prompts, size, max_new, pad, eos, drafter=None):
+    """Our engine, greedy: (outputs, seconds, stats or None)."""
+    outputs, seconds = [], 0.0
+    stats = {"passes": 0, "accepted": 0, "draft_seconds": 0.0, "verify_seconds": 0.0, "rollback_seconds": 0.0}
+    for chunk in batches(prompts, size):
+        ids, mask = left_pad(chunk, pad)
+        start = time.perf_counter()
+        out = generate(target, ids, mask, max_new_tokens=max_new, eos_token_id=eos, pad_token_id=pad, drafter=drafter)
+        seconds += time.perf_counter() - start
+        if drafter is not None:
+            for name in stats:
+                stats[name] += getattr(drafter.last_batch_stats, name)
+        outputs += [trim(row[ids.shape[1]:].tolist(), eos, pad) for row in out]
+    return outputs, seconds, (stats if drafter is not None else None)
+
+
+@torch.no_grad()
+def run_hf(target, prompts, size, max_new, pad, eos, **extra):
+    outputs, seconds = [], 0.0
+    for chunk in batches(prompts, size):
+        ids, mask = left_pad(chunk, pad)
+        start = time.perf_counter()
+        out = target.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new, do_sample=False,
+                              eos_token_id=eos, pad_token_id=pad, **extra)
+        seconds += time.perf_counter() - start
+        outputs += [trim(row[ids.shape[1]:].tolist(), eos, pad) for row in out]
+    return outputs, seconds, None
+
+
+def trim(tokens: list[int], eos: list[int], pad: int) -> list[int]:
+    """New tokens up to and including the first end-of-sequence token (what a row really generated)."""
+    for i, t in enumerate(tokens):
+        if t in eos:
+            return tokens[: i + 1]
+    return tokens
+
+
+def run_name(folder: Path) -> str:
+    return folder.parent.name if folder.name in ("best", "last") else folder.name
+
+
+def training_vocabulary(folder: Path, tokenizer, n: int, eos: list[int]) -> torch.Tensor:
+    """The n most frequent tokens of the drafter's training data, rendered as its run rendered them."""
+    from llm_modules.data.prepare import render
+    from llm_modules.models.drafting import draft_vocabulary
+
+    for candidate in (folder, folder.parent):
+        config = candidate / "run_config.json"
+        if config.is_file():
+            run = json.loads(config.read_text())
+            records = load_records(run["data"])
+            ids = [render(r, tokenizer, run.get("template", "chat"), "all")[0] for r in records]
+            return draft_vocabulary(ids, n, always=eos)
+    raise SystemExit(f"{folder}: no run_config.json beside it or above it, so no training data to count tokens in")
+
+
+def training_seconds(folder: Path) -> float | None:
+    for candidate in (folder, folder.parent):
+        summary = candidate / "summary.json"
+        if summary.is_file():
+            data = json.loads(summary.read_text())
+            total = data.get("train_seconds") or data.get("seconds")
+            if total is not None:
+                return round(float(total) + float(data.get("state_cache_seconds", 0) or 0), 1)
+    return None
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--target", default="qwen2.5-coder-1.5b-instruct")
+    parser.add_argument("--assistant", default="qwen2.5-coder-0.5b-instruct", help="'' to skip the row")
+    parser.add_argument("--drafter", action="append", default=[], help="a drafter folder (train --method drafter)")
+    parser.add_argument("--draft-tokens", action="append", type=int, default=[])
+    parser.add_argument("--draft-vocab", action="append", type=int, default=[],
+                        help="also run each drafter drafting from the N most frequent target tokens of its training "
+                             "data (its run's --data), as EAGLE-3 does; 0: the whole vocabulary")
+    parser.add_argument("--data", action="append", default=[])
+    parser.add_argument("--prompts", type=int, default=8)
+    parser.add_argument("--batch", action="append", type=int, default=[])
+    parser.add_argument("--max-new-tokens", type=int, default=128)
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    parser.add_argument("--output", default="reports/speculative")
+    args = parser.parse_args()
+    data = args.data or ["reasoning-gym:gsm_symbolic?size=8&seed=999",
+                         "reasoning-gym:family_relationships?size=8&seed=999"]
+    sizes = args.batch or [1, 8]
+    ks = args.draft_tokens or [None]
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    loaded = resolve_model(args.target)
+    target, tokenizer = loaded.model.eval(), loaded.tokenizer
+    eos = target.generation_config.eos_token_id
+    eos = [eos] if isinstance(eos, int) else list(eos or [tokenizer.eos_token_id])
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos[0]
+    assistant = resolve_model(args.assistant).model.eval() if args.assistant else None
+    drafters = [(Path(d), LLMModulesModel.from_pretrained(d, large=loaded).eval()) for d in args.drafter]
+    vocabularies = {(folder, n): (training_vocabulary(folder, tokenizer, n, eos) if n else None)
+                    for folder, _ in drafters for n in args.draft_vocab or [0]}
+
+    rows = []
+    for spec in data:
+        prompts = prompts_of(spec, tokenizer, args.prompts)
+        for size in sizes:
+            reference, ref_seconds, _ = run_ours(target, prompts, size, args.max_new_tokens, pad, eos)
+            hf_alone = run_hf(target, prompts, size, args.max_new_tokens, pad, eos)
+            runs = [("target alone (our engine)", (reference, ref_seconds, None), None, None),
+                    ("target alone (transformers generate)", hf_alone, None, None)]
+            if size == 1 and assistant is not None:
+                runs.append((f"assisted: {args.assistant}", run_hf(target, prompts, size, args.max_new_tokens, pad,
+                                                                   eos, assistant_model=assistant), None, None))
+            if size == 1:
+                runs.append(("prompt lookup (10 tokens)", run_hf(target, prompts, size, args.max_new_tokens, pad, eos,
+                                                                  prompt_lookup_num_tokens=10), None, None))
+            for folder, model in drafters:
+                for k in ks:
+                    for n in args.draft_vocab or [0]:
+                        vocab = vocabularies[(folder, n)]
+                        drafter = ComposedDrafter(model, draft_tokens=k or 4, pad_id=pad, vocab=vocab)
+                        result = run_ours(target, prompts, size, args.max_new_tokens, pad, eos, drafter)
+                        label = f"ours: {run_name(folder)}, K={drafter.draft_tokens}" + (f", vocab {n}" if n else "")
+                        runs.append((label, result, training_seconds(folder), drafter))
+            for name, (outputs, seconds, stats), train_s, _ in runs:
+                tokens = sum(len(o) for o in outputs)
+                same = sum(o == r for o, r in zip(outputs, reference))
+                row = {"task": spec, "batch": size, "row": name, "new_tokens": tokens,
+                       "tokens_per_s": round(tokens / seconds, 2), "seconds": round(seconds, 1),
+                       "speedup": round((tokens / seconds) / (sum(len(o) for o in reference) / ref_seconds), 2),
+                       "accepted_per_pass": round(stats["accepted"] / max(stats["passes"], 1), 2) if stats else None,
+                       "train_seconds": train_s, "identical": f"{same}/{len(reference)}"}
+                if stats:  # where a verify pass's time goes, in milliseconds
+                    row["ms_per_pass"] = {part: round(1000 * stats[f"{part}_seconds"] / max(stats["passes"], 1), 1)
+                                          for part in ("draft", "verify", "rollback")}
+                rows.append(row)
+                print(json.dumps(row), flush=True)
+    write_report(args, rows)
+
+
+def write_report(args, rows) -> None:
+    out = Path(args.output)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps(rows, indent=1))
+    lines = [f"# Speculative decoding: {args.target}", "",
+             f"Command: `python benchmarks/speculative.py {' '.join(_argv())}`  ",
+             f"Machine: {platform.machine()} CPU, {torch.get_num_threads()} torch threads, torch {torch.__version__}; "
+             f"{datetime.date.today()}. Greedy, {args.max_new_tokens} new tokens at most per prompt, "
+             f"{args.prompts} prompts per task.", "",
+             "| task | batch | row | tokens/s | speed-up | accepted / pass | ms per pass: draft / verify / rollback "
+             "| drafter training s | identical |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['task'].split(':')[1].split('?')[0]} | {r['batch']} | {r['row']} | {r['tokens_per_s']} | "
+                     f"{r['speedup']}x | {r['accepted_per_pass'] if r['accepted_per_pass'] is not None else 'n/a'} | "
+                     f"{' / '.join(str(v) for v in r['ms_per_pass'].values()) if 'ms_per_pass' in r else 'n/a'} | "
+                     f"{r['train_seconds'] if r['train_seconds'] is not None else 'n/a'} | {r['identical']} |")
+    (out / "results.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+def _argv() -> list[str]:
+    import shlex
+    import sys
+
+    return [shlex.quote(a) for a in sys.argv[1:]]
+
+
+if __name__ == "__main__":
+    main()

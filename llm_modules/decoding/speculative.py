@@ -1,0 +1,326 @@
+"""Speculative decoding: a drafter proposes K tokens per row, the target checks all of them in one pass, and
+every row keeps the longest prefix the target agrees with plus one token of the target's own.
+
+The output is the target's: greedy rows give exactly the tokens the target gives alone (up to float
+rounding of a K+1-token pass against 1-token passes, exact in float64), and sampled rows follow the
+target's distribution after its processors (temperature, top-k, top-p, repetition penalty...), by the
+standard rule (Leviathan et al. 2023; Chen et al. 2023): draft d with drafter probability q(d) is kept
+with probability min(1, p(d) / q(d)); at the first rejection the row samples from the normalised
+positive part of p - q; when all K are kept it samples its extra token from p.
+
+The drafter proposes and learns which tokens were kept (`Drafter`); the target is any causal LM run
+through a `TargetStepper` that also returns the hidden states a drafter reads; the rows, their caches
+and their rollback past rejected tokens are `SpeculativeBatch`'s, which decodes like
+`engine.DecodeBatch` (rows join between steps, leave when done), so generate, chat, eval and serve
+take it in its place.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import torch
+
+from llm_modules.decoding.steppers import Decoder, PlainStepper, Slot, right_aligned
+from llm_modules.errors import LLMModulesError
+from llm_modules.tensors import left_pad, positions_from_mask
+
+
+# ---------------------------------------------------------------------------------------- the rule
+def accept_sampled(drafts: torch.Tensor, q: torch.Tensor, p: torch.Tensor, generator: torch.Generator | None
+                   ) -> tuple[int, int]:
+    """One row's speculative sampling. drafts (K,) tokens drawn from q (K, V); p (K + 1, V) the target's
+    probabilities at each draft and after the last. Returns (accepted count a, the row's next token):
+    the first a drafts are kept and the next token follows them."""
+    k = drafts.shape[0]
+    for i in range(k):
+        token = int(drafts[i])
+        ratio = (p[i, token] / q[i, token].clamp_min(1e-30)).clamp(max=1.0)
+        if float(torch.rand((), generator=generator)) < float(ratio):
+            continue
+        residual = (p[i] - q[i]).clamp_min(0)
+        total = residual.sum()
+        if not total > 0:  # p == q up to rounding: any draw from p is the residual's
+            residual, total = p[i], p[i].sum()
+        return i, int(torch.multinomial(residual / total, 1, generator=generator))
+    return k, int(torch.multinomial(p[k], 1, generator=generator))
+
+
+def accept_greedy(drafts: torch.Tensor, target: torch.Tensor) -> tuple[int, int]:
+    """drafts (K,), target (K + 1,) the target's own choices at each draft and after the last ->
+    (accepted count a, the target's next token after them)."""
+    agree = (drafts == target[:-1]).long()
+    a = int(agree.cumprod(0).sum())
+    return a, int(target[a])
+
+
+# ---------------------------------------------------------------------------------------- the drafter
+class Drafter(Protocol):
+    """Proposes tokens for the rows of a SpeculativeBatch and keeps its own per-row state in step with them.
+
+    `taps`: the target's hidden-state indices it reads (as in `output_hidden_states`; the target's layer
+    count stands for the final, normed state); [] when it reads none."""
+
+    taps: list[int]
+    draft_tokens: int
+
+    def add(self, ids: torch.Tensor, mask: torch.Tensor, states: torch.Tensor | None) -> None:
+        """New rows (left-padded prompts, mask, the target's states at `taps` over them) join the batch."""
+
+    def propose(self, first: torch.Tensor, k: int, rows: list[Any]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """first (B,): each row's token that the target has not read yet -> (B, k) drafts following it and,
+        when some row samples, the drafter's probabilities (B, k, V) they were drawn from."""
+
+    def commit(self, accepted: torch.Tensor, tokens: torch.Tensor, states: torch.Tensor | None) -> None:
+        """After the target's pass over tokens (B, k + 1) (`first` and the drafts): row b kept its first
+        accepted[b] + 1, whose target states are states[b, :accepted[b] + 1] (B, k + 1, K, dL)."""
+
+    def keep(self, index: list[int]) -> None:
+        """Keep only these rows."""
+
+
+# ---------------------------------------------------------------------------------------- the target
+class TargetStepper(PlainStepper):
+    """A Hugging Face causal LM as a speculative target: every position's logits, and its hidden states
+    at the drafter's taps."""
+
+    def __init__(self, model: Any, taps: list[int]):
+        super().__init__(model)
+        self.body = Decoder(model.base_model)
+        self.head = model.get_output_embeddings()
+        self.taps = list(taps)
+        self.layers = model.config.get_text_config().num_hidden_layers
+
+    def run(self, ids: torch.Tensor, mask: torch.Tensor, cache: Any) -> tuple[torch.Tensor, torch.Tensor | None, Any]:
+        """ids (B, T), mask (B, S) -> logits (B, T, V), states (B, T, K, dL) at the taps (None without), cache."""
+        inner = any(t != self.layers for t in self.taps)
+        out, cache = self.body(cache=cache, use_cache=True, input_ids=ids, attention_mask=mask,
+                               position_ids=positions_from_mask(mask)[:, -ids.shape[1]:], output_hidden_states=inner)
+        last = out.last_hidden_state  # (B, T, dL)
+        states = None
+        if self.taps:
+            states = torch.stack([last if t == self.layers else out.hidden_states[t] for t in self.taps], 2)
+        return self.head(last), states, cache
+
+
+# ---------------------------------------------------------------------------------------- rollback
+def shift_right(t: torch.Tensor, shifts: torch.Tensor, dim: int) -> torch.Tensor:
+    """Move row b of `t` (rows on dim 0) right by shifts[b] along `dim`, zeros coming in on the left and
+    the last shifts[b] entries falling off."""
+    if not bool(shifts.any()):
+        return t
+    width = t.shape[dim]
+    index = torch.arange(width, device=t.device)[None, :] - shifts.to(t.device)[:, None]  # (B, W)
+    valid = index >= 0
+    shape = [t.shape[0]] + [1] * (t.dim() - 1)
+    shape[dim] = width
+    index = index.clamp(min=0).view(shape).expand_as(t)
+    return t.gather(dim, index) * valid.view(shape).to(t.dtype)
+
+
+def drop_last(slots: list[Slot], drop: torch.Tensor, positions_after: int) -> None:
+    """Roll each row's cached tensors back by drop[b] positions: the last min(drop) columns go from every
+    row, then row b moves right by drop[b] - min(drop) (its newest keys fall off; zeros, masked, come
+    in on the left). `positions_after`: the positions the batch spans afterwards."""
+    common = int(drop.min())
+    for slot in slots:
+        if slot.window is not None:
+            raise LLMModulesError("speculative decoding cannot roll back a sliding-window cache")
+        t = slot.get()  # (B, nh, N, hs)
+        t = t[:, :, : t.shape[2] - common * slot.per_position]
+        slot.set(right_aligned(shift_right(t, (drop - common) * slot.per_position, 2), slot.cols(positions_after)))
+
+
+@dataclass
+class SpeculativeStats:
+    """Verify passes, drafted and accepted tokens since the batch was made (mean accepted per pass =
+    accepted / passes; every pass also yields one token of the target's own)."""
+
+    passes: int = 0
+    drafted: int = 0
+    accepted: int = 0
+    emitted: int = 0
+    draft_seconds: float = 0.0  # the drafter's proposals
+    verify_seconds: float = 0.0  # the target's passes over first + K drafts
+    rollback_seconds: float = 0.0  # acceptance, rolling caches back, the drafter's commit
+
+    @property
+    def accepted_per_pass(self) -> float:
+        return self.accepted / max(self.passes, 1)
+
+
+# ---------------------------------------------------------------------------------------- the batch
+class SpeculativeBatch:
+    """Rows that decode together with a drafter; the same surface as `engine.DecodeBatch` (`add`, `step`,
+    `rows`, `fail`), so every caller of the engine can decode speculatively.
+
+    Per row: ids and 0/1 mask of every position the target has read (B, S), right-aligned, its KV cache,
+    and `pending`, the row's next token (chosen from the target's scores, not yet read by it). A step
+    emits `pending`, has the drafter propose K tokens after it, runs the target once over the K + 1,
+    keeps the agreed prefix, chooses the next `pending`, and rolls the caches back past the rest.
+    """
+
+    def __init__(self, target: Any, drafter: Drafter, pad_id: int = 0, draft_tokens: int | None = None):
+        self.drafter = drafter
+        self.k = draft_tokens if draft_tokens is not None else drafter.draft_tokens
+        if self.k < 1:
+            raise LLMModulesError(f"--draft-tokens must be >= 1, got {self.k}")
+        self.stepper = TargetStepper(target, drafter.taps)
+        self.device = target.device
+        self.pad_id = pad_id
+        self.rows: list[Any] = []
+        self.ids = self.mask = self.cache = None
+        self.pending: list[int] = []
+        self.stats = SpeculativeStats()
+        drafter.last_batch_stats = self.stats  # how the last batch it drafted for went (read by benchmarks)
+
+    @property
+    def width(self) -> int:
+        return 0 if self.mask is None else self.mask.shape[1]
+
+    @property
+    def max_positions(self) -> int | None:
+        limits = [x for x in (self.stepper.max_positions, getattr(self.drafter, "max_positions", None)) if x is not None]
+        return min(limits) - self.k - 1 if limits else None  # a verify pass reads K + 1 positions ahead
+
+    def add(self, seqs: list[Any]) -> None:
+        if not seqs:
+            return
+        ids, mask = left_pad([s.prompt for s in seqs], self.pad_id, self.device)
+        logits, states, cache = self.stepper.run(ids, mask, None)
+        pending = [seq.choose(logits[i, -1].float().cpu()) for i, seq in enumerate(seqs)]
+        self.drafter.add(ids, mask, states)
+        if not self.rows:
+            self.ids, self.mask, self.cache = ids, mask, cache
+        else:
+            width = max(self.width, ids.shape[1])
+            old_ids, old_mask = self._aligned(self.ids, self.mask, self.cache, width)
+            ids, mask = self._aligned(ids, mask, cache, width)
+            for old, new in zip(self.stepper.slots(self.cache), self.stepper.slots(cache)):
+                old.set(torch.cat([old.get(), new.get()]))
+            self.ids, self.mask = torch.cat([old_ids, ids]), torch.cat([old_mask, mask])
+        self.rows += seqs
+        self.pending += pending
+
+    def _aligned(self, ids, mask, cache, width):
+        have = ids.shape[1]
+        if width > have:
+            ids = torch.cat([ids.new_full((ids.shape[0], width - have), self.pad_id), ids], 1)
+            mask = torch.cat([mask.new_zeros((mask.shape[0], width - have)), mask], 1)
+        else:
+            ids, mask = ids[:, have - width:], mask[:, have - width:]
+        if width != have:
+            for slot in self.stepper.slots(cache):
+                slot.set(right_aligned(slot.get(), slot.cols(width)))
+            self.stepper.set_length(cache, width)
+        return ids, mask
+
+    def _keep(self, index: list[int]) -> None:
+        self.rows = [self.rows[i] for i in index]
+        self.pending = [self.pending[i] for i in index]
+        self.drafter.keep(index)
+        if not self.rows:
+            self.ids = self.mask = self.cache = None
+            return
+        rows = torch.tensor(index, device=self.device)
+        self.ids, self.mask = self.ids[rows], self.mask[rows]
+        for slot in self.stepper.slots(self.cache):
+            slot.set(slot.get().index_select(0, rows))
+        real = int(self.mask.sum(1).max())
+        if real < self.width:
+            self.ids, self.mask = self._aligned(self.ids, self.mask, self.cache, real)
+
+    def _drop_finished(self) -> None:
+        going = [i for i, s in enumerate(self.rows) if not s.finished]
+        if len(going) < len(self.rows):
+            self._keep(going)
+
+    def step(self) -> list[tuple[Any, int]]:
+        """One verify pass: emits 1 to K + 1 tokens per row; returns (row, token) in order."""
+        for seq in self.rows:
+            if seq._cancelled:
+                seq.finish("cancelled")
+        self._drop_finished()
+        emitted: list[tuple[Any, int]] = []
+        for seq, token in zip(self.rows, self.pending):  # each row's pending token is the target's own
+            seq.append(token)
+            emitted.append((seq, token))
+        self._drop_finished()
+        if not self.rows:
+            return emitted
+        k = self.k
+        first = torch.tensor(self.pending, device=self.device)  # (B,)
+        clock = time.perf_counter()
+        drafts, q = self.drafter.propose(first, k, self.rows)  # (B, k), (B, k, V) or None
+        inputs = torch.cat([first[:, None], drafts.to(self.device)], 1)  # (B, k + 1)
+        self.ids = torch.cat([self.ids, inputs], 1)
+        self.mask = torch.cat([self.mask, torch.ones_like(inputs)], 1)
+        clock = self._lap("draft_seconds", clock)
+        logits, states, self.cache = self.stepper.run(inputs, self.mask, self.cache)  # (B, k + 1, V)
+        clock = self._lap("verify_seconds", clock)
+        accepted, pending = [], []
+        logits = logits.float().cpu()
+        drafts_cpu = drafts.cpu()
+        for b, seq in enumerate(self.rows):
+            a, nxt = self._check(seq, drafts_cpu[b], None if q is None else q[b].float().cpu(), logits[b])
+            accepted.append(a)
+            pending.append(nxt)
+        self.stats.passes += 1
+        self.stats.drafted += k * len(self.rows)
+        self.stats.accepted += sum(accepted)
+        self.pending = pending
+        accepted_t = torch.tensor(accepted, device=self.device)
+        # the target read first + all k drafts; each row keeps first + its accepted ones
+        drop = k - accepted_t
+        width = self.width - int(drop.min())
+        self.ids = shift_right(self.ids, drop - drop.min(), 1)[:, : self.ids.shape[1] - int(drop.min())]
+        self.mask = shift_right(self.mask, drop - drop.min(), 1)[:, : self.mask.shape[1] - int(drop.min())]
+        drop_last(self.stepper.slots(self.cache), drop, width)
+        self.stepper.set_length(self.cache, width)
+        self.drafter.commit(accepted_t, inputs, states)
+        self._lap("rollback_seconds", clock)
+        for b, seq in enumerate(list(self.rows)):
+            for token in drafts_cpu[b, : accepted[b]].tolist():
+                if seq.finished:
+                    break
+                seq.append(token)
+                emitted.append((seq, token))
+        self.stats.emitted += len(emitted)
+        self._drop_finished()
+        real = 0 if self.mask is None else int(self.mask.sum(1).max())
+        if self.rows and real < self.width:
+            self.ids, self.mask = self._aligned(self.ids, self.mask, self.cache, real)
+        return emitted
+
+    def _lap(self, name: str, since: float) -> float:
+        now = time.perf_counter()
+        setattr(self.stats, name, getattr(self.stats, name) + now - since)
+        return now
+
+    def _check(self, seq: Any, drafts: torch.Tensor, q: torch.Tensor | None, logits: torch.Tensor
+               ) -> tuple[int, int]:
+        """The row's accepted count and next token, with its own processors applied at every position
+        (the prefix each sees includes the drafts before it)."""
+        k = drafts.shape[0]
+        prefix = seq.prompt + seq.tokens
+        scores = []
+        for i in range(k + 1):
+            s = logits[i]
+            if seq.processors:
+                ids = torch.tensor([prefix + drafts[:i].tolist()])
+                s = seq.processors(ids, s[None])[0]
+            scores.append(s)
+        scores = torch.stack(scores)  # (k + 1, V)
+        if not seq.options.do_sample:
+            return accept_greedy(drafts, scores.argmax(-1))
+        p = torch.softmax(scores, -1)
+        if q is None:
+            raise LLMModulesError("the drafter gave no probabilities for a sampled row")
+        return accept_sampled(drafts, q, p, seq.generator)
+
+    def fail(self, message: str) -> None:
+        for seq in self.rows:
+            seq.finish("error", message)
+        self._keep([])

@@ -1,0 +1,230 @@
+"""The composed model as a speculative drafter (`decoding.speculative.Drafter`): its large model IS the target,
+whose hidden states it reads only up to the last token the target has verified.
+
+Per round each row hands the drafter a chunk: the token the target chose last round and the drafts it
+accepted, with the target's states at them (from the verify pass). The drafter reads the chunk as it
+trained (`tensors.draft_source`): every position of the chunk reads the large states up to the position
+before the chunk, as when those tokens were drafted; then the row's next token reads up to the end of
+the chunk, and K - 1 single steps draft the rest, all reading that same state. The K columns after the
+chunk are dropped once the target has checked them, so the cache only ever holds verified positions
+(with their real large states as keys). The large model's own cache is never used: the drafter calls
+no large model.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from llm_modules.bridges import LargeView
+from llm_modules.decoding.engine import Sequence
+from llm_modules.decoding.steppers import right_aligned
+from llm_modules.errors import LLMModulesError
+from llm_modules.models.stepping import ComposedStepper
+from llm_modules.tensors import draft_source
+
+
+class ComposedDrafter:
+    """Drafts for a SpeculativeBatch with an LLMModulesModel whose large model is the target."""
+
+    def __init__(self, model: Any, draft_tokens: int = 4, pad_id: int = 0, vocab: torch.Tensor | None = None):
+        if model.config.head == "residual":
+            raise LLMModulesError("a drafter cannot use the residual head: it adds the large model's logits at the "
+                                  "very position it drafts, which the target has not computed yet")
+        if not model.config.causal:
+            raise LLMModulesError("a drafter must be causal")
+        self.model = model.eval()
+        # drafts come from these vocabulary ids only (None: all): the head's cost falls with their number
+        self.vocab = None if vocab is None else torch.as_tensor(vocab, dtype=torch.long, device=model.device)
+        self.draft_tokens = draft_tokens
+        self.pad_id = pad_id
+        self.taps = list(model.large_taps)
+        self.stepper = ComposedStepper(model)
+        self.device = model.device
+        self.ids = self.mask = self.large_mask = None  # (B, S) token ids, token mask, real-large-state mask
+        self.cache: Any = None
+        self.frontier: torch.Tensor | None = None  # (B, K, dL) the target's state at each row's last verified token
+        self.chunk: list[list[int]] = []
+        self.chunk_states: list[torch.Tensor | None] = []  # per row (n, K, dL)
+        self.last_batch_stats: Any = None  # set by the SpeculativeBatch it drafts for
+
+    @property
+    def max_positions(self) -> int | None:
+        return self.model.small_max_positions
+
+    @property
+    def width(self) -> int:
+        return 0 if self.mask is None else self.mask.shape[1]
+
+    # ------------------------------------------------------------------ rows
+    @torch.no_grad()
+    def add(self, ids: torch.Tensor, mask: torch.Tensor, states: torch.Tensor | None) -> None:
+        """Prefill new rows: the prompt read as training reads it, in blocks of K ending at its last token."""
+        from llm_modules.models.composed import ComposedCache
+
+        ids, mask = ids.to(self.device), mask.to(self.device)
+        states = states.to(self.device)  # (B, W, K, dL)
+        lengths = mask.sum(1)  # (B,)
+        pad = mask.shape[1] - lengths
+        source = torch.stack([
+            _shifted(draft_source(int(n - 1) % self.draft_tokens, self.draft_tokens, 1, mask.shape[1])[0], int(p))
+            for n, p in zip(lengths.tolist(), pad.tolist())])  # (B, W) in columns
+        cache = ComposedCache()
+        self.model(input_ids=ids, attention_mask=mask, large_states=states, large_source=source, cache=cache,
+                   use_cache=True, logits_to_keep=1)
+        frontier = states[:, -1]
+        if self.mask is None:
+            self.ids, self.mask, self.large_mask, self.cache, self.frontier = ids, mask, mask.clone(), cache, frontier
+        else:
+            width = max(self.width, ids.shape[1])
+            old = self._aligned((self.ids, self.mask, self.large_mask), self.cache, width)
+            new = self._aligned((ids, mask, mask.clone()), cache, width)
+            for a, b in zip(self.stepper.slots(self.cache), self.stepper.slots(cache)):
+                a.set(torch.cat([a.get(), b.get()]))
+            self.ids, self.mask, self.large_mask = (torch.cat([x, y]) for x, y in zip(old, new))
+            self.frontier = torch.cat([self.frontier, frontier])
+        self.chunk += [[] for _ in range(ids.shape[0])]
+        self.chunk_states += [None] * ids.shape[0]
+
+    def _aligned(self, tensors: tuple[torch.Tensor, ...], cache: Any, width: int) -> tuple[torch.Tensor, ...]:
+        have = tensors[0].shape[1]
+        if width > have:
+            tensors = tuple(torch.cat([t.new_zeros((t.shape[0], width - have)), t], 1) for t in tensors)
+        else:
+            tensors = tuple(t[:, have - width:] for t in tensors)
+        if width != have:
+            for slot in self.stepper.slots(cache):
+                slot.set(right_aligned(slot.get(), slot.cols(width)))
+            self.stepper.set_length(cache, width)
+        return tensors
+
+    def keep(self, index: list[int]) -> None:
+        self.chunk = [self.chunk[i] for i in index]
+        self.chunk_states = [self.chunk_states[i] for i in index]
+        if not index:
+            self.ids = self.mask = self.large_mask = self.cache = self.frontier = None
+            return
+        rows = torch.tensor(index, device=self.device)
+        self.ids, self.mask, self.large_mask = self.ids[rows], self.mask[rows], self.large_mask[rows]
+        self.frontier = self.frontier[rows]
+        for slot in self.stepper.slots(self.cache):
+            slot.set(slot.get().index_select(0, rows))
+        real = int((self.mask.cumsum(1) > 0).sum(1).max())  # columns from each row's first token on
+        if real < self.width:
+            self.ids, self.mask, self.large_mask = self._aligned((self.ids, self.mask, self.large_mask), self.cache, real)
+
+    # ------------------------------------------------------------------ drafting
+    def _run(self, ids: torch.Tensor, mask_new: torch.Tensor, large_new: torch.Tensor, key_states: torch.Tensor,
+             source: torch.Tensor, query_states: torch.Tensor) -> torch.Tensor:
+        """Append T columns: ids (B, T), their token mask and real-state mask (B, T), key states (B, T, K, dL),
+        sources (B, T) in columns and the states at them (B, T, K, dL) -> last-position logits (B, V)."""
+        self.ids = torch.cat([self.ids, ids], 1)
+        self.mask = torch.cat([self.mask, mask_new], 1)
+        self.large_mask = torch.cat([self.large_mask, large_new], 1)
+        out = self.model(input_ids=ids, attention_mask=self.mask, large_states=key_states, cache=self.cache,
+                         use_cache=True, logits_to_keep=1, large_view=LargeView(source, query_states),
+                         large_mask=self.large_mask, vocab_rows=self.vocab)
+        self.cache = out.cache
+        logits = out.logits[:, -1]  # (B, V), or (B, n) over self.vocab
+        if self.vocab is None:
+            return logits
+        full = logits.new_full((logits.shape[0], self.model.vocab_size), float("-inf"))
+        return full.index_copy_(1, self.vocab, logits)  # outside the draft vocabulary: probability 0
+
+    @torch.no_grad()
+    def propose(self, first: torch.Tensor, k: int, rows: list[Sequence]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        b = first.shape[0]
+        taps, dim = self.frontier.shape[1:]
+        dtype = self.frontier.dtype
+        lengths = [len(c) for c in self.chunk]
+        wc = max(lengths)
+        base = self.width - 1  # every row's last verified column before this round
+        # the chunk, left-padded to the longest, then each row's first token
+        ids = torch.full((b, wc + 1), self.pad_id, dtype=torch.long, device=self.device)
+        tok_mask = torch.zeros((b, wc + 1), dtype=torch.long, device=self.device)
+        key_states = torch.zeros((b, wc + 1, taps, dim), dtype=dtype, device=self.device)
+        source = torch.full((b, wc + 1), base, dtype=torch.long, device=self.device)
+        query = self.frontier[:, None].expand(b, wc + 1, taps, dim).clone()
+        for i, n in enumerate(lengths):
+            if n:
+                ids[i, wc - n: wc] = torch.tensor(self.chunk[i], device=self.device)
+                tok_mask[i, wc - n: wc] = 1
+                key_states[i, wc - n: wc] = self.chunk_states[i].to(self.device, dtype)
+                source[i, wc] = base + wc
+                query[i, wc] = self.chunk_states[i][-1].to(self.device, dtype)
+        ids[:, wc] = first.to(self.device)
+        tok_mask[:, wc] = 1
+        large_new = tok_mask.clone()
+        large_new[:, wc] = 0  # the first token's large state is not known yet
+        self.frontier = query[:, wc]
+        self.chunk = [[] for _ in range(b)]
+        self.chunk_states = [None] * b
+        step_source, step_query = source[:, wc:], query[:, wc:]
+        logits = self._run(ids, tok_mask, large_new, key_states, source, query)
+        drafts, probs = [], []
+        sampled = any(r.options.do_sample for r in rows)
+        zeros_state = torch.zeros((b, 1, taps, dim), dtype=dtype, device=self.device)
+        one = torch.ones((b, 1), dtype=torch.long, device=self.device)
+        for j in range(k):
+            token, prob = self._choose(logits, rows, first, drafts, sampled)
+            drafts.append(token)
+            probs.append(prob)
+            if j + 1 < k:
+                logits = self._run(token[:, None], one, torch.zeros_like(one), zeros_state, step_source, step_query)
+        self._uncommitted = k
+        return torch.stack(drafts, 1), (torch.stack(probs, 1) if sampled else None)
+
+    def _choose(self, logits: torch.Tensor, rows: list[Sequence], first: torch.Tensor, drafts: list[torch.Tensor],
+                sampled: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+        if not sampled and all(not r.processors for r in rows):
+            return logits.argmax(-1), None
+        tokens, probs = [], []
+        logits = logits.float().cpu()
+        for i, seq in enumerate(rows):
+            scores = logits[i]
+            if seq.processors:
+                prefix = seq.prompt + seq.tokens + [int(first[i])] + [int(d[i]) for d in drafts]
+                scores = seq.processors(torch.tensor([prefix]), scores[None])[0]
+            if seq.options.do_sample:
+                p = torch.softmax(scores, -1)
+                tokens.append(int(torch.multinomial(p, 1, generator=seq.generator)))
+                probs.append(p)
+            else:
+                tokens.append(int(scores.argmax()))
+                probs.append(torch.nn.functional.one_hot(torch.tensor(tokens[-1]), scores.shape[-1]).float())
+        return torch.tensor(tokens, device=self.device), (torch.stack(probs) if sampled else None)
+
+    def commit(self, accepted: torch.Tensor, tokens: torch.Tensor, states: torch.Tensor | None) -> None:
+        """Drop the K columns after the chunk; the row's first token and accepted drafts become next round's chunk."""
+        k = self._uncommitted
+        keep = self.width - k
+        self.ids, self.mask, self.large_mask = self.ids[:, :keep], self.mask[:, :keep], self.large_mask[:, :keep]
+        for slot in self.stepper.slots(self.cache):
+            t = slot.get()
+            slot.set(t[:, :, : t.shape[2] - k * slot.per_position])
+        self.stepper.set_length(self.cache, keep)
+        tokens = tokens.tolist()
+        for i, a in enumerate(accepted.tolist()):
+            self.chunk[i] = tokens[i][: a + 1]
+            self.chunk_states[i] = states[i, : a + 1].detach()
+
+
+def _shifted(source: torch.Tensor, pad: int) -> torch.Tensor:
+    """Sources over a row's real positions -> over its columns (the row is left-padded by `pad`)."""
+    width = source.shape[0]
+    real = source[: width - pad]
+    return torch.cat([torch.full((pad,), -1, dtype=torch.long, device=source.device),
+                      torch.where(real >= 0, real + pad, -1)])
+
+
+def draft_vocabulary(sequences: list[list[int]], size: int, always: list[int] = ()) -> torch.Tensor:
+    """The `size` most frequent token ids of `sequences` (ties: the smaller id), plus `always` (e.g. the
+    end-of-sequence ids), sorted: a drafter's smaller vocabulary (EAGLE-3 keeps the target's 32k most
+    frequent). Tokens outside it are never drafted; the target still emits them."""
+    counts: dict[int, int] = {}
+    for seq in sequences:
+        for t in seq:
+            counts[t] = counts.get(t, 0) + 1
+    top = sorted(counts, key=lambda t: (-counts[t], t))[:size]
+    return torch.tensor(sorted(set(top) | set(always)), dtype=torch.long)

@@ -1,0 +1,85 @@
+"""Loading a model to run it: `generate`, `chat`, `eval` and `serve` all load through `load_model`.
+
+What it takes: a folder written by save_pretrained or train (a composed model, or a plain method's:
+finetune, lora, distill), a training run folder (its best/, else last/), or a plain model spec (a
+baseline). Every kind comes back with its tokenizer, in eval mode, in `dtype` on `device`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from llm_modules.errors import LLMModulesError
+from llm_modules.models.saved import is_run_folder, resolve_model_folder, saved_kind
+
+
+@dataclass
+class RunnableModel:
+    """A model ready to decode or score and its tokenizer; `composed` tells an LLMModulesModel from a
+    plain Hugging Face causal LM (a plain method's or a baseline)."""
+
+    model: nn.Module
+    tokenizer: Any
+    composed: bool
+    drafter: Any = None  # a models.drafting.ComposedDrafter when decoding speculatively (load_drafter)
+
+
+def load_model(spec: str, device: Any = None, dtype: torch.dtype = torch.float32,
+               allow_large_mismatch: bool = False) -> RunnableModel:
+    """A saved model folder or run folder (composed or plain), else a plain model spec, loaded in `dtype`
+    onto `device` (default: where it loads, the CPU). A model without a tokenizer is an error."""
+    path = Path(spec)
+    if saved_kind(path) is not None or is_run_folder(path) or (path.is_dir() and not (path / "config.json").is_file()):
+        spec = str(resolve_model_folder(spec))  # errors name what a model folder holds
+    kind = saved_kind(spec)
+    if kind == "composed":
+        from llm_modules.models.composed import LLMModulesModel
+
+        model = LLMModulesModel.from_pretrained(spec, dtype=dtype, device=device,
+                                                allow_large_mismatch=allow_large_mismatch)
+        tokenizer, what = model.tokenizer, f"the large model of {spec} ({model.config.large})"
+    elif kind == "plain":
+        from llm_modules.models.plain import load_plain
+
+        model, tokenizer = load_plain(spec)
+        model, what = model.to(device=device, dtype=dtype), spec
+    else:
+        from llm_modules.models.specs import resolve_model
+
+        loaded = resolve_model(spec, dtype=dtype)
+        model = loaded.model.to(device) if device is not None else loaded.model
+        tokenizer, what = loaded.tokenizer, f"model {spec!r}"
+    if tokenizer is None:
+        raise LLMModulesError(f"{what} has no tokenizer files; generating and scoring text need them")
+    return RunnableModel(model.eval(), tokenizer, kind == "composed")
+
+
+def load_drafter(folder: str, target: RunnableModel, spec: str, draft_tokens: int | None = None,
+                 allow_large_mismatch: bool = False) -> Any:
+    """The drafter saved in `folder` (train --method drafter), drafting for `target` (loaded from `spec`),
+    which must be the large model the drafter was trained on: it is shared, not loaded again, and checked
+    against the drafter's record of it. `draft_tokens` defaults to the K it trained with."""
+    from llm_modules.models.composed import LLMModulesModel
+    from llm_modules.models.drafter import DrafterRecord
+    from llm_modules.models.drafting import ComposedDrafter
+    from llm_modules.models.specs import LoadedModel
+
+    if target.composed:
+        raise LLMModulesError(f"--draft drafts for a plain model (the large model the drafter was trained on); "
+                              f"{spec} is a composed model")
+    where = resolve_model_folder(folder)
+    record = DrafterRecord.load(where)
+    if record is None:
+        raise LLMModulesError(f"{folder} is not a drafter (no drafter record: train it with --method drafter)")
+    first = next(target.model.parameters())
+    drafter = LLMModulesModel.from_pretrained(where, dtype=first.dtype, device=first.device,
+                                              allow_large_mismatch=allow_large_mismatch,
+                                              large=LoadedModel(target.model, target.tokenizer, spec, "shared"))
+    k = draft_tokens if draft_tokens is not None else record.draft_tokens
+    pad = target.tokenizer.pad_token_id if target.tokenizer.pad_token_id is not None else 0
+    return ComposedDrafter(drafter.eval(), draft_tokens=k, pad_id=pad)

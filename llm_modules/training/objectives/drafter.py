@@ -1,0 +1,185 @@
+"""The drafter method: the composed model trained to draft the large model's next tokens (speculative decoding).
+
+While drafting, the large model's states exist only up to the last verified token: the drafter writes
+K tokens after it reading nothing newer. Training shows it exactly that (EAGLE, Tandem): the positions of
+each example fall in blocks of K (`tensors.draft_source`), every position of a block reading the large
+states up to the position just before the block, the first block starting at a random offset in [0, K)
+drawn per example and step, so each position is trained at every lag 1..K over the steps. The offsets are
+a pure function of (seed, step, example), hence the same on resume, on any number of processes and with
+any gradient accumulation.
+
+The target is the large model's own next-token distribution, not the data set's text: its logits
+large_head(final hidden state), the final state cached beside the bridge's taps (no extra large-model
+pass; the cache key covers the taps). The loss is KL(target || drafter) (`kl`) or cross-entropy on the
+target's arg-max (`ce`), over the answer positions, the vocabulary projection chunked like the composed
+model's training loss. Validation reports that loss and the top-1 agreement (val_agreement: the fraction
+of answer positions where the drafter's arg-max is the target's), the acceptance rate of greedy drafting.
+With `--drafter-targets generated` the training text is the large model's own greedy answers
+(`training.generated`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from llm_modules.models.drafter import DrafterRecord
+from llm_modules.tensors import IGNORE_INDEX, draft_source
+from llm_modules.training.objectives.composed import ComposedObjective, TrainedParts
+
+logger = logging.getLogger(__name__)
+
+
+def draft_loss(model: Any, s: torch.Tensor, h: torch.Tensor, kind: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(summed loss, top-1 agreements) of the drafter's head on N positions against the large model's logits.
+
+    s (N, dS) the small model's output, h (N, dL) the large model's final states at the same positions.
+    `kind` "kl": sum of KL(p_large || p_drafter); "ce": cross-entropy on the large model's arg-max. The head
+    runs `model.loss_chunk_tokens` positions at a time and, with gradients on, recomputes each chunk in the
+    backward pass, so memory holds one chunk's (chunk, |V|) logits rather than N x |V|.
+    """
+    large_head = model.large_head
+    precision = torch.promote_types(s.dtype, torch.float32)  # half-precision logits are summed in float32
+
+    def chunk(s_i: torch.Tensor, h_i: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        logits = model.head(s_i, None, large_head).to(precision)  # (n, V)
+        with torch.no_grad():
+            weight = large_head.weight
+            target = large_head(h_i.to(weight.device, weight.dtype)).to(logits.device, precision)  # (n, V)
+            best = target.argmax(-1)  # (n,)
+        if kind == "kl":
+            loss = F.kl_div(F.log_softmax(logits, -1), F.log_softmax(target, -1), log_target=True, reduction="sum")
+        else:
+            loss = F.cross_entropy(logits, best, reduction="sum")
+        return loss, (logits.detach().argmax(-1) == best).sum()
+
+    size = model.loss_chunk_tokens
+    run = partial(checkpoint, chunk, use_reentrant=False) if torch.is_grad_enabled() else chunk
+    parts = [run(s[i : i + size], h[i : i + size]) for i in range(0, s.shape[0], size)] or [chunk(s, h)]
+    return sum(p[0] for p in parts), sum(p[1] for p in parts)
+
+
+class DrafterParts(TrainedParts):
+    """What DDP or FSDP wraps for the drafter: the composed model's trained parts, whose forward runs the
+    model under the drafting view and returns (summed drafter loss, top-1 agreements) over the answer
+    positions; the head runs inside it, so FSDP has its weights gathered."""
+
+    def __init__(self, model: nn.Module, kind: str):
+        super().__init__(model)
+        self.kind = kind
+
+    def forward(self, target_states: torch.Tensor, labels: torch.Tensor, **batch: Any
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        hidden = self.composed(**batch, return_hidden=True).hidden  # (B, T, dS)
+        targets = labels[:, 1:].to(hidden.device)  # position t predicts token t + 1
+        keep = targets != IGNORE_INDEX  # (B, T-1)
+        s = hidden[:, :-1][keep]  # (N, dS)
+        h = target_states[:, :-1].to(hidden.device)[keep]  # (N, dL)
+        return draft_loss(self.composed, s, h, self.kind)
+
+
+class StateTaps:
+    """The composed model as the state cache sees it: reading `taps` (the bridge's and the final state)
+    instead of its own `large_taps`, which are part of the cache key."""
+
+    def __init__(self, model: Any, taps: list[int]):
+        self.model, self.large_taps = model, taps
+        self.config, self.large = model.config, model.large
+
+    def encode_large(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor
+                     ) -> tuple[torch.Tensor, Any]:
+        return self.model.encode_large(input_ids, attention_mask, position_ids, taps=self.large_taps)
+
+
+def draft_offsets(seed: int, split: str, step: int, indices: list[int], block: int) -> torch.Tensor:
+    """(B,) offsets in [0, block) of examples `indices`: a hash of (seed, split, step, example), so a
+    resumed run, another process count or another gradient accumulation draws the same ones. Validation
+    examples keep theirs at every evaluation (step is ignored for them)."""
+    step = step if split == "train" else -1
+    return torch.tensor([int.from_bytes(hashlib.blake2b(f"{seed}:{split}:{step}:{i}".encode(), digest_size=8)
+                                        .digest(), "little") % block for i in indices], dtype=torch.long)
+
+
+class DrafterObjective(ComposedObjective):
+    """The composed model as a drafter: lagged reads of the cached large states, the large model's logits as
+    targets. Saves as a composed model plus a `DrafterRecord`."""
+
+    method = "drafter"
+    keep_large_head = True  # the targets are large_head(final state), whatever the drafter's own head
+    loss_is_answer_nll = False
+
+    def __init__(self, config: Any, device: Any = "cpu", processes: int = 1):
+        super().__init__(config, device, processes)
+        model = self.model
+        self.module = DrafterParts(model, config.drafter_loss)
+        self.record = DrafterRecord(config.draft_tokens, config.drafter_loss, config.drafter_targets)
+        self.seed, self.step = config.seed, 0
+        final = model.num_large_layers
+        # the cache holds the bridge's taps and the final state; forward reads the bridge's only
+        self.cache_taps = sorted(set(model.large_taps) | {final})
+        self._bridge = [self.cache_taps.index(t) for t in model.large_taps]
+        self._final = self.cache_taps.index(final)
+        self.generation: dict[str, Any] = {}
+        self.generation_seconds = 0.0
+        if config.small_inputs == "bridge":
+            logger.warning("--small-inputs bridge: the drafter reads no token of its own, only the bridge's view of "
+                           "the large states before each block, so every position of a block starts from the same "
+                           "input; --small-inputs mapped (the drafter's default) lets it read the tokens it drafts")
+
+    def cached_model(self) -> Any:
+        return StateTaps(self.model, self.cache_taps)
+
+    def attach_data(self, config: Any, data: Any, accelerator: Any) -> None:
+        if config.drafter_targets == "generated":
+            from llm_modules.models.specs import cache_dir
+            from llm_modules.training.generated import generated_data
+
+            started = time.perf_counter()
+            states = Path(config.state_cache_dir) if config.state_cache_dir else cache_dir() / "states"
+            self.generation = generated_data(
+                data, self.model.large, config.large, self.tokenizer, config.template, config.max_length,
+                states.parent / "drafter_targets", accelerator.is_main_process, accelerator.wait_for_everyone,
+                config.progress and accelerator.is_main_process)
+            self.generation_seconds = round(time.perf_counter() - started, 2) if self.generation["generated"] else 0.0
+            if accelerator.is_main_process:
+                print(f"drafter targets: the large model's greedy answers ({self.generation['answer_tokens']} "
+                      f"tokens, {'generated' if self.generation['generated'] else 'reused'}) in "
+                      f"{self.generation['file']}")
+        super().attach_data(config, data, accelerator)
+
+    def begin_step(self, step: int) -> None:
+        self.step = step
+
+    def batch_extras(self, split: str, indices: list[int], width: int) -> dict[str, torch.Tensor]:
+        states = self.states[split].batch(indices, pad_to=width)  # (B, W, Kc, dL)
+        offsets = draft_offsets(self.seed, split, self.step, indices, self.record.draft_tokens)  # (B,)
+        return {"large_states": states[:, :, self._bridge], "target_states": states[:, :, self._final],
+                "large_source": draft_source(offsets, self.record.draft_tokens, len(indices), width)}
+
+    def loss_sum(self, wrapped: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return wrapped(**batch)[0]
+
+    def eval_loss_sum(self, wrapped: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return wrapped(**batch)[0]
+
+    def eval_sums(self, wrapped: nn.Module, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        loss, agreement = wrapped(**batch)
+        return {"loss": loss, "agreement": agreement}
+
+    def save_pretrained(self, directory: str | Path, state: dict[str, torch.Tensor] | None = None) -> Path:
+        folder = super().save_pretrained(directory, state)
+        self.record.save(folder)
+        return folder
+
+    def summary_extras(self) -> dict[str, Any]:
+        return {"drafter": self.record.to_dict(), "target_generation": self.generation or None,
+                "target_generation_seconds": self.generation_seconds}

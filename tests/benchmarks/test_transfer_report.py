@@ -1,0 +1,116 @@
+"""The equal-time report harness end to end on tiny models: every row reports bits per byte, budgets
+are honoured, finished units are reused only under identical options."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+from ..helpers import REPO, gpt2_tokenizer
+
+SCRIPT = REPO / "benchmarks" / "transfer_report.py"
+
+
+CHAT_TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}{{ eos_token }}{% endfor %}"
+                 "{% if add_generation_prompt %}<|assistant|>{% endif %}")
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory) -> dict[str, str]:
+    """Tiny large and small models over GPT-2's vocabulary, each with tokenizer files and a short chat
+    template (the small_finetuned row reads its own tokenizer; short prompts keep the test fast)."""
+    root = tmp_path_factory.mktemp("report_pair")
+    tokenizer = gpt2_tokenizer()
+    tokenizer.chat_template = CHAT_TEMPLATE
+    torch.manual_seed(11)
+    for name, config in (("large", Qwen2Config(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                               num_key_value_heads=2, intermediate_size=64, vocab_size=50257,
+                                               max_position_embeddings=512, tie_word_embeddings=True)),
+                         ("small", LlamaConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                               num_key_value_heads=1, intermediate_size=64, vocab_size=50257,
+                                               max_position_embeddings=512, tie_word_embeddings=True))):
+        model = (Qwen2ForCausalLM if name == "large" else LlamaForCausalLM)(config)
+        model.save_pretrained(root / name)
+        tokenizer.save_pretrained(root / name)
+    return {"large": str(root / "large"), "small": str(root / "small")}
+
+
+def report(pair: dict[str, str], out: Path, *extra: str) -> tuple[dict, str]:
+    pytest.importorskip("reasoning_gym")
+    pytest.importorskip("peft")
+    command = [sys.executable, str(SCRIPT), "--large", pair["large"], "--small", pair["small"],
+               "--task", "spell_backward", "--train-size", "24", "--test-size", "4", "--template", "chat",
+               "--max-new-tokens", "3", "--budget-seconds", "6",
+               "--rows", "majority_answer", "large_zero_shot", "composed_residual", "small_finetuned", "lora_large",
+               "--grid", "small_finetuned=1e-3", "lora_large=3e-3", "--row-budget", "composed_residual=10", "--seeds", "0", "--quiet-load", "0", "--out", str(out), *extra]
+    proc = subprocess.run(command, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads((out / "results.json").read_text()), proc.stdout
+
+
+@pytest.mark.subprocess
+def test_every_row_reports_bits_per_byte_within_its_budget_and_reruns_reuse(pair, tmp_path):
+    results, log = report(pair, tmp_path / "r")
+    rows = {r["row"]: r for r in results["rows"]}
+    assert set(rows) == {"majority_answer", "large_zero_shot", "composed_residual", "small_finetuned", "lora_large"}
+    for name, row in rows.items():
+        assert row["error"] is None, (name, row["error"])
+        assert set(row) >= {"row", "seed", "bits_per_byte", "accuracy", "train_seconds", "lr"}
+        assert 0.0 <= row["accuracy"] <= 1.0
+        if name != "majority_answer":
+            assert row["bits_per_byte"] > 0
+    for name in ("composed_residual", "small_finetuned", "lora_large"):  # timed after the warm-up steps
+        calibration = results["calibration"][name]
+        assert calibration["warmup_steps"] == 3 and len(calibration["timed_steps"]) == 4, calibration
+    cache_seconds = results["caches"]["eca"]["cache_seconds"]
+    assert cache_seconds > 0
+    for name, budget in (("composed_residual", 10), ("small_finetuned", 6), ("lora_large", 6)):
+        row = rows[name]
+        assert abs(row["train_seconds"] - budget) <= budget / 10, (name, row["train_seconds"])  # the budget, +-10%
+        assert row["steps"] >= 1 and row["wall_seconds"] > 0
+    detail = next(d for d in results["details"] if d["row"] == "composed_residual")
+    assert detail["overhead_seconds"] == cache_seconds  # the cache build counts against the composed row
+    assert [t["fraction"] for t in detail["test"]] == [0.25, 0.5, 1.0]
+    assert len(detail["test"][-1]["samples"]) == 4  # every sample kept
+    assert sum(s["correct"] for s in detail["test"][-1]["samples"]) == detail["test"][-1]["correct"]
+    # The composed row's learning rate went through its 3-point grid; the others were given one rate.
+    assert [g["row"] for g in results["grid"]] == ["composed_residual"] * 3
+    best = min(results["grid"], key=lambda g: g["best_val_bpb"])
+    assert rows["composed_residual"]["lr"] == best["lr_small"] and rows["lora_large"]["lr"] == 3e-3
+    md = (tmp_path / "r" / "results.md").read_text()
+    assert "PARTIAL" not in md and "Time to reach lora_large" in md
+    assert (tmp_path / "r" / "val_bpb_vs_seconds.png").stat().st_size > 1000
+
+    again, log = report(pair, tmp_path / "r")
+    assert "running" not in log  # every unit reused
+    assert again["rows"] == results["rows"]
+    changed, log = report(pair, tmp_path / "r", "--grid",
+                          "small_finetuned=1e-3", "lora_large=1e-3")
+    reran = {line.split("-")[1] for line in log.splitlines() if line.endswith(": running")}
+    assert "lora" in "".join(reran) and not any("composed" in r or "small" in r for r in reran)
+    assert {r["row"]: r for r in changed["rows"]}["lora_large"]["lr"] == 1e-3
+
+
+def test_every_train_row_is_a_valid_training_config(monkeypatch):
+    """A row's options are TrainConfig fields with valid values (a typo would fail only hours into a report)."""
+    import importlib.util
+
+    from llm_modules.training.config import TrainConfig
+
+    spec = importlib.util.spec_from_file_location("transfer_report", SCRIPT)
+    harness = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "transfer_report", harness)  # its dataclasses look themselves up
+    spec.loader.exec_module(harness)
+    for row, entry in harness.ROWS.items():
+        if entry["kind"] == "train":
+            config = TrainConfig(large="l", small="s", data="d.jsonl", output="o", method=entry["method"],
+                                 **entry["options"])
+            assert all(config.to_dict()[k] == v for k, v in entry["options"].items()), row
+    assert TrainConfig(large="l", small="s", data="d.jsonl", output="o",
+                       **harness.ROWS["composed_ladder_frozen_small"]["options"]).compose_options()["train_small"] is False

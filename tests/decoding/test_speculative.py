@@ -1,0 +1,332 @@
+"""Speculative decoding with the composed model as drafter: greedy output is the target's own, token for
+token (every bridge, batched rows joining and leaving, a deliberately bad drafter); sampling follows the
+target's distribution; rollback leaves caches equal to a fresh recompute."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from llm_modules import LLMModulesModel
+from llm_modules.decoding.engine import (
+    DecodeBatch,
+    SamplingOptions,
+    Sequence,
+)
+from llm_modules.decoding.speculative import (
+    SpeculativeBatch,
+    accept_greedy,
+    accept_sampled,
+    shift_right,
+)
+from llm_modules.models.drafting import ComposedDrafter
+
+from ..helpers import OPTIONS
+from ..helpers import nudge_gates as nudge
+
+
+def _drafter(pair, bridge, inputs="mapped", seed=0, **extra):
+    torch.manual_seed(seed)
+    model = LLMModulesModel.compose(large=pair["large"], small=pair["small"], bridge=bridge, small_inputs=inputs,
+                                    head="projected", **{**OPTIONS[bridge], **extra})
+    nudge(model)
+    return model.double().eval()
+
+
+def _prompts(vocab, n=4, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(3, vocab, (int(torch.randint(3, 9, (1,), generator=g)),), generator=g).tolist()
+            for _ in range(n)]
+
+
+def _run(batch, prompts, options, join_at=None):
+    """Decode `prompts` on `batch`; with join_at, the second half joins after that many steps."""
+    eos = []
+    seqs = [Sequence(p, o, eos) for p, o in zip(prompts, options)]
+    first, later = (seqs, []) if join_at is None else (seqs[: len(seqs) // 2], seqs[len(seqs) // 2:])
+    batch.add(first)
+    steps = 0
+    while batch.rows or later:
+        if later and steps == join_at:
+            batch.add(later)
+            later = []
+        batch.step()
+        steps += 1
+    return [s.tokens for s in seqs]
+
+
+def _target_alone(target, prompts, options):
+    return _run(DecodeBatch(target), prompts, options)
+
+
+@pytest.mark.parametrize("bridge, inputs", [("eca", "mapped"), ("ladder", "mapped"), ("xattn", "mapped"),
+                                            ("eca", "bridge")])
+def test_greedy_speculative_output_is_the_targets_own(mapped_pair, bridge, inputs):
+    drafter = _drafter(mapped_pair, bridge, inputs)
+    target = drafter.large
+    prompts = _prompts(drafter.vocab_size)
+    options = [SamplingOptions(max_new_tokens=n) for n in (12, 7, 15, 9)]
+    alone = _target_alone(target, prompts, options)
+    for k in (1, 3):
+        spec = SpeculativeBatch(target, ComposedDrafter(drafter, draft_tokens=k))
+        assert _run(spec, prompts, options) == alone
+        assert spec.stats.passes > 0
+
+
+def test_rows_joining_and_leaving_keep_the_targets_output(mapped_pair):
+    drafter = _drafter(mapped_pair, "xattn")
+    target = drafter.large
+    prompts = _prompts(drafter.vocab_size, n=6, seed=4)
+    options = [SamplingOptions(max_new_tokens=n) for n in (5, 14, 9, 11, 3, 13)]
+    alone = _target_alone(target, prompts, options)
+    for join_at in (0, 2, 5):
+        spec = SpeculativeBatch(target, ComposedDrafter(drafter, draft_tokens=3))
+        assert _run(spec, prompts, options, join_at=join_at) == alone
+
+
+def test_a_bad_drafter_still_gives_the_targets_tokens_only_slower(mapped_pair):
+    drafter = _drafter(mapped_pair, "eca")
+    with torch.no_grad():
+        drafter.head.up.weight.normal_(0, 5.0)  # drafts are noise
+    target = drafter.large
+    prompts = _prompts(drafter.vocab_size, seed=7)
+    options = [SamplingOptions(max_new_tokens=10)] * 4
+    spec = SpeculativeBatch(target, ComposedDrafter(drafter, draft_tokens=4))
+    assert _run(spec, prompts, options) == _target_alone(target, prompts, options)
+    assert spec.stats.accepted < spec.stats.drafted / 4
+
+
+def test_a_drafter_that_is_the_target_gets_every_draft_accepted(mapped_pair):
+    """Sanity of the acceptance count: a drafter proposing exactly the target's tokens is always right."""
+
+    class Oracle:
+        taps: list[int] = []
+        draft_tokens = 3
+
+        def __init__(self, target):
+            self.target, self.rows = target, []
+
+        def add(self, ids, mask, states):
+            self.rows += [row[m.bool()].tolist() for row, m in zip(ids, mask)]
+
+        def propose(self, first, k, rows):
+            out = []
+            for seq, f in zip(rows, first.tolist()):
+                ids = torch.tensor([seq.prompt + seq.tokens])
+                from llm_modules.decoding.generation import generate
+
+                out.append(generate(self.target, ids, max_new_tokens=k)[0, ids.shape[1]:].tolist())
+            return torch.tensor(out), None
+
+        def commit(self, accepted, tokens, states):
+            pass
+
+        def keep(self, index):
+            pass
+
+    drafter = _drafter(mapped_pair, "eca")
+    target = drafter.large
+    prompts = _prompts(drafter.vocab_size, n=2)
+    options = [SamplingOptions(max_new_tokens=13)] * 2
+    spec = SpeculativeBatch(target, Oracle(target))
+    assert _run(spec, prompts, options) == _target_alone(target, prompts, options)
+
+
+class PartlyRight:
+    """Wraps a drafter: its state advances as usual, but some of its drafts are replaced by the target's own
+    continuation, so rows accept different numbers of drafts (0 to K) and every rollback path runs."""
+
+    def __init__(self, drafter, target, seed=0):
+        self.inner, self.target = drafter, target
+        self.taps, self.draft_tokens = drafter.taps, drafter.draft_tokens
+        self.g = torch.Generator().manual_seed(seed)
+        self.accepted_counts = []
+
+    def add(self, ids, mask, states):
+        self.inner.add(ids, mask, states)
+
+    def propose(self, first, k, rows):
+        from llm_modules.decoding.generation import generate
+
+        drafts, q = self.inner.propose(first, k, rows)
+        for b, (seq, f) in enumerate(zip(rows, first.tolist())):
+            ids = torch.tensor([seq.prompt + seq.tokens + [f]])
+            right = generate(self.target, ids, max_new_tokens=k)[0, ids.shape[1]:]
+            good = int(torch.randint(0, k + 1, (1,), generator=self.g))
+            drafts[b, :good] = right[:good]
+        return drafts, q
+
+    def commit(self, accepted, tokens, states):
+        self.accepted_counts += accepted.tolist()
+        self.inner.commit(accepted, tokens, states)
+
+    def keep(self, index):
+        self.inner.keep(index)
+
+
+@pytest.mark.parametrize("bridge", ["eca", "ladder", "xattn"])
+def test_rows_accepting_different_numbers_of_drafts_keep_the_targets_output(mapped_pair, bridge):
+    drafter = _drafter(mapped_pair, bridge)
+    target = drafter.large
+    prompts = _prompts(drafter.vocab_size, n=5, seed=9)
+    options = [SamplingOptions(max_new_tokens=n) for n in (16, 11, 19, 6, 14)]
+    alone = _target_alone(target, prompts, options)
+    wrapped = PartlyRight(ComposedDrafter(drafter, draft_tokens=3), target)
+    spec = SpeculativeBatch(target, wrapped)
+    assert _run(spec, prompts, options, join_at=1) == alone
+    assert set(wrapped.accepted_counts) == {0, 1, 2, 3}
+
+
+@pytest.mark.parametrize("bridge", ["eca", "ladder", "xattn"])
+def test_the_drafter_after_rollbacks_equals_a_fresh_recompute(mapped_pair, bridge):
+    """After rounds with rejections, the drafter's next logits equal the same model run from scratch over the
+    verified tokens, with the target's states and the sources it trained with (blocks = rounds)."""
+    import copy
+
+    from llm_modules.tensors import draft_source
+
+    k = 3
+    drafter = _drafter(mapped_pair, bridge)
+    target = drafter.large
+    prompt = _prompts(drafter.vocab_size, n=1, seed=3)[0]
+    wrapped = PartlyRight(ComposedDrafter(drafter, draft_tokens=k), target, seed=2)
+    spec = SpeculativeBatch(target, wrapped)
+    seq = Sequence(prompt, SamplingOptions(max_new_tokens=60), [])
+    spec.add([seq])
+    for _ in range(5):
+        spec.step()
+    assert len(set(wrapped.accepted_counts)) > 1
+    inner = wrapped.inner
+    probe = copy.copy(inner)  # the same model (its bridge hooks are bound to it); a copy of the decoding state
+    probe.cache, probe.chunk, probe.chunk_states = copy.deepcopy(inner.cache), list(inner.chunk), list(inner.chunk_states)
+    captured = []
+    probe._choose = lambda logits, *rest: (captured.append(logits) or (logits.argmax(-1), None))
+    probe.propose(torch.tensor(spec.pending), 1, [seq])
+    # the sources of a fresh run: the prompt in blocks of K ending at its last token, then one block per round
+    tokens = prompt + seq.tokens + spec.pending
+    n = len(prompt)
+    source = draft_source((n - 1) % k, k, 1, n)[0].tolist()
+    start = n
+    for a in wrapped.accepted_counts:
+        source += [start - 1] * (a + 1)
+        start += a + 1
+    source.append(start - 1)  # the pending token reads up to the last verified one
+    assert len(source) == len(tokens)
+    ids = torch.tensor([tokens])
+    with torch.no_grad():
+        states, _ = drafter.encode_large(ids, torch.ones_like(ids), torch.arange(ids.shape[1])[None])
+        fresh = drafter(input_ids=ids, large_states=states, large_source=torch.tensor([source])).logits[0, -1]
+    torch.testing.assert_close(captured[0][0].double(), fresh.double(), rtol=0, atol=1e-9)
+
+
+def test_greedy_rule():
+    assert accept_greedy(torch.tensor([5, 6, 7]), torch.tensor([5, 6, 9, 1])) == (2, 9)
+    assert accept_greedy(torch.tensor([5, 6, 7]), torch.tensor([5, 6, 7, 1])) == (3, 1)
+    assert accept_greedy(torch.tensor([5, 6, 7]), torch.tensor([4, 6, 7, 1])) == (0, 4)
+
+
+def test_the_sampling_rule_gives_the_targets_distribution():
+    """Over many draws, the first token kept by the rule follows p whatever q was: chi-square, 4 dof."""
+    p = torch.tensor([[0.5, 0.2, 0.1, 0.15, 0.05]] * 3)
+    q = torch.tensor([[0.1, 0.1, 0.6, 0.1, 0.1]] * 2)
+    g = torch.Generator().manual_seed(0)
+    n = 20000
+    counts = torch.zeros(5)
+    for _ in range(n):
+        d = torch.multinomial(q[0], 2, replacement=True, generator=g)
+        a, nxt = accept_sampled(d, q, p, g)
+        counts[int(d[0]) if a >= 1 else nxt] += 1
+    expected = p[0] * n
+    chi2 = float(((counts - expected) ** 2 / expected).sum())
+    assert chi2 < 18.47, (counts, expected)  # p = 0.001 for 4 degrees of freedom
+
+
+def test_shift_right_moves_each_row_by_its_own_amount():
+    t = torch.arange(1, 13).view(2, 6).float()
+    out = shift_right(t, torch.tensor([0, 2]), 1)
+    assert out.tolist() == [[1, 2, 3, 4, 5, 6], [0, 0, 7, 8, 9, 10]]
+
+
+def test_generate_with_a_drafter_gives_the_targets_tokens_and_streams_them_in_order(mapped_pair):
+    from llm_modules.decoding.generation import generate
+
+    drafter = _drafter(mapped_pair, "ladder")
+    target = drafter.large
+    prompts = _prompts(drafter.vocab_size, n=3, seed=5)
+    from llm_modules.tensors import left_pad
+
+    ids, mask = left_pad(prompts, 0)
+    alone = generate(target, ids, mask, max_new_tokens=11, eos_token_id=[])
+    streamed = []
+    spec = generate(target, ids, mask, max_new_tokens=11, eos_token_id=[], on_token=streamed.append,
+                    drafter=ComposedDrafter(drafter, draft_tokens=3))
+    assert torch.equal(spec, alone)
+    assert torch.equal(torch.stack(streamed, 1), alone[:, ids.shape[1]:])
+
+
+SAMPLES = 1200
+
+
+def test_sampled_speculative_tokens_follow_the_targets_distribution(mapped_pair):
+    """The first two sampled tokens (top-k 3, so 9 cells) over 1200 seeds: chi-square against the target's
+    exact joint distribution, p = 0.001 (26.1 for 8 degrees of freedom; cells merged up to 5 expected)."""
+    drafter = _drafter(mapped_pair, "eca").float()
+    target = drafter.large
+    prompt = _prompts(drafter.vocab_size, n=1, seed=8)[0]
+    options = SamplingOptions(max_new_tokens=2, do_sample=True, temperature=1.5, top_k=3)
+    eos = []
+    # exact joint of the target alone, with the same processors
+    with torch.no_grad():
+        base = Sequence(prompt, options, eos)
+        first = base.processors(torch.tensor([prompt]), target(torch.tensor([prompt])).logits[:, -1].float())[0]
+        p1 = torch.softmax(first, -1)
+        joint = {}
+        for t1 in torch.nonzero(p1 > 0).flatten().tolist():
+            ids = torch.tensor([prompt + [t1]])
+            second = base.processors(ids, target(ids).logits[:, -1].float())[0]
+            for t2, p2 in enumerate(torch.softmax(second, -1).tolist()):
+                if p2 > 0:
+                    joint[(t1, t2)] = float(p1[t1]) * p2
+    counts = dict.fromkeys(joint, 0)
+    n = SAMPLES
+    # every seed is a row of one batch (rows keep their own generators): one prefill, a few verify passes
+    seqs = [Sequence(prompt, options, eos, generator=torch.Generator().manual_seed(seed)) for seed in range(n)]
+    batch = SpeculativeBatch(target, ComposedDrafter(drafter, draft_tokens=2))
+    batch.add(seqs)
+    while batch.rows:
+        batch.step()
+    for seq in seqs:
+        counts[tuple(seq.tokens)] += 1
+    cells = sorted(joint, key=joint.get)
+    chi2, merged_e, merged_o = 0.0, 0.0, 0
+    for cell in cells:
+        merged_e += joint[cell] * n
+        merged_o += counts[cell]
+        if merged_e >= 5:
+            chi2 += (merged_o - merged_e) ** 2 / merged_e
+            merged_e, merged_o = 0.0, 0
+    assert chi2 < 26.1, chi2  # p = 0.001 for up to 8 degrees of freedom
+
+
+def test_a_draft_vocabulary_drafts_only_its_tokens_and_keeps_the_targets_output(mapped_pair):
+    from llm_modules.models.drafting import draft_vocabulary
+
+    drafter = _drafter(mapped_pair, "eca")
+    target = drafter.large
+    prompts = _prompts(drafter.vocab_size, seed=6)
+    options = [SamplingOptions(max_new_tokens=10)] * 4
+    alone = _target_alone(target, prompts, options)
+    vocab = draft_vocabulary(alone + prompts, 30, always=[0])
+    assert vocab.numel() <= 31 and torch.equal(vocab, vocab.sort().values)
+    inner = ComposedDrafter(drafter, draft_tokens=3, vocab=vocab)
+    proposed = []
+    original = inner.propose
+
+    def spy(first, k, rows):
+        drafts, q = original(first, k, rows)
+        proposed.extend(drafts.flatten().tolist())
+        return drafts, q
+
+    inner.propose = spy
+    assert _run(SpeculativeBatch(target, inner), prompts, options) == alone
+    assert proposed and set(proposed) <= set(vocab.tolist())
