@@ -58,3 +58,19 @@ def draft_source(offset: torch.Tensor | int, block: int, batch: int, length: int
     start = torch.div(positions - offset - 1, block, rounding_mode="floor") * block + offset + 1  # block's first position
     source = (start - 1).expand(batch, length)
     return torch.where(source >= 0, source, -1).long()
+
+
+def answer_start(labels: torch.Tensor) -> torch.Tensor:
+    """(B, T) labels -> (B,) index of each row's first labelled position (IGNORE_INDEX elsewhere): where its
+    answer starts, the prompt being everything before (T for a row without labels)."""
+    labelled = labels != IGNORE_INDEX  # (B, T)
+    first = labelled.long().argmax(dim=1)  # (B,): the first True, or 0 when there is none
+    return torch.where(labelled.any(dim=1), first, labels.shape[1])
+
+
+def prompt_source(start: torch.Tensor | int, batch: int, length: int, device: Any = None) -> torch.Tensor:
+    """(B, T) sources of a decoder that reads the prompt only: position t reads the large states up to
+    min(t, start - 1), `start` (an int or (B,)) being the index where each row's answer starts."""
+    positions = torch.arange(length, device=device)[None, :]  # (1, T)
+    start = torch.as_tensor(start, device=device).reshape(-1, 1)  # (B or 1, 1)
+    return torch.minimum(positions, start - 1).expand(batch, length).long()

@@ -269,6 +269,12 @@ class TokenizedExample:
     record: Record
 
 
+def prompt_length(example: TokenizedExample) -> int:
+    """Tokens before the example's first labelled one: its prompt, template included (every token when
+    nothing is labelled)."""
+    return next((i for i, label in enumerate(example.labels) if label != IGNORE_INDEX), len(example.labels))
+
+
 @dataclass
 class PreparedData:
     """Train and fixed validation examples plus a report of counts."""

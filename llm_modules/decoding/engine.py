@@ -5,8 +5,8 @@ step. A row can join between any two steps: its prompt is prefilled (with the ot
 that step), then its KV caches are left-padded to the running batch's width and concatenated as new
 rows; a row leaves as soon as it is finished or cancelled, and the columns that are padding in every
 remaining row are cut away. The caches that move row by row are all three stages' (the large
-model's, the bridge's cross-attention keys/values, the small model's) or a plain model's own
-(`llm_modules.decoding.steppers`).
+model's, the bridge's cross-attention keys/values, the small model's; no large model's when the
+composed model reads the prompt only) or a plain model's own (`llm_modules.decoding.steppers`).
 Padding never changes what a row computes: positions count real tokens only and padded keys are
 masked, so a greedy row gives the tokens it gives alone (exactly in float64; float32 sums in
 another order can flip a near-tie).
@@ -131,7 +131,8 @@ class DecodeBatch:
 
     Kept per row: the token ids and 0/1 mask of every position so far (B, S), right-aligned, and the
     next-token logits (B, V). With `use_cache=False` every step recomputes the whole prefix (slow;
-    it checks the cached path).
+    it checks the cached path); a stepper may still keep per-row state then (a model that reads the
+    prompt only keeps where each row's prompt ends), moved row by row like a cache.
 
     A failure ends only the rows whose own computation fails (`Sequence.fail`): a row's choice of
     token, its stop strings and its listener are each guarded; when the model's forward raises, each
@@ -178,7 +179,7 @@ class DecodeBatch:
             width = max(self.width, ids.shape[1])
             old_ids, old_mask = self._aligned(self.ids, self.mask, self.cache, width)
             ids, mask = self._aligned(ids, mask, cache, width)
-            if self.use_cache:
+            if cache is not None:
                 for old, new in zip(self.stepper.slots(self.cache), self.stepper.slots(cache)):
                     old.set(torch.cat([old.get(), new.get()]))
             self.ids, self.mask = torch.cat([old_ids, ids]), torch.cat([old_mask, mask])
@@ -193,7 +194,7 @@ class DecodeBatch:
             mask = torch.cat([mask.new_zeros((mask.shape[0], width - have)), mask], 1)
         else:
             ids, mask = ids[:, have - width:], mask[:, have - width:]
-        if self.use_cache and width != have:
+        if cache is not None and width != have:
             slots = self.stepper.slots(cache)  # read before the length changes (per-position counts)
             for slot in slots:
                 slot.set(right_aligned(slot.get(), slot.cols(width)))
@@ -208,7 +209,7 @@ class DecodeBatch:
             return
         rows = torch.tensor(index, device=self.device)
         self.ids, self.mask, self.scores = self.ids[rows], self.mask[rows], self.scores[rows]
-        if self.use_cache:
+        if self.cache is not None:
             for slot in self.stepper.slots(self.cache):
                 slot.set(slot.get().index_select(0, rows))
         real = int(self.mask.sum(1).max())  # the longest remaining row

@@ -25,6 +25,7 @@ from llm_modules.data.prepare import (
     collate,
     pad_id,
     prepare_data,
+    prompt_length,
 )
 from llm_modules.decoding.generation import generate
 from llm_modules.decoding.sampling import SamplingOptions
@@ -107,8 +108,7 @@ def held_out_examples(data: DataConfig, tokenizer: Any, max_positions: int | Non
 
 def prompt_of(example: TokenizedExample) -> list[int]:
     """The example's tokens before its first answer token (the prompt, template included)."""
-    first = next((i for i, label in enumerate(example.labels) if label != IGNORE_INDEX), len(example.labels))
-    return example.input_ids[:first]
+    return example.input_ids[:prompt_length(example)]
 
 
 def is_correct(example: TokenizedExample, predicted: str | None, text: str | None = None) -> bool | None:

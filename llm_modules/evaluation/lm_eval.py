@@ -168,7 +168,11 @@ class LLMModulesLM(TemplateLM):
             inputs = [(requests[i][1] + requests[i][2])[-(self.max_length + 1) :][:-1] for i in batch]
             ids, mask = self._pad(inputs, left=False)
             width, first = ids.shape[1], min(len(x) - len(requests[i][2]) for x, i in zip(inputs, batch))
-            logits = self.model(input_ids=ids, attention_mask=mask, logits_to_keep=width - first).logits
+            # where each continuation starts (x ends one token before it does): a model that reads the
+            # large model's states of the prompt only reads the context's
+            start = torch.tensor([len(x) - len(requests[i][2]) + 1 for x, i in zip(inputs, batch)], device=self.device)
+            logits = self.model(input_ids=ids, attention_mask=mask, logits_to_keep=width - first,
+                                answer_start=start).logits
             # logits (B, width - first, V) cover positions first .. width - 1
             for row, (x, i) in enumerate(zip(inputs, batch)):
                 cont = torch.tensor(requests[i][2], device=logits.device)

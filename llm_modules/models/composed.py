@@ -36,8 +36,14 @@ from llm_modules.models.saved import (
     resolve_model_folder,
     save_weights,
 )
+from llm_modules.models.stepping import (
+    ComposedCache,
+    ComposedStepper,
+    PromptReadStepper,
+)
 from llm_modules.models.vocab_map import VocabMap
-from llm_modules.tensors import positions_from_mask
+from llm_modules.tensors import positions_from_mask, prompt_source
+from llm_modules.tensors import answer_start as first_label
 
 logger = logging.getLogger(__name__)
 
@@ -46,16 +52,6 @@ LEAK_WARNING = (
     "model's states of LATER positions, which encode the very tokens it must predict. Training "
     "loss is then not a next-token loss and does not match generation. Use only to reproduce the paper."
 )
-
-
-@dataclass
-class ComposedCache:
-    """Decoding caches of the three stages; the attention mask is the caller's, kept outside."""
-
-    large: Any = None
-    bridge: BridgeCache | None = None
-    small: Any = None
-    length: int = 0  # positions seen so far
 
 
 @dataclass
@@ -168,7 +164,7 @@ class LLMModulesModel(nn.Module):
         device: str | torch.device | None = None,
         large_placement: dict[str, Any] | None = None,
         **bridge_options: Any,
-    ) -> "LLMModulesModel":
+    ) -> LLMModulesModel:
         """Load both models from their specs and join them with a freshly initialised bridge and head.
 
         options: the composition's (head, bridge="eca"|"ladder"|"xattn", small_inputs="bridge"|"mapped",
@@ -202,7 +198,7 @@ class LLMModulesModel(nn.Module):
         return model.place(device) if device is not None else model
 
     # ------------------------------------------------------------------ bookkeeping
-    def train(self, mode: bool = True) -> "LLMModulesModel":
+    def train(self, mode: bool = True) -> LLMModulesModel:
         super().train(mode)
         self.large.eval()  # the frozen model never runs dropout
         return self
@@ -211,7 +207,7 @@ class LLMModulesModel(nn.Module):
     def device(self) -> torch.device:
         return next(self.small.parameters()).device
 
-    def place(self, device: str | torch.device) -> "LLMModulesModel":
+    def place(self, device: str | torch.device) -> LLMModulesModel:
         """Move the model to `device`, except a large model that was placed while loading (a device
         map or quantization: `large.load_options`), which stays where it was put."""
         if not is_placed(self.large):
@@ -341,6 +337,7 @@ class LLMModulesModel(nn.Module):
         large_source: torch.Tensor | None = None,
         large_view: LargeView | None = None,
         large_mask: torch.Tensor | None = None,
+        answer_start: torch.Tensor | None = None,
         vocab_rows: torch.Tensor | None = None,
         return_hidden: bool = False,
     ) -> ComposedOutput:
@@ -361,6 +358,10 @@ class LLMModulesModel(nn.Module):
         the large states at those sources, in the bridge's taps (B, T, Kb, dL). `large_mask` (B, S) marks
         the key positions whose large states are real (default: attention_mask); positions without one
         (tokens the large model has not read yet) pass zeros in `large_states` and 0 here.
+        A model that reads the prompt only (config.large_reads "prompt") needs to know where each row's
+        answer starts: `answer_start` (B,), an index within this call, else the first labelled position of
+        `labels`; position t then reads the large states up to min(t, answer_start - 1), and the large model
+        runs only as far as some row reads. Decoding with a cache goes through `decode_stepper()`.
         `vocab_rows` (n,): logits over those vocabulary ids only (B, T, n) (a drafter's smaller vocabulary).
         `return_hidden=True` stops before the head: `hidden` is the small model's output (B, T, dS) and
         `logits` None (a loss that applies the head itself, chunked: the drafter's).
@@ -380,11 +381,30 @@ class LLMModulesModel(nn.Module):
             )
         if cache is None and use_cache:
             cache = ComposedCache()
+        prompt_only = self.config.large_reads == "prompt"
+        if prompt_only and large_view is None and large_source is None:
+            if answer_start is None and labels is None:
+                raise LLMModulesError("this model reads the large model's states of the prompt only (large_reads="
+                                      "'prompt'): pass answer_start (B,), where each row's answer starts, or labels")
+            start = answer_start if answer_start is not None else first_label(labels)
+            large_source = prompt_source(torch.as_tensor(start, device=self.device), batch, length, self.device)
 
         if large_states is None:
+            if prompt_only and cache is not None and cache.length:
+                raise LLMModulesError("large_reads='prompt' decodes without the large model: step it with "
+                                      "decode_stepper(), or pass large_states and large_view")
+            keep_large_cache = use_cache and not prompt_only  # reading the prompt only, no decode step needs it
+            # the large model runs as far as some position reads (all of them unless a source says less)
+            reach = length if large_source is None or keep_large_cache else \
+                max(1, min(length, int(large_source.max()) + 1))
+            past = attention_mask.shape[1] - length
             large_states, large_cache = self.encode_large(
-                input_ids, attention_mask, position_ids, cache.large if cache else None, use_cache
-            )
+                input_ids[:, :reach], attention_mask[:, :past + reach], position_ids[:, :reach],
+                cache.large if cache else None, keep_large_cache,
+            )  # (B, reach, K, dL)
+            if reach < length:  # states no position reads: zeros
+                large_states = torch.cat([large_states, large_states.new_zeros(
+                    batch, length - reach, *large_states.shape[2:])], dim=1)  # (B, T, K, dL)
             if cache is not None:
                 cache.large = large_cache
         elif large_states.dim() == 3:  # one tap
@@ -479,10 +499,9 @@ class LLMModulesModel(nn.Module):
                    for i in range(0, n, size))
 
     def decode_stepper(self):
-        """What the decoding engine steps: this model's three KV caches (`llm_modules.models.stepping`)."""
-        from llm_modules.models.stepping import ComposedStepper
-
-        return ComposedStepper(self)
+        """What the decoding engine steps: this model's three KV caches, or, reading the prompt only, the
+        bridge's and the small model's (`llm_modules.models.stepping`)."""
+        return PromptReadStepper(self) if self.config.large_reads == "prompt" else ComposedStepper(self)
 
     def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, options: Any = None,
                  **keywords: Any) -> torch.Tensor:

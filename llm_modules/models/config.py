@@ -15,6 +15,7 @@ from llm_modules.models.saved import CONFIG_FILE, WEIGHTS_FILE  # noqa: F401 (WE
 
 HEAD_KINDS = ("new", "projected", "residual")
 SMALL_INPUTS = ("bridge", "mapped")
+LARGE_READS = ("all", "prompt")
 # 1: no version field, the Enhanced Cross-Attention options at the top level;
 # 2: ladder/xattn gates were tanh(alpha), i.e. gate_temperature 1 (3 writes it out, default 0.1)
 CONFIG_FORMAT = 3
@@ -47,6 +48,17 @@ class ComposeConfig:
     folder holds only those (the small model comes back from its spec).
     `small_layers=N` keeps the small model's first N decoder layers (None: all): a drafter, or a small side
     that decodes alone, is cheaper the shallower it is (EAGLE's drafter is one layer).
+    `large_reads` picks which of the large model's states a position reads:
+      - "all" (the default): its own and every earlier one, so generation runs the large model on every
+        new token too (a decode step costs the large model plus the small one);
+      - "prompt": those of the prompt only (the positions before the answer): position t reads up to
+        min(t, answer_start - 1). Generation runs the large model once over the prompt, then decodes with
+        the bridge and the small model alone (Whisper's cross-attention over an encoder's output, LLM-to-SLM).
+        Answer positions read the last prompt position's state where a bridge reads one (eca: its output
+        there; ladder: its taps) and every prompt state where a bridge attends (xattn). It needs
+        small_inputs "mapped" (with "bridge" every answer position would get the same input, blind to the
+        tokens generated) and a head other than "residual" (which adds the large model's logits at the
+        very position predicted).
     `causal=False` reproduces the paper's leak: every position reads the large model's states
     of later positions too. Only for reproducing the paper.
     """
@@ -61,6 +73,7 @@ class ComposeConfig:
     train_embeddings: bool = False
     train_small: bool = True
     small_layers: int | None = None
+    large_reads: str = "all"  # absent from folders saved before it existed: they read "all"
     library_version: str = ""
     # digests of the large weights this model was trained on (see large_identity); {} in older folders
     large_identity: dict = field(default_factory=dict)
@@ -71,6 +84,18 @@ class ComposeConfig:
             raise LLMModulesError(f"unknown head kind {self.head!r}; valid kinds: {', '.join(HEAD_KINDS)}")
         if self.small_inputs not in SMALL_INPUTS:
             raise LLMModulesError(f"unknown small_inputs {self.small_inputs!r}; valid: {', '.join(SMALL_INPUTS)}")
+        if self.large_reads not in LARGE_READS:
+            raise LLMModulesError(f"unknown large_reads {self.large_reads!r}; valid: {', '.join(LARGE_READS)}")
+        if self.large_reads == "prompt" and self.head == "residual":
+            raise LLMModulesError("large_reads='prompt' cannot use the residual head: it adds the large model's logits "
+                                  "at every answer position, where the large model never runs; use head 'projected' "
+                                  "or 'new'")
+        if self.large_reads == "prompt" and self.small_inputs != "mapped":
+            raise LLMModulesError("large_reads='prompt' needs small_inputs='mapped': with 'bridge' the small model's "
+                                  "only input at every answer position would be the same prompt state, blind to the "
+                                  "tokens it generates")
+        if self.large_reads == "prompt" and not self.causal:
+            raise LLMModulesError("large_reads='prompt' reads the prompt causally; it cannot be combined with causal=False")
         if self.train_embeddings and self.small_inputs != "mapped":
             raise LLMModulesError("train_embeddings needs small_inputs='mapped' (with 'bridge' the small model "
                                   "has no token embeddings)")

@@ -1,9 +1,32 @@
-"""How the decoding engine steps the composed model: its three KV caches (the large model's, the bridge's
-cross-attention keys/values, the small model's) listed as slots the engine can realign, join and select."""
+"""How the decoding engine steps the composed model: its KV caches (the large model's, the bridge's
+cross-attention keys/values, the small model's) listed as slots the engine can realign, join and select.
+
+A model that reads the prompt only (`large_reads="prompt"`) keeps no large-model cache: the large model
+runs once per row, over its prompt, when the row joins; every later step runs the bridge and the small
+model alone (as a Whisper decoder reads its encoder's output, computed once per request).
+"""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from llm_modules.bridges import BridgeCache, LargeView
 from llm_modules.decoding.steppers import Slot, Stepper, hf_slots, set_hf_length
+from llm_modules.tensors import positions_from_mask
+
+
+@dataclass
+class ComposedCache:
+    """Decoding caches of the three stages; the attention mask is the caller's, kept outside."""
+
+    large: Any = None
+    bridge: BridgeCache | None = None
+    small: Any = None
+    length: int = 0  # positions seen so far
+    prompt: PromptRead | None = None  # large_reads "prompt": what decoding keeps of each row's prompt
 
 
 class ComposedStepper(Stepper):
@@ -15,18 +38,81 @@ class ComposedStepper(Stepper):
 
     def slots(self, cache):
         positions = cache.length
-        found = [*(hf_slots(cache.large) if cache.large is not None else ()), *hf_slots(cache.small)]  # a drafter keeps no large cache
-        for entries in (cache.bridge.keys, cache.bridge.values):
-            # eca: one column per position; xattn: one per position and tap (position-major)
-            found += [Slot(entries, i, per_position=t.shape[2] // positions) for i, t in enumerate(entries)]
+        found = [slot for part in (cache.large, cache.small) if part is not None for slot in hf_slots(part)]
+        if cache.bridge is not None:
+            for entries in (cache.bridge.keys, cache.bridge.values):
+                # eca: one column per position; xattn: one per position and tap (position-major)
+                found += [Slot(entries, i, per_position=t.shape[2] // positions) for i, t in enumerate(entries)]
+        if cache.prompt is not None:
+            found += cache.prompt.slots()
         return found
 
     def set_length(self, cache, positions):
         cache.length = positions
-        if cache.large is not None:
-            set_hf_length(cache.large, positions)
-        set_hf_length(cache.small, positions)
+        for part in (cache.large, cache.small):
+            if part is not None:
+                set_hf_length(part, positions)
 
     @property
     def max_positions(self):
         return self.model.max_positions
+
+
+@dataclass
+class PromptRead:
+    """What decoding keeps of each row's prompt when the model reads the prompt only, as two more slots
+    that the engine realigns, joins and selects with the rest.
+
+    mask (B, 1, S, 1): 1 at the row's prompt positions, the ones with real large states (right-aligned like
+    every cache, so left padding and cut columns keep it true). last (B, Kb, 1, dL): the large model's
+    states in the bridge's taps at the row's last prompt position, which every answer position reads.
+    """
+
+    mask: torch.Tensor
+    last: torch.Tensor
+
+    def slots(self) -> list[Slot]:
+        return [Slot(self, "mask"), Slot(self, "last", window=1)]  # `last`: one column whatever the length
+
+    def read_mask(self, positions: int) -> torch.Tensor:
+        """(B, S) 1 at prompt positions, 0 at padding and at the positions after the prompt."""
+        seen = self.mask[:, 0, :, 0]  # (B, S_seen)
+        return torch.cat([seen, seen.new_zeros(seen.shape[0], positions - seen.shape[1])], dim=1)
+
+
+class PromptReadStepper(ComposedStepper):
+    """A composed model that reads the prompt only: the first call on a row (its prompt) runs the large
+    model without keeping its cache; every later call runs the bridge and the small model, each new
+    position reading the prompt's states (its bridge keys are zeros that no position reads). With
+    use_cache=False each call recomputes every position from scratch, the large model over the prompt."""
+
+    def forward(self, ids, mask, cache, use_cache):
+        model = self.model
+        if cache is None:
+            return self._prefill(ids, mask, use_cache)
+        reads = cache.prompt.read_mask(mask.shape[1])  # (B, S)
+        last = reads.shape[1] - 1 - reads.flip(1).argmax(dim=1)  # (B,) each row's last prompt position
+        if not use_cache:
+            out = model(input_ids=ids, attention_mask=mask, answer_start=last + 1, logits_to_keep=1)
+        else:
+            b, t = ids.shape
+            view = LargeView(last[:, None].expand(b, t),  # (B, T)
+                             cache.prompt.last.transpose(1, 2).expand(b, t, -1, -1))  # (B, T, Kb, dL)
+            unread = torch.zeros(b, t, len(model.large_taps), model.bridge.shape.large_dim,
+                                 dtype=cache.prompt.last.dtype, device=model.device)  # (B, T, K, dL)
+            out = model(input_ids=ids, attention_mask=mask, large_states=unread, large_view=view,
+                        large_mask=reads, cache=cache, use_cache=True, logits_to_keep=1)
+            cache = out.cache
+        cache.prompt.mask = reads[:, None, :, None]  # (B, 1, S, 1)
+        return out.logits[:, -1], cache
+
+    def _prefill(self, ids, mask, use_cache):
+        """ids, mask (B, S): left-padded prompts, every position of them read by the large model once."""
+        model = self.model
+        states, _ = model.encode_large(ids, mask, positions_from_mask(mask))  # (B, S, K, dL), no cache kept
+        out = model(input_ids=ids, attention_mask=mask, large_states=states, answer_start=ids.shape[1],
+                    cache=None, use_cache=use_cache, logits_to_keep=1)
+        cache = out.cache if use_cache else ComposedCache()  # without KV caches: the prompt's bounds only
+        last = states[:, -1:, model._bridge_taps].to(model.device, model.small.dtype)  # (B, 1, Kb, dL): prompts end right
+        cache.prompt = PromptRead(mask=mask[:, None, :, None], last=last.transpose(1, 2).contiguous())
+        return out.logits[:, -1], cache

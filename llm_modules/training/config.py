@@ -16,6 +16,7 @@ from llm_modules.errors import LLMModulesError
 from llm_modules.models.config import (
     GATED_BRIDGES,
     HEAD_KINDS,
+    LARGE_READS,
     SMALL_INPUTS,
     ComposeConfig,
 )
@@ -60,6 +61,7 @@ DEMO = dict(  # sized to finish within 15 minutes on a 2-core CPU (measured: see
 # Options with a fixed set of values: checked on construction, offered as choices by the CLI.
 CHOICES: dict[str, tuple[str, ...]] = {
     "method": METHODS, "head": HEAD_KINDS, "bridge": tuple(BRIDGES), "small_inputs": SMALL_INPUTS,
+    "large_reads": LARGE_READS,
     "template": TEMPLATES, "loss_on": LOSS_ON, "overflow": OVERFLOW,
     "mixed_precision": ("auto", "no", "bf16", "fp16"), "state_cache_dtype": tuple(DTYPES),
     "large_dtype": tuple(DTYPES), "large_device_map": DEVICE_MAPS, "large_quantization": QUANTIZATIONS,
@@ -96,6 +98,9 @@ HELP: dict[str, str] = {
     "train_small": "composed: train the small model's own weights; --no-train-small freezes them (CALM's setting), "
                    "so only the bridge, the head and any --train-embeddings train",
     "small_layers": "keep only the small model's first N decoder layers (a cheaper drafter or decoder); default: all",
+    "large_reads": "which large-model states the small side reads: all (its own position's and every earlier one) or "
+                   "prompt (the prompt's only: generation then runs the large model once per prompt; needs "
+                   "--small-inputs mapped and --head projected or new)",
     "large_layers": "ladder and xattn: large hidden states to tap, e.g. 3,7,11 (empty: every 4th, ending at the last)",
     "small_stride": "xattn: a cross-attention block after every N-th small layer",
     "gate_temperature": "ladder and xattn: T of the tanh(alpha / T) gates; smaller opens them faster (LST: 0.1)",
@@ -196,6 +201,7 @@ class TrainConfig:
     train_embeddings: bool = ComposeConfig.train_embeddings
     train_small: bool = ComposeConfig.train_small
     small_layers: int | None = ComposeConfig.small_layers
+    large_reads: str = ComposeConfig.large_reads
     # bridge options (each passed only to the bridges that have it): eca
     num_layers: int = EcaOptions.num_layers
     num_heads: int = EcaOptions.num_heads  # eca and xattn
@@ -290,6 +296,9 @@ class TrainConfig:
             for name in self._changed(sorted((_COMPOSE_OPTIONS | _BRIDGE_OPTIONS) & set(self.fields()))):
                 raise LLMModulesError(f"--{name.replace('_', '-')} shapes the composed model (--method composed); "
                                       f"--method {self.method} has no bridge, head or composition to apply it to")
+        if self.large_reads == "prompt" and self.loss_on == "all":
+            raise LLMModulesError("--large-reads prompt reads the states before each example's first labelled token; "
+                                  "with --loss-on all every token is labelled, so there is no prompt to read")
         if self.method != "drafter":
             for name in self._changed(DRAFTER_OPTIONS):
                 raise LLMModulesError(f"--{name.replace('_', '-')} is an option of --method drafter, not of "

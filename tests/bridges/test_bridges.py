@@ -463,7 +463,8 @@ def test_train_config_passes_only_the_chosen_bridges_options(tmp_path):
     ladder = TrainConfig(**base, bridge="ladder", large_layers="3,7,11", small_inputs="mapped")
     assert ladder.compose_options() == {"causal": True, "head": "residual", "bridge": "ladder",
                                         "small_inputs": "mapped", "train_embeddings": False, "train_small": True,
-                                        "large_layers": [3, 7, 11], "gate_temperature": 0.1}
+                                        "large_layers": [3, 7, 11], "gate_temperature": 0.1, "small_layers": None,
+                                        "large_reads": "all"}
     assert TrainConfig(**base).compose_options()["bridge"] == "eca"
     with pytest.raises(LLMModulesError, match="--num-layers is an option of the eca bridge"):
         TrainConfig(**base, bridge="ladder", num_layers=3)

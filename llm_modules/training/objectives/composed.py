@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from llm_modules.errors import LLMModulesError
+from llm_modules.tensors import IGNORE_INDEX
 from llm_modules.training.objectives.base import Objective, large_loading
 
 
@@ -31,6 +32,15 @@ class TrainedParts(nn.Module):
 
     def forward(self, **batch: Any) -> Any:
         return self.composed(**batch)
+
+
+def prompt_examples(examples: list[Any]) -> list[Any]:
+    """Each example cut to its prompt (the tokens before its first label): all a model that reads the prompt
+    only needs of the large model, so its state cache stores no answer position."""
+    from llm_modules.data.prepare import TokenizedExample, prompt_length
+
+    cut = [(e, prompt_length(e)) for e in examples]
+    return [TokenizedExample(input_ids=e.input_ids[:n], labels=[IGNORE_INDEX] * n, record=e.record) for e, n in cut]
 
 
 class ComposedObjective(Objective):
@@ -87,9 +97,11 @@ class ComposedObjective(Objective):
         root = Path(config.state_cache_dir) if config.state_cache_dir else cache_dir() / "states"
         cached = self.cached_model()
         model_key = model_state_key(cached, config.state_cache_dtype)
+        prompt_only = self.model.config.large_reads == "prompt"  # then the states of the prompts only
         for split in ("train", "val"):  # keyed by token ids: another split reuses their states
-            examples = getattr(data, split)
-            key = state_cache_key(cached, examples_digest(examples), config.state_cache_dtype)
+            examples = prompt_examples(getattr(data, split)) if prompt_only else getattr(data, split)
+            fingerprint = ("prompt:" if prompt_only else "") + examples_digest(examples)
+            key = state_cache_key(cached, fingerprint, config.state_cache_dtype)
             self.states[split] = StateCache.open_or_build(
                 root, key, cached, examples, dtype=config.state_cache_dtype,
                 progress=config.progress and accelerator.is_main_process, model_key=model_key,
@@ -108,6 +120,7 @@ class ComposedObjective(Objective):
         return self.model
 
     def batch_extras(self, split: str, indices: list[int], width: int) -> dict[str, torch.Tensor]:
+        # (B, width, K, dL); a prompt-only cache's rows end at their prompt, zeros after (never read)
         states = self.states.get(split)
         return {} if states is None else {"large_states": states.batch(indices, pad_to=width)}
 
