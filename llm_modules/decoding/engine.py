@@ -29,7 +29,7 @@ import torch
 
 from llm_modules.decoding.sampling import MIN_TEMPERATURE, SamplingOptions  # noqa: F401 (re-exported)
 from llm_modules.decoding.speculative import SpeculativeBatch
-from llm_modules.decoding.steppers import right_aligned, stepper_for
+from llm_modules.decoding.steppers import align_rows, stepper_for
 from llm_modules.errors import LLMModulesError
 from llm_modules.tensors import left_pad
 
@@ -188,18 +188,7 @@ class DecodeBatch:
 
     def _aligned(self, ids: torch.Tensor, mask: torch.Tensor, cache: Any, width: int):
         """Left-pad (or cut leading padding from) ids, mask and cache to `width` positions."""
-        have = ids.shape[1]
-        if width > have:
-            ids = torch.cat([ids.new_full((ids.shape[0], width - have), self.pad_id), ids], 1)
-            mask = torch.cat([mask.new_zeros((mask.shape[0], width - have)), mask], 1)
-        else:
-            ids, mask = ids[:, have - width:], mask[:, have - width:]
-        if cache is not None and width != have:
-            slots = self.stepper.slots(cache)  # read before the length changes (per-position counts)
-            for slot in slots:
-                slot.set(right_aligned(slot.get(), slot.cols(width)))
-            self.stepper.set_length(cache, width)
-        return ids, mask
+        return align_rows(self.stepper, ids, mask, cache, width, self.pad_id)
 
     def _keep(self, index: list[int]) -> None:
         """Keep only the rows in `index`, then cut the columns that are padding in all of them."""

@@ -23,7 +23,13 @@ from typing import Any, Protocol
 
 import torch
 
-from llm_modules.decoding.steppers import Decoder, PlainStepper, Slot, right_aligned
+from llm_modules.decoding.steppers import (
+    Decoder,
+    PlainStepper,
+    Slot,
+    align_rows,
+    right_aligned,
+)
 from llm_modules.errors import LLMModulesError
 from llm_modules.tensors import left_pad, positions_from_mask
 
@@ -204,18 +210,9 @@ class SpeculativeBatch:
         self.rows += seqs
         self.pending += pending
 
-    def _aligned(self, ids, mask, cache, width):
-        have = ids.shape[1]
-        if width > have:
-            ids = torch.cat([ids.new_full((ids.shape[0], width - have), self.pad_id), ids], 1)
-            mask = torch.cat([mask.new_zeros((mask.shape[0], width - have)), mask], 1)
-        else:
-            ids, mask = ids[:, have - width:], mask[:, have - width:]
-        if width != have:
-            for slot in self.stepper.slots(cache):
-                slot.set(right_aligned(slot.get(), slot.cols(width)))
-            self.stepper.set_length(cache, width)
-        return ids, mask
+    def _aligned(self, ids: torch.Tensor, mask: torch.Tensor, cache: Any, width: int):
+        """Left-pad (or cut leading padding from) ids, mask and cache to `width` positions."""
+        return align_rows(self.stepper, ids, mask, cache, width, self.pad_id)
 
     def _keep(self, index: list[int]) -> None:
         self.rows = [self.rows[i] for i in index]

@@ -86,6 +86,23 @@ def right_aligned(t: torch.Tensor, cols: int) -> torch.Tensor:
     return torch.cat([t.new_zeros(t.shape[0], t.shape[1], cols - have, t.shape[3]), t], dim=2)
 
 
+def align_rows(stepper: "Stepper", ids: torch.Tensor, mask: torch.Tensor, cache: Any, width: int, pad_id: int
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-pad (or cut leading padding from) ids, mask (B, S) and the cache's slots to `width` positions."""
+    have = ids.shape[1]
+    if width > have:
+        ids = torch.cat([ids.new_full((ids.shape[0], width - have), pad_id), ids], 1)
+        mask = torch.cat([mask.new_zeros((mask.shape[0], width - have)), mask], 1)
+    else:
+        ids, mask = ids[:, have - width:], mask[:, have - width:]
+    if cache is not None and width != have:
+        slots = stepper.slots(cache)  # read before the length changes (per-position counts)
+        for slot in slots:
+            slot.set(right_aligned(slot.get(), slot.cols(width)))
+        stepper.set_length(cache, width)
+    return ids, mask
+
+
 class Stepper:
     """Runs a model one chunk of positions ahead with a KV cache, and lists that cache's tensors."""
 

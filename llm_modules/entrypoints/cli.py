@@ -249,9 +249,7 @@ def device_and_dtype(args: argparse.Namespace) -> tuple[torch.device, torch.dtyp
 
 def load_for_generation(args: argparse.Namespace):
     """`--model` (composed, plain method or plain spec) with its tokenizer, on `--device` in `--dtype`."""
-    from llm_modules.models.loading import load_model
-
-    from llm_modules.models.loading import load_drafter
+    from llm_modules.models.loading import load_drafter, load_model
 
     device, dtype = device_and_dtype(args)
     loaded = load_model(args.model, device=device, dtype=dtype, allow_large_mismatch=args.allow_large_mismatch)

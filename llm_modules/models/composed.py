@@ -42,8 +42,8 @@ from llm_modules.models.stepping import (
     PromptReadStepper,
 )
 from llm_modules.models.vocab_map import VocabMap
-from llm_modules.tensors import positions_from_mask, prompt_source
 from llm_modules.tensors import answer_start as first_label
+from llm_modules.tensors import positions_from_mask, prompt_source
 
 logger = logging.getLogger(__name__)
 

@@ -8,6 +8,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from llm_modules.decoding.steppers import Decoder
 from llm_modules.errors import LLMModulesError
 from llm_modules.tensors import DTYPES
 

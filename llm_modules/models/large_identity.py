@@ -38,7 +38,6 @@ from torch import nn
 
 from llm_modules.errors import LLMModulesError
 from llm_modules.models.large import quantization_of
-from llm_modules.tensors import DTYPES
 
 logger = logging.getLogger(__name__)
 

@@ -410,7 +410,7 @@ class TrainConfig:
         """Options (other than resume-free ones) whose value differs from a saved run's."""
         mine, fields = self.to_dict(), self.fields()
         # an option the saved run predates had its default then (the gates before they had a temperature: 1)
-        then = {k: fields[k].default for k in fields}
+        then = {k: self._default(k) for k in fields}  # per method where the default depends on it
         if other.get("bridge") in GATED_BRIDGES:
             then["gate_temperature"] = 1.0
         saved = {k: other.get(k, then[k]) if k in fields else other.get(k) for k in set(mine) | set(other)}

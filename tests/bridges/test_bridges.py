@@ -21,7 +21,7 @@ from llm_modules.models.config import (
 )
 from llm_modules.tensors import positions_from_mask
 
-from ..helpers import COMBOS, FIXTURES, OPTIONS, assert_causal, random_ids
+from ..helpers import COMBOS, FIXTURES, LARGE_DIM, OPTIONS, SMALL_DIM, assert_causal, random_ids
 from ..helpers import compose_pair as compose
 from ..helpers import nudge_gates as nudge
 
