@@ -2,7 +2,9 @@
 
 A drafter folder is a composed model folder (`LLMModulesModel.from_pretrained` loads it: the large model
 named in its config is the TARGET it drafts for) plus `DRAFTER_FILE`, this record: how many tokens it was
-trained to draft per verify step and what it was trained to match. A decoder reads both.
+trained to draft per verify step and what it was trained to match. A decoder reads both. A drafter trained
+on a smaller draft vocabulary (`vocab` > 0) also holds `DRAFT_VOCAB_FILE`: the target's token ids it drafts
+from, sorted (safetensors, key "ids").
 """
 
 from __future__ import annotations
@@ -12,12 +14,15 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+
 from llm_modules.errors import LLMModulesError
 from llm_modules.models.saved import DRAFTER_FILE, resolve_model_folder
 
 DRAFTER_FORMAT = 1
 DRAFTER_LOSSES = ("kl", "ce")
 DRAFTER_TARGETS = ("logits", "generated")
+DRAFT_VOCAB_FILE = "llm_modules_draft_vocab.safetensors"
 
 
 @dataclass
@@ -26,11 +31,13 @@ class DrafterRecord:
     states up to the token just before the block (K = the draft length it was trained for; a decoder may
     draft fewer); `loss` "kl" (to the large model's next-token distribution) or "ce" (on its arg-max);
     `targets` "logits" (the large model's own on the training text) or "generated" (on its greedy answers).
+    `vocab`: the size of its draft vocabulary (0: the target's whole vocabulary).
     The target is the composed config's `large` (and `large_identity`, its weights' digests)."""
 
     draft_tokens: int
     loss: str = "kl"
     targets: str = "logits"
+    vocab: int = 0
     format_version: int = DRAFTER_FORMAT
 
     def __post_init__(self) -> None:
@@ -40,6 +47,8 @@ class DrafterRecord:
             raise LLMModulesError(f"drafter loss must be one of {', '.join(DRAFTER_LOSSES)}, got {self.loss!r}")
         if self.targets not in DRAFTER_TARGETS:
             raise LLMModulesError(f"drafter targets must be one of {', '.join(DRAFTER_TARGETS)}, got {self.targets!r}")
+        if not isinstance(self.vocab, int) or isinstance(self.vocab, bool) or self.vocab < 0:
+            raise LLMModulesError(f"drafter vocab must be an integer >= 0, got {self.vocab!r}")
         if self.format_version != DRAFTER_FORMAT:
             raise LLMModulesError(f"drafter record format {self.format_version!r} is not this version's "
                                   f"({DRAFTER_FORMAT}); was it written by a newer llm-modules?")
@@ -64,3 +73,26 @@ class DrafterRecord:
             return cls(**data)
         except (ValueError, TypeError) as err:
             raise LLMModulesError(f"{path} is not a valid drafter record: {err}") from None
+
+
+def save_draft_vocab(directory: str | Path, ids: torch.Tensor) -> Path:
+    from safetensors.torch import save_file
+
+    path = Path(directory) / DRAFT_VOCAB_FILE
+    save_file({"ids": ids.detach().to("cpu", torch.long).contiguous()}, str(path))
+    return path
+
+
+def load_draft_vocab(directory: str | Path, record: DrafterRecord) -> torch.Tensor | None:
+    """The draft vocabulary of the drafter saved in `directory` (None: it drafts from the whole vocabulary)."""
+    if not record.vocab:
+        return None
+    path = resolve_model_folder(directory) / DRAFT_VOCAB_FILE
+    if not path.is_file():
+        raise LLMModulesError(f"{path} is missing: the drafter record says it drafts from {record.vocab} tokens")
+    from safetensors.torch import load_file
+
+    ids = load_file(str(path)).get("ids")
+    if ids is None or ids.dim() != 1 or ids.numel() != record.vocab or bool((ids[1:] <= ids[:-1]).any()):
+        raise LLMModulesError(f"{path} does not hold the {record.vocab} sorted token ids its drafter record names")
+    return ids.long()

@@ -63,9 +63,10 @@ def load_drafter(folder: str, target: RunnableModel, spec: str, draft_tokens: in
                  allow_large_mismatch: bool = False) -> Any:
     """The drafter saved in `folder` (train --method drafter), drafting for `target` (loaded from `spec`),
     which must be the large model the drafter was trained on: it is shared, not loaded again, and checked
-    against the drafter's record of it. `draft_tokens` defaults to the K it trained with."""
+    against the drafter's record of it. `draft_tokens` defaults to the K it trained with; it drafts from the
+    draft vocabulary it trained with, if any."""
     from llm_modules.models.composed import LLMModulesModel
-    from llm_modules.models.drafter import DrafterRecord
+    from llm_modules.models.drafter import DrafterRecord, load_draft_vocab
     from llm_modules.models.drafting import ComposedDrafter
     from llm_modules.models.specs import LoadedModel
 
@@ -82,4 +83,4 @@ def load_drafter(folder: str, target: RunnableModel, spec: str, draft_tokens: in
                                               large=LoadedModel(target.model, target.tokenizer, spec, "shared"))
     k = draft_tokens if draft_tokens is not None else record.draft_tokens
     pad = target.tokenizer.pad_token_id if target.tokenizer.pad_token_id is not None else 0
-    return ComposedDrafter(drafter.eval(), draft_tokens=k, pad_id=pad)
+    return ComposedDrafter(drafter.eval(), draft_tokens=k, pad_id=pad, vocab=load_draft_vocab(where, record))

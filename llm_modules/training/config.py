@@ -77,7 +77,7 @@ METHOD_DEFAULTS: dict[str, dict[str, str]] = {
     "drafter": {"head": "projected", "small_inputs": "mapped"},
 }
 # Options of --method drafter only.
-DRAFTER_OPTIONS = ("draft_tokens", "drafter_loss", "drafter_targets")
+DRAFTER_OPTIONS = ("draft_tokens", "drafter_loss", "drafter_targets", "draft_vocab")
 # Options of the frozen large model: the methods that train it (lora) refuse them.
 LARGE_LOADING = ("large_dtype", "large_device_map", "large_quantization")
 
@@ -118,6 +118,9 @@ HELP: dict[str, str] = {
     "distill_temperature": "softmax temperature of --method distill's KL to the large model",
     "draft_tokens": "--method drafter: K, the tokens drafted per verify step; training shows the drafter the large "
                     "states up to the token before each block of K, as it has them while drafting",
+    "draft_vocab": "--method drafter: draft from the N most frequent answer tokens of the training data only (EAGLE-3's "
+                   "smaller draft vocabulary; the head and the loss then cost N rows, not the whole vocabulary, "
+                   "and the target still emits any token); 0: the whole vocabulary",
     "drafter_loss": "--method drafter: kl (to the large model's next-token distribution) or ce (on its arg-max)",
     "drafter_targets": "--method drafter: logits (the large model's own, on the training text) or generated (train "
                        "on the large model's greedy answers to the training prompts, generated once and cached)",
@@ -223,6 +226,7 @@ class TrainConfig:
     draft_tokens: int = 4  # method drafter: K
     drafter_loss: str = "kl"
     drafter_targets: str = "logits"
+    draft_vocab: int = 0  # method drafter: N most frequent answer tokens (0: the whole vocabulary)
     # optimisation (paper: AdamW, lr 1e-4 bridge, 5e-5 small model and head, clip 1.0, batch 1)
     epochs: int = 1
     max_steps: int = 0  # > 0 overrides epochs
@@ -267,7 +271,7 @@ class TrainConfig:
         positive = ["num_layers", "num_heads", "adapter_dim", "small_stride", "max_length", "batch_size", "grad_accum",
                     "keep_checkpoints", "lora_rank", "draft_tokens"]
         non_negative = ["epochs", "max_steps", "eval_every", "save_every", "early_stopping_patience", "num_samples",
-                        "max_new_tokens"]
+                        "max_new_tokens", "draft_vocab"]
         for name in positive + non_negative:
             value = getattr(self, name)
             low = 1 if name in positive else 0

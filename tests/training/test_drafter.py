@@ -74,7 +74,8 @@ def test_a_drafter_trains_end_to_end_and_saves_a_composed_model_that_loads(draft
     assert val[-1]["val_loss"] < val[0]["val_loss"]  # the drafter's loss to the large model falls
     summary = json.loads((run / "summary.json").read_text())
     assert summary["method"] == "drafter" and summary["best_val_metrics"]["val_agreement"] >= 0
-    assert summary["drafter"] == {"draft_tokens": 4, "loss": loss, "targets": "logits", "format_version": 1}
+    assert summary["drafter"] == {"draft_tokens": 4, "loss": loss, "targets": "logits", "vocab": 0,
+                                  "format_version": 1}
     for name in ("best", "last"):
         folder = run / name
         assert (folder / WEIGHTS_FILE).is_file() and (folder / DRAFTER_FILE).is_file()
@@ -98,6 +99,10 @@ def test_the_drafter_defaults_and_refusals():
         TrainConfig(**base, draft_tokens=2)
     with pytest.raises(LLMModulesError, match="--drafter-loss must be one of kl, ce"):
         TrainConfig(**base, method="drafter", drafter_loss="mse")
+    with pytest.raises(LLMModulesError, match="--draft-vocab is an option of --method drafter"):
+        TrainConfig(**base, draft_vocab=100)
+    with pytest.raises(LLMModulesError, match="--draft-vocab"):
+        TrainConfig(**base, method="drafter", draft_vocab=-1)
     with pytest.raises(LLMModulesError, match="trains from the state cache"):
         TrainConfig(**base, method="drafter", state_cache=False)
     assert TrainConfig(**base, method="drafter", head="new", small_inputs="bridge", bridge="ladder").head == "new"
@@ -205,6 +210,62 @@ def test_draft_loss_is_kl_or_cross_entropy_on_the_arg_max_whatever_the_chunking(
             torch.testing.assert_close(loss.detach(), expected[kind], rtol=1e-10, atol=1e-10)
             assert int(agreement) == int(agree)
             loss.backward()  # chunks recomputed in the backward pass
+
+
+def test_a_draft_vocabulary_restricts_both_distributions_and_agreement_uses_the_whole_one(mapped_pair):
+    """With rows: KL between the two distributions renormalised over the rows (so training never costs |V|);
+    the agreement counted without gradients is against the target's arg-max over the WHOLE vocabulary (a
+    position whose target token the drafter cannot propose is a miss), with gradients over the rows."""
+    from ..helpers import compose_pair as compose
+
+    model = compose(mapped_pair, "eca", "mapped", head="projected").double()
+    nudge(model)
+    g = torch.Generator().manual_seed(2)
+    s = torch.randn(31, model.small.config.hidden_size, generator=g, dtype=torch.float64)
+    h = torch.randn(31, model.large_head.weight.shape[1], generator=g, dtype=torch.float64)
+    with torch.no_grad():
+        full_p = model.large_head(h)
+    rows = torch.unique(full_p.argmax(-1))[: 3]  # some positions' target token is outside the rows
+    rows = torch.unique(torch.cat([rows, torch.tensor([0, 1])]))
+    with torch.no_grad():
+        q = model.head(s, None, model.large_head)[:, rows].log_softmax(-1)
+        p = full_p[:, rows].log_softmax(-1)
+    expected = {"kl": (p.exp() * (p - q)).sum(), "ce": -q.gather(1, p.argmax(-1, keepdim=True)).sum()}
+    whole = int((rows[q.argmax(-1)] == full_p.argmax(-1)).sum())
+    within = int((q.argmax(-1) == p.argmax(-1)).sum())
+    assert whole < within  # the test can tell the two counts apart
+    for kind in ("kl", "ce"):
+        loss, agreement = draft_loss(model, s.requires_grad_(True), h, kind, rows)
+        torch.testing.assert_close(loss.detach(), expected[kind], rtol=1e-10, atol=1e-10)
+        assert int(agreement) == within
+        loss.backward()
+        with torch.no_grad():
+            assert int(draft_loss(model, s, h, kind, rows)[1]) == whole
+
+
+def test_a_drafter_trained_on_a_draft_vocabulary_saves_it_and_decodes_from_it(drafter_args, mapped_pair, tmp_path,
+                                                                            capsys):
+    from llm_modules.models.drafter import DRAFT_VOCAB_FILE, load_draft_vocab
+    from llm_modules.models.loading import load_drafter, load_model
+
+    assert main(drafter_args("run", "--draft-vocab", "6")) == 0
+    capsys.readouterr()
+    record = DrafterRecord.load(tmp_path / "run")
+    ids = load_file(str(tmp_path / "run" / "best" / DRAFT_VOCAB_FILE))["ids"]
+    assert record.vocab == ids.numel() and 6 <= ids.numel() <= 6 + 2 and torch.equal(ids, ids.sort().values)
+    assert torch.equal(load_draft_vocab(tmp_path / "run", record), ids)
+    target = load_model(mapped_pair["large"])
+    drafter = load_drafter(str(tmp_path / "run"), target, mapped_pair["large"])
+    assert torch.equal(drafter.vocab.cpu(), ids)
+    base = ["--model", mapped_pair["large"], "--prompt", "What is 3 plus 4?", "--max-new-tokens", "12",
+            "--template", "stratos"]
+    assert main(["generate", *base]) == 0
+    alone = capsys.readouterr().out
+    assert main(["generate", *base, "--draft", str(tmp_path / "run")]) == 0
+    assert capsys.readouterr().out == alone
+    (tmp_path / "run" / "best" / DRAFT_VOCAB_FILE).unlink()
+    with pytest.raises(LLMModulesError, match="is missing"):
+        load_draft_vocab(tmp_path / "run", record)
 
 
 def test_offsets_are_a_function_of_seed_step_and_example():

@@ -32,40 +32,60 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from llm_modules.models.drafter import DrafterRecord
+from llm_modules.models.drafter import DrafterRecord, save_draft_vocab
+from llm_modules.models.drafting import draft_vocabulary
 from llm_modules.tensors import IGNORE_INDEX, draft_source
 from llm_modules.training.objectives.composed import ComposedObjective, TrainedParts
 
 logger = logging.getLogger(__name__)
 
 
-def draft_loss(model: Any, s: torch.Tensor, h: torch.Tensor, kind: str) -> tuple[torch.Tensor, torch.Tensor]:
+def draft_loss(model: Any, s: torch.Tensor, h: torch.Tensor, kind: str, rows: torch.Tensor | None = None
+               ) -> tuple[torch.Tensor, torch.Tensor]:
     """(summed loss, top-1 agreements) of the drafter's head on N positions against the large model's logits.
 
     s (N, dS) the small model's output, h (N, dL) the large model's final states at the same positions.
-    `kind` "kl": sum of KL(p_large || p_drafter); "ce": cross-entropy on the large model's arg-max. The head
-    runs `model.loss_chunk_tokens` positions at a time and, with gradients on, recomputes each chunk in the
-    backward pass, so memory holds one chunk's (chunk, |V|) logits rather than N x |V|.
+    `kind` "kl": sum of KL(p_large || p_drafter); "ce": cross-entropy on the large model's arg-max. With a
+    draft vocabulary `rows` (n,) both distributions are over those tokens only (the target's renormalised
+    there, as the drafter can propose nothing else), so the head costs n rows instead of |V|; an agreement
+    still needs the target's arg-max over its whole vocabulary, computed when no gradient is (validation).
+    The head runs `model.loss_chunk_tokens` positions at a time and, with gradients on, recomputes each chunk
+    in the backward pass, so memory holds one chunk's (chunk, |V|) logits rather than N x |V|.
     """
     large_head = model.large_head
     precision = torch.promote_types(s.dtype, torch.float32)  # half-precision logits are summed in float32
+    weight = large_head.weight
+    sub = None if rows is None else weight.detach()[rows.to(weight.device)]  # (n, dL)
+    exact = not torch.is_grad_enabled()
 
     def chunk(s_i: torch.Tensor, h_i: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        logits = model.head(s_i, None, large_head).to(precision)  # (n, V)
+        logits = model.head(s_i, None, large_head, rows=rows).to(precision)  # (n_i, V or n)
         with torch.no_grad():
-            weight = large_head.weight
-            target = large_head(h_i.to(weight.device, weight.dtype)).to(logits.device, precision)  # (n, V)
-            best = target.argmax(-1)  # (n,)
+            h_i = h_i.to(weight.device, weight.dtype)
+            target = (large_head(h_i) if sub is None else F.linear(h_i, sub)).to(logits.device, precision)
+            best = target.argmax(-1)  # (n_i,) in the drafter's vocabulary
+            mine = logits.detach().argmax(-1)
+            if sub is None:
+                agree = mine == best
+            elif exact:
+                agree = rows.to(mine.device)[mine] == large_head(h_i).argmax(-1).to(mine.device)
+            else:
+                agree = mine == best
         if kind == "kl":
             loss = F.kl_div(F.log_softmax(logits, -1), F.log_softmax(target, -1), log_target=True, reduction="sum")
         else:
             loss = F.cross_entropy(logits, best, reduction="sum")
-        return loss, (logits.detach().argmax(-1) == best).sum()
+        return loss, agree.sum()
 
     size = model.loss_chunk_tokens
     run = partial(checkpoint, chunk, use_reentrant=False) if torch.is_grad_enabled() else chunk
     parts = [run(s[i : i + size], h[i : i + size]) for i in range(0, s.shape[0], size)] or [chunk(s, h)]
     return sum(p[0] for p in parts), sum(p[1] for p in parts)
+
+
+def answer_vocabulary(examples: list[Any], size: int, always: list[int]) -> torch.Tensor:
+    """The `size` most frequent answer tokens (labelled positions) of `examples`, plus `always`, sorted."""
+    return draft_vocabulary([[t for t in e.labels if t != IGNORE_INDEX] for e in examples], size, always)
 
 
 class DrafterParts(TrainedParts):
@@ -76,6 +96,7 @@ class DrafterParts(TrainedParts):
     def __init__(self, model: nn.Module, kind: str):
         super().__init__(model)
         self.kind = kind
+        self.vocab: torch.Tensor | None = None  # the draft vocabulary (None: the whole one)
 
     def forward(self, target_states: torch.Tensor, labels: torch.Tensor, **batch: Any
                 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -84,7 +105,8 @@ class DrafterParts(TrainedParts):
         keep = targets != IGNORE_INDEX  # (B, T-1)
         s = hidden[:, :-1][keep]  # (N, dS)
         h = target_states[:, :-1].to(hidden.device)[keep]  # (N, dL)
-        return draft_loss(self.composed, s, h, self.kind)
+        vocab = None if self.vocab is None else self.vocab.to(hidden.device)
+        return draft_loss(self.composed, s, h, self.kind, vocab)
 
 
 class StateTaps:
@@ -122,6 +144,7 @@ class DrafterObjective(ComposedObjective):
         model = self.model
         self.module = DrafterParts(model, config.drafter_loss)
         self.record = DrafterRecord(config.draft_tokens, config.drafter_loss, config.drafter_targets)
+        self.draft_vocab_size = config.draft_vocab
         self.seed, self.step = config.seed, 0
         final = model.num_large_layers
         # the cache holds the bridge's taps and the final state; forward reads the bridge's only
@@ -155,6 +178,19 @@ class DrafterObjective(ComposedObjective):
                       f"tokens, {'generated' if self.generation['generated'] else 'reused'}) in "
                       f"{self.generation['file']}")
         super().attach_data(config, data, accelerator)
+        if self.draft_vocab_size:
+            self.module.vocab = answer_vocabulary(data.train, self.draft_vocab_size, self._end_ids())
+            self.record.vocab = int(self.module.vocab.numel())
+            if accelerator.is_main_process:
+                print(f"draft vocabulary: the {self.draft_vocab_size} most frequent answer tokens of the training "
+                      f"data and the end-of-sequence ids ({self.record.vocab} of {self.model.vocab_size})")
+
+    def _end_ids(self) -> list[int]:
+        ends = {self.tokenizer.eos_token_id}
+        generation = getattr(self.model.large, "generation_config", None)
+        eos = getattr(generation, "eos_token_id", None)
+        ends |= set([eos] if isinstance(eos, int) else list(eos or []))
+        return sorted(e for e in ends if e is not None)
 
     def begin_step(self, step: int) -> None:
         self.step = step
@@ -178,6 +214,8 @@ class DrafterObjective(ComposedObjective):
     def save_pretrained(self, directory: str | Path, state: dict[str, torch.Tensor] | None = None) -> Path:
         folder = super().save_pretrained(directory, state)
         self.record.save(folder)
+        if self.module.vocab is not None:
+            save_draft_vocab(folder, self.module.vocab)
         return folder
 
     def summary_extras(self) -> dict[str, Any]:
