@@ -14,7 +14,8 @@ Rows, per task and batch size:
   ours: DRAFTER, K                           each --drafter folder at each --draft-tokens K (our engine)
 Per row: generated tokens/s (all rows' new tokens over the wall time of the whole batch loop), speed-up over the
 target alone in the same engine, mean draft tokens accepted per verify pass (ours), the drafter's training
-seconds (its run's own summary: training plus state-cache build), and how many outputs equal the target's own.
+seconds (its run's summary: training, target generation and the state cache's build, also when it reused a cache
+that another drafter of the run built), and how many outputs equal the target's own.
 Prompts are the tasks' questions in the target's chat template. Nothing else should run: a timed benchmark.
 """
 
@@ -33,6 +34,7 @@ from llm_modules.data.prompting import prompt_ids
 from llm_modules.data.sources import load_records
 from llm_modules.decoding.generation import generate
 from llm_modules.models.composed import LLMModulesModel
+from llm_modules.models.drafter import DrafterRecord, load_draft_vocab
 from llm_modules.models.drafting import ComposedDrafter
 from llm_modules.models.specs import resolve_model
 from llm_modules.tensors import left_pad
@@ -105,26 +107,50 @@ def training_vocabulary(folder: Path, tokenizer, n: int, eos: list[int]) -> torc
     raise SystemExit(f"{folder}: no run_config.json beside it or above it, so no training data to count tokens in")
 
 
-def training_seconds(folder: Path) -> float | None:
+def saved_vocabulary(folder: Path) -> torch.Tensor | None:
+    """The draft vocabulary the drafter trained with (train --draft-vocab), None for the whole one."""
+    record = DrafterRecord.load(folder)
+    return None if record is None else load_draft_vocab(folder, record)
+
+
+def run_summary(folder: Path) -> dict | None:
     for candidate in (folder, folder.parent):
-        summary = candidate / "summary.json"
-        if summary.is_file():
-            data = json.loads(summary.read_text())
-            total = data.get("train_seconds") or data.get("seconds")
-            if total is not None:
-                return round(float(total) + float(data.get("state_cache_seconds", 0) or 0), 1)
+        if (candidate / "summary.json").is_file():
+            return json.loads((candidate / "summary.json").read_text())
     return None
+
+
+def training_costs(folders: list[Path]) -> dict[Path, float | None]:
+    """Each drafter's training seconds, everything included: its training, its target generation, and its
+    state cache's build. A run that reused a state cache (state_cache_seconds 0) is charged the build of the
+    drafter here that built the same cache (the same keys): what it would have cost it alone."""
+    summaries = {f: run_summary(f) for f in folders}
+    built = {tuple(s.get("state_cache_keys") or ()): float(s["state_cache_seconds"])
+             for s in summaries.values() if s and s.get("state_cache_keys") and s.get("state_cache_seconds")}
+    costs: dict[Path, float | None] = {}
+    for folder, summary in summaries.items():
+        if summary is None or summary.get("train_seconds") is None:
+            costs[folder] = None
+            continue
+        cache = float(summary.get("state_cache_seconds") or 0) or built.get(tuple(summary.get("state_cache_keys") or ()),
+                                                                           0.0)
+        costs[folder] = round(float(summary["train_seconds"]) + float(summary.get("target_generation_seconds") or 0)
+                              + cache, 1)
+    return costs
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--target", default="qwen2.5-coder-1.5b-instruct")
     parser.add_argument("--assistant", default="qwen2.5-coder-0.5b-instruct", help="'' to skip the row")
-    parser.add_argument("--drafter", action="append", default=[], help="a drafter folder (train --method drafter)")
+    parser.add_argument("--drafter", action="append", default=[],
+                        help="a drafter folder (train --method drafter), optionally DIR@K1,K2: its own draft lengths "
+                             "instead of --draft-tokens")
     parser.add_argument("--draft-tokens", action="append", type=int, default=[])
     parser.add_argument("--draft-vocab", action="append", type=int, default=[],
-                        help="also run each drafter drafting from the N most frequent target tokens of its training "
-                             "data (its run's --data), as EAGLE-3 does; 0: the whole vocabulary")
+                        help="run each drafter drafting from the N most frequent target tokens of its training "
+                             "data (its run's --data), as EAGLE-3 does; 0 (the default): the draft vocabulary it "
+                             "trained with (train --draft-vocab), else the whole vocabulary")
     parser.add_argument("--data", action="append", default=[])
     parser.add_argument("--prompts", type=int, default=8)
     parser.add_argument("--batch", action="append", type=int, default=[])
@@ -145,8 +171,12 @@ def main() -> None:
     eos = [eos] if isinstance(eos, int) else list(eos or [tokenizer.eos_token_id])
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos[0]
     assistant = resolve_model(args.assistant).model.eval() if args.assistant else None
-    drafters = [(Path(d), LLMModulesModel.from_pretrained(d, large=loaded).eval()) for d in args.drafter]
-    vocabularies = {(folder, n): (training_vocabulary(folder, tokenizer, n, eos) if n else None)
+    wanted = [(d.rsplit("@", 1)[0], [int(k) for k in d.rsplit("@", 1)[1].split(",")] if "@" in d else ks)
+              for d in args.drafter]
+    drafters = [(Path(d), LLMModulesModel.from_pretrained(d, large=loaded).eval()) for d, _ in wanted]
+    lengths = {Path(d): k for d, k in wanted}
+    costs = training_costs([folder for folder, _ in drafters])
+    vocabularies = {(folder, n): (training_vocabulary(folder, tokenizer, n, eos) if n else saved_vocabulary(folder))
                     for folder, _ in drafters for n in args.draft_vocab or [0]}
 
     rows = []
@@ -164,13 +194,14 @@ def main() -> None:
                 runs.append(("prompt lookup (10 tokens)", run_hf(target, prompts, size, args.max_new_tokens, pad, eos,
                                                                   prompt_lookup_num_tokens=10), None, None))
             for folder, model in drafters:
-                for k in ks:
+                for k in lengths[folder]:
                     for n in args.draft_vocab or [0]:
                         vocab = vocabularies[(folder, n)]
                         drafter = ComposedDrafter(model, draft_tokens=k or 4, pad_id=pad, vocab=vocab)
                         result = run_ours(target, prompts, size, args.max_new_tokens, pad, eos, drafter)
-                        label = f"ours: {run_name(folder)}, K={drafter.draft_tokens}" + (f", vocab {n}" if n else "")
-                        runs.append((label, result, training_seconds(folder), drafter))
+                        size_note = f", vocab {n}" if n else (f", vocab {len(vocab)}" if vocab is not None else "")
+                        label = f"ours: {run_name(folder)}, K={drafter.draft_tokens}{size_note}"
+                        runs.append((label, result, costs[folder], drafter))
             for name, (outputs, seconds, stats), train_s, _ in runs:
                 tokens = sum(len(o) for o in outputs)
                 same = sum(o == r for o, r in zip(outputs, reference))

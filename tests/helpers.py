@@ -329,6 +329,28 @@ def nudge_gates(model, seed=3, scale=0.05):
                     p.fill_(0.8)
 
 
+CHAT_TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}{{ eos_token }}{% endfor %}"
+                 "{% if add_generation_prompt %}<|assistant|>{% endif %}")
+
+
+def build_chat_pair(root: Path) -> dict[str, str]:
+    """Tiny large (Qwen2) and small (Llama) models over GPT-2's vocabulary, each with tokenizer files and a short
+    chat template (rows that read the small model's own tokenizer work; short prompts keep tests fast)."""
+    tokenizer = gpt2_tokenizer()
+    tokenizer.chat_template = CHAT_TEMPLATE
+    torch.manual_seed(11)
+    for name, config in (("large", Qwen2Config(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                               num_key_value_heads=2, intermediate_size=64, vocab_size=50257,
+                                               max_position_embeddings=512, tie_word_embeddings=True)),
+                         ("small", LlamaConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                               num_key_value_heads=1, intermediate_size=64, vocab_size=50257,
+                                               max_position_embeddings=512, tie_word_embeddings=True))):
+        model = (Qwen2ForCausalLM if name == "large" else LlamaForCausalLM)(config)
+        model.save_pretrained(root / name)
+        tokenizer.save_pretrained(root / name)
+    return {"large": str(root / "large"), "small": str(root / "small")}
+
+
 def build_mapped_pair(root) -> dict[str, str]:
     """A 4-layer Qwen2 large and a 2-layer Llama small, each with its OWN byte-level BPE tokenizer."""
     from transformers import (

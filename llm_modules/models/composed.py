@@ -163,6 +163,7 @@ class LLMModulesModel(nn.Module):
         large_dtype: torch.dtype | None = None,
         device: str | torch.device | None = None,
         large_placement: dict[str, Any] | None = None,
+        shared_large: Any = None,
         **bridge_options: Any,
     ) -> LLMModulesModel:
         """Load both models from their specs and join them with a freshly initialised bridge and head.
@@ -172,9 +173,11 @@ class LLMModulesModel(nn.Module):
         adapter_dim, dropout, large_layer; ladder: large_layers; xattn: large_layers, small_stride,
         num_heads). `large_dtype` (default: `dtype`) lets the frozen large model run in bf16/fp16;
         `large_placement` (`large.load_options`) spreads it over GPUs or quantizes it while loading.
+        `shared_large`: the large model already loaded from the spec `large` (a `specs.LoadedModel`), shared,
+        not loaded again (several compositions over one large model).
         """
         config = ComposeConfig.from_options(large=large, small=small, causal=causal, **bridge_options)
-        return cls._build(config, dtype, large_dtype, device, large_placement=large_placement)
+        return cls._build(config, dtype, large_dtype, device, large_placement=large_placement, large=shared_large)
 
     @classmethod
     def _build(cls, config: ComposeConfig, dtype: torch.dtype, large_dtype: torch.dtype | None, device: Any,

@@ -422,6 +422,7 @@ def train(config: TrainConfig, on_step: Callable[[Run, int], None] | None = None
         summary["parameters"] = run.objective.parameter_counts()
         summary["large_released"] = getattr(run.objective, "released", False)
         summary["state_cache_seconds"] = getattr(run.objective, "cache_seconds", 0.0)
+        summary["state_cache_keys"] = getattr(run.objective, "cache_keys", [])
         summary.update(run.objective.summary_extras())
         if plot_losses(run.output / "metrics.jsonl", run.output / "loss_curve.png"):
             summary["loss_curve"] = str(run.output / "loss_curve.png")

@@ -10,35 +10,15 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
-from ..helpers import REPO, gpt2_tokenizer
+from ..helpers import REPO, build_chat_pair
 
 SCRIPT = REPO / "benchmarks" / "transfer_report.py"
 
 
-CHAT_TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}{{ eos_token }}{% endfor %}"
-                 "{% if add_generation_prompt %}<|assistant|>{% endif %}")
-
-
 @pytest.fixture(scope="module")
 def pair(tmp_path_factory) -> dict[str, str]:
-    """Tiny large and small models over GPT-2's vocabulary, each with tokenizer files and a short chat
-    template (the small_finetuned row reads its own tokenizer; short prompts keep the test fast)."""
-    root = tmp_path_factory.mktemp("report_pair")
-    tokenizer = gpt2_tokenizer()
-    tokenizer.chat_template = CHAT_TEMPLATE
-    torch.manual_seed(11)
-    for name, config in (("large", Qwen2Config(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                                               num_key_value_heads=2, intermediate_size=64, vocab_size=50257,
-                                               max_position_embeddings=512, tie_word_embeddings=True)),
-                         ("small", LlamaConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                                               num_key_value_heads=1, intermediate_size=64, vocab_size=50257,
-                                               max_position_embeddings=512, tie_word_embeddings=True))):
-        model = (Qwen2ForCausalLM if name == "large" else LlamaForCausalLM)(config)
-        model.save_pretrained(root / name)
-        tokenizer.save_pretrained(root / name)
-    return {"large": str(root / "large"), "small": str(root / "small")}
+    return build_chat_pair(tmp_path_factory.mktemp("report_pair"))
 
 
 def report(pair: dict[str, str], out: Path, *extra: str) -> tuple[dict, str]:

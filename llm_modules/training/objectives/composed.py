@@ -65,6 +65,7 @@ class ComposedObjective(Objective):
         self.counts = self.model.parameter_counts()  # before any release of the large model
         self.released = False
         self.cache_seconds = 0.0  # spent building the state cache in this run (0 when reused)
+        self.cache_keys: list[str] = []  # the state caches' keys: a run that reused them can be charged their build
 
     def param_groups(self, config: Any) -> list[dict[str, Any]]:
         rest = [p for m in (self.model.small, self.model.head) for p in m.parameters() if p.requires_grad]
@@ -107,6 +108,7 @@ class ComposedObjective(Objective):
                 progress=config.progress and accelerator.is_main_process, model_key=model_key,
             ) if examples else None
         caches = [c for c in self.states.values() if c is not None]
+        self.cache_keys = sorted(c.path.name for c in caches)
         reused = all(not c.built for c in caches)
         if accelerator.is_main_process:
             size, computed = sum(c.size_bytes for c in caches), sum(c.computed for c in caches)

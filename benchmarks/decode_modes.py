@@ -1,0 +1,154 @@
+"""Decode speed of every way to answer with a large and a small model, in one run, on the same prompts, greedy.
+
+    python benchmarks/decode_modes.py [--large qwen2.5-coder-1.5b-instruct] [--small smollm2-135m-instruct] \
+        [--data 'reasoning-gym:gsm_symbolic?size=8&seed=999'] [--batch 1 --batch 8] [--new-tokens 128] \
+        [--small-layers 8] [--bridge eca --bridge xattn] [--output reports/decode_modes]
+
+Rows (our decoding engine for all of them, the prompts in each model's own chat template):
+  large alone                     the large model
+  lora on large                   the large model with rank-8 LoRA adapters on every linear layer, as
+                                  `train --method lora` saves and `load_model` loads it (unmerged)
+  small alone                     the small model (its own tokenizer)
+  composed, reads all             the large model runs on every token, the bridge and small model after it
+  composed, reads prompt          the large model reads the prompt once; the bridge and the small model decode
+                                  alone (`--large-reads prompt`), with all the small model's layers and with
+                                  each --small-layers N
+Speed does not depend on the trained weights, so the composed rows are freshly composed (the same shapes as
+a trained model's) and every row generates exactly --new-tokens tokens (no end-of-sequence stop).
+Per row and batch size: generated tokens/s over the whole batch loop (prefill included), and the decode
+milliseconds per token of one row: (time for N new tokens - time for 1) / (N - 1), i.e. after the prefill.
+Nothing else should run: a timed benchmark.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import platform
+import time
+from pathlib import Path
+
+import torch
+
+from llm_modules.data.prompting import prompt_ids
+from llm_modules.data.sources import load_records
+from llm_modules.decoding.generation import generate
+from llm_modules.models.composed import LLMModulesModel
+from llm_modules.models.plain import add_lora
+from llm_modules.models.specs import resolve_model
+from llm_modules.tensors import left_pad
+
+
+def prompts_of(records, tokenizer) -> list[list[int]]:
+    return [prompt_ids([m for m in r.messages if m["role"] == "user"][:1], tokenizer, "chat", r.system)
+            for r in records]
+
+
+@torch.no_grad()
+def timed_generate(model, prompts: list[list[int]], size: int, new_tokens: int, pad: int) -> float:
+    seconds = 0.0
+    for i in range(0, len(prompts), size):
+        ids, mask = left_pad(prompts[i: i + size], pad)
+        start = time.perf_counter()
+        generate(model, ids, mask, max_new_tokens=new_tokens, eos_token_id=[], pad_token_id=pad)
+        seconds += time.perf_counter() - start
+    return seconds
+
+
+def measure(name: str, model, prompts: list[list[int]], sizes: list[int], new_tokens: int, pad: int) -> list[dict]:
+    timed_generate(model, prompts[:1], 1, 4, pad)  # warm-up
+    rows = []
+    for size in sizes:
+        seconds = timed_generate(model, prompts, size, new_tokens, pad)
+        first = timed_generate(model, prompts, size, 1, pad)  # the prefill and one token, the same batches
+        batches = -(-len(prompts) // size)
+        decode_ms = 1000 * (seconds - first) / batches / (new_tokens - 1)
+        row = {"row": name, "batch": size, "tokens_per_s": round(len(prompts) * new_tokens / seconds, 2),
+               "seconds": round(seconds, 1), "decode_ms_per_token": round(decode_ms, 1),
+               "prefill_s_per_batch": round(first / batches, 2)}
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--large", default="qwen2.5-coder-1.5b-instruct")
+    parser.add_argument("--small", default="smollm2-135m-instruct")
+    parser.add_argument("--data", default="reasoning-gym:gsm_symbolic?size=8&seed=999")
+    parser.add_argument("--prompts", type=int, default=8)
+    parser.add_argument("--batch", action="append", type=int, default=[])
+    parser.add_argument("--new-tokens", type=int, default=128)
+    parser.add_argument("--bridge", action="append", default=[], help="composed rows' bridges (default: eca)")
+    parser.add_argument("--head", default="new", help="the composed rows' head: new (the paper's) or projected")
+    parser.add_argument("--small-layers", action="append", type=int, default=[],
+                        help="also time `reads prompt` with only the small model's first N layers")
+    parser.add_argument("--lora-rank", type=int, default=8)
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    parser.add_argument("--output", default="reports/decode_modes")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    sizes = args.batch or [1, 8]
+    records = load_records(args.data)[: args.prompts]
+
+    large = resolve_model(args.large)
+    large.model.eval()
+    small = resolve_model(args.small)
+    large_prompts, small_prompts = prompts_of(records, large.tokenizer), prompts_of(records, small.tokenizer)
+
+    def pad_of(tokenizer) -> int:
+        return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+    rows = measure("large alone", large.model, large_prompts, sizes, args.new_tokens, pad_of(large.tokenizer))
+    rows += measure("small alone", small.model.eval(), small_prompts, sizes, args.new_tokens,
+                    pad_of(small.tokenizer))
+    del small
+    for bridge in args.bridge or ["eca"]:
+        reads = [("all", None), ("prompt", None)] + [("prompt", n) for n in args.small_layers]
+        for mode, layers in reads:
+            torch.manual_seed(0)
+            model = LLMModulesModel.compose(args.large, args.small, shared_large=large, bridge=bridge, head=args.head,
+                                            small_inputs="mapped", large_reads=mode, small_layers=layers).eval()
+            name = f"composed {bridge}, reads {mode}" + (f", small layers {layers}" if layers else "")
+            rows += measure(name, model, large_prompts, sizes, args.new_tokens, pad_of(large.tokenizer))
+            del model
+    lora = add_lora(large.model, args.lora_rank, 2 * args.lora_rank).eval()  # last: it wraps the large model
+    rows += measure(f"lora on large (rank {args.lora_rank}, unmerged)", lora, large_prompts, sizes, args.new_tokens,
+                    pad_of(large.tokenizer))
+    write_report(args, rows, sizes)
+
+
+def write_report(args, rows: list[dict], sizes: list[int]) -> None:
+    out = Path(args.output)
+    out.mkdir(parents=True, exist_ok=True)
+    meta = {"command": "python benchmarks/decode_modes.py " + " ".join(_argv()),
+            "machine": f"{platform.machine()} CPU, {torch.get_num_threads()} torch threads, torch {torch.__version__}",
+            "date": str(datetime.date.today()), "large": args.large, "small": args.small, "data": args.data,
+            "prompts": args.prompts, "new_tokens": args.new_tokens, "head": args.head}
+    (out / "results.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+    base = {r["batch"]: r for r in rows if r["row"] == "large alone"}
+    lines = [f"# Decode speed per mode: {args.large} + {args.small}", "",
+             f"Command: `{meta['command']}`  ", f"Machine: {meta['machine']}; {meta['date']}. Greedy, "
+             f"{args.new_tokens} new tokens per prompt, {args.prompts} prompts ({args.data}); composed head "
+             f"{args.head}, small inputs mapped.", "",
+             "| row | batch | tokens/s | vs large alone | decode ms / token (one row) | prefill s / batch |",
+             "|---|---|---|---|---|---|"]
+    for r in rows:
+        ratio = r["tokens_per_s"] / base[r["batch"]]["tokens_per_s"]
+        lines.append(f"| {r['row']} | {r['batch']} | {r['tokens_per_s']} | {ratio:.2f}x | {r['decode_ms_per_token']} "
+                     f"| {r['prefill_s_per_batch']} |")
+    (out / "results.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+def _argv() -> list[str]:
+    import shlex
+    import sys
+
+    return [shlex.quote(a) for a in sys.argv[1:]]
+
+
+if __name__ == "__main__":
+    main()
