@@ -37,7 +37,7 @@ from llm_modules.decoding.generation import generate
 from llm_modules.models.composed import LLMModulesModel
 from llm_modules.models.plain import add_lora
 from llm_modules.models.specs import resolve_model
-from llm_modules.tensors import left_pad
+from llm_modules.tensors import DTYPES, left_pad
 
 
 def prompts_of(records, tokenizer) -> list[list[int]]:
@@ -56,17 +56,19 @@ def timed_generate(model, prompts: list[list[int]], size: int, new_tokens: int, 
     return seconds
 
 
-def measure(name: str, model, prompts: list[list[int]], sizes: list[int], new_tokens: int, pad: int) -> list[dict]:
-    timed_generate(model, prompts[:1], 1, 4, pad)  # warm-up
+def measure(name: str, model, all_prompts: list[list[int]], sizes: list[int], new_tokens: int, pad: int,
+            at_one: int = 0) -> list[dict]:
+    timed_generate(model, all_prompts[:1], 1, 4, pad)  # warm-up
     rows = []
     for size in sizes:
+        prompts = all_prompts[:at_one] if size == 1 and at_one else all_prompts
         seconds = timed_generate(model, prompts, size, new_tokens, pad)
         first = timed_generate(model, prompts, size, 1, pad)  # the prefill and one token, the same batches
         batches = -(-len(prompts) // size)
         decode_ms = 1000 * (seconds - first) / batches / (new_tokens - 1)
         row = {"row": name, "batch": size, "tokens_per_s": round(len(prompts) * new_tokens / seconds, 2),
                "seconds": round(seconds, 1), "decode_ms_per_token": round(decode_ms, 1),
-               "prefill_s_per_batch": round(first / batches, 2)}
+               "prefill_s_per_batch": round(first / batches, 2), "prompts": len(prompts)}
         rows.append(row)
         print(json.dumps(row), flush=True)
     return rows
@@ -78,6 +80,9 @@ def main() -> None:
     parser.add_argument("--small", default="smollm2-135m-instruct")
     parser.add_argument("--data", default="reasoning-gym:gsm_symbolic?size=8&seed=999")
     parser.add_argument("--prompts", type=int, default=8)
+    parser.add_argument("--prompts-at-1", type=int, default=0,
+                        help="time batch size 1 on the first N prompts only (0: all --prompts)")
+    parser.add_argument("--dtype", default="float32", choices=sorted(DTYPES), help="every model's precision")
     parser.add_argument("--batch", action="append", type=int, default=[])
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--bridge", action="append", default=[], help="composed rows' bridges (default: eca)")
@@ -93,30 +98,34 @@ def main() -> None:
     sizes = args.batch or [1, 8]
     records = load_records(args.data)[: args.prompts]
 
-    large = resolve_model(args.large)
+    dtype = DTYPES[args.dtype]
+    large = resolve_model(args.large, dtype=dtype)
     large.model.eval()
-    small = resolve_model(args.small)
+    small = resolve_model(args.small, dtype=dtype)
     large_prompts, small_prompts = prompts_of(records, large.tokenizer), prompts_of(records, small.tokenizer)
 
     def pad_of(tokenizer) -> int:
         return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
-    rows = measure("large alone", large.model, large_prompts, sizes, args.new_tokens, pad_of(large.tokenizer))
+    rows = measure("large alone", large.model, large_prompts, sizes, args.new_tokens, pad_of(large.tokenizer),
+                   args.prompts_at_1)
     rows += measure("small alone", small.model.eval(), small_prompts, sizes, args.new_tokens,
-                    pad_of(small.tokenizer))
+                    pad_of(small.tokenizer), args.prompts_at_1)
     del small
     for bridge in args.bridge or ["eca"]:
         reads = [("all", None), ("prompt", None)] + [("prompt", n) for n in args.small_layers]
         for mode, layers in reads:
             torch.manual_seed(0)
-            model = LLMModulesModel.compose(args.large, args.small, shared_large=large, bridge=bridge, head=args.head,
-                                            small_inputs="mapped", large_reads=mode, small_layers=layers).eval()
+            model = LLMModulesModel.compose(args.large, args.small, shared_large=large, dtype=dtype, bridge=bridge,
+                                            head=args.head, small_inputs="mapped", large_reads=mode,
+                                            small_layers=layers).eval()
             name = f"composed {bridge}, reads {mode}" + (f", small layers {layers}" if layers else "")
-            rows += measure(name, model, large_prompts, sizes, args.new_tokens, pad_of(large.tokenizer))
+            rows += measure(name, model, large_prompts, sizes, args.new_tokens, pad_of(large.tokenizer),
+                            args.prompts_at_1)
             del model
     lora = add_lora(large.model, args.lora_rank, 2 * args.lora_rank).eval()  # last: it wraps the large model
     rows += measure(f"lora on large (rank {args.lora_rank}, unmerged)", lora, large_prompts, sizes, args.new_tokens,
-                    pad_of(large.tokenizer))
+                    pad_of(large.tokenizer), args.prompts_at_1)
     write_report(args, rows, sizes)
 
 
@@ -126,13 +135,14 @@ def write_report(args, rows: list[dict], sizes: list[int]) -> None:
     meta = {"command": "python benchmarks/decode_modes.py " + " ".join(_argv()),
             "machine": f"{platform.machine()} CPU, {torch.get_num_threads()} torch threads, torch {torch.__version__}",
             "date": str(datetime.date.today()), "large": args.large, "small": args.small, "data": args.data,
-            "prompts": args.prompts, "new_tokens": args.new_tokens, "head": args.head}
+            "prompts": args.prompts, "prompts_at_1": args.prompts_at_1 or args.prompts, "new_tokens": args.new_tokens,
+            "head": args.head, "dtype": args.dtype}
     (out / "results.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
     base = {r["batch"]: r for r in rows if r["row"] == "large alone"}
     lines = [f"# Decode speed per mode: {args.large} + {args.small}", "",
              f"Command: `{meta['command']}`  ", f"Machine: {meta['machine']}; {meta['date']}. Greedy, "
-             f"{args.new_tokens} new tokens per prompt, {args.prompts} prompts ({args.data}); composed head "
-             f"{args.head}, small inputs mapped.", "",
+             f"{args.new_tokens} new tokens per prompt, {args.prompts} prompts ({args.data}; batch 1: the first "
+             f"{args.prompts_at_1 or args.prompts}); {args.dtype}; composed head {args.head}, small inputs mapped.", "",
              "| row | batch | tokens/s | vs large alone | decode ms / token (one row) | prefill s / batch |",
              "|---|---|---|---|---|---|"]
     for r in rows:

@@ -37,7 +37,7 @@ from llm_modules.models.composed import LLMModulesModel
 from llm_modules.models.drafter import DrafterRecord, load_draft_vocab
 from llm_modules.models.drafting import ComposedDrafter
 from llm_modules.models.specs import resolve_model
-from llm_modules.tensors import left_pad
+from llm_modules.tensors import DTYPES, left_pad
 
 
 def prompts_of(spec: str, tokenizer, n: int) -> list[list[int]]:
@@ -156,6 +156,9 @@ def main() -> None:
     parser.add_argument("--batch", action="append", type=int, default=[])
     parser.add_argument("--max-new-tokens", type=int, default=128)
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    parser.add_argument("--dtype", default="float32", choices=sorted(DTYPES),
+                        help="the target's, the assistant's and our drafters' precision (bfloat16 halves the bytes "
+                             "a decode step reads, on CPUs with bfloat16 instructions too)")
     parser.add_argument("--output", default="reports/speculative")
     args = parser.parse_args()
     data = args.data or ["reasoning-gym:gsm_symbolic?size=8&seed=999",
@@ -165,15 +168,16 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    loaded = resolve_model(args.target)
+    dtype = DTYPES[args.dtype]
+    loaded = resolve_model(args.target, dtype=dtype)
     target, tokenizer = loaded.model.eval(), loaded.tokenizer
     eos = target.generation_config.eos_token_id
     eos = [eos] if isinstance(eos, int) else list(eos or [tokenizer.eos_token_id])
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos[0]
-    assistant = resolve_model(args.assistant).model.eval() if args.assistant else None
+    assistant = resolve_model(args.assistant, dtype=dtype).model.eval() if args.assistant else None
     wanted = [(d.rsplit("@", 1)[0], [int(k) for k in d.rsplit("@", 1)[1].split(",")] if "@" in d else ks)
               for d in args.drafter]
-    drafters = [(Path(d), LLMModulesModel.from_pretrained(d, large=loaded).eval()) for d, _ in wanted]
+    drafters = [(Path(d), LLMModulesModel.from_pretrained(d, large=loaded, dtype=dtype).eval()) for d, _ in wanted]
     lengths = {Path(d): k for d, k in wanted}
     costs = training_costs([folder for folder, _ in drafters])
     vocabularies = {(folder, n): (training_vocabulary(folder, tokenizer, n, eos) if n else saved_vocabulary(folder))
@@ -226,7 +230,7 @@ def write_report(args, rows) -> None:
              f"Command: `python benchmarks/speculative.py {' '.join(_argv())}`  ",
              f"Machine: {platform.machine()} CPU, {torch.get_num_threads()} torch threads, torch {torch.__version__}; "
              f"{datetime.date.today()}. Greedy, {args.max_new_tokens} new tokens at most per prompt, "
-             f"{args.prompts} prompts per task.", "",
+             f"{args.prompts} prompts per task; {args.dtype}.", "",
              "| task | batch | row | tokens/s | speed-up | accepted / pass | ms per pass: draft / verify / rollback "
              "| drafter training s | identical |",
              "|---|---|---|---|---|---|---|---|---|"]

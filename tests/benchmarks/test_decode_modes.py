@@ -22,8 +22,8 @@ def test_every_mode_is_timed_at_every_batch_size(tmp_path):
                             for w in ("one", "two", "three")))
     out = tmp_path / "report"
     command = [sys.executable, str(SCRIPT), "--large", pair["large"], "--small", pair["small"], "--data", str(data),
-               "--prompts", "3", "--batch", "1", "--batch", "2", "--new-tokens", "5", "--small-layers", "1",
-               "--bridge", "eca", "--bridge", "xattn", "--output", str(out)]
+               "--prompts", "3", "--prompts-at-1", "2", "--batch", "1", "--batch", "2", "--new-tokens", "5",
+               "--small-layers", "1", "--bridge", "eca", "--bridge", "xattn", "--output", str(out)]
     proc = subprocess.run(command, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = json.loads((out / "results.json").read_text())["rows"]
@@ -33,4 +33,6 @@ def test_every_mode_is_timed_at_every_batch_size(tmp_path):
                      "composed eca, reads prompt, small layers 1", "composed xattn, reads prompt, small layers 1"}
     assert sorted(r["batch"] for r in rows) == sorted([1, 2] * len(names))
     assert all(r["tokens_per_s"] > 0 and r["decode_ms_per_token"] > 0 for r in rows)
+    assert {r["prompts"] for r in rows if r["batch"] == 1} == {2}  # --prompts-at-1
+    assert {r["prompts"] for r in rows if r["batch"] == 2} == {3}
     assert "| large alone | 1 |" in (out / "results.md").read_text()
