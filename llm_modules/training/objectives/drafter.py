@@ -186,10 +186,10 @@ class DrafterObjective(ComposedObjective):
                       f"data and the end-of-sequence ids ({self.record.vocab} of {self.model.vocab_size})")
 
     def _end_ids(self) -> list[int]:
-        ends = {self.tokenizer.eos_token_id}
-        generation = getattr(self.model.large, "generation_config", None)
-        eos = getattr(generation, "eos_token_id", None)
-        ends |= set([eos] if isinstance(eos, int) else list(eos or []))
+        """The large model's end-of-sequence ids (its generation config's) and its tokenizer's."""
+        from llm_modules.decoding.engine import model_eos_ids
+
+        ends = set(model_eos_ids(self.model, self.tokenizer)) | {self.tokenizer.eos_token_id}
         return sorted(e for e in ends if e is not None)
 
     def begin_step(self, step: int) -> None:
