@@ -65,9 +65,7 @@ def draft_loss(model: Any, s: torch.Tensor, h: torch.Tensor, kind: str, rows: to
             target = (large_head(h_i) if sub is None else F.linear(h_i, sub)).to(logits.device, precision)
             best = target.argmax(-1)  # (n_i,) in the drafter's vocabulary
             mine = logits.detach().argmax(-1)
-            if sub is None:
-                agree = mine == best
-            elif exact:
+            if sub is not None and exact:  # against the whole vocabulary's arg-max
                 agree = rows.to(mine.device)[mine] == large_head(h_i).argmax(-1).to(mine.device)
             else:
                 agree = mine == best
