@@ -81,6 +81,13 @@ ROWS = {
     "composed_ladder_frozen_small": {"kind": "train", "method": "composed",
                                      "options": {"head": "residual", "bridge": "ladder", "small_inputs": "mapped",
                                                  "train_small": False}},
+    # issue 26: the large model reads the prompt only, the small side decodes alone (the head cannot be
+    # residual there: the large model's logits at answer positions do not exist; projected keeps its frozen head)
+    "composed_eca_prompt": {"kind": "train", "method": "composed",
+                            "options": {"head": "projected", "small_inputs": "mapped", "large_reads": "prompt"}},
+    "composed_xattn_prompt": {"kind": "train", "method": "composed",
+                              "options": {"head": "projected", "bridge": "xattn", "small_inputs": "mapped",
+                                          "large_reads": "prompt"}},
     "small_finetuned": {"kind": "train", "method": "finetune", "options": {}},
     "lora_large": {"kind": "train", "method": "lora", "options": {"lora_rank": 8}},
     "distilled": {"kind": "train", "method": "distill", "options": {}},
@@ -347,7 +354,7 @@ class Plan:
 def cache_group(row: str) -> str:
     """Composed rows whose large-model states are the same (same bridge and taps) share a cache: its name."""
     options = ROWS[row]["options"]
-    taps = {k: options[k] for k in ("bridge", "large_layers") if k in options}
+    taps = {k: options[k] for k in ("bridge", "large_layers", "large_reads") if k in options}
     return "eca" if not taps else hashlib.sha256(json.dumps(taps, sort_keys=True).encode()).hexdigest()[:8]
 
 
