@@ -2,7 +2,8 @@
 
     python benchmarks/decode_modes.py [--large qwen2.5-coder-1.5b-instruct] [--small smollm2-135m-instruct] \
         [--data 'reasoning-gym:gsm_symbolic?size=8&seed=999'] [--batch 1 --batch 8] [--new-tokens 128] \
-        [--small-layers 8] [--bridge eca --bridge xattn] [--output reports/decode_modes]
+        [--small-layers 8] [--bridge eca --bridge xattn] [--compose NAME:bridge=xattn,head=projected,...] \
+        [--output reports/decode_modes]
 
 Rows (our decoding engine for all of them, the prompts in each model's own chat template):
   large alone                     the large model
@@ -13,6 +14,7 @@ Rows (our decoding engine for all of them, the prompts in each model's own chat 
   composed, reads prompt          the large model reads the prompt once; the bridge and the small model decode
                                   alone (`--large-reads prompt`), with all the small model's layers and with
                                   each --small-layers N
+  --compose NAME:options          a composed model with exactly these compose options (a report row's)
 Speed does not depend on the trained weights, so the composed rows are freshly composed (the same shapes as
 a trained model's) and every row generates exactly --new-tokens tokens (no end-of-sequence stop).
 Per row and batch size: generated tokens/s over the whole batch loop (prefill included), and the decode
@@ -26,6 +28,8 @@ import argparse
 import datetime
 import json
 import platform
+import shlex
+import sys
 import time
 from pathlib import Path
 
@@ -89,6 +93,12 @@ def main() -> None:
     parser.add_argument("--head", default="new", help="the composed rows' head: new (the paper's) or projected")
     parser.add_argument("--small-layers", action="append", type=int, default=[],
                         help="also time `reads prompt` with only the small model's first N layers")
+    parser.add_argument("--compose", action="append", default=[], metavar="NAME:KEY=VALUE,...",
+                        help="also time a composed model with these compose options (e.g. the rows of "
+                             "benchmarks/transfer_report.py: 'composed_xattn_prompt:bridge=xattn,head=projected,"
+                             "small_inputs=mapped,large_reads=prompt'); its row is named NAME")
+    parser.add_argument("--no-modes", action="store_true",
+                        help="time only the large, small, LoRA and --compose rows (not the --bridge x mode grid)")
     parser.add_argument("--lora-rank", type=int, default=8)
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     parser.add_argument("--output", default="reports/decode_modes")
@@ -112,37 +122,52 @@ def main() -> None:
     rows += measure("small alone", small.model.eval(), small_prompts, sizes, args.new_tokens,
                     pad_of(small.tokenizer), args.prompts_at_1)
     del small
-    for bridge in args.bridge or ["eca"]:
-        reads = [("all", None), ("prompt", None)] + [("prompt", n) for n in args.small_layers]
-        for mode, layers in reads:
-            torch.manual_seed(0)
-            model = LLMModulesModel.compose(args.large, args.small, shared_large=large, dtype=dtype, bridge=bridge,
-                                            head=args.head, small_inputs="mapped", large_reads=mode,
-                                            small_layers=layers).eval()
-            name = f"composed {bridge}, reads {mode}" + (f", small layers {layers}" if layers else "")
-            rows += measure(name, model, large_prompts, sizes, args.new_tokens, pad_of(large.tokenizer),
-                            args.prompts_at_1)
-            del model
+    composed = [] if args.no_modes else [
+        (f"composed {bridge}, reads {mode}" + (f", small layers {layers}" if layers else ""),
+         {"bridge": bridge, "head": args.head, "small_inputs": "mapped", "large_reads": mode, "small_layers": layers})
+        for bridge in args.bridge or ["eca"]
+        for mode, layers in [("all", None), ("prompt", None)] + [("prompt", n) for n in args.small_layers]]
+    composed += [compose_spec(text) for text in args.compose]
+    for name, options in composed:
+        torch.manual_seed(0)
+        model = LLMModulesModel.compose(args.large, args.small, shared_large=large, dtype=dtype, **options).eval()
+        rows += measure(name, model, large_prompts, sizes, args.new_tokens, pad_of(large.tokenizer), args.prompts_at_1)
+        del model
     lora = add_lora(large.model, args.lora_rank, 2 * args.lora_rank).eval()  # last: it wraps the large model
     rows += measure(f"lora on large (rank {args.lora_rank}, unmerged)", lora, large_prompts, sizes, args.new_tokens,
                     pad_of(large.tokenizer), args.prompts_at_1)
     write_report(args, rows, sizes)
 
 
+def compose_spec(text: str) -> tuple[str, dict]:
+    """'NAME:key=value,...' -> (NAME, compose options); integers and true/false are converted."""
+    name, sep, rest = text.partition(":")
+    if not sep or not name:
+        raise SystemExit(f"--compose {text!r}: expected NAME:KEY=VALUE,...")
+    options = {}
+    for item in filter(None, rest.split(",")):
+        key, eq, value = item.partition("=")
+        if not eq:
+            raise SystemExit(f"--compose {text!r}: {item!r} is not KEY=VALUE")
+        options[key] = {"true": True, "false": False}.get(value, int(value) if value.isdigit() else value)
+    return name, options
+
+
 def write_report(args, rows: list[dict], sizes: list[int]) -> None:
     out = Path(args.output)
     out.mkdir(parents=True, exist_ok=True)
-    meta = {"command": "python benchmarks/decode_modes.py " + " ".join(_argv()),
+    meta = {"command": "python benchmarks/decode_modes.py " + shlex.join(sys.argv[1:]),
             "machine": f"{platform.machine()} CPU, {torch.get_num_threads()} torch threads, torch {torch.__version__}",
             "date": str(datetime.date.today()), "large": args.large, "small": args.small, "data": args.data,
             "prompts": args.prompts, "prompts_at_1": args.prompts_at_1 or args.prompts, "new_tokens": args.new_tokens,
-            "head": args.head, "dtype": args.dtype}
+            "head": args.head, "dtype": args.dtype, "compose": args.compose}
     (out / "results.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
     base = {r["batch"]: r for r in rows if r["row"] == "large alone"}
     lines = [f"# Decode speed per mode: {args.large} + {args.small}", "",
              f"Command: `{meta['command']}`  ", f"Machine: {meta['machine']}; {meta['date']}. Greedy, "
              f"{args.new_tokens} new tokens per prompt, {args.prompts} prompts ({args.data}; batch 1: the first "
-             f"{args.prompts_at_1 or args.prompts}); {args.dtype}; composed head {args.head}, small inputs mapped.", "",
+             f"{args.prompts_at_1 or args.prompts}); {args.dtype}; composed rows from the mode grid: head {args.head}, "
+             "small inputs mapped" + "".join(f"; `{c}`" for c in args.compose) + ".", "",
              "| row | batch | tokens/s | vs large alone | decode ms / token (one row) | prefill s / batch |",
              "|---|---|---|---|---|---|"]
     for r in rows:
@@ -151,13 +176,6 @@ def write_report(args, rows: list[dict], sizes: list[int]) -> None:
                      f"| {r['prefill_s_per_batch']} |")
     (out / "results.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
-
-
-def _argv() -> list[str]:
-    import shlex
-    import sys
-
-    return [shlex.quote(a) for a in sys.argv[1:]]
 
 
 if __name__ == "__main__":

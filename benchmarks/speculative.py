@@ -25,6 +25,8 @@ import argparse
 import datetime
 import json
 import platform
+import shlex
+import sys
 import time
 from pathlib import Path
 
@@ -38,6 +40,9 @@ from llm_modules.models.drafter import DrafterRecord, load_draft_vocab
 from llm_modules.models.drafting import ComposedDrafter
 from llm_modules.models.specs import resolve_model
 from llm_modules.tensors import DTYPES, left_pad
+
+
+WARMUP_TOKENS = 8  # an untimed short run of every row first
 
 
 def prompts_of(spec: str, tokenizer, n: int) -> list[list[int]]:
@@ -88,8 +93,12 @@ def trim(tokens: list[int], eos: list[int], pad: int) -> list[int]:
     return tokens
 
 
-def run_name(folder: Path) -> str:
-    return folder.parent.name if folder.name in ("best", "last") else folder.name
+def run_name(folder: Path, others: list[Path] = ()) -> str:
+    """A drafter's name in the table: its run's folder, with best/last where two of a run are compared."""
+    if folder.name not in ("best", "last"):
+        return folder.name
+    twice = sum(f.parent == folder.parent or f == folder.parent for f in others) > 1
+    return f"{folder.parent.name}/{folder.name}" if twice else folder.parent.name
 
 
 def training_vocabulary(folder: Path, tokenizer, n: int, eos: list[int]) -> torch.Tensor:
@@ -123,10 +132,14 @@ def run_summary(folder: Path) -> dict | None:
 def training_costs(folders: list[Path]) -> dict[Path, float | None]:
     """Each drafter's training seconds, everything included: its training, its target generation, and its
     state cache's build. A run that reused a state cache (state_cache_seconds 0) is charged the build of the
-    drafter here that built the same cache (the same keys): what it would have cost it alone."""
+    drafter that built the same cache (the same keys), looked up among these drafters and the runs beside
+    them (their run folders' siblings): what it would have cost it alone."""
     summaries = {f: run_summary(f) for f in folders}
+    runs = {(f.parent if f.name in ("best", "last") else f).resolve() for f in folders}
+    neighbours = [json.loads(p.read_text()) for r in runs for p in sorted(r.parent.glob("*/summary.json"))]
     built = {tuple(s.get("state_cache_keys") or ()): float(s["state_cache_seconds"])
-             for s in summaries.values() if s and s.get("state_cache_keys") and s.get("state_cache_seconds")}
+             for s in [*neighbours, *summaries.values()]
+             if s and s.get("state_cache_keys") and s.get("state_cache_seconds")}
     costs: dict[Path, float | None] = {}
     for folder, summary in summaries.items():
         if summary is None or summary.get("train_seconds") is None:
@@ -187,24 +200,29 @@ def main() -> None:
     for spec in data:
         prompts = prompts_of(spec, tokenizer, args.prompts)
         for size in sizes:
-            reference, ref_seconds, _ = run_ours(target, prompts, size, args.max_new_tokens, pad, eos)
-            hf_alone = run_hf(target, prompts, size, args.max_new_tokens, pad, eos)
+            # Every way of decoding runs once untimed on a short answer first: the first call of a model or
+            # a shape pays one-off costs (allocator growth, kernel selection) that would bias whichever row
+            # ran first (it was the target alone's, the speed-ups' denominator).
+            def timed(run, *extra, **options):
+                run(target, prompts[:size], size, WARMUP_TOKENS, pad, eos, *extra, **options)
+                return run(target, prompts, size, args.max_new_tokens, pad, eos, *extra, **options)
+
+            reference, ref_seconds, _ = timed(run_ours)
             runs = [("target alone (our engine)", (reference, ref_seconds, None), None, None),
-                    ("target alone (transformers generate)", hf_alone, None, None)]
+                    ("target alone (transformers generate)", timed(run_hf), None, None)]
             if size == 1 and assistant is not None:
-                runs.append((f"assisted: {args.assistant}", run_hf(target, prompts, size, args.max_new_tokens, pad,
-                                                                   eos, assistant_model=assistant), None, None))
+                runs.append((f"assisted: {args.assistant}", timed(run_hf, assistant_model=assistant), None, None))
             if size == 1:
-                runs.append(("prompt lookup (10 tokens)", run_hf(target, prompts, size, args.max_new_tokens, pad, eos,
-                                                                  prompt_lookup_num_tokens=10), None, None))
+                runs.append(("prompt lookup (10 tokens)", timed(run_hf, prompt_lookup_num_tokens=10), None, None))
             for folder, model in drafters:
                 for k in lengths[folder]:
                     for n in args.draft_vocab or [0]:
                         vocab = vocabularies[(folder, n)]
                         drafter = ComposedDrafter(model, draft_tokens=k or 4, pad_id=pad, vocab=vocab)
-                        result = run_ours(target, prompts, size, args.max_new_tokens, pad, eos, drafter)
+                        result = timed(run_ours, drafter)
                         size_note = f", vocab {n}" if n else (f", vocab {len(vocab)}" if vocab is not None else "")
-                        label = f"ours: {run_name(folder)}, K={drafter.draft_tokens}{size_note}"
+                        name = run_name(folder, [f for f, _ in drafters])
+                        label = f"ours: {name}, K={drafter.draft_tokens}{size_note}"
                         runs.append((label, result, costs[folder], drafter))
             for name, (outputs, seconds, stats), train_s, _ in runs:
                 tokens = sum(len(o) for o in outputs)
@@ -227,7 +245,7 @@ def write_report(args, rows) -> None:
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(rows, indent=1))
     lines = [f"# Speculative decoding: {args.target}", "",
-             f"Command: `python benchmarks/speculative.py {' '.join(_argv())}`  ",
+             f"Command: `python benchmarks/speculative.py {shlex.join(sys.argv[1:])}`  ",
              f"Machine: {platform.machine()} CPU, {torch.get_num_threads()} torch threads, torch {torch.__version__}; "
              f"{datetime.date.today()}. Greedy, {args.max_new_tokens} new tokens at most per prompt, "
              f"{args.prompts} prompts per task; {args.dtype}.", "",
@@ -241,13 +259,6 @@ def write_report(args, rows) -> None:
                      f"{r['train_seconds'] if r['train_seconds'] is not None else 'n/a'} | {r['identical']} |")
     (out / "results.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
-
-
-def _argv() -> list[str]:
-    import shlex
-    import sys
-
-    return [shlex.quote(a) for a in sys.argv[1:]]
 
 
 if __name__ == "__main__":

@@ -25,7 +25,8 @@ from llm_modules.errors import LLMModulesError
 from llm_modules.tensors import IGNORE_INDEX, left_pad
 from llm_modules.version import __version__
 
-GENERATE_BATCH = 8  # prompts answered together (similar lengths: they are sorted first)
+GENERATE_BATCH = 8  # prompts answered together (similar lengths: they are sorted first); on a 2-core CPU a
+# bf16 1.5B model decoded 8 rows at 25 tokens/s and 16 at 21 (0.32 and 0.75 s a step)
 _FORMAT = 1
 
 

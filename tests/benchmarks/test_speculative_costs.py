@@ -30,3 +30,14 @@ def test_a_reused_state_cache_is_charged_what_its_build_cost(tmp_path):
     folders.append(tmp_path / "e")
     costs = load_script().training_costs(folders)
     assert [costs[f] for f in folders] == [1100.0, 1200.0, 720.0, 130.0, None]
+
+
+def test_the_cache_builder_is_found_beside_the_drafters_given(tmp_path):
+    """A drafter that reused a cache is charged its build even when the drafter that built it is not benchmarked."""
+    for name, summary in {"builder": {"train_seconds": 300, "state_cache_seconds": 561, "state_cache_keys": ["k"]},
+                          "reuser": {"train_seconds": 563, "state_cache_seconds": 0, "state_cache_keys": ["k"]},
+                          "other": {"train_seconds": 5, "state_cache_seconds": 9, "state_cache_keys": ["z"]}}.items():
+        (tmp_path / "runs" / name / "best").mkdir(parents=True)
+        (tmp_path / "runs" / name / "summary.json").write_text(json.dumps(summary))
+    folder = tmp_path / "runs" / "reuser" / "best"
+    assert load_script().training_costs([folder]) == {folder: 1124.0}

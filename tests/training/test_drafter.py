@@ -90,9 +90,11 @@ def test_a_drafter_trains_end_to_end_and_saves_a_composed_model_that_loads(draft
 def test_the_drafter_defaults_and_refusals():
     base = dict(large="l", small="s", data="d", output="o", max_steps=1)
     config = TrainConfig(**base, method="drafter")
-    assert (config.head, config.small_inputs, config.draft_tokens, config.drafter_loss, config.drafter_targets) == (
-        "projected", "mapped", 4, "kl", "logits")
-    assert (TrainConfig(**base).head, TrainConfig(**base).small_inputs) == ("residual", "bridge")  # composed: unchanged
+    assert (config.head, config.small_inputs, config.bridge, config.draft_tokens, config.drafter_loss,
+            config.drafter_targets) == ("projected", "mapped", "ladder", 4, "kl", "logits")
+    composed = TrainConfig(**base)
+    assert (composed.head, composed.small_inputs, composed.bridge) == ("residual", "bridge", "eca")  # unchanged
+    assert TrainConfig(**base, method="drafter", bridge="eca").bridge == "eca"
     with pytest.raises(LLMModulesError, match="--head residual cannot draft"):
         TrainConfig(**base, method="drafter", head="residual")
     with pytest.raises(LLMModulesError, match="--draft-tokens is an option of --method drafter"):
