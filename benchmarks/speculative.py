@@ -237,6 +237,7 @@ def main() -> None:
                                           for part in ("draft", "verify", "rollback")}
                 rows.append(row)
                 print(json.dumps(row), flush=True)
+            write_report(args, rows)  # after each task and batch size: a stopped run keeps what it measured
     write_report(args, rows)
 
 
