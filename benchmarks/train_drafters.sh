@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The drafters of reports/speculative (issue 25), trained one after another with nothing else running:
-#   bash benchmarks/train_drafters.sh [a b c d e]      (default: all five; each writes runs/drafter-*)
+#   bash benchmarks/train_drafters.sh [a b c d e f]    (default: a to e; each writes runs/drafter-*)
 # a-e: target Qwen2.5-Coder-1.5B-Instruct (read in bfloat16 to build the state cache: 2.6x faster than
 # float32 here), SmolLM2-135M's first N layers, K = 4, 300 gsm_symbolic problems (seed 1; the benchmark's
 # prompts are seed 999), draft vocabulary: the most frequent answer tokens (at most 8192; gsm_symbolic's
