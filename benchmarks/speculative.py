@@ -238,7 +238,6 @@ def main() -> None:
                 rows.append(row)
                 print(json.dumps(row), flush=True)
             write_report(args, rows)  # after each task and batch size: a stopped run keeps what it measured
-    write_report(args, rows)
 
 
 def write_report(args, rows) -> None:
