@@ -192,7 +192,8 @@ def main() -> None:
               for d in args.drafter]
     drafters = [(Path(d), LLMModulesModel.from_pretrained(d, large=loaded, dtype=dtype).eval()) for d, _ in wanted]
     lengths = {Path(d): k for d, k in wanted}
-    costs = training_costs([folder for folder, _ in drafters])
+    folders = [folder for folder, _ in drafters]
+    costs = training_costs(folders)
     vocabularies = {(folder, n): (training_vocabulary(folder, tokenizer, n, eos) if n else saved_vocabulary(folder))
                     for folder, _ in drafters for n in args.draft_vocab or [0]}
 
@@ -221,8 +222,7 @@ def main() -> None:
                         drafter = ComposedDrafter(model, draft_tokens=k or 4, pad_id=pad, vocab=vocab)
                         result = timed(run_ours, drafter)
                         size_note = f", vocab {n}" if n else (f", vocab {len(vocab)}" if vocab is not None else "")
-                        name = run_name(folder, [f for f, _ in drafters])
-                        label = f"ours: {name}, K={drafter.draft_tokens}{size_note}"
+                        label = f"ours: {run_name(folder, folders)}, K={drafter.draft_tokens}{size_note}"
                         runs.append((label, result, costs[folder], drafter))
             for name, (outputs, seconds, stats), train_s, _ in runs:
                 tokens = sum(len(o) for o in outputs)
