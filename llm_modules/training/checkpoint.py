@@ -82,10 +82,21 @@ def optimizer_from_safetensors(tensors: dict[str, torch.Tensor], meta: dict[str,
 
 
 def complete_checkpoints(directory: Path) -> list[Path]:
-    """Checkpoints under `directory` whose rename finished, oldest first.
+    """Checkpoints under `directory` whose rename finished, oldest first. Read-only: safe to call
+    while a run is writing into `directory` (a watcher, a test, an evaluation script)."""
+    if not directory.is_dir():
+        return []
+    found = [p for p in directory.iterdir() if p.is_dir() and p.name.startswith(PREFIX) and (p / STATE_FILE).is_file()]
+    return sorted(found, key=lambda p: int(p.name[len(PREFIX):]))
 
-    A swap that a kill interrupted (old one renamed aside, new one not yet in place) is finished
-    first: the new complete folder goes into place, else the old one goes back.
+
+def recover_checkpoints(directory: Path) -> list[Path]:
+    """Finish the swaps that a kill interrupted, then list the complete checkpoints.
+
+    Only when no run writes into `directory` (before a resume): a complete folder that is not yet
+    in place goes into place (the new one of a swap first, else the old one goes back). A writer's
+    own temporary folder is complete for a moment before its rename, so a listing that repaired
+    would steal it from under a live run.
     """
     if not directory.is_dir():
         return []
@@ -96,10 +107,9 @@ def complete_checkpoints(directory: Path) -> list[Path]:
             source = newer if (newer / STATE_FILE).is_file() else aside
             try:
                 os.replace(source, final)
-            except OSError:  # another process did it first
+            except OSError:  # another process of the same resume did it first
                 pass
-    found = [p for p in directory.iterdir() if p.is_dir() and p.name.startswith(PREFIX) and (p / STATE_FILE).is_file()]
-    return sorted(found, key=lambda p: int(p.name[len(PREFIX):]))
+    return complete_checkpoints(directory)
 
 
 def temporary_folder(directory: Path, step: int) -> Path:

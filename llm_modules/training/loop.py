@@ -94,7 +94,8 @@ def check_output(output: Path, config: TrainConfig) -> None:
             f"output folder {output} holds a different run (differs in: {', '.join(differing)}); "
             "pick another --output, or repeat that run's options to --resume it"
         )
-    trained = ckpt.complete_checkpoints(output / "checkpoints") or any((output / n).exists() for n in RUN_MODELS)
+    # Main process, before any process lists them: no writer is alive, so interrupted swaps are finished here.
+    trained = ckpt.recover_checkpoints(output / "checkpoints") or any((output / n).exists() for n in RUN_MODELS)
     if not config.resume and trained:
         raise LLMModulesError(f"output folder {output} already holds this run; add --resume to continue it")
 

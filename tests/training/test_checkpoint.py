@@ -68,7 +68,7 @@ def test_kill_while_resaving_a_step_leaves_a_loadable_checkpoint(tmp_path, model
         save(tmp_path, model, optimizer, 4, marker=3.0)
     monkeypatch.undo()
 
-    newest = ckpt.complete_checkpoints(tmp_path)[-1]
+    newest = ckpt.recover_checkpoints(tmp_path)[-1]  # what a resume does first
     set_bias(model, 0.0)
     state = ckpt.load_checkpoint(newest, model, optimizer)
     # Either the old or the new step-4 checkpoint, whole: weights and state of one and the same save.
@@ -79,3 +79,36 @@ def test_kill_while_resaving_a_step_leaves_a_loadable_checkpoint(tmp_path, model
     save(tmp_path, model, optimizer, 4, marker=3.0)
     assert [p.name for p in tmp_path.iterdir()] and not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
     assert [p.name for p in ckpt.complete_checkpoints(tmp_path)] == ["step-000002", "step-000004"]
+
+
+def test_listing_while_a_run_writes_never_moves_its_folder(tmp_path, model, monkeypatch):
+    """A watcher lists checkpoints at the worst moment: the writer's temporary folder is complete
+    (state file in) but not yet renamed. The listing must not take it; the writer's rename works."""
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad])
+    real = ckpt.os.replace
+    seen = []
+
+    def replace(src, dst):
+        if Path(src).name.startswith(".tmp-"):
+            seen.append([p.name for p in ckpt.complete_checkpoints(tmp_path)])
+        return real(src, dst)
+
+    monkeypatch.setattr(ckpt.os, "replace", replace)
+    save(tmp_path, model, optimizer, 1, marker=1.0)
+    save(tmp_path, model, optimizer, 2, marker=2.0)
+    monkeypatch.undo()
+    assert seen == [[], ["step-000001"]]  # the listing saw only finished renames
+    assert [p.name for p in ckpt.complete_checkpoints(tmp_path)] == ["step-000001", "step-000002"]
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+def test_recovery_puts_a_complete_first_checkpoint_in_place(tmp_path, model, monkeypatch):
+    """Killed between the state file and the rename of the very first checkpoint: a resume finds it."""
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad])
+    monkeypatch.setattr(ckpt.os, "replace", killing_promotion(ckpt.os.replace))
+    with pytest.raises(KeyboardInterrupt):
+        save(tmp_path, model, optimizer, 3, marker=1.0)
+    monkeypatch.undo()
+    assert ckpt.complete_checkpoints(tmp_path) == []  # read-only: nothing moved yet
+    assert [p.name for p in ckpt.recover_checkpoints(tmp_path)] == ["step-000003"]
+    assert ckpt.load_checkpoint(tmp_path / "step-000003", model, optimizer)["marker"] == 1.0
