@@ -59,7 +59,7 @@ def batches(prompts: list[list[int]], size: int) -> list[list[list[int]]]:
 def run_ours(target, prompts, size, max_new, pad, eos, drafter=None):
     """Our engine, greedy: (outputs, seconds, stats or None)."""
     outputs, seconds = [], 0.0
-    stats = {"passes": 0, "accepted": 0, "draft_seconds": 0.0, "verify_seconds": 0.0, "rollback_seconds": 0.0}
+    stats = {"passes": 0, "row_passes": 0, "accepted": 0, "draft_seconds": 0.0, "verify_seconds": 0.0, "rollback_seconds": 0.0}
     for chunk in batches(prompts, size):
         ids, mask = left_pad(chunk, pad)
         start = time.perf_counter()
@@ -232,7 +232,9 @@ def main() -> None:
                        "speedup": round((tokens / seconds) / (sum(len(o) for o in reference) / ref_seconds), 2),
                        "accepted_per_pass": round(stats["accepted"] / max(stats["passes"], 1), 2) if stats else None,
                        "train_seconds": train_s, "identical": f"{same}/{len(reference)}"}
-                if stats:  # where a verify pass's time goes, in milliseconds
+                if stats:  # rows a pass verified on average (fewer than the batch once rows finish), and
+                    # where a verify pass's time goes, in milliseconds
+                    row["rows_per_pass"] = round(stats["row_passes"] / max(stats["passes"], 1), 2)
                     row["ms_per_pass"] = {part: round(1000 * stats[f"{part}_seconds"] / max(stats["passes"], 1), 1)
                                           for part in ("draft", "verify", "rollback")}
                 rows.append(row)
@@ -249,12 +251,13 @@ def write_report(args, rows) -> None:
              f"Machine: {platform.machine()} CPU, {torch.get_num_threads()} torch threads, torch {torch.__version__}; "
              f"{datetime.date.today()}. Greedy, {args.max_new_tokens} new tokens at most per prompt, "
              f"{args.prompts} prompts per task; {args.dtype}.", "",
-             "| task | batch | row | tokens/s | speed-up | accepted / pass | ms per pass: draft / verify / rollback "
+             "| task | batch | row | tokens/s | speed-up | accepted / pass | rows / pass | ms per pass: draft / verify / rollback "
              "| drafter training s | identical |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['task'].split(':')[1].split('?')[0]} | {r['batch']} | {r['row']} | {r['tokens_per_s']} | "
                      f"{r['speedup']}x | {r['accepted_per_pass'] if r['accepted_per_pass'] is not None else 'n/a'} | "
+                     f"{r.get('rows_per_pass', 'n/a')} | "
                      f"{' / '.join(str(v) for v in r['ms_per_pass'].values()) if 'ms_per_pass' in r else 'n/a'} | "
                      f"{r['train_seconds'] if r['train_seconds'] is not None else 'n/a'} | {r['identical']} |")
     (out / "results.md").write_text("\n".join(lines) + "\n")

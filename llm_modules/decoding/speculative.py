@@ -145,6 +145,7 @@ class SpeculativeStats:
     accepted / passes; every pass also yields one token of the target's own)."""
 
     passes: int = 0
+    row_passes: int = 0  # rows verified, summed over passes (passes x rows while none has left)
     drafted: int = 0
     accepted: int = 0
     emitted: int = 0
@@ -265,6 +266,7 @@ class SpeculativeBatch:
             accepted.append(a)
             pending.append(nxt)
         self.stats.passes += 1
+        self.stats.row_passes += len(self.rows)
         self.stats.drafted += k * len(self.rows)
         self.stats.accepted += sum(accepted)
         self.pending = pending

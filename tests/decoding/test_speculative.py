@@ -82,6 +82,9 @@ def test_rows_joining_and_leaving_keep_the_targets_output(mapped_pair):
     for join_at in (0, 2, 5):
         spec = SpeculativeBatch(target, ComposedDrafter(drafter, draft_tokens=3))
         assert _run(spec, prompts, options, join_at=join_at) == alone
+        # rows verified per pass: 1 to 6, fewer once rows leave; every verified row drafted 3 tokens
+        assert spec.stats.passes <= spec.stats.row_passes < 6 * spec.stats.passes
+        assert spec.stats.drafted == 3 * spec.stats.row_passes
 
 
 def test_a_bad_drafter_still_gives_the_targets_tokens_only_slower(mapped_pair):
