@@ -164,6 +164,9 @@ def main() -> None:
                         help="run each drafter drafting from the N most frequent target tokens of its training "
                              "data (its run's --data), as EAGLE-3 does; 0 (the default): the draft vocabulary it "
                              "trained with (train --draft-vocab), else the whole vocabulary")
+    parser.add_argument("--no-transformers", action="store_true",
+                        help="leave out transformers' rows (its generate, assisted generation, prompt lookup): a "
+                             "check of our rows alone, e.g. their outputs in another precision")
     parser.add_argument("--data", action="append", default=[])
     parser.add_argument("--prompts", type=int, default=8)
     parser.add_argument("--batch", action="append", type=int, default=[])
@@ -187,7 +190,8 @@ def main() -> None:
     eos = target.generation_config.eos_token_id
     eos = [eos] if isinstance(eos, int) else list(eos or [tokenizer.eos_token_id])
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos[0]
-    assistant = resolve_model(args.assistant, dtype=dtype).model.eval() if args.assistant else None
+    assistant = (resolve_model(args.assistant, dtype=dtype).model.eval()
+                 if args.assistant and not args.no_transformers else None)
     wanted = [(d.rsplit("@", 1)[0], [int(k) for k in d.rsplit("@", 1)[1].split(",")] if "@" in d else ks)
               for d in args.drafter]
     drafters = [(Path(d), LLMModulesModel.from_pretrained(d, large=loaded, dtype=dtype).eval()) for d, _ in wanted]
@@ -209,11 +213,12 @@ def main() -> None:
                 return run(target, prompts, size, args.max_new_tokens, pad, eos, *extra, **options)
 
             reference, ref_seconds, _ = timed(run_ours)
-            runs = [("target alone (our engine)", (reference, ref_seconds, None), None, None),
-                    ("target alone (transformers generate)", timed(run_hf), None, None)]
+            runs = [("target alone (our engine)", (reference, ref_seconds, None), None, None)]
+            if not args.no_transformers:
+                runs.append(("target alone (transformers generate)", timed(run_hf), None, None))
             if size == 1 and assistant is not None:
                 runs.append((f"assisted: {args.assistant}", timed(run_hf, assistant_model=assistant), None, None))
-            if size == 1:
+            if size == 1 and not args.no_transformers:
                 runs.append(("prompt lookup (10 tokens)", timed(run_hf, prompt_lookup_num_tokens=10), None, None))
             for folder, model in drafters:
                 for k in lengths[folder]:

@@ -248,6 +248,9 @@ def test_shift_right_moves_each_row_by_its_own_amount():
     t = torch.arange(1, 13).view(2, 6).float()
     out = shift_right(t, torch.tensor([0, 2]), 1)
     assert out.tolist() == [[1, 2, 3, 4, 5, 6], [0, 0, 7, 8, 9, 10]]
+    cache = torch.arange(1, 2 * 2 * 4 * 3 + 1).view(2, 2, 4, 3)  # (B, heads, positions, size), on dim 2
+    out = shift_right(cache, torch.tensor([1, 5]), 2)
+    assert torch.equal(out[0, :, 1:], cache[0, :, :3]) and not out[0, :, :1].any() and not out[1].any()
 
 
 def test_generate_with_a_drafter_gives_the_targets_tokens_and_streams_them_in_order(mapped_pair):
@@ -333,3 +336,25 @@ def test_a_draft_vocabulary_drafts_only_its_tokens_and_keeps_the_targets_output(
     inner.propose = spy
     assert _run(SpeculativeBatch(target, inner), prompts, options) == alone
     assert proposed and set(proposed) <= set(vocab.tolist())
+
+
+def test_a_joining_prompt_runs_the_targets_head_on_its_last_position_only(mapped_pair, tiny_models):
+    """Prefill needs one row of logits per prompt: the LM head over every prompt position cost T x |V|
+    (0.6 GB of float32 logits for a 1,000-token prompt with a 152k vocabulary). Both batches, same tokens."""
+    from llm_modules.decoding.engine import DecodeBatch
+
+    drafter = _drafter(mapped_pair, "ladder")
+    target = drafter.large
+    prompts = _prompts(drafter.vocab_size, n=3, seed=2)
+    options = [SamplingOptions(max_new_tokens=6)] * 3
+    seen = []
+    hook = target.get_output_embeddings().register_forward_hook(lambda m, args, out: seen.append(args[0].shape[1]))
+    try:
+        for batch in (DecodeBatch(target), SpeculativeBatch(target, ComposedDrafter(drafter, draft_tokens=2))):
+            seen.clear()
+            batch.add([Sequence(p, o, []) for p, o in zip(prompts, options)])
+            assert seen and set(seen) == {1}, seen  # every head call at the join (the drafter's too) over one position
+    finally:
+        hook.remove()
+    alone = [_target_alone(target, [p], [o])[0] for p, o in zip(prompts, options)]
+    assert _run(SpeculativeBatch(target, ComposedDrafter(drafter, draft_tokens=2)), prompts, options) == alone
