@@ -131,13 +131,16 @@ class PlainStepper(Stepper):
         super().__init__(model)
         self.decoder = Decoder(model)
         # The last position's logits only: over a prompt, the LM head on every position costs T x |V|
-        # (a 1,000-token prompt and 152k tokens: 0.6 GB of float32 logits and 0.5 TFLOP) for nothing.
+        # (a 1,000-token prompt and 152k tokens: 0.6 GB of float32 logits and 0.5 TFLOP) for nothing. Asked
+        # as a position index, not `logits_to_keep=1`: transformers then slices (B, 1, d) out of (B, T, d), a
+        # non-contiguous view that this CPU's bfloat16 linear took 23 s for at batch 8 (a copy takes none).
         inner = model.get_base_model() if hasattr(model, "get_base_model") else model  # peft passes it through
-        self.last_only = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(inner.forward).parameters else {}
+        self.keeps_logits = "logits_to_keep" in inspect.signature(inner.forward).parameters
 
     def forward(self, ids, mask, cache, use_cache):
+        last = {"logits_to_keep": torch.tensor([ids.shape[1] - 1], device=ids.device)} if self.keeps_logits else {}
         out, cache = self.decoder(cache=cache, use_cache=use_cache, input_ids=ids, attention_mask=mask,
-                                  position_ids=positions_from_mask(mask)[:, -ids.shape[1]:], **self.last_only)
+                                  position_ids=positions_from_mask(mask)[:, -ids.shape[1]:], **last)
         return out.logits[:, -1], cache
 
     def slots(self, cache):

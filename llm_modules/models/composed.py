@@ -455,9 +455,9 @@ class LLMModulesModel(nn.Module):
             elif loss_reduction != "sum":
                 raise ValueError(f"loss_reduction must be 'mean' or 'sum' with return_logits=False, got {loss_reduction!r}")
             return ComposedOutput(logits=None, loss=loss, cache=cache if use_cache else None)
-        if logits_to_keep:
-            s = s[:, -logits_to_keep:]
-            final = final[:, -logits_to_keep:] if final is not None else None
+        if logits_to_keep:  # copies: a strided view into the heads' linears was ~500x slower (CPU, bfloat16)
+            s = s[:, -logits_to_keep:].contiguous()
+            final = final[:, -logits_to_keep:].contiguous() if final is not None else None
         logits = self.head(s, final, large_head, vocab_rows)  # (B, T, V), or (B, T, n) over vocab_rows
         loss = next_token_loss(logits, labels, loss_reduction) if labels is not None else None
         return ComposedOutput(logits=logits, loss=loss, cache=cache if use_cache else None)
