@@ -138,8 +138,10 @@ class PlainStepper(Stepper):
         self.keeps_logits = "logits_to_keep" in inspect.signature(inner.forward).parameters
 
     def forward(self, ids, mask, cache, use_cache):
-        # on the CPU: an index tensor there serves hidden states on any device (a model spread over GPUs)
-        last = {"logits_to_keep": torch.tensor([ids.shape[1] - 1])} if self.keeps_logits else {}
+        # only over several positions (a one-token step has nothing to drop); on the CPU: an index tensor
+        # there serves hidden states on any device (a model spread over GPUs)
+        t = ids.shape[1]
+        last = {"logits_to_keep": torch.tensor([t - 1])} if self.keeps_logits and t > 1 else {}
         out, cache = self.decoder(cache=cache, use_cache=use_cache, input_ids=ids, attention_mask=mask,
                                   position_ids=positions_from_mask(mask)[:, -ids.shape[1]:], **last)
         return out.logits[:, -1], cache

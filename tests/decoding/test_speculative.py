@@ -338,11 +338,9 @@ def test_a_draft_vocabulary_drafts_only_its_tokens_and_keeps_the_targets_output(
     assert proposed and set(proposed) <= set(vocab.tolist())
 
 
-def test_a_joining_prompt_runs_the_targets_head_on_its_last_position_only(mapped_pair, tiny_models):
+def test_a_joining_prompt_runs_the_targets_head_on_its_last_position_only(mapped_pair):
     """Prefill needs one row of logits per prompt: the LM head over every prompt position cost T x |V|
     (0.6 GB of float32 logits for a 1,000-token prompt with a 152k vocabulary). Both batches, same tokens."""
-    from llm_modules.decoding.engine import DecodeBatch
-
     drafter = _drafter(mapped_pair, "ladder")
     target = drafter.large
     prompts = _prompts(drafter.vocab_size, n=3, seed=2)
