@@ -1,0 +1,80 @@
+"""Prompt lookup: drafts copied from the row's own context (Saxena 2023, "prompt lookup decoding"; the
+n-gram proposers of transformers and vLLM).
+
+Answers that quote their prompt (code edits, summaries, retrieval-augmented answers) repeat long spans of
+it. The proposer takes the last n tokens of the row's context (prompt, tokens so far and the token the
+target chose last), finds their most recent earlier occurrence, and proposes the tokens that followed it,
+longest n first (`max_ngram` down to `min_ngram`). No network runs: a proposal costs a scan of the
+context (a copy that runs into the context's end is looked up again from there). A row with no match proposes the token after its last one again (drafts the target will reject;
+a verify pass over K + 1 tokens costs about one step in bfloat16 here, so little is lost at batch 1).
+
+Sampled rows: the proposal is deterministic, so its probabilities are one-hot and the acceptance rule
+keeps the target's distribution (draft d kept with probability p(d); otherwise the next token is drawn
+from p with d removed).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from llm_modules.errors import LLMModulesError
+
+
+def find_continuation(context: list[int], k: int, max_ngram: int = 3, min_ngram: int = 1) -> list[int]:
+    """Up to k tokens that followed the most recent earlier occurrence of the context's last n tokens, for the
+    largest n in [min_ngram, max_ngram] that occurs; [] when none does."""
+    length = len(context)
+    for n in range(min(max_ngram, length - 1), min_ngram - 1, -1):
+        tail = context[length - n:]
+        # the latest start whose n-gram ends before the context's own tail and has at least one follower
+        for start in range(length - n - 1, -1, -1):
+            if context[start: start + n] == tail:
+                return context[start + n: start + n + k]
+    return []
+
+
+class PromptLookup:
+    """A drafter (`decoding.speculative.Drafter`) that copies from each row's context; reads no target states."""
+
+    taps: list[int] = []
+    max_positions = None
+
+    def __init__(self, vocab_size: int, draft_tokens: int = 4, max_ngram: int = 3, min_ngram: int = 1):
+        if not 1 <= min_ngram <= max_ngram:
+            raise LLMModulesError(f"prompt lookup needs 1 <= min_ngram <= max_ngram, got {min_ngram} and {max_ngram}")
+        if draft_tokens < 1:
+            raise LLMModulesError(f"prompt lookup needs draft_tokens >= 1, got {draft_tokens}")
+        self.vocab_size, self.draft_tokens = vocab_size, draft_tokens
+        self.max_ngram, self.min_ngram = max_ngram, min_ngram
+        self.contexts: list[list[int]] = []  # per row: every token the target has verified
+        self.last_batch_stats: Any = None  # set by the SpeculativeBatch it drafts for
+        self.hits = self.proposals = 0  # rows given a copied draft, rows asked
+
+    def add(self, ids: torch.Tensor, mask: torch.Tensor, states: torch.Tensor | None) -> None:
+        self.contexts += [row[m.bool()].tolist() for row, m in zip(ids.cpu(), mask.cpu())]
+
+    def propose(self, first: torch.Tensor, k: int, rows: list[Any]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        drafts = []
+        for context, token in zip(self.contexts, first.tolist()):
+            found: list[int] = []
+            while len(found) < k:  # a copy that reaches the context's end continues from what it copied
+                more = find_continuation(context + [token] + found, k - len(found), self.max_ngram, self.min_ngram)
+                if not more:
+                    break
+                found += more
+            self.proposals += 1
+            self.hits += bool(found)
+            drafts.append(found + [found[-1] if found else token] * (k - len(found)))
+        drafts = torch.tensor(drafts, dtype=torch.long, device=first.device)  # (B, k)
+        if not any(r.options.do_sample for r in rows):
+            return drafts, None
+        return drafts, torch.nn.functional.one_hot(drafts.cpu(), self.vocab_size).float()  # (B, k, V)
+
+    def commit(self, accepted: torch.Tensor, tokens: torch.Tensor, states: torch.Tensor | None) -> None:
+        for context, row, a in zip(self.contexts, tokens.tolist(), accepted.tolist()):
+            context += row[: a + 1]
+
+    def keep(self, index: list[int]) -> None:
+        self.contexts = [self.contexts[i] for i in index]
