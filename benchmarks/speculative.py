@@ -17,6 +17,13 @@ target alone in the same engine, mean draft tokens accepted per verify pass (our
 seconds (its run's summary: training, target generation and the state cache's build, also when it reused a cache
 that another drafter of the run built), and how many outputs equal the target's own.
 Prompts are the tasks' questions in the target's chat template. Nothing else should run: a timed benchmark.
+
+Spec-Bench mode (`--spec-bench N`: N questions of each of its six categories, batch 1, first turns, see
+benchmarks/spec_bench.py): the same rows plus prompt lookup in our engine (`ours: prompt lookup, K`), timed
+per question, reported per category and overall as Spec-Bench reports them (speed-up = mean tokens/s over the
+target alone's; mean accepted tokens per verify pass, counting the target's own token). Each question's result
+is appended to OUTPUT/questions.jsonl as it finishes; a rerun with the same options skips what is there. A
+drafter whose training prompts contain a Spec-Bench question is refused.
 """
 
 from __future__ import annotations
@@ -35,6 +42,7 @@ import torch
 from llm_modules.data.prompting import prompt_ids
 from llm_modules.data.sources import load_records
 from llm_modules.decoding.generation import generate
+from llm_modules.decoding.prompt_lookup import PromptLookup
 from llm_modules.models.composed import LLMModulesModel
 from llm_modules.models.drafter import DrafterRecord, load_draft_vocab
 from llm_modules.models.drafting import ComposedDrafter
@@ -176,6 +184,10 @@ def main() -> None:
                         help="the target's, the assistant's and our drafters' precision (bfloat16 halves the bytes "
                              "a decode step reads, on CPUs with bfloat16 instructions too)")
     parser.add_argument("--output", default="reports/speculative")
+    parser.add_argument("--spec-bench", type=int, default=0, metavar="N",
+                        help="Spec-Bench mode: N questions per category (of 80), batch 1; --data and --batch unused")
+    parser.add_argument("--lookup-tokens", action="append", type=int, default=[],
+                        help="Spec-Bench mode: prompt lookup in our engine drafting K tokens per pass (default 4)")
     args = parser.parse_args()
     data = args.data or ["reasoning-gym:gsm_symbolic?size=8&seed=999",
                          "reasoning-gym:family_relationships?size=8&seed=999"]
@@ -201,6 +213,9 @@ def main() -> None:
     vocabularies = {(folder, n): (training_vocabulary(folder, tokenizer, n, eos) if n else saved_vocabulary(folder))
                     for folder, _ in drafters for n in args.draft_vocab or [0]}
 
+    if args.spec_bench:
+        run_spec_bench(args, target, tokenizer, pad, eos, assistant, drafters, lengths, vocabularies, folders)
+        return
     rows = []
     for spec in data:
         prompts = prompts_of(spec, tokenizer, args.prompts)
@@ -267,6 +282,89 @@ def write_report(args, rows) -> None:
                      f"{r['train_seconds'] if r['train_seconds'] is not None else 'n/a'} | {r['identical']} |")
     (out / "results.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
+
+
+def drafter_prompts(folder: Path) -> list[str]:
+    """The user turns a drafter trained on (its run's --data), for the leak check."""
+    for candidate in (folder, folder.parent):
+        config = candidate / "run_config.json"
+        if config.is_file():
+            return [m["content"] for r in load_records(json.loads(config.read_text())["data"])
+                    for m in r.messages if m["role"] == "user"]
+    raise SystemExit(f"{folder}: no run_config.json beside it or above it: cannot check it never saw Spec-Bench")
+
+
+def run_spec_bench(args, target, tokenizer, pad, eos, assistant, drafters, lengths, vocabularies, folders) -> None:
+    """Every method over the same Spec-Bench questions, one question at a time, each timed alone."""
+    import spec_bench
+
+    questions = spec_bench.select(spec_bench.load_questions(), args.spec_bench)
+    for folder, _ in drafters:
+        seen = spec_bench.leaked(drafter_prompts(folder), questions)
+        if seen:
+            raise SystemExit(f"{folder} was trained on Spec-Bench questions {seen[:10]}: it cannot be measured on them")
+    prompts = {q["id"]: prompt_ids([{"role": "user", "content": q["prompt"]}], tokenizer, "chat") for q in questions}
+    methods = [("target alone (our engine)", lambda p, n: run_ours(target, [p], 1, n, pad, eos))]
+    if not args.no_transformers:
+        if assistant is not None:
+            methods.append((f"assisted: {args.assistant}",
+                            lambda p, n: run_hf(target, [p], 1, n, pad, eos, assistant_model=assistant)))
+        methods.append(("prompt lookup (transformers, 10 tokens)",
+                        lambda p, n: run_hf(target, [p], 1, n, pad, eos, prompt_lookup_num_tokens=10)))
+    for k in args.lookup_tokens or [4]:
+        methods.append((f"ours: prompt lookup, K={k}", lambda p, n, k=k: run_ours(
+            target, [p], 1, n, pad, eos, drafter=PromptLookup(target.config.vocab_size, draft_tokens=k))))
+    for folder, model in drafters:
+        for k in lengths[folder]:
+            vocab = vocabularies[(folder, (args.draft_vocab or [0])[0])]
+            name = f"ours: {run_name(folder, folders)}, K={k or 4}"
+            methods.append((name, lambda p, n, model=model, k=k, vocab=vocab: run_ours(
+                target, [p], 1, n, pad, eos, drafter=ComposedDrafter(model, draft_tokens=k or 4, pad_id=pad,
+                                                                     vocab=vocab))))
+    out = Path(args.output)
+    out.mkdir(parents=True, exist_ok=True)
+    log = out / "questions.jsonl"
+    done = {(r["method"], r["id"]): r for r in map(json.loads, log.read_text().splitlines())} if log.is_file() else {}
+    reference: dict[int, list[int]] = {i: done[(methods[0][0], i)]["output"] for i in prompts
+                                       if (methods[0][0], i) in done}
+    for name, run in methods:
+        run(prompts[questions[0]["id"]], WARMUP_TOKENS)  # untimed: one-off costs of a first call
+        for q in questions:
+            if (name, q["id"]) in done:
+                continue
+            (output,), seconds, stats = run(prompts[q["id"]], args.max_new_tokens)
+            if name == methods[0][0]:
+                reference[q["id"]] = output
+            record = {"method": name, "id": q["id"], "category": q["category"], "tokens": len(output),
+                      "seconds": round(seconds, 4), "passes": stats["passes"] if stats else None,
+                      "accepted": stats["accepted"] if stats else None,
+                      "identical": output == reference.get(q["id"]), "output": output}
+            done[(name, q["id"])] = record
+            with log.open("a") as f:
+                f.write(json.dumps(record) + "\n")
+            print(json.dumps({k: v for k, v in record.items() if k != "output"}), flush=True)
+        write_spec_bench_report(args, list(done.values()), methods[0][0], len(questions))
+
+
+def write_spec_bench_report(args, records, baseline: str, n_questions: int) -> None:
+    import spec_bench
+
+    summary = spec_bench.summarize(records, baseline)
+    identical = {m: f"{sum(r['identical'] for r in records if r['method'] == m)}/"
+                    f"{sum(r['method'] == m for r in records)}" for m in summary}
+    lines = [f"# Spec-Bench: {args.target}", "",
+             f"Command: `python benchmarks/speculative.py {shlex.join(sys.argv[1:])}`  ",
+             f"Machine: {platform.machine()} CPU, {torch.get_num_threads()} torch threads, torch {torch.__version__}; "
+             f"{datetime.date.today()}. Greedy, batch 1, first turns, {args.max_new_tokens} new tokens at most; "
+             f"{args.spec_bench} questions per category ({n_questions} in all); {args.dtype}.", "",
+             "Per category: speed-up over the target alone in our engine (mean tokens/s per question, as "
+             "Spec-Bench computes it) and, in brackets, mean tokens per verify pass (ours only).", "",
+             *spec_bench.table(summary), "",
+             "| method | identical to the target alone |", "|---|---|",
+             *[f"| {m} | {v} |" for m, v in identical.items()]]
+    out = Path(args.output)
+    (out / "results.json").write_text(json.dumps(summary, indent=1))
+    (out / "results.md").write_text("\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":
