@@ -80,6 +80,18 @@ def test_the_link_check_finds_a_broken_link_and_a_missing_heading(tmp_path, monk
     assert broken_links(page) == ["reports/gone.md", "reports/r.md#batch-1"]
 
 
+def which_to_use(page: Path) -> list[str]:
+    """The rows of a page's "Which to use for what" table, links read from the repository root."""
+    text = page.read_text(encoding="utf-8")
+    table = text[text.index("## Which to use for what"):].split("\n## ")[0]
+    rows = [line for line in table.splitlines() if line.startswith("|")]
+    return [row.replace("](../reports/", "](reports/") for row in rows] if page.parent == DOCS else rows
+
+
+def test_the_docs_home_page_shows_the_readmes_table():
+    assert len(which_to_use(README)) >= 4 and which_to_use(DOCS / "index.md") == which_to_use(README)
+
+
 def test_the_readmes_set_up_commands_are_the_makefiles():
     makefile = (ROOT / "Makefile").read_text()
     recipes = dict(re.findall(r"^([\w-]+):[^\n]*\n((?:\t[^\n]*\n)+)", makefile, re.M))
