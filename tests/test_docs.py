@@ -7,6 +7,7 @@ tests here check what that build cannot see: the README's own links and the comm
 from __future__ import annotations
 
 import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -104,6 +105,18 @@ def test_the_readmes_set_up_commands_are_the_makefiles():
     assert "make test   # venv + install, then the docs build (`make docs`) and the whole test suite (`python -m pytest -q`)" in readme
     assert "/site/" in (ROOT / ".gitignore").read_text().splitlines()
     assert "make test" in (ROOT / ".ci" / "run").read_text()
+
+
+def test_the_readmes_command_line_quick_start_parses():
+    from llm_modules.entrypoints.cli import build_parser
+
+    readme = README.read_text(encoding="utf-8")
+    block = readme[readme.index("## Quick start: command line"):].split("```bash")[1].split("```")[0]
+    lines = [line.split("  #")[0].strip() for line in block.replace("\\\n", " ").splitlines()]
+    commands = [shlex.split(line)[1:] for line in lines if line.startswith("llm-modules")]
+    assert len(commands) >= 8
+    for args in commands:
+        build_parser().parse_args(args)  # an unknown flag or value exits
 
 
 def mkdocs_build(config: Path, site: Path) -> subprocess.CompletedProcess:
