@@ -139,20 +139,25 @@ def test_the_docs_site_builds_with_warnings_as_errors(tmp_path):
     ("[report](../reports/missing/results.md)", "docs/index.md: (../reports/missing/results.md) is not a file"),
     ("[page](missing.md)", "'missing.md', but the target is not found"),
     ("", 'not included in the "nav" configuration:\n  - stray.md'),  # a page left out of the nav
+    ("[chained](../reports/r/chain.md)", "reports/r/chain.md: (gone.json) is not a file"),  # a report's own link
     ("[heading](other.md#no-such-heading)", "does not contain an anchor '#no-such-heading'"),
 ])
 def test_a_broken_link_fails_the_docs_build(tmp_path, link, error):
     pytest.importorskip("mkdocs")
     (tmp_path / "docs").mkdir()
     (tmp_path / "reports" / "r").mkdir(parents=True)
-    (tmp_path / "reports" / "r" / "results.md").write_text("# Results\n")
+    (tmp_path / "reports" / "r" / "results.md").write_text("# Results\n\n[raw](results.json)\n")
+    (tmp_path / "reports" / "r" / "results.json").write_text("{}")
+    (tmp_path / "reports" / "r" / "chain.md").write_text("# Chain\n\n[raw](gone.json)\n")
     shutil.copytree(DOCS / "_hooks", tmp_path / "docs" / "_hooks")
     config = (ROOT / "mkdocs.yml").read_text()
     config = config[:config.index("nav:")] + "nav:\n  - Home: index.md\n  - Other: other.md\n"
     (tmp_path / "mkdocs.yml").write_text(config)
     (tmp_path / "docs" / "other.md").write_text("# Other\n\n## A heading\n")
     (tmp_path / "docs" / "index.md").write_text("# Home\n\n[fine](../reports/r/results.md) [fine](other.md#a-heading)\n")
-    assert mkdocs_build(tmp_path / "mkdocs.yml", tmp_path / "site").returncode == 0  # the same site, unbroken
+    unbroken = mkdocs_build(tmp_path / "mkdocs.yml", tmp_path / "site")
+    assert unbroken.returncode == 0, unbroken.stderr  # the same site, unbroken: the report and its own link
+    assert (tmp_path / "site" / "repo" / "reports" / "r" / "results.json").is_file()
     (tmp_path / "docs" / "index.md").write_text(f"# Home\n\n[fine](../reports/r/results.md) {link}\n")
     if not link:
         (tmp_path / "docs" / "stray.md").write_text("# Stray\n")

@@ -11,8 +11,9 @@ the built site would have nothing behind it. This hook:
    (a report's `results.md` becomes a rendered page, a plot an image);
 3. rewrites the link on the built page to that copy, so MkDocs then validates it (anchors too).
 
-Only files a page links are copied, never a whole folder (reports keep gigabytes of ignored work
-files beside them).
+A copied Markdown file's own relative links are followed the same way (the copies mirror the
+repository's folders, so those links need no rewriting). Only files a page links are copied, never a
+whole folder (reports keep gigabytes of ignored work files beside them).
 """
 
 from __future__ import annotations
@@ -30,35 +31,46 @@ LINK = re.compile(r"(!?\[[^\]]*\]\()([^)\s#]+)(#[^)\s]*)?\)")
 FENCE = re.compile(r"^(```|~~~).*?^\1", re.S | re.M)
 
 
-def _outside_links(page_uri: str, markdown: str, docs_dir: Path):
-    """(link target, resolved path) for each link of a page that leaves `docs/`."""
-    text = FENCE.sub("", markdown)
-    for match in LINK.finditer(text):
+def _links(page_dir: Path, markdown: str):
+    """(link target, resolved path) for each relative link of a page whose file lives in page_dir."""
+    for match in LINK.finditer(FENCE.sub("", markdown)):
         target = match.group(2)
         if "://" in target or target.startswith(("/", "mailto:")):
             continue
-        resolved = (docs_dir / posixpath.dirname(page_uri) / target).resolve()
-        if resolved == docs_dir or docs_dir in resolved.parents:
-            continue  # inside docs/: MkDocs checks it
-        yield target, resolved
+        yield target, (page_dir / target).resolve()
+
+
+def _outside_links(page_uri: str, markdown: str, docs_dir: Path):
+    """(link target, resolved path) for each link of a docs page that leaves `docs/`."""
+    for target, resolved in _links(docs_dir / posixpath.dirname(page_uri), markdown):
+        if resolved != docs_dir and docs_dir not in resolved.parents:
+            yield target, resolved  # inside docs/: MkDocs checks it
 
 
 def on_files(files, config):
     docs_dir = Path(config.docs_dir).resolve()
     repo = docs_dir.parent
     broken = []
-    for page in list(files.documentation_pages()):
-        markdown = Path(page.abs_src_path).read_text(encoding="utf-8")
-        for target, resolved in _outside_links(page.src_uri, markdown, docs_dir):
+    # (where the page is written, its links): the docs pages, then each copied Markdown file in turn,
+    # whose own relative links keep working because the copies mirror the repository's folders
+    todo = [(f"docs/{p.src_uri}", list(_outside_links(p.src_uri, Path(p.abs_src_path).read_text(encoding="utf-8"),
+                                                       docs_dir)))
+            for p in files.documentation_pages()]
+    while todo:
+        where, links = todo.pop()
+        for target, resolved in links:
             if repo not in resolved.parents or not resolved.is_file():
-                broken.append(f"docs/{page.src_uri}: ({target}) is not a file in the repository")
+                broken.append(f"{where}: ({target}) is not a file in the repository")
                 continue
             uri = f"{PREFIX}/{resolved.relative_to(repo).as_posix()}"
-            if files.get_file_from_path(uri) is None:
-                files.append(File.generated(config, uri, abs_src_path=str(resolved),
-                                            inclusion=InclusionLevel.NOT_IN_NAV))
+            if files.get_file_from_path(uri) is not None:
+                continue
+            files.append(File.generated(config, uri, abs_src_path=str(resolved), inclusion=InclusionLevel.NOT_IN_NAV))
+            if resolved.suffix == ".md":
+                todo.append((resolved.relative_to(repo).as_posix(),
+                             list(_links(resolved.parent, resolved.read_text(encoding="utf-8")))))
     if broken:
-        raise PluginError("broken links to repository files:\n" + "\n".join(broken))
+        raise PluginError("broken links to repository files:\n" + "\n".join(sorted(broken)))
     return files
 
 
