@@ -1,11 +1,11 @@
-# Fresh machine: `make demo` trains the embedded demo, `make test` runs the tests.
+# Fresh machine: `make demo` trains the embedded demo, `make test` builds the docs and runs the tests.
 # torch is pinned to the CPU wheel first: a looser requirement would pull a multi-GB CUDA build.
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 TORCH ?= torch==2.13.0
 
-.PHONY: install demo test test-fast bench clean
+.PHONY: install demo docs test test-fast bench clean
 
 $(BIN)/llm-modules: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -21,10 +21,14 @@ install: $(BIN)/llm-modules
 demo: install
 	$(BIN)/llm-modules train
 
-test: install
+# The docs site (mkdocs.yml): every warning an error, so a broken link or a page left out of the nav fails.
+docs: install
+	$(BIN)/mkdocs build --strict -d site
+
+test: install docs
 	$(BIN)/python -m pytest -q
 
-# The slow kinds are pytest markers (pyproject.toml); README "Tests" gives each one's time.
+# The slow kinds are pytest markers (pyproject.toml); README "Tests" gives each kind and its command.
 SLOW_MARKERS := not real and not subprocess and not browser and not multiprocess
 
 test-fast: install
@@ -34,4 +38,4 @@ bench: install
 	$(BIN)/python benchmarks/decode_speed.py
 
 clean:
-	rm -rf $(VENV) runs
+	rm -rf $(VENV) runs site

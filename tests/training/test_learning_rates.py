@@ -1,4 +1,4 @@
-"""Default learning rates are per method, what our equal-time reports' grids picked, as the README
+"""Default learning rates are per method, what our equal-time reports' grids picked, as docs/training.md
 documents; the paper's are one flag away (issue 28, item 16)."""
 
 from __future__ import annotations
@@ -12,12 +12,12 @@ import pytest
 from llm_modules.entrypoints.cli import main
 from llm_modules.training.config import LEARNING_RATES, PAPER_LEARNING_RATES, TrainConfig
 
-README = Path(__file__).parents[2] / "README.md"
+DOCS = Path(__file__).parents[2] / "docs" / "training.md"
 
 
 def documented() -> dict[str, tuple[float, float | None]]:
-    """The README's table of default learning rates: {method: (lr_small, lr_bridge or None)}."""
-    rows = re.findall(r"^\| `(\w+)` \| ([\d.e-]+) \| ([\d.e-]+|\(none\)) \|", README.read_text(), re.MULTILINE)
+    """The docs' table of default learning rates: {method: (lr_small, lr_bridge or None)}."""
+    rows = re.findall(r"^\| `(\w+)` \| ([\d.e-]+) \| ([\d.e-]+|\(none\)) \|", DOCS.read_text(), re.MULTILINE)
     return {method: (float(small), None if bridge == "(none)" else float(bridge)) for method, small, bridge in rows}
 
 
