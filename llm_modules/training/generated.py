@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import time
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -24,6 +25,8 @@ from llm_modules.data.prepare import TokenizedExample, pad_id, render
 from llm_modules.decoding.engine import model_eos_ids
 from llm_modules.decoding.generation import generate
 from llm_modules.errors import LLMModulesError
+from llm_modules.states.fence import host_name
+from llm_modules.states.leases import holder_gone
 from llm_modules.tensors import IGNORE_INDEX, left_pad
 from llm_modules.version import __version__
 
@@ -79,19 +82,6 @@ def answer_batch(large: torch.nn.Module, prompts: Sequence[list[int]], rows: lis
     return answers
 
 
-def greedy_answers(large: torch.nn.Module, prompts: Sequence[list[int]], max_length: int, eos: list[int],
-                   pad: int, progress: bool = False) -> list[list[int]]:
-    """Each prompt's greedy continuation by `large` (a Hugging Face causal LM), ending with its first EOS
-    token or at `max_length` tokens in all; batches of similar lengths (`answer_batches`), left-padded."""
-    answers: list[list[int]] = [[] for _ in prompts]
-    for rows in answer_batches(prompts):
-        for i, answer in zip(rows, answer_batch(large, prompts, rows, max_length, eos, pad)):
-            answers[i] = answer
-        if progress:
-            print(f"target answers: {sum(map(bool, answers))}/{len(prompts)}", flush=True)
-    return answers
-
-
 def parts_folder(path: Path) -> Path:
     """Where the answers of `root/<key>.json` are kept batch by batch until they are all generated."""
     return path.with_name(f"{path.stem}.parts")
@@ -117,7 +107,7 @@ def _read_part(path: Path, key: str, rows: list[int], prompts: Sequence[list[int
 
 def _write_json_atomic(path: Path, data: dict[str, Any]) -> None:
     """Whole or not at all (a reader never sees half a file); on disk before it is renamed into place."""
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+    tmp = path.with_name(f"{path.name}.tmp-{host_name()}-{os.getpid()}")
     with open(tmp, "w") as f:
         f.write(json.dumps(data))
         f.flush()
@@ -170,6 +160,10 @@ def load_or_generate(path: Path, key: str, large: torch.nn.Module, prompts: Sequ
     _write_json_atomic(path, {"key": key, "answers": answers})
     for n in range(len(batches)):  # file by file: another run's part being written stays, and so does the folder
         _part(parts, n).unlink(missing_ok=True)
+    for tmp in parts.glob("*.tmp-*"):  # a part whose writer was killed mid-write
+        host, _, pid = tmp.name.rpartition(".tmp-")[2].rpartition("-")
+        if pid.isdigit() and holder_gone(host, int(pid), tmp, time.time()):
+            tmp.unlink(missing_ok=True)
     try:
         parts.rmdir()
     except OSError:

@@ -184,6 +184,17 @@ def test_stale_locks_are_taken_over_live_ones_refused(tmp_path, holder, age, tak
     assert not path.exists() and not lock.held
 
 
+def test_a_held_lock_is_kept_fresh_for_runs_on_other_hosts(tmp_path, monkeypatch):
+    monkeypatch.setattr(run_lock, "TOUCH_SECONDS", 0.02)
+    lock = run_lock.take_run_lock(tmp_path)
+    os.utime(lock.path, (1.0, 1.0))  # as if untouched since 1970: stale to another host, unless touched
+    deadline = time.monotonic() + 30
+    while lock.path.stat().st_mtime < time.time() - 60:
+        assert time.monotonic() < deadline, "the lock was not touched"
+        time.sleep(0.02)
+    lock.release()
+
+
 def test_a_half_written_lock_is_waited_for_then_broken(tmp_path):
     path = tmp_path / run_lock.LOCK_FILE
     path.write_text('{"host": ')  # its writer is between create and write, or died there

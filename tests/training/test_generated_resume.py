@@ -9,6 +9,7 @@ import random
 import pytest
 import torch
 
+from llm_modules.states.fence import host_name
 from llm_modules.training import generated
 
 from ..helpers import TINY
@@ -92,8 +93,11 @@ def test_a_damaged_part_is_generated_again(tmp_path, large, prompts, counted):
         run(tmp_path / "resumed", large, prompts)
     first, second, third = sorted((tmp_path / "resumed").glob("*.parts/batch-*.json"))
     first.write_text(first.read_text()[:-5])  # cut short
+    dead = first.with_name(f"{first.name}.tmp-{host_name()}-{2**22 + 12345}")  # its writer killed mid-write
+    dead.write_text("{")
     body = json.loads(second.read_text())
     second.write_text(json.dumps({**body, "rows": body["rows"][::-1]}))  # rows of another order
     counted.update(n=0, die_at=None)
     answers, info = run(tmp_path / "resumed", large, prompts)
     assert counted["n"] == 3 and info["resumed"] == 3 and answers == straight
+    assert not list((tmp_path / "resumed").glob("*.parts"))
