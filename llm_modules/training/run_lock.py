@@ -79,7 +79,7 @@ def _refusal(output: Path, path: Path, holder: dict[str, Any] | None) -> str:
                 "wait for it, or pick another --output")
     host, pid, _ = who
     since = holder.get("time") if holder else None
-    when = f", since {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(since))}" if isinstance(since, float) else ""
+    when = f", since {time.strftime('%Y-%m-%d %H:%M:%S %Z', time.localtime(since))}" if isinstance(since, float) else ""
     if host == host_name():
         return (f"output folder {output} is in use by another run (host {host}, pid {pid}{when}); wait for it to "
                 "end, or pick another --output")
