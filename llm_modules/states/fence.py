@@ -127,7 +127,8 @@ def stale_build(path: Path, now: float | None = None) -> bool:
     return host == host_name() and (pid == os.getpid() or not pid_alive(pid))
 
 
-def _read_lock(path: Path) -> dict[str, Any] | None:
+def read_lock(path: Path) -> dict[str, Any] | None:
+    """What the lock file `path` says of its holder; None when it is gone, half written or unreadable."""
     try:
         return json.loads(path.read_text())
     except (OSError, ValueError):
@@ -146,7 +147,7 @@ def _stale_lock(path: Path, holder: dict[str, Any] | None) -> bool:
     return holder.get("host") == host_name() and not pid_alive(int(holder.get("pid", -1)))
 
 
-def _break_lock(path: Path, holder: dict[str, Any] | None) -> None:
+def break_lock(path: Path, holder: dict[str, Any] | None) -> None:
     """Take away a dead lock: rename it aside (one taker wins), and give it back if it was not the
     one judged dead (its holder replaced it in the meantime)."""
     aside = path.with_name(f"{path.name}.dead-{secrets.token_hex(4)}")
@@ -154,7 +155,7 @@ def _break_lock(path: Path, holder: dict[str, Any] | None) -> None:
         os.rename(path, aside)
     except FileNotFoundError:
         return
-    if holder is not None and _read_lock(aside) != holder:
+    if holder is not None and read_lock(aside) != holder:
         try:
             os.link(aside, path)  # fails when a new lock is in place already
         except FileExistsError:
@@ -173,9 +174,9 @@ def finish_lock(root: Path, key: str, wait: float = LOCK_WAIT_SECONDS) -> Iterat
         try:
             fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
         except FileExistsError:
-            holder = _read_lock(path)
+            holder = read_lock(path)
             if _stale_lock(path, holder):
-                _break_lock(path, holder)
+                break_lock(path, holder)
                 continue
             if time.monotonic() > deadline:
                 raise LLMModulesError(f"state cache lock {path} held by {holder} for over {wait:.0f} s; if that "
@@ -190,5 +191,5 @@ def finish_lock(root: Path, key: str, wait: float = LOCK_WAIT_SECONDS) -> Iterat
     try:
         yield
     finally:
-        if _read_lock(path) == mine:  # never remove a lock someone else took after breaking ours
+        if read_lock(path) == mine:  # never remove a lock someone else took after breaking ours
             path.unlink(missing_ok=True)

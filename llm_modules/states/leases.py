@@ -65,18 +65,24 @@ def take_lease(folder: Path) -> Lease:
     return Lease(path)
 
 
+def holder_gone(host: str, pid: int, path: Path, now: float) -> bool:
+    """Whether the lease (or lock, `training.run_lock`) file `path` of process `pid` on `host` stands for
+    no live process: on this host when that process is gone; from another host when nothing touched
+    the file for STALE_LEASE_SECONDS (a holder touches it every TOUCH_SECONDS)."""
+    if host == host_name():
+        return not pid_alive(pid)
+    try:
+        return now - path.stat().st_mtime > STALE_LEASE_SECONDS
+    except FileNotFoundError:
+        return True
+
+
 def _live(path: Path, now: float) -> bool:
     """Whether the lease file `path` still stands for a reader."""
     parts = path.name.rsplit("-", 2)
     if len(parts) != 3 or not parts[1].isdigit():
         return True  # not ours to judge: keep the folder
-    host, pid = parts[0], int(parts[1])
-    if host == host_name():
-        return pid_alive(pid)
-    try:
-        return now - path.stat().st_mtime <= STALE_LEASE_SECONDS
-    except FileNotFoundError:
-        return False
+    return not holder_gone(parts[0], int(parts[1]), path, now)
 
 
 def live_leases(folder: Path) -> list[Path]:

@@ -24,6 +24,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from llm_modules.errors import LLMModulesError
+from llm_modules.training.run_lock import check_no_other_run
 
 STATE_FILE = "trainer_state.json"
 OPTIMIZER_FILE = "optimizer.safetensors"
@@ -96,10 +97,12 @@ def recover_checkpoints(directory: Path) -> list[Path]:
     Only when no run writes into `directory` (before a resume): a complete folder that is not yet
     in place goes into place (the new one of a swap first, else the old one goes back). A writer's
     own temporary folder is complete for a moment before its rename, so a listing that repaired
-    would steal it from under a live run.
+    would steal it from under a live run: a run that holds the output folder's lock (`run_lock`,
+    `directory`'s parent) other than this process refuses it.
     """
     if not directory.is_dir():
         return []
+    check_no_other_run(directory.parent)
     for aside in sorted(directory.glob(f"{OLD}{PREFIX}*")) + sorted(directory.glob(f".tmp-{PREFIX}*")):
         final = directory / (PREFIX + aside.name.partition(PREFIX)[2])
         if aside.is_dir() and (aside / STATE_FILE).is_file() and not final.exists():

@@ -6,6 +6,8 @@ answer token, as the template rendered them) is answered once by the large model
 example becomes prompt + answer (the answer ending at the target's end-of-sequence token, or at
 --max-length), the answer its loss span. Answers are cached as JSON under `root/<key>.json`, the key
 covering the target (spec, weights, dtype), the prompts, the length limit and the library versions.
+While they are generated, each batch's answers are kept in `root/<key>.parts/`, so a killed run's
+rerun generates only the batches it had not finished, in the same batches, so the same answers.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import time
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -22,6 +25,8 @@ from llm_modules.data.prepare import TokenizedExample, pad_id, render
 from llm_modules.decoding.engine import model_eos_ids
 from llm_modules.decoding.generation import generate
 from llm_modules.errors import LLMModulesError
+from llm_modules.states.fence import host_name
+from llm_modules.states.leases import holder_gone
 from llm_modules.tensors import IGNORE_INDEX, left_pad
 from llm_modules.version import __version__
 
@@ -53,44 +58,117 @@ def generation_key(large: torch.nn.Module, spec: str, prompts: Sequence[list[int
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
 
-@torch.no_grad()
-def greedy_answers(large: torch.nn.Module, prompts: Sequence[list[int]], max_length: int, eos: list[int],
-                   pad: int, progress: bool = False) -> list[list[int]]:
-    """Each prompt's greedy continuation by `large` (a Hugging Face causal LM), ending with its first EOS
-    token or at `max_length` tokens in all; batches of similar lengths, left-padded."""
-    device = next(large.parameters()).device
+def answer_batches(prompts: Sequence[list[int]]) -> list[list[int]]:
+    """The prompts' indices as they are answered: sorted by length, GENERATE_BATCH at a time. The same
+    batches on every run, so a resumed generation pads (and so computes) each row as an uninterrupted one."""
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
-    answers: list[list[int]] = [[] for _ in prompts]
-    for start in range(0, len(order), GENERATE_BATCH):
-        rows = order[start : start + GENERATE_BATCH]
-        ids, mask = left_pad([prompts[i] for i in rows], pad, device)  # (B, W)
-        budget = max_length - min(len(prompts[i]) for i in rows)
-        out = generate(large, ids, mask, max_new_tokens=budget, eos_token_id=eos, pad_token_id=pad)
-        for r, i in enumerate(rows):
-            new = out[r, ids.shape[1]:].tolist()[: max_length - len(prompts[i])]
-            end = next((n + 1 for n, t in enumerate(new) if t in eos), len(new))  # through the first EOS
-            answers[i] = new[:end]
-        if progress:
-            print(f"target answers: {min(start + GENERATE_BATCH, len(order))}/{len(order)}", flush=True)
+    return [order[start : start + GENERATE_BATCH] for start in range(0, len(order), GENERATE_BATCH)]
+
+
+@torch.no_grad()
+def answer_batch(large: torch.nn.Module, prompts: Sequence[list[int]], rows: list[int], max_length: int,
+                 eos: list[int], pad: int) -> list[list[int]]:
+    """The greedy continuations of prompts `rows`, together (left-padded), each ending with its first EOS
+    token or at `max_length` tokens in all."""
+    device = next(large.parameters()).device
+    ids, mask = left_pad([prompts[i] for i in rows], pad, device)  # (B, W)
+    budget = max_length - min(len(prompts[i]) for i in rows)
+    out = generate(large, ids, mask, max_new_tokens=budget, eos_token_id=eos, pad_token_id=pad)  # (B, W + new)
+    answers = []
+    for r, i in enumerate(rows):
+        new = out[r, ids.shape[1]:].tolist()[: max_length - len(prompts[i])]
+        end = next((n + 1 for n, t in enumerate(new) if t in eos), len(new))  # through the first EOS
+        answers.append(new[:end])
     return answers
 
 
+def parts_folder(path: Path) -> Path:
+    """Where the answers of `root/<key>.json` are kept batch by batch until they are all generated."""
+    return path.with_name(f"{path.stem}.parts")
+
+
+def _part(parts: Path, n: int) -> Path:
+    return parts / f"batch-{n:06d}.json"
+
+
+def _read_part(path: Path, key: str, rows: list[int], prompts: Sequence[list[int]], max_length: int
+               ) -> list[list[int]] | None:
+    """The answers kept in `path` when it is whole and holds batch `rows` of this key; else None."""
+    try:
+        saved = json.loads(path.read_text())
+        answers = saved["answers"]
+        ok = (saved["key"] == key and saved["rows"] == rows and len(answers) == len(rows)
+              and all(isinstance(a, list) and all(type(t) is int for t in a)
+                      and len(prompts[i]) + len(a) <= max_length for i, a in zip(rows, answers)))
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return answers if ok else None
+
+
+def _write_json_atomic(path: Path, data: dict[str, Any]) -> None:
+    """Whole or not at all (a reader never sees half a file); on disk before it is renamed into place."""
+    tmp = path.with_name(f"{path.name}.tmp-{host_name()}-{os.getpid()}")
+    with open(tmp, "w") as f:
+        f.write(json.dumps(data))
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
 def load_or_generate(path: Path, key: str, large: torch.nn.Module, prompts: Sequence[list[int]], max_length: int,
-                     eos: list[int], pad: int, progress: bool = False) -> tuple[list[list[int]], bool]:
-    """(answers, whether they were generated now rather than read from `path`)."""
+                     eos: list[int], pad: int, progress: bool = False) -> tuple[list[list[int]], dict[str, Any]]:
+    """(answers, {"generated": whether they were generated now rather than read from `path`, "resumed": how
+    many of them an interrupted generation had kept}).
+
+    While generating, each batch's answers are kept in `parts_folder(path)` (one JSON file per batch,
+    written atomically, naming the key and the batch's rows), so a killed generation loses at most the
+    batch it was in: a rerun with the same key reads the kept batches and generates the others. When all
+    are there, `path` is written whole and the parts go.
+    """
     if path.is_file():
         try:
             saved = json.loads(path.read_text())
             if saved.get("key") == key and len(saved["answers"]) == len(prompts):
-                return saved["answers"], False
+                return saved["answers"], {"generated": False, "resumed": 0}
         except (OSError, ValueError, KeyError, TypeError):
             pass  # unreadable: generated again and replaced
-    answers = greedy_answers(large, prompts, max_length, eos, pad, progress)
+    parts = parts_folder(path)
+    batches = answer_batches(prompts)
+    answers: list[list[int] | None] = [None] * len(prompts)
+    missing = []
+    for n, rows in enumerate(batches):
+        kept = _read_part(_part(parts, n), key, rows, prompts, max_length)
+        if kept is None:
+            missing.append(n)
+        for i, answer in zip(rows, kept or []):
+            answers[i] = answer
+    resumed = len(prompts) - sum(len(batches[n]) for n in missing)
+    if progress and resumed:
+        print(f"target answers: {resumed} of {len(prompts)} kept from an interrupted generation in {parts}", flush=True)
+    done = resumed
+    for n in missing:
+        rows = batches[n]
+        new = answer_batch(large, prompts, rows, max_length, eos, pad)
+        parts.mkdir(parents=True, exist_ok=True)  # each time: a run that finished the same key may have removed it
+        _write_json_atomic(_part(parts, n), {"key": key, "rows": rows, "answers": new})
+        for i, answer in zip(rows, new):
+            answers[i] = answer
+        done += len(rows)
+        if progress:
+            print(f"target answers: {done}/{len(prompts)}", flush=True)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps({"key": key, "answers": answers}))
-    os.replace(tmp, path)  # whole or not at all
-    return answers, True
+    _write_json_atomic(path, {"key": key, "answers": answers})
+    for n in range(len(batches)):  # file by file: another run's part being written stays, and so does the folder
+        _part(parts, n).unlink(missing_ok=True)
+    for tmp in parts.glob("*.tmp-*"):  # a part whose writer was killed mid-write
+        host, _, pid = tmp.name.rpartition(".tmp-")[2].rpartition("-")
+        if pid.isdigit() and holder_gone(host, int(pid), tmp, time.time()):
+            tmp.unlink(missing_ok=True)
+    try:
+        parts.rmdir()
+    except OSError:
+        pass
+    return answers, {"generated": True, "resumed": resumed}
 
 
 def with_generated_answers(examples: list[TokenizedExample], answers: list[list[int]], prompt_lengths: list[int]
@@ -111,7 +189,8 @@ def generated_data(data: Any, large: torch.nn.Module, spec: str, tokenizer: Any,
     """Replace `data.train` and `data.val` by the large model's greedy answers to their prompts (in place).
 
     The main process generates (or reads) the answers, the others wait (`wait()`: a barrier) and read
-    them. Returns a report: examples, answer tokens, answers ending in EOS, whether generated now.
+    them. Returns a report: examples, answer tokens, answers ending in EOS, whether generated now, how many
+    answers an interrupted generation had kept, the file.
     """
     splits = {name: getattr(data, name) for name in ("train", "val")}
     examples = [e for name in ("train", "val") for e in splits[name]]
@@ -125,14 +204,13 @@ def generated_data(data: Any, large: torch.nn.Module, spec: str, tokenizer: Any,
         raise LLMModulesError("--drafter-targets generated: the large model has no end-of-sequence token to stop at")
     key = generation_key(large, spec, prompts, max_length, eos)
     path = root / f"{key}.json"
-    generated = False
+    info = {"generated": False, "resumed": 0}
     if is_main:
-        _, generated = load_or_generate(path, key, large, prompts, max_length, eos, pad_id(tokenizer), progress)
+        _, info = load_or_generate(path, key, large, prompts, max_length, eos, pad_id(tokenizer), progress)
     if wait is not None:
         wait()
     answers = json.loads(path.read_text())["answers"]
     rows = with_generated_answers(examples, answers, lengths)
     data.train, data.val = rows[: len(splits["train"])], rows[len(splits["train"]):]
     return {"examples": len(rows), "answer_tokens": sum(map(len, answers)),
-            "ended_with_eos": sum(bool(a) and a[-1] in eos for a in answers), "generated": generated,
-            "file": str(path)}
+            "ended_with_eos": sum(bool(a) and a[-1] in eos for a in answers), **info, "file": str(path)}

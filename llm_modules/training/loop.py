@@ -44,6 +44,7 @@ from llm_modules.training import checkpoint as ckpt
 from llm_modules.training.config import RUN_CONFIG_FILE, TrainConfig
 from llm_modules.training.objectives import Objective, build_objective
 from llm_modules.training.report import held_out_samples, plot_losses
+from llm_modules.training.run_lock import LOCK_FILE, RunLock, take_run_lock
 
 logger = logging.getLogger(__name__)
 
@@ -64,6 +65,7 @@ class Run:
     total_steps: int
     output: Path
     data_fingerprint: str  # of the prepared examples: a resume on changed data is refused
+    lock: RunLock | None = None  # the main process's hold on the output folder (run_lock.py)
 
 
 def mixed_precision(choice: str) -> str:
@@ -81,7 +83,7 @@ def check_output(output: Path, config: TrainConfig) -> None:
     before its first checkpoint) starts again without --resume."""
     saved = output / RUN_CONFIG_FILE
     if not saved.is_file():
-        if output.is_dir() and any(output.iterdir()) and not config.resume:
+        if output.is_dir() and any(p.name != LOCK_FILE for p in output.iterdir()) and not config.resume:
             raise LLMModulesError(f"output folder {output} is not empty and holds no llm-modules run; pick another --output")
         return
     try:
@@ -94,7 +96,8 @@ def check_output(output: Path, config: TrainConfig) -> None:
             f"output folder {output} holds a different run (differs in: {', '.join(differing)}); "
             "pick another --output, or repeat that run's options to --resume it"
         )
-    # Main process, before any process lists them: no writer is alive, so interrupted swaps are finished here.
+    # Main process, holding the folder's lock, before any process lists them: no writer is alive, so
+    # interrupted swaps are finished here.
     trained = ckpt.recover_checkpoints(output / "checkpoints") or any((output / n).exists() for n in RUN_MODELS)
     if not config.resume and trained:
         raise LLMModulesError(f"output folder {output} already holds this run; add --resume to continue it")
@@ -148,9 +151,20 @@ def make_accelerator(config: TrainConfig) -> Accelerator:
 def setup(config: TrainConfig) -> Run:
     """Everything `fit` needs. Every check comes before anything is written to the output folder, so
     a run refused for its options (or interrupted while the state cache builds) leaves the folder as
-    it was, and the corrected run starts there."""
+    it was, and the corrected run starts there. First of all the main process takes the folder's lock
+    (`run_lock`: a folder that another live run holds is refused), let go if setup fails, else in `train`."""
     accelerator = make_accelerator(config)
     output = Path(config.output)
+    lock = take_run_lock(output) if accelerator.is_main_process else None  # one run per folder, before any check
+    try:
+        return _setup(config, accelerator, output, lock)
+    except BaseException:
+        if lock is not None:
+            lock.release()
+        raise
+
+
+def _setup(config: TrainConfig, accelerator: Accelerator, output: Path, lock: RunLock | None) -> Run:
     if accelerator.is_main_process:
         check_output(output, config)
     accelerator.wait_for_everyone()
@@ -181,7 +195,7 @@ def setup(config: TrainConfig) -> Run:
     )
     wrapped, optimizer = accelerator.prepare(objective.module, optimizer)
     return Run(config, accelerator, objective, wrapped, optimizer, scheduler, data, global_batch, steps_per_epoch,
-               total_steps, output, examples_fingerprint(data))
+               total_steps, output, examples_fingerprint(data), lock)
 
 
 def batch_tensors(run: Run, split: str, indices: list[int]) -> tuple[dict[str, Any], list[TokenizedExample]]:
@@ -415,6 +429,15 @@ def fit(run: Run, on_step: Callable[[Run, int], None] | None = None) -> dict[str
 def train(config: TrainConfig, on_step: Callable[[Run, int], None] | None = None) -> dict[str, Any] | None:
     """Run (or resume) a whole training job; the main process returns a summary (also in summary.json)."""
     run = setup(config)
+    try:
+        return _fit_and_report(run, config, on_step)
+    finally:
+        if run.lock is not None:  # after an error too: the folder is free for the next run
+            run.lock.release()
+
+
+def _fit_and_report(run: Run, config: TrainConfig, on_step: Callable[[Run, int], None] | None
+                    ) -> dict[str, Any] | None:
     summary = fit(run, on_step)
     acc = run.accelerator
     if acc.is_main_process:

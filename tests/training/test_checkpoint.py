@@ -1,8 +1,14 @@
-"""Checkpoints: a kill at any point of re-saving a step leaves the newest complete checkpoint loadable."""
+"""Checkpoints: a kill at any point of re-saving a step leaves the newest complete checkpoint loadable;
+one run at a time holds an output folder (its lock), and a dead run's lock is taken over."""
 
 from __future__ import annotations
 
+import json
+import os
 import shutil
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -10,8 +16,11 @@ import torch
 from safetensors.torch import load_file
 
 from llm_modules import LLMModulesModel
+from llm_modules.errors import LLMModulesError
 from llm_modules.models.config import WEIGHTS_FILE
+from llm_modules.states.fence import host_name
 from llm_modules.training import checkpoint as ckpt
+from llm_modules.training import run_lock
 
 
 @pytest.fixture
@@ -112,3 +121,102 @@ def test_recovery_puts_a_complete_first_checkpoint_in_place(tmp_path, model, mon
     assert ckpt.complete_checkpoints(tmp_path) == []  # read-only: nothing moved yet
     assert [p.name for p in ckpt.recover_checkpoints(tmp_path)] == ["step-000003"]
     assert ckpt.load_checkpoint(tmp_path / "step-000003", model, optimizer)["marker"] == 1.0
+
+
+# ----------------------------------------------------------------------------- one run per output folder
+def holding_process(output: Path) -> subprocess.Popen:
+    """Another process that takes `output`'s run lock and holds it until killed."""
+    code = ("import sys, time; from llm_modules.training.run_lock import take_run_lock; "
+            "lock = take_run_lock(sys.argv[1]); print('held', flush=True); time.sleep(600)")
+    proc = subprocess.Popen([sys.executable, "-c", code, str(output)], stdout=subprocess.PIPE, text=True,
+                            env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])})
+    assert proc.stdout.readline().strip() == "held"
+    return proc
+
+
+def test_a_live_runs_lock_refuses_another_run_and_its_recovery(tmp_path):
+    holder = holding_process(tmp_path / "run")
+    try:
+        with pytest.raises(LLMModulesError) as err:
+            run_lock.take_run_lock(tmp_path / "run")
+        message = str(err.value)
+        assert "\n" not in message and str(tmp_path / "run") in message and f"pid {holder.pid}" in message
+        assert f"host {host_name()}" in message
+        (tmp_path / "run" / "checkpoints").mkdir()
+        with pytest.raises(LLMModulesError, match=f"pid {holder.pid}"):
+            ckpt.recover_checkpoints(tmp_path / "run" / "checkpoints")  # it may be writing a checkpoint
+        assert ckpt.complete_checkpoints(tmp_path / "run" / "checkpoints") == []  # listing stays read-only
+    finally:
+        holder.kill()
+        holder.wait()
+    lock = run_lock.take_run_lock(tmp_path / "run")  # its process is dead: the lock is stale, taken over
+    assert json.loads((tmp_path / "run" / run_lock.LOCK_FILE).read_text())["pid"] == os.getpid()
+    assert ckpt.recover_checkpoints(tmp_path / "run" / "checkpoints") == []  # this process holds it
+    lock.release()
+    assert not (tmp_path / "run" / run_lock.LOCK_FILE).exists()
+
+
+def write_lock(output: Path, age: float = 0.0, **holder) -> Path:
+    output.mkdir(parents=True, exist_ok=True)
+    path = output / run_lock.LOCK_FILE
+    path.write_text(json.dumps({"host": host_name(), "pid": os.getpid(), "time": time.time(), **holder}))
+    os.utime(path, (time.time() - age, time.time() - age))
+    return path
+
+
+@pytest.mark.parametrize("holder, age, taken", [
+    ({"pid": 2**22 + 12345}, 0, True),  # no such process on this host (beyond the default pid_max)
+    ({"started": -1}, 0, True),  # this pid, but a process started at another time: the pid was reused
+    ({}, 0, False),  # this very process, alive (a run in another thread, a notebook)
+    ({"host": "elsewhere", "pid": 1}, 3600, False),  # another host, touched an hour ago: live
+    ({"host": "elsewhere", "pid": 1}, 2 * 24 * 3600, True),  # another host, untouched for two days
+])
+def test_stale_locks_are_taken_over_live_ones_refused(tmp_path, holder, age, taken):
+    path = write_lock(tmp_path, age, **holder)
+    if not taken:
+        with pytest.raises(LLMModulesError, match="in use by another run"):
+            run_lock.take_run_lock(tmp_path)
+        assert json.loads(path.read_text())["pid"] == holder.get("pid", os.getpid())
+        return
+    lock = run_lock.take_run_lock(tmp_path)
+    assert lock.held and json.loads(path.read_text())["nonce"] == lock.holder["nonce"]
+    lock.release()
+    assert not path.exists() and not lock.held
+
+
+def test_a_held_lock_is_kept_fresh_for_runs_on_other_hosts(tmp_path, monkeypatch):
+    monkeypatch.setattr(run_lock, "TOUCH_SECONDS", 0.02)
+    lock = run_lock.take_run_lock(tmp_path)
+    os.utime(lock.path, (1.0, 1.0))  # as if untouched since 1970: stale to another host, unless touched
+    deadline = time.monotonic() + 30
+    while lock.path.stat().st_mtime < time.time() - 60:
+        assert time.monotonic() < deadline, "the lock was not touched"
+        time.sleep(0.02)
+    lock.release()
+
+
+def test_a_half_written_lock_is_waited_for_then_broken(tmp_path):
+    path = tmp_path / run_lock.LOCK_FILE
+    path.write_text('{"host": ')  # its writer is between create and write, or died there
+    with pytest.raises(LLMModulesError, match="being taken by another run"):
+        run_lock.take_run_lock(tmp_path)
+    os.utime(path, (time.time() - 3600, time.time() - 3600))
+    run_lock.take_run_lock(tmp_path).release()
+    assert not path.exists()
+
+
+def test_a_lock_taken_over_is_not_removed_by_its_first_holder(tmp_path):
+    first = run_lock.take_run_lock(tmp_path / "run")
+    # judged dead by another run (a pid reused, a clock skew) and replaced by its lock
+    path = write_lock(tmp_path / "run", pid=os.getpid(), nonce="theirs")
+    first.release()
+    assert json.loads(path.read_text())["nonce"] == "theirs"
+
+
+def test_a_refused_run_leaves_no_folder_it_made(tmp_path):
+    lock = run_lock.take_run_lock(tmp_path / "new" / "run")
+    lock.release()
+    assert not (tmp_path / "new" / "run").exists() and (tmp_path / "new").is_dir()
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(LLMModulesError, match="not a folder"):
+        run_lock.take_run_lock(tmp_path / "file")

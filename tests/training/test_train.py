@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
 import random
 import signal
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -14,6 +16,7 @@ import torch
 from safetensors.torch import load_file
 
 from llm_modules.entrypoints.cli import main
+from llm_modules.errors import LLMModulesError
 from llm_modules.models.config import WEIGHTS_FILE
 
 from ..helpers import losses, run_cli, write_data
@@ -243,6 +246,91 @@ def test_sigkill_after_a_checkpoint_then_resume_gives_the_same_weights(train_arg
     assert f"resumed from {newest} at step {resumed_from}" in output, (kill_at, output)
     same_weights(tmp_path / "straight" / "last", tmp_path / "killed" / "last")
     assert losses(tmp_path / "straight") == losses(tmp_path / "killed")
+
+
+LOCK_FILE = "run.lock"  # training.run_lock's, spelled out: a user sees (and may delete) this name
+PAUSED_RUN = """
+import sys, time
+from pathlib import Path
+
+import llm_modules.training.loop as loop
+from llm_modules.entrypoints.cli import main
+
+real_step, flag = loop.train_step, Path(sys.argv[1])
+
+
+def paused_step(run, batches):  # step 3 waits until the test lets it go on
+    while run.scheduler.last_epoch == 2 and not flag.exists():
+        time.sleep(0.02)
+    return real_step(run, batches)
+
+
+loop.train_step = paused_step
+sys.exit(main(sys.argv[2:]))
+"""
+
+
+@pytest.mark.subprocess
+def test_a_second_run_on_a_folder_that_a_live_run_writes_is_refused(train_args, tmp_path, capsys):
+    """Issue 35, defect 4: `train --resume` on the folder of a run still writing was accepted, and both
+    runs appended to metrics.jsonl (duplicated, out-of-order steps)."""
+    from llm_modules.states.fence import host_name
+    from llm_modules.training.checkpoint import complete_checkpoints
+
+    args, flag = train_args("run", "--save-every", "2"), tmp_path / "go-on"
+    first = subprocess.Popen([sys.executable, "-c", PAUSED_RUN, str(flag), *args], stdout=subprocess.PIPE,
+                             stderr=subprocess.STDOUT, text=True,
+                             env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parents[2])})
+    try:
+        deadline = time.monotonic() + 300
+        while not complete_checkpoints(tmp_path / "run" / "checkpoints"):  # it has written step 2, waits in step 3
+            assert first.poll() is None, first.stdout.read()
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        capsys.readouterr()
+        assert main([*args, "--resume"]) == 2
+        err = capsys.readouterr().err.strip()
+        assert "\n" not in err and str(tmp_path / "run") in err, err
+        assert f"host {host_name()}" in err and f"pid {first.pid}" in err, err
+        assert main(args) == 2 and "in use by another run" in capsys.readouterr().err
+        flag.touch()
+        output = first.communicate(timeout=300)[0]
+    finally:
+        first.kill()
+    assert first.returncode == 0, output
+    assert [json.loads(line)["step"] for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()] \
+        == list(range(7))  # one writer: every step once, in order
+    assert not (tmp_path / "run" / LOCK_FILE).exists()  # let go at its end
+
+
+def test_the_folder_is_let_go_after_a_normal_end_and_after_an_error(train_args, tmp_path, monkeypatch, capsys):
+    import llm_modules.training.loop as train_module
+
+    lock = tmp_path / "run" / LOCK_FILE
+    seen = []
+    real_setup = train_module.setup
+
+    def watched_setup(config):
+        run = real_setup(config)
+        seen.append(lock.is_file())
+        return run
+
+    monkeypatch.setattr(train_module, "setup", watched_setup)
+    assert main(train_args("run", "--max-steps", "2", "--save-every", "1")) == 0
+    assert seen == [True] and not lock.exists()
+
+    def failing_step(run, batches):
+        raise LLMModulesError("a step failed")
+
+    monkeypatch.setattr(train_module, "train_step", failing_step)
+    capsys.readouterr()
+    assert main(train_args("failed", "--max-steps", "2")) == 2 and "a step failed" in capsys.readouterr().err
+    assert not (tmp_path / "failed" / LOCK_FILE).exists()
+    monkeypatch.setattr(train_module, "train_step", lambda run, batches: (_ for _ in ()).throw(KeyboardInterrupt))
+    assert main(train_args("interrupted", "--max-steps", "2")) == 130
+    assert not (tmp_path / "interrupted" / LOCK_FILE).exists()
+    assert main(train_args("refused", "--batch-size", "64")) == 2  # refused in setup, after the lock was taken
+    assert not (tmp_path / "refused").exists()  # nor the folder it made for it
 
 
 def test_eval_generate_and_chat_on_a_trained_model(train_args, tmp_path, capsys, monkeypatch):
