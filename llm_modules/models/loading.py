@@ -65,8 +65,8 @@ def load_drafter(folder: str, target: RunnableModel, spec: str, draft_tokens: in
     which must be the large model the drafter was trained on: it is shared, not loaded again, and checked
     against the drafter's record of it. `draft_tokens` defaults to the K it trained with; it drafts from the
     draft vocabulary it trained with, if any."""
-    from llm_modules.models.composed import LLMModulesModel
     from llm_modules.decoding.limits import model_positions
+    from llm_modules.models.composed import LLMModulesModel
     from llm_modules.models.drafter import DrafterRecord, check_draft_tokens, load_draft_vocab
     from llm_modules.models.drafting import ComposedDrafter
     from llm_modules.models.specs import LoadedModel
