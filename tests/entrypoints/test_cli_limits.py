@@ -197,7 +197,7 @@ def test_a_drafter_record_with_an_absurd_draft_length_is_refused_at_load(models,
 
 
 def test_draft_tokens_that_leave_no_room_are_refused_when_the_drafter_loads(models, capsys):
-    """A 48-position target: K = 40 keeps 41 positions for each verify pass, too many to decode anything useful."""
+    """A 48-position target: K = 47 would keep 48 positions for each verify pass, leaving none to decode in."""
     assert generate(models["target48"], "hi", "--max-new-tokens", "2", "--draft", models["drafter48"],
                     "--draft-tokens", "47") == 2
     line = one_error_line(capsys)
