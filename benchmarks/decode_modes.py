@@ -32,6 +32,7 @@ import shlex
 import sys
 import time
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -49,25 +50,32 @@ def prompts_of(records, tokenizer) -> list[list[int]]:
             for r in records]
 
 
+Clock = Callable[[], float]  # seconds, as time.perf_counter (tests pass a scripted one)
+
+
 @torch.no_grad()
-def timed_generate(model, prompts: list[list[int]], size: int, new_tokens: int, pad: int) -> float:
+def timed_generate(model, prompts: list[list[int]], size: int, new_tokens: int, pad: int,
+                   clock: Clock = time.perf_counter) -> float:
+    """Seconds `clock` counts over generating `new_tokens` for `prompts` in batches of `size` (padding excluded)."""
     seconds = 0.0
     for i in range(0, len(prompts), size):
         ids, mask = left_pad(prompts[i: i + size], pad)
-        start = time.perf_counter()
+        start = clock()
         generate(model, ids, mask, max_new_tokens=new_tokens, eos_token_id=[], pad_token_id=pad)
-        seconds += time.perf_counter() - start
+        seconds += clock() - start
     return seconds
 
 
 def measure(name: str, model, all_prompts: list[list[int]], sizes: list[int], new_tokens: int, pad: int,
-            at_one: int = 0) -> list[dict]:
-    timed_generate(model, all_prompts[:1], 1, 4, pad)  # warm-up
+            at_one: int = 0, clock: Clock = time.perf_counter) -> list[dict]:
+    """One report row per batch size: throughput over the whole loop, and the decode time per token of one
+    row, (time for `new_tokens` - time for 1) / (new_tokens - 1) per batch."""
+    timed_generate(model, all_prompts[:1], 1, 4, pad, clock)  # warm-up
     rows = []
     for size in sizes:
         prompts = all_prompts[:at_one] if size == 1 and at_one else all_prompts
-        seconds = timed_generate(model, prompts, size, new_tokens, pad)
-        first = timed_generate(model, prompts, size, 1, pad)  # the prefill and one token, the same batches
+        seconds = timed_generate(model, prompts, size, new_tokens, pad, clock)
+        first = timed_generate(model, prompts, size, 1, pad, clock)  # the prefill and one token, the same batches
         batches = -(-len(prompts) // size)
         decode_ms = 1000 * (seconds - first) / batches / (new_tokens - 1)
         row = {"row": name, "batch": size, "tokens_per_s": round(len(prompts) * new_tokens / seconds, 2),
@@ -103,6 +111,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     parser.add_argument("--output", default="reports/decode_modes")
     args = parser.parse_args()
+    if args.new_tokens < 2:
+        parser.error("--new-tokens must be >= 2 (decode time per token: N tokens' time minus one token's)")
     if args.threads:
         torch.set_num_threads(args.threads)
     sizes = args.batch or [1, 8]

@@ -321,12 +321,9 @@ class Engine:
                  on_update: Callable[[Sequence], None] | None = None, request_id: str | None = None) -> Sequence:
         """A request for this engine: the model's EOS unless `options` names others; `options.seed` fixes
         sampling (none: a fresh generator)."""
-        if self.max_positions is not None and len(prompt) + options.max_new_tokens > self.max_positions:
-            raise LLMModulesError(
-                f"the prompt ({len(prompt)} tokens) plus max_new_tokens ({options.max_new_tokens}) exceeds the "
-                f"{self.max_positions} positions the model can place; ask for at most "
-                f"{max(self.max_positions - len(prompt), 0)} new tokens"
-            )
+        from llm_modules.decoding.limits import check_room, model_positions  # one check for every caller
+
+        check_room(len(prompt), options.max_new_tokens, self.max_positions, model_positions(self.model))
         generator = options.generator()
         if options.do_sample and generator is None:
             generator = torch.Generator(device="cpu")

@@ -17,6 +17,7 @@ from typing import Any, Callable
 import torch
 
 from llm_modules.decoding.engine import DecodeBatch, Sequence, model_eos_ids
+from llm_modules.decoding.limits import check_room, model_positions, new_token_room
 from llm_modules.decoding.sampling import SamplingOptions
 from llm_modules.decoding.speculative import SpeculativeBatch
 from llm_modules.errors import LLMModulesError
@@ -52,6 +53,7 @@ def generate(
     generator: torch.Generator | None = None,
     on_token: Callable[[torch.Tensor], None] | None = None,
     drafter: Any = None,
+    fit_to_limit: bool = False,
     **sampling: Any,
 ) -> torch.Tensor:
     """Generate up to `options.max_new_tokens` tokens; returns (B, prompt + new) ids including the prompt.
@@ -65,6 +67,9 @@ def generate(
     (`put(ids)`, `end()`), e.g. TextStreamer; `on_token(ids)` is a plain callback with the (B,) ids of
     each step. `drafter` (a `decoding.speculative.Drafter`, e.g. `models.drafting.ComposedDrafter`) decodes
     speculatively: the same tokens (greedy) or the same distribution (sampling), in fewer passes of `model`.
+    A prompt plus `max_new_tokens` must fit the positions the model can place, less what the drafter's verify
+    pass reserves (`decoding_limits`): checked before decoding (LLMModulesError, one line); with `fit_to_limit`
+    each row instead stops at the limit (a row whose prompt fills it gets no new tokens).
     """
     options = (options or SamplingOptions()).updated(**sampling)
     generator = generator if generator is not None else options.generator()
@@ -83,27 +88,52 @@ def generate(
     eos = options.eos_token_ids if options.eos_token_ids is not None else model_eos_ids(model, tokenizer)
     pad = pad_token_id if pad_token_id is not None else (eos[0] if eos else 0)
     tokenizer = tokenizer or getattr(model, "tokenizer", None)
-    rows = [Sequence(row[keep.bool()].tolist(), options, eos, tokenizer, generator) for row, keep in zip(ids, mask)]
     batch = DecodeBatch(model, pad, use_cache) if drafter is None else SpeculativeBatch(model, drafter, pad)
-    batch.add(rows)
-    _raise_failure(rows)
+    usable, own = batch.max_positions, model_positions(model)
+    rows: list[Sequence | None] = []  # None: a row with no room left (fit_to_limit)
+    for row, keep in zip(ids, mask):
+        prompt = row[keep.bool()].tolist()
+        n = options.max_new_tokens
+        if fit_to_limit:
+            room = new_token_room(len(prompt), usable)
+            n = n if room is None else min(n, room)
+        else:
+            check_room(len(prompt), n, usable, own)  # before any decoding
+        fitted = options if n == options.max_new_tokens else options.updated(
+            max_new_tokens=max(n, 0), min_new_tokens=min(options.min_new_tokens, max(n, 0)))
+        rows.append(Sequence(prompt, fitted, eos, tokenizer, generator) if n > 0 else None)
+    live = [r for r in rows if r is not None]
+    batch.add(live)
+    _raise_failure(live)
     if streamer is not None:
         streamer.put(ids.cpu())
     steps = 0  # new positions given out so far (a speculative step may add several per row)
     while batch.rows:
         batch.step()
-        _raise_failure(rows)
-        for _ in range(steps, max(len(r.tokens) for r in rows)):
+        _raise_failure(live)
+        tokens = _tokens(rows)
+        for _ in range(steps, max(len(t) for t in tokens)):
             steps += 1
-            step_ids = torch.tensor([r.tokens[steps - 1] if len(r.tokens) >= steps else pad for r in rows])  # (B,)
+            step_ids = torch.tensor([t[steps - 1] if len(t) >= steps else pad for t in tokens])  # (B,)
             if streamer is not None:
                 streamer.put(step_ids)
             if on_token is not None:
                 on_token(step_ids.to(device))
     if streamer is not None:
         streamer.end()
-    new = torch.tensor([r.tokens + [pad] * (steps - len(r.tokens)) for r in rows], dtype=ids.dtype, device=device)
+    new = torch.tensor([t + [pad] * (steps - len(t)) for t in _tokens(rows)], dtype=ids.dtype, device=device)
     return torch.cat([ids, new.view(len(rows), steps)], dim=1)
+
+
+def decoding_limits(model: Any, drafter: Any = None) -> tuple[int | None, int | None]:
+    """(the positions a prompt and its new tokens may fill when `generate` decodes `model`, with `drafter` if
+    given: the model's limit less what each verify pass reserves; the model's own limit). None: no limit."""
+    own = model_positions(model)
+    return (own if drafter is None else SpeculativeBatch(model, drafter).max_positions), own
+
+
+def _tokens(rows: list[Sequence | None]) -> list[list[int]]:
+    return [[] if r is None else r.tokens for r in rows]
 
 
 def _raise_failure(rows: list[Sequence]) -> None:

@@ -23,6 +23,10 @@ from llm_modules.errors import LLMModulesError
 # Below this a sampling temperature overflows float32 logits to inf (1e-300: every score inf or NaN);
 # 0.01 is vLLM's floor too. Temperature 0 means greedy, asked for with do_sample=False.
 MIN_TEMPERATURE = 0.01
+# The repetition penalty divides a repeated token's positive logit and multiplies its negative one: 1e-40
+# turns a logit of 1 into 1e40, past float32 (inf, then NaN probabilities when sampling). Within
+# [1/100, 100] a logit of a few hundred stays finite even at MIN_TEMPERATURE; useful values are 1 to 2.
+MIN_REPETITION_PENALTY, MAX_REPETITION_PENALTY = 0.01, 100.0
 
 
 @dataclass
@@ -57,8 +61,9 @@ class SamplingOptions:
             raise LLMModulesError(f"seed must be in [-2**63, 2**64), got {self.seed}")
         if not 0.0 < self.top_p <= 1.0:
             raise LLMModulesError(f"top_p must be in (0, 1], got {self.top_p}")
-        if self.repetition_penalty <= 0:
-            raise LLMModulesError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+        if not MIN_REPETITION_PENALTY <= self.repetition_penalty <= MAX_REPETITION_PENALTY:
+            raise LLMModulesError(f"repetition_penalty must be between {MIN_REPETITION_PENALTY} and "
+                                  f"{MAX_REPETITION_PENALTY:g} (1: none), got {self.repetition_penalty}")
 
     def updated(self, **keywords: Any) -> "SamplingOptions":
         """A copy with `keywords` (field names; transformers' `eos_token_id`, an id or a list, is accepted

@@ -17,14 +17,6 @@ from llm_modules.errors import LLMModulesError
 Messages = list[dict[str, str]]
 
 
-def context_limit(model: Any) -> int | None:
-    """The longest sequence the model can place (a composed model: the smaller of its two models' limits)."""
-    limit = getattr(model, "max_positions", None)
-    if isinstance(limit, int) or limit is None and hasattr(model, "large"):
-        return limit
-    return getattr(getattr(model, "config", None), "max_position_embeddings", None)
-
-
 def fit_conversation(history: Messages, render: Callable[[Messages], list[int]], room: int | None
                      ) -> tuple[list[int] | None, int]:
     """Token ids of the conversation (ending with the new user message) in at most `room` tokens,
@@ -47,10 +39,10 @@ def chat(loaded: Any, template: str, system: str | None, options: Any, use_cache
     from transformers import TextStreamer
 
     from llm_modules.data.prompting import prompt_ids
-    from llm_modules.decoding.generation import generate
+    from llm_modules.decoding.generation import decoding_limits, generate
 
     model, tokenizer, max_new_tokens = loaded.model, loaded.tokenizer, options.max_new_tokens
-    limit = context_limit(model)
+    limit = decoding_limits(model, loaded.drafter)[0]  # with a drafter: less what its verify pass reserves
     room = None if limit is None else limit - max_new_tokens  # prompt tokens that leave room for a reply
     if room is not None and room < 1:
         raise LLMModulesError(f"--max-new-tokens {max_new_tokens} leaves no room for a prompt in the model's "

@@ -58,13 +58,26 @@ def add_sampling_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-cache", action="store_true", help="recompute the whole prefix for each token (slow)")
 
 
+def check_draft_flags(args: argparse.Namespace) -> None:
+    """Refuse --draft-tokens out of bounds, or without --draft, before any model loads (the bound by the
+    position limit comes when the drafter loads: it needs the models' limits)."""
+    from llm_modules.models.drafter import check_draft_tokens
+
+    if args.draft_tokens is not None:
+        if not args.draft:
+            raise LLMModulesError("--draft-tokens needs --draft DRAFTER_DIR (the drafter whose tokens it counts)")
+        check_draft_tokens(args.draft_tokens)
+
+
 def check_sampling_flags(args: argparse.Namespace) -> None:
-    """Refuse decoding flags that would generate nothing, before any model loads."""
+    """Refuse decoding flags that would generate nothing or overflow, before any model loads."""
     if args.max_new_tokens < 1:
         raise LLMModulesError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
     if not 0 <= args.min_new_tokens <= args.max_new_tokens:
         raise LLMModulesError(f"--min-new-tokens must be between 0 and --max-new-tokens ({args.max_new_tokens}), "
                               f"got {args.min_new_tokens}")
+    sampling_options(args)  # its own checks: temperature, top-p, repetition penalty, seed
+    check_draft_flags(args)
 
 
 def sampling_options(args: argparse.Namespace):
@@ -305,6 +318,9 @@ def run_eval(args: argparse.Namespace) -> int:
     )
     from llm_modules.models.saved import run_defaults
 
+    if not args.no_generate and args.max_new_tokens < 1:
+        raise LLMModulesError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+    check_draft_flags(args)
     defaults = run_defaults(args.model)
     given = {"spec": args.data, "template": args.template, "max_length": args.max_length}
     options = {**{("spec" if k == "data" else k): v for k, v in defaults.items()},
@@ -422,6 +438,7 @@ def run_serve(args: argparse.Namespace) -> int:
     except ImportError as err:
         raise LLMModulesError(f"serve needs FastAPI and uvicorn ({err}): pip install 'llm-modules[serve]'") from None
     check_batch_limits(args.max_batch, args.max_queue, ("--max-batch", "--max-queue"))  # before the model loads
+    check_draft_flags(args)
     device, dtype = device_and_dtype(args)
     check_listen_address(args.host, args.port)  # before the model loads
     serve(args.model, args.host, args.port, max_batch=args.max_batch, max_queue=args.max_queue,

@@ -9,6 +9,7 @@ the data has checkable answers, accuracy of greedy generations (final answer ext
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 from dataclasses import dataclass
@@ -27,13 +28,16 @@ from llm_modules.data.prepare import (
     prepare_data,
     prompt_length,
 )
-from llm_modules.decoding.generation import generate
+from llm_modules.decoding.generation import decoding_limits, generate
+from llm_modules.decoding.limits import describe_limit
 from llm_modules.decoding.sampling import SamplingOptions
 from llm_modules.errors import LLMModulesError
 from llm_modules.losses import next_token_loss
 from llm_modules.models.loading import load_model
 from llm_modules.models.saved import run_defaults  # noqa: F401 (its old home)
 from llm_modules.tensors import IGNORE_INDEX, left_pad
+
+logger = logging.getLogger(__name__)
 
 
 class ComposedScorer:
@@ -43,13 +47,18 @@ class ComposedScorer:
         self.model, self.tokenizer = model.eval(), model.tokenizer
         self.max_positions = model.max_positions
         self.device = model.device
+        self.drafter = None  # composed models decode alone (--draft drafts for a plain model)
+
+    def decode_limits(self) -> tuple[int | None, int | None]:
+        """(positions a prompt and its generation may fill, the model's own limit): `decoding_limits`."""
+        return decoding_limits(self.model)
 
     def loss_sum(self, batch: dict[str, torch.Tensor]) -> float:
         return float(self.model(**batch, return_logits=False, loss_reduction="sum").loss)
 
     def generate(self, ids: torch.Tensor, mask: torch.Tensor, max_new_tokens: int) -> torch.Tensor:
         return self.model.generate(ids, mask, SamplingOptions(max_new_tokens=max_new_tokens),
-                                   pad_token_id=self.tokenizer.pad_token_id)
+                                   pad_token_id=self.tokenizer.pad_token_id, fit_to_limit=True)
 
 
 class PlainScorer:
@@ -61,6 +70,10 @@ class PlainScorer:
         self.device = next(model.parameters()).device
         self.drafter = None  # a models.drafting.ComposedDrafter: generate speculatively (the same tokens)
 
+    def decode_limits(self) -> tuple[int | None, int | None]:
+        """(positions a prompt and its generation may fill, less what the drafter reserves; the model's own)."""
+        return decoding_limits(self.model, self.drafter)
+
     def loss_sum(self, batch: dict[str, torch.Tensor]) -> float:
         labels = batch.pop("labels")
         logits = self.model(**batch).logits  # (B, T, V)
@@ -68,7 +81,8 @@ class PlainScorer:
 
     def generate(self, ids: torch.Tensor, mask: torch.Tensor, max_new_tokens: int) -> torch.Tensor:
         return generate(self.model, ids, mask, SamplingOptions(max_new_tokens=max_new_tokens),
-                        pad_token_id=pad_id(self.tokenizer), tokenizer=self.tokenizer, drafter=self.drafter)
+                        pad_token_id=pad_id(self.tokenizer), tokenizer=self.tokenizer, drafter=self.drafter,
+                        fit_to_limit=True)
 
 
 def load_scorer(spec: str, device: Any = None, allow_large_mismatch: bool = False,
@@ -76,14 +90,14 @@ def load_scorer(spec: str, device: Any = None, allow_large_mismatch: bool = Fals
                 draft_tokens: int | None = None) -> ComposedScorer | PlainScorer:
     """The model `spec` names, loaded by `models.loading.load_model` (composed, plain method or plain
     spec), as a scorer; with `draft` (a drafter folder) a plain model generates speculatively."""
+    from llm_modules.models.loading import load_drafter
+
     loaded = load_model(spec, device=device, dtype=dtype, allow_large_mismatch=allow_large_mismatch)
-    if loaded.composed:
+    drafter = load_drafter(draft, loaded, spec, draft_tokens, allow_large_mismatch) if draft else None  # refuses
+    if loaded.composed:  # a composed --model (as `generate` does)
         return ComposedScorer(loaded.model)
     scorer = PlainScorer(loaded.model, loaded.tokenizer)
-    if draft:
-        from llm_modules.models.loading import load_drafter
-
-        scorer.drafter = load_drafter(draft, loaded, spec, draft_tokens, allow_large_mismatch)
+    scorer.drafter = drafter
     return scorer
 
 
@@ -127,6 +141,22 @@ def is_correct(example: TokenizedExample, predicted: str | None, text: str | Non
     return answers_match(predicted, record.reference)
 
 
+def warn_if_capped(scorer: ComposedScorer | PlainScorer, examples: list[TokenizedExample], new_tokens: int) -> int:
+    """Log one line when some prompts leave fewer than `new_tokens` positions: their generations stop at the
+    limit (less what a drafter reserves) instead of failing the evaluation. Returns how many (0 for a scorer
+    that states no `decode_limits`)."""
+    limits = getattr(scorer, "decode_limits", None)
+    usable, own = limits() if limits is not None else (None, None)
+    if usable is None:
+        return 0
+    capped = sum(1 for e in examples if len(prompt_of(e)) + new_tokens > usable)
+    if capped:
+        logger.warning("eval: %d of %d prompts leave fewer than --max-new-tokens %d positions in %s; their "
+                       "generations stop at that limit", capped, len(examples), new_tokens,
+                       describe_limit(usable, own))
+    return capped
+
+
 @torch.no_grad()
 def evaluate(scorer: ComposedScorer | PlainScorer, examples: list[TokenizedExample], options: EvalOptions) -> dict:
     """Loss/perplexity over answer tokens, and generation accuracy where answers are checkable."""
@@ -149,6 +179,7 @@ def evaluate(scorer: ComposedScorer | PlainScorer, examples: list[TokenizedExamp
                               "bits_per_byte": round(bits_per_byte(total, n_bytes), 5), "loss": round(loss, 5),
                               "perplexity": round(math.exp(min(loss, 50.0)), 3)}
     if options.generate:
+        warn_if_capped(scorer, examples, options.max_new_tokens)
         checked, right, samples = 0, 0, []
         for start in range(0, len(examples), options.batch_size):
             chunk = examples[start : start + options.batch_size]

@@ -191,7 +191,8 @@ class LLMModulesModel(nn.Module):
         if saved_in is None:  # composed now: pin this large model in the config that gets saved
             config.large_identity = large_identity.record(large.model)
         else:
-            large_identity.check(config.large_identity, large.model, config.large, str(saved_in), allow_large_mismatch)
+            large_identity.check(config.large_identity, large.model, large.spec, str(saved_in), allow_large_mismatch,
+                                 trained_on=config.large)  # the spec as given (a shared large: the user's)
         build_map = config.small_inputs == "mapped" and vocab_map is None
         small = resolve_model(config.small, dtype=dtype, with_tokenizer=build_map)
         if build_map:

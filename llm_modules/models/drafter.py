@@ -23,6 +23,9 @@ DRAFTER_FORMAT = 1
 DRAFTER_LOSSES = ("kl", "ce")
 DRAFTER_TARGETS = ("logits", "generated")
 DRAFT_VOCAB_FILE = "llm_modules_draft_vocab.safetensors"
+# K per verify pass at most: a pass reads K + 1 positions and its cost grows with K, while a drafter's
+# acceptance falls along the draft (speculative decoders draft a handful; EAGLE's trees reach depth ~10)
+MAX_DRAFT_TOKENS = 64
 
 
 @dataclass
@@ -41,8 +44,10 @@ class DrafterRecord:
     format_version: int = DRAFTER_FORMAT
 
     def __post_init__(self) -> None:
-        if not isinstance(self.draft_tokens, int) or isinstance(self.draft_tokens, bool) or self.draft_tokens < 1:
-            raise LLMModulesError(f"draft_tokens must be an integer >= 1, got {self.draft_tokens!r}")
+        if (not isinstance(self.draft_tokens, int) or isinstance(self.draft_tokens, bool)
+                or not 1 <= self.draft_tokens <= MAX_DRAFT_TOKENS):
+            raise LLMModulesError(f"draft_tokens must be an integer between 1 and {MAX_DRAFT_TOKENS}, got "
+                                  f"{self.draft_tokens!r}")
         if self.loss not in DRAFTER_LOSSES:
             raise LLMModulesError(f"drafter loss must be one of {', '.join(DRAFTER_LOSSES)}, got {self.loss!r}")
         if self.targets not in DRAFTER_TARGETS:
@@ -83,8 +88,16 @@ def save_draft_vocab(directory: str | Path, ids: torch.Tensor) -> Path:
     return path
 
 
-def load_draft_vocab(directory: str | Path, record: DrafterRecord) -> torch.Tensor | None:
-    """The draft vocabulary of the drafter saved in `directory` (None: it drafts from the whole vocabulary)."""
+def check_draft_tokens(k: int, name: str = "--draft-tokens") -> None:
+    """K drafted per verify pass: at least 1, at most MAX_DRAFT_TOKENS (`name`: what the caller calls it)."""
+    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= MAX_DRAFT_TOKENS:
+        raise LLMModulesError(f"{name} must be between 1 and {MAX_DRAFT_TOKENS}, got {k!r}")
+
+
+def load_draft_vocab(directory: str | Path, record: DrafterRecord, vocab_size: int | None = None
+                     ) -> torch.Tensor | None:
+    """The draft vocabulary of the drafter saved in `directory` (None: it drafts from the whole vocabulary):
+    `record.vocab` distinct token ids in increasing order, each in [0, vocab_size) (the target's vocabulary)."""
     if not record.vocab:
         return None
     path = resolve_model_folder(directory) / DRAFT_VOCAB_FILE
@@ -92,7 +105,18 @@ def load_draft_vocab(directory: str | Path, record: DrafterRecord) -> torch.Tens
         raise LLMModulesError(f"{path} is missing: the drafter record says it drafts from {record.vocab} tokens")
     from safetensors.torch import load_file
 
-    ids = load_file(str(path)).get("ids")
-    if ids is None or ids.dim() != 1 or ids.numel() != record.vocab or bool((ids[1:] <= ids[:-1]).any()):
-        raise LLMModulesError(f"{path} does not hold the {record.vocab} sorted token ids its drafter record names")
+    try:
+        ids = load_file(str(path)).get("ids")
+    except Exception as err:  # safetensors' own errors: a truncated or foreign file
+        raise LLMModulesError(f"{path} is not a readable safetensors file ({err})") from None
+    if (ids is None or ids.dim() != 1 or ids.numel() != record.vocab or ids.is_floating_point()
+            or ids.is_complex() or ids.dtype == torch.bool or bool((ids[1:] <= ids[:-1]).any())):
+        raise LLMModulesError(f"{path} does not hold the {record.vocab} sorted, distinct integer token ids its "
+                              "drafter record names")
+    if bool((ids < 0).any()):
+        raise LLMModulesError(f"{path} holds negative token ids (smallest {int(ids.min())}); a draft vocabulary "
+                              "lists ids of the target's vocabulary")
+    if vocab_size is not None and int(ids.max()) >= vocab_size:
+        raise LLMModulesError(f"{path} holds token ids past the target's vocabulary (largest {int(ids.max())}, "
+                              f"the vocabulary has {vocab_size}); was it saved for another model?")
     return ids.long()

@@ -214,8 +214,11 @@ def record(large: nn.Module) -> dict[str, Any]:
             **({"quantization": quantization} if quantization != "none" else {})}
 
 
-def check(saved: dict[str, Any], large: nn.Module, spec: str, where: str, allow_mismatch: bool = False) -> None:
-    """Raise when `large` is not the model `saved` describes (a warning when `allow_mismatch`)."""
+def check(saved: dict[str, Any], large: nn.Module, spec: str, where: str, allow_mismatch: bool = False,
+          trained_on: str | None = None) -> None:
+    """Raise when `large` is not the model `saved` describes (a warning when `allow_mismatch`). `spec`: the large
+    model as the user named it (a drafter's target: `--model`); `trained_on`: the spec `where` records, named
+    too when it differs."""
     if not saved:
         logger.warning("%s was saved without a digest of its large model (older llm-modules): cannot check that "
                        "%s is the model it was trained on", where, spec)
@@ -241,8 +244,9 @@ def check(saved: dict[str, Any], large: nn.Module, spec: str, where: str, allow_
     current_revision = getattr(getattr(large, "config", None), "_commit_hash", None)
     if saved.get("revision") or current_revision:
         revisions = f" (hub revision {current_revision or 'unknown'} now, {saved.get('revision') or 'unknown'} then)"
-    message = (f"the large model {spec!r} of {where} is not the one it was trained on: weights digest {now} now, "
-               f"{expected} when saved{revisions}")
+    recorded = f" (it was trained on {trained_on!r})" if trained_on and trained_on != spec else ""
+    message = (f"the large model {spec!r} given for {where} is not the one it was trained on{recorded}: weights "
+               f"digest {now} now, {expected} when saved{revisions}")
     if not allow_mismatch:
         raise LLMModulesError(message + "; pass --allow-large-mismatch (allow_large_mismatch=True) to use it anyway")
     logger.warning("%s; used anyway (allow_large_mismatch)", message)

@@ -65,8 +65,9 @@ def load_drafter(folder: str, target: RunnableModel, spec: str, draft_tokens: in
     which must be the large model the drafter was trained on: it is shared, not loaded again, and checked
     against the drafter's record of it. `draft_tokens` defaults to the K it trained with; it drafts from the
     draft vocabulary it trained with, if any."""
+    from llm_modules.decoding.limits import model_positions
     from llm_modules.models.composed import LLMModulesModel
-    from llm_modules.models.drafter import DrafterRecord, load_draft_vocab
+    from llm_modules.models.drafter import DrafterRecord, check_draft_tokens, load_draft_vocab
     from llm_modules.models.drafting import ComposedDrafter
     from llm_modules.models.specs import LoadedModel
 
@@ -77,10 +78,18 @@ def load_drafter(folder: str, target: RunnableModel, spec: str, draft_tokens: in
     record = DrafterRecord.load(where)
     if record is None:
         raise LLMModulesError(f"{folder} is not a drafter (no drafter record: train it with --method drafter)")
+    if draft_tokens is not None:
+        check_draft_tokens(draft_tokens)
+    vocab = load_draft_vocab(where, record, getattr(target.model.config.get_text_config(), "vocab_size", None))
     first = next(target.model.parameters())
     drafter = LLMModulesModel.from_pretrained(where, dtype=first.dtype, device=first.device,
                                               allow_large_mismatch=allow_large_mismatch,
                                               large=LoadedModel(target.model, target.tokenizer, spec, "shared"))
     k = draft_tokens if draft_tokens is not None else record.draft_tokens
+    limits = [n for n in (model_positions(target.model), drafter.small_max_positions) if n]
+    if limits and min(limits) - k - 1 < 2:  # a verify pass reads K + 1 ahead; keep a prompt token and a new one
+        what = f"--draft-tokens {k}" if draft_tokens is not None else f"the drafter's draft_tokens ({k})"
+        raise LLMModulesError(f"{what} leaves no room in the {min(limits)} positions the model and its drafter can "
+                              f"place: each verify pass reads K + 1 positions ahead; use at most {min(limits) - 3}")
     pad = target.tokenizer.pad_token_id if target.tokenizer.pad_token_id is not None else 0
-    return ComposedDrafter(drafter.eval(), draft_tokens=k, pad_id=pad, vocab=load_draft_vocab(where, record))
+    return ComposedDrafter(drafter.eval(), draft_tokens=k, pad_id=pad, vocab=vocab)

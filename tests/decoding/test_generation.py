@@ -145,3 +145,23 @@ def test_left_padded_batch_generates_what_each_prompt_generates_alone(tiny_model
         alone = model.generate(prompt[None], **options)[0, len(prompt):]
         assert torch.equal(batched[row], alone), (row, batched[row].tolist(), alone.tolist())
     assert len(set(batched.flatten().tolist())) > 3  # not a degenerate constant stream
+
+
+def test_the_repetition_penalty_is_bounded_so_sampling_stays_finite():
+    """Issue 35, defect 8: 1e-40 turned a logit into 1e40 (inf, then NaN probabilities when sampling); the
+    bounds keep even a large logit finite at the lowest sampling temperature."""
+    from llm_modules.decoding.sampling import (
+        MAX_REPETITION_PENALTY,
+        MIN_REPETITION_PENALTY,
+        MIN_TEMPERATURE,
+        SamplingOptions,
+    )
+
+    for value in (1e-40, 0.0, 0.009, 101.0, 1e40):
+        with pytest.raises(LLMModulesError, match="repetition_penalty must be between 0.01 and 100"):
+            SamplingOptions(repetition_penalty=value)
+    scores = torch.tensor([[300.0, -300.0, 5.0, 0.0]], dtype=torch.float32)  # (1, V)
+    for penalty in (MIN_REPETITION_PENALTY, MAX_REPETITION_PENALTY):
+        options = SamplingOptions(do_sample=True, temperature=MIN_TEMPERATURE, repetition_penalty=penalty)
+        processed = options.processors(1, [])(torch.tensor([[0, 1, 2]]), scores.clone())
+        assert torch.isfinite(torch.softmax(processed, -1)).all(), penalty

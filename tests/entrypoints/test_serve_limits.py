@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import threading
-import time
 
 import httpx
 import openai
@@ -73,6 +72,22 @@ def test_a_temperature_that_overflows_is_a_400_and_its_neighbour_decodes_on(serv
                 assert "at least 0.01" in error["message"]
             events = [line for line in lines if line]
     assert events[-1] == "data: [DONE]" and json.loads(events[-2][6:])["choices"][0]["finish_reason"] == "length"
+
+
+def test_a_repetition_penalty_that_overflows_is_a_400_and_a_sane_one_applies(server, monkeypatch):
+    """Issue 35, defect 8: vLLM's repetition_penalty, bounded as the command line's; a good one reaches the
+    engine's options (the request decodes with it)."""
+    for value in (1e-40, 0, 1e40):
+        error = assert_error(post(server.url, {"messages": HELLO, "repetition_penalty": value, "temperature": 1}),
+                             400, "repetition_penalty")
+        assert "between 0.01 and 100" in error["message"]
+    engine, seen = served(server).engine, []
+    real = engine.sequence
+    monkeypatch.setattr(engine, "sequence", lambda prompt, options, **kw: seen.append(options) or real(prompt, options,
+                                                                                                      **kw))
+    ok = post(server.url, {"messages": HELLO, "max_tokens": 3, "repetition_penalty": 1.3, "temperature": 1, "seed": 1})
+    assert ok.status_code == 200 and seen[0].repetition_penalty == 1.3 and seen[0].do_sample
+    still_serving(server.url)
 
 
 # ------------------------------------------------------------------- 2: the context limit, both models
@@ -178,23 +193,28 @@ def test_stop_strings_are_bounded_in_number_and_length(server, stop, words):
 def test_prompts_render_off_the_event_loop(server, monkeypatch):
     prompts = served(server).prompts
 
+    rendering, release = threading.Event(), threading.Event()
+
     class Slow:
         template = prompts.template
 
-        def chat(self, messages):
-            time.sleep(1.5)  # a long conversation's render
+        def chat(self, messages):  # a long conversation's render: it ends only when the test says so
+            rendering.set()
+            release.wait(60)
             return prompts.chat(messages)
 
     monkeypatch.setattr(served(server), "prompts", Slow())
     replies = []
     worker = threading.Thread(target=lambda: replies.append(post(server.url, {"messages": HELLO, "max_tokens": 2})))
     worker.start()
-    time.sleep(0.3)  # the chat request is rendering now
-    started = time.monotonic()
-    assert httpx.get(server.url + "/health", timeout=10).status_code == 200
-    waited = time.monotonic() - started
-    worker.join(timeout=60)
-    assert replies[0].status_code == 200 and waited < 0.7, waited
+    try:
+        assert rendering.wait(30)
+        # answered while the render is still held: on the event loop, it would hold /health until released
+        assert httpx.get(server.url + "/health", timeout=10).status_code == 200 and not release.is_set()
+    finally:
+        release.set()
+        worker.join(timeout=60)
+    assert replies[0].status_code == 200
 
 
 def test_a_chat_template_renders_twice_however_many_turns():

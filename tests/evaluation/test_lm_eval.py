@@ -6,7 +6,6 @@ import importlib
 import shutil
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
@@ -207,7 +206,6 @@ def test_simple_evaluate_runs_local_tasks_offline(saved, tmp_path, monkeypatch):
     tasks_dir = shutil.copytree(FIXTURES / "lm_eval", tmp_path / "tasks")
     monkeypatch.chdir(tasks_dir)  # the YAMLs name their data files relative to the working directory
 
-    start = time.perf_counter()
     lm = LLMModulesLM(pretrained=saved, batch_size=4)
     out = lm_eval.simple_evaluate(
         model=lm,
@@ -215,7 +213,6 @@ def test_simple_evaluate_runs_local_tasks_offline(saved, tmp_path, monkeypatch):
         task_manager=TaskManager(include_path=str(tasks_dir), include_defaults=False),
         bootstrap_iters=0,
     )
-    assert time.perf_counter() - start < 60
     results = out["results"]
     acc = results["llm_modules_tiny_mc"]["acc,none"]
     assert 0.0 <= acc <= 1.0 and "acc_norm,none" in results["llm_modules_tiny_mc"]

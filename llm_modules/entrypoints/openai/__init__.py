@@ -48,6 +48,10 @@ def build_app(model_spec: str, max_batch: int = 8, max_queue: int = 64, max_toke
         raise LLMModulesError(f"--max-tokens must be >= 1, got {max_tokens}")
     if max_request_bytes < 1:
         raise LLMModulesError(f"--max-request-bytes must be >= 1, got {max_request_bytes}")
+    if draft_tokens is not None:
+        from llm_modules.models.drafter import check_draft_tokens
+
+        check_draft_tokens(draft_tokens)
     loaded = load_model(model_spec, device=device, dtype=dtype or torch.float32,
                         allow_large_mismatch=allow_large_mismatch)
     if draft:

@@ -27,6 +27,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 
 from llm_modules.decoding.engine import Engine, EngineFull, Sequence
+from llm_modules.decoding.limits import describe_limit, model_positions, new_token_room
 from llm_modules.decoding.sampling import SamplingOptions
 from llm_modules.entrypoints.openai.guard import DEFAULT_MAX_REQUEST_BYTES, Guard
 from llm_modules.entrypoints.openai.protocol import (
@@ -146,8 +147,8 @@ def create_app(served: Served) -> FastAPI:
         check(served, body)
         limit = engine.max_positions
         if limit is not None and len(body.messages) > limit:  # each message renders to a token at least
-            raise ApiError(400, f"{len(body.messages)} messages cannot fit in the {limit} positions the model can "
-                                "place", param="messages")
+            raise ApiError(400, f"{len(body.messages)} messages cannot fit in {limit_text(served)}",
+                           param="messages")
         try:  # on a worker thread: a long conversation must not hold the event loop
             prompt = await run_in_threadpool(served.prompts.chat, [(m.role, m.text()) for m in body.messages])
         except LLMModulesError as err:
@@ -181,21 +182,27 @@ def lone_surrogate(field: str) -> str:
 def sampling_options(served: Served, body: SamplingRequest, prompt: list[int]) -> SamplingOptions:
     """Request fields -> engine options; temperature 0 is greedy, and OpenAI's default is 1 (sampling)."""
     limit = served.engine.max_positions
-    room = limit - len(prompt) if limit is not None else None
+    room = new_token_room(len(prompt), limit)
     if room is not None and room < 1:
-        raise ApiError(400, f"the prompt ({len(prompt)} tokens) fills the {limit} positions the model can place; "
-                            f"shorten it", param="messages" if isinstance(body, ChatCompletionRequest) else "prompt")
+        raise ApiError(400, f"the prompt ({len(prompt)} tokens) fills {limit_text(served)}; shorten it",
+                       param="messages" if isinstance(body, ChatCompletionRequest) else "prompt")
     new_tokens = body.new_tokens()
     if new_tokens is None:
         new_tokens = min(served.default_max_tokens, room or served.default_max_tokens)
     elif room is not None and new_tokens > room:
         field = "max_completion_tokens" if getattr(body, "max_completion_tokens", None) else "max_tokens"
-        raise ApiError(400, f"{field}={new_tokens} with the prompt's {len(prompt)} tokens exceeds the {limit} "
-                            f"positions the model can place; ask for at most {room}", param=field)
+        raise ApiError(400, f"{field}={new_tokens} with the prompt's {len(prompt)} tokens exceeds "
+                            f"{limit_text(served)}; ask for at most {room}", param=field)
     temperature = 1.0 if body.temperature is None else body.temperature
     return SamplingOptions(max_new_tokens=new_tokens, do_sample=temperature > 0, temperature=temperature or 1.0,
                            top_p=1.0 if body.top_p is None else body.top_p, stop_strings=body.stop_strings() or None,
-                           seed=body.seed)
+                           seed=body.seed,
+                           repetition_penalty=1.0 if body.repetition_penalty is None else body.repetition_penalty)
+
+
+def limit_text(served: Served) -> str:
+    """The positions a request may fill, said as the model's limit less what speculative decoding reserves."""
+    return describe_limit(served.engine.max_positions, model_positions(served.engine.model))
 
 
 async def respond(served: Served, reply: Reply, body: SamplingRequest, prompt: list[int], request: Request):

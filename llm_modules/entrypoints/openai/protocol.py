@@ -9,7 +9,7 @@ from typing import Any, Iterator, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from llm_modules.decoding.engine import MIN_TEMPERATURE
+from llm_modules.decoding.sampling import MAX_REPETITION_PENALTY, MIN_REPETITION_PENALTY, MIN_TEMPERATURE
 
 MAX_STOP_STRINGS = 4  # OpenAI's limit
 MAX_STOP_CHARS = 256  # each; the text streamed back is held against every stop string at every token
@@ -46,7 +46,8 @@ class StreamOptions(_Strict):
 
 class SamplingRequest(_Strict):
     """The fields /v1/chat/completions and /v1/completions share. temperature 0 decodes greedily; a
-    sampling one must be at least MIN_TEMPERATURE; a seed must fit torch's generator (64 bits)."""
+    sampling one must be at least MIN_TEMPERATURE; a seed must fit torch's generator (64 bits);
+    repetition_penalty (vLLM's extension) lies between MIN_ and MAX_REPETITION_PENALTY."""
 
     model: str | None = None
     max_tokens: int | None = Field(None, ge=1)
@@ -54,6 +55,8 @@ class SamplingRequest(_Strict):
     top_p: float | None = Field(None, gt=0, le=1, allow_inf_nan=False)
     stop: str | list[str] | None = None
     seed: int | None = Field(None, ge=-2**63, le=2**64 - 1)
+    # vLLM's extension (not OpenAI's): > 1 discourages repeating the text so far; bounded as SamplingOptions does
+    repetition_penalty: float | None = Field(None, allow_inf_nan=False)
     stream: bool = False
     stream_options: StreamOptions | None = None
     n: int = Field(1, ge=1, le=1)  # one choice per request
@@ -64,6 +67,14 @@ class SamplingRequest(_Strict):
     def _temperature_floor(cls, value: float | None) -> float | None:
         if value is not None and 0 < value < MIN_TEMPERATURE:
             raise ValueError(f"temperature must be 0 (greedy) or at least {MIN_TEMPERATURE}, got {value!r}")
+        return value
+
+    @field_validator("repetition_penalty")
+    @classmethod
+    def _repetition_penalty_bounds(cls, value: float | None) -> float | None:
+        if value is not None and not MIN_REPETITION_PENALTY <= value <= MAX_REPETITION_PENALTY:
+            raise ValueError(f"repetition_penalty must be between {MIN_REPETITION_PENALTY} and "
+                             f"{MAX_REPETITION_PENALTY:g} (1: none), got {value!r}")
         return value
 
     @field_validator("stop")
