@@ -9,6 +9,10 @@
                decoding: it reads the large states only up to the last verified token (blocks of K),
                its targets the large model's own logits (objectives.drafter)
 
+Each method registers its own options dataclass (`options.py`: `LoraOptions`, `DrafterOptions`, ...) with
+what builds its objective in `METHODS`, as `bridges.BRIDGES` registers a bridge and PEFT a tuner
+(`register_method` adds one). The options every method shares are `training.config`'s groups.
+
 `training.loop` owns the loop (batches, schedule, clipping, evaluation, checkpoints, resume); an
 objective only says which parameters train at which rate, what the training loss of a batch is,
 and how its trained weights are saved and loaded. Every loss is a SUM over answer positions, so
