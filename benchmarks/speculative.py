@@ -105,7 +105,6 @@ def training_vocabulary(folder: Path, tokenizer, n: int, eos: list[int]) -> torc
     """The n most frequent tokens of the drafter's training data, rendered as its run rendered them."""
     from llm_modules.data.prepare import render
     from llm_modules.models.drafting import draft_vocabulary
-
     from llm_modules.models.saved import run_defaults
 
     run = run_defaults(folder)  # its run's data options, from the run_config.json beside it or above it

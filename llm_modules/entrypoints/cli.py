@@ -6,7 +6,6 @@ User errors (LLMModulesError) print one line `error: ...` and exit with status 2
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import logging
 import sys
 from pathlib import Path

@@ -347,7 +347,7 @@ class TrainConfig:
         return small, PAPER_LEARNING_RATES[1] if bridge is None else bridge
 
     @classmethod
-    def from_flags(cls, **options: Any) -> "TrainConfig":
+    def from_flags(cls, **options: Any) -> TrainConfig:
         """A run from options by their command-line names (`train_options`), as the command line and config files
         give them and as runs saved their run_config.json before the grouping. An option of another method or
         bridge, or a composition option under a method that composes nothing, is refused in one line naming it
@@ -394,7 +394,7 @@ class TrainConfig:
                    hardware=HardwareArgs(**group("hardware")), compose=compose, method_options=options_class(**mine))
 
     @classmethod
-    def from_dict(cls, saved: dict[str, Any]) -> "TrainConfig":
+    def from_dict(cls, saved: dict[str, Any]) -> TrainConfig:
         """A run from a saved run_config.json's object: grouped (`to_dict`), or flat (by command-line names)."""
         if "format_version" not in saved:
             return cls.from_flags(**saved)
@@ -413,7 +413,7 @@ class TrainConfig:
         return cls(**{k: saved[k] for k in _TOP if k in saved}, **groups, compose=compose, method_options=options)
 
     @classmethod
-    def from_file(cls, path: str | Path, overrides: dict[str, Any] | None = None) -> "TrainConfig":
+    def from_file(cls, path: str | Path, overrides: dict[str, Any] | None = None) -> TrainConfig:
         """Read a YAML or JSON config file, or a run's saved run_config.json; `overrides` (from the command
         line, by command-line names) win."""
         path = Path(path)

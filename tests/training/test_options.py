@@ -103,11 +103,15 @@ def test_the_saved_run_config_is_grouped_and_loads_back(method, tmp_path):
 
 def test_each_method_has_its_own_options_class():
     from llm_modules.training.objectives import METHODS
-    from llm_modules.training.objectives.options import DrafterOptions, LoraOptions, MethodOptions
+    from llm_modules.training.objectives.options import (
+        DrafterOptions,
+        LoraOptions,
+        MethodOptions,
+    )
 
     assert set(METHODS) == {"composed", "finetune", "lora", "distill", "drafter"}
     assert all(issubclass(options, MethodOptions) for options, _ in METHODS.values())
-    base = dict(large="l", small="s", data="d", output="o")
+    base = {"large": "l", "small": "s", "data": "d", "output": "o"}
     lora = TrainConfig.from_flags(**base, method="lora", lora_rank=4)
     assert lora.method_options == LoraOptions(lora_rank=4) and lora.compose is None
     drafter = TrainConfig.from_flags(**base, method="drafter", draft_tokens=3)
@@ -126,7 +130,7 @@ def test_each_method_has_its_own_options_class():
     ("finetune", "lora_rank", 16, "lora"),
 ])
 def test_an_option_of_another_method_is_one_line_naming_both(method, option, value, owner, tmp_path, capsys):
-    base = dict(large="l", small="s", data="d", output="o", method=method)
+    base = {"large": "l", "small": "s", "data": "d", "output": "o", "method": method}
     expected = f"--{option.replace('_', '-')} is an option of --method {owner}, not of --method {method}"
     with pytest.raises(LLMModulesError, match=f"^{expected}$"):
         TrainConfig.from_flags(**base, **{option: value})

@@ -28,7 +28,8 @@ base spec and loads the tensors. Nothing is pickled.
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from llm_modules.errors import LLMModulesError
 from llm_modules.training.objectives.base import Objective
