@@ -113,14 +113,13 @@ def training_vocabulary(folder: Path, tokenizer, n: int, eos: list[int]) -> torc
     """The n most frequent tokens of the drafter's training data, rendered as its run rendered them."""
     from llm_modules.data.prepare import render
     from llm_modules.models.drafting import draft_vocabulary
+    from llm_modules.models.saved import run_defaults
 
-    for candidate in (folder, folder.parent):
-        config = candidate / "run_config.json"
-        if config.is_file():
-            run = json.loads(config.read_text())
-            records = load_records(run["data"])
-            ids = [render(r, tokenizer, run.get("template", "chat"), "all")[0] for r in records]
-            return draft_vocabulary(ids, n, always=eos)
+    run = run_defaults(folder)  # its run's data options, from the run_config.json beside it or above it
+    if "data" in run:
+        records = load_records(run["data"])
+        ids = [render(r, tokenizer, run.get("template", "chat"), "all")[0] for r in records]
+        return draft_vocabulary(ids, n, always=eos)
     raise SystemExit(f"{folder}: no run_config.json beside it or above it, so no training data to count tokens in")
 
 

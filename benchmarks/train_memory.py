@@ -46,10 +46,10 @@ def run_config(args: argparse.Namespace, name: str, work: Path) -> dict:
 
     started = time.perf_counter()
     method = "lora" if name == "lora_large" else "composed"
-    summary = train(TrainConfig(
+    summary = train(TrainConfig.from_flags(
         large=args.large, small=args.small, data=args.data, template=args.template, head=args.head, method=method,
         max_length=args.max_length, batch_size=args.batch_size, max_steps=args.steps, num_samples=0,
-        lr_small=2e-4 if method == "lora" else TrainConfig.lr_small,
+        lr_small=2e-4 if method == "lora" else None,
         progress=False, early_stopping_patience=0, output=str(work / f"{name}-{args.steps}"),
         state_cache_dir=str(work / "states"),
         state_cache=name != "composed_uncached", release_large=name == "composed_released",

@@ -49,17 +49,17 @@ def main() -> None:
     results = {}
 
     start = time.perf_counter()
-    cached = train(TrainConfig(output=str(work / "cached"), **common))
+    cached = train(TrainConfig.from_flags(output=str(work / "cached"), **common))
     results["cached_epoch_s"] = cached["train_seconds"]
     results["cached_total_s_incl_cache_build"] = round(time.perf_counter() - start, 1)
     results["state_cache_mib"] = round(folder_bytes(work / "states") / 2**20, 1)
 
-    uncached = train(TrainConfig(output=str(work / "uncached"), state_cache=False,
-                                 **{k: v for k, v in common.items() if k != "state_cache_dir"}))
+    uncached = train(TrainConfig.from_flags(output=str(work / "uncached"), state_cache=False,
+                                            **{k: v for k, v in common.items() if k != "state_cache_dir"}))
     results["uncached_epoch_s"] = uncached["train_seconds"]
 
-    small_only = train(TrainConfig(output=str(work / "small_only"), method="finetune",
-                                   **{k: v for k, v in common.items() if k not in ("state_cache_dir", "head")}))
+    plain = {k: v for k, v in common.items() if k not in ("state_cache_dir", "head")}
+    small_only = train(TrainConfig.from_flags(output=str(work / "small_only"), method="finetune", **plain))
     results["small_only_epoch_s"] = small_only["train_seconds"]
     results["steps"] = {"cached": cached["steps"], "uncached": uncached["steps"], "small_only": small_only["steps"]}
     results["uncached_over_cached"] = round(results["uncached_epoch_s"] / results["cached_epoch_s"], 2)

@@ -122,7 +122,7 @@ def train_config(unit: dict, output: Path, **over):
     """The TrainConfig of a training unit (cache, calibration, grid or full run)."""
     from llm_modules.training.config import TrainConfig
 
-    return TrainConfig(**{
+    return TrainConfig.from_flags(**{
         "large": unit["large"], "small": unit["small"], "data": unit["train_data"], "output": str(output),
         "method": ROWS[unit["row"]]["method"], **ROWS[unit["row"]]["options"], "template": unit["template"],
         "max_length": unit["max_length"], "batch_size": unit["batch_size"], "seed": unit.get("seed", 0),

@@ -226,7 +226,7 @@ def train_run(rank: int, world: int, config: dict) -> None:
     from llm_modules.training.loop import fit, setup
     from llm_modules.training.objectives.composed import TrainedParts
 
-    run = setup(TrainConfig(**config))
+    run = setup(TrainConfig.from_flags(**config))
     assert isinstance(run.wrapped, DistributedDataParallel), type(run.wrapped)
     assert isinstance(run.wrapped.module, TrainedParts)
     wrapped = {id(p) for p in run.wrapped.parameters()}

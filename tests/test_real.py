@@ -68,8 +68,8 @@ def test_real_short_training_run(tmp_path, capsys, composed):
     assert summary["steps"] == 2 and (output / "best" / "model.safetensors").is_file()
     # The residual head starts at the large model, so the loss before training is the large model's
     # own, computed here with plain transformers on the same validation examples.
-    config = TrainConfig(**{**DEMO, "data": data, "output": str(output)})
-    val = prepare_data(config.data_config(), composed.tokenizer, composed.small_max_positions).val
+    config = TrainConfig.from_flags(**{**DEMO, "data": data, "output": str(output)})
+    val = prepare_data(config.data, composed.tokenizer, composed.small_max_positions).val
     reference = per_token_loss(lambda ids: composed.large(input_ids=ids).logits, val)
     assert summary["initial_val_loss"] == pytest.approx(reference, abs=1e-4)
     capsys.readouterr()

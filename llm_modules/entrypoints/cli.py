@@ -6,7 +6,6 @@ User errors (LLMModulesError) print one line `error: ...` and exit with status 2
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import logging
 import sys
 from pathlib import Path
@@ -193,18 +192,20 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def add_train_flags(parser: argparse.ArgumentParser) -> None:
-    """One flag per TrainConfig field; defaults stay None so only given flags override.
+    """One flag per training option (`train_options`: every group's, every method's, the bridges'); defaults
+    stay None so only given flags override.
 
-    The help names TrainConfig's default, which applies when neither the flag nor --config gives one.
+    The help names the option's default (the composed method's), which applies when neither the flag nor
+    --config gives one.
     """
-    from llm_modules.training.config import CHOICES, HELP, METHOD_DEFAULTS, TrainConfig
+    from llm_modules.training.config import CHOICES, HELP, option_default, train_options
 
-    for name, field in TrainConfig.fields().items():
+    for name, (_, field) in train_options().items():
         flag = "--" + name.replace("_", "-")
         text = HELP.get(name, "")
-        default = METHOD_DEFAULTS["composed"].get(name, field.default)  # head, small_inputs: per method
-        if default not in (dataclasses.MISSING, None):  # None: the help says what decides it
-            text += f" (default: {default if default != '' else 'empty'})"
+        default = option_default(name)
+        if default is not None or name == "large_layers":  # None: the help says what decides it
+            text += f" (default: {default if default not in ('', None) else 'empty'})"
         text = text.replace("%", "%%")
         if field.type in ("bool", bool):
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=text)
@@ -216,17 +217,17 @@ def add_train_flags(parser: argparse.ArgumentParser) -> None:
 
 
 def train_config_from_args(args: argparse.Namespace):
-    from llm_modules.training.config import DEMO, TrainConfig
+    from llm_modules.training.config import DEMO, TrainConfig, train_options
 
-    given = {name: getattr(args, name) for name in TrainConfig.fields() if getattr(args, name) is not None}
+    given = {name: getattr(args, name) for name in train_options() if getattr(args, name) is not None}
     if args.config:
         return TrainConfig.from_file(args.config, overrides=given)
     if args.demo or not given:
-        return TrainConfig(**{**DEMO, **given})
+        return TrainConfig.from_flags(**{**DEMO, **given})
     missing = [f"--{n}" for n in ("data", "output") if n not in given]
     if missing:
         raise LLMModulesError(f"train needs {', '.join(missing)} (or --config FILE, or no options for the demo)")
-    return TrainConfig(**given)
+    return TrainConfig.from_flags(**given)
 
 
 def format_prompt(model_dir: str, tokenizer: Any, prompt: str, template: str) -> list[int]:

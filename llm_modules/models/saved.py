@@ -126,6 +126,10 @@ def run_defaults(model_dir: str | Path) -> dict[str, Any]:
                                       "(--data, --template) yourself with a saved model folder") from None
             if not isinstance(saved, dict):
                 raise LLMModulesError(f"{path} must hold a JSON object of the run's options")
+            if isinstance(saved.get("data"), dict):  # grouped (training.config.FORMAT_VERSION 2): DataConfig's fields
+                data = dict(saved["data"])
+                data["data"] = data.pop("spec", None)
+                return {k: v for k, v in data.items() if v is not None}
             keys = ("data", "template", "loss_on", "max_length", "overflow", "val_fraction", "subset")
             found = {k: saved[k] for k in keys if k in saved}
             if "data_seed" in saved or "seed" in saved:  # runs before data_seed split with their seed

@@ -1,16 +1,22 @@
-"""Everything a training run depends on, as one validated dataclass saved as JSON beside its outputs."""
+"""Everything a training run depends on, validated on construction and saved as JSON beside its outputs.
+
+Options come in groups, as litgpt's `TrainArgs` and `EvalArgs`: the data (`DataConfig`), optimisation and
+schedule (`TrainArgs`), evaluation and checkpoints (`EvalArgs`), hardware and precision (`HardwareArgs`) and
+the composition (`ComposeArgs`, the composing methods only); each validates itself. Each method's own
+options are its class in `objectives.METHODS` (as PEFT registers a tuner, and `bridges.BRIDGES` a bridge).
+The command line and config files stay flat, one name per option (`train_options`); `TrainConfig.from_flags`
+sorts them into their groups and refuses, in one line, an option of another method or bridge.
+"""
 
 from __future__ import annotations
 
 import dataclasses
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from llm_modules.bridges import BRIDGES, option_names
-from llm_modules.bridges.eca import EcaOptions
-from llm_modules.bridges.xattn import XattnOptions
+from llm_modules.bridges import BRIDGES, bridge_options, option_names
 from llm_modules.data.prepare import LOSS_ON, OVERFLOW, TEMPLATES, DataConfig
 from llm_modules.errors import LLMModulesError
 from llm_modules.models.config import (
@@ -23,7 +29,18 @@ from llm_modules.models.config import (
 from llm_modules.models.large import DEVICE_MAPS, QUANTIZATIONS
 from llm_modules.models.saved import RUN_CONFIG_FILE  # noqa: F401 (its old home)
 from llm_modules.tensors import DTYPES
-from llm_modules.training.objectives import METHODS
+from llm_modules.training.objectives import METHODS, method_classes
+from llm_modules.training.objectives.options import (
+    MethodOptions,
+    check_choices,
+    check_ints,
+    check_positive,
+    flag,
+)
+
+# run_config.json's layout: 2 grouped (this file's `TrainConfig.to_dict`); a file without "format_version"
+# is flat (every option by its command-line name), as runs before the grouping saved it, and as config files are.
+FORMAT_VERSION = 2
 
 # Options that may differ between an interrupted run and its resumption.
 RESUME_FREE = {"resume", "progress", "release_large", "large_device_map",  # change nothing a run computes
@@ -60,26 +77,14 @@ DEMO = dict(  # sized to finish within 15 minutes on a 2-core CPU (measured: see
 
 # Options with a fixed set of values: checked on construction, offered as choices by the CLI.
 CHOICES: dict[str, tuple[str, ...]] = {
-    "method": METHODS, "head": HEAD_KINDS, "bridge": tuple(BRIDGES), "small_inputs": SMALL_INPUTS,
+    "method": tuple(METHODS), "head": HEAD_KINDS, "bridge": tuple(BRIDGES), "small_inputs": SMALL_INPUTS,
     "large_reads": LARGE_READS,
     "template": TEMPLATES, "loss_on": LOSS_ON, "overflow": OVERFLOW,
     "mixed_precision": ("auto", "no", "bf16", "fp16"), "state_cache_dtype": tuple(DTYPES),
     "large_dtype": tuple(DTYPES), "large_device_map": DEVICE_MAPS, "large_quantization": QUANTIZATIONS,
-    "drafter_loss": ("kl", "ce"), "drafter_targets": ("logits", "generated"),
+    **{name: allowed for options, _ in METHODS.values() for name, allowed in options.choices.items()},
 }
-# The methods that compose a model (a bridge, a small model, a head), and their composition defaults
-# where they differ from ComposeConfig's: a drafter reads the large model's frozen output embedding (EAGLE
-# reuses the target's LM head) and must see the tokens it drafts itself (with "bridge" inputs the newest
-# token reaches it only through large states it does not have yet); its bridge is the ladder, whose drafters
-# agreed with Qwen2.5-Coder-1.5B's next token 2.4-2.6x as often as the paper's bridge's (reports/speculative).
-COMPOSING = ("composed", "drafter")
-METHOD_DEFAULTS: dict[str, dict[str, str]] = {
-    "composed": {"head": ComposeConfig.head, "small_inputs": ComposeConfig.small_inputs, "bridge": ComposeConfig.bridge},
-    "drafter": {"head": "projected", "small_inputs": "mapped", "bridge": "ladder"},
-}
-# Options of --method drafter only.
-DRAFTER_OPTIONS = ("draft_tokens", "drafter_loss", "drafter_targets", "draft_vocab")
-# Options of the frozen large model: the methods that train it (lora) refuse them.
+# Options of the frozen large model: the methods that have none (finetune, lora: `frozen_large`) refuse them.
 LARGE_LOADING = ("large_dtype", "large_device_map", "large_quantization")
 
 # One line per option for `llm-modules train --help` (the CLI appends the default).
@@ -174,77 +179,59 @@ def _where(err: Exception) -> str:
     return " ".join(str(err).split())
 
 
-# every bridge's option names; the TrainConfig fields among them are checked against --bridge
-_BRIDGE_OPTIONS = {name for bridge in BRIDGES for name in option_names(bridge)}
-# ComposeConfig's own options (not the model specs nor the version it stamps)
-_COMPOSE_OPTIONS = {f.name for f in dataclasses.fields(ComposeConfig)} - {"large", "small", "library_version"}
-
-
 @dataclass
-class TrainConfig:
-    """A training run: models, data, optimisation, checkpoints. Defaults are the paper's where it has one.
+class TrainArgs:
+    """Optimisation and schedule (the paper: AdamW, lr 1e-4 bridge, 5e-5 small model and head, clip 1.0, batch 1).
 
-    `method` picks what trains (see `objectives.py`), every method through the same loop:
-    "composed" (ours: bridge + small model + head over the frozen large model), "finetune" (the
-    small model alone, every weight), "lora" (LoRA adapters on the large model), "distill" (a
-    large-vocabulary student built from the small model, trained by KL to the large model).
-    Learning rates: `lr_bridge` for the bridge (composed) or the student's new embeddings
-    (distill); `lr_small` for everything else that trains. Unset, they are the method's measured
-    defaults (`LEARNING_RATES`), or the paper's with `paper_lrs`; the saved config holds the values used.
+    `lr_bridge` trains the bridge (composed) or the student's new embeddings (distill), `lr_small` everything
+    else that trains. None: the method's measured default (`LEARNING_RATES`), or the paper's with `paper_lrs`,
+    filled in by `TrainConfig`, so the saved config holds the values used.
     """
 
-    large: str = ""
-    small: str = ""
-    data: str = ""
-    output: str = ""
-    method: str = "composed"
-    # composition: the defaults are ComposeConfig's and the bridges' option classes', declared once there
-    causal: bool = ComposeConfig.causal
-    head: str | None = None  # None: the method's default (METHOD_DEFAULTS)
-    bridge: str | None = None  # None: the method's default
-    small_inputs: str | None = None  # None: the method's default
-    train_embeddings: bool = ComposeConfig.train_embeddings
-    train_small: bool = ComposeConfig.train_small
-    small_layers: int | None = ComposeConfig.small_layers
-    large_reads: str = ComposeConfig.large_reads
-    # bridge options (each passed only to the bridges that have it): eca
-    num_layers: int = EcaOptions.num_layers
-    num_heads: int = EcaOptions.num_heads  # eca and xattn
-    adapter_dim: int = EcaOptions.adapter_dim
-    dropout: float = EcaOptions.dropout
-    # ladder and xattn: large hidden states to tap, "3,7,11" (empty: every 4th, ending at the last)
-    large_layers: str = ""
-    small_stride: int = XattnOptions.small_stride  # xattn: a block after every N-th small layer
-    gate_temperature: float = XattnOptions.gate_temperature  # ladder and xattn
-    # data: the defaults are DataConfig's, declared once there
-    template: str = DataConfig.template
-    loss_on: str = DataConfig.loss_on
-    max_length: int = DataConfig.max_length
-    overflow: str = DataConfig.overflow
-    val_fraction: float = DataConfig.val_fraction
-    subset: float = DataConfig.subset
-    lora_rank: int = 8  # method lora (alpha = 2 x rank, every linear layer)
-    distill_temperature: float = 1.0  # method distill
-    draft_tokens: int = 4  # method drafter: K
-    drafter_loss: str = "kl"
-    drafter_targets: str = "logits"
-    draft_vocab: int = 0  # method drafter: N most frequent answer tokens (0: the whole vocabulary)
-    # optimisation (paper: AdamW, lr 1e-4 bridge, 5e-5 small model and head, clip 1.0, batch 1)
     epochs: int = 1
     max_steps: int = 0  # > 0 overrides epochs
     batch_size: int = 1  # per process
     grad_accum: int = 1
-    lr_bridge: float | None = None  # None: LEARNING_RATES[method] (or the paper's with paper_lrs)
+    lr_bridge: float | None = None
     lr_small: float | None = None
     paper_lrs: bool = False
     weight_decay: float = 0.01
     warmup_ratio: float = 0.05
     max_grad_norm: float = 1.0
+    seed: int = 0  # initialisation, dropout and batch order (the data's split follows data_seed)
+
+    def __post_init__(self) -> None:
+        check_ints(self, positive=("batch_size", "grad_accum"), non_negative=("epochs", "max_steps"))
+        if self.epochs == 0 and self.max_steps == 0:
+            raise LLMModulesError("give --epochs N or --max-steps N (both are 0)")
+        check_positive(self, *(name for name in ("lr_small", "lr_bridge") if getattr(self, name) is not None))
+
+
+@dataclass
+class EvalArgs:
+    """Evaluation, checkpoints and logging."""
+
+    eval_every: int = 0  # steps; 0: once per epoch
+    early_stopping_patience: int = 5  # evaluations without improvement; 0: never stop early
+    save_every: int = 0  # steps; 0: only at the end
+    keep_checkpoints: int = 2
+    num_samples: int = 3  # held-out examples answered at the end
+    max_new_tokens: int = 256
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        check_ints(self, positive=("keep_checkpoints",),
+                   non_negative=("eval_every", "save_every", "early_stopping_patience", "num_samples",
+                                 "max_new_tokens"))
+
+
+@dataclass
+class HardwareArgs:
+    """Precision, memory and placement; how the frozen large model loads and its states are kept."""
+
     mixed_precision: str = "auto"  # auto: bf16 on a GPU that has it, else fp16 on GPU, else no
     gradient_checkpointing: bool = False
-    seed: int = 0  # initialisation, dropout and batch order
-    data_seed: int = 0  # the validation split and subset: fixed while `seed` varies, so seeds see the same data
-    # large-model states
+    fsdp: bool = False  # the trained parts sharded (FSDP) instead of replicated (DDP) over the processes
     state_cache: bool = True
     state_cache_dtype: str = "float32"
     state_cache_dir: str = ""  # default: <cache_dir()>/states
@@ -252,127 +239,183 @@ class TrainConfig:
     large_dtype: str = "float32"
     large_device_map: str = "none"
     large_quantization: str = "none"
-    fsdp: bool = False  # the trained parts sharded (FSDP) instead of replicated (DDP) over the processes
     # with cached states, free the large model's weights training never reads (its body; its output
     # embedding too under the `new` head) and reload it from its spec for the end-of-training samples
     release_large: bool = True
-    # evaluation, checkpoints, logging
-    eval_every: int = 0  # steps; 0: once per epoch
-    early_stopping_patience: int = 5  # evaluations without improvement; 0: never stop early
-    save_every: int = 0  # steps; 0: only at the end
-    keep_checkpoints: int = 2
-    num_samples: int = 3
-    max_new_tokens: int = 256
-    resume: bool = False
-    progress: bool = True
 
     def __post_init__(self) -> None:
-        for name, value in METHOD_DEFAULTS.get(self.method, METHOD_DEFAULTS["composed"]).items():
-            if getattr(self, name) is None:
-                setattr(self, name, value)
-        positive = ["num_layers", "num_heads", "adapter_dim", "small_stride", "max_length", "batch_size", "grad_accum",
-                    "keep_checkpoints", "lora_rank", "draft_tokens"]
-        non_negative = ["epochs", "max_steps", "eval_every", "save_every", "early_stopping_patience", "num_samples",
-                        "max_new_tokens", "draft_vocab"]
-        for name in positive + non_negative:
-            value = getattr(self, name)
-            low = 1 if name in positive else 0
-            if not isinstance(value, int) or isinstance(value, bool) or value < low:
-                raise LLMModulesError(f"--{name.replace('_', '-')} must be an integer >= {low}, got {value!r}")
-        if self.epochs == 0 and self.max_steps == 0:
-            raise LLMModulesError("give --epochs N or --max-steps N (both are 0)")
-        for name, default in zip(("lr_small", "lr_bridge"), self.default_learning_rates()):
-            if getattr(self, name) is None:
-                setattr(self, name, default)
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
-                raise LLMModulesError(f"--{name.replace('_', '-')} must be > 0, got {value!r}")
-        for name in ("distill_temperature", "gate_temperature"):
-            if not getattr(self, name) > 0:
-                raise LLMModulesError(f"--{name.replace('_', '-')} must be > 0")
-        for name, allowed in CHOICES.items():
-            if getattr(self, name) not in allowed:
-                raise LLMModulesError(f"--{name.replace('_', '-')} must be one of {', '.join(allowed)}, "
-                                      f"got {getattr(self, name)!r}")
-        if self.method in ("lora", "finetune"):
-            for name in self._changed(LARGE_LOADING):
-                raise LLMModulesError(f"--{name.replace('_', '-')} sets how the FROZEN large model loads (methods "
-                                      f"composed and distill); --method {self.method} has none")
-        if self.method not in COMPOSING:
-            for name in self._changed(sorted((_COMPOSE_OPTIONS | _BRIDGE_OPTIONS) & set(self.fields()))):
-                raise LLMModulesError(f"--{name.replace('_', '-')} shapes the composed model (--method composed); "
-                                      f"--method {self.method} has no bridge, head or composition to apply it to")
-        if self.large_reads == "prompt" and self.loss_on == "all":
+        check_choices(self, CHOICES)
+
+
+@dataclass
+class ComposeArgs:
+    """How a composing method puts the models together: ComposeConfig's options (its defaults, declared once
+    there) and the chosen bridge's own options dataclass (`bridges.BRIDGES`)."""
+
+    causal: bool = ComposeConfig.causal
+    head: str = ComposeConfig.head
+    bridge: str = ComposeConfig.bridge
+    small_inputs: str = ComposeConfig.small_inputs
+    train_embeddings: bool = ComposeConfig.train_embeddings
+    train_small: bool = ComposeConfig.train_small
+    small_layers: int | None = ComposeConfig.small_layers
+    large_reads: str = ComposeConfig.large_reads
+    bridge_options: Any = None  # the bridge's options dataclass; a dict (from JSON) or None (its defaults) becomes one
+
+    def __post_init__(self) -> None:
+        check_choices(self, CHOICES)
+        if self.bridge_options is None or isinstance(self.bridge_options, dict):
+            self.bridge_options = bridge_options(self.bridge, self.bridge_options or {})
+        elif not isinstance(self.bridge_options, BRIDGES[self.bridge][0]):
+            raise LLMModulesError(f"{type(self.bridge_options).__name__} are not the options of --bridge {self.bridge}")
+        # the command line's bounds, stricter than the bridges' own (an eca bridge of 0 layers)
+        check_ints(self.bridge_options, positive=tuple(name for name in ("num_layers", "num_heads", "adapter_dim",
+                                                                         "small_stride")
+                                                       if hasattr(self.bridge_options, name)))
+
+    def options(self) -> dict[str, Any]:
+        """Flat, as `LLMModulesModel.compose` and `ComposeConfig.from_options` take them: the composition
+        options and the bridge's own."""
+        own = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "bridge_options"}
+        return {**own, **dataclasses.asdict(self.bridge_options)}
+
+
+@dataclass
+class TrainConfig:
+    """A training run: the models, what trains (`method`), the option groups, where it writes.
+
+    Defaults are the paper's where it has one. `method` picks what trains (see `objectives`), every method
+    through the same loop: "composed" (ours: bridge + small model + head over the frozen large model),
+    "finetune" (the small model alone, every weight), "lora" (LoRA adapters on the large model), "distill" (a
+    large-vocabulary student built from the small model, trained by KL to the large model), "drafter" (the
+    composed model trained to draft the large model's next tokens). `method_options` holds that method's own
+    options (its class in `objectives.METHODS`); `compose` the composition, for the methods that compose.
+    From command-line names: `from_flags`; from a config file or a saved run_config.json: `from_file`.
+    """
+
+    large: str = ""
+    small: str = ""
+    output: str = ""
+    method: str = "composed"
+    data: DataConfig | None = None  # required; the split and subset follow its seed (--data-seed), not train.seed
+    train: TrainArgs = field(default_factory=TrainArgs)
+    eval: EvalArgs = field(default_factory=EvalArgs)
+    hardware: HardwareArgs = field(default_factory=HardwareArgs)
+    compose: ComposeArgs | None = None  # None: the method's defaults (a composing method); the others have none
+    method_options: MethodOptions | None = None  # None: the method's defaults
+    resume: bool = False
+
+    def __post_init__(self) -> None:
+        options_class = method_classes(self.method)[0]
+        if self.method_options is None:
+            self.method_options = options_class()
+        if type(self.method_options) is not options_class:
+            raise LLMModulesError(f"{type(self.method_options).__name__} are not the options of --method {self.method}")
+        if options_class.composes and self.compose is None:
+            self.compose = ComposeArgs(**options_class.compose_defaults)
+        if not options_class.composes and self.compose is not None:
+            raise LLMModulesError(f"--method {self.method} has no bridge, head or composition to apply composition "
+                                  "options to")
+        if not options_class.frozen_large:
+            for name in LARGE_LOADING:
+                if getattr(self.hardware, name) != getattr(HardwareArgs, name):
+                    readers = " and ".join(m for m, (o, _) in METHODS.items() if o.frozen_large)
+                    raise LLMModulesError(f"{flag(name)} sets how the FROZEN large model loads (methods {readers}); "
+                                          f"--method {self.method} has none")
+        small, bridge = self.default_learning_rates()
+        given = self.train
+        self.train = dataclasses.replace(given, lr_small=small if given.lr_small is None else given.lr_small,
+                                         lr_bridge=bridge if given.lr_bridge is None else given.lr_bridge)
+        if self.compose is not None and self.compose.large_reads == "prompt" and self.data is not None \
+                and self.data.loss_on == "all":
             raise LLMModulesError("--large-reads prompt reads the states before each example's first labelled token; "
                                   "with --loss-on all every token is labelled, so there is no prompt to read")
-        if self.method != "drafter":
-            for name in self._changed(DRAFTER_OPTIONS):
-                raise LLMModulesError(f"--{name.replace('_', '-')} is an option of --method drafter, not of "
-                                      f"--method {self.method}")
-        else:
-            self._check_drafter()
-        if self.fsdp and self.method == "lora":
-            raise LLMModulesError("--fsdp with --method lora fails inside FSDP's state-dict gathering (seen on a GPU "
-                                  "with torch 2.11: the large model's frozen embeddings go missing); train LoRA under "
-                                  "DDP (leave out --fsdp): its trained adapters are small")
-        needed = {"finetune": ("small",), "lora": ("large",)}.get(self.method, ("large", "small"))
-        for name in (*needed, "data", "output"):
-            if not isinstance(getattr(self, name), str) or not getattr(self, name):
-                raise LLMModulesError(f"--{name} is required" + (f" by --method {self.method}" if name in needed else ""))
-        mine = set(option_names(self.bridge))
-        for name in self._changed(sorted((_BRIDGE_OPTIONS & set(self.fields())) - mine)):
-            owners = [b for b in BRIDGES if name in option_names(b)]
-            raise LLMModulesError(f"--{name.replace('_', '-')} is an option of the {' and '.join(owners)} "
-                                  f"bridge, not of --bridge {self.bridge}")
-        self._large_layers()  # a parse error surfaces now, not after the models loaded
-        if self.method in COMPOSING:
-            ComposeConfig.from_options(self.large, self.small, **self.compose_options())
+        self.method_options.check_run(self)
+        for name in (*options_class.specs, "data", "output"):
+            value = getattr(self, name)
+            if not (isinstance(value, DataConfig) if name == "data" else isinstance(value, str) and value):
+                raise LLMModulesError(f"--{name} is required" + (f" by --method {self.method}"
+                                                                 if name in options_class.specs else ""))
+        if self.compose is not None:
+            ComposeConfig.from_options(self.large, self.small, **self.compose.options())
 
     def default_learning_rates(self) -> tuple[float, float]:
         """(lr_small, lr_bridge) of this method when not given: measured, or the paper's with paper_lrs."""
-        if self.paper_lrs or self.method not in LEARNING_RATES:
+        if self.train.paper_lrs or self.method not in LEARNING_RATES:
             return PAPER_LEARNING_RATES
         small, bridge = LEARNING_RATES[self.method]
         return small, PAPER_LEARNING_RATES[1] if bridge is None else bridge
 
-    def _check_drafter(self) -> None:
-        if self.head == "residual":
-            raise LLMModulesError("--head residual cannot draft: it adds the large model's logits at the very position "
-                                  "it predicts, which a drafter does not have yet; use --head projected (the drafter's "
-                                  "default) or new")
-        if not self.state_cache:
-            raise LLMModulesError("--method drafter trains from the state cache (its targets are the large model's "
-                                  "cached final states through its head); leave out --no-state-cache")
+    @classmethod
+    def from_flags(cls, **options: Any) -> TrainConfig:
+        """A run from options by their command-line names (`train_options`), as the command line and config files
+        give them and as runs saved their run_config.json before the grouping. An option of another method or
+        bridge, or a composition option under a method that composes nothing, is refused in one line naming it
+        and the method, unless it holds its default (those older files hold every option)."""
+        table = train_options()
+        unknown = sorted(set(options) - set(table))
+        if unknown:
+            raise LLMModulesError(f"unknown options {unknown}")
+        # None: the method's default, for the composition options whose default is per method
+        options = {k: v for k, v in options.items() if not (v is None and k in _PER_METHOD)}
+        method = options.get("method", cls.method)
+        options_class = method_classes(method)[0]
+        if "large_layers" in options:
+            options["large_layers"] = parse_large_layers(options["large_layers"])
+        bridge = options.get("bridge", options_class.compose_defaults.get("bridge", ComposeArgs.bridge))
+        bridge_names = set(option_names(bridge)) if bridge in BRIDGES else set(table)
+        for name, value in options.items():
+            home = table[name][0]
+            if value == option_default(name, method) or home not in ("method", "compose", "bridge"):
+                continue
+            if home == "method" and name not in options_class.names():
+                owners = [m for m, (o, _) in METHODS.items() if name in o.names()]
+                raise LLMModulesError(f"{flag(name)} is an option of --method {' and --method '.join(owners)}, not of "
+                                      f"--method {method}")
+            if home != "method" and not options_class.composes:
+                raise LLMModulesError(f"{flag(name)} shapes the composed model (--method composed); --method {method} "
+                                      "has no bridge, head or composition to apply it to")
+            if home == "bridge" and name not in bridge_names:
+                owners = [b for b in BRIDGES if name in option_names(b)]
+                raise LLMModulesError(f"{flag(name)} is an option of the {' and '.join(owners)} bridge, not of "
+                                      f"--bridge {bridge}")
 
-    def _default(self, name: str) -> Any:
-        """An option's default for this run's method."""
-        defaults = METHOD_DEFAULTS.get(self.method, METHOD_DEFAULTS["composed"])
-        return defaults[name] if name in defaults else self.fields()[name].default
+        def group(home: str) -> dict[str, Any]:
+            return {table[name][1].name: value for name, value in options.items() if table[name][0] == home}
 
-    def _changed(self, names: Any) -> list[str]:
-        """Those of `names` whose value differs from the option's default, in order."""
-        return [name for name in names if getattr(self, name) != self._default(name)]
+        compose = None
+        if options_class.composes:
+            own = {k: v for k, v in group("bridge").items() if k in bridge_names}
+            compose = ComposeArgs(**{**options_class.compose_defaults, **group("compose"), "bridge_options": own})
+        data = group("data")
+        mine = {k: v for k, v in group("method").items() if k in options_class.names()}
+        return cls(**group(""), data=DataConfig(**data) if data.get("spec") else None,
+                   train=TrainArgs(**group("train")), eval=EvalArgs(**group("eval")),
+                   hardware=HardwareArgs(**group("hardware")), compose=compose, method_options=options_class(**mine))
 
-    def trained_model(self) -> str:
-        """The spec a plain method trains: the small model (finetune) or the large one (lora)."""
-        return self.small if self.method == "finetune" else self.large
-
-    def _large_layers(self) -> list[int] | None:
-        value = self.large_layers
-        if isinstance(value, (list, tuple)):  # from a config file
-            return list(value)
+    @classmethod
+    def from_dict(cls, saved: dict[str, Any]) -> TrainConfig:
+        """A run from a saved run_config.json's object: grouped (`to_dict`), or flat (by command-line names)."""
+        if "format_version" not in saved:
+            return cls.from_flags(**saved)
+        if saved["format_version"] != FORMAT_VERSION:
+            raise LLMModulesError(f"run config format_version {saved['format_version']!r} is not one this version "
+                                  f"reads ({FORMAT_VERSION}: grouped; none: flat)")
+        unknown = sorted(set(saved) - {*_TOP, *_GROUPS, "compose", "method_options", "format_version"})
+        if unknown:
+            raise LLMModulesError(f"run config: unknown options {unknown}")
         try:
-            return [int(x) for x in value.split(",")] if value.strip() else None
-        except ValueError:
-            raise LLMModulesError(f"--large-layers must be comma-separated integers like 3,7,11, got {value!r}") from None
+            groups = {name: kind(**saved[name]) for name, kind in _GROUPS.items() if saved.get(name) is not None}
+            compose = ComposeArgs(**saved["compose"]) if saved.get("compose") is not None else None
+            options = method_classes(saved.get("method", cls.method))[0](**(saved.get("method_options") or {}))
+        except TypeError as err:  # an option this version does not know
+            raise LLMModulesError(f"run config: {err}") from None
+        return cls(**{k: saved[k] for k in _TOP if k in saved}, **groups, compose=compose, method_options=options)
 
     @classmethod
-    def fields(cls) -> dict[str, dataclasses.Field]:
-        return {f.name: f for f in dataclasses.fields(cls)}
-
-    @classmethod
-    def from_file(cls, path: str | Path, overrides: dict[str, Any] | None = None) -> "TrainConfig":
-        """Read a YAML or JSON config file; `overrides` (from the command line) win."""
+    def from_file(cls, path: str | Path, overrides: dict[str, Any] | None = None) -> TrainConfig:
+        """Read a YAML or JSON config file, or a run's saved run_config.json; `overrides` (from the command
+        line, by command-line names) win."""
         path = Path(path)
         if not path.is_file():
             raise LLMModulesError(f"config file {path} does not exist")
@@ -388,36 +431,107 @@ class TrainConfig:
             raise LLMModulesError(f"config file {path} cannot be parsed: {_where(err)}") from None
         if not isinstance(data, dict):
             raise LLMModulesError(f"config file {path} must hold a mapping of options")
+        if "format_version" in data:  # a saved run's grouped options
+            saved = cls.from_dict(data)
+            return cls.from_flags(**{**saved.as_flags(), **overrides}) if overrides else saved
         data = {k.replace("-", "_"): v for k, v in data.items()}
-        unknown = sorted(set(data) - set(cls.fields()))
+        unknown = sorted(set(data) - set(train_options()))
         if unknown:
             raise LLMModulesError(f"config file {path}: unknown options {unknown}")
-        return cls(**{**data, **(overrides or {})})
-
-    def data_config(self) -> DataConfig:
-        """The data options of this run (the split and subset follow `data_seed`, not `seed`)."""
-        return DataConfig(spec=self.data, template=self.template, loss_on=self.loss_on, max_length=self.max_length,
-                          overflow=self.overflow, val_fraction=self.val_fraction, seed=self.data_seed,
-                          subset=self.subset)
-
-    def compose_options(self) -> dict[str, Any]:
-        """The composition and bridge options of this run, as `LLMModulesModel.compose` takes them:
-        ComposeConfig's fields, and only the chosen bridge's own options."""
-        names = (_COMPOSE_OPTIONS | set(option_names(self.bridge))) & set(self.fields())
-        options = {name: getattr(self, name) for name in names}
-        if "large_layers" in options:
-            options["large_layers"] = self._large_layers()
-        return options
+        return cls.from_flags(**{**data, **(overrides or {})})
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """The grouped JSON object saved as run_config.json."""
+        return {"format_version": FORMAT_VERSION, **dataclasses.asdict(self)}
+
+    def as_flags(self) -> dict[str, Any]:
+        """Every option by its command-line name: this run's values, other methods' and bridges' at their defaults."""
+        values = {name: option_default(name, self.method) for name in train_options()}
+        values.update({name: getattr(self, name) for name in _TOP})
+        for home in _GROUPS:
+            group = getattr(self, home)
+            if group is not None:
+                values.update({_flag_name(home, f.name): getattr(group, f.name) for f in dataclasses.fields(group)})
+        if self.compose is not None:
+            values.update({k: v for k, v in self.compose.options().items() if k in values})
+        values.update(dataclasses.asdict(self.method_options))
+        return values
 
     def differences(self, other: dict[str, Any]) -> list[str]:
-        """Options (other than resume-free ones) whose value differs from a saved run's."""
-        mine, fields = self.to_dict(), self.fields()
+        """Options (other than resume-free ones) whose value differs from a saved run's (either format)."""
+        mine, theirs = self.as_flags(), flat_options(other)
         # an option the saved run predates had its default then (the gates before they had a temperature: 1)
-        then = {k: self._default(k) for k in fields}  # per method where the default depends on it
-        if other.get("bridge") in GATED_BRIDGES:
+        then = {k: option_default(k, self.method) for k in mine}  # per method where the default depends on it
+        if theirs.get("bridge") in GATED_BRIDGES:
             then["gate_temperature"] = 1.0
-        saved = {k: other.get(k, then[k]) if k in fields else other.get(k) for k in set(mine) | set(other)}
+        saved = {k: theirs.get(k, then[k]) if k in mine else theirs.get(k) for k in set(mine) | set(theirs)}
+        if saved.get("large_layers") is not None:
+            saved["large_layers"] = parse_large_layers(saved["large_layers"])
         return sorted(k for k in saved if k not in RESUME_FREE and mine.get(k) != saved[k])
+
+
+_TOP = ("large", "small", "output", "method", "resume")  # TrainConfig's own options; the rest are in groups
+_GROUPS: dict[str, type] = {"data": DataConfig, "train": TrainArgs, "eval": EvalArgs, "hardware": HardwareArgs}
+_DATA_FLAGS = {"spec": "data", "seed": "data_seed"}  # DataConfig's fields whose command-line names differ
+# the bridges' options the command line sets (eca's large_layer is not one)
+BRIDGE_FLAGS = ("num_layers", "num_heads", "adapter_dim", "dropout", "large_layers", "small_stride", "gate_temperature")
+# composition options whose default is per method (None given: that default)
+_PER_METHOD = {name for options, _ in METHODS.values() for name in options.compose_defaults}
+
+
+def _flag_name(home: str, name: str) -> str:
+    return _DATA_FLAGS.get(name, name) if home == "data" else name
+
+
+def train_options() -> dict[str, tuple[str, dataclasses.Field]]:
+    """Every option by its command-line name: (where it lives, its field). Where: "" (TrainConfig itself), a
+    group ("data", "train", "eval", "hardware", "compose"), "bridge" (a bridge's options) or "method" (a
+    method's); the order is `train --help`'s."""
+    top = {f.name: ("", f) for f in dataclasses.fields(TrainConfig) if f.name in _TOP}
+    table = {"large": top["large"], "small": top["small"]}
+    data = {_flag_name("data", f.name): ("data", f) for f in dataclasses.fields(DataConfig)}
+    table["data"] = data.pop("data")
+    table.update(output=top["output"], method=top["method"])
+    table.update({f.name: ("compose", f) for f in dataclasses.fields(ComposeArgs) if f.name != "bridge_options"})
+    for name in BRIDGE_FLAGS:
+        owner = next(b for b in BRIDGES if name in option_names(b))
+        table[name] = ("bridge", next(f for f in dataclasses.fields(BRIDGES[owner][0]) if f.name == name))
+    table.update(data)
+    for options, _ in METHODS.values():
+        table.update({f.name: ("method", f) for f in dataclasses.fields(options)})
+    for home in ("train", "hardware", "eval"):
+        table.update({f.name: (home, f) for f in dataclasses.fields(_GROUPS[home])})
+    table["resume"] = top["resume"]
+    return table
+
+
+def option_default(name: str, method: str = "composed") -> Any:
+    """An option's default under `method` (the composition's: per method; a method without one: composed's)."""
+    home, spec = train_options()[name]
+    if home == "compose" and method in METHODS:
+        return METHODS[method][0].compose_defaults.get(name, spec.default)
+    return "" if spec.default is dataclasses.MISSING else spec.default
+
+
+def parse_large_layers(value: Any) -> list[int] | None:
+    """--large-layers "3,7,11" (or a config file's list) as a list; empty: None (the bridge's default taps)."""
+    if value is None or isinstance(value, (list, tuple)):
+        return None if value is None else list(value)
+    try:
+        return [int(x) for x in value.split(",")] if value.strip() else None
+    except (AttributeError, ValueError):
+        raise LLMModulesError(f"--large-layers must be comma-separated integers like 3,7,11, got {value!r}") from None
+
+
+def flat_options(saved: dict[str, Any]) -> dict[str, Any]:
+    """A saved run_config.json's options by their command-line names, whichever its format (no validation)."""
+    if "format_version" not in saved:
+        return dict(saved)
+    flat = {k: v for k, v in saved.items() if k in _TOP}
+    for home in _GROUPS:
+        flat.update({_flag_name(home, k): v for k, v in (saved.get(home) or {}).items()})
+    compose = dict(saved.get("compose") or {})
+    flat.update({k: v for k, v in (compose.pop("bridge_options", None) or {}).items() if k in BRIDGE_FLAGS})
+    flat.update(compose)
+    flat.update(saved.get("method_options") or {})
+    return flat

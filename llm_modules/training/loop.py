@@ -133,7 +133,7 @@ def make_accelerator(config: TrainConfig) -> Accelerator:
                               f"GPU (--nproc_per_node {gpus}), or hide the GPUs (CUDA_VISIBLE_DEVICES=) to train on "
                               "the CPUs over gloo")
     plugin = None
-    if config.fsdp:
+    if config.hardware.fsdp:
         if not torch.cuda.is_available():
             raise LLMModulesError("--fsdp needs CUDA GPUs: accelerate shards with FSDP on GPUs only; on CPUs train "
                                   "without it (the trained parts are then replicated with DDP over gloo)")
@@ -144,8 +144,8 @@ def make_accelerator(config: TrainConfig) -> Accelerator:
         plugin = FullyShardedDataParallelPlugin(fsdp_version=1, use_orig_params=True, state_dict_type="FULL_STATE_DICT",
                                                 auto_wrap_policy="transformer_based_wrap", cpu_ram_efficient_loading=False)
     # cpu=True on machines without CUDA lets accelerate see torchrun/accelerate-launch processes (gloo).
-    return Accelerator(mixed_precision=mixed_precision(config.mixed_precision), cpu=not torch.cuda.is_available(),
-                       fsdp_plugin=plugin)
+    return Accelerator(mixed_precision=mixed_precision(config.hardware.mixed_precision),
+                       cpu=not torch.cuda.is_available(), fsdp_plugin=plugin)
 
 
 def setup(config: TrainConfig) -> Run:
@@ -168,18 +168,18 @@ def _setup(config: TrainConfig, accelerator: Accelerator, output: Path, lock: Ru
     if accelerator.is_main_process:
         check_output(output, config)
     accelerator.wait_for_everyone()
-    set_seed(config.seed)
+    set_seed(config.train.seed)
     objective = build_objective(config, accelerator.device, accelerator.num_processes)
     objective.place(accelerator.device)
-    data = prepare_data(config.data_config(), objective.tokenizer, objective.max_positions)
+    data = prepare_data(config.data, objective.tokenizer, objective.max_positions)
     if accelerator.is_main_process:
         print(f"data: {json.dumps(data.report)}")
-    global_batch = config.batch_size * accelerator.num_processes
-    steps_per_epoch = len(data.train) // (global_batch * config.grad_accum)
+    global_batch = config.train.batch_size * accelerator.num_processes
+    steps_per_epoch = len(data.train) // (global_batch * config.train.grad_accum)
     if steps_per_epoch == 0:
         raise LLMModulesError(
             f"{len(data.train)} training examples are fewer than one optimizer step's "
-            f"{global_batch * config.grad_accum} (batch size x processes x grad accum); lower them or add data"
+            f"{global_batch * config.train.grad_accum} (batch size x processes x grad accum); lower them or add data"
         )
     objective.attach_data(config, data, accelerator)
     if accelerator.is_main_process:  # checked: now the folder holds this run
@@ -188,10 +188,10 @@ def _setup(config: TrainConfig, accelerator: Accelerator, output: Path, lock: Ru
         (output / "data_report.json").write_text(json.dumps(data.report, indent=1))
     accelerator.wait_for_everyone()
 
-    total_steps = config.max_steps or steps_per_epoch * config.epochs
-    optimizer = torch.optim.AdamW(objective.param_groups(config), weight_decay=config.weight_decay)
+    total_steps = config.train.max_steps or steps_per_epoch * config.train.epochs
+    optimizer = torch.optim.AdamW(objective.param_groups(config), weight_decay=config.train.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lr_lambda(total_steps, int(config.warmup_ratio * total_steps))
+        optimizer, lr_lambda(total_steps, int(config.train.warmup_ratio * total_steps))
     )
     wrapped, optimizer = accelerator.prepare(objective.module, optimizer)
     return Run(config, accelerator, objective, wrapped, optimizer, scheduler, data, global_batch, steps_per_epoch,
@@ -220,7 +220,7 @@ def validate(run: Run) -> dict[str, float] | None:
         return None
     run.wrapped.eval()
     acc, rank, world = run.accelerator, run.accelerator.process_index, run.accelerator.num_processes
-    size = run.config.batch_size
+    size = run.config.train.batch_size
     mine = list(range(rank, len(run.data.val), world))
     names: list[str] | None = None
     total: torch.Tensor | None = None  # tokens, bytes, then one sum per name
@@ -254,7 +254,7 @@ def validate(run: Run) -> dict[str, float] | None:
 
 def train_step(run: Run, batches: list[list[int]]) -> float:
     """One optimizer step over `grad_accum` global batches; returns the mean loss per answer token."""
-    acc, cfg = run.accelerator, run.config
+    acc, cfg = run.accelerator, run.config.train
     rank = acc.process_index
     step_tokens = sum(loss_tokens([run.data.train[i] for i in b]) for b in batches)
     loss_sum = 0.0
@@ -278,7 +278,7 @@ def _full_state(run: Run, optimizer: bool = True
                 ) -> tuple[dict[str, torch.Tensor] | None, dict[str, Any] | torch.optim.Optimizer]:
     """(weights, optimizer) to write: under FSDP the whole tensors gathered on the main process (every
     process takes part), else (None, the optimizer) since the module holds them whole already."""
-    if not run.config.fsdp:
+    if not run.config.hardware.fsdp:
         return None, run.optimizer
     from torch.distributed.checkpoint import state_dict as dcp
 
@@ -309,7 +309,7 @@ def save_checkpoint(run: Run, step: int, state: dict[str, Any]) -> None:
         scaler = acc.scaler.state_dict() if acc.scaler is not None else None  # fp16 loss scale
         full = {**state, "optimizer": opt_meta, "scheduler": run.scheduler.state_dict(), "grad_scaler": scaler,
                 "data_fingerprint": run.data_fingerprint}
-        ckpt.finish_checkpoint(tmp, step, full, keep=run.config.keep_checkpoints)
+        ckpt.finish_checkpoint(tmp, step, full, keep=run.config.eval.keep_checkpoints)
     acc.wait_for_everyone()
 
 
@@ -320,7 +320,7 @@ def resume_state(run: Run) -> tuple[int, dict[str, Any] | None]:
     if not (run.config.resume and checkpoints):
         return 0, None
     restore = None
-    if run.config.fsdp:  # every process holds the whole tensors; each keeps its shard
+    if run.config.hardware.fsdp:  # every process holds the whole tensors; each keeps its shard
         from torch.distributed.checkpoint.state_dict import (
             StateDictOptions,
             set_state_dict,
@@ -364,9 +364,10 @@ def fit(run: Run, on_step: Callable[[Run, int], None] | None = None) -> dict[str
         lines = metrics_path.read_text().splitlines() if step and metrics_path.is_file() else []
         kept = [line for line in lines if line.strip() and json.loads(line)["step"] <= step]
         metrics_path.write_text("".join(line + "\n" for line in kept))
-    eval_every = cfg.eval_every or run.steps_per_epoch
-    patience = cfg.early_stopping_patience if run.data.val else 0
-    bar = tqdm(total=run.total_steps, initial=step, desc="train", disable=not (cfg.progress and acc.is_main_process))
+    eval_every = cfg.eval.eval_every or run.steps_per_epoch
+    patience = cfg.eval.early_stopping_patience if run.data.val else 0
+    bar = tqdm(total=run.total_steps, initial=step, desc="train",
+               disable=not (cfg.eval.progress and acc.is_main_process))
     started = time.perf_counter() - state["elapsed"]
     if step == 0:  # the starting point, so the curve shows what training changed
         initial = {"step": 0, **(validate(run) or {})}
@@ -379,8 +380,8 @@ def fit(run: Run, on_step: Callable[[Run, int], None] | None = None) -> dict[str
     while step < run.total_steps and not state["stopped_early"]:
         # One length-grouped batch per optimizer step, cut into grad_accum micro-batches of one global
         # batch each, so accumulation and process count never change what a step sees.
-        step_size = run.global_batch * cfg.grad_accum
-        order = length_grouped_batches(lengths, step_size, cfg.seed, state["epoch"])
+        step_size = run.global_batch * cfg.train.grad_accum
+        order = length_grouped_batches(lengths, step_size, cfg.train.seed, state["epoch"])
         order = [b for b in order if len(b) == step_size]  # an incomplete batch would desync processes
         if state["batch"] >= len(order):
             state["epoch"], state["batch"] = state["epoch"] + 1, 0
@@ -411,13 +412,13 @@ def fit(run: Run, on_step: Callable[[Run, int], None] | None = None) -> dict[str
         state["elapsed"] = time.perf_counter() - started
         if on_step is not None:
             on_step(run, step)
-        if cfg.save_every and step % cfg.save_every == 0:
+        if cfg.eval.save_every and step % cfg.eval.save_every == 0:
             save_checkpoint(run, step, state)
     bar.close()
     save_model(run, run.output / "last")
     if not run.data.val:
         save_model(run, run.output / "best")
-    if not (cfg.save_every and step % cfg.save_every == 0):
+    if not (cfg.eval.save_every and step % cfg.eval.save_every == 0):
         save_checkpoint(run, step, state)
     initial = state.get("initial_val") or {}
     return {"steps": step, "initial_val_loss": initial.get("val_loss"), "initial_val_bpb": initial.get("val_bpb"),
@@ -450,10 +451,10 @@ def _fit_and_report(run: Run, config: TrainConfig, on_step: Callable[[Run, int],
         summary.update(run.objective.summary_extras())
         if plot_losses(run.output / "metrics.jsonl", run.output / "loss_curve.png"):
             summary["loss_curve"] = str(run.output / "loss_curve.png")
-        if config.num_samples and run.data.val:
+        if config.eval.num_samples and run.data.val:
             best = run.output / "best" / WEIGHTS_FILE
             summary["samples_from"] = "best" if best.is_file() else "last"
-            if config.fsdp:  # this process holds a shard of the weights: answer from the saved folder
+            if config.hardware.fsdp:  # this process holds a shard of the weights: answer from the saved folder
                 from llm_modules.evaluation.harness import load_scorer
 
                 scorer = load_scorer(str(run.output / summary["samples_from"]), device=str(acc.device))
@@ -461,7 +462,8 @@ def _fit_and_report(run: Run, config: TrainConfig, on_step: Callable[[Run, int],
                 if best.is_file():  # samples show the weights a user would keep, not merely the last ones
                     run.objective.load_trained_state_dict(load_file(str(best)))
                 scorer = run.objective.scorer()
-            summary["samples"] = held_out_samples(scorer, run.data.val[: config.num_samples], config.max_new_tokens)
+            summary["samples"] = held_out_samples(scorer, run.data.val[: config.eval.num_samples],
+                                                  config.eval.max_new_tokens)
         (run.output / "summary.json").write_text(json.dumps(summary, indent=1))
     acc.wait_for_everyone()
     acc.end_training()

@@ -89,8 +89,9 @@ def test_every_train_row_is_a_valid_training_config(monkeypatch):
     spec.loader.exec_module(harness)
     for row, entry in harness.ROWS.items():
         if entry["kind"] == "train":
-            config = TrainConfig(large="l", small="s", data="d.jsonl", output="o", method=entry["method"],
-                                 **entry["options"])
-            assert all(config.to_dict()[k] == v for k, v in entry["options"].items()), row
-    assert TrainConfig(large="l", small="s", data="d.jsonl", output="o",
-                       **harness.ROWS["composed_ladder_frozen_small"]["options"]).compose_options()["train_small"] is False
+            config = TrainConfig.from_flags(large="l", small="s", data="d.jsonl", output="o", method=entry["method"],
+                                            **entry["options"])
+            assert all(config.as_flags()[k] == v for k, v in entry["options"].items()), row
+    frozen = TrainConfig.from_flags(large="l", small="s", data="d.jsonl", output="o",
+                                    **harness.ROWS["composed_ladder_frozen_small"]["options"])
+    assert frozen.compose.options()["train_small"] is False

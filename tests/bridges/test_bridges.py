@@ -460,31 +460,31 @@ def test_train_config_passes_only_the_chosen_bridges_options(tmp_path):
     from llm_modules.training.config import TrainConfig
 
     base = dict(large="l", small="s", data="d", output=str(tmp_path))
-    ladder = TrainConfig(**base, bridge="ladder", large_layers="3,7,11", small_inputs="mapped")
-    assert ladder.compose_options() == {"causal": True, "head": "residual", "bridge": "ladder",
+    ladder = TrainConfig.from_flags(**base, bridge="ladder", large_layers="3,7,11", small_inputs="mapped")
+    assert ladder.compose.options() == {"causal": True, "head": "residual", "bridge": "ladder",
                                         "small_inputs": "mapped", "train_embeddings": False, "train_small": True,
                                         "large_layers": [3, 7, 11], "gate_temperature": 0.1, "small_layers": None,
                                         "large_reads": "all"}
-    assert TrainConfig(**base).compose_options()["bridge"] == "eca"
+    assert TrainConfig.from_flags(**base).compose.options()["bridge"] == "eca"
     with pytest.raises(LLMModulesError, match="--num-layers is an option of the eca bridge"):
-        TrainConfig(**base, bridge="ladder", num_layers=3)
+        TrainConfig.from_flags(**base, bridge="ladder", num_layers=3)
     with pytest.raises(LLMModulesError, match="--large-layers must be comma-separated"):
-        TrainConfig(**base, bridge="ladder", large_layers="3,x")
+        TrainConfig.from_flags(**base, bridge="ladder", large_layers="3,x")
     with pytest.raises(LLMModulesError, match="--bridge must be one of"):
-        TrainConfig(**base, bridge="lora")
+        TrainConfig.from_flags(**base, bridge="lora")
     with pytest.raises(LLMModulesError, match="train_embeddings"):
-        TrainConfig(**base, train_embeddings=True)
-    saved_before_bridges = {k: v for k, v in TrainConfig(**base).to_dict().items()
+        TrainConfig.from_flags(**base, train_embeddings=True)
+    saved_before_bridges = {k: v for k, v in TrainConfig.from_flags(**base).as_flags().items()
                             if k not in ("bridge", "small_inputs", "train_embeddings", "large_layers", "small_stride",
                                          "gate_temperature", "train_small")}
-    assert TrainConfig(**base).differences(saved_before_bridges) == []  # an older run still resumes
-    assert TrainConfig(**base, train_small=False).differences(saved_before_bridges) == ["train_small"]
-    ladder_before_temperatures = {k: v for k, v in ladder.to_dict().items() if k != "gate_temperature"}
+    assert TrainConfig.from_flags(**base).differences(saved_before_bridges) == []  # an older run still resumes
+    assert TrainConfig.from_flags(**base, train_small=False).differences(saved_before_bridges) == ["train_small"]
+    ladder_before_temperatures = {k: v for k, v in ladder.as_flags().items() if k != "gate_temperature"}
     assert ladder.differences(ladder_before_temperatures) == ["gate_temperature"]  # its gates had T = 1
-    assert TrainConfig(**{**base, "bridge": "ladder", "large_layers": "3,7,11", "small_inputs": "mapped",
+    assert TrainConfig.from_flags(**{**base, "bridge": "ladder", "large_layers": "3,7,11", "small_inputs": "mapped",
                           "gate_temperature": 1.0}).differences(ladder_before_temperatures) == []
     with pytest.raises(LLMModulesError, match="--gate-temperature is an option of the ladder and xattn"):
-        TrainConfig(**base, gate_temperature=0.5)
+        TrainConfig.from_flags(**base, gate_temperature=0.5)
 
 
 @pytest.mark.parametrize("bridge", ["ladder", "xattn"])

@@ -8,7 +8,7 @@ import pytest
 
 from llm_modules import __version__
 from llm_modules.entrypoints.cli import build_parser, main
-from llm_modules.training.config import TrainConfig
+from llm_modules.training.config import option_default, train_options
 
 REQUIRED = ("large", "small", "data", "output")
 
@@ -20,15 +20,15 @@ def train_parser() -> argparse.ArgumentParser:
 
 def test_every_train_option_has_help_with_its_default_and_choices():
     actions = {a.dest: a for a in train_parser()._actions}
-    for name, field in TrainConfig.fields().items():
+    for name in train_options():
         action = actions[name]
         assert action.help and len(action.help) > 20, name
         if name in ("lr_small", "lr_bridge"):  # decided per method: the help says how
             assert "default: the method's measured one" in action.help and "--paper-lrs" in action.help, name
-        elif name not in REQUIRED and field.default is not None:  # None: "all" or per method, said in the help
-            default = {"head": "residual", "small_inputs": "bridge"}.get(name, field.default)  # composed's
+        elif name not in REQUIRED and option_default(name) is not None:  # None: "all" or per method, in the help
+            default = option_default(name)  # the composed method's
             assert f"default: {default}" in action.help.replace("%%", "%"), name
-    choices = {name: tuple(actions[name].choices or ()) for name in TrainConfig.fields()}
+    choices = {name: tuple(actions[name].choices or ()) for name in train_options()}
     assert set(choices["head"]) == {"new", "projected", "residual"}
     assert set(choices["template"]) == {"stratos", "chat"}
     assert set(choices["mixed_precision"]) == {"auto", "no", "bf16", "fp16"}

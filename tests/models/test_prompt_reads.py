@@ -232,10 +232,10 @@ def test_train_cli_reads_the_prompt_only_end_to_end(mapped_pair, tmp_path):
     assert summary["steps"] == 2
     stored = sorted(n for p in (tmp_path / "states").glob(f"*/{INDEX_FILE}") for n in json.loads(p.read_text())["lengths"])
     config = TrainConfig.from_file(tmp_path / "run" / "run_config.json")
-    data = prepare_data(config.data_config(), AutoTokenizer.from_pretrained(mapped_pair["large"]))
+    data = prepare_data(config.data, AutoTokenizer.from_pretrained(mapped_pair["large"]))
     examples = data.train + data.val
     assert stored == sorted(prompt_length(e) for e in examples)  # train and validation: their prompts only
     assert sum(stored) < sum(len(e.input_ids) for e in examples)
     with pytest.raises(LLMModulesError, match="loss-on all"):
-        TrainConfig(large="l", small="s", data="d", output="o", head="new", small_inputs="mapped",
-                    large_reads="prompt", loss_on="all")
+        TrainConfig.from_flags(large="l", small="s", data="d", output="o", head="new", small_inputs="mapped",
+                               large_reads="prompt", loss_on="all")

@@ -19,10 +19,11 @@ from ..helpers import write_data
 
 def plain_config(tmp_path, pair, method, **over):
     data = write_data(tmp_path / "data.jsonl", n=10)
-    return TrainConfig(**{"large": pair["large"], "small": pair["small"], "data": data, "output": str(tmp_path / method),
-                          "method": method, "template": "stratos", "max_length": 512, "batch_size": 4,
-                          "max_steps": 12, "lr_small": 3e-3, "lr_bridge": 3e-2, "val_fraction": 0.2, "eval_every": 4,
-                          "num_samples": 0, "progress": False, "early_stopping_patience": 0, **over})
+    return TrainConfig.from_flags(**{
+        "large": pair["large"], "small": pair["small"], "data": data, "output": str(tmp_path / method),
+        "method": method, "template": "stratos", "max_length": 512, "batch_size": 4,
+        "max_steps": 12, "lr_small": 3e-3, "lr_bridge": 3e-2, "val_fraction": 0.2, "eval_every": 4,
+        "num_samples": 0, "progress": False, "early_stopping_patience": 0, **over})
 
 
 def val_curve(output) -> list[float]:
@@ -43,7 +44,7 @@ def test_finetuning_trains_every_weight_through_the_one_loop(tmp_path, tiny_pair
     scorer = load_scorer(str(best))
     from llm_modules.data.prepare import prepare_data
 
-    data = prepare_data(config.data_config(), scorer.tokenizer, None)
+    data = prepare_data(config.data, scorer.tokenizer, None)
     result = evaluate(scorer, data.val, EvalOptions(max_new_tokens=2, num_samples=-1))
     assert result["bits_per_byte"] == pytest.approx(summary["best_val_bpb"], rel=1e-4)
     assert len(result["samples"]) == len(data.val)

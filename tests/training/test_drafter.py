@@ -89,25 +89,28 @@ def test_a_drafter_trains_end_to_end_and_saves_a_composed_model_that_loads(draft
 
 def test_the_drafter_defaults_and_refusals():
     base = dict(large="l", small="s", data="d", output="o", max_steps=1)
-    config = TrainConfig(**base, method="drafter")
-    assert (config.head, config.small_inputs, config.bridge, config.draft_tokens, config.drafter_loss,
-            config.drafter_targets) == ("projected", "mapped", "ladder", 4, "kl", "logits")
-    composed = TrainConfig(**base)
-    assert (composed.head, composed.small_inputs, composed.bridge) == ("residual", "bridge", "eca")  # unchanged
-    assert TrainConfig(**base, method="drafter", bridge="eca").bridge == "eca"
+    config = TrainConfig.from_flags(**base, method="drafter")
+    options = config.method_options
+    assert (config.compose.head, config.compose.small_inputs, config.compose.bridge, options.draft_tokens,
+            options.drafter_loss, options.drafter_targets) == ("projected", "mapped", "ladder", 4, "kl", "logits")
+    composed = TrainConfig.from_flags(**base)
+    shape = composed.compose
+    assert (shape.head, shape.small_inputs, shape.bridge) == ("residual", "bridge", "eca")  # unchanged
+    assert TrainConfig.from_flags(**base, method="drafter", bridge="eca").compose.bridge == "eca"
     with pytest.raises(LLMModulesError, match="--head residual cannot draft"):
-        TrainConfig(**base, method="drafter", head="residual")
+        TrainConfig.from_flags(**base, method="drafter", head="residual")
     with pytest.raises(LLMModulesError, match="--draft-tokens is an option of --method drafter"):
-        TrainConfig(**base, draft_tokens=2)
+        TrainConfig.from_flags(**base, draft_tokens=2)
     with pytest.raises(LLMModulesError, match="--drafter-loss must be one of kl, ce"):
-        TrainConfig(**base, method="drafter", drafter_loss="mse")
+        TrainConfig.from_flags(**base, method="drafter", drafter_loss="mse")
     with pytest.raises(LLMModulesError, match="--draft-vocab is an option of --method drafter"):
-        TrainConfig(**base, draft_vocab=100)
+        TrainConfig.from_flags(**base, draft_vocab=100)
     with pytest.raises(LLMModulesError, match="--draft-vocab"):
-        TrainConfig(**base, method="drafter", draft_vocab=-1)
+        TrainConfig.from_flags(**base, method="drafter", draft_vocab=-1)
     with pytest.raises(LLMModulesError, match="trains from the state cache"):
-        TrainConfig(**base, method="drafter", state_cache=False)
-    assert TrainConfig(**base, method="drafter", head="new", small_inputs="bridge", bridge="ladder").head == "new"
+        TrainConfig.from_flags(**base, method="drafter", state_cache=False)
+    given = TrainConfig.from_flags(**base, method="drafter", head="new", small_inputs="bridge", bridge="ladder")
+    assert given.compose.head == "new"
 
 
 def test_the_residual_head_is_refused_on_the_command_line(drafter_args, capsys):
@@ -118,12 +121,12 @@ def test_the_residual_head_is_refused_on_the_command_line(drafter_args, capsys):
 def _objective(pair, tmp_path, bridge="ladder", **over):
     flags = {"eca": dict(num_heads=4), "ladder": dict(large_layers="1,3"),
              "xattn": dict(large_layers="2,4", small_stride=1, num_heads=4)}[bridge]
-    config = TrainConfig(large=pair["large"], small=pair["small"], data=write_data(tmp_path / "data.jsonl"),
-                         output=str(tmp_path / "o"), method="drafter", bridge=bridge, template="stratos",
-                         max_length=128, val_fraction=0.25, max_steps=1, progress=False,
-                         state_cache_dir=str(tmp_path / "states"), **flags, **over)
+    config = TrainConfig.from_flags(large=pair["large"], small=pair["small"], data=write_data(tmp_path / "data.jsonl"),
+                                    output=str(tmp_path / "o"), method="drafter", bridge=bridge, template="stratos",
+                                    max_length=128, val_fraction=0.25, max_steps=1, progress=False,
+                                    state_cache_dir=str(tmp_path / "states"), **flags, **over)
     objective = build_objective(config)
-    data = prepare_data(config.data_config(), objective.tokenizer, objective.max_positions)
+    data = prepare_data(config.data, objective.tokenizer, objective.max_positions)
     objective.attach_data(config, data, SimpleNamespace(is_main_process=True, wait_for_everyone=lambda: None))
     return objective, data
 

@@ -22,7 +22,7 @@ def documented() -> dict[str, tuple[float, float | None]]:
 
 
 def config(**options) -> TrainConfig:
-    return TrainConfig(**{"large": "large", "small": "small", "data": "d.jsonl", "output": "out", **options})
+    return TrainConfig.from_flags(**{"large": "large", "small": "small", "data": "d.jsonl", "output": "out", **options})
 
 
 @pytest.mark.parametrize("method", ["composed", "finetune", "lora", "distill"])
@@ -30,12 +30,12 @@ def test_each_methods_default_learning_rates_are_the_documented_ones(method):
     assert documented()[method] == LEARNING_RATES[method]
     small, bridge = LEARNING_RATES[method]
     chosen = config(method=method)
-    assert chosen.lr_small == small and chosen.lr_bridge == (bridge or PAPER_LEARNING_RATES[1])
+    assert chosen.train.lr_small == small and chosen.train.lr_bridge == (bridge or PAPER_LEARNING_RATES[1])
     paper = config(method=method, paper_lrs=True)
-    assert (paper.lr_small, paper.lr_bridge) == PAPER_LEARNING_RATES == (5e-5, 1e-4)
+    assert (paper.train.lr_small, paper.train.lr_bridge) == PAPER_LEARNING_RATES == (5e-5, 1e-4)
     given = config(method=method, paper_lrs=True, lr_small=2e-3)  # a given rate wins over either default
-    assert (given.lr_small, given.lr_bridge) == (2e-3, 1e-4)
-    assert config(method=method).to_dict()["lr_small"] == small  # the saved run holds the value used
+    assert (given.train.lr_small, given.train.lr_bridge) == (2e-3, 1e-4)
+    assert config(method=method).to_dict()["train"]["lr_small"] == small  # the saved run holds the value used
 
 
 def test_the_composed_default_moves_validation_loss_more_than_the_papers(tiny_pair_with_tokenizer, tmp_path):

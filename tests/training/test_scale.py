@@ -101,9 +101,9 @@ def test_quantization_without_bitsandbytes_is_one_clear_error(train_args, tmp_pa
 def test_large_loading_options_are_refused_where_the_large_model_trains(tiny_pair_with_tokenizer, tmp_path):
     common = dict(large=tiny_pair_with_tokenizer["large"], data="x.jsonl", output=str(tmp_path / "o"))
     with pytest.raises(LLMModulesError, match="--large-dtype sets how the FROZEN large model loads"):
-        TrainConfig(method="lora", large_dtype="bfloat16", **common)
+        TrainConfig.from_flags(method="lora", large_dtype="bfloat16", **common)
     with pytest.raises(LLMModulesError, match="--large-device-map must be one of none, auto"):
-        TrainConfig(small=tiny_pair_with_tokenizer["small"], large_device_map="balanced", **common)
+        TrainConfig.from_flags(small=tiny_pair_with_tokenizer["small"], large_device_map="balanced", **common)
     with pytest.raises(LLMModulesError, match="is randomly initialised from a config: device maps"):
         LLMModulesModel.compose(large="config:gpt-neo-125m", small="config:gpt-neo-125m",
                                 large_placement=load_options(device_map="auto"))
@@ -236,7 +236,7 @@ def test_two_and_four_processes_train_like_one_with_one_validation_example(tiny_
     config = dict(large=tiny_pair_with_tokenizer["large"], small=tiny_pair_with_tokenizer["small"], data=data,
                   template="stratos", max_length=512, max_steps=2, eval_every=1, val_fraction=0.001, dropout=0.0,
                   num_samples=0, progress=False, release_large=False, state_cache_dir=str(tmp_path / "states"))
-    prepared = prepare_data(TrainConfig(**config, output="x").data_config(), resolve_tokenizer(config["large"]), 1024)
+    prepared = prepare_data(TrainConfig.from_flags(**config, output="x").data, resolve_tokenizer(config["large"]), 1024)
     assert len(prepared.val) == 1  # fewer validation examples than processes: some validate nothing
     main_args = [f"--{k.replace('_', '-')}={v}" for k, v in config.items() if not isinstance(v, bool)]
     # on CPUs like the spawned processes (a GPU's float32 kernels sum in another order)

@@ -356,7 +356,7 @@ def test_eval_generate_and_chat_on_a_trained_model(train_args, tmp_path, capsys,
     assert main(["eval", "--model", model, "--max-new-tokens", "6", "--output", str(tmp_path / "eval.json")]) == 0
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     # Reference: the validation examples one at a time, full logits, plain cross-entropy.
-    val = prepare_data(TrainConfig(**run_config).data_config(), tok, composed.small_max_positions).val
+    val = prepare_data(TrainConfig.from_dict(run_config).data, tok, composed.small_max_positions).val
     with torch.no_grad():
         sums = [next_token_loss(composed(input_ids=torch.tensor([e.input_ids])).logits,
                                 torch.tensor([e.labels]), "sum").item() for e in val]
@@ -387,11 +387,12 @@ def test_eval_generate_and_chat_on_a_trained_model(train_args, tmp_path, capsys,
     assert crafted_result["correct"] == sum(own[i] is not None for i in range(0, len(val), 2))
 
     # The same harness scores a plain model spec (a baseline).
-    assert main(["eval", "--model", run_config["large"], "--data", run_config["data"], "--template", "stratos",
+    data_spec = run_config["data"]["spec"]
+    assert main(["eval", "--model", run_config["large"], "--data", data_spec, "--template", "stratos",
                  "--max-new-tokens", "4", "--limit", "2", "--no-generate"]) == 0
     plain = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     large = AutoModelForCausalLM.from_pretrained(run_config["large"]).eval()
-    examples = prepare_data(DataConfig(spec=run_config["data"], template="stratos"), tok).val[:2]
+    examples = prepare_data(DataConfig(spec=data_spec, template="stratos"), tok).val[:2]
     with torch.no_grad():
         sums = [next_token_loss(large(input_ids=torch.tensor([e.input_ids])).logits, torch.tensor([e.labels]),
                                 "sum").item() for e in examples]
@@ -471,7 +472,8 @@ def test_yaml_config_file_with_flag_overrides(train_args, tmp_path):
     (tmp_path / "run.yaml").write_text(yaml.safe_dump({**options, "max-steps": 99}))
     assert main(["train", "--config", str(tmp_path / "run.yaml"), "--max-steps", "2", "--no-progress"]) == 0
     saved = json.loads((tmp_path / "from_yaml" / "run_config.json").read_text())
-    assert saved["max_steps"] == 2 and saved["template"] == "stratos" and saved["batch_size"] == 2
+    assert saved["train"]["max_steps"] == 2 and saved["train"]["batch_size"] == 2
+    assert saved["data"]["template"] == "stratos"
     (tmp_path / "bad.yaml").write_text("max_steps: 2\nbogus_option: 1\n")
     assert main(["train", "--config", str(tmp_path / "bad.yaml")]) == 2
 

@@ -88,5 +88,7 @@ def large_loading(config: Any, device: Any = "cpu", processes: int = 1) -> dict[
     """`resolve_model` arguments of a run's frozen large model: its dtype and placement (large.load_options)."""
     from llm_modules.models.large import load_options
 
-    placement = load_options(config.large_dtype, config.large_device_map, config.large_quantization, device, processes)
-    return {"dtype": DTYPES[config.large_dtype], "placement": placement}
+    hardware = config.hardware
+    placement = load_options(hardware.large_dtype, hardware.large_device_map, hardware.large_quantization, device,
+                             processes)
+    return {"dtype": DTYPES[hardware.large_dtype], "placement": placement}

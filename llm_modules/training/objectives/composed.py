@@ -54,10 +54,10 @@ class ComposedObjective(Objective):
 
         large = large_loading(config, device, processes)
         self.model = LLMModulesModel.compose(large=config.large, small=config.small, large_dtype=large["dtype"],
-                                             large_placement=large["placement"], **config.compose_options())
+                                             large_placement=large["placement"], **config.compose.options())
         if self.model.tokenizer is None:
             raise LLMModulesError(f"the large model {config.large!r} has no tokenizer; training needs one")
-        if config.gradient_checkpointing:
+        if config.hardware.gradient_checkpointing:
             self.model.small.gradient_checkpointing_enable()
         self.module, self.tokenizer = TrainedParts(self.model), self.model.tokenizer
         self.max_positions = self.model.max_positions
@@ -69,14 +69,15 @@ class ComposedObjective(Objective):
 
     def param_groups(self, config: Any) -> list[dict[str, Any]]:
         rest = [p for m in (self.model.small, self.model.head) for p in m.parameters() if p.requires_grad]
-        return [{"params": [p for p in self.model.bridge.parameters() if p.requires_grad], "lr": config.lr_bridge},
-                {"params": rest, "lr": config.lr_small}]
+        bridge = [p for p in self.model.bridge.parameters() if p.requires_grad]
+        return [{"params": bridge, "lr": config.train.lr_bridge},
+                {"params": rest, "lr": config.train.lr_small}]
 
     def attach_data(self, config: Any, data: Any, accelerator: Any) -> None:
         started = time.perf_counter()
         built = self._build_state_caches(config, data, accelerator)
         self.cache_seconds = round(time.perf_counter() - started, 2) if built else 0.0
-        self.released = (self.states["train"] is not None and config.release_large
+        self.released = (self.states["train"] is not None and config.hardware.release_large
                          and self.model.release_large(keep_head=self.keep_large_head))
         if self.released and accelerator.is_main_process:
             print("large model released for training from cached states (reloaded to generate)")
@@ -84,7 +85,7 @@ class ComposedObjective(Objective):
     def _build_state_caches(self, config: Any, data: Any, accelerator: Any) -> bool:
         """Large-model states of train and validation examples, computed once, every process encoding
         its share (`StateCache.open_or_build`); returns whether anything was built (rather than reused)."""
-        if not config.state_cache:
+        if not config.hardware.state_cache:
             return False
         from llm_modules.models.specs import cache_dir
         from llm_modules.states.admin import enforce_size_cap
@@ -95,17 +96,18 @@ class ComposedObjective(Objective):
             state_cache_key,
         )
 
-        root = Path(config.state_cache_dir) if config.state_cache_dir else cache_dir() / "states"
+        hardware = config.hardware
+        root = Path(hardware.state_cache_dir) if hardware.state_cache_dir else cache_dir() / "states"
         cached = self.cached_model()
-        model_key = model_state_key(cached, config.state_cache_dtype)
+        model_key = model_state_key(cached, hardware.state_cache_dtype)
         prompt_only = self.model.config.large_reads == "prompt"  # then the states of the prompts only
         for split in ("train", "val"):  # keyed by token ids: another split reuses their states
             examples = prompt_examples(getattr(data, split)) if prompt_only else getattr(data, split)
             fingerprint = ("prompt:" if prompt_only else "") + examples_digest(examples)
-            key = state_cache_key(cached, fingerprint, config.state_cache_dtype)
+            key = state_cache_key(cached, fingerprint, hardware.state_cache_dtype)
             self.states[split] = StateCache.open_or_build(
-                root, key, cached, examples, dtype=config.state_cache_dtype,
-                progress=config.progress and accelerator.is_main_process, model_key=model_key,
+                root, key, cached, examples, dtype=hardware.state_cache_dtype,
+                progress=config.eval.progress and accelerator.is_main_process, model_key=model_key,
             ) if examples else None
         caches = [c for c in self.states.values() if c is not None]
         self.cache_keys = sorted(c.path.name for c in caches)

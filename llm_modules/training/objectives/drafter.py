@@ -140,10 +140,11 @@ class DrafterObjective(ComposedObjective):
     def __init__(self, config: Any, device: Any = "cpu", processes: int = 1):
         super().__init__(config, device, processes)
         model = self.model
-        self.module = DrafterParts(model, config.drafter_loss)
-        self.record = DrafterRecord(config.draft_tokens, config.drafter_loss, config.drafter_targets)
-        self.draft_vocab_size = config.draft_vocab
-        self.seed, self.step = config.seed, 0
+        options = config.method_options
+        self.module = DrafterParts(model, options.drafter_loss)
+        self.record = DrafterRecord(options.draft_tokens, options.drafter_loss, options.drafter_targets)
+        self.draft_vocab_size = options.draft_vocab
+        self.seed, self.step = config.train.seed, 0
         final = model.num_large_layers
         # the cache holds the bridge's taps and the final state; forward reads the bridge's only
         self.cache_taps = sorted(set(model.large_taps) | {final})
@@ -151,7 +152,7 @@ class DrafterObjective(ComposedObjective):
         self._final = self.cache_taps.index(final)
         self.generation: dict[str, Any] = {}
         self.generation_seconds = 0.0
-        if config.small_inputs == "bridge":
+        if config.compose.small_inputs == "bridge":
             logger.warning("--small-inputs bridge: the drafter reads no token of its own, only the bridge's view of "
                            "the large states before each block, so every position of a block starts from the same "
                            "input; --small-inputs mapped (the drafter's default) lets it read the tokens it drafts")
@@ -160,16 +161,17 @@ class DrafterObjective(ComposedObjective):
         return StateTaps(self.model, self.cache_taps)
 
     def attach_data(self, config: Any, data: Any, accelerator: Any) -> None:
-        if config.drafter_targets == "generated":
+        if config.method_options.drafter_targets == "generated":
             from llm_modules.models.specs import cache_dir
             from llm_modules.training.generated import generated_data
 
             started = time.perf_counter()
-            states = Path(config.state_cache_dir) if config.state_cache_dir else cache_dir() / "states"
+            cache = config.hardware.state_cache_dir
+            states = Path(cache) if cache else cache_dir() / "states"
             self.generation = generated_data(
-                data, self.model.large, config.large, self.tokenizer, config.template, config.max_length,
+                data, self.model.large, config.large, self.tokenizer, config.data.template, config.data.max_length,
                 states.parent / "drafter_targets", accelerator.is_main_process, accelerator.wait_for_everyone,
-                config.progress and accelerator.is_main_process)
+                config.eval.progress and accelerator.is_main_process)
             self.generation_seconds = round(time.perf_counter() - started, 2) if self.generation["generated"] else 0.0
             if accelerator.is_main_process:
                 print(f"drafter targets: the large model's greedy answers ({self.generation['answer_tokens']} "

@@ -34,10 +34,10 @@ class PlainObjective(Objective):
     def param_groups(self, config: Any) -> list[dict[str, Any]]:
         trainable = [p for p in self.module.parameters() if p.requires_grad]
         if self.method != "distill":
-            return [{"params": trainable, "lr": config.lr_small}]
+            return [{"params": trainable, "lr": config.train.lr_small}]
         embed = self.module.get_input_embeddings().weight  # new and random: it gets the bridge's (higher) rate
-        return [{"params": [embed], "lr": config.lr_bridge},
-                {"params": [p for p in trainable if p is not embed], "lr": config.lr_small}]
+        return [{"params": [embed], "lr": config.train.lr_bridge},
+                {"params": [p for p in trainable if p is not embed], "lr": config.train.lr_small}]
 
     def _logits(self, wrapped: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         return wrapped(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits  # (B, T, V)
@@ -95,11 +95,11 @@ def plain_objective(config: Any, device: Any = "cpu", processes: int = 1) -> Pla
         spec = PlainSpec("distill", config.small, teacher=config.large, vocab_size=vocab,
                          special_ids=special_ids(teacher, large.tokenizer))
         model, tokenizer = build_plain(spec, tokenizer=large.tokenizer)
-        return PlainObjective(spec, model.train(), tokenizer, teacher, config.distill_temperature)
-    spec = PlainSpec(config.method, config.trained_model(),
-                     lora_rank=config.lora_rank if config.method == "lora" else 0,
-                     lora_alpha=2 * config.lora_rank if config.method == "lora" else 0)
+        return PlainObjective(spec, model.train(), tokenizer, teacher, config.method_options.distill_temperature)
+    rank = getattr(config.method_options, "lora_rank", 0)  # finetune: none
+    spec = PlainSpec(config.method, config.small if config.method == "finetune" else config.large,
+                     lora_rank=rank, lora_alpha=2 * rank)
     model, tokenizer = build_plain(spec)
-    if config.gradient_checkpointing:
+    if config.hardware.gradient_checkpointing:
         model.gradient_checkpointing_enable()
     return PlainObjective(spec, model.train(), tokenizer)
