@@ -23,15 +23,15 @@ from typing import Any, Protocol
 
 import torch
 
+from llm_modules.decoding.rows import RowBatch, processed
 from llm_modules.decoding.steppers import (
     Decoder,
     PlainStepper,
     Slot,
-    align_rows,
     right_aligned,
 )
 from llm_modules.errors import LLMModulesError
-from llm_modules.tensors import left_pad, positions_from_mask
+from llm_modules.tensors import positions_from_mask
 
 
 # ---------------------------------------------------------------------------------------- the rule
@@ -72,8 +72,9 @@ class Drafter(Protocol):
     taps: list[int]
     draft_tokens: int
 
-    def add(self, ids: torch.Tensor, mask: torch.Tensor, states: torch.Tensor | None) -> None:
-        """New rows (left-padded prompts, mask, the target's states at `taps` over them) join the batch."""
+    def join(self, rows: list[Any], ids: torch.Tensor, mask: torch.Tensor, states: torch.Tensor | None) -> None:
+        """New rows (their left-padded prompts and tokens, mask, the target's states at `taps` over them) join
+        the batch."""
 
     def propose(self, first: torch.Tensor, k: int, rows: list[Any]) -> tuple[torch.Tensor, torch.Tensor | None]:
         """first (B,): each row's token that the target has not read yet -> (B, k) drafts following it and,
@@ -84,7 +85,7 @@ class Drafter(Protocol):
         accepted[b] + 1, whose target states are states[b, :accepted[b] + 1] (B, k + 1, K, dL)."""
 
     def keep(self, index: list[int]) -> None:
-        """Keep only these rows."""
+        """Keep only these rows (and cut the columns that are padding in all of them)."""
 
 
 # ---------------------------------------------------------------------------------------- the target
@@ -165,110 +166,95 @@ class SpeculativeStats:
 
 
 # ---------------------------------------------------------------------------------------- the batch
-class SpeculativeBatch:
-    """Rows that decode together with a drafter; the same surface as `engine.DecodeBatch` (`add`, `step`,
-    `rows`, `fail`), so every caller of the engine can decode speculatively.
+class SpeculativeBatch(RowBatch):
+    """Rows that decode together with a drafter; the same surface as `engine.DecodeBatch` (`RowBatch`: `add`,
+    `step`, `rows`, `fail`), so every caller of the engine can decode speculatively.
 
     Per row: ids and 0/1 mask of every position the target has read (B, S), right-aligned, its KV cache,
     and `pending`, the row's next token (chosen from the target's scores, not yet read by it). A step
     emits `pending`, has the drafter propose K tokens after it, runs the target once over the K + 1,
     keeps the agreed prefix, chooses the next `pending`, and rolls the caches back past the rest.
+
+    A failure ends only the rows whose own computation fails, as in the plain batch: a row's choice of
+    token (its processors, its draws), its stop strings and its listener are each guarded; when the
+    drafter or the target raises, each row is prefilled alone again (its prompt and tokens) and the rows
+    that fail alone end with their error. Only a failure no row causes alone ends every row.
     """
 
+    ROW_STATE = ("pending",)
+
     def __init__(self, target: Any, drafter: Drafter, pad_id: int = 0, draft_tokens: int | None = None):
-        self.drafter = drafter
-        self.k = draft_tokens if draft_tokens is not None else drafter.draft_tokens
-        if self.k < 1:
-            raise LLMModulesError(f"--draft-tokens must be >= 1, got {self.k}")
-        self.stepper = TargetStepper(target, drafter.taps)
-        self.device = target.device
-        self.pad_id = pad_id
-        self.rows: list[Any] = []
-        self.ids = self.mask = self.cache = None
-        self.pending: list[int] = []
+        k = draft_tokens if draft_tokens is not None else drafter.draft_tokens
+        if k < 1:
+            raise LLMModulesError(f"--draft-tokens must be >= 1, got {k}")
+        super().__init__(TargetStepper(target, drafter.taps), target.device, pad_id)
+        self.drafter, self.k = drafter, k
         self.stats = SpeculativeStats()
         drafter.last_batch_stats = self.stats  # how the last batch it drafted for went (read by benchmarks)
-
-    @property
-    def width(self) -> int:
-        return 0 if self.mask is None else self.mask.shape[1]
 
     @property
     def max_positions(self) -> int | None:
         limits = [x for x in (self.stepper.max_positions, getattr(self.drafter, "max_positions", None)) if x is not None]
         return min(limits) - self.k - 1 if limits else None  # a verify pass reads K + 1 positions ahead
 
-    def add(self, seqs: list[Any]) -> None:
-        if not seqs:
-            return
-        ids, mask = left_pad([s.prompt for s in seqs], self.pad_id, self.device)
+    def _prefill(self, rows, ids, mask):
         logits, states, cache = self.stepper.run(ids, mask, None, logits_to_keep=1)  # the prompt's last position
-        pending = [seq.choose(logits[i, -1].float().cpu()) for i, seq in enumerate(seqs)]
-        self.drafter.add(ids, mask, states)
-        if not self.rows:
-            self.ids, self.mask, self.cache = ids, mask, cache
-        else:
-            width = max(self.width, ids.shape[1])
-            old_ids, old_mask = self._aligned(self.ids, self.mask, self.cache, width)
-            ids, mask = self._aligned(ids, mask, cache, width)
-            for old, new in zip(self.stepper.slots(self.cache), self.stepper.slots(cache)):
-                old.set(torch.cat([old.get(), new.get()]))
-            self.ids, self.mask = torch.cat([old_ids, ids]), torch.cat([old_mask, mask])
-        self.rows += seqs
-        self.pending += pending
-
-    def _aligned(self, ids: torch.Tensor, mask: torch.Tensor, cache: Any, width: int):
-        """Left-pad (or cut leading padding from) ids, mask and cache to `width` positions."""
-        return align_rows(self.stepper, ids, mask, cache, width, self.pad_id)
+        pending = [seq.choose(logits[i, -1].float().cpu()) for i, seq in enumerate(rows)]
+        self.drafter.join(rows, ids, mask, states)  # last: it joins only rows the batch takes
+        return cache, {"pending": pending}
 
     def _keep(self, index: list[int]) -> None:
-        self.rows = [self.rows[i] for i in index]
-        self.pending = [self.pending[i] for i in index]
+        super()._keep(index)
         self.drafter.keep(index)
-        if not self.rows:
-            self.ids = self.mask = self.cache = None
-            return
-        rows = torch.tensor(index, device=self.device)
-        self.ids, self.mask = self.ids[rows], self.mask[rows]
-        for slot in self.stepper.slots(self.cache):
-            slot.set(slot.get().index_select(0, rows))
-        real = int(self.mask.sum(1).max())
-        if real < self.width:
-            self.ids, self.mask = self._aligned(self.ids, self.mask, self.cache, real)
-
-    def _drop_finished(self) -> None:
-        going = [i for i, s in enumerate(self.rows) if not s.finished]
-        if len(going) < len(self.rows):
-            self._keep(going)
 
     def step(self) -> list[tuple[Any, int]]:
         """One verify pass: emits 1 to K + 1 tokens per row; returns (row, token) in order."""
-        for seq in self.rows:
-            if seq._cancelled:
-                seq.finish("cancelled")
-        self._drop_finished()
+        self._drop_cancelled()
         emitted: list[tuple[Any, int]] = []
         for seq, token in zip(self.rows, self.pending):  # each row's pending token is the target's own
-            seq.append(token)
-            emitted.append((seq, token))
+            self._emit(seq, token, emitted)
         self._drop_finished()
         if not self.rows:
             return emitted
+        try:
+            accepted, drafts = self._verify()
+        except Exception as err:  # caches may be half rolled back: start again from the rows' tokens
+            self._rebuild(err)
+            return emitted
+        for b, seq in enumerate(list(self.rows)):
+            for token in drafts[b, : accepted[b]].tolist():
+                if seq.finished:
+                    break
+                self._emit(seq, token, emitted)
+        self.stats.emitted += len(emitted)
+        self._drop_finished()
+        return emitted
+
+    def _verify(self) -> tuple[list[int], torch.Tensor]:
+        """Draft K tokens per row, run the target over them once, choose each row's next `pending`, roll the
+        caches back past the rejected drafts -> (accepted count per row, drafts (B, K) on the CPU). A row
+        whose own choice raises ends with its error (it keeps none of the drafts)."""
         k = self.k
         first = torch.tensor(self.pending, device=self.device)  # (B,)
         clock = time.perf_counter()
         drafts, q = self.drafter.propose(first, k, self.rows)  # (B, k), (B, k, V) or None
         inputs = torch.cat([first[:, None], drafts.to(self.device)], 1)  # (B, k + 1)
-        self.ids = torch.cat([self.ids, inputs], 1)
-        self.mask = torch.cat([self.mask, torch.ones_like(inputs)], 1)
+        ids = torch.cat([self.ids, inputs], 1)
+        mask = torch.cat([self.mask, torch.ones_like(inputs)], 1)
         clock = self._lap("draft_seconds", clock)
-        logits, states, self.cache = self.stepper.run(inputs, self.mask, self.cache)  # (B, k + 1, V)
+        logits, states, self.cache = self.stepper.run(inputs, mask, self.cache)  # (B, k + 1, V)
+        self.ids, self.mask = ids, mask
         clock = self._lap("verify_seconds", clock)
         accepted, pending = [], []
         logits = logits.float().cpu()
         drafts_cpu = drafts.cpu()
         for b, seq in enumerate(self.rows):
-            a, nxt = self._check(seq, drafts_cpu[b], None if q is None else q[b].float().cpu(), logits[b])
+            a, nxt = 0, 0  # a row that ended (its drafting failed, or its check does) leaves after this pass
+            if not seq.finished:
+                try:  # this row's own work: its processors and draws
+                    a, nxt = self._check(seq, drafts_cpu[b], None if q is None else q[b].float().cpu(), logits[b])
+                except Exception as err:
+                    seq.fail(err)
             accepted.append(a)
             pending.append(nxt)
         self.stats.passes += 1
@@ -285,19 +271,9 @@ class SpeculativeBatch:
         drop_last(self.stepper.slots(self.cache), drop, width)
         self.stepper.set_length(self.cache, width)
         self.drafter.commit(accepted_t, inputs, states)
+        self._cut_padding()
         self._lap("rollback_seconds", clock)
-        for b, seq in enumerate(list(self.rows)):
-            for token in drafts_cpu[b, : accepted[b]].tolist():
-                if seq.finished:
-                    break
-                seq.append(token)
-                emitted.append((seq, token))
-        self.stats.emitted += len(emitted)
-        self._drop_finished()
-        real = 0 if self.mask is None else int(self.mask.sum(1).max())
-        if self.rows and real < self.width:
-            self.ids, self.mask = self._aligned(self.ids, self.mask, self.cache, real)
-        return emitted
+        return accepted, drafts_cpu
 
     def _lap(self, name: str, since: float) -> float:
         now = time.perf_counter()
@@ -309,23 +285,10 @@ class SpeculativeBatch:
         """The row's accepted count and next token, with its own processors applied at every position
         (the prefix each sees includes the drafts before it)."""
         k = drafts.shape[0]
-        prefix = seq.prompt + seq.tokens
-        scores = []
-        for i in range(k + 1):
-            s = logits[i]
-            if seq.processors:
-                ids = torch.tensor([prefix + drafts[:i].tolist()])
-                s = seq.processors(ids, s[None])[0]
-            scores.append(s)
-        scores = torch.stack(scores)  # (k + 1, V)
+        scores = torch.stack([processed(seq, logits[i], drafts[:i].tolist()) for i in range(k + 1)])  # (k + 1, V)
         if not seq.options.do_sample:
             return accept_greedy(drafts, scores.argmax(-1))
         p = torch.softmax(scores, -1)
         if q is None:
             raise LLMModulesError("the drafter gave no probabilities for a sampled row")
         return accept_sampled(drafts, q, p, seq.generator)
-
-    def fail(self, message: str) -> None:
-        for seq in self.rows:
-            seq.finish("error", message)
-        self._keep([])
