@@ -37,7 +37,7 @@ from llm_modules.data.sources import load_records
 from llm_modules.decoding.generation import generate
 from llm_modules.models.composed import LLMModulesModel
 from llm_modules.models.drafter import DrafterRecord, load_draft_vocab
-from llm_modules.models.drafting import ComposedDrafter
+from llm_modules.decoding.speculative.composed_proposer import ComposedDrafter
 from llm_modules.models.specs import resolve_model
 from llm_modules.tensors import DTYPES, left_pad
 
@@ -104,7 +104,7 @@ def run_name(folder: Path, others: list[Path] = ()) -> str:
 def training_vocabulary(folder: Path, tokenizer, n: int, eos: list[int]) -> torch.Tensor:
     """The n most frequent tokens of the drafter's training data, rendered as its run rendered them."""
     from llm_modules.data.prepare import render
-    from llm_modules.models.drafting import draft_vocabulary
+    from llm_modules.decoding.speculative.composed_proposer import draft_vocabulary
 
     for candidate in (folder, folder.parent):
         config = candidate / "run_config.json"

@@ -29,7 +29,7 @@ import torch
 
 from llm_modules.decoding.sampling import MIN_TEMPERATURE, SamplingOptions  # noqa: F401 (re-exported)
 from llm_modules.decoding.rows import RowBatch, choose
-from llm_modules.decoding.speculative import SpeculativeBatch
+from llm_modules.decoding.speculative.batch import SpeculativeBatch
 from llm_modules.decoding.steppers import stepper_for
 from llm_modules.errors import LLMModulesError
 

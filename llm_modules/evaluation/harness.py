@@ -59,7 +59,7 @@ class PlainScorer:
         self.model, self.tokenizer = model.eval(), tokenizer
         self.max_positions = getattr(model.config, "max_position_embeddings", None)
         self.device = next(model.parameters()).device
-        self.drafter = None  # a models.drafting.ComposedDrafter: generate speculatively (the same tokens)
+        self.drafter = None  # a speculative ComposedDrafter: generate speculatively (the same tokens)
 
     def loss_sum(self, batch: dict[str, torch.Tensor]) -> float:
         labels = batch.pop("labels")

@@ -15,13 +15,10 @@ from llm_modules.decoding.engine import (
     SamplingOptions,
     Sequence,
 )
-from llm_modules.decoding.speculative import (
-    SpeculativeBatch,
-    accept_greedy,
-    accept_sampled,
-    shift_right,
-)
-from llm_modules.models.drafting import ComposedDrafter
+from llm_modules.decoding.speculative.acceptance import accept_greedy, accept_sampled
+from llm_modules.decoding.speculative.batch import SpeculativeBatch
+from llm_modules.decoding.speculative.composed_proposer import ComposedDrafter
+from llm_modules.decoding.speculative.target import shift_right
 
 from ..helpers import OPTIONS
 from ..helpers import nudge_gates as nudge
@@ -317,7 +314,7 @@ def test_sampled_speculative_tokens_follow_the_targets_distribution(mapped_pair)
 
 
 def test_a_draft_vocabulary_drafts_only_its_tokens_and_keeps_the_targets_output(mapped_pair):
-    from llm_modules.models.drafting import draft_vocabulary
+    from llm_modules.decoding.speculative.composed_proposer import draft_vocabulary
 
     drafter = _drafter(mapped_pair, "eca")
     target = drafter.large

@@ -1,149 +1,19 @@
-"""Speculative decoding: a drafter proposes K tokens per row, the target checks all of them in one pass, and
-every row keeps the longest prefix the target agrees with plus one token of the target's own.
-
-The output is the target's: greedy rows give exactly the tokens the target gives alone (up to float
-rounding of a K+1-token pass against 1-token passes, exact in float64), and sampled rows follow the
-target's distribution after its processors (temperature, top-k, top-p, repetition penalty...), by the
-standard rule (Leviathan et al. 2023; Chen et al. 2023): draft d with drafter probability q(d) is kept
-with probability min(1, p(d) / q(d)); at the first rejection the row samples from the normalised
-positive part of p - q; when all K are kept it samples its extra token from p.
-
-The drafter proposes and learns which tokens were kept (`Drafter`); the target is any causal LM run
-through a `TargetStepper` that also returns the hidden states a drafter reads; the rows, their caches
-and their rollback past rejected tokens are `SpeculativeBatch`'s, which decodes like
-`engine.DecodeBatch` (rows join between steps, leave when done), so generate, chat, eval and serve
-take it in its place.
-"""
+"""The rows that decode speculatively: the drafter proposes, the target verifies, each row keeps what the
+acceptance rule keeps, and the caches roll back past the rest."""
 
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any
 
 import torch
 
 from llm_modules.decoding.rows import RowBatch, processed
-from llm_modules.decoding.steppers import (
-    Decoder,
-    PlainStepper,
-    Slot,
-    right_aligned,
-)
+from llm_modules.decoding.speculative.acceptance import accept_greedy, accept_sampled
+from llm_modules.decoding.speculative.proposer import Drafter
+from llm_modules.decoding.speculative.target import TargetStepper, drop_last, shift_right
 from llm_modules.errors import LLMModulesError
-from llm_modules.tensors import positions_from_mask
-
-
-# ---------------------------------------------------------------------------------------- the rule
-def accept_sampled(drafts: torch.Tensor, q: torch.Tensor, p: torch.Tensor, generator: torch.Generator | None
-                   ) -> tuple[int, int]:
-    """One row's speculative sampling. drafts (K,) tokens drawn from q (K, V); p (K + 1, V) the target's
-    probabilities at each draft and after the last. Returns (accepted count a, the row's next token):
-    the first a drafts are kept and the next token follows them."""
-    k = drafts.shape[0]
-    for i in range(k):
-        token = int(drafts[i])
-        ratio = (p[i, token] / q[i, token].clamp_min(1e-30)).clamp(max=1.0)
-        if float(torch.rand((), generator=generator)) < float(ratio):
-            continue
-        residual = (p[i] - q[i]).clamp_min(0)
-        total = residual.sum()
-        if not total > 0:  # p == q up to rounding: any draw from p is the residual's
-            residual, total = p[i], p[i].sum()
-        return i, int(torch.multinomial(residual / total, 1, generator=generator))
-    return k, int(torch.multinomial(p[k], 1, generator=generator))
-
-
-def accept_greedy(drafts: torch.Tensor, target: torch.Tensor) -> tuple[int, int]:
-    """drafts (K,), target (K + 1,) the target's own choices at each draft and after the last ->
-    (accepted count a, the target's next token after them)."""
-    agree = (drafts == target[:-1]).long()
-    a = int(agree.cumprod(0).sum())
-    return a, int(target[a])
-
-
-# ---------------------------------------------------------------------------------------- the drafter
-class Drafter(Protocol):
-    """Proposes tokens for the rows of a SpeculativeBatch and keeps its own per-row state in step with them.
-
-    `taps`: the target's hidden-state indices it reads (as in `output_hidden_states`; the target's layer
-    count stands for the final, normed state); [] when it reads none."""
-
-    taps: list[int]
-    draft_tokens: int
-
-    def join(self, rows: list[Any], ids: torch.Tensor, mask: torch.Tensor, states: torch.Tensor | None) -> None:
-        """New rows (their left-padded prompts and tokens, mask, the target's states at `taps` over them) join
-        the batch."""
-
-    def propose(self, first: torch.Tensor, k: int, rows: list[Any]) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """first (B,): each row's token that the target has not read yet -> (B, k) drafts following it and,
-        when some row samples, the drafter's probabilities (B, k, V) they were drawn from."""
-
-    def commit(self, accepted: torch.Tensor, tokens: torch.Tensor, states: torch.Tensor | None) -> None:
-        """After the target's pass over tokens (B, k + 1) (`first` and the drafts): row b kept its first
-        accepted[b] + 1, whose target states are states[b, :accepted[b] + 1] (B, k + 1, K, dL)."""
-
-    def keep(self, index: list[int]) -> None:
-        """Keep only these rows (and cut the columns that are padding in all of them)."""
-
-
-# ---------------------------------------------------------------------------------------- the target
-class TargetStepper(PlainStepper):
-    """A Hugging Face causal LM as a speculative target: every position's logits, and its hidden states
-    at the drafter's taps."""
-
-    def __init__(self, model: Any, taps: list[int]):
-        super().__init__(model)
-        self.body = Decoder(model.base_model)
-        self.head = model.get_output_embeddings()
-        self.taps = list(taps)
-        self.layers = model.config.get_text_config().num_hidden_layers
-
-    def run(self, ids: torch.Tensor, mask: torch.Tensor, cache: Any, logits_to_keep: int = 0
-            ) -> tuple[torch.Tensor, torch.Tensor | None, Any]:
-        """ids (B, T), mask (B, S) -> logits (B, T, V) (the last `logits_to_keep` positions' when > 0),
-        states (B, T, K, dL) at the taps (None without), cache."""
-        inner = any(t != self.layers for t in self.taps)
-        out, cache = self.body(cache=cache, use_cache=True, input_ids=ids, attention_mask=mask,
-                               position_ids=positions_from_mask(mask)[:, -ids.shape[1]:], output_hidden_states=inner)
-        last = out.last_hidden_state  # (B, T, dL)
-        states = None
-        if self.taps:
-            states = torch.stack([last if t == self.layers else out.hidden_states[t] for t in self.taps], 2)
-        # contiguous: a strided (B, n, dL) view into the head was 500x slower in bfloat16 on this CPU
-        return self.head(last[:, -logits_to_keep:].contiguous() if logits_to_keep else last), states, cache
-
-
-# ---------------------------------------------------------------------------------------- rollback
-def shift_right(t: torch.Tensor, shifts: torch.Tensor, dim: int) -> torch.Tensor:
-    """Move row b of `t` (rows on dim 0) right by shifts[b] along `dim`, zeros coming in on the left and
-    the last shifts[b] entries falling off. One copy of the tensor, row by row (slices, no index tensor:
-    a gather over a batch's whole KV cache cost ~50 ms a verify pass at batch 8)."""
-    if not bool(shifts.any()):
-        return t
-    width, axis = t.shape[dim], dim - 1  # `dim` of `t` is `axis` of a row
-    rows = []
-    for row, s in zip(t.unbind(0), shifts.tolist()):
-        s = min(int(s), width)
-        if s:
-            zeros = row.new_zeros(row.shape[:axis] + (s,) + row.shape[axis + 1:])
-            row = torch.cat([zeros, row.narrow(axis, 0, width - s)], axis)
-        rows.append(row)
-    return torch.stack(rows)
-
-
-def drop_last(slots: list[Slot], drop: torch.Tensor, positions_after: int) -> None:
-    """Roll each row's cached tensors back by drop[b] positions: the last min(drop) columns go from every
-    row, then row b moves right by drop[b] - min(drop) (its newest keys fall off; zeros, masked, come
-    in on the left). `positions_after`: the positions the batch spans afterwards."""
-    common = int(drop.min())
-    for slot in slots:
-        if slot.window is not None:
-            raise LLMModulesError("speculative decoding cannot roll back a sliding-window cache")
-        t = slot.get()  # (B, nh, N, hs)
-        t = t[:, :, : t.shape[2] - common * slot.per_position]
-        slot.set(right_aligned(shift_right(t, (drop - common) * slot.per_position, 2), slot.cols(positions_after)))
 
 
 @dataclass
@@ -165,7 +35,6 @@ class SpeculativeStats:
         return self.accepted / max(self.passes, 1)
 
 
-# ---------------------------------------------------------------------------------------- the batch
 class SpeculativeBatch(RowBatch):
     """Rows that decode together with a drafter; the same surface as `engine.DecodeBatch` (`RowBatch`: `add`,
     `step`, `rows`, `fail`), so every caller of the engine can decode speculatively.

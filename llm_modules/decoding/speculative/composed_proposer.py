@@ -1,4 +1,4 @@
-"""The composed model as a speculative drafter (`decoding.speculative.Drafter`): its large model IS the target,
+"""The composed model as a speculative drafter (`proposer.Drafter`): its large model IS the target,
 whose hidden states it reads only up to the last token the target has verified.
 
 Per round each row hands the drafter a chunk: the token the target chose last round and the drafts it
@@ -18,10 +18,8 @@ from typing import Any
 import torch
 
 from llm_modules.bridges import LargeView
-from llm_modules.decoding.engine import Sequence
 from llm_modules.decoding.rows import RowBatch, processed
 from llm_modules.errors import LLMModulesError
-from llm_modules.models.stepping import ComposedStepper
 from llm_modules.tensors import draft_source
 
 
@@ -40,7 +38,7 @@ class ComposedDrafter(RowBatch):
                                   "very position it drafts, which the target has not computed yet")
         if not model.config.causal:
             raise LLMModulesError("a drafter must be causal")
-        super().__init__(ComposedStepper(model), model.device, pad_id)
+        super().__init__(model.decode_stepper(), model.device, pad_id)  # its three caches' slots
         self.model = model.eval()
         # drafts come from these vocabulary ids only (None: all): the head's cost falls with their number
         self.vocab = None if vocab is None else torch.as_tensor(vocab, dtype=torch.long, device=model.device)
@@ -54,10 +52,8 @@ class ComposedDrafter(RowBatch):
 
     # ------------------------------------------------------------------ rows
     @torch.no_grad()
-    def join(self, rows: list[Sequence], ids: torch.Tensor, mask: torch.Tensor, states: torch.Tensor | None) -> None:
+    def join(self, rows: list[Any], ids: torch.Tensor, mask: torch.Tensor, states: torch.Tensor | None) -> None:
         """Prefill new rows: the prompt read as training reads it, in blocks of K ending at its last token."""
-        from llm_modules.models.composed import ComposedCache
-
         ids, mask = ids.to(self.device), mask.to(self.device)
         states = states.to(self.device)  # (B, W, K, dL)
         lengths = mask.sum(1)  # (B,)
@@ -65,9 +61,8 @@ class ComposedDrafter(RowBatch):
         source = torch.stack([
             _shifted(draft_source(int(n - 1) % self.draft_tokens, self.draft_tokens, 1, mask.shape[1])[0], int(p))
             for n, p in zip(lengths.tolist(), pad.tolist())])  # (B, W) in columns
-        cache = ComposedCache()
-        self.model(input_ids=ids, attention_mask=mask, large_states=states, large_source=source, cache=cache,
-                   use_cache=True, logits_to_keep=1)
+        cache = self.model(input_ids=ids, attention_mask=mask, large_states=states, large_source=source,
+                           use_cache=True, logits_to_keep=1).cache
         b = ids.shape[0]
         self._join(rows, ids, mask, cache, {"large_mask": mask.clone(), "frontier": states[:, -1],
                                             "chunk": [[] for _ in range(b)], "chunk_states": [None] * b})
@@ -94,7 +89,7 @@ class ComposedDrafter(RowBatch):
         return full.index_copy_(1, self.vocab, logits)  # outside the draft vocabulary: probability 0
 
     @torch.no_grad()
-    def propose(self, first: torch.Tensor, k: int, rows: list[Sequence]) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def propose(self, first: torch.Tensor, k: int, rows: list[Any]) -> tuple[torch.Tensor, torch.Tensor | None]:
         b = first.shape[0]
         taps, dim = self.frontier.shape[1:]
         dtype = self.frontier.dtype
@@ -136,7 +131,7 @@ class ComposedDrafter(RowBatch):
         self._uncommitted = k
         return torch.stack(drafts, 1), (torch.stack(probs, 1) if sampled else None)
 
-    def _choose(self, logits: torch.Tensor, rows: list[Sequence], first: torch.Tensor, drafts: list[torch.Tensor],
+    def _choose(self, logits: torch.Tensor, rows: list[Any], first: torch.Tensor, drafts: list[torch.Tensor],
                 sampled: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
         if not sampled and all(not r.processors for r in rows):
             return logits.argmax(-1), None
