@@ -42,10 +42,10 @@ import torch
 from llm_modules.data.prompting import prompt_ids
 from llm_modules.data.sources import load_records
 from llm_modules.decoding.generation import generate
-from llm_modules.decoding.prompt_lookup import PromptLookup
+from llm_modules.decoding.speculative.prompt_lookup import PromptLookup
 from llm_modules.models.composed import LLMModulesModel
 from llm_modules.models.drafter import DrafterRecord, load_draft_vocab
-from llm_modules.models.drafting import ComposedDrafter
+from llm_modules.decoding.speculative.composed_proposer import ComposedDrafter
 from llm_modules.models.specs import resolve_model
 from llm_modules.tensors import DTYPES, left_pad
 
@@ -112,7 +112,7 @@ def run_name(folder: Path, others: list[Path] = ()) -> str:
 def training_vocabulary(folder: Path, tokenizer, n: int, eos: list[int]) -> torch.Tensor:
     """The n most frequent tokens of the drafter's training data, rendered as its run rendered them."""
     from llm_modules.data.prepare import render
-    from llm_modules.models.drafting import draft_vocabulary
+    from llm_modules.decoding.speculative.composed_proposer import draft_vocabulary
     from llm_modules.models.saved import run_defaults
 
     run = run_defaults(folder)  # its run's data options, from the run_config.json beside it or above it
@@ -285,11 +285,11 @@ def write_report(args, rows) -> None:
 
 def drafter_prompts(folder: Path) -> list[str]:
     """The user turns a drafter trained on (its run's --data), for the leak check."""
-    for candidate in (folder, folder.parent):
-        config = candidate / "run_config.json"
-        if config.is_file():
-            return [m["content"] for r in load_records(json.loads(config.read_text())["data"])
-                    for m in r.messages if m["role"] == "user"]
+    from llm_modules.models.saved import run_defaults
+
+    run = run_defaults(folder)  # its run's data options, from the run_config.json beside it or above it
+    if "data" in run:
+        return [m["content"] for r in load_records(run["data"]) for m in r.messages if m["role"] == "user"]
     raise SystemExit(f"{folder}: no run_config.json beside it or above it: cannot check it never saw Spec-Bench")
 
 

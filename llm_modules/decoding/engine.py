@@ -28,12 +28,15 @@ from typing import Any, Callable
 import torch
 
 from llm_modules.decoding.sampling import MIN_TEMPERATURE, SamplingOptions  # noqa: F401 (re-exported)
-from llm_modules.decoding.speculative import SpeculativeBatch
-from llm_modules.decoding.steppers import align_rows, stepper_for
+from llm_modules.decoding.rows import RowBatch, choose
+from llm_modules.decoding.speculative.batch import SpeculativeBatch
+from llm_modules.decoding.steppers import stepper_for
 from llm_modules.errors import LLMModulesError
-from llm_modules.tensors import left_pad
 
 logger = logging.getLogger(__name__)
+
+
+STOP_TAIL_MARGIN = 8  # characters decoded beyond the longest stop string when looking for one
 
 
 class Sequence:
@@ -69,6 +72,10 @@ class Sequence:
     def finished(self) -> bool:
         return self.finish_reason is not None
 
+    @property
+    def cancelled(self) -> bool:
+        return self._cancelled
+
     def cancel(self) -> None:
         """Ask the engine to drop this row at its next step (safe from any thread)."""
         self._cancelled = True
@@ -90,12 +97,7 @@ class Sequence:
 
     def choose(self, scores: torch.Tensor) -> int:
         """scores (V,) float logits -> this row's next token (its processors, then argmax or a draw)."""
-        if self.processors:
-            ids = torch.tensor([self.prompt + self.tokens], device=scores.device)
-            scores = self.processors(ids, scores[None])[0]
-        if self.options.do_sample:
-            return int(torch.multinomial(torch.softmax(scores, dim=-1), 1, generator=self.generator))
-        return int(scores.argmax())
+        return choose(self, scores)
 
     def append(self, token: int) -> None:
         self.tokens.append(token)
@@ -107,10 +109,20 @@ class Sequence:
             self.finish("length")
 
     def _hit_stop_string(self) -> bool:
+        """Whether the reply now holds a stop string. Checked after every token, so a new one ends in the last
+        token: only a tail of the reply is decoded (decoding it whole made long replies ~55% slower), at
+        least the longest stop string's length plus STOP_TAIL_MARGIN characters (a token cut off at the tail's
+        start, half of a character, decodes to a replacement character there)."""
         if not self.options.stop_strings:
             return False
-        text = self.tokenizer.batch_decode([self.tokens], skip_special_tokens=False)[0]
-        return any(s in text for s in self.options.stop_strings)
+        need = max(len(s) for s in self.options.stop_strings) + STOP_TAIL_MARGIN
+        n = need  # tokens: most decode to one character or more; a tail that decodes shorter doubles
+        while True:
+            tail = self.tokens[-n:]
+            text = self.tokenizer.batch_decode([tail], skip_special_tokens=False)[0]
+            if len(text) >= need or len(tail) == len(self.tokens):
+                return any(s in text for s in self.options.stop_strings)
+            n *= 2
 
 
 def model_eos_ids(model: Any, tokenizer: Any = None) -> list[int]:
@@ -126,12 +138,12 @@ def model_eos_ids(model: Any, tokenizer: Any = None) -> list[int]:
 
 
 # ---------------------------------------------------------------------------------------- the batch
-class DecodeBatch:
+class DecodeBatch(RowBatch):
     """Rows that decode together, one token each per `step()`; rows join with `add` and leave when done.
 
-    Kept per row: the token ids and 0/1 mask of every position so far (B, S), right-aligned, and the
-    next-token logits (B, V). With `use_cache=False` every step recomputes the whole prefix (slow;
-    it checks the cached path); a stepper may still keep per-row state then (a model that reads the
+    Kept per row (`RowBatch`): the token ids and 0/1 mask of every position so far (B, S), right-aligned,
+    and here the next-token logits (B, V). With `use_cache=False` every step recomputes the whole prefix
+    (slow; it checks the cached path); a stepper may still keep per-row state then (a model that reads the
     prompt only keeps where each row's prompt ends), moved row by row like a cache.
 
     A failure ends only the rows whose own computation fails (`Sequence.fail`): a row's choice of
@@ -140,79 +152,20 @@ class DecodeBatch:
     their error while the others go on. Only a failure no row causes alone ends every row.
     """
 
+    ROW_STATE = ("scores",)
+
     def __init__(self, model: Any, pad_id: int = 0, use_cache: bool = True):
-        self.stepper = stepper_for(model)
-        self.device = model.device
-        self.pad_id, self.use_cache = pad_id, use_cache
-        self.rows: list[Sequence] = []
-        self.ids = self.mask = self.scores = None  # (B, S), (B, S), (B, V)
-        self.cache: Any = None
+        super().__init__(stepper_for(model), model.device, pad_id)
+        self.use_cache = use_cache
 
-    @property
-    def width(self) -> int:
-        return 0 if self.mask is None else self.mask.shape[1]
-
-    @property
-    def max_positions(self) -> int | None:
-        return self.stepper.max_positions
-
-    def add(self, seqs: list[Sequence]) -> None:
-        """Prefill the newcomers together (left-padded) and join them to the running rows. When that
-        prefill raises, each newcomer is prefilled alone: one that fails alone ends with its error."""
-        seqs = [s for s in seqs if not s.finished]
-        if not seqs:
-            return
-        # prompt + tokens: a row that rejoins after a failed step (`_rebuild`) carries its tokens
-        ids, mask = left_pad([s.prompt + s.tokens for s in seqs], self.pad_id, self.device)
-        try:
-            scores, cache = self.stepper.forward(ids, mask, None, self.use_cache)
-        except Exception as err:
-            if len(seqs) == 1:
-                seqs[0].fail(err)
-            else:
-                for seq in seqs:
-                    self.add([seq])
-            return
-        if not self.rows:
-            self.ids, self.mask, self.scores, self.cache = ids, mask, scores, cache
-        else:
-            width = max(self.width, ids.shape[1])
-            old_ids, old_mask = self._aligned(self.ids, self.mask, self.cache, width)
-            ids, mask = self._aligned(ids, mask, cache, width)
-            if cache is not None:
-                for old, new in zip(self.stepper.slots(self.cache), self.stepper.slots(cache)):
-                    old.set(torch.cat([old.get(), new.get()]))
-            self.ids, self.mask = torch.cat([old_ids, ids]), torch.cat([old_mask, mask])
-            self.scores = torch.cat([self.scores, scores])
-        self.rows += seqs
-
-    def _aligned(self, ids: torch.Tensor, mask: torch.Tensor, cache: Any, width: int):
-        """Left-pad (or cut leading padding from) ids, mask and cache to `width` positions."""
-        return align_rows(self.stepper, ids, mask, cache, width, self.pad_id)
-
-    def _keep(self, index: list[int]) -> None:
-        """Keep only the rows in `index`, then cut the columns that are padding in all of them."""
-        self.rows = [self.rows[i] for i in index]
-        if not self.rows:
-            self.ids = self.mask = self.scores = self.cache = None
-            return
-        rows = torch.tensor(index, device=self.device)
-        self.ids, self.mask, self.scores = self.ids[rows], self.mask[rows], self.scores[rows]
-        if self.cache is not None:
-            for slot in self.stepper.slots(self.cache):
-                slot.set(slot.get().index_select(0, rows))
-        real = int(self.mask.sum(1).max())  # the longest remaining row
-        if real < self.width:
-            self.ids, self.mask = self._aligned(self.ids, self.mask, self.cache, real)
+    def _prefill(self, rows, ids, mask):
+        scores, cache = self.stepper.forward(ids, mask, None, self.use_cache)
+        return cache, {"scores": scores}
 
     def step(self) -> list[tuple[Sequence, int]]:
         """Drop cancelled rows, give every other row its next token, drop the rows that finished,
         and run the model one position ahead on the rest. Returns (row, token) for this step."""
-        cancelled = [s for s in self.rows if s._cancelled]
-        if cancelled:
-            for seq in cancelled:
-                seq.finish("cancelled")
-            self._keep([i for i, s in enumerate(self.rows) if not s.finished])
+        self._drop_cancelled()
         if not self.rows:
             return []
         scores = self.scores.float()  # (B, V)
@@ -221,17 +174,15 @@ class DecodeBatch:
             greedy = scores.argmax(dim=-1).tolist()  # (B,): greedy rows need no per-row work
         else:
             scores = scores.cpu()  # per-row processors and generators live on the CPU
-        emitted = []
+        emitted: list[tuple[Sequence, int]] = []
         for i, seq in enumerate(self.rows):
-            try:  # this row's own work: its processors and draw, its stop strings, its listener
+            try:  # this row's own work: its processors and draw (its stop strings and listener: `_emit`)
                 token = greedy[i] if greedy is not None else seq.choose(scores[i])
-                emitted.append((seq, token))
-                seq.append(token)
             except Exception as err:
                 seq.fail(err)
-        going = [i for i, s in enumerate(self.rows) if not s.finished]
-        if len(going) < len(self.rows):
-            self._keep(going)  # before the new column: the cache has not seen it yet
+                continue
+            self._emit(seq, token, emitted)
+        self._drop_finished()  # before the new column: the cache has not seen it yet
         if self.rows:
             next_ids = torch.tensor([s.tokens[-1] for s in self.rows], device=self.device)[:, None]  # (B, 1)
             ids = torch.cat([self.ids, next_ids], 1)
@@ -243,26 +194,6 @@ class DecodeBatch:
             except Exception as err:  # the cache may be half-updated: start again from the rows' tokens
                 self._rebuild(err)
         return emitted
-
-    def _rebuild(self, err: Exception) -> None:
-        """After a failed forward: prefill each row alone from its prompt and tokens (`add`); the rows
-        that fail alone end with their own error, the others go on. When none fails alone, the failure
-        is not any one row's, and every row ends with `err`."""
-        rows = self.rows
-        self._keep([])
-        for seq in rows:
-            self.add([seq])
-        if len(self.rows) == len(rows):
-            self.fail(f"{type(err).__name__}: {err}", err)
-
-    def fail(self, message: str, err: BaseException | None = None) -> None:
-        """End every row with an error (the model raised): the rows go, the batch is empty again."""
-        for seq in self.rows:
-            if err is not None:
-                seq.fail(err)
-            else:
-                seq.finish("error", message)
-        self._keep([])
 
 
 # ---------------------------------------------------------------------------------------- the engine

@@ -19,7 +19,7 @@ import torch
 from llm_modules.decoding.engine import DecodeBatch, Sequence, model_eos_ids
 from llm_modules.decoding.limits import check_room, model_positions, new_token_room
 from llm_modules.decoding.sampling import SamplingOptions
-from llm_modules.decoding.speculative import SpeculativeBatch
+from llm_modules.decoding.speculative.batch import SpeculativeBatch
 from llm_modules.errors import LLMModulesError
 
 
@@ -65,7 +65,7 @@ def generate(
     `pad_token_id` (default: the first EOS id). `generator` draws the samples (default: one seeded
     with `options.seed`, else torch's global one). `streamer` follows transformers' streamer protocol
     (`put(ids)`, `end()`), e.g. TextStreamer; `on_token(ids)` is a plain callback with the (B,) ids of
-    each step. `drafter` (a `decoding.speculative.Drafter`, e.g. `models.drafting.ComposedDrafter`) decodes
+    each step. `drafter` (a `speculative.proposer.Drafter`, e.g. the composed model's `ComposedDrafter`) decodes
     speculatively: the same tokens (greedy) or the same distribution (sampling), in fewer passes of `model`.
     A prompt plus `max_new_tokens` must fit the positions the model can place, less what the drafter's verify
     pass reserves (`decoding_limits`): checked before decoding (LLMModulesError, one line); with `fit_to_limit`

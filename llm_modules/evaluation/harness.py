@@ -68,7 +68,7 @@ class PlainScorer:
         self.model, self.tokenizer = model.eval(), tokenizer
         self.max_positions = getattr(model.config, "max_position_embeddings", None)
         self.device = next(model.parameters()).device
-        self.drafter = None  # a models.drafting.ComposedDrafter: generate speculatively (the same tokens)
+        self.drafter = None  # a speculative ComposedDrafter: generate speculatively (the same tokens)
 
     def decode_limits(self) -> tuple[int | None, int | None]:
         """(positions a prompt and its generation may fill, less what the drafter reserves; the model's own)."""

@@ -26,7 +26,7 @@ class RunnableModel:
     model: nn.Module
     tokenizer: Any
     composed: bool
-    drafter: Any = None  # a models.drafting.ComposedDrafter when decoding speculatively (load_drafter)
+    drafter: Any = None  # a speculative ComposedDrafter when decoding speculatively (load_drafter)
 
 
 def load_model(spec: str, device: Any = None, dtype: torch.dtype = torch.float32,
@@ -67,8 +67,8 @@ def load_drafter(folder: str, target: RunnableModel, spec: str, draft_tokens: in
     draft vocabulary it trained with, if any."""
     from llm_modules.decoding.limits import model_positions
     from llm_modules.models.composed import LLMModulesModel
+    from llm_modules.decoding.speculative.composed_proposer import ComposedDrafter
     from llm_modules.models.drafter import DrafterRecord, check_draft_tokens, load_draft_vocab
-    from llm_modules.models.drafting import ComposedDrafter
     from llm_modules.models.specs import LoadedModel
 
     if target.composed:

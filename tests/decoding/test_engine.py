@@ -290,3 +290,51 @@ def test_sampling_options_refuse_a_temperature_that_overflows_and_values_that_ar
         with pytest.raises(LLMModulesError, match=f"{name} must be a finite number"):
             SamplingOptions(**{name: float("nan")})
     SamplingOptions(do_sample=False, temperature=1e-300)  # greedy ignores the temperature
+
+
+# ---------------------------------------------------------------------- stop strings on a tail
+class CountingTokenizer:
+    """A tokenizer whose decodes are counted by the number of tokens each one reads."""
+
+    def __init__(self, inner):
+        self.inner, self.decoded = inner, []
+
+    def batch_decode(self, sequences, **kwargs):
+        self.decoded += [len(s) for s in sequences]
+        return self.inner.batch_decode(sequences, **kwargs)
+
+
+def feed(tokens, stops, tokenizer):
+    seq = Sequence([1], SamplingOptions(max_new_tokens=len(tokens), stop_strings=stops), [], tokenizer)
+    for token in tokens:
+        seq.append(token)
+        if seq.finished:
+            break
+    return seq
+
+
+def test_stop_strings_are_found_across_token_boundaries_on_a_tail_of_the_reply():
+    """Issue 35, defect 10: each step decodes a bounded tail (not the whole reply, which made long replies
+    ~55% slower), and finds exactly what the whole text holds: a stop string split over tokens, one after
+    multi-byte characters split over tokens, and no stop where the whole text has none."""
+    from ..helpers import gpt2_tokenizer
+
+    gpt2 = gpt2_tokenizer()
+    long_text = "The quick brown fox jumps over the lazy dog. " * 40
+    for text, stop in [(long_text + "Answer: 42", "Answer: 4"), (long_text + "naïve café ☃☃ end", "☃ en"),
+                       (long_text + "so it ends THE END", "S THE E")]:
+        tokens = gpt2(text).input_ids
+        tokenizer = CountingTokenizer(gpt2)
+        seq = feed(tokens, [stop], tokenizer)
+        whole = [i for i in range(1, len(tokens) + 1) if stop in gpt2.decode(tokens[:i])]
+        if whole:  # it stops at the first token after which the whole text holds the stop string
+            assert seq.finish_reason == "stop" and len(seq.tokens) == whole[0], (stop, len(seq.tokens), whole[0])
+        else:
+            assert seq.finish_reason == "length"
+        assert max(tokenizer.decoded) < 40 < len(tokens)  # a tail, not the whole reply
+    # a string of the text's words, but never in this order: no false stop
+    tokens = gpt2(long_text).input_ids
+    assert feed(tokens, ["dog. quick"], CountingTokenizer(gpt2)).finish_reason == "length"
+    # a token that decodes to nothing (half a character) still counts toward the tail it reads
+    snowmen = gpt2("☃" * 30 + " stop here").input_ids
+    assert feed(snowmen, ["☃☃☃☃☃☃☃☃☃☃ st"], CountingTokenizer(gpt2)).finish_reason == "stop"

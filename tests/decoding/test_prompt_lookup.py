@@ -8,8 +8,9 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from llm_modules.decoding.engine import DecodeBatch, SamplingOptions, Sequence
-from llm_modules.decoding.prompt_lookup import PromptLookup, find_continuation
-from llm_modules.decoding.speculative import SpeculativeBatch, accept_sampled
+from llm_modules.decoding.speculative.acceptance import accept_sampled
+from llm_modules.decoding.speculative.batch import SpeculativeBatch
+from llm_modules.decoding.speculative.prompt_lookup import PromptLookup, find_continuation
 from llm_modules.errors import LLMModulesError
 
 
@@ -27,7 +28,7 @@ def test_the_longest_recent_ngram_is_copied():
 
 def test_a_copy_that_reaches_the_end_is_looked_up_again():
     proposer = PromptLookup(vocab_size=20, draft_tokens=5, max_ngram=2)
-    proposer.add(torch.tensor([[0, 3, 4, 3, 4]]), torch.tensor([[0, 1, 1, 1, 1]]), None)
+    proposer.join([None], torch.tensor([[0, 3, 4, 3, 4]]), torch.tensor([[0, 1, 1, 1, 1]]), None)
     drafts, q = proposer.propose(torch.tensor([3]), 5, [Sequence([3], SamplingOptions(max_new_tokens=4), [])])
     assert drafts.tolist() == [[4, 3, 4, 3, 4]] and q is None
 

@@ -4,6 +4,8 @@ target's distribution; rollback leaves caches equal to a fresh recompute."""
 
 from __future__ import annotations
 
+import threading
+
 import pytest
 import torch
 
@@ -13,13 +15,10 @@ from llm_modules.decoding.engine import (
     SamplingOptions,
     Sequence,
 )
-from llm_modules.decoding.speculative import (
-    SpeculativeBatch,
-    accept_greedy,
-    accept_sampled,
-    shift_right,
-)
-from llm_modules.models.drafting import ComposedDrafter
+from llm_modules.decoding.speculative.acceptance import accept_greedy, accept_sampled
+from llm_modules.decoding.speculative.batch import SpeculativeBatch
+from llm_modules.decoding.speculative.composed_proposer import ComposedDrafter
+from llm_modules.decoding.speculative.target import shift_right
 
 from ..helpers import OPTIONS
 from ..helpers import nudge_gates as nudge
@@ -109,7 +108,7 @@ def test_a_drafter_that_is_the_target_gets_every_draft_accepted(mapped_pair):
         def __init__(self, target):
             self.target, self.rows = target, []
 
-        def add(self, ids, mask, states):
+        def join(self, rows, ids, mask, states):
             self.rows += [row[m.bool()].tolist() for row, m in zip(ids, mask)]
 
         def propose(self, first, k, rows):
@@ -145,8 +144,8 @@ class PartlyRight:
         self.g = torch.Generator().manual_seed(seed)
         self.accepted_counts = []
 
-    def add(self, ids, mask, states):
-        self.inner.add(ids, mask, states)
+    def join(self, rows, ids, mask, states):
+        self.inner.join(rows, ids, mask, states)
 
     def propose(self, first, k, rows):
         from llm_modules.decoding.generation import generate
@@ -315,7 +314,7 @@ def test_sampled_speculative_tokens_follow_the_targets_distribution(mapped_pair)
 
 
 def test_a_draft_vocabulary_drafts_only_its_tokens_and_keeps_the_targets_output(mapped_pair):
-    from llm_modules.models.drafting import draft_vocabulary
+    from llm_modules.decoding.speculative.composed_proposer import draft_vocabulary
 
     drafter = _drafter(mapped_pair, "eca")
     target = drafter.large
@@ -359,3 +358,122 @@ def test_a_joining_prompt_runs_the_targets_head_on_its_last_position_only(mapped
         hook.remove()
     alone = [_target_alone(target, [p], [o])[0] for p, o in zip(prompts, options)]
     assert _run(SpeculativeBatch(target, ComposedDrafter(drafter, draft_tokens=2)), prompts, options) == alone
+
+
+# ---------------------------------------------------------------------- one request never fails another
+def _limited(call, limit, prefill_only=False):
+    """`call` (a stepper's forward or run), raising as a learned position table of `limit` rows would once a
+    row reads more than `limit` positions (at its prefill only, with prefill_only)."""
+
+    def limited(ids, mask, cache, *rest, **kw):
+        if int(mask.sum(1).max()) > limit and (cache is None or not prefill_only):
+            raise IndexError("index out of range in self")
+        return call(ids, mask, cache, *rest, **kw)
+    return limited
+
+
+@pytest.mark.parametrize("speculative", [False, True])
+def test_a_prompt_whose_prefill_fails_ends_alone_and_its_neighbours_decode_as_alone(mapped_pair, speculative):
+    """Issue 35, defect 5: the rows that joined with a prompt whose prefill fails decode on (both batches)."""
+    drafter = _drafter(mapped_pair, "eca")
+    target = drafter.large
+    prompts = _prompts(drafter.vocab_size, n=2, seed=11)
+    options = [SamplingOptions(max_new_tokens=n) for n in (9, 7)]
+    alone = _target_alone(target, prompts, options)
+    batch = SpeculativeBatch(target, ComposedDrafter(drafter, draft_tokens=2)) if speculative else DecodeBatch(target)
+    if speculative:
+        batch.stepper.run = _limited(batch.stepper.run, 12, prefill_only=True)
+    else:
+        batch.stepper.forward = _limited(batch.stepper.forward, 12, prefill_only=True)
+    long_ = Sequence(list(range(3, 19)), SamplingOptions(max_new_tokens=4), [])
+    seqs = [Sequence(p, o, []) for p, o in zip(prompts, options)]
+    batch.add([seqs[0], long_, seqs[1]])
+    while batch.rows:
+        batch.step()
+    assert long_.finish_reason == "error" and long_.error.startswith("IndexError") and long_.tokens == []
+    assert [s.finish_reason for s in seqs] == ["length", "length"] and [s.tokens for s in seqs] == alone
+
+
+def test_a_row_whose_own_choice_fails_in_a_verify_pass_ends_alone_and_the_others_decode_as_alone(mapped_pair):
+    """A row's processors raise while its drafts are checked: that row ends with its error after the tokens it
+    had, the others give the target's own tokens (the per-row guard the plain batch has)."""
+    drafter = _drafter(mapped_pair, "xattn")
+    target = drafter.large
+    prompts = _prompts(drafter.vocab_size, n=3, seed=12)
+    options = [SamplingOptions(max_new_tokens=8)] * 3
+    alone = _target_alone(target, prompts, options)
+    batch = SpeculativeBatch(target, ComposedDrafter(drafter, draft_tokens=2))
+    bad = Sequence(prompts[0], SamplingOptions(max_new_tokens=20), [])
+
+    def breaks_later(ids, scores):
+        if ids.shape[1] > len(prompts[0]) + 4:
+            raise ZeroDivisionError("division by zero")
+        return scores
+
+    bad.processors.append(breaks_later)
+    seqs = [Sequence(p, o, []) for p, o in zip(prompts, options)]
+    batch.add([bad, *seqs])
+    while batch.rows:
+        batch.step()
+    assert bad.finish_reason == "error" and bad.error.startswith("ZeroDivisionError") and 0 < len(bad.tokens) < 8
+    assert [s.finish_reason for s in seqs] == ["length"] * 3 and [s.tokens for s in seqs] == alone
+
+
+def test_a_failure_no_row_causes_alone_ends_every_row_and_leaves_the_batch_usable(mapped_pair):
+    drafter = _drafter(mapped_pair, "eca")
+    target = drafter.large
+    prompts = _prompts(drafter.vocab_size, n=3, seed=13)
+    inner = ComposedDrafter(drafter, draft_tokens=2)
+    batch = SpeculativeBatch(target, inner)
+    propose, calls = inner.propose, []
+
+    def once(*args):
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("out of memory")
+        return propose(*args)
+
+    inner.propose = once
+    seqs = [Sequence(p, SamplingOptions(max_new_tokens=10), []) for p in prompts]
+    batch.add(seqs)
+    while batch.rows:
+        batch.step()
+    assert all(s.finish_reason == "error" and s.error == "RuntimeError: out of memory" for s in seqs)
+    options = [SamplingOptions(max_new_tokens=6)] * 3
+    assert _run(batch, prompts, options) == _target_alone(target, prompts, options)
+
+
+def test_the_engine_with_a_drafter_ends_a_row_whose_listener_raises_and_decodes_the_others(mapped_pair):
+    """Issue 35, defect 1: one request's on_update raises inside a speculative step; it ends with that
+    error, its neighbour finishes with the target's own tokens, and the engine serves the next request."""
+    from llm_modules.decoding.engine import Engine
+
+    drafter = _drafter(mapped_pair, "ladder")
+    target = drafter.large
+    good_prompt, bad_prompt, next_prompt = _prompts(drafter.vocab_size, n=3, seed=14)
+    engine = Engine(target, tokenizer=None, max_batch=4, max_queue=4, drafter=ComposedDrafter(drafter, draft_tokens=2))
+    done = threading.Semaphore(0)
+
+    def bad_listener(seq):
+        if seq.finished:
+            done.release()
+        elif len(seq.tokens) == 3:
+            raise ValueError("the client's socket broke")
+
+    options = SamplingOptions(max_new_tokens=9, eos_token_ids=[])
+    good = engine.sequence(good_prompt, options, on_update=lambda s: s.finished and done.release())
+    bad = engine.sequence(bad_prompt, options, on_update=bad_listener, request_id="bad")
+    engine.submit(good)
+    engine.submit(bad)
+    engine.start()
+    try:
+        assert done.acquire(timeout=60) and done.acquire(timeout=60), "a request never ended"
+        later = engine.submit(engine.sequence(next_prompt, options, on_update=lambda s: s.finished and done.release()))
+        assert done.acquire(timeout=60), "the engine stopped serving"
+    finally:
+        engine.stop()
+    assert bad.finish_reason == "error" and "socket broke" in bad.error and len(bad.tokens) == 3
+    expected = _target_alone(target, [good_prompt, next_prompt], [options, options])
+    assert [good.finish_reason, later.finish_reason] == ["length", "length"]
+    assert [good.tokens, later.tokens] == expected
+    assert engine.stats.failed == 1 and engine.stats.errors[-1]["request_id"] == "bad"

@@ -377,7 +377,7 @@ def test_generate_eval_and_serve_take_a_trained_drafter_and_give_the_targets_out
     drafted = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert drafted["accuracy"] == plain["accuracy"] and drafted["loss"] == plain["loss"]
 
-    from llm_modules.decoding.speculative import SpeculativeBatch
+    from llm_modules.decoding.speculative.batch import SpeculativeBatch
     from llm_modules.entrypoints.openai import build_app
 
     app = build_app(mapped_pair["large"], draft=str(tmp_path / "run"), draft_tokens=2)

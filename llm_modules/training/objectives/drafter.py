@@ -32,8 +32,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from llm_modules.decoding.speculative.composed_proposer import draft_vocabulary
 from llm_modules.models.drafter import DrafterRecord, save_draft_vocab
-from llm_modules.models.drafting import draft_vocabulary
 from llm_modules.tensors import IGNORE_INDEX, draft_source
 from llm_modules.training.objectives.composed import ComposedObjective, TrainedParts
 

@@ -1,4 +1,4 @@
-"""The composed model as a speculative drafter (`decoding.speculative.Drafter`): its large model IS the target,
+"""The composed model as a speculative drafter (`proposer.Drafter`): its large model IS the target,
 whose hidden states it reads only up to the last token the target has verified.
 
 Per round each row hands the drafter a chunk: the token the target chose last round and the drafts it
@@ -18,15 +18,19 @@ from typing import Any
 import torch
 
 from llm_modules.bridges import LargeView
-from llm_modules.decoding.engine import Sequence
-from llm_modules.decoding.steppers import right_aligned
+from llm_modules.decoding.rows import RowBatch, processed
 from llm_modules.errors import LLMModulesError
-from llm_modules.models.stepping import ComposedStepper
 from llm_modules.tensors import draft_source
 
 
-class ComposedDrafter:
-    """Drafts for a SpeculativeBatch with an LLMModulesModel whose large model is the target."""
+class ComposedDrafter(RowBatch):
+    """Drafts for a SpeculativeBatch with an LLMModulesModel whose large model is the target. Its rows are the
+    batch's (`RowBatch`: joined, kept and realigned as the batch's are), with, per position, the mask of
+    the real large states (`large_mask`) and, per row, the target's state at its last verified token
+    (`frontier`) and the chunk it reads next round (`chunk`, `chunk_states`)."""
+
+    COLUMNS = ("large_mask",)  # (B, S) 1 where the large state is real
+    ROW_STATE = ("frontier", "chunk", "chunk_states")  # (B, K, dL); per row the tokens and states (n, K, dL)
 
     def __init__(self, model: Any, draft_tokens: int = 4, pad_id: int = 0, vocab: torch.Tensor | None = None):
         if model.config.head == "residual":
@@ -34,35 +38,22 @@ class ComposedDrafter:
                                   "very position it drafts, which the target has not computed yet")
         if not model.config.causal:
             raise LLMModulesError("a drafter must be causal")
+        super().__init__(model.decode_stepper(), model.device, pad_id)  # its three caches' slots
         self.model = model.eval()
         # drafts come from these vocabulary ids only (None: all): the head's cost falls with their number
         self.vocab = None if vocab is None else torch.as_tensor(vocab, dtype=torch.long, device=model.device)
         self.draft_tokens = draft_tokens
-        self.pad_id = pad_id
         self.taps = list(model.large_taps)
-        self.stepper = ComposedStepper(model)
-        self.device = model.device
-        self.ids = self.mask = self.large_mask = None  # (B, S) token ids, token mask, real-large-state mask
-        self.cache: Any = None
-        self.frontier: torch.Tensor | None = None  # (B, K, dL) the target's state at each row's last verified token
-        self.chunk: list[list[int]] = []
-        self.chunk_states: list[torch.Tensor | None] = []  # per row (n, K, dL)
         self.last_batch_stats: Any = None  # set by the SpeculativeBatch it drafts for
 
     @property
     def max_positions(self) -> int | None:
         return self.model.small_max_positions
 
-    @property
-    def width(self) -> int:
-        return 0 if self.mask is None else self.mask.shape[1]
-
     # ------------------------------------------------------------------ rows
     @torch.no_grad()
-    def add(self, ids: torch.Tensor, mask: torch.Tensor, states: torch.Tensor | None) -> None:
+    def join(self, rows: list[Any], ids: torch.Tensor, mask: torch.Tensor, states: torch.Tensor | None) -> None:
         """Prefill new rows: the prompt read as training reads it, in blocks of K ending at its last token."""
-        from llm_modules.models.composed import ComposedCache
-
         ids, mask = ids.to(self.device), mask.to(self.device)
         states = states.to(self.device)  # (B, W, K, dL)
         lengths = mask.sum(1)  # (B,)
@@ -70,49 +61,14 @@ class ComposedDrafter:
         source = torch.stack([
             _shifted(draft_source(int(n - 1) % self.draft_tokens, self.draft_tokens, 1, mask.shape[1])[0], int(p))
             for n, p in zip(lengths.tolist(), pad.tolist())])  # (B, W) in columns
-        cache = ComposedCache()
-        self.model(input_ids=ids, attention_mask=mask, large_states=states, large_source=source, cache=cache,
-                   use_cache=True, logits_to_keep=1)
-        frontier = states[:, -1]
-        if self.mask is None:
-            self.ids, self.mask, self.large_mask, self.cache, self.frontier = ids, mask, mask.clone(), cache, frontier
-        else:
-            width = max(self.width, ids.shape[1])
-            old = self._aligned((self.ids, self.mask, self.large_mask), self.cache, width)
-            new = self._aligned((ids, mask, mask.clone()), cache, width)
-            for a, b in zip(self.stepper.slots(self.cache), self.stepper.slots(cache)):
-                a.set(torch.cat([a.get(), b.get()]))
-            self.ids, self.mask, self.large_mask = (torch.cat([x, y]) for x, y in zip(old, new))
-            self.frontier = torch.cat([self.frontier, frontier])
-        self.chunk += [[] for _ in range(ids.shape[0])]
-        self.chunk_states += [None] * ids.shape[0]
-
-    def _aligned(self, tensors: tuple[torch.Tensor, ...], cache: Any, width: int) -> tuple[torch.Tensor, ...]:
-        have = tensors[0].shape[1]
-        if width > have:
-            tensors = tuple(torch.cat([t.new_zeros((t.shape[0], width - have)), t], 1) for t in tensors)
-        else:
-            tensors = tuple(t[:, have - width:] for t in tensors)
-        if width != have:
-            for slot in self.stepper.slots(cache):
-                slot.set(right_aligned(slot.get(), slot.cols(width)))
-            self.stepper.set_length(cache, width)
-        return tensors
+        cache = self.model(input_ids=ids, attention_mask=mask, large_states=states, large_source=source,
+                           use_cache=True, logits_to_keep=1).cache
+        b = ids.shape[0]
+        self._join(rows, ids, mask, cache, {"large_mask": mask.clone(), "frontier": states[:, -1],
+                                            "chunk": [[] for _ in range(b)], "chunk_states": [None] * b})
 
     def keep(self, index: list[int]) -> None:
-        self.chunk = [self.chunk[i] for i in index]
-        self.chunk_states = [self.chunk_states[i] for i in index]
-        if not index:
-            self.ids = self.mask = self.large_mask = self.cache = self.frontier = None
-            return
-        rows = torch.tensor(index, device=self.device)
-        self.ids, self.mask, self.large_mask = self.ids[rows], self.mask[rows], self.large_mask[rows]
-        self.frontier = self.frontier[rows]
-        for slot in self.stepper.slots(self.cache):
-            slot.set(slot.get().index_select(0, rows))
-        real = int((self.mask.cumsum(1) > 0).sum(1).max())  # columns from each row's first token on
-        if real < self.width:
-            self.ids, self.mask, self.large_mask = self._aligned((self.ids, self.mask, self.large_mask), self.cache, real)
+        self._keep(index)
 
     # ------------------------------------------------------------------ drafting
     def _run(self, ids: torch.Tensor, mask_new: torch.Tensor, large_new: torch.Tensor, key_states: torch.Tensor,
@@ -133,7 +89,7 @@ class ComposedDrafter:
         return full.index_copy_(1, self.vocab, logits)  # outside the draft vocabulary: probability 0
 
     @torch.no_grad()
-    def propose(self, first: torch.Tensor, k: int, rows: list[Sequence]) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def propose(self, first: torch.Tensor, k: int, rows: list[Any]) -> tuple[torch.Tensor, torch.Tensor | None]:
         b = first.shape[0]
         taps, dim = self.frontier.shape[1:]
         dtype = self.frontier.dtype
@@ -175,24 +131,26 @@ class ComposedDrafter:
         self._uncommitted = k
         return torch.stack(drafts, 1), (torch.stack(probs, 1) if sampled else None)
 
-    def _choose(self, logits: torch.Tensor, rows: list[Sequence], first: torch.Tensor, drafts: list[torch.Tensor],
+    def _choose(self, logits: torch.Tensor, rows: list[Any], first: torch.Tensor, drafts: list[torch.Tensor],
                 sampled: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
         if not sampled and all(not r.processors for r in rows):
             return logits.argmax(-1), None
         tokens, probs = [], []
         logits = logits.float().cpu()
         for i, seq in enumerate(rows):
-            scores = logits[i]
-            if seq.processors:
-                prefix = seq.prompt + seq.tokens + [int(first[i])] + [int(d[i]) for d in drafts]
-                scores = seq.processors(torch.tensor([prefix]), scores[None])[0]
-            if seq.options.do_sample:
-                p = torch.softmax(scores, -1)
-                tokens.append(int(torch.multinomial(p, 1, generator=seq.generator)))
-                probs.append(p)
-            else:
-                tokens.append(int(scores.argmax()))
-                probs.append(torch.nn.functional.one_hot(torch.tensor(tokens[-1]), scores.shape[-1]).float())
+            try:  # this row's own work: its processors and draws
+                scores = processed(seq, logits[i], [int(first[i])] + [int(d[i]) for d in drafts])
+                if seq.options.do_sample:
+                    p = torch.softmax(scores, -1)
+                    tokens.append(int(torch.multinomial(p, 1, generator=seq.generator)))
+                    probs.append(p)
+                    continue
+                token = int(scores.argmax())
+            except Exception as err:  # the row ends (it leaves the batch after this pass); the others draft on
+                seq.fail(err)
+                token = int(logits[i].argmax())
+            tokens.append(token)
+            probs.append(torch.nn.functional.one_hot(torch.tensor(token), logits.shape[-1]).float())
         return torch.tensor(tokens, device=self.device), (torch.stack(probs) if sampled else None)
 
     def commit(self, accepted: torch.Tensor, tokens: torch.Tensor, states: torch.Tensor | None) -> None:

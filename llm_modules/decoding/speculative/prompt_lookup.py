@@ -36,7 +36,7 @@ def find_continuation(context: list[int], k: int, max_ngram: int = 3, min_ngram:
 
 
 class PromptLookup:
-    """A drafter (`decoding.speculative.Drafter`) that copies from each row's context; reads no target states."""
+    """A drafter (`decoding.speculative.proposer.Drafter`) that copies from each row's context; reads no target states."""
 
     taps: list[int] = []
     max_positions = None
@@ -52,7 +52,7 @@ class PromptLookup:
         self.last_batch_stats: Any = None  # set by the SpeculativeBatch it drafts for
         self.hits = self.proposals = 0  # rows given a copied draft, rows asked
 
-    def add(self, ids: torch.Tensor, mask: torch.Tensor, states: torch.Tensor | None) -> None:
+    def join(self, rows: list[Any], ids: torch.Tensor, mask: torch.Tensor, states: torch.Tensor | None) -> None:
         self.contexts += [row[m.bool()].tolist() for row, m in zip(ids.cpu(), mask.cpu())]
 
     def propose(self, first: torch.Tensor, k: int, rows: list[Any]) -> tuple[torch.Tensor, torch.Tensor | None]:

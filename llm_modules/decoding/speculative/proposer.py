@@ -1,0 +1,32 @@
+"""What a proposer (a drafter) implements for a SpeculativeBatch: the interface every drafter is held to."""
+
+from __future__ import annotations
+
+from typing import Any, Protocol
+
+import torch
+
+
+class Drafter(Protocol):
+    """Proposes tokens for the rows of a SpeculativeBatch and keeps its own per-row state in step with them.
+
+    `taps`: the target's hidden-state indices it reads (as in `output_hidden_states`; the target's layer
+    count stands for the final, normed state); [] when it reads none."""
+
+    taps: list[int]
+    draft_tokens: int
+
+    def join(self, rows: list[Any], ids: torch.Tensor, mask: torch.Tensor, states: torch.Tensor | None) -> None:
+        """New rows (their left-padded prompts and tokens, mask, the target's states at `taps` over them) join
+        the batch."""
+
+    def propose(self, first: torch.Tensor, k: int, rows: list[Any]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """first (B,): each row's token that the target has not read yet -> (B, k) drafts following it and,
+        when some row samples, the drafter's probabilities (B, k, V) they were drawn from."""
+
+    def commit(self, accepted: torch.Tensor, tokens: torch.Tensor, states: torch.Tensor | None) -> None:
+        """After the target's pass over tokens (B, k + 1) (`first` and the drafts): row b kept its first
+        accepted[b] + 1, whose target states are states[b, :accepted[b] + 1] (B, k + 1, K, dL)."""
+
+    def keep(self, index: list[int]) -> None:
+        """Keep only these rows (and cut the columns that are padding in all of them)."""
