@@ -167,3 +167,34 @@ def test_old_import_paths_warn_and_give_the_same_module(old, new):
         module = importlib.import_module(old)
     assert module is importlib.import_module(new)
     assert module.__spec__.name == new
+
+
+def private_reads(root: Path = PACKAGE) -> list[str]:
+    """`obj._name` read in one module where `_name` is a private attribute that only other modules of the
+    package set (`self._name = ...`): a module reaching into another's internals."""
+    modules = package_modules(root)
+    owned: dict[str, set[str]] = {}
+    trees = {name: ast.parse(path.read_text(), str(path)) for name, path in modules.items()}
+    for name, tree in trees.items():
+        owned[name] = {node.attr for node in ast.walk(tree) if isinstance(node, ast.Attribute)
+                       and isinstance(node.ctx, ast.Store) and node.attr.startswith("_")
+                       and not node.attr.startswith("__")}
+    found = []
+    for name, tree in trees.items():
+        others = set().union(*(attrs for other, attrs in owned.items() if other != name))
+        for node in ast.walk(tree):
+            if (isinstance(node, ast.Attribute) and node.attr in others - owned[name]
+                    and not (isinstance(node.value, ast.Name) and node.value.id in ("self", "cls"))
+                    and not (isinstance(node.value, ast.Call) and getattr(node.value.func, "id", "") == "super")):
+                found.append(f"{name}:{node.lineno} reads {ast.unparse(node)}")
+    return found
+
+
+def test_no_module_reads_another_modules_private_attributes():
+    assert private_reads() == []
+
+
+def test_the_private_read_check_catches_one(tmp_path):
+    root = _write(tmp_path, {"a.py": "class A:\n    def __init__(self):\n        self._taps = [1]\n",
+                             "b.py": "def taps(model):\n    return model._taps\n"})
+    assert private_reads(root) == ["llm_modules.b:2 reads model._taps"]

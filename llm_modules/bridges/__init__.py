@@ -13,7 +13,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from llm_modules.bridges.base import Bridge, BridgeCache, BridgeShape, LargeView
+from llm_modules.bridges.base import Bridge, BridgeCache, BridgeShape, LargeRead, LargeView
 from llm_modules.bridges.eca import EcaBridge, EcaOptions
 from llm_modules.bridges.ladder import LadderBridge, LadderOptions
 from llm_modules.bridges.xattn import XattnBridge, XattnOptions
@@ -46,4 +46,5 @@ def bridge_options(name: str, options: dict[str, Any]) -> Any:
     return options_class(**options)
 
 
-__all__ = ["BRIDGES", "Bridge", "BridgeCache", "BridgeShape", "LargeView", "bridge_classes", "bridge_options", "option_names"]
+__all__ = ["BRIDGES", "Bridge", "BridgeCache", "BridgeShape", "LargeRead", "LargeView", "bridge_classes",
+           "bridge_options", "option_names"]

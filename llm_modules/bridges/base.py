@@ -73,6 +73,27 @@ class LargeView:
         return (self.source >= 0)[..., None].to(self.states.dtype)
 
 
+@dataclass
+class LargeRead:
+    """What the bridge reads of the large states when a position does not read its own and every one before it
+    (the composed model's `forward_read`); give at most one of `source`, `view`, `answer_start`.
+
+    source (B, T): for each new position, the index within the call (no cache) of the last large state it
+    may read, -1 for none: a drafter trains on lagged reads (`tensors.draft_source`), as the target's states
+    exist only up to the last verified token while it drafts. view: the `LargeView` outright, for calls
+    that follow a cache (a drafter decoding; a model that reads the prompt only, decoding). answer_start
+    (B,): a model that reads the prompt only (config large_reads "prompt"): where each row's answer starts
+    within the call; position t reads the large states up to min(t, answer_start - 1). mask (B, S): the key
+    positions whose large states are real (default: the attention mask); positions without one (tokens the
+    large model has not read yet) pass zeros in `large_states` and 0 here.
+    """
+
+    source: torch.Tensor | None = None
+    view: LargeView | None = None
+    answer_start: torch.Tensor | int | None = None
+    mask: torch.Tensor | None = None
+
+
 def cross_attention_mask(key_mask: torch.Tensor, num_new: int, causal: bool,
                          source: torch.Tensor | None = None) -> torch.Tensor:
     """Boolean (B, 1, T, S) mask, True where new position t may read key position s.

@@ -301,7 +301,7 @@ class Engine:
 
     def _drop_cancelled_waiting(self) -> None:
         for seq in self._waiting:
-            if seq._cancelled:
+            if seq.cancelled:
                 seq.finish("cancelled")
         self._waiting = [s for s in self._waiting if not s.finished]
 

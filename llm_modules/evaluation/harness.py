@@ -54,7 +54,7 @@ class ComposedScorer:
         return decoding_limits(self.model)
 
     def loss_sum(self, batch: dict[str, torch.Tensor]) -> float:
-        return float(self.model(**batch, return_logits=False, loss_reduction="sum").loss)
+        return float(self.model(**batch, loss="sum").loss)
 
     def generate(self, ids: torch.Tensor, mask: torch.Tensor, max_new_tokens: int) -> torch.Tensor:
         return self.model.generate(ids, mask, SamplingOptions(max_new_tokens=max_new_tokens),

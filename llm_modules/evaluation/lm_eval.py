@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 
+from llm_modules.bridges import LargeRead
 from llm_modules.decoding.sampling import SamplingOptions
 from llm_modules.errors import LLMModulesError
 from llm_modules.tensors import DTYPES, left_pad, right_pad
@@ -171,8 +172,8 @@ class LLMModulesLM(TemplateLM):
             # where each continuation starts (x ends one token before it does): a model that reads the
             # large model's states of the prompt only reads the context's
             start = torch.tensor([len(x) - len(requests[i][2]) + 1 for x, i in zip(inputs, batch)], device=self.device)
-            logits = self.model(input_ids=ids, attention_mask=mask, logits_to_keep=width - first,
-                                answer_start=start).logits
+            logits = self.model.forward_read(LargeRead(answer_start=start), input_ids=ids, attention_mask=mask,
+                                             logits_to_keep=width - first).logits
             # logits (B, width - first, V) cover positions first .. width - 1
             for row, (x, i) in enumerate(zip(inputs, batch)):
                 cont = torch.tensor(requests[i][2], device=logits.device)

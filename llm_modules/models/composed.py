@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from llm_modules.bridges import BridgeCache, BridgeShape, LargeView, bridge_classes
+from llm_modules.bridges import BridgeCache, BridgeShape, LargeRead, LargeView, bridge_classes
 from llm_modules.decoding.steppers import Decoder
 from llm_modules.errors import LLMModulesError
 from llm_modules.losses import answer_logit_targets, next_token_loss
@@ -59,7 +59,7 @@ class ComposedOutput:
     logits: torch.Tensor | None  # (B, T, |V_large|), or the last `logits_to_keep` positions
     loss: torch.Tensor | None = None
     cache: ComposedCache | None = None
-    hidden: torch.Tensor | None = None  # (B, T, dS) the small model's output, with return_hidden=True
+    hidden: torch.Tensor | None = None  # (B, T, dS) the small model's output, with forward_read(hidden=True)
 
 
 def keep_first_layers(model: nn.Module, n: int, spec: str) -> None:
@@ -141,7 +141,7 @@ class LLMModulesModel(nn.Module):
         # The large hidden states the model reads: the bridge's taps, and the final one for the residual head.
         final = {self.num_large_layers} if config.head == "residual" else set()
         self.large_taps = sorted(set(self.bridge.large_layers) | final)
-        self._bridge_taps = [self.large_taps.index(t) for t in self.bridge.large_layers]
+        self.bridge_taps = [self.large_taps.index(t) for t in self.bridge.large_layers]  # indices into large_taps
         self._head_tap = self.large_taps.index(self.num_large_layers) if final else None
         self.head = ComposedHead(config.head, small_dim, large_dim, vocab_size)
         self.bridge.to(self.small.dtype)
@@ -334,42 +334,57 @@ class LLMModulesModel(nn.Module):
         labels: torch.Tensor | None = None,
         large_states: torch.Tensor | None = None,
         cache: ComposedCache | None = None,
-        use_cache: bool = False,
         logits_to_keep: int = 0,
-        return_logits: bool = True,
-        loss_reduction: str = "mean",
-        large_source: torch.Tensor | None = None,
-        large_view: LargeView | None = None,
-        large_mask: torch.Tensor | None = None,
-        answer_start: torch.Tensor | None = None,
-        vocab_rows: torch.Tensor | None = None,
-        return_hidden: bool = False,
+        loss: str | None = None,
     ) -> ComposedOutput:
-        """Logits over the large vocabulary for every new position.
+        """Logits over the large vocabulary for every new position, each reading the large states up to its own.
 
         input_ids (B, T) in the large tokenizer's ids; attention_mask (B, S) covers cached AND new
         positions (S = cached + T), left or right padding. `large_states` (B, T, K, dL), the large
         model's states at `self.large_taps` (or (B, T, dL) when K = 1), replaces the large model's
-        forward (training from cached states); input_ids are still needed with small_inputs "mapped". `logits_to_keep=n` keeps the last n.
-        With labels and `return_logits=False` the head runs only where a label is predicted (the
-        vocabulary projection is the costliest step of training) and `logits` is None.
-        `large_source` (B, T): for each position, the index (within this call, no cache) of the last
-        large state the bridge may read there, -1 for none (default: its own). A drafter trains with
-        lagged sources (`lagged_source`), as the large model's states exist only up to the last
-        verified token while it drafts; the bridge reads nothing after a position's source.
-        `large_view` gives the view outright, for callers that decode with a cache (a drafter, a decoder
-        reading the prompt only): its sources index all key positions (cached + new) and its states are
-        the large states at those sources, in the bridge's taps (B, T, Kb, dL). `large_mask` (B, S) marks
-        the key positions whose large states are real (default: attention_mask); positions without one
-        (tokens the large model has not read yet) pass zeros in `large_states` and 0 here.
-        A model that reads the prompt only (config.large_reads "prompt") needs to know where each row's
-        answer starts: `answer_start` (B,), an index within this call, else the first labelled position of
-        `labels`; position t then reads the large states up to min(t, answer_start - 1), and the large model
-        runs only as far as some row reads. Decoding with a cache goes through `decode_stepper()`.
-        `vocab_rows` (n,): logits over those vocabulary ids only (B, T, n) (a drafter's smaller vocabulary).
-        `return_hidden=True` stops before the head: `hidden` is the small model's output (B, T, dS) and
-        `logits` None (a loss that applies the head itself, chunked: the drafter's).
+        forward (training from cached states); input_ids are still needed with small_inputs "mapped".
+        `cache`: a `ComposedCache` the call reads and extends (`new_cache()` for an empty one); None: no
+        cache. `logits_to_keep=n` keeps the last n positions' logits. `loss`: None gives logits and, with
+        labels, their mean next-token loss; "mean" or "sum" (with labels) gives that loss only: the head
+        runs only where a label is predicted (the vocabulary projection is the costliest step of training)
+        and `logits` is None. A model that reads the prompt only (config.large_reads "prompt") reads the
+        prompt that `labels` leave unlabelled; other reads (a drafter's lagged ones, a prompt-only model's
+        decode) go through `forward_read`. Decoding with a cache goes through `decode_stepper()`.
         """
+        if loss not in (None, "mean", "sum"):
+            raise ValueError(f"loss must be None, 'mean' or 'sum', got {loss!r}")
+        return self._forward(input_ids, attention_mask, labels, large_states, cache, logits_to_keep, loss, LargeRead())
+
+    def forward_read(
+        self,
+        read: LargeRead,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        large_states: torch.Tensor | None = None,
+        cache: ComposedCache | None = None,
+        logits_to_keep: int = 0,
+        vocab_rows: torch.Tensor | None = None,
+        hidden: bool = False,
+    ) -> ComposedOutput:
+        """`forward` reading what `read` says (`LargeRead`: lagged sources, a view after a cache, where a
+        prompt-only row's answer starts, which key states are real) instead of each position's own: the
+        draft network's entry point (as EAGLE's draft net has its own), also a prompt-only model's decode
+        and scoring. `vocab_rows` (n,): logits over those vocabulary ids only (B, T, n) (a drafter's smaller
+        vocabulary). `hidden=True` stops before the head: `hidden` is the small model's output (B, T, dS)
+        and `logits` None (a loss that applies the head itself, chunked: the drafter's)."""
+        return self._forward(input_ids, attention_mask, None, large_states, cache, logits_to_keep, None, read,
+                             vocab_rows, hidden)
+
+    def new_cache(self) -> ComposedCache:
+        """An empty cache for `forward(cache=...)`: the call fills it."""
+        return ComposedCache()
+
+    def _forward(self, input_ids: torch.Tensor | None, attention_mask: torch.Tensor | None,
+                 labels: torch.Tensor | None, large_states: torch.Tensor | None, cache: ComposedCache | None,
+                 logits_to_keep: int, loss: str | None, read: LargeRead, vocab_rows: torch.Tensor | None = None,
+                 return_hidden: bool = False) -> ComposedOutput:
+        use_cache = cache is not None
+        large_source, large_view, large_mask, answer_start = read.source, read.view, read.mask, read.answer_start
         if input_ids is None and large_states is None:
             raise ValueError("give input_ids or large_states")
         batch, length = (input_ids if input_ids is not None else large_states).shape[:2]
@@ -383,20 +398,19 @@ class LLMModulesModel(nn.Module):
                 f"a sequence of {top} tokens is longer than the model can position ({self.max_positions}: large "
                 f"model {self.large_max_positions}, small model {self.small_max_positions}); shorten the input"
             )
-        if cache is None and use_cache:
-            cache = ComposedCache()
         prompt_only = self.config.large_reads == "prompt"
         if prompt_only and large_view is None and large_source is None:
             if answer_start is None and labels is None:
                 raise LLMModulesError("this model reads the large model's states of the prompt only (large_reads="
-                                      "'prompt'): pass answer_start (B,), where each row's answer starts, or labels")
+                                      "'prompt'): pass labels, or forward_read(LargeRead(answer_start=...)) with where "
+                                      "each row's answer starts")
             start = answer_start if answer_start is not None else first_label(labels)
             large_source = prompt_source(torch.as_tensor(start, device=self.device), batch, length, self.device)
 
         if large_states is None:
             if prompt_only and cache is not None and cache.length:
                 raise LLMModulesError("large_reads='prompt' decodes without the large model: step it with "
-                                      "decode_stepper(), or pass large_states and large_view")
+                                      "decode_stepper(), or pass large_states and a LargeRead view")
             keep_large_cache = use_cache and not prompt_only  # reading the prompt only, no decode step needs it
             # the large model runs as far as some position reads (all of them unless a source says less)
             reach = length if large_source is None or keep_large_cache else \
@@ -420,7 +434,7 @@ class LLMModulesModel(nn.Module):
         if cache is not None:
             cache.bridge = bridge_cache = cache.bridge or BridgeCache()
         # the large model may live on other devices (a device map) and in another precision
-        bridge_states = large_states[:, :, self._bridge_taps].to(self.device, self.small.dtype)  # (B, T, Kb, dL)
+        bridge_states = large_states[:, :, self.bridge_taps].to(self.device, self.small.dtype)  # (B, T, Kb, dL)
         view = large_view
         if large_source is not None:
             view = self._view(bridge_states, attention_mask, large_source, cache)
@@ -443,32 +457,28 @@ class LLMModulesModel(nn.Module):
             cache.small, cache.length = small_cache, cache.length + length
         s = small_out.last_hidden_state  # (B, T, dS)
         if return_hidden:
-            return ComposedOutput(logits=None, cache=cache if use_cache else None, hidden=s)
+            return ComposedOutput(logits=None, cache=cache, hidden=s)
         # The residual head adds to the large model's final states; the other heads do not read them.
         final = large_states[:, :, self._head_tap].to(s.device) if self._head_tap is not None else None  # (B, T, dL)
         large_head = self.large.get_submodule(self._large_head_name)
-        if labels is not None and not return_logits:
+        if labels is not None and loss is not None:
             picked, targets = answer_logit_targets(s, labels)  # (N, dS), (N,): the positions that predict a label
             picked_final = answer_logit_targets(final, labels)[0] if final is not None else None  # (N, dL)
-            loss = self._chunked_head_loss(picked, picked_final, large_head, targets)
-            if loss_reduction == "mean":
-                loss = loss / targets.numel()
-            elif loss_reduction != "sum":
-                raise ValueError(f"loss_reduction must be 'mean' or 'sum' with return_logits=False, got {loss_reduction!r}")
-            return ComposedOutput(logits=None, loss=loss, cache=cache if use_cache else None)
+            total = self._chunked_head_loss(picked, picked_final, large_head, targets)
+            return ComposedOutput(logits=None, loss=total / targets.numel() if loss == "mean" else total, cache=cache)
         if logits_to_keep:  # copies: a strided view into the heads' linears was ~500x slower (CPU, bfloat16)
             s = s[:, -logits_to_keep:].contiguous()
             final = final[:, -logits_to_keep:].contiguous() if final is not None else None
         logits = self.head(s, final, large_head, vocab_rows)  # (B, T, V), or (B, T, n) over vocab_rows
-        loss = next_token_loss(logits, labels, loss_reduction) if labels is not None else None
-        return ComposedOutput(logits=logits, loss=loss, cache=cache if use_cache else None)
+        mean = next_token_loss(logits, labels, "mean") if labels is not None else None
+        return ComposedOutput(logits=logits, loss=mean, cache=cache)
 
     def _view(self, states: torch.Tensor, attention_mask: torch.Tensor, source: torch.Tensor,
               cache: ComposedCache | None) -> LargeView:
         """The LargeView of `source` (B, T) over this call's bridge states (B, T, Kb, dL)."""
         if cache is not None and cache.length:
             raise LLMModulesError("large_source indexes the positions of one call; it cannot follow a cache "
-                                  "(pass large_view)")
+                                  "(pass a LargeRead view)")
         self._check_view(None)
         if source.shape != states.shape[:2]:
             raise LLMModulesError(f"large_source has shape {tuple(source.shape)}; expected (B, T) = {tuple(states.shape[:2])}")

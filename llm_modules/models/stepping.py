@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from llm_modules.bridges import BridgeCache, LargeView
+from llm_modules.bridges import BridgeCache, LargeRead, LargeView
 from llm_modules.decoding.steppers import Slot, Stepper, hf_slots, set_hf_length
 from llm_modules.tensors import positions_from_mask
 
@@ -33,7 +33,9 @@ class ComposedStepper(Stepper):
     """The composed model: the large model's, the bridge's and the small model's caches."""
 
     def forward(self, ids, mask, cache, use_cache):
-        out = self.model(input_ids=ids, attention_mask=mask, cache=cache, use_cache=use_cache, logits_to_keep=1)
+        if cache is None and use_cache:
+            cache = ComposedCache()
+        out = self.model(input_ids=ids, attention_mask=mask, cache=cache, logits_to_keep=1)
         return out.logits[:, -1], out.cache
 
     def slots(self, cache):
@@ -93,15 +95,16 @@ class PromptReadStepper(ComposedStepper):
         reads = cache.prompt.read_mask(mask.shape[1])  # (B, S)
         last = reads.shape[1] - 1 - reads.flip(1).argmax(dim=1)  # (B,) each row's last prompt position
         if not use_cache:
-            out = model(input_ids=ids, attention_mask=mask, answer_start=last + 1, logits_to_keep=1)
+            out = model.forward_read(LargeRead(answer_start=last + 1), input_ids=ids, attention_mask=mask,
+                                     logits_to_keep=1)
         else:
             b, t = ids.shape
             view = LargeView(last[:, None].expand(b, t),  # (B, T)
                              cache.prompt.last.transpose(1, 2).expand(b, t, -1, -1))  # (B, T, Kb, dL)
             unread = torch.zeros(b, t, len(model.large_taps), model.bridge.shape.large_dim,
                                  dtype=cache.prompt.last.dtype, device=model.device)  # (B, T, K, dL)
-            out = model(input_ids=ids, attention_mask=mask, large_states=unread, large_view=view,
-                        large_mask=reads, cache=cache, use_cache=True, logits_to_keep=1)
+            out = model.forward_read(LargeRead(view=view, mask=reads), input_ids=ids, attention_mask=mask,
+                                     large_states=unread, cache=cache, logits_to_keep=1)
             cache = out.cache
         cache.prompt.mask = reads[:, None, :, None]  # (B, 1, S, 1)
         return out.logits[:, -1], cache
@@ -110,9 +113,9 @@ class PromptReadStepper(ComposedStepper):
         """ids, mask (B, S): left-padded prompts, every position of them read by the large model once."""
         model = self.model
         states, _ = model.encode_large(ids, mask, positions_from_mask(mask))  # (B, S, K, dL), no cache kept
-        out = model(input_ids=ids, attention_mask=mask, large_states=states, answer_start=ids.shape[1],
-                    cache=None, use_cache=use_cache, logits_to_keep=1)
+        out = model.forward_read(LargeRead(answer_start=ids.shape[1]), input_ids=ids, attention_mask=mask,
+                                 large_states=states, cache=ComposedCache() if use_cache else None, logits_to_keep=1)
         cache = out.cache if use_cache else ComposedCache()  # without KV caches: the prompt's bounds only
-        last = states[:, -1:, model._bridge_taps].to(model.device, model.small.dtype)  # (B, 1, Kb, dL): prompts end right
+        last = states[:, -1:, model.bridge_taps].to(model.device, model.small.dtype)  # (B, 1, Kb, dL): prompts end right
         cache.prompt = PromptRead(mask=mask[:, None, :, None], last=last.transpose(1, 2).contiguous())
         return out.logits[:, -1], cache

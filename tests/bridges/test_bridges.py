@@ -44,10 +44,10 @@ def test_cached_decoding_equals_full_recompute_with_left_padding(mapped_pair, br
                       torch.ones_like(long_)])
     full = model(input_ids=ids, attention_mask=mask).logits  # (2, 9, V)
     with torch.no_grad():  # prefix of 6, then one token at a time through the caches
-        out = model(input_ids=ids[:, :6], attention_mask=mask[:, :6], use_cache=True)
+        out = model(input_ids=ids[:, :6], attention_mask=mask[:, :6], cache=model.new_cache())
         steps = [out.logits]
         for t in range(6, 9):
-            out = model(input_ids=ids[:, t:t + 1], attention_mask=mask[:, :t + 1], cache=out.cache, use_cache=True)
+            out = model(input_ids=ids[:, t:t + 1], attention_mask=mask[:, :t + 1], cache=out.cache)
             steps.append(out.logits)
     torch.testing.assert_close(torch.cat(steps, 1)[mask.bool()], full[mask.bool()], rtol=1e-5, atol=1e-5)
     cached = model.generate(ids, mask, max_new_tokens=6, eos_token_id=[])
@@ -274,7 +274,7 @@ def test_training_from_cached_taps_equals_computing_them(mapped_pair, tmp_path):
 
     def loss_and_grads(**states):
         model.zero_grad()
-        loss = model(**batch, **states, return_logits=False, loss_reduction="sum").loss
+        loss = model(**batch, **states, loss="sum").loss
         loss.backward()
         return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 

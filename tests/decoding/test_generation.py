@@ -40,11 +40,11 @@ def test_cached_step_logits_match_recomputed_logits(tiny_models):
     nudge(model)
     ids = random_ids(model, 1, 12)
     full = model(input_ids=ids).logits
-    out = model(input_ids=ids[:, :6], use_cache=True)
+    out = model(input_ids=ids[:, :6], cache=model.new_cache())
     steps = [out.logits]
     for t in range(6, 12):
         out = model(input_ids=ids[:, t : t + 1], attention_mask=torch.ones(1, t + 1, dtype=torch.long),
-                    cache=out.cache, use_cache=True)
+                    cache=out.cache)
         steps.append(out.logits)
     torch.testing.assert_close(torch.cat(steps, 1), full, rtol=1e-4, atol=1e-5)
 

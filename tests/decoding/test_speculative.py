@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from llm_modules import LLMModulesModel
+from llm_modules.bridges import LargeRead
 from llm_modules.decoding.engine import (
     DecodeBatch,
     SamplingOptions,
@@ -217,7 +218,8 @@ def test_the_drafter_after_rollbacks_equals_a_fresh_recompute(mapped_pair, bridg
     ids = torch.tensor([tokens])
     with torch.no_grad():
         states, _ = drafter.encode_large(ids, torch.ones_like(ids), torch.arange(ids.shape[1])[None])
-        fresh = drafter(input_ids=ids, large_states=states, large_source=torch.tensor([source])).logits[0, -1]
+        fresh = drafter.forward_read(LargeRead(source=torch.tensor([source])), input_ids=ids,
+                                     large_states=states).logits[0, -1]
     torch.testing.assert_close(captured[0][0].double(), fresh.double(), rtol=0, atol=1e-9)
 
 

@@ -12,6 +12,7 @@ from transformers import AutoModelForCausalLM
 
 from llm_modules import LLMModulesModel
 from llm_modules.errors import LLMModulesError
+from llm_modules.losses import next_token_loss
 from llm_modules.models.config import CONFIG_FILE, WEIGHTS_FILE
 
 from ..helpers import PAIRS, assert_causal, compose, nudge, random_ids
@@ -200,20 +201,21 @@ def test_loss_only_head_gives_the_same_loss_and_gradients(tiny_models, head, chu
     ids = random_ids(model, 2, 10)
     labels = ids.clone()
     labels[0, :6] = -100
-    full = model(input_ids=ids, labels=labels, loss_reduction="sum")
-    full.loss.backward()
+    full = model(input_ids=ids, labels=labels)
+    full_sum = next_token_loss(full.logits, labels, "sum")
+    full_sum.backward()
     trained = [(n, p) for n, p in model.named_parameters() if p.grad is not None]
     grads = {n: p.grad.clone() for n, p in trained}
     model.zero_grad()
-    picked = model(input_ids=ids, labels=labels, loss_reduction="sum", return_logits=False)
+    picked = model(input_ids=ids, labels=labels, loss="sum")
     assert picked.logits is None
-    torch.testing.assert_close(picked.loss, full.loss)
+    torch.testing.assert_close(picked.loss, full_sum)
     picked.loss.backward()
     assert any(n.startswith("head.") for n in grads) and any(n.startswith("bridge.") for n in grads)
     for n, p in trained:
         torch.testing.assert_close(p.grad, grads[n], msg=n)
     with torch.no_grad():
-        mean = model(input_ids=ids, labels=labels, return_logits=False).loss
+        mean = model(input_ids=ids, labels=labels, loss="mean").loss
         torch.testing.assert_close(mean, model(input_ids=ids, labels=labels).loss)
 
 
@@ -222,3 +224,22 @@ def test_bridge_and_head_take_the_small_models_dtype(tiny_models):
     assert {p.dtype for p in model.parameters()} == {torch.float64}
     ids = random_ids(model, 1, 5)
     assert model(input_ids=ids).logits.dtype == torch.float64
+
+
+def test_forward_takes_what_training_and_plain_decoding_need_and_the_reads_go_through_one_object(tiny_models):
+    """Issue 34, item 3: `forward` has at most 8 parameters (self included); what the bridge reads otherwise
+    is one `LargeRead`, through `forward_read`, whose default read is forward's own."""
+    import inspect
+
+    from llm_modules.bridges import LargeRead
+
+    assert list(inspect.signature(LLMModulesModel.forward).parameters) == [
+        "self", "input_ids", "attention_mask", "labels", "large_states", "cache", "logits_to_keep", "loss"]
+    model = compose(tiny_models, "qwen2", "llama", head="residual", dtype=torch.float64).eval()
+    nudge(model)
+    ids = random_ids(model, 2, 7)
+    with torch.no_grad():
+        torch.testing.assert_close(model.forward_read(LargeRead(), input_ids=ids).logits,
+                                   model(input_ids=ids).logits, rtol=0, atol=0)
+        with pytest.raises(ValueError, match="loss must be"):
+            model(input_ids=ids, labels=ids, loss="total")

@@ -12,12 +12,19 @@ import pytest
 import torch
 
 from llm_modules import LLMModulesModel
+from llm_modules.bridges import LargeRead
 from llm_modules.decoding.engine import DecodeBatch, SamplingOptions, Sequence
 from llm_modules.errors import LLMModulesError
 from llm_modules.models.config import CONFIG_FILE, ComposeConfig
 from llm_modules.tensors import IGNORE_INDEX, answer_start, prompt_source
 
 from ..helpers import OPTIONS, nudge_gates as nudge
+
+
+def until(model, start, **inputs):
+    """The model's forward reading the prompt only: row b's answer starts at start[b]."""
+    return model.forward_read(LargeRead(answer_start=start), **inputs)
+
 
 BRIDGES = ["eca", "ladder", "xattn"]
 
@@ -50,15 +57,15 @@ def test_no_position_reads_a_large_state_after_the_prompt(mapped_pair, bridge):
     mask = torch.ones_like(ids)
     start = torch.tensor([5, 8])
     states, _ = model.encode_large(ids, mask, torch.arange(12)[None].expand(2, -1))  # (B, T, K, dL)
-    out = model(input_ids=ids, attention_mask=mask, large_states=states, answer_start=start).logits
+    out = until(model, start, input_ids=ids, attention_mask=mask, large_states=states).logits
     g = torch.Generator().manual_seed(5)
     noisy = states.clone()
     for row, s in enumerate(start.tolist()):
         noisy[row, s:] = torch.randn(noisy[row, s:].shape, generator=g, dtype=noisy.dtype) * 3
-    blind = model(input_ids=ids, attention_mask=mask, large_states=noisy, answer_start=start).logits
+    blind = until(model, start, input_ids=ids, attention_mask=mask, large_states=noisy).logits
     torch.testing.assert_close(blind, out, rtol=0, atol=1e-10)
     # the model running the large model itself (over the prompts only) gives the same logits
-    own = model(input_ids=ids, attention_mask=mask, answer_start=start).logits
+    own = until(model, start, input_ids=ids, attention_mask=mask).logits
     torch.testing.assert_close(own, out, rtol=0, atol=1e-10)
     # labels say the same as answer_start: the first labelled position
     labels = torch.where(torch.arange(12)[None] >= start[:, None], ids, IGNORE_INDEX)
@@ -66,13 +73,13 @@ def test_no_position_reads_a_large_state_after_the_prompt(mapped_pair, bridge):
     # causal in the tokens: changing tokens from position 9 on changes no earlier logit
     changed = ids.clone()
     changed[:, 9:] = (changed[:, 9:] + 7) % model.vocab_size
-    later = model(input_ids=changed, attention_mask=mask, answer_start=start).logits
+    later = until(model, start, input_ids=changed, attention_mask=mask).logits
     torch.testing.assert_close(later[:, :9], out[:, :9], rtol=0, atol=1e-10)
     assert (later[:, 9:] - out[:, 9:]).abs().max() > 1e-4
     # the prompt's states are read: noise in them moves the answer's logits
     noisy_prompt = states.clone()
     noisy_prompt[:, :5] += torch.randn(noisy_prompt[:, :5].shape, generator=g, dtype=states.dtype)
-    moved = model(input_ids=ids, attention_mask=mask, large_states=noisy_prompt, answer_start=start).logits
+    moved = until(model, start, input_ids=ids, attention_mask=mask, large_states=noisy_prompt).logits
     assert (moved[:, 8:] - out[:, 8:]).abs().max() > 1e-4
 
 
@@ -100,7 +107,7 @@ def test_cached_decoding_equals_full_recompute(mapped_pair, bridge):
     recomputed = model.generate(ids, mask, max_new_tokens=6, eos_token_id=[], use_cache=False)
     assert torch.equal(cached, recomputed)
     full_mask = torch.cat([mask, torch.ones(2, 6, dtype=torch.long)], 1)
-    full = model(input_ids=cached, attention_mask=full_mask, answer_start=torch.full((2,), ids.shape[1])).logits
+    full = until(model, torch.full((2,), ids.shape[1]), input_ids=cached, attention_mask=full_mask).logits
     torch.testing.assert_close(torch.stack(steps, 1), full[:, ids.shape[1] - 1:-1], rtol=1e-9, atol=1e-9)
 
 
@@ -145,8 +152,8 @@ def test_save_load_records_and_restores_the_mode(mapped_pair, tmp_path):
     assert loaded.config.large_reads == "prompt"
     ids = ids_of(model, 1, 10)
     start = torch.tensor([6])
-    torch.testing.assert_close(loaded(input_ids=ids, answer_start=start).logits,
-                               model(input_ids=ids, answer_start=start).logits, rtol=0, atol=0)
+    torch.testing.assert_close(until(loaded, start, input_ids=ids).logits,
+                               until(model, start, input_ids=ids).logits, rtol=0, atol=0)
     assert torch.equal(loaded.generate(ids, max_new_tokens=4, eos_token_id=[]),
                        model.generate(ids, max_new_tokens=4, eos_token_id=[]))
     # a folder saved before the option existed reads everything
@@ -194,7 +201,7 @@ def test_training_from_prompt_only_states_equals_the_full_states_under_the_view(
 
     def loss_and_grads(states):
         model.zero_grad()
-        loss = model(**batch, large_states=states, return_logits=False, loss_reduction="sum").loss
+        loss = model(**batch, large_states=states, loss="sum").loss
         loss.backward()
         return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 

@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from llm_modules.bridges import LargeView
+from llm_modules.bridges import LargeRead, LargeView
 from llm_modules.decoding.rows import RowBatch, processed
 from llm_modules.errors import LLMModulesError
 from llm_modules.tensors import draft_source
@@ -61,8 +61,8 @@ class ComposedDrafter(RowBatch):
         source = torch.stack([
             _shifted(draft_source(int(n - 1) % self.draft_tokens, self.draft_tokens, 1, mask.shape[1])[0], int(p))
             for n, p in zip(lengths.tolist(), pad.tolist())])  # (B, W) in columns
-        cache = self.model(input_ids=ids, attention_mask=mask, large_states=states, large_source=source,
-                           use_cache=True, logits_to_keep=1).cache
+        cache = self.model.forward_read(LargeRead(source=source), input_ids=ids, attention_mask=mask,
+                                        large_states=states, cache=self.model.new_cache(), logits_to_keep=1).cache
         b = ids.shape[0]
         self._join(rows, ids, mask, cache, {"large_mask": mask.clone(), "frontier": states[:, -1],
                                             "chunk": [[] for _ in range(b)], "chunk_states": [None] * b})
@@ -78,9 +78,9 @@ class ComposedDrafter(RowBatch):
         self.ids = torch.cat([self.ids, ids], 1)
         self.mask = torch.cat([self.mask, mask_new], 1)
         self.large_mask = torch.cat([self.large_mask, large_new], 1)
-        out = self.model(input_ids=ids, attention_mask=self.mask, large_states=key_states, cache=self.cache,
-                         use_cache=True, logits_to_keep=1, large_view=LargeView(source, query_states),
-                         large_mask=self.large_mask, vocab_rows=self.vocab)
+        read = LargeRead(view=LargeView(source, query_states), mask=self.large_mask)
+        out = self.model.forward_read(read, input_ids=ids, attention_mask=self.mask, large_states=key_states,
+                                      cache=self.cache, logits_to_keep=1, vocab_rows=self.vocab)
         self.cache = out.cache
         logits = out.logits[:, -1]  # (B, V), or (B, n) over self.vocab
         if self.vocab is None:

@@ -129,7 +129,7 @@ class ComposedObjective(Objective):
         return {} if states is None else {"large_states": states.batch(indices, pad_to=width)}
 
     def loss_sum(self, wrapped: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        return wrapped(**batch, return_logits=False, loss_reduction="sum").loss
+        return wrapped(**batch, loss="sum").loss
 
     def parameter_counts(self) -> dict[str, dict[str, int]]:
         return self.counts

@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from llm_modules.bridges import LargeRead
 from llm_modules.decoding.speculative.composed_proposer import draft_vocabulary
 from llm_modules.models.drafter import DrafterRecord, save_draft_vocab
 from llm_modules.tensors import IGNORE_INDEX, draft_source
@@ -98,7 +99,8 @@ class DrafterParts(TrainedParts):
 
     def forward(self, target_states: torch.Tensor, labels: torch.Tensor, **batch: Any
                 ) -> tuple[torch.Tensor, torch.Tensor]:
-        hidden = self.composed(**batch, return_hidden=True).hidden  # (B, T, dS)
+        read = LargeRead(source=batch.pop("large_source"))  # lagged: the states a drafter has while drafting
+        hidden = self.composed.forward_read(read, hidden=True, **batch).hidden  # (B, T, dS)
         targets = labels[:, 1:].to(hidden.device)  # position t predicts token t + 1
         keep = targets != IGNORE_INDEX  # (B, T-1)
         s = hidden[:, :-1][keep]  # (N, dS)
