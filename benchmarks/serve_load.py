@@ -59,7 +59,7 @@ PROMPTS = [
 
 
 def demo_model() -> str:
-    from llm_modules.models.config import CONFIG_FILE
+    from llm_modules.models.saved import CONFIG_FILE
     from llm_modules.models.specs import cache_dir
 
     for folder in ("runs/demo/best", "runs/demo/last"):

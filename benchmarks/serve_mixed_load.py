@@ -73,7 +73,13 @@ def build_model(folder: Path) -> str:
     import importlib.util
 
     import torch
-    from transformers import GPT2Config, GPT2LMHeadModel, GPT2Tokenizer, LlamaConfig, LlamaForCausalLM
+    from transformers import (
+        GPT2Config,
+        GPT2LMHeadModel,
+        GPT2Tokenizer,
+        LlamaConfig,
+        LlamaForCausalLM,
+    )
 
     from llm_modules import LLMModulesModel
 

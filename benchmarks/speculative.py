@@ -42,13 +42,12 @@ import torch
 from llm_modules.data.prompting import prompt_ids
 from llm_modules.data.sources import load_records
 from llm_modules.decoding.generation import generate
+from llm_modules.decoding.speculative.composed_proposer import ComposedProposer
 from llm_modules.decoding.speculative.prompt_lookup import PromptLookup
 from llm_modules.models.composed import LLMModulesModel
 from llm_modules.models.drafter import DrafterRecord, load_draft_vocab
-from llm_modules.decoding.speculative.composed_proposer import ComposedDrafter
 from llm_modules.models.specs import resolve_model
 from llm_modules.tensors import DTYPES, left_pad
-
 
 WARMUP_TOKENS = 8  # an untimed short run of every row first
 
@@ -238,7 +237,7 @@ def main() -> None:
                 for k in lengths[folder]:
                     for n in args.draft_vocab or [0]:
                         vocab = vocabularies[(folder, n)]
-                        drafter = ComposedDrafter(model, draft_tokens=k or 4, pad_id=pad, vocab=vocab)
+                        drafter = ComposedProposer(model, draft_tokens=k or 4, pad_id=pad, vocab=vocab)
                         result = timed(run_ours, drafter)
                         size_note = f", vocab {n}" if n else (f", vocab {len(vocab)}" if vocab is not None else "")
                         label = f"ours: {run_name(folder, folders)}, K={drafter.draft_tokens}{size_note}"
@@ -318,7 +317,7 @@ def run_spec_bench(args, target, tokenizer, pad, eos, assistant, drafters, lengt
             vocab = vocabularies[(folder, (args.draft_vocab or [0])[0])]
             name = f"ours: {run_name(folder, folders)}, K={k or 4}"
             methods.append((name, lambda p, n, model=model, k=k, vocab=vocab: run_ours(
-                target, [p], 1, n, pad, eos, drafter=ComposedDrafter(model, draft_tokens=k or 4, pad_id=pad,
+                target, [p], 1, n, pad, eos, drafter=ComposedProposer(model, draft_tokens=k or 4, pad_id=pad,
                                                                      vocab=vocab))))
     out = Path(args.output)
     out.mkdir(parents=True, exist_ok=True)

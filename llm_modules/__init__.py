@@ -5,14 +5,11 @@ Enhanced Cross-Attention" (arXiv 2502.08213), causal by default and without the 
 paper's published code.
 
 The sub-packages follow the pipeline, and imports point down this list only (a test checks it):
-entrypoints -> training -> evaluation -> decoding -> states -> data -> models -> bridges -> the
+entrypoints -> training -> evaluation -> states -> data -> models -> decoding -> bridges -> the
 leaf modules (errors, version, devices, tensors).
 """
 
-from llm_modules import _moved
 from llm_modules.models.composed import LLMModulesModel
 from llm_modules.version import __version__
-
-_moved.install()
 
 __all__ = ["LLMModulesModel", "__version__"]

@@ -22,7 +22,7 @@ LAYERS = [
     {"llm_modules.evaluation"},
     {"llm_modules.training"},
     {"llm_modules.entrypoints"},
-    {"llm_modules", "llm_modules._moved", "llm_modules.cli"},  # the package's face: re-exports and old paths
+    {"llm_modules", "llm_modules.cli"},  # the package's face: its one re-export and `python -m llm_modules.cli`
 ]
 
 
@@ -156,17 +156,37 @@ def test_the_real_graph_has_the_arrows_it_should():
     assert "llm_modules.errors" in graph["llm_modules.bridges.base"]
 
 
-@pytest.mark.parametrize("old, new", [("llm_modules.model", "llm_modules.models.composed"),
-                                      ("llm_modules.serving.app", "llm_modules.entrypoints.openai.app")])
-def test_old_import_paths_warn_and_give_the_same_module(old, new):
+@pytest.mark.parametrize("old", ["llm_modules.model", "llm_modules.serving.app", "llm_modules.models.drafting",
+                                 "llm_modules.models.config", "llm_modules.models.stepping", "llm_modules._moved"])
+def test_old_import_paths_are_gone(old):
+    """An unreleased package keeps no shims: the paths of earlier layouts do not import."""
     import importlib
-    import sys
 
-    sys.modules.pop(old, None)
-    with pytest.warns(DeprecationWarning, match="moved to"):
-        module = importlib.import_module(old)
-    assert module is importlib.import_module(new)
-    assert module.__spec__.name == new
+    with pytest.raises(ModuleNotFoundError):
+        importlib.import_module(old)
+
+
+def test_no_shims_and_at_most_six_top_level_modules():
+    """No import finder, no module-level __getattr__, no names kept only as re-exports (`noqa: F401`), and the
+    package's top level holds at most six modules beside its sub-packages."""
+    top = [p.name for p in PACKAGE.glob("*.py") if p.name != "__init__.py"]
+    assert len(top) <= 6, top
+    for name, path in package_modules().items():
+        text = path.read_text()
+        assert "meta_path" not in text, name
+        assert "noqa: F401" not in text, f"{name} re-exports names"
+        tree = ast.parse(text)
+        assert not any(isinstance(n, ast.FunctionDef) and n.name == "__getattr__" for n in tree.body), name
+
+
+def test_each_module_name_is_used_once_outside_registries():
+    """No two modules share a file name, except `__init__` and the PEFT-style `config.py` a registry may keep per
+    method (none today)."""
+    names: dict[str, list[str]] = {}
+    for name, path in package_modules().items():
+        if path.name != "__init__.py":
+            names.setdefault(path.stem, []).append(name)
+    assert {stem: where for stem, where in names.items() if len(where) > 1} == {}
 
 
 def private_reads(root: Path = PACKAGE) -> list[str]:

@@ -13,7 +13,13 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from llm_modules.bridges.base import Bridge, BridgeCache, BridgeShape, LargeRead, LargeView
+from llm_modules.bridges.base import (
+    Bridge,
+    BridgeCache,
+    BridgeShape,
+    LargeRead,
+    LargeView,
+)
 from llm_modules.bridges.eca import EcaBridge, EcaOptions
 from llm_modules.bridges.ladder import LadderBridge, LadderOptions
 from llm_modules.bridges.xattn import XattnBridge, XattnOptions

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from llm_modules.data.prepare import Record, render
+from llm_modules.data.prepare import render
+from llm_modules.data.sources import Record
 from llm_modules.models.saved import run_defaults
 from llm_modules.tensors import IGNORE_INDEX
 

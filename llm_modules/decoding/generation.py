@@ -65,7 +65,7 @@ def generate(
     `pad_token_id` (default: the first EOS id). `generator` draws the samples (default: one seeded
     with `options.seed`, else torch's global one). `streamer` follows transformers' streamer protocol
     (`put(ids)`, `end()`), e.g. TextStreamer; `on_token(ids)` is a plain callback with the (B,) ids of
-    each step. `drafter` (a `speculative.proposer.Drafter`, e.g. the composed model's `ComposedDrafter`) decodes
+    each step. `drafter` (a `speculative.proposer.Proposer`, e.g. the composed model's `ComposedProposer`) decodes
     speculatively: the same tokens (greedy) or the same distribution (sampling), in fewer passes of `model`.
     A prompt plus `max_new_tokens` must fit the positions the model can place, less what the drafter's verify
     pass reserves (`decoding_limits`): checked before decoding (LLMModulesError, one line); with `fit_to_limit`

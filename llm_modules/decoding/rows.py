@@ -5,7 +5,7 @@ choosing a token through a row's processors.
 
 `RowBatch` is the abstract surface (as transformers' `CandidateGenerator` is for candidate generators):
 the plain batch (`engine.DecodeBatch`), the speculative batch (`speculative.batch.SpeculativeBatch`) and the
-composed model's proposer (`speculative.composed_proposer.ComposedDrafter`) build on it, so a row joins,
+composed model's proposer (`speculative.composed_proposer.ComposedProposer`) build on it, so a row joins,
 leaves and fails the same way in each. A subclass says how its newcomers are prefilled (`_prefill`), which
 more tensors move with the columns (`COLUMNS`, (B, S) like the mask) and which per-row state moves with the
 rows (`ROW_STATE`: lists, or tensors with the rows on dim 0).

@@ -2,7 +2,7 @@
 and selected: what continuous batching (`llm_modules.decoding.engine`) needs from a model.
 
 A `Stepper` wraps a plain Hugging Face causal LM (its own cache) or a model that supplies its own
-(`decode_stepper()`: the composed model's three caches, `llm_modules.models.stepping`), and lists every cached
+(`decode_stepper()`: the composed model's three caches, `llm_modules.models.composed_stepper`), and lists every cached
 tensor as a `Slot`: (B, nh, N, hs) whose N columns are the last ones of the S positions seen, right
 aligned, so padding a cache on the left (zeros, masked) or cutting leading columns keeps each row's
 keys where the attention mask says they are.

@@ -14,7 +14,7 @@ from typing import Any, Callable
 import torch
 
 from llm_modules.errors import LLMModulesError
-from llm_modules.models.config import ComposeConfig
+from llm_modules.models.compose_config import ComposeConfig
 
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {}
 MODEL_HELP = "a saved model folder, or a training run folder (train --output: its best/, else last/)"

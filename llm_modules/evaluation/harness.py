@@ -34,7 +34,6 @@ from llm_modules.decoding.sampling import SamplingOptions
 from llm_modules.errors import LLMModulesError
 from llm_modules.losses import next_token_loss
 from llm_modules.models.loading import load_model
-from llm_modules.models.saved import run_defaults  # noqa: F401 (its old home)
 from llm_modules.tensors import IGNORE_INDEX, left_pad
 
 logger = logging.getLogger(__name__)
@@ -68,7 +67,7 @@ class PlainScorer:
         self.model, self.tokenizer = model.eval(), tokenizer
         self.max_positions = getattr(model.config, "max_position_embeddings", None)
         self.device = next(model.parameters()).device
-        self.drafter = None  # a speculative ComposedDrafter: generate speculatively (the same tokens)
+        self.drafter = None  # a speculative ComposedProposer: generate speculatively (the same tokens)
 
     def decode_limits(self) -> tuple[int | None, int | None]:
         """(positions a prompt and its generation may fill, less what the drafter reserves; the model's own)."""

@@ -20,11 +20,22 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from llm_modules.bridges import BridgeCache, BridgeShape, LargeRead, LargeView, bridge_classes
+from llm_modules.bridges import (
+    BridgeCache,
+    BridgeShape,
+    LargeRead,
+    LargeView,
+    bridge_classes,
+)
 from llm_modules.decoding.steppers import Decoder
 from llm_modules.errors import LLMModulesError
 from llm_modules.losses import answer_logit_targets, next_token_loss
-from llm_modules.models.config import ComposeConfig
+from llm_modules.models.compose_config import ComposeConfig
+from llm_modules.models.composed_stepper import (
+    ComposedCache,
+    ComposedStepper,
+    PromptReadStepper,
+)
 from llm_modules.models.heads import ComposedHead
 from llm_modules.models.large import Released, is_placed, num_layers, tapped_states
 from llm_modules.models.saved import (
@@ -35,11 +46,6 @@ from llm_modules.models.saved import (
     plain_name,
     resolve_model_folder,
     save_weights,
-)
-from llm_modules.models.stepping import (
-    ComposedCache,
-    ComposedStepper,
-    PromptReadStepper,
 )
 from llm_modules.models.vocab_map import VocabMap
 from llm_modules.tensors import answer_start as first_label
@@ -514,7 +520,7 @@ class LLMModulesModel(nn.Module):
 
     def decode_stepper(self):
         """What the decoding engine steps: this model's three KV caches, or, reading the prompt only, the
-        bridge's and the small model's (`llm_modules.models.stepping`)."""
+        bridge's and the small model's (`llm_modules.models.composed_stepper`)."""
         return PromptReadStepper(self) if self.config.large_reads == "prompt" else ComposedStepper(self)
 
     def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, options: Any = None,

@@ -52,7 +52,6 @@ def tapped_states(decoder: Decoder, taps: list[int], last: int, cache: Any = Non
 
 
 # ----------------------------------------------------------------------------- loading
-LARGE_DTYPES = DTYPES  # its old name
 DEVICE_MAPS = ("none", "auto")
 QUANTIZATIONS = ("none", "8bit", "4bit")
 

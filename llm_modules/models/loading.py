@@ -26,7 +26,7 @@ class RunnableModel:
     model: nn.Module
     tokenizer: Any
     composed: bool
-    drafter: Any = None  # a speculative ComposedDrafter when decoding speculatively (load_drafter)
+    drafter: Any = None  # a speculative ComposedProposer when decoding speculatively (load_drafter)
 
 
 def load_model(spec: str, device: Any = None, dtype: torch.dtype = torch.float32,
@@ -66,9 +66,13 @@ def load_drafter(folder: str, target: RunnableModel, spec: str, draft_tokens: in
     against the drafter's record of it. `draft_tokens` defaults to the K it trained with; it drafts from the
     draft vocabulary it trained with, if any."""
     from llm_modules.decoding.limits import model_positions
+    from llm_modules.decoding.speculative.composed_proposer import ComposedProposer
     from llm_modules.models.composed import LLMModulesModel
-    from llm_modules.decoding.speculative.composed_proposer import ComposedDrafter
-    from llm_modules.models.drafter import DrafterRecord, check_draft_tokens, load_draft_vocab
+    from llm_modules.models.drafter import (
+        DrafterRecord,
+        check_draft_tokens,
+        load_draft_vocab,
+    )
     from llm_modules.models.specs import LoadedModel
 
     if target.composed:
@@ -92,4 +96,4 @@ def load_drafter(folder: str, target: RunnableModel, spec: str, draft_tokens: in
         raise LLMModulesError(f"{what} leaves no room in the {min(limits)} positions the model and its drafter can "
                               f"place: each verify pass reads K + 1 positions ahead; use at most {min(limits) - 3}")
     pad = target.tokenizer.pad_token_id if target.tokenizer.pad_token_id is not None else 0
-    return ComposedDrafter(drafter.eval(), draft_tokens=k, pad_id=pad, vocab=vocab)
+    return ComposedProposer(drafter.eval(), draft_tokens=k, pad_id=pad, vocab=vocab)

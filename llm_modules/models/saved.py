@@ -21,7 +21,7 @@ from llm_modules.errors import LLMModulesError
 
 logger = logging.getLogger(__name__)
 
-CONFIG_FILE = "llm_modules_config.json"  # a composed model's description (models.config.ComposeConfig)
+CONFIG_FILE = "llm_modules_config.json"  # a composed model's description (models.compose_config.ComposeConfig)
 PLAIN_FILE = "llm_modules_plain.json"  # a plain (finetune / lora / distill) model's (models.plain.PlainSpec)
 WEIGHTS_FILE = "model.safetensors"  # the trained tensors, beside either description
 RUN_CONFIG_FILE = "run_config.json"  # a training run's options (training.config.TrainConfig)

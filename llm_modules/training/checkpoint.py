@@ -172,7 +172,7 @@ def load_checkpoint(path: Path, model: Any, optimizer: torch.optim.Optimizer, ra
                     restore: Any = None) -> dict[str, Any]:
     """Restore weights, optimizer and this process's RNG from `path`; returns the trainer state.
     `restore(weights, optimizer_state)` replaces the loading of the first two (FSDP scatters them)."""
-    from llm_modules.models.config import WEIGHTS_FILE
+    from llm_modules.models.saved import WEIGHTS_FILE
 
     try:
         state = json.loads((path / STATE_FILE).read_text())

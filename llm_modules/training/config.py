@@ -19,7 +19,7 @@ from typing import Any
 from llm_modules.bridges import BRIDGES, bridge_options, option_names
 from llm_modules.data.prepare import LOSS_ON, OVERFLOW, TEMPLATES, DataConfig
 from llm_modules.errors import LLMModulesError
-from llm_modules.models.config import (
+from llm_modules.models.compose_config import (
     GATED_BRIDGES,
     HEAD_KINDS,
     LARGE_READS,
@@ -27,7 +27,6 @@ from llm_modules.models.config import (
     ComposeConfig,
 )
 from llm_modules.models.large import DEVICE_MAPS, QUANTIZATIONS
-from llm_modules.models.saved import RUN_CONFIG_FILE  # noqa: F401 (its old home)
 from llm_modules.tensors import DTYPES
 from llm_modules.training.objectives import METHODS, method_classes
 from llm_modules.training.objectives.options import (

@@ -37,11 +37,10 @@ from llm_modules.data.prepare import (
     prepare_data,
 )
 from llm_modules.errors import LLMModulesError
-from llm_modules.models.config import WEIGHTS_FILE
-from llm_modules.models.saved import RUN_MODELS
+from llm_modules.models.saved import RUN_CONFIG_FILE, RUN_MODELS, WEIGHTS_FILE
 from llm_modules.tensors import IGNORE_INDEX
 from llm_modules.training import checkpoint as ckpt
-from llm_modules.training.config import RUN_CONFIG_FILE, TrainConfig
+from llm_modules.training.config import TrainConfig
 from llm_modules.training.objectives import Objective, build_objective
 from llm_modules.training.report import held_out_samples, plot_losses
 from llm_modules.training.run_lock import LOCK_FILE, RunLock, take_run_lock

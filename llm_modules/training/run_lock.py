@@ -23,7 +23,12 @@ from pathlib import Path
 from typing import Any
 
 from llm_modules.errors import LLMModulesError
-from llm_modules.states.fence import STALE_LOCK_SECONDS, break_lock, host_name, read_lock
+from llm_modules.states.fence import (
+    STALE_LOCK_SECONDS,
+    break_lock,
+    host_name,
+    read_lock,
+)
 from llm_modules.states.leases import TOUCH_SECONDS, holder_gone
 
 LOCK_FILE = "run.lock"

@@ -13,15 +13,19 @@ from safetensors.torch import load_file
 
 from llm_modules import LLMModulesModel
 from llm_modules.errors import LLMModulesError
-from llm_modules.models.config import (
-    CONFIG_FILE,
-    CONFIG_FORMAT,
-    WEIGHTS_FILE,
-    ComposeConfig,
-)
+from llm_modules.models.compose_config import CONFIG_FORMAT, ComposeConfig
+from llm_modules.models.saved import CONFIG_FILE, WEIGHTS_FILE
 from llm_modules.tensors import positions_from_mask
 
-from ..helpers import COMBOS, FIXTURES, LARGE_DIM, OPTIONS, SMALL_DIM, assert_causal, random_ids
+from ..helpers import (
+    COMBOS,
+    FIXTURES,
+    LARGE_DIM,
+    OPTIONS,
+    SMALL_DIM,
+    assert_causal,
+    random_ids,
+)
 from ..helpers import compose_pair as compose
 from ..helpers import nudge_gates as nudge
 

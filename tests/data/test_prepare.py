@@ -17,16 +17,15 @@ from llm_modules.data.prepare import (
     IGNORE_INDEX,
     STRATOS_SYSTEM_PROMPT,
     DataConfig,
-    Record,
     TokenizedExample,
     collate,
     length_grouped_batches,
-    load_records,
     prepare_data,
     render,
     split_records,
     subset_records,
 )
+from llm_modules.data.sources import Record, load_records
 from llm_modules.errors import LLMModulesError
 
 from ..helpers import FIXTURES as FIX

@@ -8,14 +8,9 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from llm_modules.decoding.engine import (
-    DecodeBatch,
-    Engine,
-    EngineFull,
-    SamplingOptions,
-    Sequence,
-)
+from llm_modules.decoding.engine import DecodeBatch, Engine, EngineFull, Sequence
 from llm_modules.decoding.generation import generate
+from llm_modules.decoding.sampling import SamplingOptions
 from llm_modules.errors import LLMModulesError
 
 from ..helpers import compose, nudge, random_ids

@@ -7,10 +7,14 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from llm_modules.decoding.engine import DecodeBatch, SamplingOptions, Sequence
+from llm_modules.decoding.engine import DecodeBatch, Sequence
+from llm_modules.decoding.sampling import SamplingOptions
 from llm_modules.decoding.speculative.acceptance import accept_sampled
 from llm_modules.decoding.speculative.batch import SpeculativeBatch
-from llm_modules.decoding.speculative.prompt_lookup import PromptLookup, find_continuation
+from llm_modules.decoding.speculative.prompt_lookup import (
+    PromptLookup,
+    find_continuation,
+)
 from llm_modules.errors import LLMModulesError
 
 

@@ -11,14 +11,11 @@ import torch
 
 from llm_modules import LLMModulesModel
 from llm_modules.bridges import LargeRead
-from llm_modules.decoding.engine import (
-    DecodeBatch,
-    SamplingOptions,
-    Sequence,
-)
+from llm_modules.decoding.engine import DecodeBatch, Sequence
+from llm_modules.decoding.sampling import SamplingOptions
 from llm_modules.decoding.speculative.acceptance import accept_greedy, accept_sampled
 from llm_modules.decoding.speculative.batch import SpeculativeBatch
-from llm_modules.decoding.speculative.composed_proposer import ComposedDrafter
+from llm_modules.decoding.speculative.composed_proposer import ComposedProposer
 from llm_modules.decoding.speculative.target import shift_right
 
 from ..helpers import OPTIONS
@@ -68,7 +65,7 @@ def test_greedy_speculative_output_is_the_targets_own(mapped_pair, bridge, input
     options = [SamplingOptions(max_new_tokens=n) for n in (12, 7, 15, 9)]
     alone = _target_alone(target, prompts, options)
     for k in (1, 3):
-        spec = SpeculativeBatch(target, ComposedDrafter(drafter, draft_tokens=k))
+        spec = SpeculativeBatch(target, ComposedProposer(drafter, draft_tokens=k))
         assert _run(spec, prompts, options) == alone
         assert spec.stats.passes > 0
 
@@ -80,7 +77,7 @@ def test_rows_joining_and_leaving_keep_the_targets_output(mapped_pair):
     options = [SamplingOptions(max_new_tokens=n) for n in (5, 14, 9, 11, 3, 13)]
     alone = _target_alone(target, prompts, options)
     for join_at in (0, 2, 5):
-        spec = SpeculativeBatch(target, ComposedDrafter(drafter, draft_tokens=3))
+        spec = SpeculativeBatch(target, ComposedProposer(drafter, draft_tokens=3))
         assert _run(spec, prompts, options, join_at=join_at) == alone
         # rows verified per pass: 1 to 6, fewer once rows leave; every verified row drafted 3 tokens
         assert spec.stats.passes <= spec.stats.row_passes < 6 * spec.stats.passes
@@ -94,7 +91,7 @@ def test_a_bad_drafter_still_gives_the_targets_tokens_only_slower(mapped_pair):
     target = drafter.large
     prompts = _prompts(drafter.vocab_size, seed=7)
     options = [SamplingOptions(max_new_tokens=10)] * 4
-    spec = SpeculativeBatch(target, ComposedDrafter(drafter, draft_tokens=4))
+    spec = SpeculativeBatch(target, ComposedProposer(drafter, draft_tokens=4))
     assert _run(spec, prompts, options) == _target_alone(target, prompts, options)
     assert spec.stats.accepted < spec.stats.drafted / 4
 
@@ -174,7 +171,7 @@ def test_rows_accepting_different_numbers_of_drafts_keep_the_targets_output(mapp
     prompts = _prompts(drafter.vocab_size, n=5, seed=9)
     options = [SamplingOptions(max_new_tokens=n) for n in (16, 11, 19, 6, 14)]
     alone = _target_alone(target, prompts, options)
-    wrapped = PartlyRight(ComposedDrafter(drafter, draft_tokens=3), target)
+    wrapped = PartlyRight(ComposedProposer(drafter, draft_tokens=3), target)
     spec = SpeculativeBatch(target, wrapped)
     assert _run(spec, prompts, options, join_at=1) == alone
     assert set(wrapped.accepted_counts) == {0, 1, 2, 3}
@@ -192,7 +189,7 @@ def test_the_drafter_after_rollbacks_equals_a_fresh_recompute(mapped_pair, bridg
     drafter = _drafter(mapped_pair, bridge)
     target = drafter.large
     prompt = _prompts(drafter.vocab_size, n=1, seed=3)[0]
-    wrapped = PartlyRight(ComposedDrafter(drafter, draft_tokens=k), target, seed=2)
+    wrapped = PartlyRight(ComposedProposer(drafter, draft_tokens=k), target, seed=2)
     spec = SpeculativeBatch(target, wrapped)
     seq = Sequence(prompt, SamplingOptions(max_new_tokens=60), [])
     spec.add([seq])
@@ -266,7 +263,7 @@ def test_generate_with_a_drafter_gives_the_targets_tokens_and_streams_them_in_or
     alone = generate(target, ids, mask, max_new_tokens=11, eos_token_id=[])
     streamed = []
     spec = generate(target, ids, mask, max_new_tokens=11, eos_token_id=[], on_token=streamed.append,
-                    drafter=ComposedDrafter(drafter, draft_tokens=3))
+                    drafter=ComposedProposer(drafter, draft_tokens=3))
     assert torch.equal(spec, alone)
     assert torch.equal(torch.stack(streamed, 1), alone[:, ids.shape[1]:])
 
@@ -298,7 +295,7 @@ def test_sampled_speculative_tokens_follow_the_targets_distribution(mapped_pair)
     n = SAMPLES
     # every seed is a row of one batch (rows keep their own generators): one prefill, a few verify passes
     seqs = [Sequence(prompt, options, eos, generator=torch.Generator().manual_seed(seed)) for seed in range(n)]
-    batch = SpeculativeBatch(target, ComposedDrafter(drafter, draft_tokens=2))
+    batch = SpeculativeBatch(target, ComposedProposer(drafter, draft_tokens=2))
     batch.add(seqs)
     while batch.rows:
         batch.step()
@@ -325,7 +322,7 @@ def test_a_draft_vocabulary_drafts_only_its_tokens_and_keeps_the_targets_output(
     alone = _target_alone(target, prompts, options)
     vocab = draft_vocabulary(alone + prompts, 30, always=[0])
     assert vocab.numel() <= 31 and torch.equal(vocab, vocab.sort().values)
-    inner = ComposedDrafter(drafter, draft_tokens=3, vocab=vocab)
+    inner = ComposedProposer(drafter, draft_tokens=3, vocab=vocab)
     proposed = []
     original = inner.propose
 
@@ -350,7 +347,7 @@ def test_a_joining_prompt_runs_the_targets_head_on_its_last_position_only(mapped
     hook = target.get_output_embeddings().register_forward_hook(
         lambda m, args, out: seen.append(args[0].shape[1] if args[0].is_contiguous() else "strided"))
     try:
-        for batch in (DecodeBatch(target), SpeculativeBatch(target, ComposedDrafter(drafter, draft_tokens=2))):
+        for batch in (DecodeBatch(target), SpeculativeBatch(target, ComposedProposer(drafter, draft_tokens=2))):
             seen.clear()
             batch.add([Sequence(p, o, []) for p, o in zip(prompts, options)])
             # every head call at the join (the drafter's too) over one position, in a contiguous tensor (a
@@ -359,7 +356,7 @@ def test_a_joining_prompt_runs_the_targets_head_on_its_last_position_only(mapped
     finally:
         hook.remove()
     alone = [_target_alone(target, [p], [o])[0] for p, o in zip(prompts, options)]
-    assert _run(SpeculativeBatch(target, ComposedDrafter(drafter, draft_tokens=2)), prompts, options) == alone
+    assert _run(SpeculativeBatch(target, ComposedProposer(drafter, draft_tokens=2)), prompts, options) == alone
 
 
 # ---------------------------------------------------------------------- one request never fails another
@@ -382,7 +379,7 @@ def test_a_prompt_whose_prefill_fails_ends_alone_and_its_neighbours_decode_as_al
     prompts = _prompts(drafter.vocab_size, n=2, seed=11)
     options = [SamplingOptions(max_new_tokens=n) for n in (9, 7)]
     alone = _target_alone(target, prompts, options)
-    batch = SpeculativeBatch(target, ComposedDrafter(drafter, draft_tokens=2)) if speculative else DecodeBatch(target)
+    batch = SpeculativeBatch(target, ComposedProposer(drafter, draft_tokens=2)) if speculative else DecodeBatch(target)
     if speculative:
         batch.stepper.run = _limited(batch.stepper.run, 12, prefill_only=True)
     else:
@@ -404,7 +401,7 @@ def test_a_row_whose_own_choice_fails_in_a_verify_pass_ends_alone_and_the_others
     prompts = _prompts(drafter.vocab_size, n=3, seed=12)
     options = [SamplingOptions(max_new_tokens=8)] * 3
     alone = _target_alone(target, prompts, options)
-    batch = SpeculativeBatch(target, ComposedDrafter(drafter, draft_tokens=2))
+    batch = SpeculativeBatch(target, ComposedProposer(drafter, draft_tokens=2))
     bad = Sequence(prompts[0], SamplingOptions(max_new_tokens=20), [])
 
     def breaks_later(ids, scores):
@@ -425,7 +422,7 @@ def test_a_failure_no_row_causes_alone_ends_every_row_and_leaves_the_batch_usabl
     drafter = _drafter(mapped_pair, "eca")
     target = drafter.large
     prompts = _prompts(drafter.vocab_size, n=3, seed=13)
-    inner = ComposedDrafter(drafter, draft_tokens=2)
+    inner = ComposedProposer(drafter, draft_tokens=2)
     batch = SpeculativeBatch(target, inner)
     propose, calls = inner.propose, []
 
@@ -453,7 +450,7 @@ def test_the_engine_with_a_drafter_ends_a_row_whose_listener_raises_and_decodes_
     drafter = _drafter(mapped_pair, "ladder")
     target = drafter.large
     good_prompt, bad_prompt, next_prompt = _prompts(drafter.vocab_size, n=3, seed=14)
-    engine = Engine(target, tokenizer=None, max_batch=4, max_queue=4, drafter=ComposedDrafter(drafter, draft_tokens=2))
+    engine = Engine(target, tokenizer=None, max_batch=4, max_queue=4, drafter=ComposedProposer(drafter, draft_tokens=2))
     done = threading.Semaphore(0)
 
     def bad_listener(seq):

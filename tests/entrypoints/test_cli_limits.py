@@ -13,8 +13,13 @@ from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausa
 from llm_modules import LLMModulesModel
 from llm_modules.entrypoints.cli import main
 from llm_modules.errors import LLMModulesError
+from llm_modules.models.drafter import (
+    DRAFT_VOCAB_FILE,
+    MAX_DRAFT_TOKENS,
+    DrafterRecord,
+    save_draft_vocab,
+)
 from llm_modules.models.saved import DRAFTER_FILE
-from llm_modules.models.drafter import DRAFT_VOCAB_FILE, MAX_DRAFT_TOKENS, DrafterRecord, save_draft_vocab
 
 from ..helpers import CHAT_TEMPLATE, gpt2_tokenizer
 
@@ -102,9 +107,8 @@ def test_chat_with_a_drafter_keeps_the_verify_pass_in_the_context(models, capsys
 
 
 def test_the_servers_refusal_names_the_models_limit_and_the_drafters_reserve(models):
-    from llm_modules.decoding.engine import SamplingOptions
+    from llm_modules.decoding.sampling import SamplingOptions
     from llm_modules.entrypoints.openai import build_app
-
     from llm_modules.entrypoints.openai.app import ApiError, sampling_options
     from llm_modules.entrypoints.openai.protocol import CompletionRequest
 

@@ -218,7 +218,8 @@ def test_prompts_render_off_the_event_loop(server, monkeypatch):
 
 
 def test_a_chat_template_renders_twice_however_many_turns():
-    from llm_modules.data.prepare import Record, render
+    from llm_modules.data.prepare import render
+    from llm_modules.data.sources import Record
     from llm_modules.entrypoints.openai.text import PromptFormat
 
     from ..helpers import gpt2_tokenizer

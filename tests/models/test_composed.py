@@ -13,7 +13,7 @@ from transformers import AutoModelForCausalLM
 from llm_modules import LLMModulesModel
 from llm_modules.errors import LLMModulesError
 from llm_modules.losses import next_token_loss
-from llm_modules.models.config import CONFIG_FILE, WEIGHTS_FILE
+from llm_modules.models.saved import CONFIG_FILE, WEIGHTS_FILE
 
 from ..helpers import PAIRS, assert_causal, compose, nudge, random_ids
 

@@ -13,8 +13,8 @@ from transformers import AutoModelForCausalLM
 from llm_modules import LLMModulesModel
 from llm_modules.entrypoints.cli import main
 from llm_modules.errors import LLMModulesError
-from llm_modules.models.config import CONFIG_FILE
 from llm_modules.models.large_identity import sampled_digest, weights_digest
+from llm_modules.models.saved import CONFIG_FILE
 
 
 @pytest.fixture

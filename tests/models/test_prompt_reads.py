@@ -13,12 +13,15 @@ import torch
 
 from llm_modules import LLMModulesModel
 from llm_modules.bridges import LargeRead
-from llm_modules.decoding.engine import DecodeBatch, SamplingOptions, Sequence
+from llm_modules.decoding.engine import DecodeBatch, Sequence
+from llm_modules.decoding.sampling import SamplingOptions
 from llm_modules.errors import LLMModulesError
-from llm_modules.models.config import CONFIG_FILE, ComposeConfig
+from llm_modules.models.compose_config import ComposeConfig
+from llm_modules.models.saved import CONFIG_FILE
 from llm_modules.tensors import IGNORE_INDEX, answer_start, prompt_source
 
-from ..helpers import OPTIONS, nudge_gates as nudge
+from ..helpers import OPTIONS
+from ..helpers import nudge_gates as nudge
 
 
 def until(model, start, **inputs):

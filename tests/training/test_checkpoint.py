@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 
 from llm_modules import LLMModulesModel
 from llm_modules.errors import LLMModulesError
-from llm_modules.models.config import WEIGHTS_FILE
+from llm_modules.models.saved import WEIGHTS_FILE
 from llm_modules.states.fence import host_name
 from llm_modules.training import checkpoint as ckpt
 from llm_modules.training import run_lock

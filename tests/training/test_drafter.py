@@ -16,9 +16,8 @@ from llm_modules.data.prepare import collate, pad_id, prepare_data
 from llm_modules.entrypoints.cli import main
 from llm_modules.errors import LLMModulesError
 from llm_modules.models.composed import LLMModulesModel
-from llm_modules.models.config import WEIGHTS_FILE
 from llm_modules.models.drafter import DrafterRecord
-from llm_modules.models.saved import DRAFTER_FILE
+from llm_modules.models.saved import DRAFTER_FILE, WEIGHTS_FILE
 from llm_modules.states.store import model_state_key
 from llm_modules.tensors import IGNORE_INDEX
 from llm_modules.training.config import TrainConfig

@@ -10,7 +10,11 @@ from pathlib import Path
 import pytest
 
 from llm_modules.entrypoints.cli import main
-from llm_modules.training.config import LEARNING_RATES, PAPER_LEARNING_RATES, TrainConfig
+from llm_modules.training.config import (
+    LEARNING_RATES,
+    PAPER_LEARNING_RATES,
+    TrainConfig,
+)
 
 DOCS = Path(__file__).parents[2] / "docs" / "training.md"
 

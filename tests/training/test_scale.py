@@ -15,8 +15,8 @@ from safetensors.torch import load_file
 from llm_modules import LLMModulesModel
 from llm_modules.entrypoints.cli import main
 from llm_modules.errors import LLMModulesError
-from llm_modules.models.config import WEIGHTS_FILE
 from llm_modules.models.large import is_placed, load_options
+from llm_modules.models.saved import WEIGHTS_FILE
 from llm_modules.states.fence import build_name, finish_lock, host_name, stale_build
 from llm_modules.states.store import INDEX_FILE, StateCache, state_cache_key
 from llm_modules.training.config import TrainConfig

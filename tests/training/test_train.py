@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 
 from llm_modules.entrypoints.cli import main
 from llm_modules.errors import LLMModulesError
-from llm_modules.models.config import WEIGHTS_FILE
+from llm_modules.models.saved import WEIGHTS_FILE
 
 from ..helpers import losses, run_cli, write_data
 
@@ -442,8 +442,9 @@ def answer_alone(model, example, max_new_tokens: int) -> str:
 def test_prompt_ids_match_training_render(tiny_pair_with_tokenizer):
     from transformers import AutoTokenizer
 
-    from llm_modules.data.prepare import Record, render
+    from llm_modules.data.prepare import render
     from llm_modules.data.prompting import prompt_ids
+    from llm_modules.data.sources import Record
 
     tok = AutoTokenizer.from_pretrained(tiny_pair_with_tokenizer["large"])
     messages = [{"role": "user", "content": "What is 3 plus 4?"}]

@@ -8,14 +8,14 @@ standard rule (Leviathan et al. 2023; Chen et al. 2023): draft d with drafter pr
 with probability min(1, p(d) / q(d)); at the first rejection the row samples from the normalised
 positive part of p - q; when all K are kept it samples its extra token from p.
 
-The drafter proposes and learns which tokens were kept (`Drafter`); the target is any causal LM run
+The drafter proposes and learns which tokens were kept (`Proposer`); the target is any causal LM run
 through a `TargetStepper` that also returns the hidden states a drafter reads; the rows, their caches
 and their rollback past rejected tokens are `SpeculativeBatch`'s, which decodes like
 `engine.DecodeBatch` (rows join between steps, leave when done), so generate, chat, eval and serve
 take it in its place.
 
 The package, laid out as vLLM's `v1/spec_decode/` (proposers) beside its `rejection_sampler.py`:
-`proposer` (the `Drafter` interface a proposer implements), `composed_proposer` (the composed model as a
+`proposer` (the `Proposer` interface a proposer implements), `composed_proposer` (the composed model as a
 proposer: its runtime; the draft network itself is `llm_modules.models.composed`), `prompt_lookup` (drafts
 copied from the row's own context, no network), `acceptance` (the
 rules that keep drafts), `target` (the target's stepper and the rollback of its caches), `batch` (the rows

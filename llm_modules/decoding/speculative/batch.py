@@ -11,8 +11,12 @@ import torch
 
 from llm_modules.decoding.rows import RowBatch, processed
 from llm_modules.decoding.speculative.acceptance import accept_greedy, accept_sampled
-from llm_modules.decoding.speculative.proposer import Drafter
-from llm_modules.decoding.speculative.target import TargetStepper, drop_last, shift_right
+from llm_modules.decoding.speculative.proposer import Proposer
+from llm_modules.decoding.speculative.target import (
+    TargetStepper,
+    drop_last,
+    shift_right,
+)
 from llm_modules.errors import LLMModulesError
 
 
@@ -52,7 +56,7 @@ class SpeculativeBatch(RowBatch):
 
     ROW_STATE = ("pending",)
 
-    def __init__(self, target: Any, drafter: Drafter, pad_id: int = 0, draft_tokens: int | None = None):
+    def __init__(self, target: Any, drafter: Proposer, pad_id: int = 0, draft_tokens: int | None = None):
         k = draft_tokens if draft_tokens is not None else drafter.draft_tokens
         if k < 1:
             raise LLMModulesError(f"--draft-tokens must be >= 1, got {k}")

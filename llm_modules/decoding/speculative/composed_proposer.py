@@ -1,4 +1,4 @@
-"""The composed model as a speculative drafter (`proposer.Drafter`): its large model IS the target,
+"""The composed model as a speculative drafter (`proposer.Proposer`): its large model IS the target,
 whose hidden states it reads only up to the last token the target has verified.
 
 Per round each row hands the drafter a chunk: the token the target chose last round and the drafts it
@@ -23,7 +23,7 @@ from llm_modules.errors import LLMModulesError
 from llm_modules.tensors import draft_source
 
 
-class ComposedDrafter(RowBatch):
+class ComposedProposer(RowBatch):
     """Drafts for a SpeculativeBatch with an LLMModulesModel whose large model is the target. Its rows are the
     batch's (`RowBatch`: joined, kept and realigned as the batch's are), with, per position, the mask of
     the real large states (`large_mask`) and, per row, the target's state at its last verified token

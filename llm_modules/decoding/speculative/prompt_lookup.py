@@ -36,7 +36,7 @@ def find_continuation(context: list[int], k: int, max_ngram: int = 3, min_ngram:
 
 
 class PromptLookup:
-    """A drafter (`decoding.speculative.proposer.Drafter`) that copies from each row's context; reads no target states."""
+    """A proposer (`decoding.speculative.proposer.Proposer`) that copies from each row's context; reads no target states."""
 
     taps: list[int] = []
     max_positions = None

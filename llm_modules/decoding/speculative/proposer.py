@@ -1,4 +1,10 @@
-"""What a proposer (a drafter) implements for a SpeculativeBatch: the interface every drafter is held to."""
+"""What a proposer implements for a SpeculativeBatch: the interface every source of draft tokens is held to.
+
+Words used once each: a *proposer* is anything that proposes draft tokens at decode time (this interface);
+a *drafter* is the trained draft network (`train --method drafter`: a composed model folder plus its
+`DrafterRecord`), which `composed_proposer.ComposedProposer` runs as a proposer; `prompt_lookup.PromptLookup`
+is a proposer with no network.
+"""
 
 from __future__ import annotations
 
@@ -7,7 +13,7 @@ from typing import Any, Protocol
 import torch
 
 
-class Drafter(Protocol):
+class Proposer(Protocol):
     """Proposes tokens for the rows of a SpeculativeBatch and keeps its own per-row state in step with them.
 
     `taps`: the target's hidden-state indices it reads (as in `output_hidden_states`; the target's layer

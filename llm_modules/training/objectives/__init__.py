@@ -60,7 +60,7 @@ def _drafter(config: Any, device: Any = "cpu", processes: int = 1) -> Objective:
 
 
 def _plain(config: Any, device: Any = "cpu", processes: int = 1) -> Objective:
-    from llm_modules.training.objectives.plain import plain_objective
+    from llm_modules.training.objectives.baselines import plain_objective
 
     return plain_objective(config, device, processes)
 

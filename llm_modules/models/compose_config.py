@@ -11,7 +11,7 @@ from typing import Any
 
 from llm_modules.bridges import bridge_options, option_names
 from llm_modules.errors import LLMModulesError
-from llm_modules.models.saved import CONFIG_FILE, WEIGHTS_FILE  # noqa: F401 (WEIGHTS_FILE: its old home)
+from llm_modules.models.saved import CONFIG_FILE
 
 HEAD_KINDS = ("new", "projected", "residual")
 SMALL_INPUTS = ("bridge", "mapped")
