@@ -17,13 +17,7 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from llm_modules.data.sources import (  # noqa: F401
-    RG_PREFIX,
-    Record,
-    load_records,
-    parse_reasoning_gym_spec,
-    to_record,
-)
+from llm_modules.data.sources import Record, load_records
 from llm_modules.errors import LLMModulesError
 from llm_modules.tensors import IGNORE_INDEX, right_pad
 
