@@ -28,6 +28,7 @@ import json
 import platform
 import subprocess
 import sys
+from collections import Counter
 from pathlib import Path
 
 import torch
@@ -184,10 +185,13 @@ def compare(path_a: str, path_b: str) -> int:
         if "accepted_per_pass" in ra:
             equal = ra["accepted_per_pass"] == rb["accepted_per_pass"]
             differs |= not equal or ra["stats"] != rb["stats"]
+            totals = [{n: sum(c[n] for c in r["stats"]) for n in r["stats"][0]} for r in (ra, rb)]
             line += (f"\n  mean accepted per pass {ra['mean_accepted_per_pass']:.4f} | {rb['mean_accepted_per_pass']:.4f};"
-                     f" accepted counts of every pass identical: {equal}; totals {ra['stats']} | {rb['stats']}")
-            seen = [sorted({n for chunk in r["accepted_per_pass"] for counts in chunk for n in counts}) for r in (ra, rb)]
-            line += f"\n  accepted counts seen: {seen[0]} | {seen[1]}"
+                     f" accepted counts of every pass identical: {equal}; each batch's stats identical: "
+                     f"{ra['stats'] == rb['stats']}\n  totals {totals[0]} | {totals[1]}")
+            seen = [dict(sorted(Counter(n for chunk in r["accepted_per_pass"] for counts in chunk for n in counts).items()))
+                    for r in (ra, rb)]
+            line += f"\n  row-passes accepting n drafts, n: count: {seen[0]} | {seen[1]}"
         print(line)
     for side, name in ((a, path_a), (b, path_b)):
         for key, r in side["runs"].items():
