@@ -40,8 +40,11 @@ def command(name: str):
 def add_draft_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--draft", metavar="DRAFTER_DIR",
                         help="decode speculatively with this drafter (train --method drafter); --model must be the "
-                             "large model it was trained on. The output is the model's own, in fewer passes")
-    parser.add_argument("--draft-tokens", type=int, help="tokens drafted per pass (default: the drafter's K)")
+                             "large model it was trained on. The output is the model's own, in fewer passes. "
+                             "'prompt-lookup': drafts copied from the prompt and reply so far, no drafter needed "
+                             "(a folder of that name: ./prompt-lookup)")
+    parser.add_argument("--draft-tokens", type=int,
+                        help="tokens drafted per pass (default: the drafter's K; 4 for prompt-lookup)")
 
 
 def add_sampling_flags(parser: argparse.ArgumentParser) -> None:

@@ -64,9 +64,14 @@ def load_drafter(folder: str, target: RunnableModel, spec: str, draft_tokens: in
     """The drafter saved in `folder` (train --method drafter), drafting for `target` (loaded from `spec`),
     which must be the large model the drafter was trained on: it is shared, not loaded again, and checked
     against the drafter's record of it. `draft_tokens` defaults to the K it trained with; it drafts from the
-    draft vocabulary it trained with, if any."""
+    draft vocabulary it trained with, if any. `folder` PROMPT_LOOKUP ("prompt-lookup") drafts by copying from
+    each row's own context instead, no drafter needed (a folder of that name: "./prompt-lookup")."""
     from llm_modules.decoding.limits import model_positions
     from llm_modules.decoding.speculative.composed_proposer import ComposedProposer
+    from llm_modules.decoding.speculative.prompt_lookup import (
+        PROMPT_LOOKUP,
+        PromptLookup,
+    )
     from llm_modules.models.composed import LLMModulesModel
     from llm_modules.models.drafter import (
         DrafterRecord,
@@ -78,22 +83,31 @@ def load_drafter(folder: str, target: RunnableModel, spec: str, draft_tokens: in
     if target.composed:
         raise LLMModulesError(f"--draft drafts for a plain model (the large model the drafter was trained on); "
                               f"{spec} is a composed model")
+    if draft_tokens is not None:
+        check_draft_tokens(draft_tokens)
+    if folder == PROMPT_LOOKUP:
+        k = draft_tokens if draft_tokens is not None else PromptLookup.DEFAULT_TOKENS
+        _check_room(k, [model_positions(target.model)], draft_tokens is not None)
+        return PromptLookup(target.model.config.get_text_config().vocab_size, draft_tokens=k)
     where = resolve_model_folder(folder)
     record = DrafterRecord.load(where)
     if record is None:
         raise LLMModulesError(f"{folder} is not a drafter (no drafter record: train it with --method drafter)")
-    if draft_tokens is not None:
-        check_draft_tokens(draft_tokens)
     vocab = load_draft_vocab(where, record, getattr(target.model.config.get_text_config(), "vocab_size", None))
     first = next(target.model.parameters())
     drafter = LLMModulesModel.from_pretrained(where, dtype=first.dtype, device=first.device,
                                               allow_large_mismatch=allow_large_mismatch,
                                               large=LoadedModel(target.model, target.tokenizer, spec, "shared"))
     k = draft_tokens if draft_tokens is not None else record.draft_tokens
-    limits = [n for n in (model_positions(target.model), drafter.small_max_positions) if n]
-    if limits and min(limits) - k - 1 < 2:  # a verify pass reads K + 1 ahead; keep a prompt token and a new one
-        what = f"--draft-tokens {k}" if draft_tokens is not None else f"the drafter's draft_tokens ({k})"
-        raise LLMModulesError(f"{what} leaves no room in the {min(limits)} positions the model and its drafter can "
-                              f"place: each verify pass reads K + 1 positions ahead; use at most {min(limits) - 3}")
+    _check_room(k, [model_positions(target.model), drafter.small_max_positions], draft_tokens is not None)
     pad = target.tokenizer.pad_token_id if target.tokenizer.pad_token_id is not None else 0
     return ComposedProposer(drafter.eval(), draft_tokens=k, pad_id=pad, vocab=vocab)
+
+
+def _check_room(k: int, limits: list[int | None], asked: bool) -> None:
+    """A verify pass reads K + 1 positions ahead: refuse a K that leaves no prompt token and new token to place."""
+    limits = [n for n in limits if n]
+    if limits and min(limits) - k - 1 < 2:
+        what = f"--draft-tokens {k}" if asked else f"the drafter's draft_tokens ({k})"
+        raise LLMModulesError(f"{what} leaves no room in the {min(limits)} positions the model and its drafter can "
+                              f"place: each verify pass reads K + 1 positions ahead; use at most {min(limits) - 3}")

@@ -21,6 +21,8 @@ import torch
 
 from llm_modules.errors import LLMModulesError
 
+PROMPT_LOOKUP = "prompt-lookup"  # `--draft prompt-lookup`: this proposer, no drafter folder
+
 
 def find_continuation(context: list[int], k: int, max_ngram: int = 3, min_ngram: int = 1) -> list[int]:
     """Up to k tokens that followed the most recent earlier occurrence of the context's last n tokens, for the
@@ -40,8 +42,9 @@ class PromptLookup:
 
     taps: list[int] = []
     max_positions = None
+    DEFAULT_TOKENS = 4  # K when none is asked for (the drafters' default; not yet tuned for copying)
 
-    def __init__(self, vocab_size: int, draft_tokens: int = 4, max_ngram: int = 3, min_ngram: int = 1):
+    def __init__(self, vocab_size: int, draft_tokens: int = DEFAULT_TOKENS, max_ngram: int = 3, min_ngram: int = 1):
         if not 1 <= min_ngram <= max_ngram:
             raise LLMModulesError(f"prompt lookup needs 1 <= min_ngram <= max_ngram, got {min_ngram} and {max_ngram}")
         if draft_tokens < 1:
