@@ -19,6 +19,15 @@ OpenAI-style body; /health counts no engine failure. Memory: the server's reside
 the last round is within --rss-tolerance-mb of its value after the first measured round (the
 warm-up rounds let the allocator reach its working size: worker threads, connection buffers).
 Writes --out/results.json and --out/results.md and exits 1 when a check fails.
+
+`--draft`: the same rounds against `serve --model LARGE --draft DRAFTER` (the tiny composed model saved as a
+drafter of its own large side, K = 3), with the bad kinds of speculative decoding added (a prompt that fits the
+target but not its K + 1 verify positions, a repetition penalty that overflows), streamed clients that
+disconnect after their first chunks, and, each round, one request whose verify passes fail: the server runs
+with a fault injected (by this script's launcher, not by the package) into every verify pass that holds that
+request's row and into the recompute of that row alone, as a fault of that request's own would. Checks: no good
+request fails, each injected request gets one 500, /health counts exactly those, the disconnected streams end
+as cancelled.
 """
 
 from __future__ import annotations
@@ -68,6 +77,48 @@ def bad_kinds(port: int) -> dict[str, tuple[int, dict]]:
     }
 
 
+def draft_bad_kinds(port: int) -> dict[str, tuple[int, dict]]:
+    """Under --draft: the kinds above, plus those of speculative decoding."""
+    hello = [{"role": "user", "content": "hi"}]
+    return {
+        **bad_kinds(port),
+        # 500 + 10 tokens fit the target's 512 positions, not with the K + 1 a verify pass reads ahead
+        f"prompt + max_tokens within 512 positions but not with the {DRAFT_TOKENS + 1} a verify pass reserves": (
+            400, {"body": {"prompt": " x" * 500, "max_tokens": 10}, "path": "/v1/completions"}),
+        "repetition penalty 1e-40, sampled": (400, {"body": {"messages": hello, "temperature": 0.7,
+                                                             "repetition_penalty": 1e-40}}),
+    }
+
+
+DRAFT_TOKENS = 3
+FAULT_MARKER = "VERIFY-FAULT-PROBE"
+# The server's launcher under --draft: the package's own `serve`, with a fault injected into the verify passes
+# of any row whose prompt holds FAULT_MARKER (and into that row's recompute alone), as a fault of its own would.
+LAUNCHER = f"""
+import sys
+from llm_modules.decoding.speculative import batch as spec
+from llm_modules.entrypoints.cli import main
+
+def marked(rows, tokenizer):
+    return any("{FAULT_MARKER}" in tokenizer.decode(r.prompt) for r in rows if r.tokens)
+
+verify, prefill = spec.SpeculativeBatch._verify, spec.SpeculativeBatch._prefill
+
+def faulty_verify(self):
+    if marked(self.rows, self.rows[0].tokenizer):
+        raise RuntimeError("injected verify-pass failure")
+    return verify(self)
+
+def faulty_prefill(self, rows, ids, mask):
+    if rows and marked(rows, rows[0].tokenizer):
+        raise RuntimeError("injected verify-pass failure (the row recomputed alone)")
+    return prefill(self, rows, ids, mask)
+
+spec.SpeculativeBatch._verify, spec.SpeculativeBatch._prefill = faulty_verify, faulty_prefill
+sys.exit(main(sys.argv[1:]))
+"""
+
+
 def build_model(folder: Path) -> str:
     """The tiny composed model (random weights, nudged off the initial head) with the GPT-2 tokenizer."""
     import importlib.util
@@ -107,16 +158,27 @@ def build_model(folder: Path) -> str:
     return str(folder / "model")
 
 
+def build_drafter(folder: Path) -> tuple[str, str]:
+    """(target, drafter): the tiny composed model saved as a drafter (K = DRAFT_TOKENS) of its large side."""
+    from llm_modules.models.drafter import DrafterRecord
+
+    drafter = Path(build_model(folder))
+    DrafterRecord(draft_tokens=DRAFT_TOKENS).save(drafter)
+    return str(folder / "large"), str(drafter)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
 
-def start_server(model: str, port: int, args: argparse.Namespace, log: Path) -> subprocess.Popen:
-    command = [sys.executable, "-m", "llm_modules.entrypoints.cli", "serve", "--model", model, "--port", str(port),
-               "--max-batch", str(args.max_batch), "--max-queue", str(args.good + args.bad), "--api-key", KEY,
-               "--max-request-bytes", "65536"]
+def start_server(model: str, port: int, args: argparse.Namespace, log: Path, draft: str | None = None
+                 ) -> subprocess.Popen:
+    serve = ["serve", "--model", model, "--port", str(port), "--max-batch", str(args.max_batch),
+             "--max-queue", str(args.good + args.bad + 8), "--api-key", KEY, "--max-request-bytes", "65536"]
+    command = ([sys.executable, "-m", "llm_modules.entrypoints.cli", *serve] if draft is None else
+               [sys.executable, "-c", LAUNCHER, *serve, "--draft", draft])
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)}
     process = subprocess.Popen(command, stdout=log.open("w"), stderr=subprocess.STDOUT, env=env)
     deadline = time.monotonic() + 300
@@ -192,6 +254,35 @@ async def bad_request(client: httpx.AsyncClient, url: str, kind: str, expected: 
         return {"kind": kind, "expected": expected, "status": None, "error": f"{type(err).__name__}: {err}"}
 
 
+async def disconnecting_request(client: httpx.AsyncClient, url: str, index: int, max_tokens: int) -> dict:
+    """A streamed request whose client goes away after its first two chunks."""
+    body = {**good_body(index, max_tokens), "stream": True}
+    try:
+        async with client.stream("POST", url + "/v1/chat/completions", json=body, headers=AUTH) as response:
+            if response.status_code != 200:
+                return {"index": index, "error": f"HTTP {response.status_code}"}
+            chunks = 0
+            async for line in response.aiter_lines():
+                if line.startswith("data: "):
+                    chunks += 1
+                    if chunks == 2:
+                        break  # leaving the block closes the connection mid-stream
+    except httpx.HTTPError as err:
+        return {"index": index, "error": f"{type(err).__name__}: {err}"}
+    return {"index": index, "left_after_chunks": chunks}
+
+
+async def injected_request(client: httpx.AsyncClient, url: str, max_tokens: int) -> dict:
+    """The request whose verify passes fail (the server's launcher injects the fault): one 500 expected."""
+    body = {"messages": [{"role": "user", "content": f"{FAULT_MARKER}: what is 2 + 2?"}], "max_tokens": max_tokens,
+            "temperature": 0}
+    try:
+        response = await client.post(url + "/v1/chat/completions", json=body, headers=AUTH)
+        return {"status": response.status_code, "body": response.text[:200]}
+    except httpx.HTTPError as err:
+        return {"status": None, "error": f"{type(err).__name__}: {err}"}
+
+
 class RssSampler:
     """The server process's resident memory, every `every` seconds, on a thread."""
 
@@ -217,9 +308,12 @@ class RssSampler:
         self._thread.join()
 
 
-async def run_round(url: str, port: int, args: argparse.Namespace, seed: int) -> tuple[list[dict], list[dict], float]:
-    kinds = list(bad_kinds(port).items())
+async def run_round(url: str, port: int, args: argparse.Namespace, seed: int) -> tuple[list[dict], list[dict], float,
+                                                                                       dict]:
+    kinds = list((draft_bad_kinds if args.draft else bad_kinds)(port).items())
     jobs = [("good", i) for i in range(args.good)] + [("bad", i) for i in range(args.bad)]
+    if args.draft:  # 5% of clients leave mid-stream; one request's verify passes fail
+        jobs += [("leave", args.good + i) for i in range(max(1, args.good // 20))] + [("inject", 0)]
     random.Random(seed).shuffle(jobs)
     limits = httpx.Limits(max_connections=len(jobs) + 4, max_keepalive_connections=len(jobs) + 4)
     started = time.perf_counter()
@@ -227,6 +321,10 @@ async def run_round(url: str, port: int, args: argparse.Namespace, seed: int) ->
         async def job(kind: str, i: int) -> dict:
             if kind == "good":
                 return await good_request(client, url, i, args.max_tokens)
+            if kind == "leave":
+                return await disconnecting_request(client, url, i, args.max_tokens)
+            if kind == "inject":
+                return await injected_request(client, url, args.max_tokens)
             name, (expected, request) = kinds[(seed * args.bad + i) % len(kinds)]
             return await bad_request(client, url, name, expected, request)
 
@@ -234,7 +332,9 @@ async def run_round(url: str, port: int, args: argparse.Namespace, seed: int) ->
     wall = time.perf_counter() - started
     good = [r for r, (kind, _) in zip(results, jobs) if kind == "good"]
     bad = [r for r, (kind, _) in zip(results, jobs) if kind == "bad"]
-    return good, bad, wall
+    extra = {"left": [r for r, (kind, _) in zip(results, jobs) if kind == "leave"],
+             "injected": [r for r, (kind, _) in zip(results, jobs) if kind == "inject"]}
+    return good, bad, wall, extra
 
 
 def main() -> int:
@@ -248,18 +348,24 @@ def main() -> int:
     parser.add_argument("--rss-tolerance-mb", type=float, default=10.0,
                         help="largest allowed growth of the server's RSS from the first measured round to the last")
     parser.add_argument("--workdir", help="where the tiny models are built (default: a temporary folder)")
-    parser.add_argument("--out", default="reports/serve_load/mixed")
+    parser.add_argument("--out", default=None, help="default: reports/serve_load/mixed (with --draft: mixed_draft)")
+    parser.add_argument("--draft", action="store_true",
+                        help="serve the tiny model's large side with the tiny model as its drafter (see above)")
     args = parser.parse_args()
+    args.out = args.out or ("reports/serve_load/mixed_draft" if args.draft else "reports/serve_load/mixed")
     if args.rounds < 2 or args.warmup_rounds < 0 or args.good < 1 or args.bad < 0:
         parser.error("--rounds must be >= 2 (the memory check compares the first and last), --good >= 1")
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as scratch:
-        model = build_model(Path(args.workdir or scratch))
+        if args.draft:
+            model, drafter = build_drafter(Path(args.workdir or scratch))
+        else:
+            model, drafter = build_model(Path(args.workdir or scratch)), None
         port = free_port()
         url = f"http://127.0.0.1:{port}"
-        server = start_server(model, port, args, out / "server.log")
+        server = start_server(model, port, args, out / "server.log", drafter)
         try:
             with httpx.Client(timeout=120, headers=AUTH) as client:
                 # what each greedy request gives alone, asked one at a time
@@ -274,7 +380,7 @@ def main() -> int:
             with RssSampler(server.pid) as rss:
                 for r in range(args.warmup_rounds + args.rounds):
                     before = rss.now()
-                    good, bad, wall = asyncio.run(run_round(url, port, args, seed=r))
+                    good, bad, wall, extra = asyncio.run(run_round(url, port, args, seed=r))
                     after = rss.now()
                     failed = [g for g in good if "error" in g]
                     greedy = [g for g in good if "error" not in g and good_body(g["index"], 1)["temperature"] == 0]
@@ -291,6 +397,12 @@ def main() -> int:
                                         for k in dict.fromkeys(b["kind"] for b in bad)},
                         "rss_before_mb": round(before / 2**20, 1), "rss_after_mb": round(after / 2**20, 1),
                     })
+                    if args.draft:
+                        rounds[-1].update({
+                            "left_mid_stream": len(extra["left"]),
+                            "left_failed": [x["error"] for x in extra["left"] if "error" in x][:3],
+                            "injected_statuses": [x["status"] for x in extra["injected"]],
+                        })
                     print(json.dumps(rounds[-1]), flush=True)
             peak = max(v for _, v in rss.samples)
             health = httpx.get(url + "/health", timeout=10).json()
@@ -300,26 +412,35 @@ def main() -> int:
 
     measured = [r for r in rounds if not r["warmup"]]
     growth = measured[-1]["rss_after_mb"] - measured[0]["rss_after_mb"]
+    injected = sum(len(r.get("injected_statuses", [])) for r in rounds)
     checks = {
         "no good request failed": all(r["good_failed"] == 0 for r in rounds),
         "every bad request got its status": all(r["bad_wrong_status"] == 0 for r in rounds),
-        "no engine failure in /health": health["failed"] == 0,
+        (f"/health counts the {injected} injected failures and nothing else" if args.draft else
+         "no engine failure in /health"): health["failed"] == injected,
         f"RSS grew at most {args.rss_tolerance_mb:g} MB from round {measured[0]['round']} to round "
         f"{measured[-1]['round']}":
             growth <= args.rss_tolerance_mb,
     }
+    if args.draft:
+        checks["each injected request got one 500"] = all(r["injected_statuses"] == [500] for r in rounds)
+        checks["every client that left mid-stream got its first chunks"] = all(not r["left_failed"] for r in rounds)
     machine = (f"{platform.machine()}, {os.cpu_count()} CPUs, {platform.system()}, python {platform.python_version()}, "
                f"{time.strftime('%Y-%m-%d', time.gmtime())}")
     command = f"python benchmarks/serve_mixed_load.py {' '.join(sys.argv[1:])}".strip()
-    expected = {kind: status for kind, (status, _) in bad_kinds(port).items()}
+    expected = {kind: status for kind, (status, _) in (draft_bad_kinds if args.draft else bad_kinds)(port).items()}
     (out / "results.json").write_text(json.dumps({
         "command": command, "machine": machine, "args": vars(args), "expected_status": expected, "rounds": rounds,
         "rss_peak_mb": round(peak / 2**20, 1), "rss_growth_mb": round(growth, 1), "health": health,
         "checks": checks}, indent=1))
-    lines = [f"`{command}` on {machine}: a tiny composed model (GPT-2 large side with 512 learned positions, "
-             f"Llama small side), `--max-batch {args.max_batch}`, an API key and a 64 KiB body limit; each round "
-             f"{args.good} good chat requests ({args.max_tokens} new tokens; half streamed, half greedy) and "
-             f"{args.bad} bad ones, all at once.", "",
+    served = (f"the tiny model's GPT-2 large side (512 learned positions) with the tiny composed model as its "
+              f"drafter (K = {DRAFT_TOKENS})" if args.draft else
+              "a tiny composed model (GPT-2 large side with 512 learned positions, Llama small side)")
+    also = (f", {max(1, args.good // 20)} streamed clients that leave after two chunks and one request whose verify "
+            f"passes fail (injected)" if args.draft else "")
+    lines = [f"`{command}` on {machine}: {served}, `--max-batch {args.max_batch}`, an API key and a 64 KiB body "
+             f"limit; each round {args.good} good chat requests ({args.max_tokens} new tokens; half streamed, half "
+             f"greedy) and {args.bad} bad ones{also}, all at once.", "",
              "| round | wall s | good failed / sent | greedy equal to alone | bad with a wrong status / sent "
              "| server RSS before / after MB |", "|---|---|---|---|---|---|"]
     for r in rounds:
