@@ -175,6 +175,8 @@ def test_rows_accepting_different_numbers_of_drafts_keep_the_targets_output(mapp
     spec = SpeculativeBatch(target, wrapped)
     assert _run(spec, prompts, options, join_at=1) == alone
     assert set(wrapped.accepted_counts) == {0, 1, 2, 3}
+    # every token given is counted, the last step's too (rows finishing on their pending token)
+    assert spec.stats.emitted == sum(len(tokens) for tokens in alone)
 
 
 @pytest.mark.parametrize("bridge", ["eca", "ladder", "xattn"])

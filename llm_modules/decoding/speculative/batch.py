@@ -84,24 +84,27 @@ class SpeculativeBatch(RowBatch):
         """One verify pass: emits 1 to K + 1 tokens per row; returns (row, token) in order."""
         self._drop_cancelled()
         emitted: list[tuple[Any, int]] = []
+        self._step(emitted)
+        self.stats.emitted += len(emitted)  # every token given, also on a step that ends early
+        return emitted
+
+    def _step(self, emitted: list[tuple[Any, int]]) -> None:
         for seq, token in zip(self.rows, self.pending):  # each row's pending token is the target's own
             self._emit(seq, token, emitted)
         self._drop_finished()
         if not self.rows:
-            return emitted
+            return
         try:
             accepted, drafts = self._verify()
         except Exception as err:  # caches may be half rolled back: start again from the rows' tokens
             self._rebuild(err)
-            return emitted
+            return
         for b, seq in enumerate(list(self.rows)):
             for token in drafts[b, : accepted[b]].tolist():
                 if seq.finished:
                     break
                 self._emit(seq, token, emitted)
-        self.stats.emitted += len(emitted)
         self._drop_finished()
-        return emitted
 
     def _verify(self) -> tuple[list[int], torch.Tensor]:
         """Draft K tokens per row, run the target over them once, choose each row's next `pending`, roll the
