@@ -154,6 +154,20 @@ def test_the_docs_home_page_shows_the_readmes_table():
     assert len(which_to_use(README)) >= 4 and which_to_use(DOCS / "index.md") == which_to_use(README)
 
 
+def test_the_docs_home_page_is_the_readme_up_to_its_list_of_pages():
+    """docs/index.md repeats the README (links read from docs/), so the two cannot drift apart."""
+    def from_root(match: re.Match) -> str:
+        target = match.group(2)
+        if "://" in target or target.startswith("#"):
+            return match.group(0)
+        target = target[3:] if target.startswith("../") else "docs/" + target
+        return f"{match.group(1)}({target})"
+
+    home = (DOCS / "index.md").read_text(encoding="utf-8")
+    home = re.sub(r"(!?\[[^\]]*\])\(([^)\s]+)\)", from_root, home.split("\nThe rest of the documentation")[0])
+    assert home == README.read_text(encoding="utf-8").split("\n## Documentation")[0]
+
+
 def test_the_readmes_set_up_commands_are_the_makefiles():
     makefile = (ROOT / "Makefile").read_text()
     recipes = dict(re.findall(r"^([\w-]+):[^\n]*\n((?:\t[^\n]*\n)+)", makefile, re.M))
