@@ -6,6 +6,8 @@ tests here check what that build cannot see: the README's own links and the comm
 
 from __future__ import annotations
 
+import importlib
+import importlib.util
 import re
 import shlex
 import shutil
@@ -56,7 +58,7 @@ def docs_pages() -> list[Path]:
 
 
 def test_the_readme_is_read_in_five_minutes():
-    assert len(README.read_text(encoding="utf-8").splitlines()) <= 250
+    assert len(README.read_text(encoding="utf-8").splitlines()) <= 150
 
 
 @pytest.mark.parametrize("page", [README, *docs_pages()], ids=lambda p: str(p.relative_to(ROOT)))
@@ -69,6 +71,65 @@ def test_every_report_or_benchmark_named_as_a_path_exists(page):
     named = {m.rstrip("/.,;:") for m in CODE_PATH.findall(page.read_text(encoding="utf-8"))}
     named = {p for p in named if not re.search(r"[*<>]|\.\.\.", p)}  # patterns and placeholders, not paths
     assert sorted(p for p in named if not (ROOT / p).exists()) == []
+
+
+SOURCE_FILE = re.compile(r"`([\w./-]+\.py)`")
+MODULE = re.compile(r"\bllm_modules(?:\.\w+)+")
+RENAMED = "## Renamed modules and parameters"
+
+
+def renamed_rows() -> list[tuple[str, str]]:
+    """(before, now) cells of the table of renamed modules in docs/cli.md."""
+    text = (DOCS / "cli.md").read_text(encoding="utf-8")
+    if RENAMED not in text:
+        return []
+    table = text[text.index(RENAMED):].split("\n## ")[0]
+    rows = [[cell.strip() for cell in line.strip().strip("|").split(" | ")]
+            for line in table.splitlines() if line.startswith("| ")]
+    return [(before, now) for before, now in rows[1:]]  # past the header
+
+
+def source_files() -> list[str]:
+    """Every .py file of the repository, by its path from the root."""
+    return [str(p.relative_to(ROOT)) for top in ("llm_modules", "benchmarks", "tests", "docs")
+            for p in (ROOT / top).rglob("*.py")]
+
+
+def named_file_exists(name: str, files: list[str]) -> bool:
+    """A .py file named by its path from the root or by its last parts (`data/prompting.py`)."""
+    return any(f == name or f.endswith("/" + name) for f in files)
+
+
+@pytest.mark.parametrize("page", [README, *docs_pages()], ids=lambda p: str(p.relative_to(ROOT)))
+def test_every_source_file_and_module_named_exists(page):
+    """Module paths the docs name are true of the code (the renamed table's "before" column aside)."""
+    text = page.read_text(encoding="utf-8")
+    for before, _ in renamed_rows():
+        text = text.replace(f"| {before} |", "| |")
+    files = source_files()
+    assert sorted(n for n in set(SOURCE_FILE.findall(text)) if not named_file_exists(n, files)) == []
+    missing = []
+    for module in set(MODULE.findall(text)):
+        try:
+            found = importlib.util.find_spec(module) is not None
+        except ModuleNotFoundError:
+            found = False
+        if not found:
+            missing.append(module)
+    assert sorted(missing) == []
+
+
+def test_the_renamed_modules_are_gone_and_their_new_homes_exist():
+    files, rows = source_files(), renamed_rows()
+    assert len(rows) >= 6
+    for before, now in rows:
+        old = SOURCE_FILE.findall(before)
+        assert [n for n in old if named_file_exists(n, files)] == [], before
+        assert all(named_file_exists(n, files) for n in SOURCE_FILE.findall(now)), now
+        for path in old:  # the old import path does not import (unless a package of the same name replaced it)
+            if f"`{path.removesuffix('.py')}/`" not in now:
+                with pytest.raises(ModuleNotFoundError):
+                    importlib.import_module(path.removesuffix(".py").replace("/", "."))
 
 
 def test_the_link_check_finds_a_broken_link_and_a_missing_heading(tmp_path, monkeypatch):
@@ -91,6 +152,20 @@ def which_to_use(page: Path) -> list[str]:
 
 def test_the_docs_home_page_shows_the_readmes_table():
     assert len(which_to_use(README)) >= 4 and which_to_use(DOCS / "index.md") == which_to_use(README)
+
+
+def test_the_docs_home_page_is_the_readme_up_to_its_list_of_pages():
+    """docs/index.md repeats the README (links read from docs/), so the two cannot drift apart."""
+    def from_root(match: re.Match) -> str:
+        target = match.group(2)
+        if "://" in target or target.startswith("#"):
+            return match.group(0)
+        target = target[3:] if target.startswith("../") else "docs/" + target
+        return f"{match.group(1)}({target})"
+
+    home = (DOCS / "index.md").read_text(encoding="utf-8")
+    home = re.sub(r"(!?\[[^\]]*\])\(([^)\s]+)\)", from_root, home.split("\nThe rest of the documentation")[0])
+    assert home == README.read_text(encoding="utf-8").split("\n## Documentation")[0]
 
 
 def test_the_readmes_set_up_commands_are_the_makefiles():
