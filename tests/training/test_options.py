@@ -173,3 +173,15 @@ def test_a_registered_method_brings_its_own_options(monkeypatch):
 
         TrainConfig(small="s", output="o", method="echo", method_options=LoraOptions(), data=config.data)
     assert TrainConfig.from_dict(json.loads(json.dumps(config.to_dict()))) == config
+
+
+@pytest.mark.parametrize("k", [65, 100_000_000])
+def test_a_draft_length_a_decoder_would_refuse_is_refused_before_training(k):
+    """The drafter's K obeys the bound its saved record and `--draft-tokens` obey (1..64), when the options are
+    read, not after the models load."""
+    from llm_modules.models.drafter import MAX_DRAFT_TOKENS
+    from llm_modules.training.objectives.options import DrafterOptions
+
+    with pytest.raises(LLMModulesError, match=f"between 1 and {MAX_DRAFT_TOKENS}"):
+        DrafterOptions(draft_tokens=k)
+    assert DrafterOptions(draft_tokens=MAX_DRAFT_TOKENS).draft_tokens == MAX_DRAFT_TOKENS

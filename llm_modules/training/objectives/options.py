@@ -131,7 +131,10 @@ class DrafterOptions(MethodOptions):
     draft_vocab: int = 0  # the N most frequent answer tokens (0: the whole vocabulary)
 
     def __post_init__(self) -> None:
+        from llm_modules.models.drafter import check_draft_tokens  # here: the bound a saved record obeys too
+
         check_ints(self, positive=("draft_tokens",), non_negative=("draft_vocab",))
+        check_draft_tokens(self.draft_tokens)
         super().__post_init__()
 
     def check_run(self, config: Any) -> None:
