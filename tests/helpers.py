@@ -403,3 +403,21 @@ def read_states_with_a_pause(large: str, small: str, root: str, fingerprint: str
         results.put(f"{type(err).__name__}: {err}")
     finally:
         ready.set()
+
+
+def decode_rows(batch, prompts: list[list[int]], options: list, join_at: int | None = None) -> list[list[int]]:
+    """Decode `prompts` on a row batch (plain or speculative) to the end; with join_at, the second half joins
+    after that many steps. Returns each row's tokens."""
+    from llm_modules.decoding.engine import Sequence
+
+    seqs = [Sequence(p, o, []) for p, o in zip(prompts, options)]
+    first, later = (seqs, []) if join_at is None else (seqs[: len(seqs) // 2], seqs[len(seqs) // 2:])
+    batch.add(first)
+    steps = 0
+    while batch.rows or later:
+        if later and steps == join_at:
+            batch.add(later)
+            later = []
+        batch.step()
+        steps += 1
+    return [s.tokens for s in seqs]

@@ -17,6 +17,8 @@ from llm_modules.decoding.speculative.prompt_lookup import (
 )
 from llm_modules.errors import LLMModulesError
 
+from ..helpers import decode_rows
+
 
 def test_the_longest_recent_ngram_is_copied():
     #          0  1  2  3  4  5  6  7  8  9
@@ -44,20 +46,6 @@ def test_bad_options_are_refused():
         PromptLookup(10, draft_tokens=0)
 
 
-def _run(batch, prompts, options, join_at=None):
-    seqs = [Sequence(p, o, []) for p, o in zip(prompts, options)]
-    first, later = (seqs, []) if join_at is None else (seqs[: len(seqs) // 2], seqs[len(seqs) // 2:])
-    batch.add(first)
-    steps = 0
-    while batch.rows or later:
-        if later and steps == join_at:
-            batch.add(later)
-            later = []
-        batch.step()
-        steps += 1
-    return [s.tokens for s in seqs]
-
-
 @pytest.fixture
 def target(tiny_models):
     return AutoModelForCausalLM.from_pretrained(tiny_models["qwen2"], dtype=torch.float64).eval()
@@ -76,10 +64,10 @@ def _repetitive_prompts(n, seed):
 def test_greedy_output_is_the_targets_own_with_rows_joining_and_leaving(target, k):
     prompts = _repetitive_prompts(6, seed=k)
     options = [SamplingOptions(max_new_tokens=n) for n in (20, 9, 25, 14, 30, 5)]
-    alone = _run(DecodeBatch(target), prompts, options)
+    alone = decode_rows(DecodeBatch(target), prompts, options)
     proposer = PromptLookup(target.config.vocab_size, draft_tokens=k)
     spec = SpeculativeBatch(target, proposer)
-    assert _run(spec, prompts, options, join_at=2) == alone
+    assert decode_rows(spec, prompts, options, join_at=2) == alone
     assert proposer.hits > 0 and spec.stats.passes > 0
 
 
@@ -88,8 +76,8 @@ def test_copying_saves_passes_on_an_answer_that_repeats_its_prompt(target):
     prompts = _repetitive_prompts(1, seed=5)
     options = [SamplingOptions(max_new_tokens=60)]
     spec = SpeculativeBatch(target, PromptLookup(target.config.vocab_size, draft_tokens=4))
-    out = _run(spec, prompts, options)
-    assert out == _run(DecodeBatch(target), prompts, options)
+    out = decode_rows(spec, prompts, options)
+    assert out == decode_rows(DecodeBatch(target), prompts, options)
     assert spec.stats.accepted > 0 and spec.stats.passes < len(out[0])
 
 
@@ -112,5 +100,5 @@ def test_sampled_rows_decode_with_one_hot_probabilities(target):
     options = [SamplingOptions(max_new_tokens=12, do_sample=True, temperature=0.8, seed=s) for s in (1, 2)]
     spec = SpeculativeBatch(target, PromptLookup(target.config.vocab_size, draft_tokens=3))
     with torch.no_grad():
-        out = _run(spec, prompts, options)
+        out = decode_rows(spec, prompts, options)
     assert [len(o) for o in out] == [12, 12]

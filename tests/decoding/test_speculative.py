@@ -18,7 +18,7 @@ from llm_modules.decoding.speculative.batch import SpeculativeBatch
 from llm_modules.decoding.speculative.composed_proposer import ComposedProposer
 from llm_modules.decoding.speculative.target import shift_right
 
-from ..helpers import OPTIONS
+from ..helpers import OPTIONS, decode_rows
 from ..helpers import nudge_gates as nudge
 
 
@@ -36,24 +36,8 @@ def _prompts(vocab, n=4, seed=1):
             for _ in range(n)]
 
 
-def _run(batch, prompts, options, join_at=None):
-    """Decode `prompts` on `batch`; with join_at, the second half joins after that many steps."""
-    eos = []
-    seqs = [Sequence(p, o, eos) for p, o in zip(prompts, options)]
-    first, later = (seqs, []) if join_at is None else (seqs[: len(seqs) // 2], seqs[len(seqs) // 2:])
-    batch.add(first)
-    steps = 0
-    while batch.rows or later:
-        if later and steps == join_at:
-            batch.add(later)
-            later = []
-        batch.step()
-        steps += 1
-    return [s.tokens for s in seqs]
-
-
 def _target_alone(target, prompts, options):
-    return _run(DecodeBatch(target), prompts, options)
+    return decode_rows(DecodeBatch(target), prompts, options)
 
 
 @pytest.mark.parametrize("bridge, inputs", [("eca", "mapped"), ("ladder", "mapped"), ("xattn", "mapped"),
@@ -66,7 +50,7 @@ def test_greedy_speculative_output_is_the_targets_own(mapped_pair, bridge, input
     alone = _target_alone(target, prompts, options)
     for k in (1, 3):
         spec = SpeculativeBatch(target, ComposedProposer(drafter, draft_tokens=k))
-        assert _run(spec, prompts, options) == alone
+        assert decode_rows(spec, prompts, options) == alone
         assert spec.stats.passes > 0
 
 
@@ -78,7 +62,7 @@ def test_rows_joining_and_leaving_keep_the_targets_output(mapped_pair):
     alone = _target_alone(target, prompts, options)
     for join_at in (0, 2, 5):
         spec = SpeculativeBatch(target, ComposedProposer(drafter, draft_tokens=3))
-        assert _run(spec, prompts, options, join_at=join_at) == alone
+        assert decode_rows(spec, prompts, options, join_at=join_at) == alone
         # rows verified per pass: 1 to 6, fewer once rows leave; every verified row drafted 3 tokens
         assert spec.stats.passes <= spec.stats.row_passes < 6 * spec.stats.passes
         assert spec.stats.drafted == 3 * spec.stats.row_passes
@@ -92,7 +76,7 @@ def test_a_bad_drafter_still_gives_the_targets_tokens_only_slower(mapped_pair):
     prompts = _prompts(drafter.vocab_size, seed=7)
     options = [SamplingOptions(max_new_tokens=10)] * 4
     spec = SpeculativeBatch(target, ComposedProposer(drafter, draft_tokens=4))
-    assert _run(spec, prompts, options) == _target_alone(target, prompts, options)
+    assert decode_rows(spec, prompts, options) == _target_alone(target, prompts, options)
     assert spec.stats.accepted < spec.stats.drafted / 4
 
 
@@ -129,7 +113,7 @@ def test_a_drafter_that_is_the_target_gets_every_draft_accepted(mapped_pair):
     prompts = _prompts(drafter.vocab_size, n=2)
     options = [SamplingOptions(max_new_tokens=13)] * 2
     spec = SpeculativeBatch(target, Oracle(target))
-    assert _run(spec, prompts, options) == _target_alone(target, prompts, options)
+    assert decode_rows(spec, prompts, options) == _target_alone(target, prompts, options)
 
 
 class PartlyRight:
@@ -173,7 +157,7 @@ def test_rows_accepting_different_numbers_of_drafts_keep_the_targets_output(mapp
     alone = _target_alone(target, prompts, options)
     wrapped = PartlyRight(ComposedProposer(drafter, draft_tokens=3), target)
     spec = SpeculativeBatch(target, wrapped)
-    assert _run(spec, prompts, options, join_at=1) == alone
+    assert decode_rows(spec, prompts, options, join_at=1) == alone
     assert set(wrapped.accepted_counts) == {0, 1, 2, 3}
     # every token given is counted, the last step's too (rows finishing on their pending token)
     assert spec.stats.emitted == sum(len(tokens) for tokens in alone)
@@ -334,7 +318,7 @@ def test_a_draft_vocabulary_drafts_only_its_tokens_and_keeps_the_targets_output(
         return drafts, q
 
     inner.propose = spy
-    assert _run(SpeculativeBatch(target, inner), prompts, options) == alone
+    assert decode_rows(SpeculativeBatch(target, inner), prompts, options) == alone
     assert proposed and set(proposed) <= set(vocab.tolist())
 
 
@@ -358,7 +342,7 @@ def test_a_joining_prompt_runs_the_targets_head_on_its_last_position_only(mapped
     finally:
         hook.remove()
     alone = [_target_alone(target, [p], [o])[0] for p, o in zip(prompts, options)]
-    assert _run(SpeculativeBatch(target, ComposedProposer(drafter, draft_tokens=2)), prompts, options) == alone
+    assert decode_rows(SpeculativeBatch(target, ComposedProposer(drafter, draft_tokens=2)), prompts, options) == alone
 
 
 # ---------------------------------------------------------------------- one request never fails another
@@ -441,7 +425,7 @@ def test_a_failure_no_row_causes_alone_ends_every_row_and_leaves_the_batch_usabl
         batch.step()
     assert all(s.finish_reason == "error" and s.error == "RuntimeError: out of memory" for s in seqs)
     options = [SamplingOptions(max_new_tokens=6)] * 3
-    assert _run(batch, prompts, options) == _target_alone(target, prompts, options)
+    assert decode_rows(batch, prompts, options) == _target_alone(target, prompts, options)
 
 
 def test_the_engine_with_a_drafter_ends_a_row_whose_listener_raises_and_decodes_the_others(mapped_pair):
