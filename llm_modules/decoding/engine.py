@@ -27,6 +27,10 @@ from typing import Any, Callable
 
 import torch
 
+from llm_modules.decoding.limits import (  # one check for every caller
+    check_room,
+    model_positions,
+)
 from llm_modules.decoding.rows import RowBatch, choose
 from llm_modules.decoding.sampling import SamplingOptions
 from llm_modules.decoding.speculative.batch import SpeculativeBatch
@@ -252,11 +256,6 @@ class Engine:
                  on_update: Callable[[Sequence], None] | None = None, request_id: str | None = None) -> Sequence:
         """A request for this engine: the model's EOS unless `options` names others; `options.seed` fixes
         sampling (none: a fresh generator)."""
-        from llm_modules.decoding.limits import (  # one check for every caller
-            check_room,
-            model_positions,
-        )
-
         check_room(len(prompt), options.max_new_tokens, self.max_positions, model_positions(self.model))
         generator = options.generator()
         if options.do_sample and generator is None:
