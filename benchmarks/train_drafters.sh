@@ -20,7 +20,7 @@ LLM=${LLM:-.venv/bin/llm-modules}
 common=(train --method drafter --large qwen2.5-coder-1.5b-instruct --small smollm2-135m-instruct
         --draft-tokens 4 --draft-vocab 8192 --data 'reasoning-gym:gsm_symbolic?size=300&seed=1' --template chat
         --max-length 512 --val-fraction 0.05 --large-dtype bfloat16 --batch-size 8 --eval-every 100
-        --save-every 100 --num-samples 0 --lr-small 1e-3 --lr-bridge 2e-3)
+        --save-every 100 --num-samples 0 --lr-small 1e-3 --lr-bridge 2e-3 --drafter-targets logits)
 ladder=(--bridge ladder --large-layers 14,21,28 --state-cache-dir runs/states-ladder)
 for which in "${@:-a b c d e}"; do
   for w in $which; do

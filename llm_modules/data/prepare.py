@@ -285,15 +285,17 @@ def check_positions(max_length: int, model_max_positions: int | None) -> None:
                               f"--max-length is {max_length}; lower --max-length")
 
 
-def prepare_data(config: DataConfig, tokenizer, model_max_positions: int | None = None) -> PreparedData:
+def prepare_data(config: DataConfig, tokenizer, model_max_positions: int | None = None,
+                 records: list[Record] | None = None) -> PreparedData:
     """Load, subset, render, apply the length policy, then split into train/val.
 
     ``drop``: examples over ``max_length`` tokens are dropped. ``truncate``: they keep their
     first ``max_length`` tokens, and are dropped anyway if no loss target survives (the label at
-    position 0 never counts, the model shifts). Every case is counted in ``report``.
+    position 0 never counts, the model shifts). Every case is counted in ``report``. ``records``: the
+    spec's records when the caller made them (a source a model writes); else loaded from the spec.
     """
     check_positions(config.max_length, model_max_positions)
-    records = load_records(config.spec)
+    records = load_records(config.spec) if records is None else records
     chosen = subset_records(records, config.subset, config.seed)
     report = {"records": len(records), "subset": len(chosen), "kept": 0, "dropped_too_long": 0,
               "truncated": 0, "dropped_no_loss_tokens": 0, "max_length": config.max_length}

@@ -211,6 +211,9 @@ def _load_reasoning_gym(spec: str) -> list[Record]:
 
 def load_records(spec: str) -> list[Record]:
     """Load every record named by ``spec`` (see module docstring); errors name file and line."""
+    if spec.startswith("self-prompts:"):
+        raise LLMModulesError(f"data '{spec}': self-prompts are written by the large model while a drafter trains "
+                              "(train --method drafter); no other command can load them")
     if spec.startswith(RG_PREFIX):
         records = _load_reasoning_gym(spec)
     else:

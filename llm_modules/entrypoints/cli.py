@@ -202,6 +202,7 @@ def add_train_flags(parser: argparse.ArgumentParser) -> None:
     --config gives one.
     """
     from llm_modules.training.config import CHOICES, HELP, option_default, train_options
+    from llm_modules.training.objectives import METHODS
 
     for name, (_, field) in train_options().items():
         flag = "--" + name.replace("_", "-")
@@ -209,6 +210,9 @@ def add_train_flags(parser: argparse.ArgumentParser) -> None:
         default = option_default(name)
         if default is not None or name == "large_layers":  # None: the help says what decides it
             text += f" (default: {default if default not in ('', None) else 'empty'})"
+        recipes = [f"--method {m}: {o.run_defaults[name]}" for m, (o, _) in METHODS.items() if name in o.run_defaults]
+        if recipes:
+            text += f" ({'; '.join(recipes)})"
         text = text.replace("%", "%%")
         if field.type in ("bool", bool):
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=text)
@@ -227,7 +231,10 @@ def train_config_from_args(args: argparse.Namespace):
         return TrainConfig.from_file(args.config, overrides=given)
     if args.demo or not given:
         return TrainConfig.from_flags(**{**DEMO, **given})
-    missing = [f"--{n}" for n in ("data", "output") if n not in given]
+    from llm_modules.training.objectives import method_classes
+
+    recipe = method_classes(given.get("method", "composed"))[0].run_defaults
+    missing = [f"--{n}" for n in ("data", "output") if n not in given and n not in recipe]
     if missing:
         raise LLMModulesError(f"train needs {', '.join(missing)} (or --config FILE, or no options for the demo)")
     return TrainConfig.from_flags(**given)

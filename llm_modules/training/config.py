@@ -103,7 +103,7 @@ HELP: dict[str, str] = {
     "train_embeddings": "with --small-inputs mapped: train the small model's token embeddings too",
     "train_small": "composed: train the small model's own weights; --no-train-small freezes them (CALM's setting), "
                    "so only the bridge, the head and any --train-embeddings train",
-    "small_layers": "keep only the small model's first N decoder layers (a cheaper drafter or decoder); default: all",
+    "small_layers": "keep only the small model's first N decoder layers (a cheaper drafter or decoder); 0 or default: all",
     "large_reads": "which large-model states the small side reads: all (its own position's and every earlier one) or "
                    "prompt (the prompt's only: generation then runs the large model once per prompt; needs "
                    "--small-inputs mapped and --head projected or new)",
@@ -263,6 +263,8 @@ class ComposeArgs:
 
     def __post_init__(self) -> None:
         check_choices(self, CHOICES)
+        if self.small_layers == 0 and not isinstance(self.small_layers, bool):  # --small-layers 0: all of them
+            self.small_layers = None
         if self.bridge_options is None or isinstance(self.bridge_options, dict):
             self.bridge_options = bridge_options(self.bridge, self.bridge_options or {})
         elif not isinstance(self.bridge_options, BRIDGES[self.bridge][0]):
@@ -355,10 +357,12 @@ class TrainConfig:
         unknown = sorted(set(options) - set(table))
         if unknown:
             raise LLMModulesError(f"unknown options {unknown}")
-        # None: the method's default, for the composition options whose default is per method
-        options = {k: v for k, v in options.items() if not (v is None and k in _PER_METHOD)}
         method = options.get("method", cls.method)
         options_class = method_classes(method)[0]
+        # the method's recipe where nothing is given (a null given, as saved files hold, stays given)
+        options = {**options_class.run_defaults, **options}
+        # None: the method's default, for the composition options whose default is per method
+        options = {k: v for k, v in options.items() if not (v is None and k in _PER_METHOD)}
         if "large_layers" in options:
             options["large_layers"] = parse_large_layers(options["large_layers"])
         bridge = options.get("bridge", options_class.compose_defaults.get("bridge", ComposeArgs.bridge))
@@ -505,8 +509,11 @@ def train_options() -> dict[str, tuple[str, dataclasses.Field]]:
 
 
 def option_default(name: str, method: str = "composed") -> Any:
-    """An option's default under `method` (the composition's: per method; a method without one: composed's)."""
+    """An option's default under `method`: its recipe's (`run_defaults`), else the composition's per method, else the
+    option's own (a method without one: composed's)."""
     home, spec = train_options()[name]
+    if method in METHODS and name in METHODS[method][0].run_defaults:
+        return METHODS[method][0].run_defaults[name]
     if home == "compose" and method in METHODS:
         return METHODS[method][0].compose_defaults.get(name, spec.default)
     return "" if spec.default is dataclasses.MISSING else spec.default

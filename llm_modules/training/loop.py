@@ -170,7 +170,8 @@ def _setup(config: TrainConfig, accelerator: Accelerator, output: Path, lock: Ru
     set_seed(config.train.seed)
     objective = build_objective(config, accelerator.device, accelerator.num_processes)
     objective.place(accelerator.device)
-    data = prepare_data(config.data, objective.tokenizer, objective.max_positions)
+    data = prepare_data(config.data, objective.tokenizer, objective.max_positions,
+                        objective.written_records(config, accelerator))
     if accelerator.is_main_process:
         print(f"data: {json.dumps(data.report)}")
     global_batch = config.train.batch_size * accelerator.num_processes

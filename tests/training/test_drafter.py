@@ -35,6 +35,12 @@ BRIDGE_FLAGS = {
 }
 
 
+# the options of the drafter's recipe (DrafterOptions.run_defaults) these tests set back to the plain defaults
+NOT_THE_RECIPE = ["--drafter-targets", "logits", "--draft-vocab", "0", "--large-dtype", "float32", "--epochs", "1",
+                  "--save-every", "0"]
+NOT_THE_RECIPE_OPTIONS = dict(drafter_targets="logits", draft_vocab=0, large_dtype="float32", epochs=1, save_every=0)
+
+
 def write_data(path: Path, n: int = 16) -> str:
     """Short examples (a one-word system prompt instead of the long default): fast on a 2-core CPU."""
     with path.open("w") as f:
@@ -54,7 +60,8 @@ def drafter_args(mapped_pair, tmp_path):
                 "--data", data, "--output", str(tmp_path / output), "--template", "stratos", "--batch-size", "2",
                 "--max-length", "128", "--max-steps", "6", "--eval-every", "3", "--num-samples", "0",
                 "--val-fraction", "0.25", "--lr-small", "3e-3", "--lr-bridge", "3e-2", "--no-progress",
-                "--state-cache-dir", str(tmp_path / "states"), "--bridge", bridge, *BRIDGE_FLAGS[bridge], *extra]
+                "--state-cache-dir", str(tmp_path / "states"), "--bridge", bridge, *BRIDGE_FLAGS[bridge],
+                *NOT_THE_RECIPE, *extra]
 
     return build
 
@@ -91,7 +98,7 @@ def test_the_drafter_defaults_and_refusals():
     config = TrainConfig.from_flags(**base, method="drafter")
     options = config.method_options
     assert (config.compose.head, config.compose.small_inputs, config.compose.bridge, options.draft_tokens,
-            options.drafter_loss, options.drafter_targets) == ("projected", "mapped", "ladder", 4, "kl", "logits")
+            options.drafter_loss, options.drafter_targets) == ("projected", "mapped", "ladder", 4, "kl", "generated")
     composed = TrainConfig.from_flags(**base)
     shape = composed.compose
     assert (shape.head, shape.small_inputs, shape.bridge) == ("residual", "bridge", "eca")  # unchanged
@@ -123,7 +130,8 @@ def _objective(pair, tmp_path, bridge="ladder", **over):
     config = TrainConfig.from_flags(large=pair["large"], small=pair["small"], data=write_data(tmp_path / "data.jsonl"),
                                     output=str(tmp_path / "o"), method="drafter", bridge=bridge, template="stratos",
                                     max_length=128, val_fraction=0.25, max_steps=1, progress=False,
-                                    state_cache_dir=str(tmp_path / "states"), **flags, **over)
+                                    state_cache_dir=str(tmp_path / "states"),
+                                    **{**NOT_THE_RECIPE_OPTIONS, **flags, **over})
     objective = build_objective(config)
     data = prepare_data(config.data, objective.tokenizer, objective.max_positions)
     objective.attach_data(config, data, SimpleNamespace(is_main_process=True, wait_for_everyone=lambda: None))

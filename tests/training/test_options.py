@@ -23,7 +23,10 @@ PLACEHOLDERS = ("LARGE", "SMALL", "DATA", "OUTPUT", "STATES")
 FLAGS = ["--template", "stratos", "--batch-size", "2", "--max-length", "512", "--max-steps", "6", "--eval-every", "3",
          "--num-samples", "1", "--max-new-tokens", "4", "--no-progress", "--dropout", "0.1", "--save-every", "2"]
 EXTRA = {"composed": [], "lora": ["--method", "lora", "--lora-rank", "4"],
-         "drafter": ["--method", "drafter", "--draft-tokens", "3", "--large-layers", "1,2"]}
+         # the drafter's recipe (DrafterOptions.run_defaults) set back to the defaults the fixtures were saved with
+         "drafter": ["--method", "drafter", "--draft-tokens", "3", "--large-layers", "1,2", "--small-layers", "0",
+                     "--drafter-targets", "logits", "--draft-vocab", "0", "--large-dtype", "float32",
+                     "--val-fraction", "0.1", "--epochs", "1", "--lr-small", "5e-05", "--lr-bridge", "0.0001"]}
 
 
 def old_run_config(method: str, paths: dict[str, str]) -> dict:
@@ -115,7 +118,8 @@ def test_each_method_has_its_own_options_class():
     lora = TrainConfig.from_flags(**base, method="lora", lora_rank=4)
     assert lora.method_options == LoraOptions(lora_rank=4) and lora.compose is None
     drafter = TrainConfig.from_flags(**base, method="drafter", draft_tokens=3)
-    assert drafter.method_options == DrafterOptions(draft_tokens=3) and drafter.compose.bridge == "ladder"
+    assert drafter.method_options == DrafterOptions(draft_tokens=3, drafter_targets="generated", draft_vocab=8192)
+    assert drafter.compose.bridge == "ladder"
     assert TrainConfig.from_flags(**base).compose.bridge == "eca"
     with pytest.raises(LLMModulesError, match="^--lora-rank must be an integer >= 1, got 0$"):
         LoraOptions(lora_rank=0)  # a method's options validate themselves

@@ -176,13 +176,22 @@ def _shifted(source: torch.Tensor, pad: int) -> torch.Tensor:
                       torch.where(real >= 0, real + pad, -1)])
 
 
-def draft_vocabulary(sequences: list[list[int]], size: int, always: list[int] = ()) -> torch.Tensor:
+def draft_vocabulary(sequences: list[list[int]], size: int, always: list[int] = (), vocab_size: int = 0
+                     ) -> torch.Tensor:
     """The `size` most frequent token ids of `sequences` (ties: the smaller id), plus `always` (e.g. the
     end-of-sequence ids), sorted: a drafter's smaller vocabulary (EAGLE-3 keeps the target's 32k most
-    frequent). Tokens outside it are never drafted; the target still emits them."""
+    frequent). Tokens outside it are never drafted; the target still emits them. With `vocab_size` (the
+    target's), when `sequences` hold fewer than `size` distinct tokens the lowest ids not yet in it fill it to
+    `size`: a byte-pair tokenizer numbers its tokens in the order it merged them, most frequent in its own
+    training text first, so a few hundred answers still give a vocabulary for the target's language, not only
+    for their topic."""
     counts: dict[int, int] = {}
     for seq in sequences:
         for t in seq:
             counts[t] = counts.get(t, 0) + 1
-    top = sorted(counts, key=lambda t: (-counts[t], t))[:size]
-    return torch.tensor(sorted(set(top) | set(always)), dtype=torch.long)
+    chosen = set(sorted(counts, key=lambda t: (-counts[t], t))[:size])
+    fill = iter(range(vocab_size))
+    while len(chosen) < size and (t := next(fill, None)) is not None:
+        chosen.add(t)
+    chosen |= set(always)
+    return torch.tensor(sorted(chosen), dtype=torch.long)

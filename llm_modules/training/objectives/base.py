@@ -25,6 +25,11 @@ class Objective:
     def param_groups(self, config: Any) -> list[dict[str, Any]]:
         raise NotImplementedError
 
+    def written_records(self, config: Any, accelerator: Any) -> list[Any] | None:
+        """The data's records when this objective writes them itself (the drafter's `self-prompts:`); None: the
+        data spec is loaded as usual."""
+        return None
+
     def attach_data(self, config: Any, data: Any, accelerator: Any) -> None:
         """Called once the data is prepared (the composed model builds its state caches here)."""
 

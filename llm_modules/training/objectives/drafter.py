@@ -21,6 +21,7 @@ With `--drafter-targets generated` the training text is the large model's own gr
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import time
 from functools import partial
@@ -82,9 +83,10 @@ def draft_loss(model: Any, s: torch.Tensor, h: torch.Tensor, kind: str, rows: to
     return sum(p[0] for p in parts), sum(p[1] for p in parts)
 
 
-def answer_vocabulary(examples: list[Any], size: int, always: list[int]) -> torch.Tensor:
-    """The `size` most frequent answer tokens (labelled positions) of `examples`, plus `always`, sorted."""
-    return draft_vocabulary([[t for t in e.labels if t != IGNORE_INDEX] for e in examples], size, always)
+def answer_vocabulary(examples: list[Any], size: int, always: list[int], vocab_size: int = 0) -> torch.Tensor:
+    """The `size` most frequent answer tokens (labelled positions) of `examples`, filled to `size` with the lowest
+    ids below `vocab_size` when they hold fewer (`draft_vocabulary`), plus `always`, sorted."""
+    return draft_vocabulary([[t for t in e.labels if t != IGNORE_INDEX] for e in examples], size, always, vocab_size)
 
 
 class DrafterParts(TrainedParts):
@@ -153,6 +155,7 @@ class DrafterObjective(ComposedObjective):
         self._bridge = [self.cache_taps.index(t) for t in model.large_taps]
         self._final = self.cache_taps.index(final)
         self.generation: dict[str, Any] = {}
+        self.self_prompts: dict[str, Any] = {}
         self.generation_seconds = 0.0
         if config.compose.small_inputs == "bridge":
             logger.warning("--small-inputs bridge: the drafter reads no token of its own, only the bridge's view of "
@@ -162,18 +165,37 @@ class DrafterObjective(ComposedObjective):
     def cached_model(self) -> Any:
         return StateTaps(self.model, self.cache_taps)
 
+    def _written_root(self, config: Any) -> Path:
+        """Where what the large model writes for training is kept (beside the state cache)."""
+        from llm_modules.models.specs import cache_dir
+
+        cache = config.hardware.state_cache_dir
+        return (Path(cache) if cache else cache_dir() / "states").parent
+
+    def written_records(self, config: Any, accelerator: Any) -> list[Any] | None:
+        from llm_modules.training.self_prompts import is_self_prompts, self_prompt_records
+
+        if not is_self_prompts(config.data.spec):
+            return None
+        started = time.perf_counter()
+        records, report = self_prompt_records(
+            self.model.large, self.tokenizer, config.large, config.data.spec,
+            self._written_root(config) / "self_prompts", accelerator.is_main_process, accelerator.wait_for_everyone,
+            config.eval.progress and accelerator.is_main_process)
+        self.self_prompts = {**report, "seconds": round(time.perf_counter() - started, 2)}
+        if accelerator.is_main_process:
+            print(f"self-prompts: {json.dumps(self.self_prompts)}")
+        return records
+
     def attach_data(self, config: Any, data: Any, accelerator: Any) -> None:
         if config.method_options.drafter_targets == "generated":
-            from llm_modules.models.specs import cache_dir
             from llm_modules.training.generated import generated_data
 
             started = time.perf_counter()
-            cache = config.hardware.state_cache_dir
-            states = Path(cache) if cache else cache_dir() / "states"
             self.generation = generated_data(
                 data, self.model.large, config.large, self.tokenizer, config.data.template, config.data.max_length,
-                states.parent / "drafter_targets", accelerator.is_main_process, accelerator.wait_for_everyone,
-                config.eval.progress and accelerator.is_main_process)
+                self._written_root(config) / "drafter_targets", accelerator.is_main_process,
+                accelerator.wait_for_everyone, config.eval.progress and accelerator.is_main_process)
             self.generation_seconds = round(time.perf_counter() - started, 2) if self.generation["generated"] else 0.0
             if accelerator.is_main_process:
                 print(f"drafter targets: the large model's greedy answers ({self.generation['answer_tokens']} "
@@ -181,11 +203,13 @@ class DrafterObjective(ComposedObjective):
                       f"{self.generation['file']}")
         super().attach_data(config, data, accelerator)
         if self.draft_vocab_size:
-            self.module.vocab = answer_vocabulary(data.train, self.draft_vocab_size, self._end_ids())
+            self.module.vocab = answer_vocabulary(data.train, self.draft_vocab_size, self._end_ids(),
+                                                  self.model.vocab_size)
             self.record.vocab = int(self.module.vocab.numel())
             if accelerator.is_main_process:
                 print(f"draft vocabulary: the {self.draft_vocab_size} most frequent answer tokens of the training "
-                      f"data and the end-of-sequence ids ({self.record.vocab} of {self.model.vocab_size})")
+                      f"data (filled with the lowest ids where they hold fewer) and the end-of-sequence ids "
+                      f"({self.record.vocab} of {self.model.vocab_size})")
 
     def _end_ids(self) -> list[int]:
         """The large model's end-of-sequence ids (its generation config's) and its tokenizer's."""
@@ -221,5 +245,6 @@ class DrafterObjective(ComposedObjective):
         return folder
 
     def summary_extras(self) -> dict[str, Any]:
-        return {"drafter": self.record.to_dict(), "target_generation": self.generation or None,
+        return {"drafter": self.record.to_dict(), "self_prompts": self.self_prompts or None,
+                "target_generation": self.generation or None,
                 "target_generation_seconds": self.generation_seconds}

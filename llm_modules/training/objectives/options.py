@@ -54,6 +54,9 @@ class MethodOptions:
     # composition defaults where they differ from ComposeConfig's (a composing method only)
     compose_defaults: ClassVar[dict[str, str]] = {}
     choices: ClassVar[dict[str, tuple[str, ...]]] = {}  # options with a fixed set of values
+    # the method's recipe: options of any group, by command-line name, that apply when neither the command line
+    # nor a config file gives them (so `train --method M --large SPEC --output DIR` alone runs the measured recipe)
+    run_defaults: ClassVar[dict[str, Any]] = {}
 
     def __post_init__(self) -> None:
         check_choices(self, self.choices)
@@ -125,10 +128,19 @@ class DrafterOptions(MethodOptions):
     compose_defaults: ClassVar[dict[str, str]] = {"head": "projected", "small_inputs": "mapped", "bridge": "ladder"}
     choices: ClassVar[dict[str, tuple[str, ...]]] = {"drafter_loss": ("kl", "ce"),
                                                      "drafter_targets": ("logits", "generated")}
+    # `train --method drafter --large SPEC --output DIR` alone: a drafter for any prompt (issue 36), trained on the
+    # target's own answers to prompts it writes itself, sized to about 30 minutes on a 2-core CPU with
+    # Qwen2.5-Coder-1.5B (docs/drafting.md has what it saw, the time each stage took and its Spec-Bench numbers)
+    run_defaults: ClassVar[dict[str, Any]] = {
+        "small": "smollm2-135m-instruct", "small_layers": 2,
+        "data": "self-prompts:256", "template": "chat", "max_length": 256, "val_fraction": 0.05,
+        "drafter_targets": "generated", "draft_vocab": 8192,
+        "large_dtype": "bfloat16", "batch_size": 8, "epochs": 6, "lr_small": 1e-3, "lr_bridge": 2e-3,
+        "eval_every": 50, "save_every": 50, "num_samples": 0}
     draft_tokens: int = 4  # K
     drafter_loss: str = "kl"
     drafter_targets: str = "logits"
-    draft_vocab: int = 0  # the N most frequent answer tokens (0: the whole vocabulary)
+    draft_vocab: int = 0  # the N most frequent answer tokens, then the lowest ids (0: the whole vocabulary)
 
     def __post_init__(self) -> None:
         from llm_modules.models.drafter import check_draft_tokens  # here: the bound a saved record obeys too
@@ -142,6 +154,9 @@ class DrafterOptions(MethodOptions):
             raise LLMModulesError("--head residual cannot draft: it adds the large model's logits at the very position "
                                   "it predicts, which a drafter does not have yet; use --head projected (the drafter's "
                                   "default) or new")
+        if config.data is not None and config.data.spec.startswith("self-prompts:") and self.drafter_targets != "generated":
+            raise LLMModulesError("--data self-prompts: the prompts the large model writes have no answers; train on "
+                                  "its own answers to them with --drafter-targets generated")
         if not config.hardware.state_cache:
             raise LLMModulesError("--method drafter trains from the state cache (its targets are the large model's "
                                   "cached final states through its head); leave out --no-state-cache")
