@@ -134,6 +134,8 @@ def test_a_drafter_trains_on_self_prompts_end_to_end(tmp_path, pair, capsys):
     assert Path(report["file"]).parent == tmp_path / "self_prompts"
     assert summary["drafter"]["vocab"] >= len(ENDS)  # the end ids are always in it
     assert "self-prompts:" in capsys.readouterr().out
+    seen = (tmp_path / "run" / "self_prompts.jsonl").read_text().splitlines()  # what the drafter saw, kept with it
+    assert len(seen) == report["kept"] and all(json.loads(line)["prompt"] for line in seen)
 
 
 def test_a_draft_vocabulary_is_filled_with_the_lowest_ids_when_answers_hold_too_few():

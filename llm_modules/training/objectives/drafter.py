@@ -89,6 +89,18 @@ def answer_vocabulary(examples: list[Any], size: int, always: list[int], vocab_s
     return draft_vocabulary([[t for t in e.labels if t != IGNORE_INDEX] for e in examples], size, always, vocab_size)
 
 
+SEEN_PROMPTS_FILE = "self_prompts.jsonl"  # in the run folder: the prompts a self-prompts drafter trained on
+
+
+def write_seen_prompts(output: Path, records: list[Any]) -> Path:
+    """The prompts the large model wrote for this run, one {"prompt": text} per line: what the drafter saw (its
+    answers are the target's, in the drafter_targets cache), for its users and for benchmarks' leak checks."""
+    output.mkdir(parents=True, exist_ok=True)
+    path = output / SEEN_PROMPTS_FILE
+    path.write_text("".join(json.dumps({"prompt": r.messages[0]["content"]}, ensure_ascii=False) + "\n" for r in records))
+    return path
+
+
 class DrafterParts(TrainedParts):
     """What DDP or FSDP wraps for the drafter: the composed model's trained parts, whose forward runs the
     model under the drafting view and returns (summed drafter loss, top-1 agreements) over the answer
@@ -185,6 +197,7 @@ class DrafterObjective(ComposedObjective):
         self.self_prompts = {**report, "seconds": round(time.perf_counter() - started, 2)}
         if accelerator.is_main_process:
             print(f"self-prompts: {json.dumps(self.self_prompts)}")
+            write_seen_prompts(Path(config.output), records)
         return records
 
     def attach_data(self, config: Any, data: Any, accelerator: Any) -> None:
