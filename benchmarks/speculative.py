@@ -12,10 +12,15 @@ Rows, per task and batch size:
   assisted: ASSISTANT as draft model         transformers' assisted generation (batch 1 only, as transformers allows)
   prompt lookup                              transformers' prompt lookup decoding (batch 1 only)
   ours: DRAFTER, K                           each --drafter folder at each --draft-tokens K (our engine)
+  ours: DRAFTER+lookup, K                    the same drafter behind prompt lookup (`--draft-lookup`, the CLI's
+                                             default): rows whose context holds an n-gram match copy, the
+                                             others take the drafter's drafts
 Per row: generated tokens/s (all rows' new tokens over the wall time of the whole batch loop), speed-up over the
 target alone in the same engine, mean draft tokens accepted per verify pass (ours), the drafter's training
 seconds (its run's summary: training, target generation and the state cache's build, also when it reused a cache
-that another drafter of the run built), and how many outputs equal the target's own.
+that another drafter of the run built), and how many outputs equal the target's own. The +lookup rows also count
+the rows each source drafted (summed over verify passes) and the passes where every row copied, so the drafter
+drafted one token only.
 Prompts are the tasks' questions in the target's chat template. Nothing else should run: a timed benchmark.
 
 Spec-Bench mode (`--spec-bench N`: N questions of each of its six categories, batch 1, first turns, see
@@ -43,6 +48,7 @@ from llm_modules.data.prompting import prompt_ids
 from llm_modules.data.sources import load_records
 from llm_modules.decoding.generation import generate
 from llm_modules.decoding.speculative.composed_proposer import ComposedProposer
+from llm_modules.decoding.speculative.lookup_first import LookupFirst
 from llm_modules.decoding.speculative.prompt_lookup import PromptLookup
 from llm_modules.models.composed import LLMModulesModel
 from llm_modules.models.drafter import DrafterRecord, load_draft_vocab
@@ -50,6 +56,8 @@ from llm_modules.models.specs import resolve_model
 from llm_modules.tensors import DTYPES, left_pad
 
 WARMUP_TOKENS = 8  # an untimed short run of every row first
+SOURCES = ("lookup_rows", "drafter_rows", "light_passes")  # LookupFirst's counts: rows each source drafted, and
+# the passes where every row copied (the drafter drafted one token)
 
 
 def prompts_of(spec: str, tokenizer, n: int) -> list[list[int]]:
@@ -64,9 +72,11 @@ def batches(prompts: list[list[int]], size: int) -> list[list[list[int]]]:
 
 @torch.no_grad()
 def run_ours(target, prompts, size, max_new, pad, eos, drafter=None):
-    """Our engine, greedy: (outputs, seconds, stats or None)."""
+    """Our engine, greedy: (outputs, seconds, stats or None); a LookupFirst drafter's counts (SOURCES) are in
+    stats too, for this call alone."""
     outputs, seconds = [], 0.0
     stats = {"passes": 0, "row_passes": 0, "accepted": 0, "draft_seconds": 0.0, "verify_seconds": 0.0, "rollback_seconds": 0.0}
+    before = drafter.counts() if isinstance(drafter, LookupFirst) else None
     for chunk in batches(prompts, size):
         ids, mask = left_pad(chunk, pad)
         start = time.perf_counter()
@@ -76,7 +86,16 @@ def run_ours(target, prompts, size, max_new, pad, eos, drafter=None):
             for name in stats:
                 stats[name] += getattr(drafter.last_batch_stats, name)
         outputs += [trim(row[ids.shape[1]:].tolist(), eos, pad) for row in out]
+    if before is not None:
+        stats.update({name: drafter.counts()[name] - before[name] for name in SOURCES})
     return outputs, seconds, (stats if drafter is not None else None)
+
+
+def our_drafter(model, k, pad, vocab, lookup: bool) -> ComposedProposer | LookupFirst:
+    """The drafter `model` drafting k tokens a pass; with lookup, behind prompt lookup as `load_drafter(lookup=True)`
+    (the CLI's default) builds it."""
+    drafter = ComposedProposer(model, draft_tokens=k, pad_id=pad, vocab=vocab)
+    return LookupFirst(drafter, PromptLookup(model.vocab_size, draft_tokens=k)) if lookup else drafter
 
 
 @torch.no_grad()
@@ -244,11 +263,13 @@ def main() -> None:
                 for k in lengths[folder]:
                     for n in args.draft_vocab or [0]:
                         vocab = vocabularies[(folder, n)]
-                        drafter = ComposedProposer(model, draft_tokens=k or 4, pad_id=pad, vocab=vocab)
-                        result = timed(run_ours, drafter)
                         size_note = f", vocab {n}" if n else (f", vocab {len(vocab)}" if vocab is not None else "")
-                        label = f"ours: {run_name(folder, folders)}, K={drafter.draft_tokens}{size_note}"
-                        runs.append((label, result, costs[folder], drafter))
+                        for lookup in (False, True):
+                            drafter = our_drafter(model, k or 4, pad, vocab, lookup)
+                            result = timed(run_ours, drafter)
+                            label = (f"ours: {run_name(folder, folders)}{'+lookup' if lookup else ''}, "
+                                     f"K={drafter.draft_tokens}{size_note}")
+                            runs.append((label, result, costs[folder], drafter))
             for name, (outputs, seconds, stats), train_s, _ in runs:
                 tokens = sum(len(o) for o in outputs)
                 same = sum(o == r for o, r in zip(outputs, reference))
@@ -262,6 +283,8 @@ def main() -> None:
                     row["rows_per_pass"] = round(stats["row_passes"] / max(stats["passes"], 1), 2)
                     row["ms_per_pass"] = {part: round(1000 * stats[f"{part}_seconds"] / max(stats["passes"], 1), 1)
                                           for part in ("draft", "verify", "rollback")}
+                    if SOURCES[0] in stats:
+                        row["sources"] = {name: stats[name] for name in SOURCES}
                 rows.append(row)
                 print(json.dumps(row), flush=True)
             write_report(args, rows)  # after each task and batch size: a stopped run keeps what it measured
@@ -277,16 +300,24 @@ def write_report(args, rows) -> None:
              f"{datetime.date.today()}. Greedy, {args.max_new_tokens} new tokens at most per prompt, "
              f"{args.prompts} prompts per task; {args.dtype}.", "",
              "| task | batch | row | tokens/s | speed-up | accepted / pass | rows / pass | ms per pass: draft / verify / rollback "
-             "| drafter training s | identical |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "| rows drafted: lookup / drafter (passes at K=1) | drafter training s | identical |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['task'].split(':')[1].split('?')[0]} | {r['batch']} | {r['row']} | {r['tokens_per_s']} | "
                      f"{r['speedup']}x | {r['accepted_per_pass'] if r['accepted_per_pass'] is not None else 'n/a'} | "
                      f"{r.get('rows_per_pass', 'n/a')} | "
                      f"{' / '.join(str(v) for v in r['ms_per_pass'].values()) if 'ms_per_pass' in r else 'n/a'} | "
+                     f"{sources_cell(r.get('sources'))} | "
                      f"{r['train_seconds'] if r['train_seconds'] is not None else 'n/a'} | {r['identical']} |")
     (out / "results.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
+
+
+def sources_cell(sources: dict | None) -> str:
+    """LookupFirst's counts as a table cell: rows drafted by lookup / by the drafter (passes at K=1)."""
+    if not sources:
+        return "n/a"
+    return f"{sources['lookup_rows']} / {sources['drafter_rows']} ({sources['light_passes']})"
 
 
 def drafter_prompts(folder: Path) -> list[str]:
@@ -329,10 +360,10 @@ def run_spec_bench(args, target, tokenizer, pad, eos, assistant, drafters, lengt
     for folder, model in drafters:
         for k in lengths[folder]:
             vocab = vocabularies[(folder, (args.draft_vocab or [0])[0])]
-            name = f"ours: {run_name(folder, folders)}, K={k or 4}"
-            methods.append((name, lambda p, n, model=model, k=k, vocab=vocab: run_ours(
-                target, [p], 1, n, pad, eos, drafter=ComposedProposer(model, draft_tokens=k or 4, pad_id=pad,
-                                                                     vocab=vocab))))
+            for lookup in (False, True):
+                name = f"ours: {run_name(folder, folders)}{'+lookup' if lookup else ''}, K={k or 4}"
+                methods.append((name, lambda p, n, model=model, k=k, vocab=vocab, lookup=lookup: run_ours(
+                    target, [p], 1, n, pad, eos, drafter=our_drafter(model, k or 4, pad, vocab, lookup))))
     out = Path(args.output)
     out.mkdir(parents=True, exist_ok=True)
     log = out / "questions.jsonl"
@@ -350,7 +381,8 @@ def run_spec_bench(args, target, tokenizer, pad, eos, assistant, drafters, lengt
             record = {"method": name, "id": q["id"], "category": q["category"], "tokens": len(output),
                       "seconds": round(seconds, 4), "passes": stats["passes"] if stats else None,
                       "accepted": stats["accepted"] if stats else None,
-                      "identical": output == reference.get(q["id"]), "output": output}
+                      "identical": output == reference.get(q["id"]), "output": output,
+                      **{count: stats[count] for count in SOURCES if stats and count in stats}}
             done[(name, q["id"])] = record
             with log.open("a") as f:
                 f.write(json.dumps(record) + "\n")
@@ -373,10 +405,30 @@ def write_spec_bench_report(args, records, baseline: str, n_questions: int) -> N
              "Spec-Bench computes it) and, in brackets, mean tokens per verify pass (ours only).", "",
              *spec_bench.table(summary), "",
              "| method | identical to the target alone |", "|---|---|",
-             *[f"| {m} | {v} |" for m, v in identical.items()]]
+             *[f"| {m} | {v} |" for m, v in identical.items()],
+             *sources_table(records)]
     out = Path(args.output)
     (out / "results.json").write_text(json.dumps(summary, indent=1))
     (out / "results.md").write_text("\n".join(lines) + "\n")
+
+
+def sources_table(records: list[dict]) -> list[str]:
+    """Per +lookup method and category, the rows each source drafted over its questions' verify passes."""
+    totals: dict[str, dict[str, dict[str, int]]] = {}
+    for r in records:
+        if SOURCES[0] in r:
+            for category in (r["category"], "overall"):
+                cell = totals.setdefault(r["method"], {}).setdefault(category, dict.fromkeys(SOURCES, 0))
+                for name in SOURCES:
+                    cell[name] += r[name]
+    if not totals:
+        return []
+    categories = sorted({c for cats in totals.values() for c in cats} - {"overall"}) + ["overall"]
+    return ["", ("Rows drafted by prompt lookup / by the drafter (verify passes where every row copied, so the "
+                 "drafter drafted one token):"), "",
+            "| method | " + " | ".join(categories) + " |", "|---|" + "---|" * len(categories),
+            *[f"| {m} | " + " | ".join(sources_cell(cats.get(c)) for c in categories) + " |"
+              for m, cats in totals.items()]]
 
 
 if __name__ == "__main__":

@@ -45,6 +45,9 @@ def add_draft_flags(parser: argparse.ArgumentParser) -> None:
                              "(a folder of that name: ./prompt-lookup)")
     parser.add_argument("--draft-tokens", type=int,
                         help="tokens drafted per pass (default: the drafter's K; 4 for prompt-lookup)")
+    parser.add_argument("--draft-lookup", action=argparse.BooleanOptionalAction,
+                        help="with a drafter folder, rows whose context holds an n-gram match (2 tokens or more) "
+                             "take prompt lookup's copy, the others the drafter's drafts (default: on)")
 
 
 def add_sampling_flags(parser: argparse.ArgumentParser) -> None:
@@ -69,6 +72,9 @@ def check_draft_flags(args: argparse.Namespace) -> None:
         if not args.draft:
             raise LLMModulesError("--draft-tokens needs --draft DRAFTER_DIR (the drafter whose tokens it counts)")
         check_draft_tokens(args.draft_tokens)
+    if args.draft_lookup is not None and not args.draft:
+        flag = "--draft-lookup" if args.draft_lookup else "--no-draft-lookup"
+        raise LLMModulesError(f"{flag} needs --draft DRAFTER_DIR (the drafter it combines with prompt lookup)")
 
 
 def check_sampling_flags(args: argparse.Namespace) -> None:
@@ -278,7 +284,8 @@ def load_for_generation(args: argparse.Namespace):
     device, dtype = device_and_dtype(args)
     loaded = load_model(args.model, device=device, dtype=dtype, allow_large_mismatch=args.allow_large_mismatch)
     if getattr(args, "draft", None):
-        loaded.drafter = load_drafter(args.draft, loaded, args.model, args.draft_tokens, args.allow_large_mismatch)
+        loaded.drafter = load_drafter(args.draft, loaded, args.model, args.draft_tokens, args.allow_large_mismatch,
+                                      lookup=args.draft_lookup is not False)
     return loaded
 
 
@@ -348,7 +355,7 @@ def run_eval(args: argparse.Namespace) -> int:
             raise LLMModulesError(f"--output {output}: cannot create its folder ({err.strerror})") from None
     device, dtype = device_and_dtype(args)
     scorer = load_scorer(args.model, device=device, allow_large_mismatch=args.allow_large_mismatch, dtype=dtype,
-                         draft=args.draft, draft_tokens=args.draft_tokens)
+                         draft=args.draft, draft_tokens=args.draft_tokens, draft_lookup=args.draft_lookup is not False)
     examples = held_out_examples(DataConfig(**options), scorer.tokenizer, scorer.max_positions, args.split)
     result = evaluate(scorer, examples, EvalOptions(
         split=args.split, limit=args.limit, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
@@ -455,6 +462,7 @@ def run_serve(args: argparse.Namespace) -> int:
     serve(args.model, args.host, args.port, max_batch=args.max_batch, max_queue=args.max_queue,
           max_tokens=args.max_tokens, template=args.template, name=args.name, api_key=args.api_key,
           max_request_bytes=args.max_request_bytes, draft=args.draft, draft_tokens=args.draft_tokens,
+          draft_lookup=args.draft_lookup is not False,
           allow_large_mismatch=args.allow_large_mismatch, device=device, dtype=dtype)
     return 0
 

@@ -67,7 +67,7 @@ class PlainScorer:
         self.model, self.tokenizer = model.eval(), tokenizer
         self.max_positions = getattr(model.config, "max_position_embeddings", None)
         self.device = next(model.parameters()).device
-        self.drafter = None  # a speculative ComposedProposer: generate speculatively (the same tokens)
+        self.drafter = None  # a speculative proposer: generate speculatively (the same tokens)
 
     def decode_limits(self) -> tuple[int | None, int | None]:
         """(positions a prompt and its generation may fill, less what the drafter reserves; the model's own)."""
@@ -86,13 +86,15 @@ class PlainScorer:
 
 def load_scorer(spec: str, device: Any = None, allow_large_mismatch: bool = False,
                 dtype: torch.dtype = torch.float32, draft: str | None = None,
-                draft_tokens: int | None = None) -> ComposedScorer | PlainScorer:
+                draft_tokens: int | None = None, draft_lookup: bool = True) -> ComposedScorer | PlainScorer:
     """The model `spec` names, loaded by `models.loading.load_model` (composed, plain method or plain
-    spec), as a scorer; with `draft` (a drafter folder) a plain model generates speculatively."""
+    spec), as a scorer; with `draft` (a drafter folder) a plain model generates speculatively (with
+    `draft_lookup`, prompt lookup's copy where a row's context holds an n-gram match)."""
     from llm_modules.models.loading import load_drafter
 
     loaded = load_model(spec, device=device, dtype=dtype, allow_large_mismatch=allow_large_mismatch)
-    drafter = load_drafter(draft, loaded, spec, draft_tokens, allow_large_mismatch) if draft else None  # refuses
+    drafter = (load_drafter(draft, loaded, spec, draft_tokens, allow_large_mismatch, lookup=draft_lookup)
+               if draft else None)  # refuses a composed model
     if loaded.composed:  # a composed --model (as `generate` does)
         return ComposedScorer(loaded.model)
     scorer = PlainScorer(loaded.model, loaded.tokenizer)

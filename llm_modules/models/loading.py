@@ -26,7 +26,7 @@ class RunnableModel:
     model: nn.Module
     tokenizer: Any
     composed: bool
-    drafter: Any = None  # a speculative ComposedProposer when decoding speculatively (load_drafter)
+    drafter: Any = None  # a speculative proposer when decoding speculatively (load_drafter)
 
 
 def load_model(spec: str, device: Any = None, dtype: torch.dtype = torch.float32,
@@ -60,14 +60,16 @@ def load_model(spec: str, device: Any = None, dtype: torch.dtype = torch.float32
 
 
 def load_drafter(folder: str, target: RunnableModel, spec: str, draft_tokens: int | None = None,
-                 allow_large_mismatch: bool = False) -> Any:
+                 allow_large_mismatch: bool = False, lookup: bool = True) -> Any:
     """The drafter saved in `folder` (train --method drafter), drafting for `target` (loaded from `spec`),
     which must be the large model the drafter was trained on: it is shared, not loaded again, and checked
     against the drafter's record of it. `draft_tokens` defaults to the K it trained with; it drafts from the
-    draft vocabulary it trained with, if any. `folder` PROMPT_LOOKUP ("prompt-lookup") drafts by copying from
-    each row's own context instead, no drafter needed (a folder of that name: "./prompt-lookup")."""
+    draft vocabulary it trained with, if any. With `lookup`, rows whose context holds an n-gram match take
+    prompt lookup's copy instead (`LookupFirst`). `folder` PROMPT_LOOKUP ("prompt-lookup") drafts by copying
+    from each row's own context instead, no drafter needed (a folder of that name: "./prompt-lookup")."""
     from llm_modules.decoding.limits import model_positions
     from llm_modules.decoding.speculative.composed_proposer import ComposedProposer
+    from llm_modules.decoding.speculative.lookup_first import LookupFirst
     from llm_modules.decoding.speculative.prompt_lookup import (
         PROMPT_LOOKUP,
         PromptLookup,
@@ -101,7 +103,8 @@ def load_drafter(folder: str, target: RunnableModel, spec: str, draft_tokens: in
     k = draft_tokens if draft_tokens is not None else record.draft_tokens
     _check_room(k, [model_positions(target.model), drafter.small_max_positions], draft_tokens is not None)
     pad = target.tokenizer.pad_token_id if target.tokenizer.pad_token_id is not None else 0
-    return ComposedProposer(drafter.eval(), draft_tokens=k, pad_id=pad, vocab=vocab)
+    proposer = ComposedProposer(drafter.eval(), draft_tokens=k, pad_id=pad, vocab=vocab)
+    return LookupFirst(proposer, PromptLookup(drafter.vocab_size, draft_tokens=k)) if lookup else proposer
 
 
 def _check_room(k: int, limits: list[int | None], asked: bool) -> None:

@@ -14,6 +14,7 @@ from llm_modules.decoding.speculative.batch import SpeculativeBatch
 from llm_modules.decoding.speculative.prompt_lookup import (
     PromptLookup,
     find_continuation,
+    find_match,
 )
 from llm_modules.errors import LLMModulesError
 
@@ -30,6 +31,20 @@ def test_the_longest_recent_ngram_is_copied():
     assert find_continuation([1, 2, 3], 2) == []  # nothing repeats
     assert find_continuation([4], 2) == []
     assert find_continuation([4, 4], 3) == [4]  # a follower right up to the tail itself
+
+
+def test_the_match_reports_the_ngram_it_used():
+    assert find_match([1, 2, 3, 4, 9, 3, 4, 0, 2, 3, 4], 2, max_ngram=3) == ([9, 3], 3)
+    assert find_match([5, 6, 7, 8, 1, 6, 7], 2, max_ngram=3) == ([8, 1], 2)
+    assert find_match([5, 6, 7, 8, 1, 7], 2, max_ngram=3) == ([8, 1], 1)
+    assert find_match([5, 6, 7, 8, 1, 7], 2, max_ngram=3, min_ngram=2) == ([], 0)
+    assert find_match([1, 2, 3], 2) == ([], 0)
+    proposer = PromptLookup(vocab_size=20, draft_tokens=2)
+    proposer.join([None, None], torch.tensor([[5, 6, 7, 8, 1, 6], [0, 0, 1, 2, 3, 4]]),
+                  torch.tensor([[1] * 6, [0, 0, 1, 1, 1, 1]]), None)
+    options = SamplingOptions(max_new_tokens=4)
+    proposer.propose(torch.tensor([7, 9]), 2, [Sequence([1], options, []), Sequence([1], options, [])])
+    assert proposer.matched == [2, 0] and (proposer.hits, proposer.proposals) == (1, 2)
 
 
 def test_a_copy_that_reaches_the_end_is_looked_up_again():

@@ -266,3 +266,42 @@ def test_draft_prompt_lookup_needs_no_drafter_gives_the_models_own_text_and_keep
     assert "leaves no room" in one_error_line(capsys)
     assert generate(models["composed"], "a", "--draft", "prompt-lookup") == 2
     assert "drafts for a plain model" in one_error_line(capsys)
+
+
+# ----------------------------------------------------------------------------- --draft-lookup
+@pytest.mark.parametrize("command", ["generate", "chat", "eval", "serve"])
+@pytest.mark.parametrize("flag,lookup", [((), True), (("--draft-lookup",), True), (("--no-draft-lookup",), False)])
+def test_draft_lookup_reaches_the_drafters_loading_from_every_command(models, capsys, monkeypatch, command, flag,
+                                                                       lookup):
+    asked = []
+
+    def loading(*args, **kwargs):
+        asked.append(kwargs.get("lookup", "not passed"))
+        raise LLMModulesError("loaded far enough")
+
+    monkeypatch.setattr("llm_modules.models.loading.load_drafter", loading)
+    extra = {"generate": ["--prompt", "hi"], "chat": [], "eval": ["--data", "x.jsonl"], "serve": ["--port", "0"]}
+    assert main([command, "--model", models["target"], *extra[command], "--draft", models["drafter"], *flag]) == 2
+    assert "loaded far enough" in one_error_line(capsys) and asked == [lookup]
+
+
+def test_draft_lookup_without_a_drafter_is_one_line(models, capsys, monkeypatch):
+    refuse_to_load(monkeypatch)
+    assert main(["generate", "--model", models["target"], "--prompt", "hi", "--no-draft-lookup"]) == 2
+    assert "--no-draft-lookup needs --draft" in one_error_line(capsys)
+
+
+def test_a_drafter_with_and_without_lookup_gives_the_models_own_text(models, capsys):
+    from llm_modules.decoding.speculative.composed_proposer import ComposedProposer
+    from llm_modules.decoding.speculative.lookup_first import LookupFirst
+    from llm_modules.models.loading import load_drafter, load_model
+
+    target = load_model(models["target"])
+    assert isinstance(load_drafter(models["drafter"], target, models["target"]), LookupFirst)
+    assert isinstance(load_drafter(models["drafter"], target, models["target"], lookup=False), ComposedProposer)
+    prompt = "one two three one two three one two"
+    assert generate(models["target"], prompt, "--max-new-tokens", "12") == 0
+    alone = capsys.readouterr().out
+    for flag in ("--draft-lookup", "--no-draft-lookup"):
+        assert generate(models["target"], prompt, "--max-new-tokens", "12", "--draft", models["drafter"], flag) == 0
+        assert capsys.readouterr().out == alone

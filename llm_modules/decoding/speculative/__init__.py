@@ -17,7 +17,8 @@ take it in its place.
 The package, laid out as vLLM's `v1/spec_decode/` (proposers) beside its `rejection_sampler.py`:
 `proposer` (the `Proposer` interface a proposer implements), `composed_proposer` (the composed model as a
 proposer: its runtime; the draft network itself is `llm_modules.models.composed`), `prompt_lookup` (drafts
-copied from the row's own context, no network), `acceptance` (the
+copied from the row's own context, no network), `lookup_first` (per row, prompt lookup's copy where the
+context holds an n-gram match, the drafter's drafts elsewhere), `acceptance` (the
 rules that keep drafts), `target` (the target's stepper and the rollback of its caches), `batch` (the rows
 that decode speculatively). Draft trees (their masks and acceptance) go here too.
 """

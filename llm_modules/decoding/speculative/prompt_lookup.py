@@ -24,17 +24,22 @@ from llm_modules.errors import LLMModulesError
 PROMPT_LOOKUP = "prompt-lookup"  # `--draft prompt-lookup`: this proposer, no drafter folder
 
 
-def find_continuation(context: list[int], k: int, max_ngram: int = 3, min_ngram: int = 1) -> list[int]:
-    """Up to k tokens that followed the most recent earlier occurrence of the context's last n tokens, for the
-    largest n in [min_ngram, max_ngram] that occurs; [] when none does."""
+def find_match(context: list[int], k: int, max_ngram: int = 3, min_ngram: int = 1) -> tuple[list[int], int]:
+    """(up to k tokens that followed the most recent earlier occurrence of the context's last n tokens, n), for
+    the largest n in [min_ngram, max_ngram] that occurs; ([], 0) when none does."""
     length = len(context)
     for n in range(min(max_ngram, length - 1), min_ngram - 1, -1):
         tail = context[length - n:]
         # the latest start whose n-gram ends before the context's own tail and has at least one follower
         for start in range(length - n - 1, -1, -1):
             if context[start: start + n] == tail:
-                return context[start + n: start + n + k]
-    return []
+                return context[start + n: start + n + k], n
+    return [], 0
+
+
+def find_continuation(context: list[int], k: int, max_ngram: int = 3, min_ngram: int = 1) -> list[int]:
+    """`find_match`'s tokens alone."""
+    return find_match(context, k, max_ngram, min_ngram)[0]
 
 
 class PromptLookup:
@@ -54,15 +59,17 @@ class PromptLookup:
         self.contexts: list[list[int]] = []  # per row: every token the target has verified
         self.last_batch_stats: Any = None  # set by the SpeculativeBatch it drafts for
         self.hits = self.proposals = 0  # rows given a copied draft, rows asked
+        self.matched: list[int] = []  # per row, the n-gram its last proposal matched (0: none)
 
     def join(self, rows: list[Any], ids: torch.Tensor, mask: torch.Tensor, states: torch.Tensor | None) -> None:
         self.contexts += [row[m.bool()].tolist() for row, m in zip(ids.cpu(), mask.cpu())]
 
     def propose(self, first: torch.Tensor, k: int, rows: list[Any]) -> tuple[torch.Tensor, torch.Tensor | None]:
-        drafts = []
+        drafts, self.matched = [], []
         for context, token in zip(self.contexts, first.tolist()):
-            found: list[int] = []
-            while len(found) < k:  # a copy that reaches the context's end continues from what it copied
+            found, n = find_match(context + [token], k, self.max_ngram, self.min_ngram)
+            self.matched.append(n)
+            while found and len(found) < k:  # a copy that reaches the context's end continues from what it copied
                 more = find_continuation(context + [token] + found, k - len(found), self.max_ngram, self.min_ngram)
                 if not more:
                     break

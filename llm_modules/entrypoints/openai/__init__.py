@@ -34,12 +34,13 @@ def build_app(model_spec: str, max_batch: int = 8, max_queue: int = 64, max_toke
               template: str | None = None, name: str | None = None, allow_large_mismatch: bool = False,
               device: Any = None, dtype: Any = None, host: str = "127.0.0.1", api_key: str | None = None,
               max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES, draft: str | None = None,
-              draft_tokens: int | None = None) -> Any:
+              draft_tokens: int | None = None, draft_lookup: bool = True) -> Any:
     """Load a saved composed model (or run folder), a saved plain method or a plain model spec, in
     `dtype` (default float32) onto `device` (default the CPU), and wrap it in the FastAPI app; the
     engine's thread starts with the app. `host` is the address the app will listen on (Host headers
     are checked when it is a loopback one); with `api_key`, /v1/* needs `Authorization: Bearer KEY`; with
-    `draft` (a drafter folder) the model decodes speculatively: the same tokens in fewer passes."""
+    `draft` (a drafter folder) the model decodes speculatively: the same tokens in fewer passes (with
+    `draft_lookup`, prompt lookup's copy where a row's context holds an n-gram match)."""
     import torch
 
     from llm_modules.models.loading import load_model
@@ -57,7 +58,8 @@ def build_app(model_spec: str, max_batch: int = 8, max_queue: int = 64, max_toke
     if draft:
         from llm_modules.models.loading import load_drafter
 
-        loaded.drafter = load_drafter(draft, loaded, model_spec, draft_tokens, allow_large_mismatch)
+        loaded.drafter = load_drafter(draft, loaded, model_spec, draft_tokens, allow_large_mismatch,
+                                      lookup=draft_lookup)
     engine = Engine(loaded.model, loaded.tokenizer, max_batch=max_batch, max_queue=max_queue, drafter=loaded.drafter)
     prompts = PromptFormat(loaded.tokenizer, choose_template(model_spec, loaded.tokenizer, template))
     return create_app(Served(engine, name or model_id(model_spec), prompts, max_tokens, host, api_key or None,
