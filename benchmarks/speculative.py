@@ -210,6 +210,8 @@ def main() -> None:
     parser.add_argument("--output", default="reports/speculative")
     parser.add_argument("--spec-bench", type=int, default=0, metavar="N",
                         help="Spec-Bench mode: N questions per category (of 80), batch 1; --data and --batch unused")
+    parser.add_argument("--humaneval", type=int, default=0, metavar="N",
+                        help="Spec-Bench mode: also N HumanEval problems (code completion), their own column")
     parser.add_argument("--lookup-tokens", action="append", type=int, default=[],
                         help="Spec-Bench mode: prompt lookup in our engine drafting K tokens per pass (default 4)")
     args = parser.parse_args()
@@ -342,6 +344,7 @@ def run_spec_bench(args, target, tokenizer, pad, eos, assistant, drafters, lengt
     import spec_bench
 
     questions = spec_bench.select(spec_bench.load_questions(), args.spec_bench)
+    questions += spec_bench.load_humaneval(args.humaneval) if args.humaneval else []
     for folder, _ in drafters:
         seen = spec_bench.leaked(drafter_prompts(folder), questions)
         if seen:

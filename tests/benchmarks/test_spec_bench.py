@@ -76,3 +76,21 @@ def test_speedup_is_a_ratio_of_mean_per_question_speeds_and_accepted_length_coun
     assert summary["ours"]["overall"]["n"] == 2
     lines = sb.table(summary)
     assert lines[0].startswith("| method | qa | overall |") and "1.67x (2.00)" in lines[3]
+
+
+def test_humaneval_is_the_committed_file_spread_and_kept_out_of_the_overall():
+    sb = load_script()
+    digest = hashlib.sha256(sb.HUMANEVAL.read_bytes()).hexdigest()
+    assert digest == "b796127e635a67f93fb35c04f4cb03cf06f38c8072ee7cee8833d7bee06979ef"
+    assert "MIT License" in (sb.HUMANEVAL.parent / "LICENSE").read_text()
+    code = sb.load_humaneval(4)
+    assert [q["id"] for q in code] == ["HumanEval/0", "HumanEval/41", "HumanEval/82", "HumanEval/123"]
+    assert all(q["category"] == "humaneval" and "def " in q["prompt"] and q["prompt"].startswith("Complete")
+               for q in code)
+    rows = [{"method": m, "category": c, "tokens": 10, "seconds": s, "passes": None, "accepted": None}
+            for m, s in (("base", 2.0), ("fast", 1.0)) for c in ("qa", "humaneval")]
+    rows[-1]["seconds"] = 0.25  # fast on code: 4x, which must not reach the overall
+    summary = sb.summarize(rows, "base")
+    assert summary["fast"]["overall"]["speedup"] == 2.0 and summary["fast"]["humaneval"]["speedup"] == 8.0
+    assert summary["fast"]["overall"]["n"] == 1
+    assert sb.table(summary)[0] == "| method | qa | overall | humaneval |"
