@@ -126,8 +126,17 @@ def self_prompt_records(large: torch.nn.Module, tokenizer: Any, large_spec: str,
                      "self-prompts" if progress else "")
     if wait is not None:
         wait()
-    written = json.loads(path.read_text())["answers"]
-    report = {"asked": count, "cut_at_max_tokens": 0, "empty": 0, "repeated": 0, "file": str(path)}
+    records, report = records_from_written(json.loads(path.read_text())["answers"], tokenizer, eos)
+    report = {"asked": count, **report, "file": str(path)}
+    if not records:
+        raise LLMModulesError(f"data '{spec}': the large model wrote no usable prompt ({report}); is it a chat model?")
+    return records, report
+
+
+def records_from_written(written: list[list[int]], tokenizer: Any, eos: list[int]) -> tuple[list[Record], dict[str, int]]:
+    """The prompts of sampled rows (token ids, each ending at its first end-of-sequence id or cut) as records with
+    an empty answer, dropping empty and repeated ones; and the counts: cut_at_max_tokens, empty, repeated, kept."""
+    report = {"cut_at_max_tokens": 0, "empty": 0, "repeated": 0}
     seen: set[str] = set()
     records = []
     for i, tokens in enumerate(written):
@@ -144,6 +153,4 @@ def self_prompt_records(large: torch.nn.Module, tokenizer: Any, large_spec: str,
                                                           {"role": "assistant", "content": ""}],
                                   source=f"{SELF_PROMPTS}{i}"))
     report["kept"] = len(records)
-    if not records:
-        raise LLMModulesError(f"data '{spec}': the large model wrote no usable prompt ({report}); is it a chat model?")
     return records, report
