@@ -409,10 +409,33 @@ def write_spec_bench_report(args, records, baseline: str, n_questions: int) -> N
              *spec_bench.table(summary), "",
              "| method | identical to the target alone |", "|---|---|",
              *[f"| {m} | {v} |" for m, v in identical.items()],
+             *pass_cost_table(records, baseline),
              *sources_table(records)]
     out = Path(args.output)
     (out / "results.json").write_text(json.dumps(summary, indent=1))
     (out / "results.md").write_text("\n".join(lines) + "\n")
+
+
+def pass_cost_table(records: list[dict], baseline: str) -> list[str]:
+    """Where the time goes, from the per-question records: per method of ours, milliseconds per verify pass
+    (all its questions' seconds over their passes) against the target alone's milliseconds per token, tokens
+    per pass, and the speed-up they imply (tokens per pass x target ms per token / ms per pass)."""
+    base = [r for r in records if r["method"] == baseline]
+    if not base:
+        return []
+    step = 1000 * sum(r["seconds"] for r in base) / max(sum(r["tokens"] for r in base), 1)
+    lines = ["", f"Where the time goes: the target alone takes {step:.0f} ms per token; per method of ours, over all "
+             "its questions:", "", "| method | ms per verify pass (drafting included) | pass / target step | "
+             "tokens per pass | implied speed-up |", "|---|---|---|---|---|"]
+    for method in dict.fromkeys(r["method"] for r in records):
+        rows = [r for r in records if r["method"] == method]
+        passes = sum(r["passes"] or 0 for r in rows)
+        if not passes or not all(r["passes"] for r in rows):
+            continue
+        ms = 1000 * sum(r["seconds"] for r in rows) / passes
+        per_pass = sum(r["tokens"] for r in rows) / passes
+        lines.append(f"| {method} | {ms:.0f} | {ms / step:.2f} | {per_pass:.2f} | {per_pass * step / ms:.2f}x |")
+    return lines
 
 
 def sources_table(records: list[dict]) -> list[str]:
