@@ -425,7 +425,10 @@ def pass_cost_table(records: list[dict], baseline: str) -> list[str]:
         return []
     step = 1000 * sum(r["seconds"] for r in base) / max(sum(r["tokens"] for r in base), 1)
     lines = ["", f"Where the time goes: the target alone takes {step:.0f} ms per token; per method of ours, over all "
-             "its questions:", "", "| method | ms per verify pass (drafting included) | pass / target step | "
+             "its questions. Both include each prompt's prefill, spread over the tokens or the passes, which makes a "
+             "pass look dearer than it is (prefill left out, a pass over 1 + 4 tokens costs 0.99-1.09x a decode step: "
+             "benchmarks/verify_pass_cost.py):", "",
+             "| method | ms per verify pass (drafting and prefill included) | pass / target token | "
              "tokens per pass | implied speed-up |", "|---|---|---|---|---|"]
     for method in dict.fromkeys(r["method"] for r in records):
         rows = [r for r in records if r["method"] == method]
