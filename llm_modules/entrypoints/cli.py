@@ -44,7 +44,7 @@ def add_draft_flags(parser: argparse.ArgumentParser) -> None:
                              "'prompt-lookup': drafts copied from the prompt and reply so far, no drafter needed "
                              "(a folder of that name: ./prompt-lookup)")
     parser.add_argument("--draft-tokens", type=int,
-                        help="tokens drafted per pass (default: the drafter's K; 4 for prompt-lookup)")
+                        help="tokens drafted per pass (default: the drafter's K; 10 for prompt-lookup)")
     parser.add_argument("--draft-lookup", action=argparse.BooleanOptionalAction,
                         help="with a drafter folder, rows whose context holds an n-gram match (2 tokens or more) "
                              "take prompt lookup's copy, the others the drafter's drafts (default: on)")

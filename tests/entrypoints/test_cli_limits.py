@@ -11,6 +11,7 @@ import torch
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
 from llm_modules import LLMModulesModel
+from llm_modules.decoding.speculative.prompt_lookup import PromptLookup
 from llm_modules.entrypoints.cli import main
 from llm_modules.errors import LLMModulesError
 from llm_modules.models.drafter import (
@@ -254,14 +255,14 @@ def test_a_digest_mismatch_names_the_large_model_the_user_passed(models, tmp_pat
 
 def test_draft_prompt_lookup_needs_no_drafter_gives_the_models_own_text_and_keeps_the_reserve(models, capsys):
     """`--draft prompt-lookup`: speculative decoding with drafts copied from the context, the model's own greedy
-    text; its K (4 by default) is reserved like a drafter's, and a K that leaves no room is one line."""
+    text; its K (10 by default) is reserved like a drafter's, and a K that leaves no room is one line."""
     prompt = "one two three one two three one two"
     assert generate(models["target"], prompt, "--max-new-tokens", "12") == 0
     alone = capsys.readouterr().out
     assert generate(models["target"], prompt, "--max-new-tokens", "12", "--draft", "prompt-lookup") == 0
     assert capsys.readouterr().out == alone
     assert generate(models["target"], PROMPT_88, "--max-new-tokens", "8", "--draft", "prompt-lookup") == 2
-    assert "less the 5" in one_error_line(capsys)
+    assert f"less the {PromptLookup.DEFAULT_TOKENS + 1}" in one_error_line(capsys)
     assert generate(models["target48"], "a", "--draft", "prompt-lookup", "--draft-tokens", "46") == 2
     assert "leaves no room" in one_error_line(capsys)
     assert generate(models["composed"], "a", "--draft", "prompt-lookup") == 2
