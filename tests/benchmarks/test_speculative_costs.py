@@ -55,7 +55,8 @@ def test_a_lookup_first_drafters_counts_are_reported_per_run_and_per_category(ti
     script = load_script()
     target = AutoModelForCausalLM.from_pretrained(tiny_models["qwen2"], dtype=torch.float64).eval()
     vocab = target.config.vocab_size
-    drafter = LookupFirst(PromptLookup(vocab), PromptLookup(vocab))  # any proposer stands in for the drafter
+    # any proposer stands in for the drafter; K=4 keeps a verify pass inside these short prompts' answers
+    drafter = LookupFirst(PromptLookup(vocab, draft_tokens=4), PromptLookup(vocab, draft_tokens=4))
     prompts = [[5, 6, 7, 8, 5, 6, 7, 8, 5, 6], [9, 10, 11, 12, 13]]
     runs = [script.run_ours(target, prompts, 2, 12, 0, [], drafter) for _ in range(2)]
     (outputs, _, stats), (again, _, stats_again) = runs
