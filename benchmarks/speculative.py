@@ -50,12 +50,14 @@ from llm_modules.decoding.generation import generate
 from llm_modules.decoding.speculative.composed_proposer import ComposedProposer
 from llm_modules.decoding.speculative.lookup_first import LookupFirst
 from llm_modules.decoding.speculative.prompt_lookup import PromptLookup
+from llm_modules.decoding.speculative.tree_proposer import TreeProposer
 from llm_modules.models.composed import LLMModulesModel
 from llm_modules.models.drafter import DrafterRecord, load_draft_vocab
 from llm_modules.models.specs import resolve_model
 from llm_modules.tensors import DTYPES, left_pad
 
 WARMUP_TOKENS = 8  # an untimed short run of every row first
+PARTS = ("draft_seconds", "verify_seconds", "rollback_seconds")  # where a speculative batch's time went
 SOURCES = ("lookup_rows", "drafter_rows", "light_passes")  # LookupFirst's counts: rows each source drafted, and
 # the passes where every row copied (the drafter drafted one token)
 
@@ -76,7 +78,7 @@ def run_ours(target, prompts, size, max_new, pad, eos, drafter=None):
     stats too, for this call alone."""
     outputs, seconds = [], 0.0
     stats = {"passes": 0, "row_passes": 0, "accepted": 0, "draft_seconds": 0.0, "verify_seconds": 0.0, "rollback_seconds": 0.0}
-    before = drafter.counts() if isinstance(drafter, LookupFirst) else None
+    before = drafter.counts() if hasattr(drafter, "counts") else None
     for chunk in batches(prompts, size):
         ids, mask = left_pad(chunk, pad)
         start = time.perf_counter()
@@ -87,14 +89,19 @@ def run_ours(target, prompts, size, max_new, pad, eos, drafter=None):
                 stats[name] += getattr(drafter.last_batch_stats, name)
         outputs += [trim(row[ids.shape[1]:].tolist(), eos, pad) for row in out]
     if before is not None:
-        stats.update({name: drafter.counts()[name] - before[name] for name in SOURCES})
+        stats.update({name: n - before[name] for name, n in drafter.counts().items() if name != "passes"})
     return outputs, seconds, (stats if drafter is not None else None)
 
 
-def our_drafter(model, k, pad, vocab, lookup: bool) -> ComposedProposer | LookupFirst:
-    """The drafter `model` drafting k tokens a pass; with lookup, behind prompt lookup as `load_drafter(lookup=True)`
-    (the CLI's default) builds it."""
+def our_drafter(model, k, pad, vocab, lookup: bool, width: int | None = None, lookup_tokens: int = 0
+                ) -> ComposedProposer | LookupFirst | TreeProposer:
+    """The drafter `model` drafting k tokens a pass; with lookup, behind prompt lookup (`LookupFirst`). With a
+    `width`, a draft tree instead: the drafter's chain with width - 1 runners-up per depth and, with lookup, prompt
+    lookup's copy of up to `lookup_tokens` (default: its own default) in the same verify pass."""
     drafter = ComposedProposer(model, draft_tokens=k, pad_id=pad, vocab=vocab)
+    if width is not None:
+        copier = PromptLookup(model.vocab_size, draft_tokens=lookup_tokens or PromptLookup.DEFAULT_TOKENS)
+        return TreeProposer(drafter, copier if lookup else None, width=width)
     return LookupFirst(drafter, PromptLookup(model.vocab_size, draft_tokens=k)) if lookup else drafter
 
 
@@ -212,6 +219,11 @@ def main() -> None:
                         help="Spec-Bench mode: N questions per category (of 80), batch 1; --data and --batch unused")
     parser.add_argument("--humaneval", type=int, default=0, metavar="N",
                         help="Spec-Bench mode: also N HumanEval problems (code completion), their own column")
+    parser.add_argument("--tree-width", action="append", type=int, default=[],
+                        help="Spec-Bench mode: each drafter also as a draft tree of this width (runners-up per depth "
+                             "+ 1), alone and with prompt lookup's copy (its default K) in the same verify pass")
+    parser.add_argument("--no-chains", dest="chains", action="store_false",
+                        help="Spec-Bench mode: leave out the drafters' chain rows (alone and behind lookup)")
     parser.add_argument("--lookup-tokens", action="append", type=int, default=[],
                         help="Spec-Bench mode: prompt lookup in our engine drafting K tokens per pass (default 4, as the rows measured before the default became 10)")
     args = parser.parse_args()
@@ -285,7 +297,7 @@ def main() -> None:
                     row["rows_per_pass"] = round(stats["row_passes"] / max(stats["passes"], 1), 2)
                     row["ms_per_pass"] = {part: round(1000 * stats[f"{part}_seconds"] / max(stats["passes"], 1), 1)
                                           for part in ("draft", "verify", "rollback")}
-                    if SOURCES[0] in stats:
+                    if all(name in stats for name in SOURCES):
                         row["sources"] = {name: stats[name] for name in SOURCES}
                 rows.append(row)
                 print(json.dumps(row), flush=True)
@@ -357,16 +369,22 @@ def run_spec_bench(args, target, tokenizer, pad, eos, assistant, drafters, lengt
                             lambda p, n: run_hf(target, [p], 1, n, pad, eos, assistant_model=assistant)))
         methods.append(("prompt lookup (transformers, 10 tokens)",
                         lambda p, n: run_hf(target, [p], 1, n, pad, eos, prompt_lookup_num_tokens=10)))
-    for k in args.lookup_tokens or [4]:
+    for k in args.lookup_tokens or [4]:  # prompt lookup alone as a chain (a tree of width 1 is the same)
         methods.append((f"ours: prompt lookup, K={k}", lambda p, n, k=k: run_ours(
             target, [p], 1, n, pad, eos, drafter=PromptLookup(target.config.vocab_size, draft_tokens=k))))
     for folder, model in drafters:
         for k in lengths[folder]:
             vocab = vocabularies[(folder, (args.draft_vocab or [0])[0])]
             for lookup in (False, True):
-                name = f"ours: {run_name(folder, folders)}{'+lookup' if lookup else ''}, K={k or 4}"
-                methods.append((name, lambda p, n, model=model, k=k, vocab=vocab, lookup=lookup: run_ours(
-                    target, [p], 1, n, pad, eos, drafter=our_drafter(model, k or 4, pad, vocab, lookup))))
+                if args.chains:
+                    name = f"ours: {run_name(folder, folders)}{'+lookup' if lookup else ''}, K={k or 4}"
+                    methods.append((name, lambda p, n, model=model, k=k, vocab=vocab, lookup=lookup: run_ours(
+                        target, [p], 1, n, pad, eos, drafter=our_drafter(model, k or 4, pad, vocab, lookup))))
+                for width in args.tree_width:
+                    name = f"ours: {run_name(folder, folders)} tree w={width}{'+lookup' if lookup else ''}, K={k or 4}"
+                    methods.append((name, lambda p, n, model=model, k=k, vocab=vocab, lookup=lookup, width=width:
+                                    run_ours(target, [p], 1, n, pad, eos,
+                                             drafter=our_drafter(model, k or 4, pad, vocab, lookup, width))))
     out = Path(args.output)
     out.mkdir(parents=True, exist_ok=True)
     log = out / "questions.jsonl"
@@ -385,6 +403,7 @@ def run_spec_bench(args, target, tokenizer, pad, eos, assistant, drafters, lengt
                       "seconds": round(seconds, 4), "passes": stats["passes"] if stats else None,
                       "accepted": stats["accepted"] if stats else None,
                       "identical": output == reference.get(q["id"]), "output": output,
+                      **{part: round(stats[part], 4) for part in PARTS if stats},
                       **{count: stats[count] for count in SOURCES if stats and count in stats}}
             done[(name, q["id"])] = record
             with log.open("a") as f:
@@ -410,6 +429,7 @@ def write_spec_bench_report(args, records, baseline: str, n_questions: int) -> N
              "| method | identical to the target alone |", "|---|---|",
              *[f"| {m} | {v} |" for m, v in identical.items()],
              *pass_cost_table(records, baseline),
+             *parts_table(records),
              *sources_table(records)]
     out = Path(args.output)
     (out / "results.json").write_text(json.dumps(summary, indent=1))
@@ -441,11 +461,27 @@ def pass_cost_table(records: list[dict], baseline: str) -> list[str]:
     return lines
 
 
+def parts_table(records: list[dict]) -> list[str]:
+    """Per method of ours, milliseconds per verify pass spent drafting, in the target's pass, and choosing what
+    to keep and rolling the caches back (the batch's own clocks; prefill and emitting tokens are not in them)."""
+    lines = []
+    for method in dict.fromkeys(r["method"] for r in records):
+        rows = [r for r in records if r["method"] == method and r.get("passes") and PARTS[0] in r]
+        passes = sum(r["passes"] for r in rows)
+        if passes:
+            ms = [1000 * sum(r[part] for r in rows) / passes for part in PARTS]
+            lines.append(f"| {method} | " + " | ".join(f"{x:.1f}" for x in ms) + " |")
+    if not lines:
+        return []
+    return ["", "Per verify pass, milliseconds spent (the speculative batch's own clocks, over all questions):", "",
+            "| method | drafting | target pass | acceptance and rollback |", "|---|---|---|---|", *lines]
+
+
 def sources_table(records: list[dict]) -> list[str]:
     """Per +lookup method and category, the rows each source drafted over its questions' verify passes."""
     totals: dict[str, dict[str, dict[str, int]]] = {}
     for r in records:
-        if SOURCES[0] in r:
+        if all(name in r for name in SOURCES):
             for category in (r["category"], "overall"):
                 cell = totals.setdefault(r["method"], {}).setdefault(category, dict.fromkeys(SOURCES, 0))
                 for name in SOURCES:

@@ -13,6 +13,7 @@ from typing import Any, Callable
 
 import torch
 
+from llm_modules.decoding.speculative.tree_proposer import TreeProposer
 from llm_modules.errors import LLMModulesError
 from llm_modules.models.compose_config import ComposeConfig
 
@@ -46,8 +47,12 @@ def add_draft_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--draft-tokens", type=int,
                         help="tokens drafted per pass (default: the drafter's K; 10 for prompt-lookup)")
     parser.add_argument("--draft-lookup", action=argparse.BooleanOptionalAction,
-                        help="with a drafter folder, rows whose context holds an n-gram match (2 tokens or more) "
-                             "take prompt lookup's copy, the others the drafter's drafts (default: on)")
+                        help="with a drafter folder, prompt lookup's copy (where a row's context ends in a repeated "
+                             "n-gram of 2 tokens or more) is verified beside the drafter's drafts in the same pass "
+                             "(default: on)")
+    parser.add_argument("--draft-width", type=int,
+                        help="with a drafter folder, each verify pass checks a draft tree: the drafter's chain plus "
+                             "its WIDTH - 1 runners-up at every depth (default: %d; 1: the chain alone)" % TreeProposer.DEFAULT_WIDTH)
 
 
 def add_sampling_flags(parser: argparse.ArgumentParser) -> None:
@@ -66,15 +71,23 @@ def add_sampling_flags(parser: argparse.ArgumentParser) -> None:
 def check_draft_flags(args: argparse.Namespace) -> None:
     """Refuse --draft-tokens out of bounds, or without --draft, before any model loads (the bound by the
     position limit comes when the drafter loads: it needs the models' limits)."""
-    from llm_modules.models.drafter import check_draft_tokens
-
-    if args.draft_tokens is not None:
-        if not args.draft:
-            raise LLMModulesError("--draft-tokens needs --draft DRAFTER_DIR (the drafter whose tokens it counts)")
-        check_draft_tokens(args.draft_tokens)
+    if args.draft_tokens is not None and not args.draft:
+        raise LLMModulesError("--draft-tokens needs --draft DRAFTER_DIR (the drafter whose tokens it counts)")
     if args.draft_lookup is not None and not args.draft:
         flag = "--draft-lookup" if args.draft_lookup else "--no-draft-lookup"
         raise LLMModulesError(f"{flag} needs --draft DRAFTER_DIR (the drafter it combines with prompt lookup)")
+    if args.draft_width is not None and not args.draft:
+        raise LLMModulesError("--draft-width needs --draft DRAFTER_DIR (the drafter whose runners-up it counts)")
+    draft_options(args)  # bounds, before any model loads
+
+
+def draft_options(args: argparse.Namespace) -> Any:
+    """The `--draft*` flags as `DraftOptions` (None without --draft)."""
+    from llm_modules.models.loading import DraftOptions
+
+    if not getattr(args, "draft", None):
+        return None
+    return DraftOptions(args.draft, args.draft_tokens, args.draft_lookup is not False, args.draft_width)
 
 
 def check_sampling_flags(args: argparse.Namespace) -> None:
@@ -284,8 +297,7 @@ def load_for_generation(args: argparse.Namespace):
     device, dtype = device_and_dtype(args)
     loaded = load_model(args.model, device=device, dtype=dtype, allow_large_mismatch=args.allow_large_mismatch)
     if getattr(args, "draft", None):
-        loaded.drafter = load_drafter(args.draft, loaded, args.model, args.draft_tokens, args.allow_large_mismatch,
-                                      lookup=args.draft_lookup is not False)
+        loaded.drafter = load_drafter(draft_options(args), loaded, args.model, args.allow_large_mismatch)
     return loaded
 
 
@@ -355,7 +367,7 @@ def run_eval(args: argparse.Namespace) -> int:
             raise LLMModulesError(f"--output {output}: cannot create its folder ({err.strerror})") from None
     device, dtype = device_and_dtype(args)
     scorer = load_scorer(args.model, device=device, allow_large_mismatch=args.allow_large_mismatch, dtype=dtype,
-                         draft=args.draft, draft_tokens=args.draft_tokens, draft_lookup=args.draft_lookup is not False)
+                         draft=draft_options(args))
     examples = held_out_examples(DataConfig(**options), scorer.tokenizer, scorer.max_positions, args.split)
     result = evaluate(scorer, examples, EvalOptions(
         split=args.split, limit=args.limit, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
@@ -461,8 +473,7 @@ def run_serve(args: argparse.Namespace) -> int:
     check_listen_address(args.host, args.port)  # before the model loads
     serve(args.model, args.host, args.port, max_batch=args.max_batch, max_queue=args.max_queue,
           max_tokens=args.max_tokens, template=args.template, name=args.name, api_key=args.api_key,
-          max_request_bytes=args.max_request_bytes, draft=args.draft, draft_tokens=args.draft_tokens,
-          draft_lookup=args.draft_lookup is not False,
+          max_request_bytes=args.max_request_bytes, draft=draft_options(args),
           allow_large_mismatch=args.allow_large_mismatch, device=device, dtype=dtype)
     return 0
 

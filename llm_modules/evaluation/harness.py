@@ -33,7 +33,7 @@ from llm_modules.decoding.limits import describe_limit
 from llm_modules.decoding.sampling import SamplingOptions
 from llm_modules.errors import LLMModulesError
 from llm_modules.losses import next_token_loss
-from llm_modules.models.loading import load_model
+from llm_modules.models.loading import DraftOptions, load_model
 from llm_modules.tensors import IGNORE_INDEX, left_pad
 
 logger = logging.getLogger(__name__)
@@ -85,16 +85,14 @@ class PlainScorer:
 
 
 def load_scorer(spec: str, device: Any = None, allow_large_mismatch: bool = False,
-                dtype: torch.dtype = torch.float32, draft: str | None = None,
-                draft_tokens: int | None = None, draft_lookup: bool = True) -> ComposedScorer | PlainScorer:
+                dtype: torch.dtype = torch.float32, draft: DraftOptions | None = None) -> ComposedScorer | PlainScorer:
     """The model `spec` names, loaded by `models.loading.load_model` (composed, plain method or plain
-    spec), as a scorer; with `draft` (a drafter folder) a plain model generates speculatively (with
-    `draft_lookup`, prompt lookup's copy where a row's context holds an n-gram match)."""
+    spec), as a scorer; with `draft` (`models.loading.DraftOptions`: a drafter folder or prompt lookup) a plain
+    model generates speculatively."""
     from llm_modules.models.loading import load_drafter
 
     loaded = load_model(spec, device=device, dtype=dtype, allow_large_mismatch=allow_large_mismatch)
-    drafter = (load_drafter(draft, loaded, spec, draft_tokens, allow_large_mismatch, lookup=draft_lookup)
-               if draft else None)  # refuses a composed model
+    drafter = load_drafter(draft, loaded, spec, allow_large_mismatch) if draft else None  # refuses a composed model
     if loaded.composed:  # a composed --model (as `generate` does)
         return ComposedScorer(loaded.model)
     scorer = PlainScorer(loaded.model, loaded.tokenizer)

@@ -59,58 +59,92 @@ def load_model(spec: str, device: Any = None, dtype: torch.dtype = torch.float32
     return RunnableModel(model.eval(), tokenizer, kind == "composed")
 
 
-def load_drafter(folder: str, target: RunnableModel, spec: str, draft_tokens: int | None = None,
-                 allow_large_mismatch: bool = False, lookup: bool = True) -> Any:
-    """The drafter saved in `folder` (train --method drafter), drafting for `target` (loaded from `spec`),
-    which must be the large model the drafter was trained on: it is shared, not loaded again, and checked
-    against the drafter's record of it. `draft_tokens` defaults to the K it trained with; it drafts from the
-    draft vocabulary it trained with, if any. With `lookup`, rows whose context holds an n-gram match take
-    prompt lookup's copy instead (`LookupFirst`). `folder` PROMPT_LOOKUP ("prompt-lookup") drafts by copying
-    from each row's own context instead, no drafter needed (a folder of that name: "./prompt-lookup")."""
+@dataclass(frozen=True)
+class DraftOptions:
+    """How a plain model decodes speculatively (`--draft`, `--draft-tokens`, `--draft-lookup`, `--draft-width`):
+    `source` a drafter folder (train --method drafter) or PROMPT_LOOKUP ("prompt-lookup": copies from each row's
+    context, no drafter); `tokens` the drafter's K (default: the K it trained with; prompt lookup's own default
+    alone); `lookup` prompt lookup's copy joins a drafter's drafts in the same verify pass; `width` the draft
+    tree's width: the drafter's chain plus its width - 1 runners-up at every depth (default:
+    `TreeProposer.DEFAULT_WIDTH`)."""
+
+    source: str
+    tokens: int | None = None
+    lookup: bool = True
+    width: int | None = None
+
+    def __post_init__(self) -> None:
+        from llm_modules.models.drafter import check_draft_tokens
+
+        if self.tokens is not None:
+            check_draft_tokens(self.tokens)
+        if self.width is not None and not 1 <= self.width <= MAX_DRAFT_WIDTH:
+            raise LLMModulesError(f"--draft-width must be between 1 and {MAX_DRAFT_WIDTH}, got {self.width}")
+
+
+MAX_DRAFT_WIDTH = 16  # runners-up per depth: each adds K nodes to every verify pass
+
+
+def load_drafter(draft: DraftOptions, target: RunnableModel, spec: str, allow_large_mismatch: bool = False) -> Any:
+    """The proposer `draft` describes, drafting for `target` (loaded from `spec`). A drafter folder's large model
+    must be the target: it is shared, not loaded again, and checked against the drafter's record of it; it drafts
+    from the draft vocabulary it trained with, if any. With a drafter, each verify pass checks a draft tree
+    (`TreeProposer`): the drafter's chain, its runners-up (`width` > 1) and, with `lookup`, prompt lookup's copy;
+    width 1 without lookup is the drafter's chain alone (`ComposedProposer`). PROMPT_LOOKUP (a folder of that
+    name: "./prompt-lookup") drafts by copying from each row's own context instead, no drafter needed."""
     from llm_modules.decoding.limits import model_positions
     from llm_modules.decoding.speculative.composed_proposer import ComposedProposer
-    from llm_modules.decoding.speculative.lookup_first import LookupFirst
     from llm_modules.decoding.speculative.prompt_lookup import (
         PROMPT_LOOKUP,
         PromptLookup,
     )
+    from llm_modules.decoding.speculative.tree_proposer import TreeProposer
     from llm_modules.models.composed import LLMModulesModel
-    from llm_modules.models.drafter import (
-        DrafterRecord,
-        check_draft_tokens,
-        load_draft_vocab,
-    )
+    from llm_modules.models.drafter import DrafterRecord, load_draft_vocab
     from llm_modules.models.specs import LoadedModel
 
     if target.composed:
         raise LLMModulesError(f"--draft drafts for a plain model (the large model the drafter was trained on); "
                               f"{spec} is a composed model")
-    if draft_tokens is not None:
-        check_draft_tokens(draft_tokens)
-    if folder == PROMPT_LOOKUP:
-        k = draft_tokens if draft_tokens is not None else PromptLookup.DEFAULT_TOKENS
-        _check_room(k, [model_positions(target.model)], draft_tokens is not None)
-        return PromptLookup(target.model.config.get_text_config().vocab_size, draft_tokens=k)
-    where = resolve_model_folder(folder)
+    vocab_size = target.model.config.get_text_config().vocab_size
+    if draft.source == PROMPT_LOOKUP:
+        if draft.width not in (None, 1):
+            raise LLMModulesError("--draft-width needs a drafter: prompt lookup copies one continuation per row")
+        k = draft.tokens if draft.tokens is not None else PromptLookup.DEFAULT_TOKENS
+        _check_room(k, [model_positions(target.model)], _asked(draft, k, "prompt lookup's default K"))
+        return PromptLookup(vocab_size, draft_tokens=k)
+    where = resolve_model_folder(draft.source)
     record = DrafterRecord.load(where)
     if record is None:
-        raise LLMModulesError(f"{folder} is not a drafter (no drafter record: train it with --method drafter)")
-    vocab = load_draft_vocab(where, record, getattr(target.model.config.get_text_config(), "vocab_size", None))
+        raise LLMModulesError(f"{draft.source} is not a drafter (no drafter record: train it with --method drafter)")
+    vocab = load_draft_vocab(where, record, vocab_size)
     first = next(target.model.parameters())
     drafter = LLMModulesModel.from_pretrained(where, dtype=first.dtype, device=first.device,
                                               allow_large_mismatch=allow_large_mismatch,
                                               large=LoadedModel(target.model, target.tokenizer, spec, "shared"))
-    k = draft_tokens if draft_tokens is not None else record.draft_tokens
-    _check_room(k, [model_positions(target.model), drafter.small_max_positions], draft_tokens is not None)
+    k = draft.tokens if draft.tokens is not None else record.draft_tokens
+    width = draft.width if draft.width is not None else TreeProposer.DEFAULT_WIDTH
+    lookup = PromptLookup(vocab_size) if draft.lookup else None
+    limits = [model_positions(target.model), drafter.small_max_positions]
+    _check_room(k, limits, _asked(draft, k, "the drafter's draft_tokens"))
+    if lookup is not None:
+        _check_room(lookup.draft_tokens, limits, f"prompt lookup's copy of up to {lookup.draft_tokens} tokens "
+                                                 "(--no-draft-lookup leaves it out)")
     pad = target.tokenizer.pad_token_id if target.tokenizer.pad_token_id is not None else 0
     proposer = ComposedProposer(drafter.eval(), draft_tokens=k, pad_id=pad, vocab=vocab)
-    return LookupFirst(proposer, PromptLookup(drafter.vocab_size, draft_tokens=k)) if lookup else proposer
+    if width == 1 and lookup is None:
+        return proposer
+    return TreeProposer(proposer, lookup, width=width)
 
 
-def _check_room(k: int, limits: list[int | None], asked: bool) -> None:
-    """A verify pass reads K + 1 positions ahead: refuse a K that leaves no prompt token and new token to place."""
+def _asked(draft: DraftOptions, k: int, default: str) -> str:
+    return f"--draft-tokens {k}" if draft.tokens is not None else f"{default} ({k})"
+
+
+def _check_room(depth: int, limits: list[int | None], what: str) -> None:
+    """A verify pass reads `depth` + 1 positions ahead: refuse a depth that leaves no prompt token and new token
+    to place. `what` names where the depth came from."""
     limits = [n for n in limits if n]
-    if limits and min(limits) - k - 1 < 2:
-        what = f"--draft-tokens {k}" if asked else f"the drafter's draft_tokens ({k})"
+    if limits and min(limits) - depth - 1 < 2:
         raise LLMModulesError(f"{what} leaves no room in the {min(limits)} positions the model and its drafter can "
                               f"place: each verify pass reads K + 1 positions ahead; use at most {min(limits) - 3}")

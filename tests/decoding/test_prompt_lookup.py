@@ -9,7 +9,8 @@ from transformers import AutoModelForCausalLM
 
 from llm_modules.decoding.engine import DecodeBatch, Sequence
 from llm_modules.decoding.sampling import SamplingOptions
-from llm_modules.decoding.speculative.acceptance import accept_sampled
+from llm_modules.decoding.speculative.acceptance import accept_tree_sampled
+from llm_modules.decoding.speculative.tree import DraftTree
 from llm_modules.decoding.speculative.batch import SpeculativeBatch
 from llm_modules.decoding.speculative.prompt_lookup import (
     PromptLookup,
@@ -104,8 +105,8 @@ def test_a_one_hot_proposal_keeps_the_targets_distribution():
     n = 20000
     counts = torch.zeros(5)
     for _ in range(n):
-        a, nxt = accept_sampled(torch.tensor([2]), q, p, g)
-        counts[2 if a == 1 else nxt] += 1
+        path, nxt = accept_tree_sampled(DraftTree.chain(0, [2], list(q)), p, g)
+        counts[2 if len(path) == 2 else nxt] += 1
     expected = p[0] * n
     assert float(((counts - expected) ** 2 / expected).sum()) < 18.47
 

@@ -13,10 +13,11 @@ from llm_modules import LLMModulesModel
 from llm_modules.bridges import LargeRead
 from llm_modules.decoding.engine import DecodeBatch, Sequence
 from llm_modules.decoding.sampling import SamplingOptions
-from llm_modules.decoding.speculative.acceptance import accept_greedy, accept_sampled
+from llm_modules.decoding.speculative.acceptance import accept_tree_greedy, accept_tree_sampled
 from llm_modules.decoding.speculative.batch import SpeculativeBatch
 from llm_modules.decoding.speculative.composed_proposer import ComposedProposer
-from llm_modules.decoding.speculative.target import shift_right
+from llm_modules.decoding.speculative.target import keep_paths
+from llm_modules.decoding.speculative.tree import DraftTree
 
 from ..helpers import OPTIONS, decode_rows
 from ..helpers import nudge_gates as nudge
@@ -207,9 +208,10 @@ def test_the_drafter_after_rollbacks_equals_a_fresh_recompute(mapped_pair, bridg
 
 
 def test_greedy_rule():
-    assert accept_greedy(torch.tensor([5, 6, 7]), torch.tensor([5, 6, 9, 1])) == (2, 9)
-    assert accept_greedy(torch.tensor([5, 6, 7]), torch.tensor([5, 6, 7, 1])) == (3, 1)
-    assert accept_greedy(torch.tensor([5, 6, 7]), torch.tensor([4, 6, 7, 1])) == (0, 4)
+    chain = DraftTree.chain(0, [5, 6, 7])  # choices: the target's token after the root and after each draft
+    assert accept_tree_greedy(chain, [5, 6, 9, 1]) == ([0, 1, 2], 9)
+    assert accept_tree_greedy(chain, [5, 6, 7, 1]) == ([0, 1, 2, 3], 1)
+    assert accept_tree_greedy(chain, [4, 6, 7, 1]) == ([0], 4)
 
 
 def test_the_sampling_rule_gives_the_targets_distribution():
@@ -221,20 +223,24 @@ def test_the_sampling_rule_gives_the_targets_distribution():
     counts = torch.zeros(5)
     for _ in range(n):
         d = torch.multinomial(q[0], 2, replacement=True, generator=g)
-        a, nxt = accept_sampled(d, q, p, g)
-        counts[int(d[0]) if a >= 1 else nxt] += 1
+        path, nxt = accept_tree_sampled(DraftTree.chain(0, d.tolist(), list(q)), p, g)
+        counts[int(d[0]) if len(path) > 1 else nxt] += 1
     expected = p[0] * n
     chi2 = float(((counts - expected) ** 2 / expected).sum())
     assert chi2 < 18.47, (counts, expected)  # p = 0.001 for 4 degrees of freedom
 
 
-def test_shift_right_moves_each_row_by_its_own_amount():
-    t = torch.arange(1, 13).view(2, 6).float()
-    out = shift_right(t, torch.tensor([0, 2]), 1)
-    assert out.tolist() == [[1, 2, 3, 4, 5, 6], [0, 0, 7, 8, 9, 10]]
-    cache = torch.arange(1, 2 * 2 * 4 * 3 + 1).view(2, 2, 4, 3)  # (B, heads, positions, size), on dim 2
-    out = shift_right(cache, torch.tensor([1, 5]), 2)
-    assert torch.equal(out[0, :, 1:], cache[0, :, :3]) and not out[0, :, :1].any() and not out[1].any()
+def test_keep_paths_keeps_each_rows_past_and_path_right_aligned():
+    t = torch.arange(1, 13).view(2, 6).float()  # 2 past columns, then 4 nodes
+    assert keep_paths(t, 1, 2, [[0, 1, 2], [0]]).tolist() == [[1, 2, 3, 4, 5], [0, 0, 7, 8, 9]]
+    assert keep_paths(t, 1, 2, [[0, 2], [0, 1]]).tolist() == [[1, 2, 3, 5], [7, 8, 9, 10]]
+    assert keep_paths(t, 1, 2, [[0, 3], [0, 1, 3]]).tolist() == [[0, 1, 2, 3, 6], [7, 8, 9, 10, 12]]
+    cache = torch.arange(1, 2 * 2 * 5 * 3 + 1).view(2, 2, 5, 3)  # (B, heads, positions, size), on dim 2
+    out = keep_paths(cache, 2, 1, [[0, 2], [0, 1, 3]])
+    assert torch.equal(out[0, :, 1:], cache[0][:, [0, 1, 3]]) and not out[0, :, :1].any()
+    assert torch.equal(out[1], cache[1][:, [0, 1, 2, 4]])
+    two = torch.arange(1, 9).view(1, 8)  # two columns per position
+    assert keep_paths(two, 1, 2, [[0, 2]], per_position=2).tolist() == [[1, 2, 3, 4, 7, 8]]
 
 
 def test_generate_with_a_drafter_gives_the_targets_tokens_and_streams_them_in_order(mapped_pair):

@@ -20,6 +20,7 @@ from llm_modules.models.drafter import (
     DrafterRecord,
     save_draft_vocab,
 )
+from llm_modules.models.loading import DraftOptions
 from llm_modules.models.saved import DRAFTER_FILE
 
 from ..helpers import CHAT_TEMPLATE, gpt2_tokenizer
@@ -90,10 +91,14 @@ def test_generate_with_a_drafter_refuses_what_the_verify_pass_cannot_place(model
     past the last kept token, so it is one line naming the model's limit and what drafting reserves."""
     assert generate(models["target"], PROMPT_88, "--max-new-tokens", "8") == 0
     capsys.readouterr()
-    assert generate(models["target"], PROMPT_88, "--max-new-tokens", "8", "--draft", models["drafter"]) == 2
+    chain = ("--draft", models["drafter"], "--no-draft-lookup")
+    assert generate(models["target"], PROMPT_88, "--max-new-tokens", "8", *chain) == 2
     line = one_error_line(capsys)
     assert "96 positions the model can place" in line and "less the 5" in line and "at most 3 new tokens" in line
-    assert generate(models["target"], PROMPT_88, "--max-new-tokens", "3", "--draft", models["drafter"]) == 0
+    assert generate(models["target"], PROMPT_88, "--max-new-tokens", "3", *chain) == 0
+    # prompt lookup's copy in the same tree reaches its own K (10) past the last kept token
+    assert generate(models["target"], PROMPT_88, "--max-new-tokens", "3", "--draft", models["drafter"]) == 2
+    assert f"less the {PromptLookup.DEFAULT_TOKENS + 1}" in one_error_line(capsys)
 
 
 def test_chat_with_a_drafter_keeps_the_verify_pass_in_the_context(models, capsys, monkeypatch):
@@ -102,7 +107,7 @@ def test_chat_with_a_drafter_keeps_the_verify_pass_in_the_context(models, capsys
     said = iter(["a" + " a" * 73, "hi", ""])  # 86 tokens with the template: 86 + 8 fits 96, not 91
     monkeypatch.setattr("builtins.input", lambda prompt="": next(said))
     assert main(["chat", "--model", models["target"], "--max-new-tokens", "8", "--draft", models["drafter"],
-                 "--template", "chat"]) == 0
+                 "--no-draft-lookup", "--template", "chat"]) == 0
     err = capsys.readouterr().err
     assert "message not sent" in err and "Traceback" not in err
 
@@ -113,7 +118,7 @@ def test_the_servers_refusal_names_the_models_limit_and_the_drafters_reserve(mod
     from llm_modules.entrypoints.openai.app import ApiError, sampling_options
     from llm_modules.entrypoints.openai.protocol import CompletionRequest
 
-    served = build_app(models["target"], draft=models["drafter"]).state.served
+    served = build_app(models["target"], draft=DraftOptions(models["drafter"], lookup=False)).state.served
     with pytest.raises(LLMModulesError) as err:
         served.engine.sequence(list(range(88)), SamplingOptions(max_new_tokens=8))
     assert "96 positions the model can place less the 5" in str(err.value) and "91" not in str(err.value)
@@ -130,7 +135,7 @@ def test_eval_with_a_drafter_caps_generations_at_the_verify_pass_limit(models, t
                             for w in ("one", "two")))  # prompts of ~75 tokens: short generations
     args = ["eval", "--model", models["target"], "--data", str(data), "--split", "all", "--template", "chat",
             "--max-length", "96"]
-    assert main([*args, "--draft", models["drafter"]]) == 0
+    assert main([*args, "--draft", models["drafter"], "--no-draft-lookup"]) == 0
     out, err = capsys.readouterr()
     assert json.loads(out.strip().splitlines()[-1])["examples"] == 2 and "Traceback" not in err
     warned = [r.getMessage() for r in caplog.records if "stop at" in r.getMessage()]
@@ -271,13 +276,14 @@ def test_draft_prompt_lookup_needs_no_drafter_gives_the_models_own_text_and_keep
 
 # ----------------------------------------------------------------------------- --draft-lookup
 @pytest.mark.parametrize("command", ["generate", "chat", "eval", "serve"])
-@pytest.mark.parametrize("flag,lookup", [((), True), (("--draft-lookup",), True), (("--no-draft-lookup",), False)])
+@pytest.mark.parametrize("flag,lookup", [((), (True, None)), (("--draft-lookup",), (True, None)),
+                                         (("--no-draft-lookup", "--draft-width", "3"), (False, 3))])
 def test_draft_lookup_reaches_the_drafters_loading_from_every_command(models, capsys, monkeypatch, command, flag,
                                                                        lookup):
     asked = []
 
-    def loading(*args, **kwargs):
-        asked.append(kwargs.get("lookup", "not passed"))
+    def loading(draft, *args, **kwargs):
+        asked.append((draft.lookup, draft.width))
         raise LLMModulesError("loaded far enough")
 
     monkeypatch.setattr("llm_modules.models.loading.load_drafter", loading)
@@ -292,17 +298,28 @@ def test_draft_lookup_without_a_drafter_is_one_line(models, capsys, monkeypatch)
     assert "--no-draft-lookup needs --draft" in one_error_line(capsys)
 
 
+@pytest.mark.parametrize("flags, said", [(("--draft-width", "2"), "--draft-width needs --draft"),
+                                         (("--draft", "DRAFTER", "--draft-width", "0"), "between 1 and 16"),
+                                         (("--draft", "prompt-lookup", "--draft-width", "2"), "needs a drafter")])
+def test_a_bad_draft_width_is_one_line(models, capsys, flags, said):
+    flags = [models["drafter"] if f == "DRAFTER" else f for f in flags]
+    assert main(["generate", "--model", models["target"], "--prompt", "hi", *flags]) == 2
+    assert said in one_error_line(capsys)
+
+
 def test_a_drafter_with_and_without_lookup_gives_the_models_own_text(models, capsys):
     from llm_modules.decoding.speculative.composed_proposer import ComposedProposer
-    from llm_modules.decoding.speculative.lookup_first import LookupFirst
-    from llm_modules.models.loading import load_drafter, load_model
+    from llm_modules.decoding.speculative.tree_proposer import TreeProposer
+    from llm_modules.models.loading import DraftOptions, load_drafter, load_model
 
     target = load_model(models["target"])
-    assert isinstance(load_drafter(models["drafter"], target, models["target"]), LookupFirst)
-    assert isinstance(load_drafter(models["drafter"], target, models["target"], lookup=False), ComposedProposer)
+    tree = load_drafter(DraftOptions(models["drafter"]), target, models["target"])
+    assert isinstance(tree, TreeProposer) and tree.lookup is not None and tree.width == TreeProposer.DEFAULT_WIDTH
+    chain = load_drafter(DraftOptions(models["drafter"], lookup=False, width=1), target, models["target"])
+    assert isinstance(chain, ComposedProposer)
     prompt = "one two three one two three one two"
     assert generate(models["target"], prompt, "--max-new-tokens", "12") == 0
     alone = capsys.readouterr().out
-    for flag in ("--draft-lookup", "--no-draft-lookup"):
-        assert generate(models["target"], prompt, "--max-new-tokens", "12", "--draft", models["drafter"], flag) == 0
+    for flags in (["--draft-lookup"], ["--no-draft-lookup"], ["--draft-width", "3"], ["--no-draft-lookup", "--draft-width", "1"]):
+        assert generate(models["target"], prompt, "--max-new-tokens", "12", "--draft", models["drafter"], *flags) == 0
         assert capsys.readouterr().out == alone

@@ -11,6 +11,7 @@ import torch
 
 from llm_modules.models.composed import LLMModulesModel
 from llm_modules.models.drafter import DrafterRecord
+from llm_modules.models.loading import DraftOptions
 
 from ..helpers import OPTIONS, ServerThread, nudge_gates, wait_for
 
@@ -24,7 +25,7 @@ def server(mapped_pair, tmp_path_factory):
     nudge_gates(drafter)
     drafter.save_pretrained(folder)
     DrafterRecord(draft_tokens=2).save(folder)
-    with ServerThread(mapped_pair["large"], max_batch=4, max_queue=8, draft=str(folder)) as running:
+    with ServerThread(mapped_pair["large"], max_batch=4, max_queue=8, draft=DraftOptions(str(folder))) as running:
         yield running
 
 
@@ -83,18 +84,22 @@ def test_a_row_failing_in_a_verify_pass_is_a_500_and_its_neighbours_finish(serve
 
 def test_a_prompt_whose_prefill_fails_is_a_500_and_the_prompts_joining_with_it_finish(server, monkeypatch):
     engine = server.server.config.app.state.served.engine
-    run = engine.batch.stepper.run
+    run, run_tree = engine.batch.stepper.run, engine.batch.stepper.run_tree
     held = []
 
     def limited(ids, mask, cache, *rest, **kw):
-        if cache is not None and not held:  # hold the first verify pass until three requests wait: they join at once
-            held.append(wait_for(lambda: len(engine._waiting) >= 3, timeout=20, what="three waiting requests"))
         if cache is None and ids.shape[1] > 40:  # the target's prefill of one long prompt fails
             raise IndexError("index out of range in self")
         return run(ids, mask, cache, *rest, **kw)
 
+    def holding(*args, **kw):
+        if not held:  # hold the first verify pass until three requests wait: they join at once
+            held.append(wait_for(lambda: len(engine._waiting) >= 3, timeout=20, what="three waiting requests"))
+        return run_tree(*args, **kw)
+
     before = failed(server.url)
     monkeypatch.setattr(engine.batch.stepper, "run", limited)
+    monkeypatch.setattr(engine.batch.stepper, "run_tree", holding)
     long_prompt = "What is 2 plus 3? " * 12
     blocker = threading.Thread(target=complete, args=(server.url, "What is 3 plus 3?", 4))
     blocker.start()

@@ -17,6 +17,7 @@ from llm_modules.entrypoints.cli import main
 from llm_modules.errors import LLMModulesError
 from llm_modules.models.composed import LLMModulesModel
 from llm_modules.models.drafter import DrafterRecord
+from llm_modules.models.loading import DraftOptions
 from llm_modules.models.saved import DRAFTER_FILE, WEIGHTS_FILE
 from llm_modules.states.store import model_state_key
 from llm_modules.tensors import IGNORE_INDEX
@@ -267,7 +268,7 @@ def test_a_drafter_trained_on_a_draft_vocabulary_saves_it_and_decodes_from_it(dr
     assert record.vocab == ids.numel() and 6 <= ids.numel() <= 6 + 2 and torch.equal(ids, ids.sort().values)
     assert torch.equal(load_draft_vocab(tmp_path / "run", record), ids)
     target = load_model(mapped_pair["large"])
-    drafter = load_drafter(str(tmp_path / "run"), target, mapped_pair["large"], lookup=False)
+    drafter = load_drafter(DraftOptions(str(tmp_path / "run"), lookup=False, width=1), target, mapped_pair["large"])
     assert torch.equal(drafter.vocab.cpu(), ids)
     base = ["--model", mapped_pair["large"], "--prompt", "What is 3 plus 4?", "--max-new-tokens", "12",
             "--template", "stratos"]
@@ -387,7 +388,7 @@ def test_generate_eval_and_serve_take_a_trained_drafter_and_give_the_targets_out
     from llm_modules.decoding.speculative.batch import SpeculativeBatch
     from llm_modules.entrypoints.openai import build_app
 
-    app = build_app(mapped_pair["large"], draft=str(tmp_path / "run"), draft_tokens=2)
+    app = build_app(mapped_pair["large"], draft=DraftOptions(str(tmp_path / "run"), tokens=2))
     assert isinstance(app.state.served.engine.batch, SpeculativeBatch)
 
 

@@ -10,13 +10,10 @@ from typing import Any
 import torch
 
 from llm_modules.decoding.rows import RowBatch, processed
-from llm_modules.decoding.speculative.acceptance import accept_greedy, accept_sampled
-from llm_modules.decoding.speculative.proposer import Proposer
-from llm_modules.decoding.speculative.target import (
-    TargetStepper,
-    drop_last,
-    shift_right,
-)
+from llm_modules.decoding.speculative.acceptance import accept_tree_greedy, accept_tree_sampled
+from llm_modules.decoding.speculative.proposer import Proposer, propose_trees
+from llm_modules.decoding.speculative.target import TargetStepper, keep_cache_paths, keep_paths
+from llm_modules.decoding.speculative.tree import DraftTree
 from llm_modules.errors import LLMModulesError
 
 
@@ -68,7 +65,8 @@ class SpeculativeBatch(RowBatch):
     @property
     def max_positions(self) -> int | None:
         limits = [x for x in (self.stepper.max_positions, getattr(self.drafter, "max_positions", None)) if x is not None]
-        return min(limits) - self.k - 1 if limits else None  # a verify pass reads K + 1 positions ahead
+        depth = getattr(self.drafter, "max_depth", self.k)  # a tree proposer's deepest node
+        return min(limits) - depth - 1 if limits else None  # a verify pass reads K + 1 positions ahead
 
     def _prefill(self, rows, ids, mask):
         logits, states, cache = self.stepper.run(ids, mask, None, logits_to_keep=1)  # the prompt's last position
@@ -100,71 +98,74 @@ class SpeculativeBatch(RowBatch):
             self._rebuild(err)
             return
         for b, seq in enumerate(list(self.rows)):
-            for token in drafts[b, : accepted[b]].tolist():
+            for token in drafts[b]:
                 if seq.finished:
                     break
                 self._emit(seq, token, emitted)
         self._drop_finished()
 
-    def _verify(self) -> tuple[list[int], torch.Tensor]:
-        """Draft K tokens per row, run the target over them once, choose each row's next `pending`, roll the
-        caches back past the rejected drafts -> (accepted count per row, drafts (B, K) on the CPU). A row
-        whose own choice raises ends with its error (it keeps none of the drafts)."""
-        k = self.k
+    def _verify(self) -> tuple[list[int], list[list[int]]]:
+        """Propose a draft tree per row (a chain of K, or what a tree proposer builds), run the target over every
+        node once, choose each row's next `pending`, roll the caches back to each row's kept path -> (accepted
+        count per row, the accepted draft tokens per row). A row whose own choice raises ends with its error
+        (it keeps none of the drafts)."""
         first = torch.tensor(self.pending, device=self.device)  # (B,)
         clock = time.perf_counter()
-        drafts, q = self.drafter.propose(first, k, self.rows)  # (B, k), (B, k, V) or None
-        inputs = torch.cat([first[:, None], drafts.to(self.device)], 1)  # (B, k + 1)
-        ids = torch.cat([self.ids, inputs], 1)
-        mask = torch.cat([self.mask, torch.ones_like(inputs)], 1)
+        trees = propose_trees(self.drafter, first, self.k, self.rows)
+        size = max(len(t) for t in trees)
+        inputs = torch.tensor([t.tokens + [self.pad_id] * (size - len(t)) for t in trees], device=self.device)
+        ancestors = torch.stack([t.ancestors(size) for t in trees])  # (B, N, N)
+        depths = torch.tensor([t.depths() + [0] * (size - len(t)) for t in trees])  # (B, N)
         clock = self._lap("draft_seconds", clock)
-        logits, states, self.cache = self.stepper.run(inputs, mask, self.cache)  # (B, k + 1, V)
-        self.ids, self.mask = ids, mask
+        logits, states, self.cache = self.stepper.run_tree(inputs, ancestors, depths, self.mask, self.cache)
         clock = self._lap("verify_seconds", clock)
-        accepted, pending = [], []
+        paths, pending = [], []
         logits = logits.float().cpu()
-        drafts_cpu = drafts.cpu()
-        for b, seq in enumerate(self.rows):
-            a, nxt = 0, 0  # a row that ended (its drafting failed, or its check does) leaves after this pass
+        for b, (seq, tree) in enumerate(zip(self.rows, trees)):
+            path, nxt = [0], 0  # a row that ended (its drafting failed, or its check does) leaves after this pass
             if not seq.finished:
                 try:  # this row's own work: its processors and draws
-                    a, nxt = self._check(seq, drafts_cpu[b], None if q is None else q[b].float().cpu(), logits[b])
+                    path, nxt = self._check(seq, tree, logits[b, : len(tree)])
                 except Exception as err:
                     seq.fail(err)
-            accepted.append(a)
+            paths.append(path)
             pending.append(nxt)
+        accepted = [len(path) - 1 for path in paths]
         self.stats.passes += 1
         self.stats.row_passes += len(self.rows)
-        self.stats.drafted += k * len(self.rows)
+        self.stats.drafted += sum(len(t) - 1 for t in trees)
         self.stats.accepted += sum(accepted)
         self.pending = pending
-        accepted_t = torch.tensor(accepted, device=self.device)
-        # the target read first + all k drafts; each row keeps first + its accepted ones
-        drop = k - accepted_t
-        width = self.width - int(drop.min())
-        self.ids = shift_right(self.ids, drop - drop.min(), 1)[:, : self.ids.shape[1] - int(drop.min())]
-        self.mask = shift_right(self.mask, drop - drop.min(), 1)[:, : self.mask.shape[1] - int(drop.min())]
-        drop_last(self.stepper.slots(self.cache), drop, width)
-        self.stepper.set_length(self.cache, width)
-        self.drafter.commit(accepted_t, inputs, states)
+        # the target read every node; each row keeps its root and its accepted path
+        past = self.width
+        longest = max(len(path) for path in paths)
+        self.ids = keep_paths(torch.cat([self.ids, inputs], 1), 1, past, paths)
+        self.mask = keep_paths(torch.cat([self.mask, torch.ones_like(inputs)], 1), 1, past, paths)
+        keep_cache_paths(self.stepper.slots(self.cache), past, paths, past + longest)
+        self.stepper.set_length(self.cache, past + longest)
+        index = torch.tensor([path + [0] * (longest - len(path)) for path in paths], device=self.device)  # (B, L)
+        tokens = inputs.gather(1, index)
+        kept_states = None
+        if states is not None:
+            kept_states = states.gather(1, index[:, :, None, None].expand(-1, -1, *states.shape[2:]).to(states.device))
+        self.drafter.commit(torch.tensor(accepted, device=self.device), tokens, kept_states)
         self._cut_padding()
         self._lap("rollback_seconds", clock)
-        return accepted, drafts_cpu
+        return accepted, [tokens[b, 1: 1 + a].tolist() for b, a in enumerate(accepted)]
 
     def _lap(self, name: str, since: float) -> float:
         now = time.perf_counter()
         setattr(self.stats, name, getattr(self.stats, name) + now - since)
         return now
 
-    def _check(self, seq: Any, drafts: torch.Tensor, q: torch.Tensor | None, logits: torch.Tensor
-               ) -> tuple[int, int]:
-        """The row's accepted count and next token, with its own processors applied at every position
-        (the prefix each sees includes the drafts before it)."""
-        k = drafts.shape[0]
-        scores = torch.stack([processed(seq, logits[i], drafts[:i].tolist()) for i in range(k + 1)])  # (k + 1, V)
+    def _check(self, seq: Any, tree: DraftTree, logits: torch.Tensor) -> tuple[list[int], int]:
+        """The row's kept path and next token, with its own processors applied at every node (the prefix each
+        sees includes the drafts on its path)."""
+        if not seq.processors and not seq.options.do_sample:
+            return accept_tree_greedy(tree, logits.argmax(-1).tolist())
+        tokens = tree.tokens
+        scores = torch.stack([processed(seq, logits[i], [tokens[n] for n in tree.path(i)[1:]])
+                              for i in range(len(tree))])  # (N, V)
         if not seq.options.do_sample:
-            return accept_greedy(drafts, scores.argmax(-1))
-        p = torch.softmax(scores, -1)
-        if q is None:
-            raise LLMModulesError("the drafter gave no probabilities for a sampled row")
-        return accept_sampled(drafts, q, p, seq.generator)
+            return accept_tree_greedy(tree, scores.argmax(-1).tolist())
+        return accept_tree_sampled(tree, torch.softmax(scores, -1), seq.generator)

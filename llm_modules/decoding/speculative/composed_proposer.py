@@ -45,6 +45,7 @@ class ComposedProposer(RowBatch):
         self.draft_tokens = draft_tokens
         self.taps = list(model.large_taps)
         self.last_batch_stats: Any = None  # set by the SpeculativeBatch it drafts for
+        self.last_logits: list[torch.Tensor] = []  # per draft of the last proposal: its logits (B, V)
 
     @property
     def max_positions(self) -> int | None:
@@ -118,11 +119,12 @@ class ComposedProposer(RowBatch):
         self.chunk_states = [None] * b
         step_source, step_query = source[:, wc:], query[:, wc:]
         logits = self._run(ids, tok_mask, large_new, key_states, source, query)
-        drafts, probs = [], []
+        drafts, probs, self.last_logits = [], [], []
         sampled = any(r.options.do_sample for r in rows)
         zeros_state = torch.zeros((b, 1, taps, dim), dtype=dtype, device=self.device)
         one = torch.ones((b, 1), dtype=torch.long, device=self.device)
         for j in range(k):
+            self.last_logits.append(logits)  # (B, V): what a tree proposer ranks runners-up by
             token, prob = self._choose(logits, rows, first, drafts, sampled)
             drafts.append(token)
             probs.append(prob)

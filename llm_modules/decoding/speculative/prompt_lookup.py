@@ -63,12 +63,13 @@ class PromptLookup:
         self.last_batch_stats: Any = None  # set by the SpeculativeBatch it drafts for
         self.hits = self.proposals = 0  # rows given a copied draft, rows asked
         self.matched: list[int] = []  # per row, the n-gram its last proposal matched (0: none)
+        self.found: list[int] = []  # per row, how many of its last proposal's drafts were copied (the rest repeat)
 
     def join(self, rows: list[Any], ids: torch.Tensor, mask: torch.Tensor, states: torch.Tensor | None) -> None:
         self.contexts += [row[m.bool()].tolist() for row, m in zip(ids.cpu(), mask.cpu())]
 
     def propose(self, first: torch.Tensor, k: int, rows: list[Any]) -> tuple[torch.Tensor, torch.Tensor | None]:
-        drafts, self.matched = [], []
+        drafts, self.matched, self.found = [], [], []
         for context, token in zip(self.contexts, first.tolist()):
             found, n = find_match(context + [token], k, self.max_ngram, self.min_ngram)
             self.matched.append(n)
@@ -79,6 +80,7 @@ class PromptLookup:
                 found += more
             self.proposals += 1
             self.hits += bool(found)
+            self.found.append(len(found))
             drafts.append(found + [found[-1] if found else token] * (k - len(found)))
         drafts = torch.tensor(drafts, dtype=torch.long, device=first.device)  # (B, k)
         if not any(r.options.do_sample for r in rows):

@@ -12,6 +12,8 @@ from typing import Any, Protocol
 
 import torch
 
+from llm_modules.decoding.speculative.tree import DraftTree
+
 
 class Proposer(Protocol):
     """Proposes tokens for the rows of a SpeculativeBatch and keeps its own per-row state in step with them.
@@ -31,8 +33,20 @@ class Proposer(Protocol):
         when some row samples, the drafter's probabilities (B, k, V) they were drawn from."""
 
     def commit(self, accepted: torch.Tensor, tokens: torch.Tensor, states: torch.Tensor | None) -> None:
-        """After the target's pass over tokens (B, k + 1) (`first` and the drafts): row b kept its first
-        accepted[b] + 1, whose target states are states[b, :accepted[b] + 1] (B, k + 1, K, dL)."""
+        """After the target's pass: row b kept `first` and accepted[b] drafts, tokens[b, :accepted[b] + 1]
+        (B, L), whose target states are states[b, :accepted[b] + 1] (B, L, K, dL)."""
 
     def keep(self, index: list[int]) -> None:
         """Keep only these rows (and cut the columns that are padding in all of them)."""
+
+
+def propose_trees(proposer: Any, first: torch.Tensor, k: int, rows: list[Any]) -> list[DraftTree]:
+    """One draft tree per row: the proposer's own (`propose_tree`, a proposer of trees), else its chain of k
+    drafts as a tree of width 1 (each draft's proposal: the proposer's distribution, when some row samples)."""
+    if hasattr(proposer, "propose_tree"):
+        return proposer.propose_tree(first, k, rows)
+    drafts, q = proposer.propose(first, k, rows)
+    drafts = drafts.tolist()
+    q = None if q is None else q.float().cpu()
+    return [DraftTree.chain(root, drafts[b], None if q is None else list(q[b].unbind(0)))
+            for b, root in enumerate(first.tolist())]

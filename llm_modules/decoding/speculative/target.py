@@ -27,42 +27,68 @@ class TargetStepper(PlainStepper):
             ) -> tuple[torch.Tensor, torch.Tensor | None, Any]:
         """ids (B, T), mask (B, S) -> logits (B, T, V) (the last `logits_to_keep` positions' when > 0),
         states (B, T, K, dL) at the taps (None without), cache."""
-        inner = any(t != self.layers for t in self.taps)
-        out, cache = self.body(cache=cache, use_cache=True, input_ids=ids, attention_mask=mask,
-                               position_ids=positions_from_mask(mask)[:, -ids.shape[1]:], output_hidden_states=inner)
-        last = out.last_hidden_state  # (B, T, dL)
-        states = None
-        if self.taps:
-            states = torch.stack([last if t == self.layers else out.hidden_states[t] for t in self.taps], 2)
+        last, states, cache = self._forward(ids, mask, positions_from_mask(mask)[:, -ids.shape[1]:], cache)
         # contiguous: a strided (B, n, dL) view into the head was 500x slower in bfloat16 on this CPU
         return self.head(last[:, -logits_to_keep:].contiguous() if logits_to_keep else last), states, cache
 
+    def _forward(self, ids: torch.Tensor, attention_mask: torch.Tensor, positions: torch.Tensor, cache: Any
+                 ) -> tuple[torch.Tensor, torch.Tensor | None, Any]:
+        """-> the final states (B, T, dL), the states at the taps (B, T, K, dL) or None, the cache."""
+        inner = any(t != self.layers for t in self.taps)
+        out, cache = self.body(cache=cache, use_cache=True, input_ids=ids, attention_mask=attention_mask,
+                               position_ids=positions, output_hidden_states=inner)
+        last = out.last_hidden_state
+        states = None
+        if self.taps:
+            states = torch.stack([last if t == self.layers else out.hidden_states[t] for t in self.taps], 2)
+        return last, states, cache
 
-def shift_right(t: torch.Tensor, shifts: torch.Tensor, dim: int) -> torch.Tensor:
-    """Move row b of `t` (rows on dim 0) right by shifts[b] along `dim`, zeros coming in on the left and
-    the last shifts[b] entries falling off. One copy of the tensor, row by row (slices, no index tensor:
-    a gather over a batch's whole KV cache cost ~50 ms a verify pass at batch 8)."""
-    if not bool(shifts.any()):
-        return t
-    width, axis = t.shape[dim], dim - 1  # `dim` of `t` is `axis` of a row
+    def run_tree(self, ids: torch.Tensor, ancestors: torch.Tensor, depths: torch.Tensor, mask: torch.Tensor,
+                 cache: Any) -> tuple[torch.Tensor, torch.Tensor | None, Any]:
+        """A verify pass over draft trees: ids (B, N) the nodes, ancestors (B, N, N) bool (node i reads node j),
+        depths (B, N), mask (B, S) the cached positions -> logits (B, N, V), states (B, N, K, dL), the cache
+        with the N nodes appended. Node i sits at position (the row's real positions) + depth i and reads
+        the row's cache and its own path only."""
+        first = next(self.model.parameters())
+        n = ids.shape[1]
+        reads = torch.cat([mask.bool()[:, None, :].expand(-1, n, -1), ancestors.to(mask.device)], 2)  # (B, N, S + N)
+        bias = torch.zeros(reads.shape, dtype=first.dtype, device=first.device)
+        bias.masked_fill_(~reads.to(first.device), torch.finfo(first.dtype).min)
+        positions = mask.long().sum(1, keepdim=True) + depths.to(mask.device)  # (B, N)
+        last, states, cache = self._forward(ids, bias[:, None], positions, cache)
+        return self.head(last), states, cache
+
+
+def keep_paths(t: torch.Tensor, dim: int, past: int, paths: list[list[int]], per_position: int = 1) -> torch.Tensor:
+    """After a verify pass: `t` holds, along `dim` (rows on dim 0), `past` columns and then one column group
+    per tree node (`per_position` columns each). Row b keeps its past and the nodes of paths[b], in order;
+    shorter paths are left-padded with zeros (masked), so every row stays right-aligned. One copy of the
+    rows, slices where a path is the first nodes in order (a chain's: no index tensor, which over a batch's
+    KV cache cost ~50 ms a pass at batch 8)."""
+    longest = max(len(path) for path in paths)
+    prefix = [path == list(range(len(path))) for path in paths]
+    if all(prefix) and all(len(path) == longest for path in paths):
+        return t.narrow(dim, 0, past + longest * per_position)
+    axis = dim - 1  # `dim` of `t` is `axis` of a row
     rows = []
-    for row, s in zip(t.unbind(0), shifts.tolist()):
-        s = min(int(s), width)
-        if s:
-            zeros = row.new_zeros(row.shape[:axis] + (s,) + row.shape[axis + 1:])
-            row = torch.cat([zeros, row.narrow(axis, 0, width - s)], axis)
-        rows.append(row)
+    for row, path, contiguous in zip(t.unbind(0), paths, prefix):
+        kept = row.narrow(axis, 0, past + (len(path) * per_position if contiguous else 0))
+        parts = [kept]
+        if not contiguous:
+            cols = torch.tensor([past + n * per_position + j for n in path for j in range(per_position)],
+                                device=row.device)
+            parts.append(row.index_select(axis, cols))
+        missing = (longest - len(path)) * per_position
+        if missing:
+            parts.insert(0, row.new_zeros(row.shape[:axis] + (missing,) + row.shape[axis + 1:]))
+        rows.append(torch.cat(parts, axis) if len(parts) > 1 else kept)
     return torch.stack(rows)
 
 
-def drop_last(slots: list[Slot], drop: torch.Tensor, positions_after: int) -> None:
-    """Roll each row's cached tensors back by drop[b] positions: the last min(drop) columns go from every
-    row, then row b moves right by drop[b] - min(drop) (its newest keys fall off; zeros, masked, come
-    in on the left). `positions_after`: the positions the batch spans afterwards."""
-    common = int(drop.min())
+def keep_cache_paths(slots: list[Slot], past: int, paths: list[list[int]], positions_after: int) -> None:
+    """Roll each row's cached tensors back to its past and its kept path (`keep_paths` on every slot)."""
     for slot in slots:
         if slot.window is not None:
             raise LLMModulesError("speculative decoding cannot roll back a sliding-window cache")
-        t = slot.get()  # (B, nh, N, hs)
-        t = t[:, :, : t.shape[2] - common * slot.per_position]
-        slot.set(right_aligned(shift_right(t, (drop - common) * slot.per_position, 2), slot.cols(positions_after)))
+        t = keep_paths(slot.get(), 2, past * slot.per_position, paths, slot.per_position)  # (B, nh, N, hs)
+        slot.set(right_aligned(t, slot.cols(positions_after)))

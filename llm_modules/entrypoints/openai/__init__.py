@@ -15,6 +15,7 @@ from llm_modules.entrypoints.openai.app import Served, create_app
 from llm_modules.entrypoints.openai.guard import DEFAULT_MAX_REQUEST_BYTES, is_loopback
 from llm_modules.entrypoints.openai.text import PromptFormat
 from llm_modules.errors import LLMModulesError
+from llm_modules.models.loading import DraftOptions
 from llm_modules.models.saved import RUN_MODELS
 
 API_KEY_ENV = "LLM_MODULES_API_KEY"  # as vLLM's VLLM_API_KEY: the key without putting it on the command line
@@ -33,14 +34,13 @@ def model_id(model_spec: str) -> str:
 def build_app(model_spec: str, max_batch: int = 8, max_queue: int = 64, max_tokens: int = 256,
               template: str | None = None, name: str | None = None, allow_large_mismatch: bool = False,
               device: Any = None, dtype: Any = None, host: str = "127.0.0.1", api_key: str | None = None,
-              max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES, draft: str | None = None,
-              draft_tokens: int | None = None, draft_lookup: bool = True) -> Any:
+              max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES, draft: DraftOptions | None = None) -> Any:
     """Load a saved composed model (or run folder), a saved plain method or a plain model spec, in
     `dtype` (default float32) onto `device` (default the CPU), and wrap it in the FastAPI app; the
     engine's thread starts with the app. `host` is the address the app will listen on (Host headers
     are checked when it is a loopback one); with `api_key`, /v1/* needs `Authorization: Bearer KEY`; with
-    `draft` (a drafter folder) the model decodes speculatively: the same tokens in fewer passes (with
-    `draft_lookup`, prompt lookup's copy where a row's context holds an n-gram match)."""
+    `draft` (`models.loading.DraftOptions`: a drafter folder or prompt lookup, and how it drafts) the model decodes
+    speculatively: the same tokens in fewer passes."""
     import torch
 
     from llm_modules.models.loading import load_model
@@ -49,17 +49,12 @@ def build_app(model_spec: str, max_batch: int = 8, max_queue: int = 64, max_toke
         raise LLMModulesError(f"--max-tokens must be >= 1, got {max_tokens}")
     if max_request_bytes < 1:
         raise LLMModulesError(f"--max-request-bytes must be >= 1, got {max_request_bytes}")
-    if draft_tokens is not None:
-        from llm_modules.models.drafter import check_draft_tokens
-
-        check_draft_tokens(draft_tokens)
     loaded = load_model(model_spec, device=device, dtype=dtype or torch.float32,
                         allow_large_mismatch=allow_large_mismatch)
     if draft:
         from llm_modules.models.loading import load_drafter
 
-        loaded.drafter = load_drafter(draft, loaded, model_spec, draft_tokens, allow_large_mismatch,
-                                      lookup=draft_lookup)
+        loaded.drafter = load_drafter(draft, loaded, model_spec, allow_large_mismatch)
     engine = Engine(loaded.model, loaded.tokenizer, max_batch=max_batch, max_queue=max_queue, drafter=loaded.drafter)
     prompts = PromptFormat(loaded.tokenizer, choose_template(model_spec, loaded.tokenizer, template))
     return create_app(Served(engine, name or model_id(model_spec), prompts, max_tokens, host, api_key or None,

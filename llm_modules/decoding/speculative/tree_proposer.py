@@ -1,0 +1,108 @@
+"""One draft tree per row from a drafter and prompt lookup together: the target verifies both in one pass.
+
+The drafter's chain of K drafts is the tree's trunk; with `width` > 1 the drafter's runners-up at every depth
+(its next most likely tokens after the same prefix) hang off the trunk as leaves: when the target rejects
+the drafter's first choice at some depth but takes a runner-up, the row still gains that token and the
+target's own after it (EAGLE-2's trees expand the likeliest nodes further; a leaf costs no extra drafter
+pass). Prompt lookup's copy (where the row's context ends in a repeated n-gram of at least `min_match`
+tokens) is a second branch from the root, shared with the trunk where they agree. A verify pass over N
+nodes costs about one decode step while N is small (`benchmarks/verify_pass_cost.py`), so the row keeps
+whichever source was right, at the price of the wider pass.
+
+Sampled rows: the trunk's drafts carry the drafter's probabilities, runners-up and copies are one-hot
+proposals tried after the drafted token they were chosen beside (`tree`), so the output keeps the target's
+distribution.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from llm_modules.decoding.speculative.prompt_lookup import PromptLookup
+from llm_modules.decoding.speculative.proposer import Proposer
+from llm_modules.decoding.speculative.tree import DraftTree
+from llm_modules.errors import LLMModulesError
+
+
+class TreeProposer:
+    """A tree proposer (`proposer.propose_trees` calls `propose_tree`) over a `drafter` (a proposer that keeps
+    its per-draft logits in `last_logits`, as `ComposedProposer` does; None: lookup only) and a `lookup`
+    (a `PromptLookup`; None: the drafter's tree only). Drafts the drafter's K; copies up to lookup's K.
+
+    Counts since it was made, for benchmarks: `passes`, `lookup_rows` (rows given a copy, summed over passes)."""
+
+    DEFAULT_MIN_MATCH = 2  # a 1-token match is any common token seen before, not a quote
+    DEFAULT_WIDTH = 1  # PROVISIONAL: set from the Spec-Bench measurement
+
+    def __init__(self, drafter: Proposer | None, lookup: PromptLookup | None, width: int = 1,
+                 min_match: int = DEFAULT_MIN_MATCH):
+        if drafter is None and lookup is None:
+            raise LLMModulesError("a draft tree needs a drafter, prompt lookup, or both")
+        if width < 1:
+            raise LLMModulesError(f"--draft-width must be >= 1, got {width}")
+        if lookup is not None and not lookup.min_ngram <= min_match <= lookup.max_ngram:
+            raise LLMModulesError(f"a draft tree's lookup needs min_match between prompt lookup's n-gram sizes "
+                                  f"({lookup.min_ngram} and {lookup.max_ngram}), got {min_match}")
+        self.drafter, self.lookup, self.width, self.min_match = drafter, lookup, width, min_match
+        self.sources = [s for s in (drafter, lookup) if s is not None]
+        self.taps = list(drafter.taps) if drafter is not None else []
+        self.draft_tokens = (drafter or lookup).draft_tokens
+        self.last_batch_stats: Any = None  # set by the SpeculativeBatch it drafts for
+        self.passes = self.lookup_rows = 0
+
+    @property
+    def max_depth(self) -> int:
+        """The deepest node a tree can hold (a verify pass reads this many positions past the root)."""
+        return max(s.draft_tokens for s in self.sources)
+
+    @property
+    def max_positions(self) -> int | None:
+        return getattr(self.drafter, "max_positions", None)
+
+    def counts(self) -> dict[str, int]:
+        return {"passes": self.passes, "lookup_rows": self.lookup_rows}
+
+    def join(self, rows: list[Any], ids: torch.Tensor, mask: torch.Tensor, states: torch.Tensor | None) -> None:
+        for source in self.sources:  # the drafter first: the one that can fail (a forward pass)
+            source.join(rows, ids, mask, states)
+
+    def propose_tree(self, first: torch.Tensor, k: int, rows: list[Any]) -> list[DraftTree]:
+        trees = [DraftTree.root(token) for token in first.tolist()]
+        self.passes += 1
+        if self.drafter is not None:
+            self._add_drafts(trees, first, k, rows)
+        if self.lookup is not None:
+            copied, _ = self.lookup.propose(first, self.lookup.draft_tokens, rows)
+            copied = copied.tolist()
+            for tree, row, n, matched in zip(trees, copied, self.lookup.found, self.lookup.matched):
+                if matched >= self.min_match:
+                    tree.add_chain(0, row[:n])
+                    self.lookup_rows += 1
+        return trees
+
+    def _add_drafts(self, trees: list[DraftTree], first: torch.Tensor, k: int, rows: list[Any]) -> None:
+        """The drafter's chain into each tree (its probabilities as proposals when some row samples), then its
+        runners-up at every depth as leaves, tried after the drafted token."""
+        drafts, q = self.drafter.propose(first, k, rows)
+        drafts = drafts.tolist()
+        q = None if q is None else q.float().cpu()
+        trunks = [tree.add_chain(0, row, None if q is None else list(q[b].unbind(0)))
+                  for b, (tree, row) in enumerate(zip(trees, drafts))]
+        if self.width == 1:
+            return
+        for depth, logits in enumerate(self.drafter.last_logits):
+            ranked = logits.topk(self.width, -1).indices.tolist()  # (B, width)
+            for tree, trunk, row, best in zip(trees, trunks, drafts, ranked):
+                parent = trunk[depth - 1] if depth else 0
+                for token in [t for t in best if t != row[depth]][: self.width - 1]:
+                    tree.add(parent, token)
+
+    def commit(self, accepted: torch.Tensor, tokens: torch.Tensor, states: torch.Tensor | None) -> None:
+        for source in self.sources:
+            source.commit(accepted, tokens, states)
+
+    def keep(self, index: list[int]) -> None:
+        for source in self.sources:
+            source.keep(index)
