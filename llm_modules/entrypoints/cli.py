@@ -53,6 +53,10 @@ def add_draft_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--draft-width", type=int,
                         help="with a drafter folder, each verify pass checks a draft tree: the drafter's chain plus "
                              "its WIDTH - 1 runners-up at every depth (default: %d; 1: the chain alone)" % TreeProposer.DEFAULT_WIDTH)
+    parser.add_argument("--draft-adaptive", action=argparse.BooleanOptionalAction,
+                        help="per pass and row, draft only what is predicted to pay at the batch's size, from each "
+                             "row's acceptance so far and the passes' measured cost (default: on; off: every row "
+                             "drafts the whole tree every pass)")
 
 
 def add_sampling_flags(parser: argparse.ArgumentParser) -> None:
@@ -78,6 +82,9 @@ def check_draft_flags(args: argparse.Namespace) -> None:
         raise LLMModulesError(f"{flag} needs --draft DRAFTER_DIR (the drafter it combines with prompt lookup)")
     if args.draft_width is not None and not args.draft:
         raise LLMModulesError("--draft-width needs --draft DRAFTER_DIR (the drafter whose runners-up it counts)")
+    if args.draft_adaptive is not None and not args.draft:
+        flag = "--draft-adaptive" if args.draft_adaptive else "--no-draft-adaptive"
+        raise LLMModulesError(f"{flag} needs --draft DRAFTER_DIR (the drafting it adapts)")
     draft_options(args)  # bounds, before any model loads
 
 
@@ -87,7 +94,8 @@ def draft_options(args: argparse.Namespace) -> Any:
 
     if not getattr(args, "draft", None):
         return None
-    return DraftOptions(args.draft, args.draft_tokens, args.draft_lookup is not False, args.draft_width)
+    return DraftOptions(args.draft, args.draft_tokens, args.draft_lookup is not False, args.draft_width,
+                        args.draft_adaptive is not False)
 
 
 def check_sampling_flags(args: argparse.Namespace) -> None:

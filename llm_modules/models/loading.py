@@ -66,12 +66,14 @@ class DraftOptions:
     context, no drafter); `tokens` the drafter's K (default: the K it trained with; prompt lookup's own default
     alone); `lookup` prompt lookup's copy joins a drafter's drafts in the same verify pass; `width` the draft
     tree's width: the drafter's chain plus its width - 1 runners-up at every depth (default:
-    `TreeProposer.DEFAULT_WIDTH`)."""
+    `TreeProposer.DEFAULT_WIDTH`); `adaptive` each pass drafts, per row, only what is predicted to pay at the
+    batch's size (`DraftPolicy`; off: every row drafts the whole tree every pass)."""
 
     source: str
     tokens: int | None = None
     lookup: bool = True
     width: int | None = None
+    adaptive: bool = True
 
     def __post_init__(self) -> None:
         from llm_modules.models.drafter import check_draft_tokens
@@ -112,7 +114,7 @@ def load_drafter(draft: DraftOptions, target: RunnableModel, spec: str, allow_la
             raise LLMModulesError("--draft-width needs a drafter: prompt lookup copies one continuation per row")
         k = draft.tokens if draft.tokens is not None else PromptLookup.DEFAULT_TOKENS
         _check_room(k, [model_positions(target.model)], _asked(draft, k, "prompt lookup's default K"))
-        return PromptLookup(vocab_size, draft_tokens=k)
+        return _with_policy(PromptLookup(vocab_size, draft_tokens=k), draft)
     where = resolve_model_folder(draft.source)
     record = DrafterRecord.load(where)
     if record is None:
@@ -133,8 +135,16 @@ def load_drafter(draft: DraftOptions, target: RunnableModel, spec: str, allow_la
     pad = target.tokenizer.pad_token_id if target.tokenizer.pad_token_id is not None else 0
     proposer = ComposedProposer(drafter.eval(), draft_tokens=k, pad_id=pad, vocab=vocab)
     if width == 1 and lookup is None:
-        return proposer
-    return TreeProposer(proposer, lookup, width=width)
+        return _with_policy(proposer, draft)
+    return _with_policy(TreeProposer(proposer, lookup, width=width), draft)
+
+
+def _with_policy(proposer: Any, draft: DraftOptions) -> Any:
+    """The proposer carrying the policy a SpeculativeBatch built for it drafts by (`policy`), when adaptive."""
+    from llm_modules.decoding.speculative.policy import DraftPolicy
+
+    proposer.policy = DraftPolicy() if draft.adaptive else None
+    return proposer
 
 
 def _asked(draft: DraftOptions, k: int, default: str) -> str:

@@ -276,14 +276,15 @@ def test_draft_prompt_lookup_needs_no_drafter_gives_the_models_own_text_and_keep
 
 # ----------------------------------------------------------------------------- --draft-lookup
 @pytest.mark.parametrize("command", ["generate", "chat", "eval", "serve"])
-@pytest.mark.parametrize("flag,lookup", [((), (True, None)), (("--draft-lookup",), (True, None)),
-                                         (("--no-draft-lookup", "--draft-width", "3"), (False, 3))])
+@pytest.mark.parametrize("flag,lookup", [((), (True, None, True)), (("--draft-lookup",), (True, None, True)),
+                                         (("--no-draft-lookup", "--draft-width", "3", "--no-draft-adaptive"),
+                                          (False, 3, False))])
 def test_draft_lookup_reaches_the_drafters_loading_from_every_command(models, capsys, monkeypatch, command, flag,
                                                                        lookup):
     asked = []
 
     def loading(draft, *args, **kwargs):
-        asked.append((draft.lookup, draft.width))
+        asked.append((draft.lookup, draft.width, draft.adaptive))
         raise LLMModulesError("loaded far enough")
 
     monkeypatch.setattr("llm_modules.models.loading.load_drafter", loading)
@@ -300,7 +301,8 @@ def test_draft_lookup_without_a_drafter_is_one_line(models, capsys, monkeypatch)
 
 @pytest.mark.parametrize("flags, said", [(("--draft-width", "2"), "--draft-width needs --draft"),
                                          (("--draft", "DRAFTER", "--draft-width", "0"), "between 1 and 16"),
-                                         (("--draft", "prompt-lookup", "--draft-width", "2"), "needs a drafter")])
+                                         (("--draft", "prompt-lookup", "--draft-width", "2"), "needs a drafter"),
+                                         (("--no-draft-adaptive",), "--no-draft-adaptive needs --draft")])
 def test_a_bad_draft_width_is_one_line(models, capsys, flags, said):
     flags = [models["drafter"] if f == "DRAFTER" else f for f in flags]
     assert main(["generate", "--model", models["target"], "--prompt", "hi", *flags]) == 2
@@ -309,17 +311,21 @@ def test_a_bad_draft_width_is_one_line(models, capsys, flags, said):
 
 def test_a_drafter_with_and_without_lookup_gives_the_models_own_text(models, capsys):
     from llm_modules.decoding.speculative.composed_proposer import ComposedProposer
+    from llm_modules.decoding.speculative.policy import DraftPolicy
     from llm_modules.decoding.speculative.tree_proposer import TreeProposer
     from llm_modules.models.loading import DraftOptions, load_drafter, load_model
 
     target = load_model(models["target"])
     tree = load_drafter(DraftOptions(models["drafter"]), target, models["target"])
     assert isinstance(tree, TreeProposer) and tree.lookup is not None and tree.width == TreeProposer.DEFAULT_WIDTH
-    chain = load_drafter(DraftOptions(models["drafter"], lookup=False, width=1), target, models["target"])
-    assert isinstance(chain, ComposedProposer)
+    assert isinstance(tree.policy, DraftPolicy)
+    chain = load_drafter(DraftOptions(models["drafter"], lookup=False, width=1, adaptive=False), target,
+                         models["target"])
+    assert isinstance(chain, ComposedProposer) and chain.policy is None
     prompt = "one two three one two three one two"
     assert generate(models["target"], prompt, "--max-new-tokens", "12") == 0
     alone = capsys.readouterr().out
-    for flags in (["--draft-lookup"], ["--no-draft-lookup"], ["--draft-width", "3"], ["--no-draft-lookup", "--draft-width", "1"]):
+    for flags in (["--draft-lookup"], ["--no-draft-lookup"], ["--draft-width", "3"],
+                  ["--no-draft-lookup", "--draft-width", "1", "--no-draft-adaptive"]):
         assert generate(models["target"], prompt, "--max-new-tokens", "12", "--draft", models["drafter"], *flags) == 0
         assert capsys.readouterr().out == alone

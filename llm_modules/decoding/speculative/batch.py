@@ -11,6 +11,7 @@ import torch
 
 from llm_modules.decoding.rows import RowBatch, processed
 from llm_modules.decoding.speculative.acceptance import accept_tree_greedy, accept_tree_sampled
+from llm_modules.decoding.speculative.policy import DraftPolicy
 from llm_modules.decoding.speculative.proposer import Proposer, propose_trees
 from llm_modules.decoding.speculative.target import TargetStepper, keep_cache_paths, keep_paths
 from llm_modules.decoding.speculative.tree import DraftTree
@@ -53,12 +54,16 @@ class SpeculativeBatch(RowBatch):
 
     ROW_STATE = ("pending",)
 
-    def __init__(self, target: Any, drafter: Proposer, pad_id: int = 0, draft_tokens: int | None = None):
+    def __init__(self, target: Any, drafter: Proposer, pad_id: int = 0, draft_tokens: int | None = None,
+                 policy: DraftPolicy | None = None):
         k = draft_tokens if draft_tokens is not None else drafter.draft_tokens
         if k < 1:
             raise LLMModulesError(f"--draft-tokens must be >= 1, got {k}")
         super().__init__(TargetStepper(target, drafter.taps), target.device, pad_id)
         self.drafter, self.k = drafter, k
+        # how much to draft per pass and row (None: every row drafts the whole tree every pass); a proposer
+        # loaded for the command line carries one (`models.loading.load_drafter`)
+        self.policy = policy if policy is not None else getattr(drafter, "policy", None)
         self.stats = SpeculativeStats()
         drafter.last_batch_stats = self.stats  # how the last batch it drafted for went (read by benchmarks)
 
@@ -111,13 +116,19 @@ class SpeculativeBatch(RowBatch):
         (it keeps none of the drafts)."""
         first = torch.tensor(self.pending, device=self.device)  # (B,)
         clock = time.perf_counter()
-        trees = propose_trees(self.drafter, first, self.k, self.rows)
+        k = self.policy.draft_tokens(len(self.rows), self.k) if self.policy is not None else self.k
+        trees = propose_trees(self.drafter, first, k, self.rows)
+        if self.policy is not None:
+            trees = self.policy.prune(self.rows, trees)
         size = max(len(t) for t in trees)
         inputs = torch.tensor([t.tokens + [self.pad_id] * (size - len(t)) for t in trees], device=self.device)
         ancestors = torch.stack([t.ancestors(size) for t in trees])  # (B, N, N)
         depths = torch.tensor([t.depths() + [0] * (size - len(t)) for t in trees])  # (B, N)
+        started = clock
         clock = self._lap("draft_seconds", clock)
+        drafted = clock - started
         logits, states, self.cache = self.stepper.run_tree(inputs, ancestors, depths, self.mask, self.cache)
+        verified = time.perf_counter() - clock
         clock = self._lap("verify_seconds", clock)
         paths, pending = [], []
         logits = logits.float().cpu()
@@ -130,6 +141,8 @@ class SpeculativeBatch(RowBatch):
                     seq.fail(err)
             paths.append(path)
             pending.append(nxt)
+        if self.policy is not None:
+            self.policy.observe(self.rows, trees, paths, verified, drafted)
         accepted = [len(path) - 1 for path in paths]
         self.stats.passes += 1
         self.stats.row_passes += len(self.rows)

@@ -19,7 +19,8 @@ class Proposer(Protocol):
     """Proposes tokens for the rows of a SpeculativeBatch and keeps its own per-row state in step with them.
 
     `taps`: the target's hidden-state indices it reads (as in `output_hidden_states`; the target's layer
-    count stands for the final, normed state); [] when it reads none."""
+    count stands for the final, normed state); [] when it reads none. A proposer may carry a `policy`
+    (`policy.DraftPolicy`), which a SpeculativeBatch built for it drafts by unless given another."""
 
     taps: list[int]
     draft_tokens: int

@@ -25,18 +25,24 @@ import torch
 
 @dataclass
 class DraftTree:
+    """tokens, parents (-1 for the root), attempts per node, and sources: per node, which proposer first put it
+    there ("root" for node 0; e.g. "drafter", "runner-up", "lookup"), which `policy.DraftPolicy` learns
+    acceptance rates by."""
+
     tokens: list[int]
     parents: list[int] = field(default_factory=lambda: [-1])
     attempts: list[list[tuple[int, torch.Tensor | None]]] = field(default_factory=lambda: [[]])
+    sources: list[str] = field(default_factory=lambda: ["root"])
 
     @classmethod
     def root(cls, token: int) -> "DraftTree":
         return cls([int(token)])
 
     @classmethod
-    def chain(cls, root: int, drafts: list[int], proposals: list[torch.Tensor | None] | None = None) -> "DraftTree":
+    def chain(cls, root: int, drafts: list[int], proposals: list[torch.Tensor | None] | None = None,
+              source: str = "draft") -> "DraftTree":
         tree = cls.root(root)
-        tree.add_chain(0, drafts, proposals)
+        tree.add_chain(0, drafts, proposals, source)
         return tree
 
     def __len__(self) -> int:
@@ -49,7 +55,7 @@ class DraftTree:
                 return c
         return None
 
-    def add(self, parent: int, token: int, proposal: torch.Tensor | None = None) -> int:
+    def add(self, parent: int, token: int, proposal: torch.Tensor | None = None, source: str = "draft") -> int:
         """One attempt at `token` after `parent` -> the child node (a new one unless the parent has that token).
         A second deterministic attempt at a child that one has tried already adds nothing (its token has no
         mass left), so it is left out."""
@@ -60,17 +66,18 @@ class DraftTree:
             self.tokens.append(token)
             self.parents.append(parent)
             self.attempts.append([])
+            self.sources.append(source)
         elif proposal is None and any(c == node and s is None for c, s in self.attempts[parent]):
             return node
         self.attempts[parent].append((node, proposal))
         return node
 
-    def add_chain(self, parent: int, tokens: list[int], proposals: list[torch.Tensor | None] | None = None
-                  ) -> list[int]:
+    def add_chain(self, parent: int, tokens: list[int], proposals: list[torch.Tensor | None] | None = None,
+                  source: str = "draft") -> list[int]:
         """Drafts one after another from `parent` -> their nodes."""
         nodes = []
         for i, token in enumerate(tokens):
-            parent = self.add(parent, token, None if proposals is None else proposals[i])
+            parent = self.add(parent, token, None if proposals is None else proposals[i], source)
             nodes.append(parent)
         return nodes
 
@@ -95,3 +102,14 @@ class DraftTree:
         for i in range(1, len(self.tokens)):
             out[i] |= out[self.parents[i]]
         return out
+
+    def subtree(self, keep: list[int]) -> "DraftTree":
+        """The tree of the nodes in `keep` only (the root and every kept node's parent among them), renumbered
+        in their order here; attempts at nodes left out go too."""
+        kept = sorted(set(keep) | {0})
+        new = {old: i for i, old in enumerate(kept)}
+        if any(self.parents[n] not in new for n in kept[1:]):
+            raise ValueError("a subtree must hold every kept node's parent")
+        return DraftTree([self.tokens[n] for n in kept], [new.get(self.parents[n], -1) for n in kept],
+                         [[(new[c], s) for c, s in self.attempts[n] if c in new] for n in kept],
+                         [self.sources[n] for n in kept])

@@ -78,7 +78,7 @@ class TreeProposer:
             copied = copied.tolist()
             for tree, row, n, matched in zip(trees, copied, self.lookup.found, self.lookup.matched):
                 if matched >= self.min_match:
-                    tree.add_chain(0, row[:n])
+                    tree.add_chain(0, row[:n], source="lookup")
                     self.lookup_rows += 1
         return trees
 
@@ -88,7 +88,7 @@ class TreeProposer:
         drafts, q = self.drafter.propose(first, k, rows)
         drafts = drafts.tolist()
         q = None if q is None else q.float().cpu()
-        trunks = [tree.add_chain(0, row, None if q is None else list(q[b].unbind(0)))
+        trunks = [tree.add_chain(0, row, None if q is None else list(q[b].unbind(0)), "drafter")
                   for b, (tree, row) in enumerate(zip(trees, drafts))]
         if self.width == 1:
             return
@@ -97,7 +97,7 @@ class TreeProposer:
             for tree, trunk, row, best in zip(trees, trunks, drafts, ranked):
                 parent = trunk[depth - 1] if depth else 0
                 for token in [t for t in best if t != row[depth]][: self.width - 1]:
-                    tree.add(parent, token)
+                    tree.add(parent, token, source="runner-up")
 
     def commit(self, accepted: torch.Tensor, tokens: torch.Tensor, states: torch.Tensor | None) -> None:
         for source in self.sources:
