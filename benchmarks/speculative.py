@@ -12,9 +12,13 @@ Rows, per task and batch size:
   assisted: ASSISTANT as draft model         transformers' assisted generation (batch 1 only, as transformers allows)
   prompt lookup                              transformers' prompt lookup decoding (batch 1 only)
   ours: DRAFTER, K                           each --drafter folder at each --draft-tokens K (our engine)
-  ours: DRAFTER+lookup, K                    the same drafter behind prompt lookup (`--draft-lookup`, the CLI's
-                                             default): rows whose context holds an n-gram match copy, the
-                                             others take the drafter's drafts
+  ours: DRAFTER+lookup, K                    the same drafter behind prompt lookup (`LookupFirst`): rows whose
+                                             context holds an n-gram match copy, the others take the drafter's
+                                             drafts
+  ours: DRAFTER tree w=W[+lookup], K         (--tree-width W) a draft tree: the drafter's chain and its W - 1
+                                             runners-up per depth, with lookup's copy in the same verify pass
+  ours: DRAFTER tree w=W+lookup adaptive, K  (--adaptive) that tree with the drafting policy, as `--draft DIR`
+                                             decodes by default (`DraftPolicy`)
 Per row: generated tokens/s (all rows' new tokens over the wall time of the whole batch loop), speed-up over the
 target alone in the same engine, mean draft tokens accepted per verify pass (ours), the drafter's training
 seconds (its run's summary: training, target generation and the state cache's build, also when it reused a cache
@@ -40,6 +44,7 @@ import platform
 import shlex
 import sys
 import time
+from typing import Any
 from pathlib import Path
 
 import torch
@@ -49,6 +54,7 @@ from llm_modules.data.sources import load_records
 from llm_modules.decoding.generation import generate
 from llm_modules.decoding.speculative.composed_proposer import ComposedProposer
 from llm_modules.decoding.speculative.lookup_first import LookupFirst
+from llm_modules.decoding.speculative.policy import DraftPolicy
 from llm_modules.decoding.speculative.prompt_lookup import PromptLookup
 from llm_modules.decoding.speculative.tree_proposer import TreeProposer
 from llm_modules.models.composed import LLMModulesModel
@@ -93,19 +99,37 @@ def run_ours(target, prompts, size, max_new, pad, eos, drafter=None):
     return outputs, seconds, (stats if drafter is not None else None)
 
 
-def our_drafter(model, k, pad, vocab, lookup: bool, width: int | None = None, lookup_tokens: int = 0
+def our_drafter(model, k, pad, vocab, lookup: bool, width: int | None = None, adaptive: bool = False
                 ) -> ComposedProposer | LookupFirst | TreeProposer:
     """The drafter `model` drafting k tokens a pass; with lookup, behind prompt lookup (`LookupFirst`). With a
     `width`, a draft tree instead: the drafter's chain with width - 1 runners-up per depth and, with lookup, prompt
-    lookup's copy of up to `lookup_tokens` (default: its own default) in the same verify pass."""
+    lookup's copy (its default K) in the same verify pass; `adaptive`: with the drafting policy the CLI's `--draft`
+    uses by default (`DraftPolicy`, fresh per row of the report)."""
     drafter = ComposedProposer(model, draft_tokens=k, pad_id=pad, vocab=vocab)
-    if width is not None:
-        copier = PromptLookup(model.vocab_size, draft_tokens=lookup_tokens or PromptLookup.DEFAULT_TOKENS)
-        return TreeProposer(drafter, copier if lookup else None, width=width)
-    return LookupFirst(drafter, PromptLookup(model.vocab_size, draft_tokens=k)) if lookup else drafter
+    if width is None:
+        return LookupFirst(drafter, PromptLookup(model.vocab_size, draft_tokens=k)) if lookup else drafter
+    tree = TreeProposer(drafter, PromptLookup(model.vocab_size) if lookup else None, width=width)
+    tree.policy = DraftPolicy() if adaptive else None
+    return tree
 
 
-@torch.no_grad()
+def drafter_variants(args, model, k, pad, vocab) -> list[tuple[str, Any]]:
+    """The ways each drafter runs, as (label suffix, a function making a fresh proposer): its chain alone and
+    behind prompt lookup (unless --no-chains), and per --tree-width its tree alone and with lookup's copy, and
+    with --adaptive that tree with the drafting policy too."""
+    out = []
+    for lookup in (False, True):
+        if args.chains:
+            out.append(("+lookup" if lookup else "", lambda lookup=lookup: our_drafter(model, k, pad, vocab, lookup)))
+        for width in args.tree_width:
+            out.append((f" tree w={width}{'+lookup' if lookup else ''}",
+                        lambda lookup=lookup, width=width: our_drafter(model, k, pad, vocab, lookup, width)))
+            if args.adaptive and lookup:
+                out.append((f" tree w={width}+lookup adaptive",
+                            lambda width=width: our_drafter(model, k, pad, vocab, True, width, adaptive=True)))
+    return out
+
+
 def run_hf(target, prompts, size, max_new, pad, eos, **extra):
     outputs, seconds = [], 0.0
     for chunk in batches(prompts, size):
@@ -220,10 +244,12 @@ def main() -> None:
     parser.add_argument("--humaneval", type=int, default=0, metavar="N",
                         help="Spec-Bench mode: also N HumanEval problems (code completion), their own column")
     parser.add_argument("--tree-width", action="append", type=int, default=[],
-                        help="Spec-Bench mode: each drafter also as a draft tree of this width (runners-up per depth "
+                        help="each drafter also as a draft tree of this width (runners-up per depth "
                              "+ 1), alone and with prompt lookup's copy (its default K) in the same verify pass")
     parser.add_argument("--no-chains", dest="chains", action="store_false",
-                        help="Spec-Bench mode: leave out the drafters' chain rows (alone and behind lookup)")
+                        help="leave out the drafters' chain rows (alone and behind lookup)")
+    parser.add_argument("--adaptive", action="store_true",
+                        help="each tree with lookup also with the drafting policy (`--draft`'s default: DraftPolicy)")
     parser.add_argument("--lookup-tokens", action="append", type=int, default=[],
                         help="Spec-Bench mode: prompt lookup in our engine drafting K tokens per pass (default 4, as the rows measured before the default became 10)")
     args = parser.parse_args()
@@ -278,11 +304,10 @@ def main() -> None:
                     for n in args.draft_vocab or [0]:
                         vocab = vocabularies[(folder, n)]
                         size_note = f", vocab {n}" if n else (f", vocab {len(vocab)}" if vocab is not None else "")
-                        for lookup in (False, True):
-                            drafter = our_drafter(model, k or 4, pad, vocab, lookup)
+                        for suffix, make in drafter_variants(args, model, k or 4, pad, vocab):
+                            drafter = make()
                             result = timed(run_ours, drafter)
-                            label = (f"ours: {run_name(folder, folders)}{'+lookup' if lookup else ''}, "
-                                     f"K={drafter.draft_tokens}{size_note}")
+                            label = f"ours: {run_name(folder, folders)}{suffix}, K={drafter.draft_tokens}{size_note}"
                             runs.append((label, result, costs[folder], drafter))
             for name, (outputs, seconds, stats), train_s, _ in runs:
                 tokens = sum(len(o) for o in outputs)
@@ -375,16 +400,9 @@ def run_spec_bench(args, target, tokenizer, pad, eos, assistant, drafters, lengt
     for folder, model in drafters:
         for k in lengths[folder]:
             vocab = vocabularies[(folder, (args.draft_vocab or [0])[0])]
-            for lookup in (False, True):
-                if args.chains:
-                    name = f"ours: {run_name(folder, folders)}{'+lookup' if lookup else ''}, K={k or 4}"
-                    methods.append((name, lambda p, n, model=model, k=k, vocab=vocab, lookup=lookup: run_ours(
-                        target, [p], 1, n, pad, eos, drafter=our_drafter(model, k or 4, pad, vocab, lookup))))
-                for width in args.tree_width:
-                    name = f"ours: {run_name(folder, folders)} tree w={width}{'+lookup' if lookup else ''}, K={k or 4}"
-                    methods.append((name, lambda p, n, model=model, k=k, vocab=vocab, lookup=lookup, width=width:
-                                    run_ours(target, [p], 1, n, pad, eos,
-                                             drafter=our_drafter(model, k or 4, pad, vocab, lookup, width))))
+            for suffix, make in drafter_variants(args, model, k or 4, pad, vocab):
+                methods.append((f"ours: {run_name(folder, folders)}{suffix}, K={k or 4}",
+                                lambda p, n, make=make: run_ours(target, [p], 1, n, pad, eos, drafter=make())))
     out = Path(args.output)
     out.mkdir(parents=True, exist_ok=True)
     log = out / "questions.jsonl"
