@@ -12,9 +12,6 @@ Rows, per task and batch size:
   assisted: ASSISTANT as draft model         transformers' assisted generation (batch 1 only, as transformers allows)
   prompt lookup                              transformers' prompt lookup decoding (batch 1 only)
   ours: DRAFTER, K                           each --drafter folder at each --draft-tokens K (our engine)
-  ours: DRAFTER+lookup, K                    the same drafter behind prompt lookup (`LookupFirst`): rows whose
-                                             context holds an n-gram match copy, the others take the drafter's
-                                             drafts
   ours: DRAFTER tree w=W[+lookup], K         (--tree-width W) a draft tree: the drafter's chain and its W - 1
                                              runners-up per depth, with lookup's copy in the same verify pass
   ours: DRAFTER tree w=W+lookup adaptive, K  (--adaptive) that tree with the drafting policy, as `--draft DIR`
@@ -53,7 +50,6 @@ from llm_modules.data.prompting import prompt_ids
 from llm_modules.data.sources import load_records
 from llm_modules.decoding.generation import generate
 from llm_modules.decoding.speculative.composed_proposer import ComposedProposer
-from llm_modules.decoding.speculative.lookup_first import LookupFirst
 from llm_modules.decoding.speculative.policy import DraftPolicy
 from llm_modules.decoding.speculative.prompt_lookup import PromptLookup
 from llm_modules.decoding.speculative.tree_proposer import TreeProposer
@@ -64,8 +60,7 @@ from llm_modules.tensors import DTYPES, left_pad
 
 WARMUP_TOKENS = 8  # an untimed short run of every row first
 PARTS = ("draft_seconds", "verify_seconds", "rollback_seconds")  # where a speculative batch's time went
-SOURCES = ("lookup_rows", "drafter_rows", "light_passes")  # LookupFirst's counts: rows each source drafted, and
-# the passes where every row copied (the drafter drafted one token)
+SOURCES = ("lookup_rows",)  # a tree proposer's count: rows whose tree held prompt lookup's copy, summed over passes
 
 
 def prompts_of(spec: str, tokenizer, n: int) -> list[list[int]]:
@@ -80,8 +75,8 @@ def batches(prompts: list[list[int]], size: int) -> list[list[list[int]]]:
 
 @torch.no_grad()
 def run_ours(target, prompts, size, max_new, pad, eos, drafter=None):
-    """Our engine, greedy: (outputs, seconds, stats or None); a LookupFirst drafter's counts (SOURCES) are in
-    stats too, for this call alone."""
+    """Our engine, greedy: (outputs, seconds, stats or None); a tree proposer's counts (SOURCES) are in stats
+    too, for this call alone."""
     outputs, seconds = [], 0.0
     stats = {"passes": 0, "row_passes": 0, "accepted": 0, "draft_seconds": 0.0, "verify_seconds": 0.0, "rollback_seconds": 0.0}
     before = drafter.counts() if hasattr(drafter, "counts") else None
@@ -99,28 +94,27 @@ def run_ours(target, prompts, size, max_new, pad, eos, drafter=None):
     return outputs, seconds, (stats if drafter is not None else None)
 
 
-def our_drafter(model, k, pad, vocab, lookup: bool, width: int | None = None, adaptive: bool = False
-                ) -> ComposedProposer | LookupFirst | TreeProposer:
-    """The drafter `model` drafting k tokens a pass; with lookup, behind prompt lookup (`LookupFirst`). With a
-    `width`, a draft tree instead: the drafter's chain with width - 1 runners-up per depth and, with lookup, prompt
-    lookup's copy (its default K) in the same verify pass; `adaptive`: with the drafting policy the CLI's `--draft`
-    uses by default (`DraftPolicy`, fresh per row of the report)."""
+def our_drafter(model, k, pad, vocab, lookup: bool = False, width: int | None = None, adaptive: bool = False
+                ) -> ComposedProposer | TreeProposer:
+    """The drafter `model` drafting k tokens a pass, as a chain; with a `width`, a draft tree: the drafter's chain
+    with width - 1 runners-up per depth and, with lookup, prompt lookup's copy (its default K) in the same verify
+    pass; `adaptive`: with the drafting policy `--draft` uses by default (`DraftPolicy`, fresh per row)."""
     drafter = ComposedProposer(model, draft_tokens=k, pad_id=pad, vocab=vocab)
     if width is None:
-        return LookupFirst(drafter, PromptLookup(model.vocab_size, draft_tokens=k)) if lookup else drafter
+        return drafter
     tree = TreeProposer(drafter, PromptLookup(model.vocab_size) if lookup else None, width=width)
     tree.policy = DraftPolicy() if adaptive else None
     return tree
 
 
 def drafter_variants(args, model, k, pad, vocab) -> list[tuple[str, Any]]:
-    """The ways each drafter runs, as (label suffix, a function making a fresh proposer): its chain alone and
-    behind prompt lookup (unless --no-chains), and per --tree-width its tree alone and with lookup's copy, and
-    with --adaptive that tree with the drafting policy too."""
+    """The ways each drafter runs, as (label suffix, a function making a fresh proposer): its chain alone (unless
+    --no-chains), and per --tree-width its tree alone and with lookup's copy, and with --adaptive that tree with
+    the drafting policy too."""
     out = []
+    if args.chains:
+        out.append(("", lambda: our_drafter(model, k, pad, vocab)))
     for lookup in (False, True):
-        if args.chains:
-            out.append(("+lookup" if lookup else "", lambda lookup=lookup: our_drafter(model, k, pad, vocab, lookup)))
         for width in args.tree_width:
             out.append((f" tree w={width}{'+lookup' if lookup else ''}",
                         lambda lookup=lookup, width=width: our_drafter(model, k, pad, vocab, lookup, width)))
@@ -323,7 +317,7 @@ def main() -> None:
                     row["ms_per_pass"] = {part: round(1000 * stats[f"{part}_seconds"] / max(stats["passes"], 1), 1)
                                           for part in ("draft", "verify", "rollback")}
                     if all(name in stats for name in SOURCES):
-                        row["sources"] = {name: stats[name] for name in SOURCES}
+                        row["sources"] = {"lookup_rows": stats["lookup_rows"], "row_passes": stats["row_passes"]}
                 rows.append(row)
                 print(json.dumps(row), flush=True)
             write_report(args, rows)  # after each task and batch size: a stopped run keeps what it measured
@@ -339,7 +333,7 @@ def write_report(args, rows) -> None:
              f"{datetime.date.today()}. Greedy, {args.max_new_tokens} new tokens at most per prompt, "
              f"{args.prompts} prompts per task; {args.dtype}.", "",
              "| task | batch | row | tokens/s | speed-up | accepted / pass | rows / pass | ms per pass: draft / verify / rollback "
-             "| rows drafted: lookup / drafter (passes at K=1) | drafter training s | identical |",
+             "| rows given lookup's copy / rows verified | drafter training s | identical |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['task'].split(':')[1].split('?')[0]} | {r['batch']} | {r['row']} | {r['tokens_per_s']} | "
@@ -353,10 +347,11 @@ def write_report(args, rows) -> None:
 
 
 def sources_cell(sources: dict | None) -> str:
-    """LookupFirst's counts as a table cell: rows drafted by lookup / by the drafter (passes at K=1)."""
+    """A tree proposer's counts as a table cell: rows whose tree held lookup's copy / rows verified (both summed
+    over verify passes)."""
     if not sources:
         return "n/a"
-    return f"{sources['lookup_rows']} / {sources['drafter_rows']} ({sources['light_passes']})"
+    return f"{sources['lookup_rows']} / {sources['row_passes']}"
 
 
 def drafter_prompts(folder: Path) -> list[str]:
@@ -419,6 +414,7 @@ def run_spec_bench(args, target, tokenizer, pad, eos, assistant, drafters, lengt
                 reference[q["id"]] = output
             record = {"method": name, "id": q["id"], "category": q["category"], "tokens": len(output),
                       "seconds": round(seconds, 4), "passes": stats["passes"] if stats else None,
+                      "row_passes": stats["row_passes"] if stats else None,
                       "accepted": stats["accepted"] if stats else None,
                       "identical": output == reference.get(q["id"]), "output": output,
                       **{part: round(stats[part], 4) for part in PARTS if stats},
@@ -496,19 +492,18 @@ def parts_table(records: list[dict]) -> list[str]:
 
 
 def sources_table(records: list[dict]) -> list[str]:
-    """Per +lookup method and category, the rows each source drafted over its questions' verify passes."""
+    """Per tree method with lookup and per category: rows whose tree held lookup's copy, over rows verified."""
     totals: dict[str, dict[str, dict[str, int]]] = {}
     for r in records:
-        if all(name in r for name in SOURCES):
+        if all(name in r for name in SOURCES) and r.get("row_passes"):
             for category in (r["category"], "overall"):
-                cell = totals.setdefault(r["method"], {}).setdefault(category, dict.fromkeys(SOURCES, 0))
-                for name in SOURCES:
-                    cell[name] += r[name]
+                cell = totals.setdefault(r["method"], {}).setdefault(category, {"lookup_rows": 0, "row_passes": 0})
+                cell["lookup_rows"] += r["lookup_rows"]
+                cell["row_passes"] += r["row_passes"]
     if not totals:
         return []
     categories = sorted({c for cats in totals.values() for c in cats} - {"overall"}) + ["overall"]
-    return ["", ("Rows drafted by prompt lookup / by the drafter (verify passes where every row copied, so the "
-                 "drafter drafted one token):"), "",
+    return ["", "Rows whose draft tree held prompt lookup's copy / rows verified (summed over verify passes):", "",
             "| method | " + " | ".join(categories) + " |", "|---|" + "---|" * len(categories),
             *[f"| {m} | " + " | ".join(sources_cell(cats.get(c)) for c in categories) + " |"
               for m, cats in totals.items()]]

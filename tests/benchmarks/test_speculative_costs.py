@@ -43,31 +43,29 @@ def test_the_cache_builder_is_found_beside_the_drafters_given(tmp_path):
     assert load_script().training_costs([folder]) == {folder: 1124.0}
 
 
-def test_a_lookup_first_drafters_counts_are_reported_per_run_and_per_category(tiny_models):
-    """run_ours gives the rows each source drafted in this call alone (a proposer lives across calls); the
+def test_a_tree_proposers_lookup_counts_are_reported_per_run_and_per_category(tiny_models):
+    """run_ours gives the rows given lookup's copy in this call alone (a proposer lives across calls); the
     Spec-Bench report sums them per method and category."""
     import torch
     from transformers import AutoModelForCausalLM
 
-    from llm_modules.decoding.speculative.lookup_first import LookupFirst
     from llm_modules.decoding.speculative.prompt_lookup import PromptLookup
+    from llm_modules.decoding.speculative.tree_proposer import TreeProposer
 
     script = load_script()
     target = AutoModelForCausalLM.from_pretrained(tiny_models["qwen2"], dtype=torch.float64).eval()
     vocab = target.config.vocab_size
-    # any proposer stands in for the drafter; K=4 keeps a verify pass inside these short prompts' answers
-    drafter = LookupFirst(PromptLookup(vocab, draft_tokens=4), PromptLookup(vocab, draft_tokens=4))
+    # K=4 keeps a verify pass inside these short prompts' answers
+    drafter = TreeProposer(None, PromptLookup(vocab, draft_tokens=4))
     prompts = [[5, 6, 7, 8, 5, 6, 7, 8, 5, 6], [9, 10, 11, 12, 13]]
     runs = [script.run_ours(target, prompts, 2, 12, 0, [], drafter) for _ in range(2)]
     (outputs, _, stats), (again, _, stats_again) = runs
-    counts = {name: stats[name] for name in script.SOURCES}
-    assert outputs == again and counts == {name: stats_again[name] for name in script.SOURCES}
-    assert counts["lookup_rows"] + counts["drafter_rows"] == stats["row_passes"] and counts["lookup_rows"] > 0
-    assert drafter.lookup_rows == 2 * counts["lookup_rows"]
-    records = [{"method": "m+lookup", "category": c, "lookup_rows": a, "drafter_rows": b, "light_passes": 1}
-               for c, a, b in (("rag", 3, 1), ("rag", 2, 2), ("math_reasoning", 0, 5))] + [
+    assert outputs == again and stats["lookup_rows"] == stats_again["lookup_rows"] > 0
+    assert stats["lookup_rows"] <= stats["row_passes"] and drafter.lookup_rows == 2 * stats["lookup_rows"]
+    records = [{"method": "m", "category": c, "lookup_rows": a, "row_passes": b}
+               for c, a, b in (("rag", 3, 4), ("rag", 2, 4), ("math_reasoning", 0, 5))] + [
         {"method": "plain", "category": "rag"}]
     table = script.sources_table(records)
-    assert table[-1] == "| m+lookup | 0 / 5 (1) | 5 / 3 (2) | 5 / 8 (3) |"
+    assert table[-1] == "| m | 0 / 5 | 5 / 8 | 5 / 13 |"
     assert table[-3] == "| method | math_reasoning | rag | overall |"
     assert script.sources_table(records[-1:]) == []

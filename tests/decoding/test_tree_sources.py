@@ -1,0 +1,171 @@
+"""A drafter and prompt lookup in one draft tree (`TreeProposer`): the drafter stays in step whatever each
+pass kept (a copy longer than its K, a runner-up, a pass where it drafted one token), and sampled rows follow
+the target's distribution when a tree holds the drafter's draws, its runners-up and lookup's copies."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from llm_modules import LLMModulesModel
+from llm_modules.bridges import LargeRead
+from llm_modules.decoding.engine import Sequence
+from llm_modules.decoding.sampling import SamplingOptions
+from llm_modules.decoding.speculative.batch import SpeculativeBatch
+from llm_modules.decoding.speculative.composed_proposer import ComposedProposer
+from llm_modules.decoding.speculative.prompt_lookup import PromptLookup
+from llm_modules.decoding.speculative.tree_proposer import TreeProposer
+from llm_modules.tensors import draft_source
+
+from ..helpers import OPTIONS, nudge_gates
+
+
+def _model(pair, bridge="eca"):
+    torch.manual_seed(0)
+    model = LLMModulesModel.compose(large=pair["large"], small=pair["small"], bridge=bridge, small_inputs="mapped",
+                                    head="projected", **OPTIONS[bridge])
+    nudge_gates(model)
+    return model.double().eval()
+
+
+def _tree(model, k, width=2, lookup_tokens=5):
+    return TreeProposer(ComposedProposer(model, draft_tokens=k), PromptLookup(model.vocab_size, draft_tokens=lookup_tokens),
+                        width=width)
+
+
+class Alternating:
+    """A policy stand-in: the drafter drafts k and 1 tokens on alternate passes; trees are kept whole."""
+
+    def __init__(self, k):
+        self.k, self.passes, self.asked = k, 0, []
+
+    def draft_tokens(self, batch, k):
+        self.passes += 1
+        self.asked.append(k if self.passes % 2 else 1)
+        return self.asked[-1]
+
+    def prune(self, rows, trees):
+        return trees
+
+    def observe(self, *args):
+        pass
+
+
+@pytest.mark.parametrize("bridge", ["eca", "ladder", "xattn"])
+def test_the_drafter_in_a_tree_equals_a_fresh_recompute_after_any_path(mapped_pair, bridge):
+    """After rounds whose kept paths ran through the drafter's trunk, its runners-up and lookup's copies (longer
+    than K), some drafted with one token, the drafter's next logits equal the same model run from scratch over
+    the verified tokens, with the target's states and the sources it trained with (one block per round)."""
+    k = 3
+    model = _model(mapped_pair, bridge)
+    target = model.large
+    g = torch.Generator().manual_seed(1)
+    span = torch.randint(3, model.vocab_size, (5,), generator=g).tolist()
+    prompt = span * 3 + span[:2]  # lookup's copies can be kept
+    proposer = _tree(model, k)
+    accepted = []
+    commit = proposer.drafter.commit
+    proposer.drafter.commit = lambda a, tokens, states: accepted.extend(a.tolist()) or commit(a, tokens, states)
+    policy = Alternating(k)
+    spec = SpeculativeBatch(target, proposer, policy=policy)
+    seq = Sequence(prompt, SamplingOptions(max_new_tokens=60), [])
+    spec.add([seq])
+    for _ in range(6):
+        spec.step()
+    assert policy.asked[:2] == [k, 1] and max(accepted) > k  # lookup's copies kept beyond the drafter's K
+    inner = proposer.drafter
+    probe = copy.copy(inner)  # the same model; a copy of the decoding state
+    probe.cache, probe.chunk, probe.chunk_states = copy.deepcopy(inner.cache), list(inner.chunk), list(inner.chunk_states)
+    captured = []
+    probe._choose = lambda logits, *rest: (captured.append(logits) or (logits.argmax(-1), None))
+    ComposedProposer.propose(probe, torch.tensor(spec.pending), 1, [seq])  # not the spy on the drafter
+    tokens = prompt + seq.tokens + spec.pending
+    n = len(prompt)
+    source = draft_source((n - 1) % k, k, 1, n)[0].tolist()
+    start = n
+    for a in accepted:
+        source += [start - 1] * (a + 1)
+        start += a + 1
+    source.append(start - 1)  # the pending token reads up to the last verified one
+    assert len(source) == len(tokens)
+    ids = torch.tensor([tokens])
+    with torch.no_grad():
+        states, _ = model.encode_large(ids, torch.ones_like(ids), torch.arange(ids.shape[1])[None])
+        fresh = model.forward_read(LargeRead(source=torch.tensor([source])), input_ids=ids,
+                                   large_states=states).logits[0, -1]
+    torch.testing.assert_close(captured[0][0].double(), fresh.double(), rtol=0, atol=1e-9)
+
+
+# ---------------------------------------------------------------------- the target's distribution
+SAMPLES = 1200
+
+
+def _joint(target, prompt, options):
+    """The target's exact distribution of its first two tokens, with the same processors."""
+    base = Sequence(prompt, options, [])
+    with torch.no_grad():
+        first = base.processors(torch.tensor([prompt]), target(torch.tensor([prompt])).logits[:, -1].float())[0]
+        p1 = torch.softmax(first, -1)
+        joint = {}
+        for t1 in torch.nonzero(p1 > 0).flatten().tolist():
+            ids = torch.tensor([prompt + [t1]])
+            second = base.processors(ids, target(ids).logits[:, -1].float())[0]
+            for t2, p2 in enumerate(torch.softmax(second, -1).tolist()):
+                if p2 > 0:
+                    joint[(t1, t2)] = float(p1[t1]) * p2
+    return joint
+
+
+def _prompt_with_a_likely_copy(target, vocab, options):
+    """A prompt [z, t, w, ..., z] after which the target draws t, then w, each with a probability between 0.2 and
+    0.8 (top-k 3): rows whose first token is t copy w, which the target often keeps."""
+    g = torch.Generator().manual_seed(8)
+
+    def likely(ids, besides):  # the target's likeliest token after ids, other than those given
+        with torch.no_grad():
+            logits = target(torch.tensor([ids])).logits[0, -1]
+        return next(i for i in logits.argsort(descending=True).tolist() if i not in besides)
+
+    for _ in range(20):
+        z, t, w, *rest = torch.randint(3, vocab, (7,), generator=g).tolist()
+        for _ in range(3):  # t and w as the prompt they are part of makes them
+            t = likely([z, t, w] + rest + [z], {z, *rest})
+            w = likely([z, t, w] + rest + [z, t], {z, t, *rest})
+        prompt = [z, t, w] + rest + [z]
+        if len(set(prompt)) < len(prompt) - 1:  # only z twice: (z, t) is the one 2-gram that can recur
+            continue
+        joint = _joint(target, prompt, options)
+        p_t = sum(v for (t1, _), v in joint.items() if t1 == t)
+        if 0.2 < p_t < 0.8 and 0.2 < joint.get((t, w), 0) / p_t < 0.8:
+            return prompt, joint
+    pytest.fail("no prompt found")
+
+
+def test_sampled_tokens_follow_the_targets_distribution_with_every_source_in_one_tree(mapped_pair):
+    """The prompt holds (z, t, w): rows whose first token is t get lookup's copy w in the same tree as the
+    drafter's draws and runners-up (a q that is not lookup's one-hot would keep w too often). The first two sampled tokens (top-k 3, 9 cells) over
+    1200 seeds: chi-square against the target's exact joint, p = 0.001 (26.1 for 8 degrees of freedom; cells merged up to 5 expected)."""
+    model = _model(mapped_pair).float()
+    target = model.large
+    options = SamplingOptions(max_new_tokens=2, do_sample=True, temperature=1.5, top_k=3)
+    prompt, joint = _prompt_with_a_likely_copy(target, model.vocab_size, options)
+    seqs = [Sequence(prompt, options, [], generator=torch.Generator().manual_seed(seed)) for seed in range(SAMPLES)]
+    tree = _tree(model, 2)
+    batch = SpeculativeBatch(target, tree)
+    batch.add(seqs)
+    while batch.rows:
+        batch.step()
+    assert tree.lookup_rows > 100  # rows whose trees held lookup's copy beside the drafter's nodes
+    counts = dict.fromkeys(joint, 0)
+    for seq in seqs:
+        counts[tuple(seq.tokens)] += 1
+    chi2, merged_e, merged_o = 0.0, 0.0, 0
+    for cell in sorted(joint, key=joint.get):
+        merged_e += joint[cell] * SAMPLES
+        merged_o += counts[cell]
+        if merged_e >= 5:
+            chi2 += (merged_o - merged_e) ** 2 / merged_e
+            merged_e, merged_o = 0.0, 0
+    assert chi2 < 26.1, chi2  # p = 0.001 for up to 8 degrees of freedom
