@@ -41,8 +41,8 @@ import platform
 import shlex
 import sys
 import time
-from typing import Any
 from pathlib import Path
+from typing import Any
 
 import torch
 

@@ -16,10 +16,11 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Any, Callable
+from typing import Any
 from unittest import mock
 
 import pytest
@@ -252,7 +253,7 @@ class ServerThread:
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, daemon=True)
 
-    def __enter__(self) -> "ServerThread":
+    def __enter__(self) -> ServerThread:
         self.thread.start()
         wait_until_healthy(self.url)
         return self
@@ -421,3 +422,75 @@ def decode_rows(batch, prompts: list[list[int]], options: list, join_at: int | N
         batch.step()
         steps += 1
     return [s.tokens for s in seqs]
+
+
+def assert_drafter_equals_a_recompute(proposer, model, spec, seq, prompt: list[int], accepted: list[int], k: int,
+                                      propose=None) -> None:
+    """A ComposedProposer's next logits (drafting for `seq` in SpeculativeBatch `spec`) equal `model` run from
+    scratch over the verified tokens, with the target's states and the sources it trained with: the prompt in
+    blocks of K ending at its last token, then one block per round (each round kept accepted[i] drafts).
+    `propose`: the function that proposes on a copy of the proposer's state (default: its own `propose`)."""
+    import copy
+
+    import torch
+
+    from llm_modules.bridges import LargeRead
+    from llm_modules.tensors import draft_source
+
+    probe = copy.copy(proposer)  # the same model (its bridge hooks are bound to it); a copy of the decoding state
+    probe.cache = copy.deepcopy(proposer.cache)
+    probe.chunk, probe.chunk_states = list(proposer.chunk), list(proposer.chunk_states)
+    captured = []
+    probe._choose = lambda logits, *rest: (captured.append(logits) or (logits.argmax(-1), None))
+    (propose or type(proposer).propose)(probe, torch.tensor(spec.pending), 1, [seq])
+    tokens = prompt + seq.tokens + spec.pending
+    n = len(prompt)
+    source = draft_source((n - 1) % k, k, 1, n)[0].tolist()
+    start = n
+    for a in accepted:
+        source += [start - 1] * (a + 1)
+        start += a + 1
+    source.append(start - 1)  # the pending token reads up to the last verified one
+    assert len(source) == len(tokens)
+    ids = torch.tensor([tokens])
+    with torch.no_grad():
+        states, _ = model.encode_large(ids, torch.ones_like(ids), torch.arange(ids.shape[1])[None])
+        fresh = model.forward_read(LargeRead(source=torch.tensor([source])), input_ids=ids,
+                                   large_states=states).logits[0, -1]
+    torch.testing.assert_close(captured[0][0].double(), fresh.double(), rtol=0, atol=1e-9)
+
+
+def target_joint(target, prompt: list[int], options) -> dict[tuple[int, int], float]:
+    """The target's exact distribution of its first two tokens after `prompt`, with `options`' processors."""
+    import torch
+
+    from llm_modules.decoding.engine import Sequence
+
+    base = Sequence(prompt, options, [])
+    with torch.no_grad():
+        first = base.processors(torch.tensor([prompt]), target(torch.tensor([prompt])).logits[:, -1].float())[0]
+        p1 = torch.softmax(first, -1)
+        joint = {}
+        for t1 in torch.nonzero(p1 > 0).flatten().tolist():
+            ids = torch.tensor([prompt + [t1]])
+            second = base.processors(ids, target(ids).logits[:, -1].float())[0]
+            for t2, p2 in enumerate(torch.softmax(second, -1).tolist()):
+                if p2 > 0:
+                    joint[(t1, t2)] = float(p1[t1]) * p2
+    return joint
+
+
+def joint_chi_square(joint: dict, seqs: list) -> float:
+    """Chi-square of the rows' first two tokens against `joint`, cells merged (least likely first) until each
+    expects at least 5."""
+    counts = dict.fromkeys(joint, 0)
+    for seq in seqs:
+        counts[tuple(seq.tokens)] += 1
+    chi2, merged_e, merged_o = 0.0, 0.0, 0
+    for cell in sorted(joint, key=joint.get):
+        merged_e += joint[cell] * len(seqs)
+        merged_o += counts[cell]
+        if merged_e >= 5:
+            chi2 += (merged_o - merged_e) ** 2 / merged_e
+            merged_e, merged_o = 0.0, 0
+    return chi2

@@ -14,8 +14,8 @@ from llm_modules.decoding.speculative.prompt_lookup import PromptLookup
 from llm_modules.decoding.speculative.tree import DraftTree
 from llm_modules.decoding.speculative.tree_proposer import TreeProposer
 
-from .test_draft_trees import _model, _prompts, _target_alone
 from ..helpers import decode_rows
+from .test_draft_trees import _model, _prompts, _target_alone
 
 
 class Row:

@@ -11,7 +11,10 @@ import torch
 from llm_modules import LLMModulesModel
 from llm_modules.decoding.engine import DecodeBatch
 from llm_modules.decoding.sampling import SamplingOptions
-from llm_modules.decoding.speculative.acceptance import accept_tree_greedy, accept_tree_sampled
+from llm_modules.decoding.speculative.acceptance import (
+    accept_tree_greedy,
+    accept_tree_sampled,
+)
 from llm_modules.decoding.speculative.batch import SpeculativeBatch
 from llm_modules.decoding.speculative.composed_proposer import ComposedProposer
 from llm_modules.decoding.speculative.prompt_lookup import PromptLookup
@@ -79,11 +82,19 @@ def test_greedy_tree_rule_follows_the_targets_choices():
 
 
 # ---------------------------------------------------------------------- the target's pass over a tree
-def _padded_cache(target, prompts):
+def _verify_pass(target, prompts):
+    """The prompts prefilled (left-padded), then one pass over a tree per row: (stepper, the prompts' mask,
+    the trees, the pass's logits, states and cache)."""
     stepper = TargetStepper(target, [1, 2])
     ids, mask = left_pad(prompts, 0)
     _, _, cache = stepper.run(ids, mask, None, logits_to_keep=1)
-    return stepper, ids, mask, cache
+    trees = [_a_tree(), DraftTree.chain(4, [10, 12])]
+    size = max(len(t) for t in trees)
+    nodes = torch.tensor([t.tokens + [0] * (size - len(t)) for t in trees])
+    depths = torch.tensor([t.depths() + [0] * (size - len(t)) for t in trees])
+    with torch.no_grad():
+        out = stepper.run_tree(nodes, torch.stack([t.ancestors(size) for t in trees]), depths, mask, cache)
+    return stepper, mask, trees, out
 
 
 def _alone(target, tokens):
@@ -95,14 +106,7 @@ def _alone(target, tokens):
 def test_every_node_of_a_tree_scores_as_its_own_path_alone(mapped_pair):
     target = _model(mapped_pair).large
     prompts = [[3, 9, 4, 17, 5], [8, 6, 2]]  # left-padded: rows of different lengths
-    stepper, ids, mask, cache = _padded_cache(target, prompts)
-    trees = [_a_tree(), DraftTree.chain(4, [10, 12])]
-    size = max(len(t) for t in trees)
-    nodes = torch.tensor([t.tokens + [0] * (size - len(t)) for t in trees])
-    depths = torch.tensor([t.depths() + [0] * (size - len(t)) for t in trees])
-    with torch.no_grad():
-        logits, states, cache = stepper.run_tree(nodes, torch.stack([t.ancestors(size) for t in trees]), depths,
-                                                 mask, cache)
+    stepper, mask, trees, (logits, states, cache) = _verify_pass(target, prompts)
     for b, (prompt, tree) in enumerate(zip(prompts, trees)):
         for i in range(len(tree)):
             want_logits, want_states = _alone(target, prompt + [tree.tokens[n] for n in tree.path(i)])
@@ -114,13 +118,7 @@ def test_every_node_of_a_tree_scores_as_its_own_path_alone(mapped_pair):
 def test_rolling_back_to_any_path_leaves_the_cache_of_a_recompute(mapped_pair, paths):
     target = _model(mapped_pair).large
     prompts = [[3, 9, 4, 17, 5], [8, 6, 2]]
-    stepper, ids, mask, cache = _padded_cache(target, prompts)
-    trees = [_a_tree(), DraftTree.chain(4, [10, 12])]
-    size = max(len(t) for t in trees)
-    nodes = torch.tensor([t.tokens + [0] * (size - len(t)) for t in trees])
-    depths = torch.tensor([t.depths() + [0] * (size - len(t)) for t in trees])
-    with torch.no_grad():
-        _, _, cache = stepper.run_tree(nodes, torch.stack([t.ancestors(size) for t in trees]), depths, mask, cache)
+    stepper, mask, trees, (_, _, cache) = _verify_pass(target, prompts)
     past, longest = mask.shape[1], max(len(p) for p in paths)
     keep_cache_paths(stepper.slots(cache), past, paths, past + longest)
     stepper.set_length(cache, past + longest)

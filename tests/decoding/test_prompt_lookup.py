@@ -10,13 +10,13 @@ from transformers import AutoModelForCausalLM
 from llm_modules.decoding.engine import DecodeBatch, Sequence
 from llm_modules.decoding.sampling import SamplingOptions
 from llm_modules.decoding.speculative.acceptance import accept_tree_sampled
-from llm_modules.decoding.speculative.tree import DraftTree
 from llm_modules.decoding.speculative.batch import SpeculativeBatch
 from llm_modules.decoding.speculative.prompt_lookup import (
     PromptLookup,
     find_continuation,
     find_match,
 )
+from llm_modules.decoding.speculative.tree import DraftTree
 from llm_modules.errors import LLMModulesError
 
 from ..helpers import decode_rows

@@ -10,16 +10,24 @@ import pytest
 import torch
 
 from llm_modules import LLMModulesModel
-from llm_modules.bridges import LargeRead
 from llm_modules.decoding.engine import DecodeBatch, Sequence
 from llm_modules.decoding.sampling import SamplingOptions
-from llm_modules.decoding.speculative.acceptance import accept_tree_greedy, accept_tree_sampled
+from llm_modules.decoding.speculative.acceptance import (
+    accept_tree_greedy,
+    accept_tree_sampled,
+)
 from llm_modules.decoding.speculative.batch import SpeculativeBatch
 from llm_modules.decoding.speculative.composed_proposer import ComposedProposer
 from llm_modules.decoding.speculative.target import keep_paths
 from llm_modules.decoding.speculative.tree import DraftTree
 
-from ..helpers import OPTIONS, decode_rows
+from ..helpers import (
+    OPTIONS,
+    assert_drafter_equals_a_recompute,
+    decode_rows,
+    joint_chi_square,
+    target_joint,
+)
 from ..helpers import nudge_gates as nudge
 
 
@@ -168,10 +176,6 @@ def test_rows_accepting_different_numbers_of_drafts_keep_the_targets_output(mapp
 def test_the_drafter_after_rollbacks_equals_a_fresh_recompute(mapped_pair, bridge):
     """After rounds with rejections, the drafter's next logits equal the same model run from scratch over the
     verified tokens, with the target's states and the sources it trained with (blocks = rounds)."""
-    import copy
-
-    from llm_modules.tensors import draft_source
-
     k = 3
     drafter = _drafter(mapped_pair, bridge)
     target = drafter.large
@@ -183,28 +187,7 @@ def test_the_drafter_after_rollbacks_equals_a_fresh_recompute(mapped_pair, bridg
     for _ in range(5):
         spec.step()
     assert len(set(wrapped.accepted_counts)) > 1
-    inner = wrapped.inner
-    probe = copy.copy(inner)  # the same model (its bridge hooks are bound to it); a copy of the decoding state
-    probe.cache, probe.chunk, probe.chunk_states = copy.deepcopy(inner.cache), list(inner.chunk), list(inner.chunk_states)
-    captured = []
-    probe._choose = lambda logits, *rest: (captured.append(logits) or (logits.argmax(-1), None))
-    probe.propose(torch.tensor(spec.pending), 1, [seq])
-    # the sources of a fresh run: the prompt in blocks of K ending at its last token, then one block per round
-    tokens = prompt + seq.tokens + spec.pending
-    n = len(prompt)
-    source = draft_source((n - 1) % k, k, 1, n)[0].tolist()
-    start = n
-    for a in wrapped.accepted_counts:
-        source += [start - 1] * (a + 1)
-        start += a + 1
-    source.append(start - 1)  # the pending token reads up to the last verified one
-    assert len(source) == len(tokens)
-    ids = torch.tensor([tokens])
-    with torch.no_grad():
-        states, _ = drafter.encode_large(ids, torch.ones_like(ids), torch.arange(ids.shape[1])[None])
-        fresh = drafter.forward_read(LargeRead(source=torch.tensor([source])), input_ids=ids,
-                                     large_states=states).logits[0, -1]
-    torch.testing.assert_close(captured[0][0].double(), fresh.double(), rtol=0, atol=1e-9)
+    assert_drafter_equals_a_recompute(wrapped.inner, drafter, spec, seq, prompt, wrapped.accepted_counts, k)
 
 
 def test_greedy_rule():
@@ -271,19 +254,7 @@ def test_sampled_speculative_tokens_follow_the_targets_distribution(mapped_pair)
     prompt = _prompts(drafter.vocab_size, n=1, seed=8)[0]
     options = SamplingOptions(max_new_tokens=2, do_sample=True, temperature=1.5, top_k=3)
     eos = []
-    # exact joint of the target alone, with the same processors
-    with torch.no_grad():
-        base = Sequence(prompt, options, eos)
-        first = base.processors(torch.tensor([prompt]), target(torch.tensor([prompt])).logits[:, -1].float())[0]
-        p1 = torch.softmax(first, -1)
-        joint = {}
-        for t1 in torch.nonzero(p1 > 0).flatten().tolist():
-            ids = torch.tensor([prompt + [t1]])
-            second = base.processors(ids, target(ids).logits[:, -1].float())[0]
-            for t2, p2 in enumerate(torch.softmax(second, -1).tolist()):
-                if p2 > 0:
-                    joint[(t1, t2)] = float(p1[t1]) * p2
-    counts = dict.fromkeys(joint, 0)
+    joint = target_joint(target, prompt, options)
     n = SAMPLES
     # every seed is a row of one batch (rows keep their own generators): one prefill, a few verify passes
     seqs = [Sequence(prompt, options, eos, generator=torch.Generator().manual_seed(seed)) for seed in range(n)]
@@ -291,16 +262,7 @@ def test_sampled_speculative_tokens_follow_the_targets_distribution(mapped_pair)
     batch.add(seqs)
     while batch.rows:
         batch.step()
-    for seq in seqs:
-        counts[tuple(seq.tokens)] += 1
-    cells = sorted(joint, key=joint.get)
-    chi2, merged_e, merged_o = 0.0, 0.0, 0
-    for cell in cells:
-        merged_e += joint[cell] * n
-        merged_o += counts[cell]
-        if merged_e >= 5:
-            chi2 += (merged_o - merged_e) ** 2 / merged_e
-            merged_e, merged_o = 0.0, 0
+    chi2 = joint_chi_square(joint, seqs)
     assert chi2 < 26.1, chi2  # p = 0.001 for up to 8 degrees of freedom
 
 

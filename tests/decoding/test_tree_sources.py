@@ -4,22 +4,24 @@ the target's distribution when a tree holds the drafter's draws, its runners-up 
 
 from __future__ import annotations
 
-import copy
-
 import pytest
 import torch
 
 from llm_modules import LLMModulesModel
-from llm_modules.bridges import LargeRead
 from llm_modules.decoding.engine import Sequence
 from llm_modules.decoding.sampling import SamplingOptions
 from llm_modules.decoding.speculative.batch import SpeculativeBatch
 from llm_modules.decoding.speculative.composed_proposer import ComposedProposer
 from llm_modules.decoding.speculative.prompt_lookup import PromptLookup
 from llm_modules.decoding.speculative.tree_proposer import TreeProposer
-from llm_modules.tensors import draft_source
 
-from ..helpers import OPTIONS, nudge_gates
+from ..helpers import (
+    OPTIONS,
+    assert_drafter_equals_a_recompute,
+    joint_chi_square,
+    nudge_gates,
+    target_joint,
+)
 
 
 def _model(pair, bridge="eca"):
@@ -75,47 +77,12 @@ def test_the_drafter_in_a_tree_equals_a_fresh_recompute_after_any_path(mapped_pa
     for _ in range(6):
         spec.step()
     assert policy.asked[:2] == [k, 1] and max(accepted) > k  # lookup's copies kept beyond the drafter's K
-    inner = proposer.drafter
-    probe = copy.copy(inner)  # the same model; a copy of the decoding state
-    probe.cache, probe.chunk, probe.chunk_states = copy.deepcopy(inner.cache), list(inner.chunk), list(inner.chunk_states)
-    captured = []
-    probe._choose = lambda logits, *rest: (captured.append(logits) or (logits.argmax(-1), None))
-    ComposedProposer.propose(probe, torch.tensor(spec.pending), 1, [seq])  # not the spy on the drafter
-    tokens = prompt + seq.tokens + spec.pending
-    n = len(prompt)
-    source = draft_source((n - 1) % k, k, 1, n)[0].tolist()
-    start = n
-    for a in accepted:
-        source += [start - 1] * (a + 1)
-        start += a + 1
-    source.append(start - 1)  # the pending token reads up to the last verified one
-    assert len(source) == len(tokens)
-    ids = torch.tensor([tokens])
-    with torch.no_grad():
-        states, _ = model.encode_large(ids, torch.ones_like(ids), torch.arange(ids.shape[1])[None])
-        fresh = model.forward_read(LargeRead(source=torch.tensor([source])), input_ids=ids,
-                                   large_states=states).logits[0, -1]
-    torch.testing.assert_close(captured[0][0].double(), fresh.double(), rtol=0, atol=1e-9)
+    assert_drafter_equals_a_recompute(proposer.drafter, model, spec, seq, prompt, accepted, k,
+                                      propose=ComposedProposer.propose)  # not the spy on the drafter
 
 
 # ---------------------------------------------------------------------- the target's distribution
 SAMPLES = 1200
-
-
-def _joint(target, prompt, options):
-    """The target's exact distribution of its first two tokens, with the same processors."""
-    base = Sequence(prompt, options, [])
-    with torch.no_grad():
-        first = base.processors(torch.tensor([prompt]), target(torch.tensor([prompt])).logits[:, -1].float())[0]
-        p1 = torch.softmax(first, -1)
-        joint = {}
-        for t1 in torch.nonzero(p1 > 0).flatten().tolist():
-            ids = torch.tensor([prompt + [t1]])
-            second = base.processors(ids, target(ids).logits[:, -1].float())[0]
-            for t2, p2 in enumerate(torch.softmax(second, -1).tolist()):
-                if p2 > 0:
-                    joint[(t1, t2)] = float(p1[t1]) * p2
-    return joint
 
 
 def _prompt_with_a_likely_copy(target, vocab, options):
@@ -136,7 +103,7 @@ def _prompt_with_a_likely_copy(target, vocab, options):
         prompt = [z, t, w] + rest + [z]
         if len(set(prompt)) < len(prompt) - 1:  # only z twice: (z, t) is the one 2-gram that can recur
             continue
-        joint = _joint(target, prompt, options)
+        joint = target_joint(target, prompt, options)
         p_t = sum(v for (t1, _), v in joint.items() if t1 == t)
         if 0.2 < p_t < 0.8 and 0.2 < joint.get((t, w), 0) / p_t < 0.8:
             return prompt, joint
@@ -158,14 +125,5 @@ def test_sampled_tokens_follow_the_targets_distribution_with_every_source_in_one
     while batch.rows:
         batch.step()
     assert tree.lookup_rows > 100  # rows whose trees held lookup's copy beside the drafter's nodes
-    counts = dict.fromkeys(joint, 0)
-    for seq in seqs:
-        counts[tuple(seq.tokens)] += 1
-    chi2, merged_e, merged_o = 0.0, 0.0, 0
-    for cell in sorted(joint, key=joint.get):
-        merged_e += joint[cell] * SAMPLES
-        merged_o += counts[cell]
-        if merged_e >= 5:
-            chi2 += (merged_o - merged_e) ** 2 / merged_e
-            merged_e, merged_o = 0.0, 0
+    chi2 = joint_chi_square(joint, seqs)
     assert chi2 < 26.1, chi2  # p = 0.001 for up to 8 degrees of freedom

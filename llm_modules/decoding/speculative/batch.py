@@ -10,10 +10,17 @@ from typing import Any
 import torch
 
 from llm_modules.decoding.rows import RowBatch, processed
-from llm_modules.decoding.speculative.acceptance import accept_tree_greedy, accept_tree_sampled
+from llm_modules.decoding.speculative.acceptance import (
+    accept_tree_greedy,
+    accept_tree_sampled,
+)
 from llm_modules.decoding.speculative.policy import DraftPolicy
 from llm_modules.decoding.speculative.proposer import Proposer, propose_trees
-from llm_modules.decoding.speculative.target import TargetStepper, keep_cache_paths, keep_paths
+from llm_modules.decoding.speculative.target import (
+    TargetStepper,
+    keep_cache_paths,
+    keep_paths,
+)
 from llm_modules.decoding.speculative.tree import DraftTree
 from llm_modules.errors import LLMModulesError
 
