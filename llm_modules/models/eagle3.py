@@ -304,6 +304,12 @@ class Eagle3Drafter(nn.Module):
         return full
 
     # ------------------------------------------------------------------ one pass with a cache
+    def new_cache(self, batch: int) -> Eagle3Cache:
+        """An empty cache for `batch` rows (no columns yet)."""
+        c, first = self.config, self.fc.weight
+        zeros = first.new_zeros(batch, c.num_key_value_heads, 0, c.head_dim)
+        return Eagle3Cache(zeros, zeros.clone())
+
     def forward(self, input_ids: torch.Tensor, state: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor,
                 cache: Eagle3Cache | None = None) -> tuple[torch.Tensor, Eagle3Cache]:
         """input_ids (B, T), state (B, T, H) (fused taps, or fed-back outputs), positions (B, T), mask (B, S)

@@ -80,6 +80,7 @@ def load_drafter(folder: str, target: RunnableModel, spec: str, draft_tokens: in
         check_draft_tokens,
         load_draft_vocab,
     )
+    from llm_modules.models.eagle3_folder import eagle3_folder
     from llm_modules.models.specs import LoadedModel
 
     if target.composed:
@@ -91,6 +92,8 @@ def load_drafter(folder: str, target: RunnableModel, spec: str, draft_tokens: in
         k = draft_tokens if draft_tokens is not None else PromptLookup.DEFAULT_TOKENS
         _check_room(k, [model_positions(target.model)], draft_tokens is not None)
         return PromptLookup(target.model.config.get_text_config().vocab_size, draft_tokens=k)
+    if eagle3_folder(folder) is not None:
+        return _eagle3_proposer(folder, target, draft_tokens, lookup)
     where = resolve_model_folder(folder)
     record = DrafterRecord.load(where)
     if record is None:
@@ -105,6 +108,36 @@ def load_drafter(folder: str, target: RunnableModel, spec: str, draft_tokens: in
     pad = target.tokenizer.pad_token_id if target.tokenizer.pad_token_id is not None else 0
     proposer = ComposedProposer(drafter.eval(), draft_tokens=k, pad_id=pad, vocab=vocab)
     return LookupFirst(proposer, PromptLookup(drafter.vocab_size, draft_tokens=k)) if lookup else proposer
+
+
+def _eagle3_proposer(folder: str, target: RunnableModel, draft_tokens: int | None, lookup: bool) -> Any:
+    """An EAGLE-3 drafter (ours, speculators' or EAGLE's plain layout) drafting for `target`, sharing its input
+    embedding when the folder holds none. K: --draft-tokens, else the drafter's record, else the folder's, else 3."""
+    from llm_modules.decoding.limits import model_positions
+    from llm_modules.decoding.speculative.eagle3_proposer import Eagle3Proposer
+    from llm_modules.decoding.speculative.lookup_first import LookupFirst
+    from llm_modules.decoding.speculative.prompt_lookup import PromptLookup
+    from llm_modules.models.eagle3_folder import eagle3_folder, eagle3_record, load_eagle3
+
+    config = target.model.config.get_text_config()
+    first = next(target.model.parameters())
+    embeddings = target.model.get_input_embeddings().weight.detach()
+    network, named_k = load_eagle3(folder, embeddings=embeddings, target_layers=config.num_hidden_layers,
+                                   dtype=first.dtype, device=first.device)
+    c = network.config
+    if c.vocab_size != config.vocab_size or c.target_hidden_size != config.hidden_size:
+        raise LLMModulesError(f"{folder} drafts for a target of vocabulary {c.vocab_size} and width "
+                              f"{c.target_hidden_size}; --model has {config.vocab_size} and {config.hidden_size}")
+    if c.taps[-1] >= config.num_hidden_layers:
+        raise LLMModulesError(f"{folder} reads layer {c.taps[-1]} of a {config.num_hidden_layers}-layer target: "
+                              "tap L is the state before the final norm in vLLM, which this engine's target "
+                              "stepper does not give (it gives the normed one); taps must be below L")
+    record = eagle3_record(eagle3_folder(folder))
+    k = draft_tokens or (record.draft_tokens if record else None) or named_k or 3
+    _check_room(k, [model_positions(target.model), c.max_position_embeddings], draft_tokens is not None)
+    pad = target.tokenizer.pad_token_id if target.tokenizer.pad_token_id is not None else 0
+    proposer = Eagle3Proposer(network, draft_tokens=k, pad_id=pad)
+    return LookupFirst(proposer, PromptLookup(config.vocab_size, draft_tokens=k)) if lookup else proposer
 
 
 def _check_room(k: int, limits: list[int | None], asked: bool) -> None:

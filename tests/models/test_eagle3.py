@@ -4,53 +4,22 @@ training-time unroll against step-by-step decoding, export, and import of folder
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-from transformers import Qwen2Config, Qwen2ForCausalLM
 
 from llm_modules.errors import LLMModulesError
-from llm_modules.models.eagle3 import Eagle3Config, Eagle3Drafter
 from llm_modules.models.eagle3_folder import check_export, export_eagle3, load_eagle3, save_eagle3
 
-VLLM_VENV = Path(os.environ.get("LLM_MODULES_VLLM_VENV", "/work/vllm-venv"))
+from ..helpers import eagle3_taps as taps_of
+from ..helpers import vllm_env, vllm_python
+from ..helpers import tiny_eagle3 as tiny_drafter
+from ..helpers import tiny_eagle3_target as tiny_target
+
 REFERENCE = Path(__file__).with_name("eagle3_reference.py")
-
-
-def tiny_target(seed: int = 0, layers: int = 8) -> Qwen2ForCausalLM:
-    torch.manual_seed(seed)
-    return Qwen2ForCausalLM(Qwen2Config(
-        hidden_size=32, num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
-        intermediate_size=48, vocab_size=100, max_position_embeddings=128, rope_theta=10000.0,
-        tie_word_embeddings=False)).eval()
-
-
-def tiny_drafter(target, seed: int = 1, draft_vocab: int = 40, scale: float = 0.1, **overrides) -> Eagle3Drafter:
-    """A random drafter for `target` (its embedding shared), draft vocabulary every other id from 3 on."""
-    config = Eagle3Config.for_target(target.config, draft_vocab_size=draft_vocab, target="tiny", **overrides)
-    torch.manual_seed(seed)
-    model = Eagle3Drafter(config)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("norm.weight") or "norm." in name:
-                p.copy_(1 + 0.2 * torch.randn_like(p))
-            else:
-                p.copy_(scale * torch.randn_like(p))
-        model.embed_tokens.weight.copy_(target.get_input_embeddings().weight)
-    model.shares_embeddings = True
-    model.set_draft_vocab(torch.arange(3, 3 + 2 * draft_vocab, 2)[:draft_vocab])
-    return model.eval()
-
-
-def taps_of(target, ids: torch.Tensor, taps: list[int]) -> torch.Tensor:
-    """(B, T, n, dT): the residual stream entering each tapped layer (Hugging Face hidden_states[i], i < L)."""
-    with torch.no_grad():
-        hidden = target(input_ids=ids, output_hidden_states=True).hidden_states
-    return torch.stack([hidden[t] for t in taps], 2)
 
 
 def test_the_draft_vocabulary_maps_each_row_to_its_target_id():
@@ -180,14 +149,6 @@ def test_a_folder_without_d2t_and_a_smaller_head_is_refused(tmp_path):
         load_eagle3(out)
 
 
-def vllm_python() -> Path:
-    python = VLLM_VENV / "bin" / "python"
-    if not python.is_file():
-        pytest.skip(f"no vLLM/speculators venv at {VLLM_VENV} (set LLM_MODULES_VLLM_VENV; "
-                    "/work/wt/vllm/make_venv.sh builds one)")
-    return python
-
-
 @pytest.mark.vllm
 @pytest.mark.subprocess
 @pytest.mark.parametrize("norm_before_residual", [False, True])
@@ -205,9 +166,8 @@ def test_our_draft_logits_equal_speculators_forward_over_the_exported_folder(tmp
     positions = torch.arange(t)[None]
     save_file({"taps": taps.flatten(-2).contiguous(), "input_ids": inputs, "positions": positions},
               str(tmp_path / "inputs.safetensors"))
-    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
-    done = subprocess.run([str(python), str(REFERENCE), str(out), str(tmp_path / "inputs.safetensors"),
-                           str(tmp_path / "ref.safetensors"), "3"], capture_output=True, text=True, env=env,
+    done = subprocess.run([str(python), str(REFERENCE), "forward", str(out), str(tmp_path / "inputs.safetensors"),
+                           str(tmp_path / "ref.safetensors"), "3"], capture_output=True, text=True, env=vllm_env(),
                           timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     ref = load_file(str(tmp_path / "ref.safetensors"))
