@@ -92,7 +92,7 @@ class Eagle3Config:
         return path
 
     @classmethod
-    def load(cls, directory: str | Path) -> "Eagle3Config":
+    def load(cls, directory: str | Path) -> Eagle3Config:
         path = Path(directory) / EAGLE3_FILE
         try:
             return cls(**json.loads(path.read_text()))
@@ -101,7 +101,7 @@ class Eagle3Config:
 
     @classmethod
     def for_target(cls, target_config: Any, taps: list[int] | None = None, draft_vocab_size: int | None = None,
-                   target: str = "", **overrides: Any) -> "Eagle3Config":
+                   target: str = "", **overrides: Any) -> Eagle3Config:
         """A draft layer shaped as one of the target's layers (its width, heads, MLP, rope), reading `taps`
         (default vLLM's and speculators': 2, L // 2, L - 3)."""
         c = target_config.get_text_config() if hasattr(target_config, "get_text_config") else target_config

@@ -22,7 +22,12 @@ from typing import Any
 import torch
 
 from llm_modules.errors import LLMModulesError
-from llm_modules.models.eagle3 import EAGLE3_FILE, Eagle3Config, Eagle3Drafter, default_taps
+from llm_modules.models.eagle3 import (
+    EAGLE3_FILE,
+    Eagle3Config,
+    Eagle3Drafter,
+    default_taps,
+)
 from llm_modules.models.saved import RUN_MODELS, WEIGHTS_FILE, load_weights
 
 EAGLE3_FORMATS = ("eagle3",)

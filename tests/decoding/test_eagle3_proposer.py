@@ -21,7 +21,14 @@ from llm_modules.errors import LLMModulesError
 from llm_modules.models.eagle3_folder import save_eagle3
 from llm_modules.models.loading import RunnableModel, load_drafter
 
-from ..helpers import decode_rows, eagle3_taps, tiny_eagle3, tiny_eagle3_target, vllm_env, vllm_python
+from ..helpers import (
+    decode_rows,
+    eagle3_taps,
+    tiny_eagle3,
+    tiny_eagle3_target,
+    vllm_env,
+    vllm_python,
+)
 
 REFERENCE = Path(__file__).resolve().parents[1] / "models" / "eagle3_reference.py"
 

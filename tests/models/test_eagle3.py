@@ -12,12 +12,17 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from llm_modules.errors import LLMModulesError
-from llm_modules.models.eagle3_folder import check_export, export_eagle3, load_eagle3, save_eagle3
+from llm_modules.models.eagle3_folder import (
+    check_export,
+    export_eagle3,
+    load_eagle3,
+    save_eagle3,
+)
 
 from ..helpers import eagle3_taps as taps_of
-from ..helpers import vllm_env, vllm_python
 from ..helpers import tiny_eagle3 as tiny_drafter
 from ..helpers import tiny_eagle3_target as tiny_target
+from ..helpers import vllm_env, vllm_python
 
 REFERENCE = Path(__file__).with_name("eagle3_reference.py")
 
