@@ -141,6 +141,16 @@ def write_data(path: Path, n: int = 24) -> str:
     return str(path)
 
 
+def write_short_data(path: Path, n: int = 16) -> str:
+    """Short examples (a one-word system prompt instead of the long default): fast on a 2-core CPU."""
+    with path.open("w") as f:
+        for i in range(n):
+            a, b = i % 7 + 1, i // 3 + 2
+            f.write(json.dumps({"system": "Add.", "prompt": f"What is {a} plus {b}?",
+                                "completion": f"{a} plus {b} is {a + b}.", "answer": str(a + b)}) + "\n")
+    return str(path)
+
+
 def losses(run: Path) -> list[float]:
     """A training run's logged losses, validation and training in order."""
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]

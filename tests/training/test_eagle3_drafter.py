@@ -5,7 +5,6 @@ loads to the same network, exports for vLLM, and drafts through --draft with the
 from __future__ import annotations
 
 import json
-from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -29,17 +28,7 @@ from llm_modules.training.config import TrainConfig
 from llm_modules.training.objectives import build_objective
 from llm_modules.training.objectives.eagle3_drafter import Eagle3Objective
 
-from ..helpers import decode_rows
-
-
-def write_data(path: Path, n: int = 16) -> str:
-    with path.open("w") as f:
-        for i in range(n):
-            a, b = i % 7 + 1, i // 3 + 2
-            f.write(json.dumps({"system": "Add.", "prompt": f"What is {a} plus {b}?",
-                                "completion": f"{a} plus {b} is {a + b}.", "answer": str(a + b)}) + "\n")
-    return str(path)
-
+from ..helpers import decode_rows, write_short_data
 
 COMMON = dict(template="stratos", max_length=128, val_fraction=0.25, progress=False, large_dtype="float32",
               draft_vocab=0, save_every=0, num_samples=0, batch_size=2)
@@ -47,7 +36,7 @@ COMMON = dict(template="stratos", max_length=128, val_fraction=0.25, progress=Fa
 
 def _args(pair, tmp_path, output, *extra):
     return ["train", "--method", "drafter", "--drafter-layout", "eagle3", "--large", pair["large"], "--small",
-            pair["small"], "--data", write_data(tmp_path / "data.jsonl"), "--output", str(tmp_path / output),
+            pair["small"], "--data", write_short_data(tmp_path / "data.jsonl"), "--output", str(tmp_path / output),
             "--template", "stratos", "--batch-size", "2", "--max-length", "128", "--val-fraction", "0.25",
             "--no-progress", "--large-dtype", "float32", "--save-every", "0", "--num-samples", "0",
             "--state-cache-dir", str(tmp_path / "states"), *extra]
@@ -89,7 +78,8 @@ def test_an_eagle3_drafter_trains_on_generated_targets_saves_exports_and_drafts(
 
 
 def _objective(pair, tmp_path, **over):
-    config = TrainConfig.from_flags(large=pair["large"], small=pair["small"], data=write_data(tmp_path / "data.jsonl"),
+    config = TrainConfig.from_flags(large=pair["large"], small=pair["small"],
+                                    data=write_short_data(tmp_path / "data.jsonl"),
                                     output=str(tmp_path / "o"), method="drafter", drafter_layout="eagle3",
                                     max_steps=1, drafter_targets="logits", state_cache_dir=str(tmp_path / "states"),
                                     **{**COMMON, **over})
