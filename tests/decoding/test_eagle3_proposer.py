@@ -151,3 +151,28 @@ def test_draft_decodes_with_a_folder_made_by_speculators_trainer_classes(tmp_pat
     spec = SpeculativeBatch(target, proposer)
     assert decode_rows(spec, prompts, options) == _alone(target, prompts, options)
     assert spec.stats.passes > 0
+
+
+def test_sampled_rows_decode_beside_greedy_ones(pair):
+    """A sampled row gets the drafter's probabilities over the target's vocabulary (zero outside the draft
+    vocabulary) for the acceptance rule; a greedy row beside it still gets the target's own tokens."""
+    target, drafter = pair
+    prompts = _prompts(n=2, seed=8)
+    options = [SamplingOptions(max_new_tokens=9, do_sample=True, seed=3), SamplingOptions(max_new_tokens=9)]
+    proposer = Eagle3Proposer(drafter, draft_tokens=3)
+    seen = []
+    original = proposer.propose
+
+    def spy(first, k, rows):
+        drafts, q = original(first, k, rows)
+        seen.append(q)
+        return drafts, q
+
+    proposer.propose = spy
+    got = decode_rows(SpeculativeBatch(target, proposer), prompts, options)
+    assert len(got[0]) == 9 and got[1] == _alone(target, prompts[1:], options[1:])[0]
+    q = next(x for x in seen if x is not None)  # (B, k, V)
+    assert q.shape[-1] == 100 and torch.allclose(q.sum(-1), torch.ones(q.shape[:2], dtype=q.dtype))
+    outside = torch.ones(100, dtype=torch.bool)
+    outside[drafter.draft_ids] = False
+    assert float(q[0][:, outside].abs().sum()) == 0.0
