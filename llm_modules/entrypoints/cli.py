@@ -39,7 +39,8 @@ def command(name: str):
 
 def add_draft_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--draft", metavar="DRAFTER_DIR",
-                        help="decode speculatively with this drafter (train --method drafter); --model must be the "
+                        help="decode speculatively with this drafter (train --method drafter, or an EAGLE-3 folder: "
+                             "ours, speculators' or EAGLE's); --model must be the "
                              "large model it was trained on. The output is the model's own, in fewer passes. "
                              "'prompt-lookup': drafts copied from the prompt and reply so far, no drafter needed "
                              "(a folder of that name: ./prompt-lookup)")
