@@ -92,14 +92,16 @@ def wait_healthy(url: str, process: subprocess.Popen, log: Path, timeout: float)
 
 
 def complete(url: str, prompt: str, max_tokens: int) -> dict:
-    body = json.dumps({"model": "target", "prompt": prompt, "max_tokens": max_tokens, "temperature": 0}).encode()
+    body = json.dumps({"model": "target", "prompt": prompt, "max_tokens": max_tokens, "temperature": 0,
+                       "return_token_ids": True}).encode()
     request = urllib.request.Request(url + "/v1/completions", data=body, headers={"Content-Type": "application/json"})
     started = time.perf_counter()
     with urllib.request.urlopen(request, timeout=1800) as r:
         answer = json.loads(r.read().decode())
     seconds = time.perf_counter() - started
-    return {"text": answer["choices"][0]["text"], "tokens": answer["usage"]["completion_tokens"],
-            "seconds": round(seconds, 3)}
+    choice = answer["choices"][0]
+    return {"text": choice["text"], "token_ids": choice.get("token_ids"),
+            "tokens": answer["usage"]["completion_tokens"], "seconds": round(seconds, 3)}
 
 
 def spec_counters(metrics_text: str) -> dict[str, float]:
@@ -170,7 +172,8 @@ def run_ours(args: argparse.Namespace) -> dict:
             batch.step()
         seconds = time.perf_counter() - started
         text = loaded.tokenizer.decode(seq.tokens, skip_special_tokens=True)  # as vLLM's completions give it
-        answers.append({"text": text, "tokens": len(seq.tokens), "seconds": round(seconds, 3)})
+        answers.append({"text": text, "token_ids": list(seq.tokens), "tokens": len(seq.tokens),
+                        "seconds": round(seconds, 3)})
         passes, accepted = passes + batch.stats.passes, accepted + batch.stats.accepted
     result = {"mode": "ours", "answers": answers, "passes": passes, "accepted": accepted,
               "tokens_per_pass": round(1 + accepted / passes, 3) if passes else None}
@@ -217,8 +220,10 @@ def main(argv: list[str] | None = None) -> int:
     base = next((r for r in report["runs"] if r["mode"] == "alone"), None)
     for run in report["runs"]:
         if base is not None and run is not base:
-            differ = [i for i, (a, b) in enumerate(zip(run["answers"], base["answers"])) if a["text"] != b["text"]]
-            run["texts_equal_alone"] = not differ
+            pairs = list(zip(run["answers"], base["answers"]))
+            differ = [i for i, (a, b) in enumerate(pairs) if a["token_ids"] != b["token_ids"]]
+            run["tokens_equal_alone"] = not differ  # token ids: text alone hides what a detokenizer drops
+            run["texts_equal_alone"] = all(a["text"] == b["text"] for a, b in pairs)
             run["differing_prompts"] = differ
     text = json.dumps(report, indent=1)
     print(text)

@@ -68,7 +68,8 @@ def test_vllm_serves_our_exported_drafter_with_its_own_greedy_text(tmp_path):
     report = json.loads((tmp_path / "report.json").read_text())
     alone, eagle3, ours = report["runs"]
     assert report["vllm"] == "0.32.0"
-    assert eagle3["texts_equal_alone"], (alone["answers"], eagle3["answers"])
-    assert ours["texts_equal_alone"] and ours["passes"] > 0, (alone["answers"], ours["answers"])
+    assert len(alone["answers"][0]["token_ids"]) == 8
+    assert eagle3["tokens_equal_alone"] and eagle3["texts_equal_alone"], (alone["answers"], eagle3["answers"])
+    assert ours["tokens_equal_alone"] and ours["passes"] > 0, (alone["answers"], ours["answers"])
     assert eagle3["drafts"] > 0 and eagle3["draft_tokens"] == 3 * eagle3["drafts"]
     assert "Using auxiliary layers from speculative config: (2, 4, 5)" in open(eagle3["log"]).read()
