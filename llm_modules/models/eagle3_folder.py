@@ -121,6 +121,14 @@ def _read_config(folder: Path, kind: str, target_layers: int | None) -> tuple[Ea
                     "norm_before_fc": bool(eagle.get("norm_before_fc", data.get("norm_before_fc", False))),
                     "fc_norm": bool(data.get("fc_norm", False)), "norm_output": bool(data.get("norm_output", False))}
         k, target = None, ""
+    kind_of_layer = layer.get("model_type", "llama")
+    if kind_of_layer != "llama":  # vLLM reads qwen3 too (Eagle3Qwen3ForCausalLM: q/k norms this layer lacks)
+        raise LLMModulesError(f"{where}: a {kind_of_layer!r} draft layer; this engine runs EAGLE-3's Llama layer only")
+    if "sliding_attention" in (layer.get("layer_types") or []):
+        raise LLMModulesError(f"{where}: a sliding-window draft layer; this engine runs full attention only")
+    if kind == "plain" and (data.get("eagle_config") or {}).get("use_aux_hidden_state") is False:
+        raise LLMModulesError(f"{where}: use_aux_hidden_state false is an EAGLE-1/2 drafter (one state, no taps), "
+                              "not EAGLE-3")
     if int(layer.get("num_hidden_layers", 1)) != 1:
         raise LLMModulesError(f"{where}: an EAGLE-3 drafter of {layer.get('num_hidden_layers')} layers; this "
                               "engine runs the one-layer layout only")

@@ -205,3 +205,19 @@ def test_the_export_command_writes_the_folder_with_the_targets_embedding(tmp_pat
     assert config["speculators_config"]["verifier"]["name_or_path"] == str(tmp_path / "target")
     assert main(["export", str(tmp_path / "ours"), "--format", "eagle3", str(tmp_path / "out")]) == 2
     assert "not empty" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda c: c["transformer_layer_config"].update(model_type="qwen3"), "Llama layer only"),
+    (lambda c: c["transformer_layer_config"].update(layer_types=["sliding_attention"]), "full attention only"),
+    (lambda c: c["transformer_layer_config"].update(num_hidden_layers=2), "one-layer layout only"),
+    (lambda c: c["transformer_layer_config"].update(num_aux_hidden_states=4), "num_aux_hidden_states 4"),
+])
+def test_folders_of_layouts_this_engine_does_not_run_are_refused_by_name(tmp_path, change, message):
+    target = tiny_target()
+    out = _export(tmp_path, target, tiny_drafter(target))
+    config = json.loads((out / "config.json").read_text())
+    change(config)
+    (out / "config.json").write_text(json.dumps(config))
+    with pytest.raises(LLMModulesError, match=message):
+        load_eagle3(out)
