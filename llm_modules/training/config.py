@@ -127,6 +127,9 @@ HELP: dict[str, str] = {
     "draft_vocab": "--method drafter: draft from the N most frequent answer tokens of the training data only (EAGLE-3's "
                    "smaller draft vocabulary; the head and the loss then cost N rows, not the whole vocabulary, "
                    "and the target still emits any token); 0: the whole vocabulary",
+    "drafter_layout": "--method drafter: composed (a bridge, a small model and a head) or eagle3 (one EAGLE-3 draft "
+                      "layer over the target's layers 2, L/2 and L-3, trained by EAGLE-3's training-time test; "
+                      "`export --format eagle3` writes it for vLLM and SGLang; --small and the bridge are ignored)",
     "drafter_loss": "--method drafter: kl (to the large model's next-token distribution) or ce (on its arg-max)",
     "drafter_targets": "--method drafter: logits (the large model's own, on the training text) or generated (train "
                        "on the large model's greedy answers to the training prompts, generated once and cached)",

@@ -27,6 +27,7 @@ from llm_modules.training.objectives import drafter as drafter_module
 from llm_modules.training.objectives.drafter import draft_loss, draft_offsets
 
 from ..helpers import nudge_gates as nudge
+from ..helpers import write_short_data
 
 # the options of tests/helpers.py's OPTIONS, as command-line flags (the large model has 4 layers)
 BRIDGE_FLAGS = {
@@ -42,19 +43,9 @@ NOT_THE_RECIPE = ["--drafter-targets", "logits", "--draft-vocab", "0", "--large-
 NOT_THE_RECIPE_OPTIONS = dict(drafter_targets="logits", draft_vocab=0, large_dtype="float32", epochs=1, save_every=0)
 
 
-def write_data(path: Path, n: int = 16) -> str:
-    """Short examples (a one-word system prompt instead of the long default): fast on a 2-core CPU."""
-    with path.open("w") as f:
-        for i in range(n):
-            a, b = i % 7 + 1, i // 3 + 2
-            f.write(json.dumps({"system": "Add.", "prompt": f"What is {a} plus {b}?",
-                                "completion": f"{a} plus {b} is {a + b}.", "answer": str(a + b)}) + "\n")
-    return str(path)
-
-
 @pytest.fixture
 def drafter_args(mapped_pair, tmp_path):
-    data = write_data(tmp_path / "data.jsonl")
+    data = write_short_data(tmp_path / "data.jsonl")
 
     def build(output: str, *extra: str, bridge: str = "eca") -> list[str]:
         return ["train", "--method", "drafter", "--large", mapped_pair["large"], "--small", mapped_pair["small"],
@@ -128,7 +119,8 @@ def test_the_residual_head_is_refused_on_the_command_line(drafter_args, capsys):
 def _objective(pair, tmp_path, bridge="ladder", **over):
     flags = {"eca": dict(num_heads=4), "ladder": dict(large_layers="1,3"),
              "xattn": dict(large_layers="2,4", small_stride=1, num_heads=4)}[bridge]
-    config = TrainConfig.from_flags(large=pair["large"], small=pair["small"], data=write_data(tmp_path / "data.jsonl"),
+    config = TrainConfig.from_flags(large=pair["large"], small=pair["small"],
+                                    data=write_short_data(tmp_path / "data.jsonl"),
                                     output=str(tmp_path / "o"), method="drafter", bridge=bridge, template="stratos",
                                     max_length=128, val_fraction=0.25, max_steps=1, progress=False,
                                     state_cache_dir=str(tmp_path / "states"),

@@ -48,6 +48,6 @@ def propose_trees(proposer: Any, first: torch.Tensor, k: int, rows: list[Any]) -
         return proposer.propose_tree(first, k, rows)
     drafts, q = proposer.propose(first, k, rows)
     drafts = drafts.tolist()
-    q = None if q is None else q.float().cpu()
+    q = None if q is None else q.detach().float().cpu()
     return [DraftTree.chain(root, drafts[b], None if q is None else list(q[b].unbind(0)))
             for b, root in enumerate(first.tolist())]

@@ -89,7 +89,7 @@ class TreeProposer:
         runners-up at every depth as leaves, tried after the drafted token."""
         drafts, q = self.drafter.propose(first, k, rows)
         drafts = drafts.tolist()
-        q = None if q is None else q.float().cpu()
+        q = None if q is None else q.detach().float().cpu()
         trunks = [tree.add_chain(0, row, None if q is None else list(q[b].unbind(0)), "drafter")
                   for b, (tree, row) in enumerate(zip(trees, drafts))]
         if self.width == 1:

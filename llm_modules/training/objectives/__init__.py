@@ -54,6 +54,10 @@ def _composed(config: Any, device: Any = "cpu", processes: int = 1) -> Objective
 
 
 def _drafter(config: Any, device: Any = "cpu", processes: int = 1) -> Objective:
+    if config.method_options.drafter_layout == "eagle3":
+        from llm_modules.training.objectives.eagle3_drafter import Eagle3Objective
+
+        return Eagle3Objective(config, device, processes)
     from llm_modules.training.objectives.drafter import DrafterObjective
 
     return DrafterObjective(config, device, processes)

@@ -127,7 +127,8 @@ class DrafterOptions(MethodOptions):
     composes: ClassVar[bool] = True
     compose_defaults: ClassVar[dict[str, str]] = {"head": "projected", "small_inputs": "mapped", "bridge": "ladder"}
     choices: ClassVar[dict[str, tuple[str, ...]]] = {"drafter_loss": ("kl", "ce"),
-                                                     "drafter_targets": ("logits", "generated")}
+                                                     "drafter_targets": ("logits", "generated"),
+                                                     "drafter_layout": ("composed", "eagle3")}
     # `train --method drafter --large SPEC --output DIR` alone: a drafter for any prompt (issue 36), trained on the
     # target's own answers to prompts it writes itself, sized to about 30 minutes on a 2-core CPU with
     # Qwen2.5-Coder-1.5B (docs/drafting.md has what it saw, the time each stage took and its Spec-Bench numbers)
@@ -141,6 +142,7 @@ class DrafterOptions(MethodOptions):
     drafter_loss: str = "kl"
     drafter_targets: str = "logits"
     draft_vocab: int = 0  # the N most frequent answer tokens, then the lowest ids (0: the whole vocabulary)
+    drafter_layout: str = "composed"  # or eagle3: one EAGLE-3 draft layer over three taps (objectives.eagle3_drafter)
 
     def __post_init__(self) -> None:
         from llm_modules.models.drafter import check_draft_tokens  # here: the bound a saved record obeys too
@@ -157,6 +159,9 @@ class DrafterOptions(MethodOptions):
         if config.data is not None and config.data.spec.startswith("self-prompts:") and self.drafter_targets != "generated":
             raise LLMModulesError("--data self-prompts: the prompts the large model writes have no answers; train on "
                                   "its own answers to them with --drafter-targets generated")
+        if self.drafter_layout == "eagle3" and config.eval.num_samples:
+            raise LLMModulesError("--drafter-layout eagle3 writes no text samples (it drafts for the target); use "
+                                  "--num-samples 0")
         if not config.hardware.state_cache:
             raise LLMModulesError("--method drafter trains from the state cache (its targets are the large model's "
                                   "cached final states through its head); leave out --no-state-cache")
