@@ -79,13 +79,27 @@ def test_acceptance_is_learned_from_the_nodes_the_target_reached():
     assert policy.costs[1].slope == pytest.approx(0.5 * 0.01 + 0.5 * 0.1 / 6) and policy.costs[1].draft == 0.1
 
 
+def test_a_row_that_drafts_nothing_learns_when_its_drafter_is_right_again():
+    """Drafts pruned right after the root are judged by the target's next token: a row whose rates fell low
+    enough to draft nothing sees them rise again while its drafter's first drafts are right."""
+    policy = DraftPolicy(memory=0.5)
+    row = Row()
+    policy.rates[row] = {"drafter": 0.05, "runner-up": 0.05, "lookup": 0.05}
+    policy.costs[1] = BatchCost(step=1.0, slope=0.05, draft=0.3)
+    tree = _tree()
+    assert len(policy.prune([row], [tree])[0]) == 1  # predicted to lose: nothing drafted
+    policy.observe([row], [tree.subtree([])], [[0]], 1.0, 0.3, next_tokens=[2])  # the trunk's first was right
+    assert policy.rates[row]["drafter"] == 0.5 * 0.05 + 0.5 and policy.rates[row]["runner-up"] == 0.025
+    assert len(policy.prune([row], [tree])[0]) > 1  # drafting pays again
+
+
 class FixedClock(DraftPolicy):
     """The policy with a pass's cost given, not timed: 1 + 0.05 per node per row (the test must not depend on
     the machine's speed)."""
 
-    def observe(self, rows, trees, paths, verify_seconds, draft_seconds):
+    def observe(self, rows, trees, paths, verify_seconds, draft_seconds, next_tokens=None):
         n = max(len(t) for t in trees)
-        super().observe(rows, trees, paths, 1.0 + 0.05 * (n - 1), 0.0)
+        super().observe(rows, trees, paths, 1.0 + 0.05 * (n - 1), 0.0, next_tokens)
 
 
 def test_greedy_output_with_the_policy_is_the_targets_and_a_noise_drafter_is_soon_left_idle(mapped_pair):

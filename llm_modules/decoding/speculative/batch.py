@@ -149,7 +149,7 @@ class SpeculativeBatch(RowBatch):
             paths.append(path)
             pending.append(nxt)
         if self.policy is not None:
-            self.policy.observe(self.rows, trees, paths, verified, drafted)
+            self.policy.observe(self.rows, trees, paths, verified, drafted, pending)
         accepted = [len(path) - 1 for path in paths]
         self.stats.passes += 1
         self.stats.row_passes += len(self.rows)

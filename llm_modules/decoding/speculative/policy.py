@@ -59,6 +59,7 @@ class DraftPolicy:
     idle: dict[int, int] = field(default_factory=dict)  # batch size -> passes in a row that chose to draft nothing
     timing: dict[int, bool] = field(default_factory=dict)  # batch size -> its last pass timed a plain step
     depth: dict[int, int] = field(default_factory=dict)  # batch size -> deepest drafted node its last pass kept
+    proposed: list[DraftTree] = field(default_factory=list)  # the last pass's trees before pruning
 
     def draft_tokens(self, batch: int, k: int) -> int:
         """How many tokens the drafter drafts this pass: one more than the deepest drafted node the last pass at
@@ -88,6 +89,7 @@ class DraftPolicy:
         """Every row's tree cut to the N best for the batch (its likeliest N - 1 nodes and the root; none for a row
         whose nodes would not pay their share), N chosen for the most expected tokens per unit of cost."""
         batch = len(rows)
+        self.proposed = trees
         c = self.costs.setdefault(batch, BatchCost())
         self.timing[batch] = c.step is None or c.since_step >= self.retime_every
         if self.timing[batch]:  # time a plain step at this batch size
@@ -115,19 +117,31 @@ class DraftPolicy:
         return out
 
     def observe(self, rows: list[Any], trees: list[DraftTree], paths: list[list[int]], verify_seconds: float,
-                draft_seconds: float) -> None:
-        """Learn from a pass: per row and source, which nodes the target reached and kept; the pass's cost."""
+                draft_seconds: float, next_tokens: list[int] | None = None) -> None:
+        """Learn from a pass: per row and source, which nodes the target reached and kept, and which of the
+        drafts pruned right after the root the target's next token (`next_tokens`, after the kept path) shows it
+        would have kept (so a row that drafts nothing still learns when its drafter is right again); the pass's
+        cost."""
         m = self.memory
-        for row, tree, path in zip(rows, trees, paths):
+        proposed = self.proposed if len(self.proposed) == len(trees) else [None] * len(trees)
+        for b, (row, tree, path) in enumerate(zip(rows, trees, paths)):
             on_path = set(path)
             try:
                 rates = self.rates.setdefault(row, {})
             except TypeError:  # a row that cannot be weakly referenced is not learned from
                 continue
+            seen = []  # (source, kept)
             for i in range(1, len(tree)):
                 if tree.parents[i] in on_path:  # the target reached this node's parent: it tested this node
-                    old = rates.get(tree.sources[i], self.prior_rate)
-                    rates[tree.sources[i]] = m * old + (1 - m) * float(i in on_path)
+                    seen.append((tree.sources[i], i in on_path))
+            full = proposed[b]
+            if full is not None and next_tokens is not None:
+                kept = {tree.tokens[i] for i in range(1, len(tree)) if tree.parents[i] == 0}
+                for i in range(1, len(full)):
+                    if full.parents[i] == 0 and full.tokens[i] not in kept:
+                        seen.append((full.sources[i], len(path) == 1 and full.tokens[i] == next_tokens[b]))
+            for source, was_kept in seen:
+                rates[source] = m * rates.get(source, self.prior_rate) + (1 - m) * float(was_kept)
         batch = len(rows)
         nodes = max(len(t) for t in trees)
         c = self.costs.setdefault(batch, BatchCost())
