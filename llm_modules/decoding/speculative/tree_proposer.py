@@ -35,8 +35,9 @@ class TreeProposer:
 
     DEFAULT_MIN_MATCH = 2  # a 1-token match is any common token seen before, not a quote
     # runners-up per depth + 1 when none is asked for: on Spec-Bench (1 question per category + 1 HumanEval, the
-    # general drafter with lookup, bfloat16, 1 thread) width 3 gave 1.83 tokens per pass against width 1's 1.69
-    DEFAULT_WIDTH = 3
+    # general drafter with lookup, bfloat16, 1 thread; reports/spec_bench/trees) width 5 gave 1.48x on the average
+    # (1.90 tokens per pass), width 3 1.38x (1.83), width 1 1.33x (1.69)
+    DEFAULT_WIDTH = 5
 
     def __init__(self, drafter: Proposer | None, lookup: PromptLookup | None, width: int = 1,
                  min_match: int = DEFAULT_MIN_MATCH):
