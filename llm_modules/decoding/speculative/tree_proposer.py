@@ -35,8 +35,8 @@ class TreeProposer:
 
     DEFAULT_MIN_MATCH = 2  # a 1-token match is any common token seen before, not a quote
     # runners-up per depth + 1 when none is asked for: on Spec-Bench (1 question per category + 1 HumanEval, the
-    # general drafter with lookup, bfloat16, 1 thread; reports/spec_bench/trees) width 5 gave 1.48x on the average
-    # (1.90 tokens per pass), width 3 1.38x (1.83), width 1 1.33x (1.69)
+    # general drafter with lookup, bfloat16; reports/spec_bench/trees) width 5 kept 1.90 tokens per pass, width 3
+    # 1.83, width 1 1.69; timed with nothing else running (trees_quiet) width 5 with lookup gave 1.11x
     DEFAULT_WIDTH = 5
 
     def __init__(self, drafter: Proposer | None, lookup: PromptLookup | None, width: int = 1,
