@@ -556,3 +556,23 @@ def vllm_python() -> Path:
 def vllm_env() -> dict[str, str]:
     """Our environment without our venv's paths, for a process of the vLLM venv."""
     return {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
+
+
+def interrupt_training(monkeypatch, argv: list[str], at_step: int = 4) -> None:
+    """Run `llm-modules` with `argv`, its `at_step`-th training step raising KeyboardInterrupt (with --save-every 2
+    and the default 4: after checkpoint 2, before checkpoint 4); asserts the run exits 130 and puts the real step
+    back."""
+    import llm_modules.training.loop as loop
+    from llm_modules.entrypoints.cli import main
+
+    real_step, calls = loop.train_step, {"n": 0}
+
+    def dying_step(run, batches):
+        calls["n"] += 1
+        if calls["n"] == at_step:
+            raise KeyboardInterrupt
+        return real_step(run, batches)
+
+    monkeypatch.setattr(loop, "train_step", dying_step)
+    assert main(argv) == 130
+    monkeypatch.setattr(loop, "train_step", real_step)

@@ -26,8 +26,8 @@ from llm_modules.training.objectives import build_objective
 from llm_modules.training.objectives import drafter as drafter_module
 from llm_modules.training.objectives.drafter import draft_loss, draft_offsets
 
+from ..helpers import interrupt_training, write_short_data
 from ..helpers import nudge_gates as nudge
-from ..helpers import write_short_data
 
 # the options of tests/helpers.py's OPTIONS, as command-line flags (the large model has 4 layers)
 BRIDGE_FLAGS = {
@@ -284,8 +284,6 @@ def test_offsets_are_a_function_of_seed_step_and_example():
 
 
 def test_an_interrupted_drafter_resumes_with_the_same_offsets_and_weights(drafter_args, tmp_path, monkeypatch):
-    import llm_modules.training.loop as loop
-
     drawn: dict[str, list] = {"straight": [], "interrupted": []}
     real_offsets, current = drafter_module.draft_offsets, {"run": "straight"}
 
@@ -298,17 +296,7 @@ def test_an_interrupted_drafter_resumes_with_the_same_offsets_and_weights(drafte
     monkeypatch.setattr(drafter_module, "draft_offsets", recording)
     assert main(drafter_args("straight", "--save-every", "2")) == 0
     current["run"] = "interrupted"
-    real_step, calls = loop.train_step, {"n": 0}
-
-    def dying_step(run, batches):
-        calls["n"] += 1
-        if calls["n"] == 4:  # after checkpoint 2, before checkpoint 4
-            raise KeyboardInterrupt
-        return real_step(run, batches)
-
-    monkeypatch.setattr(loop, "train_step", dying_step)
-    assert main(drafter_args("interrupted", "--save-every", "2")) == 130
-    monkeypatch.setattr(loop, "train_step", real_step)
+    interrupt_training(monkeypatch, drafter_args("interrupted", "--save-every", "2"))
     drawn["interrupted"] = [d for d in drawn["interrupted"] if d[0] < 2]  # what the kept checkpoint saw
     assert main(drafter_args("interrupted", "--save-every", "2", "--resume")) == 0
     assert drawn["interrupted"] == drawn["straight"] and len({d[0] for d in drawn["straight"]}) == 6

@@ -28,7 +28,7 @@ from llm_modules.training.config import TrainConfig
 from llm_modules.training.objectives import build_objective
 from llm_modules.training.objectives.eagle3_drafter import Eagle3Objective
 
-from ..helpers import decode_rows, write_short_data
+from ..helpers import decode_rows, interrupt_training, write_short_data
 
 COMMON = dict(template="stratos", max_length=128, val_fraction=0.25, progress=False, large_dtype="float32",
               draft_vocab=0, save_every=0, num_samples=0, batch_size=2)
@@ -147,24 +147,12 @@ def test_eagle3_refuses_text_samples(mapped_pair):
 
 
 def test_an_interrupted_eagle3_run_resumes_to_the_weights_of_a_straight_one(mapped_pair, tmp_path, monkeypatch):
-    import llm_modules.training.loop as loop
-
     def args(output, *extra):
         return _args(mapped_pair, tmp_path, output, "--drafter-targets", "logits", "--draft-vocab", "32",
                      "--max-steps", "6", "--eval-every", "3", *extra)
 
     assert main([*args("straight"), "--save-every", "2"]) == 0
-    real_step, calls = loop.train_step, {"n": 0}
-
-    def dying_step(run, batches):
-        calls["n"] += 1
-        if calls["n"] == 4:  # after checkpoint 2, before checkpoint 4
-            raise KeyboardInterrupt
-        return real_step(run, batches)
-
-    monkeypatch.setattr(loop, "train_step", dying_step)
-    assert main([*args("interrupted"), "--save-every", "2"]) == 130
-    monkeypatch.setattr(loop, "train_step", real_step)
+    interrupt_training(monkeypatch, [*args("interrupted"), "--save-every", "2"])
     assert main([*args("interrupted"), "--save-every", "2", "--resume"]) == 0
     a, b = (load_file(str(tmp_path / run / "last" / WEIGHTS_FILE)) for run in ("straight", "interrupted"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

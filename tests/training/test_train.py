@@ -19,7 +19,7 @@ from llm_modules.entrypoints.cli import main
 from llm_modules.errors import LLMModulesError
 from llm_modules.models.saved import WEIGHTS_FILE
 
-from ..helpers import losses, run_cli, write_data
+from ..helpers import interrupt_training, losses, run_cli, write_data
 
 
 @pytest.fixture
@@ -101,19 +101,7 @@ def test_releasing_the_large_model_changes_nothing_trained(train_args, tmp_path,
 
 def test_interrupted_run_resumes_to_the_same_weights(train_args, tmp_path, monkeypatch):
     assert main(train_args("straight", "--save-every", "2")) == 0
-    import llm_modules.training.loop as train_module
-
-    real_step, calls = train_module.train_step, {"n": 0}
-
-    def dying_step(run, batches):
-        calls["n"] += 1
-        if calls["n"] == 4:  # after checkpoint 2, before checkpoint 4
-            raise KeyboardInterrupt
-        return real_step(run, batches)
-
-    monkeypatch.setattr(train_module, "train_step", dying_step)
-    assert main(train_args("interrupted", "--save-every", "2")) == 130
-    monkeypatch.setattr(train_module, "train_step", real_step)
+    interrupt_training(monkeypatch, train_args("interrupted", "--save-every", "2"))
     assert main(train_args("interrupted", "--save-every", "2")) == 2  # without --resume: refused, nothing lost
     assert (tmp_path / "interrupted" / "checkpoints" / "step-000002").is_dir()
     assert main(train_args("interrupted", "--save-every", "2", "--resume")) == 0
