@@ -138,12 +138,18 @@ class SpeculativeBatch(RowBatch):
         verified = time.perf_counter() - clock
         clock = self._lap("verify_seconds", clock)
         paths, pending = [], []
-        logits = logits.float().cpu()
+        # plain greedy rows need only each node's arg-max (taken where the logits are, in their dtype: the same
+        # choice); the others their float scores on the CPU, (N, V) per row, not the whole batch's (B, N, V)
+        plain = [not seq.processors and not seq.options.do_sample for seq in self.rows]
+        choices = logits.argmax(-1).tolist() if any(plain) else None
         for b, (seq, tree) in enumerate(zip(self.rows, trees)):
             path, nxt = [0], 0  # a row that ended (its drafting failed, or its check does) leaves after this pass
             if not seq.finished:
                 try:  # this row's own work: its processors and draws
-                    path, nxt = self._check(seq, tree, logits[b, : len(tree)])
+                    if plain[b]:
+                        path, nxt = accept_tree_greedy(tree, choices[b][: len(tree)])
+                    else:
+                        path, nxt = self._check(seq, tree, logits[b, : len(tree)].float().cpu())
                 except Exception as err:
                     seq.fail(err)
             paths.append(path)
@@ -181,8 +187,6 @@ class SpeculativeBatch(RowBatch):
     def _check(self, seq: Any, tree: DraftTree, logits: torch.Tensor) -> tuple[list[int], int]:
         """The row's kept path and next token, with its own processors applied at every node (the prefix each
         sees includes the drafts on its path)."""
-        if not seq.processors and not seq.options.do_sample:
-            return accept_tree_greedy(tree, logits.argmax(-1).tolist())
         tokens = tree.tokens
         scores = torch.stack([processed(seq, logits[i], [tokens[n] for n in tree.path(i)[1:]])
                               for i in range(len(tree))])  # (N, V)
