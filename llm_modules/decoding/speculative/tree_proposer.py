@@ -36,7 +36,7 @@ class TreeProposer:
     DEFAULT_MIN_MATCH = 2  # a 1-token match is any common token seen before, not a quote
     # runners-up per depth + 1 when none is asked for: on Spec-Bench (1 question per category + 1 HumanEval, the
     # general drafter with lookup, bfloat16; reports/spec_bench/trees) width 5 kept 1.90 tokens per pass, width 3
-    # 1.83, width 1 1.69; timed with nothing else running (trees_quiet) width 5 with lookup gave 1.11x
+    # 1.83, width 1 1.69; timed with nothing else running (trees_quiet) width 5 with lookup gave 1.11x, width 3 1.09x
     DEFAULT_WIDTH = 5
 
     def __init__(self, drafter: Proposer | None, lookup: PromptLookup | None, width: int = 1,
