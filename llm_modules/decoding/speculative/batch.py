@@ -131,12 +131,11 @@ class SpeculativeBatch(RowBatch):
         inputs = torch.tensor([t.tokens + [self.pad_id] * (size - len(t)) for t in trees], device=self.device)
         ancestors = torch.stack([t.ancestors(size) for t in trees])  # (B, N, N)
         depths = torch.tensor([t.depths() + [0] * (size - len(t)) for t in trees])  # (B, N)
-        started = clock
-        clock = self._lap("draft_seconds", clock)
+        started, clock = clock, self._lap("draft_seconds", clock)
         drafted = clock - started
         logits, states, self.cache = self.stepper.run_tree(inputs, ancestors, depths, self.mask, self.cache)
-        verified = time.perf_counter() - clock
-        clock = self._lap("verify_seconds", clock)
+        started, clock = clock, self._lap("verify_seconds", clock)
+        verified = clock - started
         paths, pending = [], []
         # plain greedy rows need only each node's arg-max (taken where the logits are, in their dtype: the same
         # choice); the others their float scores on the CPU, (N, V) per row, not the whole batch's (B, N, V)
