@@ -50,11 +50,13 @@ from llm_modules.data.prompting import prompt_ids
 from llm_modules.data.sources import load_records
 from llm_modules.decoding.generation import generate
 from llm_modules.decoding.speculative.composed_proposer import ComposedProposer
+from llm_modules.decoding.speculative.eagle3_proposer import Eagle3Proposer
 from llm_modules.decoding.speculative.policy import DraftPolicy
 from llm_modules.decoding.speculative.prompt_lookup import PromptLookup
 from llm_modules.decoding.speculative.tree_proposer import TreeProposer
 from llm_modules.models.composed import LLMModulesModel
 from llm_modules.models.drafter import DrafterRecord, load_draft_vocab
+from llm_modules.models.eagle3_folder import eagle3_folder, load_eagle3
 from llm_modules.models.specs import resolve_model
 from llm_modules.tensors import DTYPES, left_pad
 
@@ -99,10 +101,13 @@ def our_drafter(model, k, pad, vocab, lookup: bool = False, width: int | None = 
     """The drafter `model` drafting k tokens a pass, as a chain; with a `width`, a draft tree: the drafter's chain
     with width - 1 runners-up per depth and, with lookup, prompt lookup's copy (its default K) in the same verify
     pass; `adaptive`: with the drafting policy `--draft` uses by default (`DraftPolicy`, fresh per row)."""
-    drafter = ComposedProposer(model, draft_tokens=k, pad_id=pad, vocab=vocab)
+    if isinstance(model, LLMModulesModel):
+        drafter, vocab_size = ComposedProposer(model, draft_tokens=k, pad_id=pad, vocab=vocab), model.vocab_size
+    else:  # an EAGLE-3 network (its own draft vocabulary, d2t)
+        drafter, vocab_size = Eagle3Proposer(model, draft_tokens=k, pad_id=pad), model.config.vocab_size
     if width is None:
         return drafter
-    tree = TreeProposer(drafter, PromptLookup(model.vocab_size) if lookup else None, width=width)
+    tree = TreeProposer(drafter, PromptLookup(vocab_size) if lookup else None, width=width)
     tree.policy = DraftPolicy() if adaptive else None
     return tree
 
@@ -122,6 +127,17 @@ def drafter_variants(args, model, k, pad, vocab) -> list[tuple[str, Any]]:
                 out.append((f" tree w={width}+lookup adaptive",
                             lambda width=width: our_drafter(model, k, pad, vocab, True, width, adaptive=True)))
     return out
+
+
+def load_network(folder: str, loaded, dtype):
+    """A drafter folder's network: a composed drafter sharing the loaded target, or an EAGLE-3 layer (ours,
+    `train --drafter-layout eagle3`, or another trainer's folder) sharing its input embedding."""
+    if eagle3_folder(folder) is None:
+        return LLMModulesModel.from_pretrained(folder, large=loaded, dtype=dtype).eval()
+    config = loaded.model.config.get_text_config()
+    network, _ = load_eagle3(folder, embeddings=loaded.model.get_input_embeddings().weight.detach(),
+                             target_layers=config.num_hidden_layers, dtype=dtype)
+    return network.eval()
 
 
 def run_hf(target, prompts, size, max_new, pad, eos, **extra):
@@ -174,7 +190,10 @@ def training_vocabulary(folder: Path, tokenizer, n: int, eos: list[int]) -> torc
 
 
 def saved_vocabulary(folder: Path) -> torch.Tensor | None:
-    """The draft vocabulary the drafter trained with (train --draft-vocab), None for the whole one."""
+    """The draft vocabulary the drafter trained with (train --draft-vocab), None for the whole one (or an EAGLE-3
+    layer's, which maps its own: d2t)."""
+    if eagle3_folder(folder) is not None:
+        return None
     record = DrafterRecord.load(folder)
     return None if record is None else load_draft_vocab(folder, record)
 
@@ -214,7 +233,8 @@ def main() -> None:
     parser.add_argument("--target", default="qwen2.5-coder-1.5b-instruct")
     parser.add_argument("--assistant", default="qwen2.5-coder-0.5b-instruct", help="'' to skip the row")
     parser.add_argument("--drafter", action="append", default=[],
-                        help="a drafter folder (train --method drafter), optionally DIR@K1,K2: its own draft lengths "
+                        help="a drafter folder (train --method drafter, either layout, or an EAGLE-3 folder of another trainer), "
+                             "optionally DIR@K1,K2: its own draft lengths "
                              "instead of --draft-tokens")
     parser.add_argument("--draft-tokens", action="append", type=int, default=[])
     parser.add_argument("--draft-vocab", action="append", type=int, default=[],
@@ -264,7 +284,7 @@ def main() -> None:
                  if args.assistant and not args.no_transformers else None)
     wanted = [(d.rsplit("@", 1)[0], [int(k) for k in d.rsplit("@", 1)[1].split(",")] if "@" in d else ks)
               for d in args.drafter]
-    drafters = [(Path(d), LLMModulesModel.from_pretrained(d, large=loaded, dtype=dtype).eval()) for d, _ in wanted]
+    drafters = [(Path(d), load_network(d, loaded, dtype)) for d, _ in wanted]
     lengths = {Path(d): k for d, k in wanted}
     folders = [folder for folder, _ in drafters]
     costs = training_costs(folders)

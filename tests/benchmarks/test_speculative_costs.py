@@ -69,3 +69,31 @@ def test_a_tree_proposers_lookup_counts_are_reported_per_run_and_per_category(ti
     assert table[-1] == "| m | 0 / 5 | 5 / 8 | 5 / 13 |"
     assert table[-3] == "| method | math_reasoning | rag | overall |"
     assert script.sources_table(records[-1:]) == []
+
+def test_an_eagle3_folder_drafts_in_the_benchmark_as_chain_and_tree(tmp_path):
+    """The benchmark loads an EAGLE-3 folder (ours or another trainer's) beside composed drafters: its chain and its
+    tree with lookup give the target's own greedy tokens."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from llm_modules.decoding.speculative.eagle3_proposer import Eagle3Proposer
+    from llm_modules.decoding.speculative.tree_proposer import TreeProposer
+    from llm_modules.models.eagle3_folder import save_eagle3
+
+    from ..helpers import tiny_eagle3, tiny_eagle3_target
+
+    script = load_script()
+    target = tiny_eagle3_target()
+    save_eagle3(tiny_eagle3(target), tmp_path / "eagle3")
+    network = script.load_network(str(tmp_path / "eagle3"), SimpleNamespace(model=target), torch.float32)
+    assert script.saved_vocabulary(tmp_path / "eagle3") is None  # its own d2t, not a draft vocabulary file
+    g = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(3, 100, (n,), generator=g).tolist() * 2 for n in (3, 5)]
+    reference, _, _ = script.run_ours(target, prompts, 2, 10, 0, [1])
+    for width, lookup in ((None, False), (3, True)):
+        drafter = script.our_drafter(network, 3, 0, None, lookup=lookup, width=width)
+        assert isinstance(drafter if width is None else drafter.drafter, Eagle3Proposer)
+        assert width is None or isinstance(drafter, TreeProposer)
+        outputs, _, stats = script.run_ours(target, prompts, 2, 10, 0, [1], drafter=drafter)
+        assert outputs == reference and stats["passes"] > 0
