@@ -48,7 +48,10 @@ import torch
 
 from llm_modules.data.prompting import prompt_ids
 from llm_modules.data.sources import load_records
+from llm_modules.decoding.engine import DecodeBatch, Sequence
 from llm_modules.decoding.generation import generate
+from llm_modules.decoding.sampling import SamplingOptions
+from llm_modules.decoding.speculative.batch import SpeculativeBatch
 from llm_modules.decoding.speculative.composed_proposer import ComposedProposer
 from llm_modules.decoding.speculative.eagle3_proposer import Eagle3Proposer
 from llm_modules.decoding.speculative.policy import DraftPolicy
@@ -94,6 +97,34 @@ def run_ours(target, prompts, size, max_new, pad, eos, drafter=None):
     if before is not None:
         stats.update({name: n - before[name] for name, n in drafter.counts().items() if name != "passes"})
     return outputs, seconds, (stats if drafter is not None else None)
+
+
+@torch.no_grad()
+def run_queue(target, prompts, size, max_new, pad, eos, drafter=None):
+    """Our engine serving `prompts` as a queue, `size` rows at a time: a row that finishes is replaced by the next
+    prompt at the next step (continuous batching, as `serve` runs it). Returns what run_ours returns."""
+    batch = DecodeBatch(target, pad) if drafter is None else SpeculativeBatch(target, drafter, pad)
+    before = drafter.counts() if hasattr(drafter, "counts") else None
+    seqs = [Sequence(p, SamplingOptions(max_new_tokens=max_new), eos) for p in prompts]
+    waiting = list(seqs)
+    start = time.perf_counter()
+    while batch.rows or waiting:
+        room = size - len(batch.rows)
+        if room > 0 and waiting:
+            batch.add(waiting[:room])
+            waiting = waiting[room:]
+        batch.step()
+    seconds = time.perf_counter() - start
+    for seq in seqs:
+        if seq.finish_reason == "error":
+            raise RuntimeError(f"a queued row failed: {seq.error}")
+    stats = None
+    if drafter is not None:
+        stats = {name: getattr(batch.stats, name) for name in
+                 ("passes", "row_passes", "accepted", "draft_seconds", "verify_seconds", "rollback_seconds")}
+        if before is not None:
+            stats.update({name: n - before[name] for name, n in drafter.counts().items() if name != "passes"})
+    return [trim(s.tokens, eos, pad) for s in seqs], seconds, stats
 
 
 def our_drafter(model, k, pad, vocab, lookup: bool = False, width: int | None = None, adaptive: bool = False
@@ -246,6 +277,10 @@ def main() -> None:
                              "check of our rows alone, e.g. their outputs in another precision")
     parser.add_argument("--data", action="append", default=[])
     parser.add_argument("--prompts", type=int, default=8)
+    parser.add_argument("--queue", type=int, default=0, metavar="N",
+                        help="serve N prompts of each task as a queue, --batch rows at a time, each finished row "
+                             "replaced at the next step (continuous batching, as `serve` runs); our engine's rows "
+                             "only (transformers has no such loop); --prompts unused")
     parser.add_argument("--batch", action="append", type=int, default=[])
     parser.add_argument("--max-new-tokens", type=int, default=128)
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
@@ -296,7 +331,8 @@ def main() -> None:
         return
     rows = []
     for spec in data:
-        prompts = prompts_of(spec, tokenizer, args.prompts)
+        prompts = prompts_of(spec, tokenizer, args.queue or args.prompts)
+        ours = run_queue if args.queue else run_ours
         for size in sizes:
             # Every way of decoding runs once untimed on a short answer first: the first call of a model or
             # a shape pays one-off costs (allocator growth, kernel selection) that would bias whichever row
@@ -305,13 +341,13 @@ def main() -> None:
                 run(target, prompts[:size], size, WARMUP_TOKENS, pad, eos, *extra, **options)
                 return run(target, prompts, size, args.max_new_tokens, pad, eos, *extra, **options)
 
-            reference, ref_seconds, _ = timed(run_ours)
+            reference, ref_seconds, _ = timed(ours)
             runs = [("target alone (our engine)", (reference, ref_seconds, None), None, None)]
-            if not args.no_transformers:
+            if not args.no_transformers and not args.queue:
                 runs.append(("target alone (transformers generate)", timed(run_hf), None, None))
-            if size == 1 and assistant is not None:
+            if size == 1 and assistant is not None and not args.queue:
                 runs.append((f"assisted: {args.assistant}", timed(run_hf, assistant_model=assistant), None, None))
-            if size == 1 and not args.no_transformers:
+            if size == 1 and not args.no_transformers and not args.queue:
                 runs.append(("prompt lookup (10 tokens)", timed(run_hf, prompt_lookup_num_tokens=10), None, None))
             for folder, model in drafters:
                 for k in lengths[folder]:
@@ -320,13 +356,13 @@ def main() -> None:
                         size_note = f", vocab {n}" if n else (f", vocab {len(vocab)}" if vocab is not None else "")
                         for suffix, make in drafter_variants(args, model, k or 4, pad, vocab):
                             drafter = make()
-                            result = timed(run_ours, drafter)
+                            result = timed(ours, drafter)
                             label = f"ours: {run_name(folder, folders)}{suffix}, K={drafter.draft_tokens}{size_note}"
                             runs.append((label, result, costs[folder], drafter))
             for name, (outputs, seconds, stats), train_s, _ in runs:
                 tokens = sum(len(o) for o in outputs)
                 same = sum(o == r for o, r in zip(outputs, reference))
-                row = {"task": spec, "batch": size, "row": name, "new_tokens": tokens,
+                row = {"task": spec, "batch": size, **({"queue": len(prompts)} if args.queue else {}), "row": name, "new_tokens": tokens,
                        "tokens_per_s": round(tokens / seconds, 2), "seconds": round(seconds, 1),
                        "speedup": round((tokens / seconds) / (sum(len(o) for o in reference) / ref_seconds), 2),
                        "accepted_per_pass": round(stats["accepted"] / max(stats["passes"], 1), 2) if stats else None,
@@ -351,7 +387,8 @@ def write_report(args, rows) -> None:
              f"Command: `python benchmarks/speculative.py {shlex.join(sys.argv[1:])}`  ",
              f"Machine: {platform.machine()} CPU, {torch.get_num_threads()} torch threads, torch {torch.__version__}; "
              f"{datetime.date.today()}. Greedy, {args.max_new_tokens} new tokens at most per prompt, "
-             f"{args.prompts} prompts per task; {args.dtype}.", "",
+             (f"a queue of {args.queue} prompts per task served --batch rows at a time (a finished row replaced at "
+              "the next step)" if args.queue else f"{args.prompts} prompts per task") + f"; {args.dtype}.", "",
              "| task | batch | row | tokens/s | speed-up | accepted / pass | rows / pass | ms per pass: draft / verify / rollback "
              "| rows given lookup's copy / rows verified | drafter training s | identical |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]

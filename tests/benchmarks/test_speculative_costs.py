@@ -97,3 +97,34 @@ def test_an_eagle3_folder_drafts_in_the_benchmark_as_chain_and_tree(tmp_path):
         assert width is None or isinstance(drafter, TreeProposer)
         outputs, _, stats = script.run_ours(target, prompts, 2, 10, 0, [1], drafter=drafter)
         assert outputs == reference and stats["passes"] > 0
+
+
+def test_the_queue_refills_finished_rows_and_gives_the_targets_own_tokens():
+    """--queue: prompts served `size` rows at a time, a finished row replaced at the next step; plain and
+    speculative rows give the fixed batches' greedy tokens, and the batch never holds more than `size` rows."""
+    import torch
+
+    from ..helpers import tiny_eagle3, tiny_eagle3_target
+
+    script = load_script()
+    target = tiny_eagle3_target()
+    g = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(3, 100, (int(n),), generator=g).tolist() * 2 for n in torch.randint(2, 7, (7,), generator=g)]
+    alone = [script.run_ours(target, [p], 1, 9, 0, [1])[0][0] for p in prompts]
+    seen = []
+    real_step = script.DecodeBatch.step
+
+    def step(self):
+        seen.append(len(self.rows))
+        return real_step(self)
+
+    script.DecodeBatch.step = step
+    try:
+        outputs, _, stats = script.run_queue(target, prompts, 3, 9, 0, [1])
+    finally:
+        script.DecodeBatch.step = real_step
+    assert outputs == alone and stats is None
+    assert max(seen) == 3 and len(seen) > 9  # 7 prompts, 3 at a time: more steps than one batch's 9
+    drafter = script.our_drafter(tiny_eagle3(target), 2, 0, None, lookup=True, width=2)
+    outputs, _, stats = script.run_queue(target, prompts, 3, 9, 0, [1], drafter=drafter)
+    assert outputs == alone and stats["passes"] > 0 and stats["row_passes"] <= 3 * stats["passes"]
