@@ -387,7 +387,7 @@ def write_report(args, rows) -> None:
              f"Command: `python benchmarks/speculative.py {shlex.join(sys.argv[1:])}`  ",
              f"Machine: {platform.machine()} CPU, {torch.get_num_threads()} torch threads, torch {torch.__version__}; "
              f"{datetime.date.today()}. Greedy, {args.max_new_tokens} new tokens at most per prompt, "
-             (f"a queue of {args.queue} prompts per task served --batch rows at a time (a finished row replaced at "
+             + (f"a queue of {args.queue} prompts per task served --batch rows at a time (a finished row replaced at "
               "the next step)" if args.queue else f"{args.prompts} prompts per task") + f"; {args.dtype}.", "",
              "| task | batch | row | tokens/s | speed-up | accepted / pass | rows / pass | ms per pass: draft / verify / rollback "
              "| rows given lookup's copy / rows verified | drafter training s | identical |",

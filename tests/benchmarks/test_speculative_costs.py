@@ -128,3 +128,17 @@ def test_the_queue_refills_finished_rows_and_gives_the_targets_own_tokens():
     drafter = script.our_drafter(tiny_eagle3(target), 2, 0, None, lookup=True, width=2)
     outputs, _, stats = script.run_queue(target, prompts, 3, 9, 0, [1], drafter=drafter)
     assert outputs == alone and stats["passes"] > 0 and stats["row_passes"] <= 3 * stats["passes"]
+
+
+def test_the_report_says_whether_the_prompts_were_a_queue(tmp_path):
+    from types import SimpleNamespace
+
+    script = load_script()
+    row = {"task": "reasoning-gym:gsm_symbolic?size=8", "batch": 8, "row": "target alone (our engine)",
+           "tokens_per_s": 10.0, "speedup": 1.0, "accepted_per_pass": None, "train_seconds": None, "identical": "8/8"}
+    for queue, says in ((32, "a queue of 32 prompts per task"), (0, "8 prompts per task")):
+        args = SimpleNamespace(output=str(tmp_path / str(queue)), target="t", max_new_tokens=64, queue=queue, prompts=8,
+                               dtype="bfloat16")
+        script.write_report(args, [row])
+        text = (tmp_path / str(queue) / "results.md").read_text()
+        assert says in text and "| gsm_symbolic | 8 | target alone (our engine) |" in text
