@@ -22,12 +22,12 @@ from llm_modules.errors import LLMModulesError
 from ..helpers import decode_rows
 
 
-def test_the_longest_recent_ngram_is_copied():
+def test_the_first_occurrence_of_the_longest_ngram_is_copied():
     #          0  1  2  3  4  5  6  7  8  9
     context = [5, 6, 7, 8, 1, 6, 7, 9, 2, 6, 7]
-    # the tail (6, 7) last occurred at 5..6, followed by 9, 2, 6, 7
-    assert find_continuation(context, 3, max_ngram=2) == [9, 2, 6]
-    # the 3-gram (2, 3, 4) at 1..3 beats the more recent 2-gram (3, 4) at 5..6
+    # the tail (6, 7) first occurred at 1..2, followed by 8, 1, 6 (not at 5..6, followed by 9, 2, 6)
+    assert find_continuation(context, 3, max_ngram=2) == [8, 1, 6]
+    # the 3-gram (2, 3, 4) at 1..3 beats the 2-gram (3, 4) at 5..6
     assert find_continuation([1, 2, 3, 4, 9, 3, 4, 0, 2, 3, 4], 2, max_ngram=3) == [9, 3]
     assert find_continuation([1, 2, 3], 2) == []  # nothing repeats
     assert find_continuation([4], 2) == []
