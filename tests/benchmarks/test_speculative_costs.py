@@ -142,3 +142,17 @@ def test_the_report_says_whether_the_prompts_were_a_queue(tmp_path):
         script.write_report(args, [row])
         text = (tmp_path / str(queue) / "results.md").read_text()
         assert says in text and "| gsm_symbolic | 8 | target alone (our engine) |" in text
+
+
+def test_the_parts_table_splits_a_methods_time_and_leaves_older_records_unsplit():
+    script = load_script()
+    new = {"method": "ours: lookup", "passes": 4, "seconds": 2.0, "prefill_seconds": 0.6, "draft_seconds": 0.04,
+           "verify_seconds": 1.2, "rollback_seconds": 0.08}
+    old = {"method": "ours: old", "passes": 2, "seconds": 1.0, "draft_seconds": 0.02, "verify_seconds": 0.5,
+           "rollback_seconds": 0.04}
+    lines = script.parts_table([new, dict(new), old, {"method": "target alone (our engine)", "passes": None,
+                                                      "seconds": 1.0}])
+    # prefill per question; per pass: drafting 10, target 300, rollback 20, the rest (2 - 1.92) / 4 s = 20 ms
+    assert "| ours: lookup | 600 | 10.0 | 300.0 | 20.0 | 20.0 |" in lines
+    assert "| ours: old | n/a | 10.0 | 250.0 | 20.0 | n/a |" in lines
+    assert not any("target alone" in line for line in lines)

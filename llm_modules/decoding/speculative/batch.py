@@ -38,6 +38,7 @@ class SpeculativeStats:
     draft_seconds: float = 0.0  # the drafter's proposals
     verify_seconds: float = 0.0  # the target's passes over first + K drafts
     rollback_seconds: float = 0.0  # acceptance, rolling caches back, the drafter's commit
+    prefill_seconds: float = 0.0  # joining rows: the target over their prompts, the drafter's join
 
     @property
     def accepted_per_pass(self) -> float:
@@ -81,9 +82,11 @@ class SpeculativeBatch(RowBatch):
         return min(limits) - depth - 1 if limits else None  # a verify pass reads K + 1 positions ahead
 
     def _prefill(self, rows, ids, mask):
+        clock = time.perf_counter()
         logits, states, cache = self.stepper.run(ids, mask, None, logits_to_keep=1)  # the prompt's last position
         pending = [seq.choose(logits[i, -1].float().cpu()) for i, seq in enumerate(rows)]
         self.drafter.join(rows, ids, mask, states)  # last: it joins only rows the batch takes
+        self._lap("prefill_seconds", clock)
         return cache, {"pending": pending}
 
     def _keep(self, index: list[int]) -> None:
