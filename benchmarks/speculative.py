@@ -147,10 +147,14 @@ def drafter_variants(args, model, k, pad, vocab) -> list[tuple[str, Any]]:
     --no-chains), and per --tree-width its tree alone and with lookup's copy, and with --adaptive that tree with
     the drafting policy too."""
     out = []
-    if args.chains:
+    if args.chains and not args.only_default:
         out.append(("", lambda: our_drafter(model, k, pad, vocab)))
     for lookup in (False, True):
         for width in args.tree_width:
+            if args.only_default:
+                out += [(f" tree w={width}+lookup adaptive",
+                         lambda width=width: our_drafter(model, k, pad, vocab, True, width, adaptive=True))] * lookup
+                continue
             out.append((f" tree w={width}{'+lookup' if lookup else ''}",
                         lambda lookup=lookup, width=width: our_drafter(model, k, pad, vocab, lookup, width)))
             if args.adaptive and lookup:
@@ -298,9 +302,14 @@ def main() -> None:
                         help="leave out the drafters' chain rows (alone and behind lookup)")
     parser.add_argument("--adaptive", action="store_true",
                         help="each tree with lookup also with the drafting policy (`--draft`'s default: DraftPolicy)")
+    parser.add_argument("--only-default", action="store_true",
+                        help="each drafter only as `--draft DIR` runs it: per --tree-width (default 5) its tree with "
+                             "lookup's copy and the drafting policy")
     parser.add_argument("--lookup-tokens", action="append", type=int, default=[],
                         help="Spec-Bench mode: prompt lookup in our engine drafting K tokens per pass (default 4, as the rows measured before the default became 10)")
     args = parser.parse_args()
+    if args.only_default and not args.tree_width:
+        args.tree_width = [TreeProposer.DEFAULT_WIDTH]
     data = args.data or ["reasoning-gym:gsm_symbolic?size=8&seed=999",
                          "reasoning-gym:family_relationships?size=8&seed=999"]
     sizes = args.batch or [1, 8]

@@ -156,3 +156,14 @@ def test_the_parts_table_splits_a_methods_time_and_leaves_older_records_unsplit(
     assert "| ours: lookup | 600 | 10.0 | 300.0 | 20.0 | 20.0 |" in lines
     assert "| ours: old | n/a | 10.0 | 250.0 | 20.0 | n/a |" in lines
     assert not any("target alone" in line for line in lines)
+
+
+def test_only_default_runs_each_drafter_as_draft_dir_does():
+    from types import SimpleNamespace
+
+    script = load_script()
+    args = SimpleNamespace(chains=True, only_default=True, tree_width=[5], adaptive=False)
+    assert [label for label, _ in script.drafter_variants(args, None, 4, 0, None)] == [" tree w=5+lookup adaptive"]
+    args = SimpleNamespace(chains=True, only_default=False, tree_width=[3], adaptive=True)
+    assert [label for label, _ in script.drafter_variants(args, None, 4, 0, None)] == [
+        "", " tree w=3", " tree w=3+lookup", " tree w=3+lookup adaptive"]
