@@ -19,7 +19,7 @@ from llm_modules.decoding.speculative.prompt_lookup import (
 from llm_modules.decoding.speculative.tree import DraftTree
 from llm_modules.errors import LLMModulesError
 
-from ..helpers import decode_rows
+from ..helpers import decode_rows, tiny_eagle3_target
 
 
 def test_the_first_occurrence_of_the_longest_ngram_is_copied():
@@ -53,6 +53,40 @@ def test_a_copy_that_reaches_the_end_is_looked_up_again():
     proposer.join([None], torch.tensor([[0, 3, 4, 3, 4]]), torch.tensor([[0, 1, 1, 1, 1]]), None)
     drafts, q = proposer.propose(torch.tensor([3]), 5, [Sequence([3], SamplingOptions(max_new_tokens=4), [])])
     assert drafts.tolist() == [[4, 3, 4, 3, 4]] and q is None
+
+
+def test_a_rows_tree_holds_its_copy_alone_and_no_match_leaves_the_root_alone():
+    proposer = PromptLookup(vocab_size=20, draft_tokens=4)
+    proposer.join([None, None], torch.tensor([[5, 6, 7, 8, 1, 6], [0, 0, 1, 2, 3, 4]]),
+                  torch.tensor([[1] * 6, [0, 0, 1, 1, 1, 1]]), None)
+    options = SamplingOptions(max_new_tokens=4)
+    trees = proposer.propose_tree(torch.tensor([7, 9]), 4, [Sequence([1], options, []), Sequence([1], options, [])])
+    # row 0 ends in (6, 7), first seen at 1..2: copies 8, 1, 6, 7 (the copy runs on from what it copied); row 1:
+    # 9 occurs nowhere, so its tree is its own token alone (the chain would pad it with four 9s)
+    assert [t.tokens for t in trees] == [[7, 8, 1, 6, 7], [9]]
+    assert set(trees[0].sources[1:]) == {"lookup"}
+
+
+def test_a_row_without_a_match_verifies_its_own_token_only():
+    """The engine's drafted count is the copies found, never padding: rows with no match add no node. (A target
+    with an untied head: a tiny tied one mostly repeats its last token, so every row would match.)"""
+    target = tiny_eagle3_target().double()
+    prompts = _repetitive_prompts(3, seed=2) + [[11, 52, 3, 87], [40, 9], [77, 31, 65]]
+    options = [SamplingOptions(max_new_tokens=n) for n in (12, 12, 12, 6, 6, 6)]
+    proposer = PromptLookup(target.config.vocab_size, draft_tokens=5)
+    spec = SpeculativeBatch(target, proposer)
+    found = []
+    real = proposer.propose_tree
+
+    def counted(first, k, rows):
+        trees = real(first, k, rows)
+        found.append(list(proposer.found))
+        return trees
+
+    proposer.propose_tree = counted
+    assert decode_rows(spec, prompts, options) == decode_rows(DecodeBatch(target), prompts, options)
+    assert spec.stats.drafted == sum(map(sum, found))
+    assert min(map(min, found)) < 5  # some row found less than K: a chain would have padded it
 
 
 def test_bad_options_are_refused():

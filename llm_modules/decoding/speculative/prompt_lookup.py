@@ -9,8 +9,9 @@ proposers take: the prompt is what an answer quotes, while a recent occurrence i
 short repeat (replayed on the target's own greedy answers to 26 Spec-Bench and HumanEval questions, the first
 occurrence kept 5.0 tokens per pass on HumanEval against 4.2, and 4.3 against 4.1 on summarization, the same
 elsewhere: reports/spec_bench/lookup_match/). No network runs: a proposal costs a scan of the
-context (a copy that runs into the context's end is looked up again from there). A row with no match proposes the token after its last one again (drafts the target will reject;
-a verify pass over K + 1 tokens costs about one step in bfloat16 here, so little is lost at batch 1).
+context (a copy that runs into the context's end is looked up again from there). In the engine a row's draft
+is its copy alone (`propose_tree`): a row with no match verifies only its own next token, a plain step. (As a
+chain, `propose`, a row with no match proposes the token after its last one again, drafts the target rejects.)
 
 Sampled rows: the proposal is deterministic, so its probabilities are one-hot and the acceptance rule
 keeps the target's distribution (draft d kept with probability p(d); otherwise the next token is drawn
@@ -23,6 +24,7 @@ from typing import Any
 
 import torch
 
+from llm_modules.decoding.speculative.tree import DraftTree
 from llm_modules.errors import LLMModulesError
 
 PROMPT_LOOKUP = "prompt-lookup"  # `--draft prompt-lookup`: this proposer, no drafter folder
@@ -90,6 +92,14 @@ class PromptLookup:
         if not any(r.options.do_sample for r in rows):
             return drafts, None
         return drafts, torch.nn.functional.one_hot(drafts.cpu(), self.vocab_size).float()  # (B, k, V)
+
+    def propose_tree(self, first: torch.Tensor, k: int, rows: list[Any]) -> list[DraftTree]:
+        """Each row's copy alone, up to k tokens (deterministic: one-hot proposals): a row with no match has its
+        own token only, so its pass costs a plain step, where `propose`'s chain pads every row to k drafts the
+        target rejects."""
+        drafts, _ = self.propose(first, k, rows)
+        return [DraftTree.chain(root, row[:n], source="lookup")
+                for root, row, n in zip(first.tolist(), drafts.tolist(), self.found)]
 
     def commit(self, accepted: torch.Tensor, tokens: torch.Tensor, states: torch.Tensor | None) -> None:
         for context, row, a in zip(self.contexts, tokens.tolist(), accepted.tolist()):
