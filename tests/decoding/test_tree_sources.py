@@ -127,3 +127,30 @@ def test_sampled_tokens_follow_the_targets_distribution_with_every_source_in_one
     assert tree.lookup_rows > 100  # rows whose trees held lookup's copy beside the drafter's nodes
     chi2 = joint_chi_square(joint, seqs)
     assert chi2 < 26.1, chi2  # p = 0.001 for up to 8 degrees of freedom
+
+
+class Echo:
+    """A drafter stand-in whose chain is fixed tokens (and no runners-up: width 1)."""
+
+    taps: list[int] = []
+    draft_tokens = 3
+
+    def __init__(self, chain):
+        self.chain = chain
+
+    def join(self, *args):
+        pass
+
+    def propose(self, first, k, rows):
+        return torch.tensor([self.chain[:k]] * first.shape[0]), None
+
+
+def test_a_node_both_sources_propose_is_lookups_and_the_drafter_owns_only_what_it_adds():
+    """The drafting policy credits the drafter (and keeps it drafting deep) only for nodes beyond lookup's copy."""
+    lookup = PromptLookup(20, draft_tokens=3)
+    tree = TreeProposer(Echo([8, 1, 9]), lookup, width=1)
+    lookup.join([None], torch.tensor([[5, 6, 7, 8, 1, 6]]), torch.ones(1, 6, dtype=torch.long), None)
+    # the row ends in (6, 7) with the pending 7: lookup copies 8, 1, 6; the drafter agrees on 8, 1, then says 9
+    (out,) = tree.propose_tree(torch.tensor([7]), 3, [Sequence([1], SamplingOptions(max_new_tokens=4), [])])
+    assert out.tokens == [7, 8, 1, 6, 9] and out.sources == ["root", "lookup", "lookup", "lookup", "drafter"]
+    assert out.parents == [-1, 0, 1, 2, 2]

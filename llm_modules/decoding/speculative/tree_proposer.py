@@ -74,8 +74,8 @@ class TreeProposer:
     def propose_tree(self, first: torch.Tensor, k: int, rows: list[Any]) -> list[DraftTree]:
         trees = [DraftTree.root(token) for token in first.tolist()]
         self.passes += 1
-        if self.drafter is not None:
-            self._add_drafts(trees, first, k, rows)
+        # lookup's copy first: a node both sources propose is the copy's, so the drafter is credited (and the
+        # drafting policy keeps it drafting deep) only for what it adds beyond the copy
         if self.lookup is not None:
             copied, _ = self.lookup.propose(first, self.lookup.draft_tokens, rows)
             copied = copied.tolist()
@@ -83,6 +83,8 @@ class TreeProposer:
                 if matched >= self.min_match:
                     tree.add_chain(0, row[:n], source="lookup")
                     self.lookup_rows += 1
+        if self.drafter is not None:
+            self._add_drafts(trees, first, k, rows)
         return trees
 
     def _add_drafts(self, trees: list[DraftTree], first: torch.Tensor, k: int, rows: list[Any]) -> None:
