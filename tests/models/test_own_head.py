@@ -190,6 +190,15 @@ def test_rows_joining_and_leaving_decode_as_each_row_alone(mapped_pair):
     assert len(calls) == 2
 
 
+def test_it_stops_at_the_small_models_end_of_sequence(mapped_pair):
+    """Decoding ends at the end-of-sequence id of the small model (whose vocabulary it predicts), not the large's."""
+    from llm_modules.decoding.engine import model_eos_ids
+
+    model = own_model(mapped_pair, "xattn")
+    model.large.generation_config.eos_token_id = 7
+    assert model_eos_ids(model) == [small_alone(mapped_pair).generation_config.eos_token_id] != [7]
+
+
 def test_save_load_round_trip(mapped_pair, tmp_path):
     """The saved folder says head own; it loads with the small tokenizer (load_model too) and gives identical
     logits and tokens."""
@@ -234,24 +243,36 @@ def test_served_in_the_small_tokenizer(mapped_pair, tmp_path):
     assert reply.choices[0].message.content.strip()
 
 
+def uneven_data(path) -> str:
+    """12 prompt/completion lines whose prompts differ in length (so batches pad the large prompts)."""
+    with path.open("w") as f:
+        for i in range(12):
+            a, b = 7 * i + 1, i % 4 + 2
+            prompt = f"What is {a} plus {b}?" + " Tell me the sum." * (i % 3)
+            f.write(json.dumps({"prompt": prompt, "completion": f"{a} plus {b} is {a + b}.", "answer": str(a + b)}) + "\n")
+    return str(path)
+
+
 def test_train_cli_with_the_own_head(mapped_pair, tmp_path, capsys):
     """`train --method composed --head own --large-reads prompt`: its validation starts at the small model
     alone's bits per byte (labels in the small tokenizer), the loss falls, the state cache holds the prompts in
-    large-model tokens, and `generate` loads the folder; --method drafter refuses --head own."""
+    large-model tokens, the validation loss from cached states (gates open) is the saved model's reading the
+    prompts itself, and `generate` loads the folder; --method drafter refuses --head own."""
     from llm_modules.data.prepare import prepare_data, prompt_length
     from llm_modules.entrypoints.cli import main
-    from llm_modules.evaluation.harness import EvalOptions, PlainScorer, evaluate
+    from llm_modules.evaluation.harness import EvalOptions, PlainScorer, evaluate, load_scorer
     from llm_modules.states.store import INDEX_FILE
     from llm_modules.training.config import TrainConfig
 
-    from ..helpers import losses, write_data
+    from ..helpers import losses
 
     args = ["train", "--method", "composed", "--large", mapped_pair["large"], "--small", mapped_pair["small"],
-            "--data", write_data(tmp_path / "data.jsonl", n=12), "--output", str(tmp_path / "run"),
+            "--data", uneven_data(tmp_path / "data.jsonl"), "--output", str(tmp_path / "run"),
             "--template", "stratos", "--batch-size", "2", "--max-length", "1000", "--max-steps", "4",
             "--eval-every", "4", "--num-samples", "1", "--max-new-tokens", "4", "--no-progress",
             "--state-cache-dir", str(tmp_path / "states"), "--bridge", "xattn", "--large-layers", "2,4",
-            "--small-stride", "1", "--num-heads", "4", "--head", "own", "--large-reads", "prompt", "--lr-small", "1e-2"]
+            "--small-stride", "1", "--num-heads", "4", "--head", "own", "--large-reads", "prompt", "--lr-small", "1e-2",
+            "--lr-bridge", "1e-2", "--gate-temperature", "0.01", "--val-fraction", "0.5"]
     assert main(args) == 0
     assert json.loads((tmp_path / "run" / "best" / CONFIG_FILE).read_text())["head"] == "own"
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
@@ -262,6 +283,10 @@ def test_train_cli_with_the_own_head(mapped_pair, tmp_path, capsys):
     alone = evaluate(PlainScorer(small_alone(mapped_pair), small_tok), data.val,
                      EvalOptions(generate=False, batch_size=4))
     assert rows[0]["val_bpb"] == pytest.approx(alone["bits_per_byte"], abs=1e-4)
+    trained = evaluate(load_scorer(str(tmp_path / "run" / "best")), data.val, EvalOptions(generate=False, batch_size=4))
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert len(data.val) >= 2 and trained["loss"] == pytest.approx(summary["best_val_loss"], abs=1e-5)
+    assert abs(trained["loss"] - alone["loss"]) > 1e-2
     stored = sorted(n for p in (tmp_path / "states").glob(f"*/{INDEX_FILE}") for n in json.loads(p.read_text())["lengths"])
     prompts_text = [small_tok.decode(e.input_ids[:prompt_length(e)])
                     for e in data.train + data.val]
