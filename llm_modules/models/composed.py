@@ -38,6 +38,7 @@ from llm_modules.models.composed_stepper import (
     ComposedStepper,
     OwnHeadStepper,
     PromptReadStepper,
+    last_real,
 )
 from llm_modules.models.heads import ComposedHead
 from llm_modules.models.large import Released, is_placed, num_layers, tapped_states
@@ -370,7 +371,6 @@ class LLMModulesModel(nn.Module):
         cache: ComposedCache | None = None,
         logits_to_keep: int = 0,
         loss: str | None = None,
-        large_attention_mask: torch.Tensor | None = None,
     ) -> ComposedOutput:
         """Logits over the large vocabulary for every new position, each reading the large states up to its own.
 
@@ -387,16 +387,11 @@ class LLMModulesModel(nn.Module):
         decode) go through `forward_read`. Decoding with a cache goes through `decode_stepper()`.
         With head "own", input_ids and labels are the SMALL tokenizer's and the logits over its vocabulary; the
         large model reads the prompt (the tokens before the first label) re-tokenized (`large_prompt`), or
-        `large_states` (B, P, K, dL) of that prompt in the large tokenizer's ids, `large_attention_mask` (B, P)
-        saying which of them are real (training from cached states).
+        `large_states` (B, P, K, dL) of those large prompts, right-padded with zeros (training from cached states).
         """
         if loss not in (None, "mean", "sum"):
             raise ValueError(f"loss must be None, 'mean' or 'sum', got {loss!r}")
-        if large_attention_mask is not None and not self.own_head:
-            raise LLMModulesError("large_attention_mask is for head 'own', whose large states are a prompt of its own "
-                                  "length; this model's large states align with input_ids")
-        return self._forward(input_ids, attention_mask, labels, large_states, cache, logits_to_keep, loss,
-                             LargeRead(mask=large_attention_mask))
+        return self._forward(input_ids, attention_mask, labels, large_states, cache, logits_to_keep, loss, LargeRead())
 
     def forward_read(
         self,
@@ -567,29 +562,35 @@ class LLMModulesModel(nn.Module):
         the T new small positions). Every small position reads the large states of its row's whole prompt, which
         is in the large tokenizer's ids: a sequence of its own, with its own positions, as an encoder's output is
         to a decoder. Decoding after a prefill passes `read.view` and `read.mask` (the prompt's keys are in the
-        bridge's cache) with large_states (B, 0, K, dL)."""
+        bridge's cache) with large_states (B, 0, K, dL). Given large_states without `read.mask` (training from
+        cached states) are those of the prompts re-tokenized, right-padded: their mask comes from the prompts."""
         if input_ids is None:
             raise LLMModulesError("head 'own': pass input_ids (the small tokenizer's ids)")
         if read.source is not None:
             raise LLMModulesError("head 'own' reads its prompt's large states whole; a lagged source does not apply")
         key_mask = read.mask
-        if large_states is None:
+        if key_mask is None:  # the prompts re-tokenized: the large model's input, or where given states are real
             if read.view is not None:
-                raise LLMModulesError("a view after a cache needs large_states (B, 0, K, dL)")
+                raise LLMModulesError("a view after a cache needs read.mask, the cached prompt keys' mask")
             if read.answer_start is None and labels is None:
                 raise LLMModulesError("this model reads the large model's states of the prompt only (head 'own'): pass "
                                       "labels, or forward_read(LargeRead(answer_start=...)) with where each row's "
                                       "answer starts")
             start = read.answer_start if read.answer_start is not None else first_label(labels)
             large_ids, key_mask = self.large_prompt(input_ids, attention_mask, start)  # (B, P) each
+            if large_states is not None and large_states.shape[1] != key_mask.shape[1]:
+                raise LLMModulesError(f"large_states cover {large_states.shape[1]} positions, but the longest prompt "
+                                      f"re-tokenized for the large model has {key_mask.shape[1]}")
+        if large_states is None:
+            if read.mask is not None:
+                raise LLMModulesError("read.mask says which of the given large_states are real: pass them ((B, 0, K, "
+                                      "dL) after a cache)")
             large_states, _ = self.encode_large(large_ids, key_mask, positions_from_mask(key_mask))  # (B, P, K, dL)
         elif large_states.dim() == 3:  # one tap
             large_states = large_states[:, :, None]  # (B, P, 1, dL)
         if large_states.shape[2] != len(self.large_taps):
             raise LLMModulesError(f"large_states hold {large_states.shape[2]} layers; this model reads "
                                   f"{len(self.large_taps)} (hidden states {self.large_taps})")
-        if key_mask is None:
-            key_mask = torch.ones(large_states.shape[:2], dtype=torch.long, device=self.device)
         key_mask = key_mask.to(self.device)
         states = large_states[:, :, self.bridge_taps].to(self.device, self.small.dtype)  # (B, P, Kb, dL)
         if read.view is not None:
@@ -598,7 +599,7 @@ class LLMModulesModel(nn.Module):
         if key_mask.shape != states.shape[:2]:
             raise LLMModulesError(f"the large prompt's mask has shape {tuple(key_mask.shape)}; its states "
                                   f"{tuple(states.shape[:2])}")
-        last = key_mask.shape[1] - 1 - key_mask.flip(1).argmax(dim=1)  # (B,) each row's last prompt position
+        last = last_real(key_mask)  # (B,) each row's last prompt position
         picked = states[torch.arange(batch, device=self.device), last]  # (B, Kb, dL)
         view = LargeView(last[:, None].expand(batch, length), picked[:, None].expand(batch, length, -1, -1))
         return states, key_mask, view

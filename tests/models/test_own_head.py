@@ -110,8 +110,8 @@ def test_the_large_model_reads_the_prompts_text_in_its_own_tokens(mapped_pair):
 
 
 def test_training_from_cached_prompt_states_equals_reading_the_prompt(mapped_pair, tmp_path):
-    """The composed objective's batches (states of each prompt re-tokenized, cached, with their own mask) give the
-    loss and gradients of the model reading the prompts itself."""
+    """The composed objective's batches (states of each prompt re-tokenized, cached, right-padded to the longest)
+    give the loss and gradients of the model reading the prompts itself; states of another width are refused."""
     from llm_modules.states.store import StateCache, examples_digest, state_cache_key
     from llm_modules.training.objectives.composed import prompt_examples
 
@@ -125,7 +125,7 @@ def test_training_from_cached_prompt_states_equals_reading_the_prompt(mapped_pai
     cache = StateCache.open_or_build(tmp_path, state_cache_key(model, "prompt:" + examples_digest(prompts_large)),
                                      model, prompts_large, progress=False)
     width = max(cache.lengths)
-    mask = torch.tensor([[1] * n + [0] * (width - n) for n in cache.lengths])
+    assert min(cache.lengths) < width  # the batch pads
 
     def loss_and_grads(**extra):
         model.zero_grad()
@@ -133,12 +133,14 @@ def test_training_from_cached_prompt_states_equals_reading_the_prompt(mapped_pai
         loss.backward()
         return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
-    loss, grads = loss_and_grads(large_states=cache.batch([0, 1, 2], pad_to=width), large_attention_mask=mask)
+    loss, grads = loss_and_grads(large_states=cache.batch([0, 1, 2], pad_to=width))
     read, read_grads = loss_and_grads()
     torch.testing.assert_close(loss, read, rtol=1e-6, atol=1e-6)
     assert set(grads) == set(read_grads) and any(n.startswith("bridge.") for n in grads)
     for n in grads:
         torch.testing.assert_close(grads[n], read_grads[n], rtol=1e-5, atol=1e-6, msg=n)
+    with pytest.raises(LLMModulesError, match="longest prompt"):
+        model(**batch, large_states=cache.batch([0, 1, 2], pad_to=width + 1))
 
 
 def decoding_model(pair, bridge):

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from llm_modules.errors import LLMModulesError
-from llm_modules.tensors import IGNORE_INDEX, right_pad
+from llm_modules.tensors import IGNORE_INDEX
 from llm_modules.training.objectives.base import Objective, large_loading
 
 
@@ -135,10 +135,8 @@ class ComposedObjective(Objective):
         states = self.states.get(split)
         if states is None:
             return {}
-        if self.model.own_head:  # the prompts in the large tokenizer's ids: a width and a mask of their own
-            lengths = [states.lengths[i] for i in indices]
-            mask, _ = right_pad([[1] * n for n in lengths], 0)  # (B, P)
-            return {"large_states": states.batch(indices, pad_to=max(lengths)), "large_attention_mask": mask}
+        if self.model.own_head:  # the prompts in the large tokenizer's ids: a width of their own
+            return {"large_states": states.batch(indices, pad_to=max(states.lengths[i] for i in indices))}
         return {"large_states": states.batch(indices, pad_to=width)}
 
     def loss_sum(self, wrapped: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
