@@ -90,6 +90,43 @@ def test_untrained_it_is_the_small_model_alone(mapped_pair, bridge):
     assert (model(**batch).loss - expected).abs() > 1e-3
 
 
+def test_a_small_model_with_tied_embeddings(mapped_pair, tmp_path):
+    """A small model whose language head is its input embeddings (SmolLM2's, Qwen's small ones): the own head is
+    that very matrix, counted once, trained once per step (one entry in the optimizer), and still starts as
+    the small model alone; saved and loaded, it stays tied."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    from llm_modules.training.config import TrainConfig
+    from llm_modules.training.objectives import build_objective
+
+    tokenizer = AutoTokenizer.from_pretrained(mapped_pair["small"])
+    torch.manual_seed(5)
+    tied = Qwen2ForCausalLM(Qwen2Config(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                        num_key_value_heads=2, intermediate_size=64, vocab_size=len(tokenizer),
+                                        max_position_embeddings=1024, tie_word_embeddings=True)).eval()
+    tied.save_pretrained(tmp_path / "tied")
+    tokenizer.save_pretrained(tmp_path / "tied")
+    pair = {"large": mapped_pair["large"], "small": str(tmp_path / "tied")}
+    model = own_model(pair, "xattn")
+    assert model.head.out.weight is model.small.get_input_embeddings().weight
+    counts = model.parameter_counts()
+    assert counts["total"]["trainable"] == sum(p.numel() for p in model.parameters() if p.requires_grad)
+    batch = collate(examples(tokenizer), pad_id=tokenizer.pad_token_id)
+    real = batch["attention_mask"].bool()
+    alone = tied(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    torch.testing.assert_close(model(**batch).logits[real], alone[real], rtol=0, atol=1e-5)
+    config = TrainConfig.from_flags(large=pair["large"], small=pair["small"], data="d.jsonl", output="o", head="own",
+                                    large_reads="prompt", bridge="xattn", large_layers=[2, 4], num_heads=4)
+    groups = build_objective(config).param_groups(config)
+    ids = [id(p) for group in groups for p in group["params"]]
+    assert len(ids) == len(set(ids))
+    nudge_gates(model)
+    model.save_pretrained(tmp_path / "saved")
+    loaded = LLMModulesModel.from_pretrained(tmp_path / "saved").eval()
+    assert loaded.head.out.weight is loaded.small.get_input_embeddings().weight
+    torch.testing.assert_close(loaded(**batch).logits, model(**batch).logits, rtol=0, atol=0)
+
+
 def test_the_large_model_reads_the_prompts_text_in_its_own_tokens(mapped_pair):
     """The large model's input is the prompt's text re-tokenized by the large tokenizer (not the small ids), and
     the answer never reaches it."""
@@ -259,7 +296,8 @@ def test_train_cli_with_the_own_head(mapped_pair, tmp_path, capsys):
     """`train --method composed --head own --large-reads prompt`: its validation starts at the small model
     alone's bits per byte (labels in the small tokenizer), the loss falls, the state cache holds the prompts in
     large-model tokens, the validation loss from cached states (gates open) is the saved model's reading the
-    prompts itself, and `generate` loads the folder; --method drafter refuses --head own."""
+    prompts itself, the evaluation harness decodes in the small tokenizer, and `generate` loads the folder;
+    --method drafter refuses --head own."""
     from llm_modules.data.prepare import prepare_data, prompt_length
     from llm_modules.entrypoints.cli import main
     from llm_modules.evaluation.harness import EvalOptions, PlainScorer, evaluate, load_scorer
@@ -289,6 +327,11 @@ def test_train_cli_with_the_own_head(mapped_pair, tmp_path, capsys):
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert len(data.val) >= 2 and trained["loss"] == pytest.approx(summary["best_val_loss"], abs=1e-5)
     assert abs(trained["loss"] - alone["loss"]) > 1e-2
+    scorer = load_scorer(str(tmp_path / "run" / "best"))  # the harness generates and decodes in the small tokenizer
+    [sample] = evaluate(scorer, data.val[:1], EvalOptions(max_new_tokens=4, batch_size=1))["samples"]
+    prompt = data.val[0].input_ids[:prompt_length(data.val[0])]
+    tokens = scorer.model.generate(torch.tensor([prompt]), max_new_tokens=4)[0, len(prompt):]
+    assert sample["model_answer"] == small_tok.decode(tokens, skip_special_tokens=True)
     stored = sorted(n for p in (tmp_path / "states").glob(f"*/{INDEX_FILE}") for n in json.loads(p.read_text())["lengths"])
     prompts_text = [small_tok.decode(e.input_ids[:prompt_length(e)])
                     for e in data.train + data.val]

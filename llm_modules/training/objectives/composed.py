@@ -74,7 +74,9 @@ class ComposedObjective(Objective):
         self.cache_keys: list[str] = []  # the state caches' keys: a run that reused them can be charged their build
 
     def param_groups(self, config: Any) -> list[dict[str, Any]]:
-        rest = [p for m in (self.model.small, self.model.head) for p in m.parameters() if p.requires_grad]
+        # each once: the own head's output layer may be the small model's (tied) input embeddings
+        rest = list({id(p): p for m in (self.model.small, self.model.head) for p in m.parameters()
+                     if p.requires_grad}.values())
         bridge = [p for p in self.model.bridge.parameters() if p.requires_grad]
         return [{"params": bridge, "lr": config.train.lr_bridge},
                 {"params": rest, "lr": config.train.lr_small}]
