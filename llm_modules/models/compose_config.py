@@ -67,7 +67,11 @@ class ComposeConfig:
         there; ladder: its taps) and every prompt state where a bridge attends (xattn). It needs
         small_inputs "mapped" (with "bridge" every answer position would get the same input, blind to the
         tokens generated) and a head other than "residual" (which adds the large model's logits at the
-        very position predicted).
+        very position predicted); or the head "own" (its small side in its own tokens, every position reading
+        the whole prompt's states). The head "own" takes no other mode: with "all" the large model would read
+        the answer too, and the large tokenization of a growing text is not a prefix of the final one (a
+        token can merge across the newest small token's end), so training and decoding would read different
+        large states.
     `causal=False` reproduces the paper's leak: every position reads the large model's states
     of later positions too. Only for reproducing the paper.
     """

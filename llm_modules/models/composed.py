@@ -305,7 +305,7 @@ class LLMModulesModel(nn.Module):
         """Free the large model's weights that training from cached states never reads.
 
         Its body (embeddings, layers, final norm) goes, and its output embedding too when the head
-        is `new` (the other heads read it) unless `keep_head` (a drafter's targets are the large
+        is `new` or `own` (the other heads read it) unless `keep_head` (a drafter's targets are the large
         model's logits: its head over the cached final states). What remains are the head's frozen
         weights. Calling the large model afterwards is an error until `restore_large()` reloads it
         from its spec. A `config:` large model (random weights) cannot be reloaded as it was, so it is
