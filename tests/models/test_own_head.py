@@ -342,3 +342,21 @@ def test_train_cli_with_the_own_head(mapped_pair, tmp_path, capsys):
     with pytest.raises(LLMModulesError, match="--head own cannot draft"):
         TrainConfig.from_flags(large="l", small="s", data="d", output="o", method="drafter", head="own",
                                large_reads="prompt", bridge="xattn")
+
+
+@pytest.mark.parametrize("extra,words", [
+    (["--bridge", "xattn"], ["head 'own' needs --large-reads prompt"]),
+    (["--large-reads", "prompt"], ["head 'own'", "ladder or xattn", "'eca'"]),
+    (["--method", "drafter", "--large-reads", "prompt", "--bridge", "xattn"], ["--head own cannot draft"]),
+])
+def test_what_the_own_head_refuses_is_one_line(tmp_path, capsys, extra, words):
+    """On the command line: --head own without --large-reads prompt, with the eca bridge (the default), or under
+    --method drafter is one `error:` line, before anything is written."""
+    from llm_modules.entrypoints.cli import main
+
+    args = ["train", "--large", "config:gpt-neo-125m", "--small", "config:gpt-neo-125m", "--data", "d.jsonl",
+            "--output", str(tmp_path / "out"), "--head", "own", *extra]
+    assert main(args) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and all(w in lines[0] for w in words), lines
+    assert not (tmp_path / "out").exists()
