@@ -42,7 +42,7 @@ class ComposeConfig:
         one): the small model reads its own token ids through its own embeddings (small_inputs is then
         "own", set for you), labels are the answer re-tokenized by the small tokenizer, and the model's
         `tokenizer` is the small one (generation, the server and evaluation decode with it). The large
-        model reads the prompt's text re-tokenized by its own tokenizer (`vocab_map.retokenize`), and every
+        model reads the prompt's text re-tokenized by its own tokenizer (`own_prompt.retokenize`), and every
         small position reads the large states of the whole prompt (as a decoder reads its encoder's output).
         It needs large_reads "prompt" and a bridge whose outputs pass through zero-initialised gates
         (ladder, xattn; eca's output is not gated): untrained, the model is exactly the small model alone.

@@ -38,7 +38,6 @@ from llm_modules.models.composed_stepper import (
     ComposedStepper,
     OwnHeadStepper,
     PromptReadStepper,
-    last_real,
 )
 from llm_modules.models.heads import ComposedHead
 from llm_modules.models.large import Released, is_placed, num_layers, tapped_states
@@ -51,9 +50,10 @@ from llm_modules.models.saved import (
     resolve_model_folder,
     save_weights,
 )
-from llm_modules.models.vocab_map import VocabMap, retokenize
+from llm_modules.models import own_prompt
+from llm_modules.models.vocab_map import VocabMap
 from llm_modules.tensors import answer_start as first_label
-from llm_modules.tensors import positions_from_mask, prompt_source, right_pad
+from llm_modules.tensors import positions_from_mask, prompt_source
 
 logger = logging.getLogger(__name__)
 
@@ -437,8 +437,8 @@ class LLMModulesModel(nn.Module):
                 f"model {self.large_max_positions}, small model {self.small_max_positions}); shorten the input"
             )
         if self.own_head:
-            bridge_states, key_mask, view = self._own_read(read, input_ids, attention_mask, labels, large_states,
-                                                           batch, length)
+            bridge_states, key_mask, view = own_prompt.read(self, read, input_ids, attention_mask, labels,
+                                                              large_states, length)
             bridge_cache = None
             if cache is not None:
                 cache.bridge = bridge_cache = cache.bridge or BridgeCache()
@@ -537,72 +537,12 @@ class LLMModulesModel(nn.Module):
                      answer_start: torch.Tensor | int) -> tuple[torch.Tensor, torch.Tensor]:
         """Head "own": each row's prompt (its real tokens before `answer_start`, in the small tokenizer's ids
         (B, T), mask (B, T)) in the large tokenizer's ids, right-padded: (B, P) ids and 0/1 mask."""
-        batch, length = input_ids.shape
-        mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask[:, -length:]
-        starts = torch.as_tensor(answer_start).reshape(-1).expand(batch).tolist()
-        rows = [self.large_prompt_ids([i for i, keep in zip(ids[:start], real[:start]) if keep])
-                for ids, real, start in zip(input_ids.tolist(), mask.tolist(), starts)]
-        return right_pad(rows, 0, self.device)  # the pad id is never read: masked
+        return own_prompt.large_prompt(self, input_ids, attention_mask, answer_start)
 
     def large_prompt_ids(self, prompt: list[int]) -> list[int]:
         """Head "own": one prompt in the small tokenizer's ids -> in the large tokenizer's (the same text), as the
-        large model reads it in training (its state cache) and in decoding (`vocab_map.retokenize`)."""
-        ids = retokenize(prompt, self.small_tokenizer, self.large_tokenizer)
-        if not ids:
-            raise LLMModulesError("head 'own': a prompt whose text is empty leaves the large model nothing to read")
-        if self.large_max_positions is not None and len(ids) > self.large_max_positions:
-            raise LLMModulesError(f"a prompt of {len(ids)} large-model tokens is longer than the large model can "
-                                  f"position ({self.large_max_positions}); shorten the input")
-        return ids
-
-    def _own_read(self, read: LargeRead, input_ids: torch.Tensor | None, attention_mask: torch.Tensor,
-                  labels: torch.Tensor | None, large_states: torch.Tensor | None, batch: int, length: int
-                  ) -> tuple[torch.Tensor, torch.Tensor, LargeView]:
-        """Head "own": (the bridge states (B, P, Kb, dL) this call adds as keys, their key mask (B, P), the view of
-        the T new small positions). Every small position reads the large states of its row's whole prompt, which
-        is in the large tokenizer's ids: a sequence of its own, with its own positions, as an encoder's output is
-        to a decoder. Decoding after a prefill passes `read.view` and `read.mask` (the prompt's keys are in the
-        bridge's cache) with large_states (B, 0, K, dL). Given large_states without `read.mask` (training from
-        cached states) are those of the prompts re-tokenized, right-padded: their mask comes from the prompts."""
-        if input_ids is None:
-            raise LLMModulesError("head 'own': pass input_ids (the small tokenizer's ids)")
-        if read.source is not None:
-            raise LLMModulesError("head 'own' reads its prompt's large states whole; a lagged source does not apply")
-        key_mask = read.mask
-        if key_mask is None:  # the prompts re-tokenized: the large model's input, or where given states are real
-            if read.view is not None:
-                raise LLMModulesError("a view after a cache needs read.mask, the cached prompt keys' mask")
-            if read.answer_start is None and labels is None:
-                raise LLMModulesError("this model reads the large model's states of the prompt only (head 'own'): pass "
-                                      "labels, or forward_read(LargeRead(answer_start=...)) with where each row's "
-                                      "answer starts")
-            start = read.answer_start if read.answer_start is not None else first_label(labels)
-            large_ids, key_mask = self.large_prompt(input_ids, attention_mask, start)  # (B, P) each
-            if large_states is not None and large_states.shape[1] != key_mask.shape[1]:
-                raise LLMModulesError(f"large_states cover {large_states.shape[1]} positions, but the longest prompt "
-                                      f"re-tokenized for the large model has {key_mask.shape[1]}")
-        if large_states is None:
-            if read.mask is not None:
-                raise LLMModulesError("read.mask says which of the given large_states are real: pass them ((B, 0, K, "
-                                      "dL) after a cache)")
-            large_states, _ = self.encode_large(large_ids, key_mask, positions_from_mask(key_mask))  # (B, P, K, dL)
-        elif large_states.dim() == 3:  # one tap
-            large_states = large_states[:, :, None]  # (B, P, 1, dL)
-        if large_states.shape[2] != len(self.large_taps):
-            raise LLMModulesError(f"large_states hold {large_states.shape[2]} layers; this model reads "
-                                  f"{len(self.large_taps)} (hidden states {self.large_taps})")
-        key_mask = key_mask.to(self.device)
-        states = large_states[:, :, self.bridge_taps].to(self.device, self.small.dtype)  # (B, P, Kb, dL)
-        if read.view is not None:
-            view = LargeView(read.view.source.to(self.device), read.view.states.to(self.device, self.small.dtype))
-            return states, key_mask, view
-        if key_mask.shape != states.shape[:2]:
-            raise LLMModulesError(f"the large prompt's mask has shape {tuple(key_mask.shape)}; its states "
-                                  f"{tuple(states.shape[:2])}")
-        last = last_real(key_mask)  # (B,) each row's last prompt position
-        picked = states[torch.arange(batch, device=self.device), last]  # (B, Kb, dL)
-        view = LargeView(last[:, None].expand(batch, length), picked[:, None].expand(batch, length, -1, -1))
-        return states, key_mask, view
+        large model reads it in training (its state cache) and in decoding (`own_prompt.retokenize`)."""
+        return own_prompt.large_prompt_ids(self, prompt)
 
     def _view(self, states: torch.Tensor, attention_mask: torch.Tensor, source: torch.Tensor,
               cache: ComposedCache | None) -> LargeView:

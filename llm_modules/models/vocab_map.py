@@ -97,23 +97,3 @@ class VocabMap(nn.Module):
     def extra_repr(self) -> str:
         return f"large_vocab={self.large_vocab_size}, small_pieces={self.small_ids.numel()}"
 
-
-def retokenize(ids: list[int], source: Any, target: Any) -> list[int]:
-    """The text of `ids` (the `source` tokenizer's) in the `target` tokenizer's ids: how the large model reads a
-    prompt that is in the small model's tokens (head "own"), the same way in training and in decoding.
-
-    The source's own leading ids (its BOS, if it puts one before every text) are dropped; other special
-    tokens stay in the text (a chat template's markers); the target adds its own leading ids, if any."""
-    lead = _leading_ids(source)
-    if lead and ids[: len(lead)] == lead:
-        ids = ids[len(lead):]
-    text = source.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
-    return list(target(text, add_special_tokens=True)["input_ids"])
-
-
-def _leading_ids(tokenizer: Any) -> list[int]:
-    """The ids a tokenizer puts before any text (e.g. Llama's BOS); usually none."""
-    with_special, plain = list(tokenizer("a", add_special_tokens=True)["input_ids"]), \
-        list(tokenizer("a", add_special_tokens=False)["input_ids"])
-    n = len(with_special) - len(plain)
-    return with_special[:n] if n > 0 and with_special[n:] == plain else []
