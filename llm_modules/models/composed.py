@@ -609,8 +609,13 @@ class LLMModulesModel(nn.Module):
         """Everything but the frozen large model and the small model's frozen weights (its token
         embeddings: the unused stub, or the pretrained ones that small_inputs "mapped" reads
         untrained; all of them with train_small=False), which come back from the small model's
-        spec. The vocabulary map's index buffers are included."""
+        spec. The vocabulary map's index buffers are included. The own head's output layer is left out when
+        frozen (it comes back from the small model's spec too) or when it is the small model's own (tied)
+        embeddings, saved once, under the small model's name."""
         skip = {"small." + plain_name(name) for name, p in self.small.named_parameters() if not p.requires_grad}
+        small = {id(p) for p in self.small.parameters()}
+        skip |= {"head." + plain_name(name) for name, p in self.head.named_parameters()
+                 if not p.requires_grad or id(p) in small}
         return {
             name: tensor for name, tensor in self.state_dict().items()
             if not name.startswith("large.") and name not in skip

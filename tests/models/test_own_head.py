@@ -93,7 +93,7 @@ def test_untrained_it_is_the_small_model_alone(mapped_pair, bridge):
 def test_a_small_model_with_tied_embeddings(mapped_pair, tmp_path):
     """A small model whose language head is its input embeddings (SmolLM2's, Qwen's small ones): the own head is
     that very matrix, counted once, trained once per step (one entry in the optimizer), and still starts as
-    the small model alone; saved and loaded, it stays tied."""
+    the small model alone; saved (once) and loaded, it stays tied."""
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     from llm_modules.training.config import TrainConfig
@@ -122,6 +122,10 @@ def test_a_small_model_with_tied_embeddings(mapped_pair, tmp_path):
     assert len(ids) == len(set(ids))
     nudge_gates(model)
     model.save_pretrained(tmp_path / "saved")
+    from safetensors.torch import load_file
+
+    saved = load_file(str(tmp_path / "saved" / "model.safetensors"))
+    assert "head.out.weight" not in saved and any(name.startswith("small.") for name in saved)  # saved once
     loaded = LLMModulesModel.from_pretrained(tmp_path / "saved").eval()
     assert loaded.head.out.weight is loaded.small.get_input_embeddings().weight
     torch.testing.assert_close(loaded(**batch).logits, model(**batch).logits, rtol=0, atol=0)
@@ -256,6 +260,21 @@ def test_save_load_round_trip(mapped_pair, tmp_path):
     ids = torch.tensor([prompts(model.tokenizer)[0]])
     assert torch.equal(loaded.generate(ids, max_new_tokens=5, eos_token_id=[]),
                        model.generate(ids, max_new_tokens=5, eos_token_id=[]))
+
+
+
+def test_a_frozen_small_model_saves_only_the_bridge(mapped_pair, tmp_path):
+    """train_small=False: the small model and its own head are frozen, come back from its spec, and are not saved."""
+    from safetensors.torch import load_file
+
+    model = own_model(mapped_pair, "xattn", train_small=False)
+    assert not any(p.requires_grad for p in model.head.parameters())
+    nudge_gates(model)
+    model.save_pretrained(tmp_path / "frozen")
+    assert {name.split(".")[0] for name in load_file(str(tmp_path / "frozen" / "model.safetensors"))} == {"bridge"}
+    loaded = LLMModulesModel.from_pretrained(tmp_path / "frozen").eval()
+    batch = collate(examples(model.tokenizer), pad_id=model.tokenizer.pad_token_id)
+    torch.testing.assert_close(loaded(**batch).logits, model(**batch).logits, rtol=0, atol=0)
 
 
 def test_served_in_the_small_tokenizer(mapped_pair, tmp_path):
