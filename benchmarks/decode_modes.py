@@ -14,7 +14,8 @@ Rows (our decoding engine for all of them, the prompts in each model's own chat 
   composed, reads prompt          the large model reads the prompt once; the bridge and the small model decode
                                   alone (`--large-reads prompt`), with all the small model's layers and with
                                   each --small-layers N
-  --compose NAME:options          a composed model with exactly these compose options (a report row's)
+  --compose NAME:options          a composed model with exactly these compose options (a report row's; with
+                                  head=own its prompts and tokens are the small model's, as small alone's)
 Speed does not depend on the trained weights, so the composed rows are freshly composed (the same shapes as
 a trained model's) and every row generates exactly --new-tokens tokens (no end-of-sequence stop).
 Per row and batch size: generated tokens/s over the whole batch loop (prefill included), and the decode
@@ -141,7 +142,9 @@ def main() -> None:
     for name, options in composed:
         torch.manual_seed(0)
         model = LLMModulesModel.compose(args.large, args.small, shared_large=large, dtype=dtype, **options).eval()
-        rows += measure(name, model, large_prompts, sizes, args.new_tokens, pad_of(large.tokenizer), args.prompts_at_1)
+        own = model.config.head == "own"  # the small model's tokens in, its own head out
+        rows += measure(name, model, small_prompts if own else large_prompts, sizes, args.new_tokens,
+                        pad_of(model.tokenizer), args.prompts_at_1)
         del model
     lora = add_lora(large.model, args.lora_rank, 2 * args.lora_rank).eval()  # last: it wraps the large model
     rows += measure(f"lora on large (rank {args.lora_rank}, unmerged)", lora, large_prompts, sizes, args.new_tokens,

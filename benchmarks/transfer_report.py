@@ -88,6 +88,12 @@ ROWS = {
     "composed_xattn_prompt": {"kind": "train", "method": "composed",
                               "options": {"head": "projected", "bridge": "xattn", "small_inputs": "mapped",
                                           "large_reads": "prompt"}},
+    # issue 39: the same, the small model answering in its own tokenizer through its own head (starts as the small
+    # model alone: the gates start closed)
+    "composed_own_xattn_prompt": {"kind": "train", "method": "composed",
+                                  "options": {"head": "own", "bridge": "xattn", "large_reads": "prompt"}},
+    "composed_own_ladder_prompt": {"kind": "train", "method": "composed",
+                                   "options": {"head": "own", "bridge": "ladder", "large_reads": "prompt"}},
     "small_finetuned": {"kind": "train", "method": "finetune", "options": {}},
     "lora_large": {"kind": "train", "method": "lora", "options": {"lora_rank": 8}},
     "distilled": {"kind": "train", "method": "distill", "options": {}},

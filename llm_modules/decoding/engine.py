@@ -130,9 +130,9 @@ class Sequence:
 
 
 def model_eos_ids(model: Any, tokenizer: Any = None) -> list[int]:
-    """The end-of-sequence ids of the model's generation config, else of its tokenizer."""
-    config_source = model.large if hasattr(model, "large") else model
-    found = getattr(getattr(config_source, "generation_config", None), "eos_token_id", None)
+    """The end-of-sequence ids of the model's generation config (a composed model's: that of the model whose
+    vocabulary it predicts), else of its tokenizer."""
+    found = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
     tokenizer = tokenizer if tokenizer is not None else getattr(model, "tokenizer", None)
     if found is None and tokenizer is not None:
         found = tokenizer.eos_token_id

@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from llm_modules.decoding.steppers import Stepper, align_rows
+from llm_modules.decoding.steppers import Stepper, align_rows, join_rows
 from llm_modules.tensors import left_pad
 
 
@@ -108,7 +108,7 @@ class RowBatch:
                                                                  width)
             if cache is not None:
                 for old, new in zip(self.stepper.slots(self.cache), self.stepper.slots(cache)):
-                    old.set(torch.cat([old.get(), new.get()]))
+                    old.set(join_rows(old, old.get(), new.get()))
             self.ids, self.mask = torch.cat([self.ids, new_ids]), torch.cat([self.mask, new_mask])
             for name, column in zip(self.COLUMNS, new_columns):
                 setattr(self, name, torch.cat([getattr(self, name), column]))

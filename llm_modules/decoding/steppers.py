@@ -38,12 +38,15 @@ class Decoder:
 @dataclass
 class Slot:
     """One cached tensor (B, nh, N, hs) whose N columns are the last `cols(S)` of S positions
-    (`per_position` columns each; a sliding-window layer keeps at most `window`)."""
+    (`per_position` columns each; a sliding-window layer keeps at most `window`). A `fixed` slot's N columns
+    are not positions (a prompt in another tokenizer's ids, read whole by every position): realigning the
+    positions leaves it as it is, and rows joining left-pad the narrower with zeros (`join_rows`)."""
 
     holder: Any
     key: Any  # attribute name, or list index
     per_position: int = 1
     window: int | None = None
+    fixed: bool = False
 
     def get(self) -> torch.Tensor:
         return self.holder[self.key] if isinstance(self.key, int) else getattr(self.holder, self.key)
@@ -86,6 +89,14 @@ def right_aligned(t: torch.Tensor, cols: int) -> torch.Tensor:
     return torch.cat([t.new_zeros(t.shape[0], t.shape[1], cols - have, t.shape[3]), t], dim=2)
 
 
+def join_rows(slot: Slot, old: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
+    """The rows of `old` then those of `new` (B, nh, N, hs), a fixed slot's narrower one left-padded with zeros."""
+    if slot.fixed and old.shape[2] != new.shape[2]:
+        width = max(old.shape[2], new.shape[2])
+        old, new = right_aligned(old, width), right_aligned(new, width)
+    return torch.cat([old, new])
+
+
 def align_rows(stepper: "Stepper", ids: torch.Tensor, mask: torch.Tensor, cache: Any, width: int, pad_id: int
                ) -> tuple[torch.Tensor, torch.Tensor]:
     """Left-pad (or cut leading padding from) ids, mask (B, S) and the cache's slots to `width` positions."""
@@ -98,7 +109,8 @@ def align_rows(stepper: "Stepper", ids: torch.Tensor, mask: torch.Tensor, cache:
     if cache is not None and width != have:
         slots = stepper.slots(cache)  # read before the length changes (per-position counts)
         for slot in slots:
-            slot.set(right_aligned(slot.get(), slot.cols(width)))
+            if not slot.fixed:
+                slot.set(right_aligned(slot.get(), slot.cols(width)))
         stepper.set_length(cache, width)
     return ids, mask
 

@@ -5,8 +5,8 @@
     # or with a model already in memory:
     lm_eval.simple_evaluate(model=LLMModulesLM(model=composed), tasks=[...])
 
-Text goes through the LARGE model's tokenizer (the composed model's vocabulary). Sequences never
-exceed `max_length`, which is capped by the composed model's position limit (`max_positions`, the
+Text goes through the LARGE model's tokenizer (the composed model's vocabulary; with head "own" the
+small model's: `model.tokenizer`). Sequences never exceed `max_length`, which is capped by the composed model's position limit (`max_positions`, the
 smaller of the large and small models' limits).
 This module is the only place that imports lm_eval; `import llm_modules` does not need it.
 """

@@ -13,8 +13,8 @@ from llm_modules.bridges import bridge_options, option_names
 from llm_modules.errors import LLMModulesError
 from llm_modules.models.saved import CONFIG_FILE
 
-HEAD_KINDS = ("new", "projected", "residual")
-SMALL_INPUTS = ("bridge", "mapped")
+HEAD_KINDS = ("new", "projected", "residual", "own")
+SMALL_INPUTS = ("bridge", "mapped", "own")  # "own": head "own" only, which sets it
 LARGE_READS = ("all", "prompt")
 # 1: no version field, the Enhanced Cross-Attention options at the top level;
 # 2: ladder/xattn gates were tanh(alpha), i.e. gate_temperature 1 (3 writes it out, default 0.1)
@@ -37,9 +37,18 @@ class ComposeConfig:
         zero-shot in our transfer reports (reports/*/results.md, 3 seeds each);
       - "new": a fresh Linear(d_small, |V_large|) (the paper's head);
       - "projected": a trainable Linear(d_small, d_large) followed by the large model's frozen
-        output embedding.
+        output embedding;
+      - "own": the small model's own language head over its OWN tokenizer and vocabulary (not the large
+        one): the small model reads its own token ids through its own embeddings (small_inputs is then
+        "own", set for you), labels are the answer re-tokenized by the small tokenizer, and the model's
+        `tokenizer` is the small one (generation, the server and evaluation decode with it). The large
+        model reads the prompt's text re-tokenized by its own tokenizer (`own_prompt.retokenize`), and every
+        small position reads the large states of the whole prompt (as a decoder reads its encoder's output).
+        It needs large_reads "prompt" and a bridge whose outputs pass through zero-initialised gates
+        (ladder, xattn; eca's output is not gated): untrained, the model is exactly the small model alone.
     `small_inputs` picks what the small model reads as its input embeddings:
       - "bridge" (the paper): only the bridge's output;
+      - "own": its own token embeddings of its own tokenizer's ids (head "own", which sets it);
       - "mapped": its own pretrained token embeddings through a vocabulary map (each large token's
         text re-tokenized by the small tokenizer, its embeddings averaged; see `vocab_map`), plus the
         bridge's output when the bridge gives one. `train_embeddings` makes those embeddings trainable.
@@ -58,7 +67,11 @@ class ComposeConfig:
         there; ladder: its taps) and every prompt state where a bridge attends (xattn). It needs
         small_inputs "mapped" (with "bridge" every answer position would get the same input, blind to the
         tokens generated) and a head other than "residual" (which adds the large model's logits at the
-        very position predicted).
+        very position predicted); or the head "own" (its small side in its own tokens, every position reading
+        the whole prompt's states). The head "own" takes no other mode: with "all" the large model would read
+        the answer too, and the large tokenization of a growing text is not a prefix of the final one (a
+        token can merge across the newest small token's end), so training and decoding would read different
+        large states.
     `causal=False` reproduces the paper's leak: every position reads the large model's states
     of later positions too. Only for reproducing the paper.
     """
@@ -82,6 +95,10 @@ class ComposeConfig:
     def __post_init__(self) -> None:
         if self.head not in HEAD_KINDS:
             raise LLMModulesError(f"unknown head kind {self.head!r}; valid kinds: {', '.join(HEAD_KINDS)}")
+        if self.head == "own":
+            self._check_own_head()
+        elif self.small_inputs == "own":
+            raise LLMModulesError("small_inputs='own' (the small model's own tokens) goes with head 'own' only")
         if self.small_inputs not in SMALL_INPUTS:
             raise LLMModulesError(f"unknown small_inputs {self.small_inputs!r}; valid: {', '.join(SMALL_INPUTS)}")
         if self.large_reads not in LARGE_READS:
@@ -90,7 +107,7 @@ class ComposeConfig:
             raise LLMModulesError("large_reads='prompt' cannot use the residual head: it adds the large model's logits "
                                   "at every answer position, where the large model never runs; use head 'projected' "
                                   "or 'new'")
-        if self.large_reads == "prompt" and self.small_inputs != "mapped":
+        if self.large_reads == "prompt" and self.small_inputs not in ("mapped", "own"):
             raise LLMModulesError("large_reads='prompt' needs small_inputs='mapped': with 'bridge' the small model's "
                                   "only input at every answer position would be the same prompt state, blind to the "
                                   "tokens it generates")
@@ -115,6 +132,23 @@ class ComposeConfig:
             from llm_modules.version import __version__
 
             self.library_version = __version__
+
+    def _check_own_head(self) -> None:
+        """Head "own": the small side in its own tokens, reading the prompt only, through zero-started gates."""
+        if self.small_inputs not in ("bridge", "own"):  # "bridge", the default: not chosen
+            raise LLMModulesError(f"head 'own' reads the small model's own tokens through its own embeddings; "
+                                  f"leave out small_inputs (got {self.small_inputs!r})")
+        self.small_inputs = "own"
+        if self.large_reads != "prompt":
+            raise LLMModulesError("head 'own' needs --large-reads prompt: the two tokenizers cut the text apart, and "
+                                  "only the prompt's states are aligned for every small position (large_reads='prompt')")
+        if self.bridge not in GATED_BRIDGES:
+            raise LLMModulesError(f"head 'own' needs a bridge whose output starts at zero (ladder or xattn: gated); "
+                                  f"the {self.bridge!r} bridge's is not gated, so the model would not start as the "
+                                  f"small model alone")
+        if self.train_embeddings:
+            raise LLMModulesError("head 'own': the small model's own embeddings train with it (train_small); "
+                                  "train_embeddings is for small_inputs='mapped'")
 
     def options(self) -> Any:
         """The bridge's options as its own dataclass."""

@@ -3,7 +3,9 @@
 Data flows one way. Both sides read the LARGE model's token ids. The small model reads, as its
 input embeddings, the bridge's output (the paper), or its own token embeddings through a
 vocabulary map (plus the bridge's output when the bridge gives one); bridges such as `ladder`
-and `xattn` also add into its layers. The head predicts over the large vocabulary.
+and `xattn` also add into its layers. The head predicts over the large vocabulary. With the head
+"own" the small side is in its OWN tokens instead (its ids, embeddings, language head, tokenizer), and
+the large model reads the prompt's text in its own tokens.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ from llm_modules.models.compose_config import ComposeConfig
 from llm_modules.models.composed_stepper import (
     ComposedCache,
     ComposedStepper,
+    OwnHeadStepper,
     PromptReadStepper,
 )
 from llm_modules.models.heads import ComposedHead
@@ -47,6 +50,7 @@ from llm_modules.models.saved import (
     resolve_model_folder,
     save_weights,
 )
+from llm_modules.models import own_prompt
 from llm_modules.models.vocab_map import VocabMap
 from llm_modules.tensors import answer_start as first_label
 from llm_modules.tensors import positions_from_mask, prompt_source
@@ -62,7 +66,7 @@ LEAK_WARNING = (
 
 @dataclass
 class ComposedOutput:
-    logits: torch.Tensor | None  # (B, T, |V_large|), or the last `logits_to_keep` positions
+    logits: torch.Tensor | None  # (B, T, |V_large|) (|V_small| with the own head), or the last `logits_to_keep`
     loss: torch.Tensor | None = None
     cache: ComposedCache | None = None
     hidden: torch.Tensor | None = None  # (B, T, dS) the small model's output, with forward_read(hidden=True)
@@ -90,14 +94,23 @@ class LLMModulesModel(nn.Module):
     Build with `LLMModulesModel.compose(large=SPEC, small=SPEC, bridge=NAME, small_inputs=KIND)`;
     reload a trained one with `LLMModulesModel.from_pretrained(dir)`. Only the bridge, the small
     decoder and the head train. `vocab_map` is required for `small_inputs="mapped"` (`compose`
-    builds it from both tokenizers, `from_pretrained` reads it from the saved weights).
+    builds it from both tokenizers, `from_pretrained` reads it from the saved weights). With head "own"
+    `tokenizer` is the SMALL model's (`small_tokenizer`; the large one is `large_tokenizer`), the vocabulary the
+    head predicts over.
     """
 
     def __init__(self, config: ComposeConfig, large: nn.Module, small: nn.Module, tokenizer: Any = None,
-                 vocab_map: VocabMap | None = None):
+                 vocab_map: VocabMap | None = None, small_tokenizer: Any = None):
         super().__init__()
         self.config = config
-        self.tokenizer = tokenizer  # the LARGE model's tokenizer; None for folders without one
+        self.own_head = config.head == "own"
+        self.large_tokenizer, self.small_tokenizer = tokenizer, small_tokenizer
+        if self.own_head and (tokenizer is None or small_tokenizer is None):
+            raise LLMModulesError("head 'own' re-tokenizes the prompt's text from the small tokenizer to the large "
+                                  "one, so it needs both models' tokenizers")
+        # the tokenizer of the vocabulary predicted: the LARGE model's (None for folders without one), or with the
+        # own head the small model's
+        self.tokenizer = small_tokenizer if self.own_head else tokenizer
         if not config.causal:
             warnings.warn(LEAK_WARNING, stacklevel=3)
 
@@ -121,6 +134,11 @@ class LLMModulesModel(nn.Module):
         # frozen 1-row stub; with "mapped" they stay, frozen unless config.train_embeddings.
         if config.small_layers is not None:
             keep_first_layers(small, config.small_layers, config.small)
+        small_head = small.get_output_embeddings() if self.own_head else None  # its own language head
+        if self.own_head and small_head is None:
+            raise LLMModulesError(f"head 'own': the small model {config.small!r} has no output embedding (is it a "
+                                  f"causal LM?)")
+        self._small_generation_config = getattr(small, "generation_config", None)
         self.small = small.base_model
         self.small.requires_grad_(config.train_small)
         small_dim = self.small.get_input_embeddings().weight.shape[1]
@@ -130,6 +148,8 @@ class LLMModulesModel(nn.Module):
                 raise LLMModulesError("small_inputs='mapped' needs a vocabulary map over the large vocabulary "
                                       "(compose builds one from both models' tokenizers)")
             self.small.get_input_embeddings().weight.requires_grad_(config.train_embeddings)
+        elif config.small_inputs == "own":  # its own embeddings, part of the small model (train_small)
+            small_head.requires_grad_(config.train_small)
         else:
             # in the small model's dtype: `self.small.dtype` (read below) is its first parameter's, the stub's
             stub = nn.Embedding(1, small_dim, dtype=self.small.get_input_embeddings().weight.dtype)
@@ -149,10 +169,10 @@ class LLMModulesModel(nn.Module):
         self.large_taps = sorted(set(self.bridge.large_layers) | final)
         self.bridge_taps = [self.large_taps.index(t) for t in self.bridge.large_layers]  # indices into large_taps
         self._head_tap = self.large_taps.index(self.num_large_layers) if final else None
-        self.head = ComposedHead(config.head, small_dim, large_dim, vocab_size)
+        self.head = ComposedHead(config.head, small_dim, large_dim, vocab_size, own=small_head)
         self.bridge.to(self.small.dtype)
         self.head.to(self.small.dtype)
-        self.vocab_size = vocab_size
+        self.vocab_size = small_head.weight.shape[0] if self.own_head else vocab_size  # what the head predicts over
         # Positions per chunk when the training loss runs the head only where labels are (see
         # _chunked_head_loss): 256 x 151,936 float32 logits are 148 MiB.
         self.loss_chunk_tokens = 256
@@ -200,10 +220,19 @@ class LLMModulesModel(nn.Module):
             large_identity.check(config.large_identity, large.model, large.spec, str(saved_in), allow_large_mismatch,
                                  trained_on=config.large)  # the spec as given (a shared large: the user's)
         build_map = config.small_inputs == "mapped" and vocab_map is None
-        small = resolve_model(config.small, dtype=dtype, with_tokenizer=build_map)
+        own = config.head == "own"
+        small = resolve_model(config.small, dtype=dtype, with_tokenizer=build_map or own)
         if build_map:
             vocab_map = VocabMap.from_models(large, small)
-        model = cls(config, large.model, small.model, tokenizer=large.tokenizer, vocab_map=vocab_map)
+        if own:
+            missing = [f"{side} model {loaded.spec!r}" for side, loaded in (("large", large), ("small", small))
+                       if loaded.tokenizer is None]
+            if missing:
+                raise LLMModulesError(f"head 'own' decodes in the small tokenizer and re-tokenizes prompts for the "
+                                      f"large one, so it needs both tokenizers; none found for the "
+                                      f"{' and the '.join(missing)}")
+        model = cls(config, large.model, small.model, tokenizer=large.tokenizer, vocab_map=vocab_map,
+                    small_tokenizer=small.tokenizer if own else None)
         model._large_placement = large_placement or {}
         return model.place(device) if device is not None else model
 
@@ -230,8 +259,8 @@ class LLMModulesModel(nn.Module):
     def parameter_counts(self) -> dict[str, dict[str, int]]:
         """{part: {"trainable": n, "frozen": n}} for large, bridge, small, head and total."""
         counts: dict[str, dict[str, int]] = {}
+        seen: set[int] = set()  # across parts: the own head's output layer may be the small model's embeddings
         for part in ("large", "bridge", "small", "head"):
-            seen: set[int] = set()
             entry = {"trainable": 0, "frozen": 0}
             for p in getattr(self, part).parameters():
                 if id(p) in seen:
@@ -276,7 +305,7 @@ class LLMModulesModel(nn.Module):
         """Free the large model's weights that training from cached states never reads.
 
         Its body (embeddings, layers, final norm) goes, and its output embedding too when the head
-        is `new` (the other heads read it) unless `keep_head` (a drafter's targets are the large
+        is `new` or `own` (the other heads read it) unless `keep_head` (a drafter's targets are the large
         model's logits: its head over the cached final states). What remains are the head's frozen
         weights. Calling the large model afterwards is an error until `restore_large()` reloads it
         from its spec. A `config:` large model (random weights) cannot be reloaded as it was, so it is
@@ -290,7 +319,7 @@ class LLMModulesModel(nn.Module):
         first = next(body.parameters())
         self._large_place = (first.dtype, first.device)
         setattr(self.large, self.large.base_model_prefix, Released())
-        if self.config.head == "new" and not keep_head:
+        if self.config.head in ("new", "own") and not keep_head:
             parent, _, name = self._large_head_name.rpartition(".")
             setattr(self.large.get_submodule(parent), name, Released())
         else:  # the head stays, in a copy of its own: loaded weights may all live in one memory map of
@@ -356,6 +385,9 @@ class LLMModulesModel(nn.Module):
         and `logits` is None. A model that reads the prompt only (config.large_reads "prompt") reads the
         prompt that `labels` leave unlabelled; other reads (a drafter's lagged ones, a prompt-only model's
         decode) go through `forward_read`. Decoding with a cache goes through `decode_stepper()`.
+        With head "own", input_ids and labels are the SMALL tokenizer's and the logits over its vocabulary; the
+        large model reads the prompt (the tokens before the first label) re-tokenized (`large_prompt`), or
+        `large_states` (B, P, K, dL) of those large prompts, right-padded with zeros (training from cached states).
         """
         if loss not in (None, "mean", "sum"):
             raise ValueError(f"loss must be None, 'mean' or 'sum', got {loss!r}")
@@ -404,6 +436,17 @@ class LLMModulesModel(nn.Module):
                 f"a sequence of {top} tokens is longer than the model can position ({self.max_positions}: large "
                 f"model {self.large_max_positions}, small model {self.small_max_positions}); shorten the input"
             )
+        if self.own_head:
+            bridge_states, key_mask, view = own_prompt.read(self, read, input_ids, attention_mask, labels,
+                                                              large_states, length)
+            bridge_cache = None
+            if cache is not None:
+                cache.bridge = bridge_cache = cache.bridge or BridgeCache()
+            embeds = self.bridge(bridge_states, key_mask, self.config.causal, bridge_cache, view)  # None: gated, inside
+            own = self.small.get_input_embeddings()(input_ids.to(self.device))  # (B, T, dS)
+            embeds = own if embeds is None else embeds + own
+            return self._small_and_head(embeds, attention_mask, position_ids, cache, labels, None, logits_to_keep,
+                                        loss, vocab_rows, return_hidden)
         prompt_only = self.config.large_reads == "prompt"
         if prompt_only and large_view is None and large_source is None:
             if answer_start is None and labels is None:
@@ -455,17 +498,28 @@ class LLMModulesModel(nn.Module):
                 raise LLMModulesError("small_inputs='mapped' embeds the token ids: pass input_ids with large_states")
             mapped = self.vocab_map(input_ids, self.small.get_input_embeddings().weight)  # (B, T, dS)
             embeds = mapped if embeds is None else embeds + mapped
+        # The residual head adds to the large model's final states; the other heads do not read them.
+        final = large_states[:, :, self._head_tap] if self._head_tap is not None else None  # (B, T, dL)
+        return self._small_and_head(embeds, attention_mask, position_ids, cache, labels, final, logits_to_keep, loss,
+                                    vocab_rows, return_hidden)
+
+    def _small_and_head(self, embeds: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor,
+                        cache: ComposedCache | None, labels: torch.Tensor | None, final: torch.Tensor | None,
+                        logits_to_keep: int, loss: str | None, vocab_rows: torch.Tensor | None,
+                        return_hidden: bool) -> ComposedOutput:
+        """The small decoder over its input embeddings (B, T, dS), then the head (or its loss); `final` (B, T, dL):
+        the large model's final states, which the residual head adds to."""
+        use_cache = cache is not None
         small_out, small_cache = self._small_decoder(
             cache=cache.small if cache else None, use_cache=use_cache, inputs_embeds=embeds,
             attention_mask=attention_mask, position_ids=position_ids,
         )
         if cache is not None:
-            cache.small, cache.length = small_cache, cache.length + length
+            cache.small, cache.length = small_cache, cache.length + embeds.shape[1]
         s = small_out.last_hidden_state  # (B, T, dS)
         if return_hidden:
             return ComposedOutput(logits=None, cache=cache, hidden=s)
-        # The residual head adds to the large model's final states; the other heads do not read them.
-        final = large_states[:, :, self._head_tap].to(s.device) if self._head_tap is not None else None  # (B, T, dL)
+        final = final.to(s.device) if final is not None else None
         large_head = self.large.get_submodule(self._large_head_name)
         if labels is not None and loss is not None:
             picked, targets = answer_logit_targets(s, labels)  # (N, dS), (N,): the positions that predict a label
@@ -478,6 +532,17 @@ class LLMModulesModel(nn.Module):
         logits = self.head(s, final, large_head, vocab_rows)  # (B, T, V), or (B, T, n) over vocab_rows
         mean = next_token_loss(logits, labels, "mean") if labels is not None else None
         return ComposedOutput(logits=logits, loss=mean, cache=cache)
+
+    def large_prompt(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
+                     answer_start: torch.Tensor | int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Head "own": each row's prompt (its real tokens before `answer_start`, in the small tokenizer's ids
+        (B, T), mask (B, T)) in the large tokenizer's ids, right-padded: (B, P) ids and 0/1 mask."""
+        return own_prompt.large_prompt(self, input_ids, attention_mask, answer_start)
+
+    def large_prompt_ids(self, prompt: list[int]) -> list[int]:
+        """Head "own": one prompt in the small tokenizer's ids -> in the large tokenizer's (the same text), as the
+        large model reads it in training (its state cache) and in decoding (`own_prompt.retokenize`)."""
+        return own_prompt.large_prompt_ids(self, prompt)
 
     def _view(self, states: torch.Tensor, attention_mask: torch.Tensor, source: torch.Tensor,
               cache: ComposedCache | None) -> LargeView:
@@ -521,7 +586,15 @@ class LLMModulesModel(nn.Module):
     def decode_stepper(self):
         """What the decoding engine steps: this model's three KV caches, or, reading the prompt only, the
         bridge's and the small model's (`llm_modules.models.composed_stepper`)."""
+        if self.own_head:
+            return OwnHeadStepper(self)
         return PromptReadStepper(self) if self.config.large_reads == "prompt" else ComposedStepper(self)
+
+    @property
+    def generation_config(self) -> Any:
+        """The generation config of the model whose vocabulary is predicted (its end-of-sequence ids): the large
+        model's, or with head "own" the small model's."""
+        return self._small_generation_config if self.own_head else getattr(self.large, "generation_config", None)
 
     def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, options: Any = None,
                  **keywords: Any) -> torch.Tensor:
@@ -536,8 +609,13 @@ class LLMModulesModel(nn.Module):
         """Everything but the frozen large model and the small model's frozen weights (its token
         embeddings: the unused stub, or the pretrained ones that small_inputs "mapped" reads
         untrained; all of them with train_small=False), which come back from the small model's
-        spec. The vocabulary map's index buffers are included."""
+        spec. The vocabulary map's index buffers are included. The own head's output layer is left out when
+        frozen (it comes back from the small model's spec too) or when it is the small model's own (tied)
+        embeddings, saved once, under the small model's name."""
         skip = {"small." + plain_name(name) for name, p in self.small.named_parameters() if not p.requires_grad}
+        small = {id(p) for p in self.small.parameters()}
+        skip |= {"head." + plain_name(name) for name, p in self.head.named_parameters()
+                 if not p.requires_grad or id(p) in small}
         return {
             name: tensor for name, tensor in self.state_dict().items()
             if not name.startswith("large.") and name not in skip

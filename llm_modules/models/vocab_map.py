@@ -96,3 +96,4 @@ class VocabMap(nn.Module):
 
     def extra_repr(self) -> str:
         return f"large_vocab={self.large_vocab_size}, small_pieces={self.small_ids.numel()}"
+

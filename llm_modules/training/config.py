@@ -95,18 +95,21 @@ HELP: dict[str, str] = {
     "method": "what trains: composed (ours), finetune (the small model), lora (on the large model), distill, or "
               "drafter (the composed model trained to draft the large model's next tokens for speculative decoding)",
     "causal": "cross-attention reads only past large-model states; --no-causal reproduces the paper's leak",
-    "head": "how the small model's output becomes logits over the large vocabulary (--method drafter: projected)",
+    "head": "how the small model's output becomes logits: residual, new or projected over the large vocabulary "
+            "(--method drafter: projected), or own: the small model's own language head over its own tokenizer "
+            "(needs --large-reads prompt and --bridge ladder or xattn; starts as the small model alone)",
     "bridge": "how the large model's states reach the small one: eca (the paper's; the default), ladder (the "
               "default of --method drafter) or xattn",
     "small_inputs": "what the small model reads: the bridge output only (the paper), or its own embeddings "
-                    "through a map of the large vocabulary (mapped; the default of --method drafter)",
+                    "through a map of the large vocabulary (mapped; the default of --method drafter); --head own sets own (its own "
+                    "tokens)",
     "train_embeddings": "with --small-inputs mapped: train the small model's token embeddings too",
     "train_small": "composed: train the small model's own weights; --no-train-small freezes them (CALM's setting), "
                    "so only the bridge, the head and any --train-embeddings train",
     "small_layers": "keep only the small model's first N decoder layers (a cheaper drafter or decoder); 0 or default: all",
     "large_reads": "which large-model states the small side reads: all (its own position's and every earlier one) or "
                    "prompt (the prompt's only: generation then runs the large model once per prompt; needs "
-                   "--small-inputs mapped and --head projected or new)",
+                   "--small-inputs mapped and --head projected or new, or --head own)",
     "large_layers": "ladder and xattn: large hidden states to tap, e.g. 3,7,11 (empty: every 4th, ending at the last)",
     "small_stride": "xattn: a cross-attention block after every N-th small layer",
     "gate_temperature": "ladder and xattn: T of the tanh(alpha / T) gates; smaller opens them faster (LST: 0.1)",
@@ -116,7 +119,7 @@ HELP: dict[str, str] = {
     "dropout": "dropout in the bridge's cross-attention",
     "template": "how a record becomes text: stratos (the paper's layout) or the tokenizer's chat template",
     "loss_on": "which tokens carry the loss: the assistant's answer only, or every token",
-    "max_length": "longest example in large-model tokens",
+    "max_length": "longest example in large-model tokens (small-model tokens with --head own)",
     "overflow": "what happens to an example over --max-length: dropped or truncated",
     "val_fraction": "fraction of the examples held out for validation, fixed by --data-seed",
     "subset": "fraction of the records used at all (the paper: 0.3)",

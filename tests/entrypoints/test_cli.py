@@ -29,13 +29,13 @@ def test_every_train_option_has_help_with_its_default_and_choices():
             default = option_default(name)  # the composed method's
             assert f"default: {default}" in action.help.replace("%%", "%"), name
     choices = {name: tuple(actions[name].choices or ()) for name in train_options()}
-    assert set(choices["head"]) == {"new", "projected", "residual"}
+    assert set(choices["head"]) == {"new", "projected", "residual", "own"}
     assert set(choices["template"]) == {"stratos", "chat"}
     assert set(choices["mixed_precision"]) == {"auto", "no", "bf16", "fp16"}
     assert set(choices["state_cache_dtype"]) == {"float32", "float16", "bfloat16"}
     assert choices["loss_on"] and choices["overflow"]
     text = train_parser().format_help()
-    assert "--head {new,projected,residual}" in text and "(default: residual)" in text
+    assert "--head {new,projected,residual,own}" in text and "(default: residual)" in text
 
 
 @pytest.mark.parametrize("flag,value,names", [

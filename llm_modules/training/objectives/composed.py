@@ -4,6 +4,7 @@ read from the state cache (built here once per data split), its weights freed wh
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -34,17 +35,22 @@ class TrainedParts(nn.Module):
         return self.composed(**batch)
 
 
-def prompt_examples(examples: list[Any]) -> list[Any]:
+def prompt_examples(examples: list[Any], large_ids: Callable[[list[int]], list[int]] | None = None) -> list[Any]:
     """Each example cut to its prompt (the tokens before its first label): all a model that reads the prompt
-    only needs of the large model, so its state cache stores no answer position."""
+    only needs of the large model, so its state cache stores no answer position. `large_ids`: how a prompt in
+    the examples' tokens becomes the large model's (head "own": examples in the small tokenizer's ids)."""
     from llm_modules.data.prepare import TokenizedExample, prompt_length
 
-    cut = [(e, prompt_length(e)) for e in examples]
-    return [TokenizedExample(input_ids=e.input_ids[:n], labels=[IGNORE_INDEX] * n, record=e.record) for e, n in cut]
+    cut = [e.input_ids[:prompt_length(e)] for e in examples]
+    cut = cut if large_ids is None else [large_ids(ids) for ids in cut]
+    return [TokenizedExample(input_ids=ids, labels=[IGNORE_INDEX] * len(ids), record=e.record)
+            for e, ids in zip(examples, cut)]
 
 
 class ComposedObjective(Objective):
-    """Ours: the bridge, the small model and the head train; the large model's states are cached."""
+    """Ours: the bridge, the small model and the head train; the large model's states are cached. With head
+    "own" the examples are in the small tokenizer's ids (`tokenizer` is the small one) and the state cache
+    holds each prompt re-tokenized for the large model (`LLMModulesModel.large_prompt_ids`)."""
 
     method = "composed"
     keep_large_head = False  # release_large keeps the large output embedding even under the `new` head
@@ -68,7 +74,9 @@ class ComposedObjective(Objective):
         self.cache_keys: list[str] = []  # the state caches' keys: a run that reused them can be charged their build
 
     def param_groups(self, config: Any) -> list[dict[str, Any]]:
-        rest = [p for m in (self.model.small, self.model.head) for p in m.parameters() if p.requires_grad]
+        # each once: the own head's output layer may be the small model's (tied) input embeddings
+        rest = list({id(p): p for m in (self.model.small, self.model.head) for p in m.parameters()
+                     if p.requires_grad}.values())
         bridge = [p for p in self.model.bridge.parameters() if p.requires_grad]
         return [{"params": bridge, "lr": config.train.lr_bridge},
                 {"params": rest, "lr": config.train.lr_small}]
@@ -102,7 +110,8 @@ class ComposedObjective(Objective):
         model_key = model_state_key(cached, hardware.state_cache_dtype)
         prompt_only = self.model.config.large_reads == "prompt"  # then the states of the prompts only
         for split in ("train", "val"):  # keyed by token ids: another split reuses their states
-            examples = prompt_examples(getattr(data, split)) if prompt_only else getattr(data, split)
+            examples = prompt_examples(getattr(data, split), self.model.large_prompt_ids if self.model.own_head
+                                       else None) if prompt_only else getattr(data, split)
             fingerprint = ("prompt:" if prompt_only else "") + examples_digest(examples)
             key = state_cache_key(cached, fingerprint, hardware.state_cache_dtype)
             self.states[split] = StateCache.open_or_build(
@@ -126,7 +135,11 @@ class ComposedObjective(Objective):
     def batch_extras(self, split: str, indices: list[int], width: int) -> dict[str, torch.Tensor]:
         # (B, width, K, dL); a prompt-only cache's rows end at their prompt, zeros after (never read)
         states = self.states.get(split)
-        return {} if states is None else {"large_states": states.batch(indices, pad_to=width)}
+        if states is None:
+            return {}
+        if self.model.own_head:  # the prompts in the large tokenizer's ids: a width of their own
+            return {"large_states": states.batch(indices, pad_to=max(states.lengths[i] for i in indices))}
+        return {"large_states": states.batch(indices, pad_to=width)}
 
     def loss_sum(self, wrapped: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         return wrapped(**batch, loss="sum").loss

@@ -152,6 +152,9 @@ class DrafterOptions(MethodOptions):
         super().__post_init__()
 
     def check_run(self, config: Any) -> None:
+        if config.compose.head == "own":
+            raise LLMModulesError("--head own cannot draft: a drafter drafts the large model's tokens, and the own "
+                                  "head predicts the small model's; use --head projected (the drafter's default) or new")
         if config.compose.head == "residual":
             raise LLMModulesError("--head residual cannot draft: it adds the large model's logits at the very position "
                                   "it predicts, which a drafter does not have yet; use --head projected (the drafter's "
