@@ -148,3 +148,15 @@ def test_sampled_rows_with_the_policy_decode_to_the_end(mapped_pair):
     out = decode_rows(spec, prompts, options)
     assert [len(t) for t in out] == [10, 10, 10] and all(0 <= t < model.vocab_size for row in out for t in row)
     assert torch.tensor(out).numel() == 30
+
+
+def test_the_drafter_rests_after_a_pass_that_kept_none_of_its_nodes_and_explores_again():
+    policy = DraftPolicy()
+    assert policy.draft_tokens(4, 5) == 5  # nothing known at this size: the whole K
+    policy.depth[4] = 2  # the last pass at batch 4 kept drafter nodes down to depth 2
+    assert policy.draft_tokens(4, 5) == 3
+    policy.depth[4] = 0  # it kept none: the drafter rests, then drafts fully on every 16th pass
+    asked = [policy.draft_tokens(4, 5) for _ in range(2 * DraftPolicy.EXPLORE_EVERY)]
+    explore = DraftPolicy.EXPLORE_EVERY - 1
+    assert asked[explore] == asked[2 * explore + 1] == 5 and asked.count(0) == len(asked) - 2
+    assert policy.draft_tokens(8, 5) == 5  # another batch size keeps its own account

@@ -154,3 +154,58 @@ def test_a_node_both_sources_propose_is_lookups_and_the_drafter_owns_only_what_i
     (out,) = tree.propose_tree(torch.tensor([7]), 3, [Sequence([1], SamplingOptions(max_new_tokens=4), [])])
     assert out.tokens == [7, 8, 1, 6, 9] and out.sources == ["root", "lookup", "lookup", "lookup", "drafter"]
     assert out.parents == [-1, 0, 1, 2, 2]
+
+
+class Resting(Alternating):
+    """A policy stand-in: the drafter drafts k on passes 1, 4, 7, ... and rests (0: not run) on the others."""
+
+    def draft_tokens(self, batch, k):
+        self.passes += 1
+        self.asked.append(k if self.passes % 3 == 1 else 0)
+        return self.asked[-1]
+
+
+def _drafter_reads_every_verified_token(proposer, spec, prompts):
+    """What the drafter has read (its real columns) and holds to read next (its chunk, or EAGLE-3's pending ids) is
+    every verified token of every row: the prompt (EAGLE-3: from its second token) and the tokens emitted."""
+    for b, seq in enumerate(spec.rows):
+        real = proposer.ids[b][proposer.mask[b].bool()].tolist()
+        held = proposer.chunk[b] if hasattr(proposer, "chunk") else proposer.pending_ids[b]
+        start = 0 if hasattr(proposer, "chunk") else 1
+        assert real + held == seq.prompt[start:] + seq.tokens
+
+
+@pytest.mark.parametrize("kind", ["composed", "eagle3"])
+def test_a_resting_drafter_is_not_run_and_reads_what_was_verified_meanwhile(mapped_pair, kind):
+    """Passes the drafting policy rests the drafter for call no drafter at all; the tokens verified meanwhile join
+    what it reads at its next proposal (none lost, none twice), and greedy output stays the target's own."""
+    from llm_modules.decoding.engine import DecodeBatch
+    from llm_modules.decoding.speculative.eagle3_proposer import Eagle3Proposer
+
+    from ..helpers import decode_rows, tiny_eagle3, tiny_eagle3_target
+
+    k = 3
+    if kind == "composed":
+        model = _model(mapped_pair, "ladder")
+        target, drafter = model.large, ComposedProposer(model, draft_tokens=k)
+        vocab = model.vocab_size
+    else:
+        target = tiny_eagle3_target().double()
+        drafter, vocab = Eagle3Proposer(tiny_eagle3(target).double(), draft_tokens=k), 100
+    g = torch.Generator().manual_seed(4)
+    prompts = [(torch.randint(3, vocab, (4,), generator=g).tolist()) * 2 for _ in range(3)]
+    options = [SamplingOptions(max_new_tokens=n) for n in (20, 14, 24)]
+    alone = decode_rows(DecodeBatch(target), prompts, options)
+    calls = []
+    propose = drafter.propose
+    drafter.propose = lambda first, n, rows: calls.append(n) or propose(first, n, rows)
+    policy = Resting(k)
+    spec = SpeculativeBatch(target, TreeProposer(drafter, PromptLookup(vocab, draft_tokens=4), width=2), policy=policy)
+    seqs = [Sequence(p, o, []) for p, o in zip(prompts, options)]
+    spec.add(seqs)
+    while spec.rows:
+        spec.step()
+        if spec.rows:
+            _drafter_reads_every_verified_token(drafter, spec, prompts)
+    assert [s.tokens for s in seqs] == alone
+    assert 0 in policy.asked and calls == [n for n in policy.asked if n]  # rested passes ran no drafter

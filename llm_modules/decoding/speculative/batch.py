@@ -156,8 +156,6 @@ class SpeculativeBatch(RowBatch):
                     seq.fail(err)
             paths.append(path)
             pending.append(nxt)
-        if self.policy is not None:
-            self.policy.observe(self.rows, trees, paths, verified, drafted, pending)
         accepted = [len(path) - 1 for path in paths]
         self.stats.passes += 1
         self.stats.row_passes += len(self.rows)
@@ -178,7 +176,9 @@ class SpeculativeBatch(RowBatch):
             kept_states = states.gather(1, index[:, :, None, None].expand(-1, -1, *states.shape[2:]).to(states.device))
         self.drafter.commit(torch.tensor(accepted, device=self.device), tokens, kept_states)
         self._cut_padding()
-        self._lap("rollback_seconds", clock)
+        done = self._lap("rollback_seconds", clock)
+        if self.policy is not None:  # what the pass cost: the target's pass and the rollback after it
+            self.policy.observe(self.rows, trees, paths, verified + done - clock, drafted, pending)
         return accepted, [tokens[b, 1: 1 + a].tolist() for b, a in enumerate(accepted)]
 
     def _lap(self, name: str, since: float) -> float:

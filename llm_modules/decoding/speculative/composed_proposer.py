@@ -46,6 +46,7 @@ class ComposedProposer(RowBatch):
         self.taps = list(model.large_taps)
         self.last_batch_stats: Any = None  # set by the SpeculativeBatch it drafts for
         self.last_logits: list[torch.Tensor] = []  # per draft of the last proposal: its logits (B, V)
+        self._uncommitted: int | None = None  # drafts appended since the last commit (None: no proposal since)
 
     @property
     def max_positions(self) -> int | None:
@@ -70,6 +71,8 @@ class ComposedProposer(RowBatch):
 
     def keep(self, index: list[int]) -> None:
         self._keep(index)
+        if not index:  # emptied (the batch's rows ended or are rebuilt): no proposal is waiting for a commit
+            self._uncommitted = None
 
     # ------------------------------------------------------------------ drafting
     def _run(self, ids: torch.Tensor, mask_new: torch.Tensor, large_new: torch.Tensor, key_states: torch.Tensor,
@@ -156,7 +159,17 @@ class ComposedProposer(RowBatch):
         return torch.tensor(tokens, device=self.device), (torch.stack(probs) if sampled else None)
 
     def commit(self, accepted: torch.Tensor, tokens: torch.Tensor, states: torch.Tensor | None) -> None:
-        """Drop the K columns after the chunk; the row's first token and accepted drafts become next round's chunk."""
+        """Drop the K columns after the chunk; the row's first token and accepted drafts become next round's chunk.
+        After a pass it did not draft for (`propose` skipped: the drafting policy rests it), the pass's tokens
+        join the chunk it has not read yet, and its next proposal reads them all."""
+        tokens = tokens.tolist()
+        if self._uncommitted is None:
+            for i, a in enumerate(accepted.tolist()):
+                self.chunk[i] = self.chunk[i] + tokens[i][: a + 1]
+                new = states[i, : a + 1].detach()
+                old = self.chunk_states[i]
+                self.chunk_states[i] = new if old is None else torch.cat([old, new.to(old.device, old.dtype)])
+            return
         k = self._uncommitted
         keep = self.width - k
         self.ids, self.mask, self.large_mask = self.ids[:, :keep], self.mask[:, :keep], self.large_mask[:, :keep]
@@ -164,10 +177,10 @@ class ComposedProposer(RowBatch):
             t = slot.get()
             slot.set(t[:, :, : t.shape[2] - k * slot.per_position])
         self.stepper.set_length(self.cache, keep)
-        tokens = tokens.tolist()
         for i, a in enumerate(accepted.tolist()):
             self.chunk[i] = tokens[i][: a + 1]
             self.chunk_states[i] = states[i, : a + 1].detach()
+        self._uncommitted = None
 
 
 def _shifted(source: torch.Tensor, pad: int) -> torch.Tensor:

@@ -55,7 +55,7 @@ class Eagle3Proposer(RowBatch):
         self.draft_tokens = draft_tokens
         self.taps = list(network.config.taps)
         self.last_batch_stats: Any = None  # set by the SpeculativeBatch it drafts for
-        self._uncommitted = 0
+        self._uncommitted: int | None = None  # draft columns appended since the last commit (None: no proposal)
 
     def _run(self, ids: torch.Tensor, state: torch.Tensor, mask_new: torch.Tensor) -> torch.Tensor:
         """Append columns: ids (B, T), states (B, T, H), mask (B, T) -> the layer's outputs (B, T, H)."""
@@ -83,6 +83,8 @@ class Eagle3Proposer(RowBatch):
 
     def keep(self, index: list[int]) -> None:
         self._keep(index)
+        if not index:  # emptied (the batch's rows ended or are rebuilt): no proposal is waiting for a commit
+            self._uncommitted = None
 
     # ------------------------------------------------------------------ drafting
     @torch.no_grad()
@@ -118,15 +120,22 @@ class Eagle3Proposer(RowBatch):
 
     @torch.no_grad()
     def commit(self, accepted: torch.Tensor, tokens: torch.Tensor, states: torch.Tensor | None) -> None:
-        """Drop the K - 1 columns after the verified ones; the states at the kept tokens become `pending`."""
+        """Drop the K - 1 columns after the verified ones; the states at the kept tokens become `pending`. After a
+        pass it did not draft for (`propose` skipped), the pass's tokens and states join what is pending (the
+        pass's first token among them: no proposal read it), and its next proposal reads them all."""
+        fused = self.network.fuse(states.to(self.device, self.dtype))  # (B, k + 1, H)
+        tokens = tokens.tolist()
+        if self._uncommitted is None:
+            for i, a in enumerate(accepted.tolist()):
+                self.pending[i] = torch.cat([self.pending[i], fused[i, : a + 1]])
+                self.pending_ids[i] = self.pending_ids[i] + tokens[i][: a + 1]
+            return
         keep = self.width - self._uncommitted
         self.ids, self.mask = self.ids[:, :keep], self.mask[:, :keep]
         for slot in self.stepper.slots(self.cache):
             slot.set(slot.get()[:, :, :keep])
-        fused = self.network.fuse(states.to(self.device, self.dtype))  # (B, k + 1, H)
-        tokens = tokens.tolist()
         for i, a in enumerate(accepted.tolist()):
             self.pending[i] = fused[i, : a + 1]
             self.pending_ids[i] = tokens[i][1: a + 1]
-        self._uncommitted = 0
+        self._uncommitted = None
         self._cut_padding()

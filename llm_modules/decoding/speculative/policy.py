@@ -15,9 +15,10 @@ padding included), each row's likeliest nodes (they form a subtree: a child is n
 parent), choosing N to maximise expected tokens per second: the batch's rows plus the kept nodes' chances,
 over the pass's cost at N. N = 1 drafts nothing: a plain step. A row whose best node would not pay its own
 share of the pass's cost drafts nothing either. The drafter drafts one token deeper than the deepest of its
-nodes the last pass kept (its own time falls with K; one token when none was kept: it must still read the
-tokens the target verified), and every `EXPLORE_EVERY`-th pass in a row that kept none drafts fully again so
-that the chances are measured anew.
+nodes the last pass kept (its own time falls with K); after a pass that kept none of its nodes it rests (is not
+run at all: a pass then costs what a plain step costs, plus prompt lookup's scan; the drafter reads the tokens
+verified meanwhile at its next proposal), and every `EXPLORE_EVERY`-th pass in a row that rested it drafts fully
+again so that its chances are measured anew. A pass's cost is the target's pass and the rollback after it.
 """
 
 from __future__ import annotations
@@ -52,23 +53,28 @@ class DraftPolicy:
     # 1 + 10 tokens cost 1.13x a step at batch 1 here (benchmarks/verify_pass_cost.py); a batch reads B x N
     prior_slope: float = 0.015
     retime_every: int = 64  # passes between timed plain steps at a batch size
-    EXPLORE_EVERY = 16  # passes that draft nothing before one drafts fully again
+    EXPLORE_EVERY = 16  # passes the drafter rests before it drafts fully again
 
     rates: Any = field(default_factory=weakref.WeakKeyDictionary)  # row -> {source: chance}
     costs: dict[int, BatchCost] = field(default_factory=dict)
     idle: dict[int, int] = field(default_factory=dict)  # batch size -> passes in a row that chose to draft nothing
+    resting: dict[int, int] = field(default_factory=dict)  # batch size -> passes in a row the drafter did not run
     timing: dict[int, bool] = field(default_factory=dict)  # batch size -> its last pass timed a plain step
     depth: dict[int, int] = field(default_factory=dict)  # batch size -> deepest drafted node its last pass kept
     proposed: list[DraftTree] = field(default_factory=list)  # the last pass's trees before pruning
 
     def draft_tokens(self, batch: int, k: int) -> int:
         """How many tokens the drafter drafts this pass: one more than the deepest drafted node the last pass at
-        this batch size kept (1 after passes that kept none: it reads the verified tokens all the same), at most
-        k; k on every EXPLORE_EVERY-th pass in a row that kept none."""
-        idle = self.idle.get(batch, 0)
-        if idle and not idle % self.EXPLORE_EVERY:
-            return k
-        return max(1, min(k, self.depth.get(batch, k - 1) + 1))
+        this batch size kept, at most k; none after a pass that kept none of its nodes (the drafter rests: it is
+        not run, and its next proposal reads the tokens verified meanwhile), except k on every EXPLORE_EVERY-th
+        pass in a row that rested it, so that its chances are measured anew."""
+        depth = self.depth.get(batch, k - 1)
+        if depth > 0:
+            self.resting[batch] = 0
+            return min(k, depth + 1)
+        rested = self.resting.get(batch, 0) + 1
+        self.resting[batch] = rested
+        return k if rested % self.EXPLORE_EVERY == 0 else 0
 
     def chances(self, row: Any, tree: DraftTree) -> list[float]:
         """Per node, the chance the target keeps it: the product of its path's sources' rates (root: 1)."""

@@ -83,7 +83,7 @@ class TreeProposer:
                 if matched >= self.min_match:
                     tree.add_chain(0, row[:n], source="lookup")
                     self.lookup_rows += 1
-        if self.drafter is not None:
+        if self.drafter is not None and k > 0:  # k = 0: the drafting policy rests the drafter this pass
             self._add_drafts(trees, first, k, rows)
         return trees
 
