@@ -147,7 +147,7 @@ def drafter_variants(args, model, k, pad, vocab) -> list[tuple[str, Any]]:
     --no-chains), and per --tree-width its tree alone and with lookup's copy, and with --adaptive that tree with
     the drafting policy too."""
     out = []
-    if args.chains and not args.only_default:
+    if args.chains:
         out.append(("", lambda: our_drafter(model, k, pad, vocab)))
     for lookup in (False, True):
         for width in args.tree_width:
@@ -303,8 +303,8 @@ def main() -> None:
     parser.add_argument("--adaptive", action="store_true",
                         help="each tree with lookup also with the drafting policy (`--draft`'s default: DraftPolicy)")
     parser.add_argument("--only-default", action="store_true",
-                        help="each drafter only as `--draft DIR` runs it: per --tree-width (default 5) its tree with "
-                             "lookup's copy and the drafting policy")
+                        help="each drafter as `--draft DIR` runs it: per --tree-width (default 5) its tree with "
+                             "lookup's copy and the drafting policy, and its chain unless --no-chains")
     parser.add_argument("--lookup-tokens", action="append", type=int, default=[],
                         help="Spec-Bench mode: prompt lookup in our engine drafting K tokens per pass (default 4, as the rows measured before the default became 10)")
     args = parser.parse_args()

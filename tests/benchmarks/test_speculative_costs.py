@@ -162,8 +162,10 @@ def test_only_default_runs_each_drafter_as_draft_dir_does():
     from types import SimpleNamespace
 
     script = load_script()
-    args = SimpleNamespace(chains=True, only_default=True, tree_width=[5], adaptive=False)
+    args = SimpleNamespace(chains=False, only_default=True, tree_width=[5], adaptive=False)
     assert [label for label, _ in script.drafter_variants(args, None, 4, 0, None)] == [" tree w=5+lookup adaptive"]
+    args.chains = True
+    assert [label for label, _ in script.drafter_variants(args, None, 4, 0, None)] == ["", " tree w=5+lookup adaptive"]
     args = SimpleNamespace(chains=True, only_default=False, tree_width=[3], adaptive=True)
     assert [label for label, _ in script.drafter_variants(args, None, 4, 0, None)] == [
         "", " tree w=3", " tree w=3+lookup", " tree w=3+lookup adaptive"]
