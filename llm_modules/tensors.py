@@ -11,6 +11,19 @@ IGNORE_INDEX = -100  # a label position that no loss counts (prompts, padding); 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
+def last_positions(t: torch.Tensor, n: int) -> torch.Tensor:
+    """The last n positions of t (B, T, d) as a tensor with the standard strides. Not `.contiguous()`: a slice
+    whose other dims have size 1 counts as contiguous and comes back as it is, its batch dim still striding
+    T * d, and this CPU's bfloat16 linear over such a (1, 1, d) input, with weights that need no gradient, took
+    2 s for a 151,936-row head against 25 ms over the same values laid out densely."""
+    part = t[:, -n:]
+    standard, step = [], 1
+    for size in reversed(part.shape):
+        standard.insert(0, step)
+        step *= size
+    return part if tuple(part.stride()) == tuple(standard) else part.clone(memory_format=torch.contiguous_format)
+
+
 def positions_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
     """(B, S) 0/1 mask -> (B, S) position ids counting real tokens only, so padding changes nothing."""
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)

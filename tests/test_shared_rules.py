@@ -64,3 +64,20 @@ def test_token_lists_pad_on_either_side():
     assert ids.tolist() == [[1, 2, 3], [0, 0, 4]] and mask.tolist() == [[1, 1, 1], [0, 0, 1]]
     ids, mask = right_pad([[1, 2, 3], [4]], pad=-1)
     assert ids.tolist() == [[1, 2, 3], [4, -1, -1]] and mask.tolist() == [[1, 1, 1], [1, 0, 0]]
+
+
+def test_the_last_positions_come_back_densely_laid_out():
+    """`last_positions` gives standard strides also where `.contiguous()` keeps a view (batch 1: the size-1 batch
+    dim still strides T * d, which made this CPU's bfloat16 head 80x slower), and copies nothing it need not."""
+    import torch
+
+    from llm_modules.tensors import last_positions
+
+    t = torch.randn(1, 7, 4)
+    assert t[:, -1:].contiguous().stride() == (28, 4, 1)  # what `.contiguous()` leaves
+    for n in (1, 3):
+        out = last_positions(t, n)
+        assert out.stride() == (4 * n, 4, 1) and torch.equal(out, t[:, -n:])
+    wide = torch.randn(3, 5, 4)
+    assert last_positions(wide, 2).stride() == (8, 4, 1) and torch.equal(last_positions(wide, 2), wide[:, -2:])
+    assert last_positions(wide, 5).data_ptr() == wide.data_ptr()  # already standard: the same tensor

@@ -53,7 +53,7 @@ from llm_modules.models.saved import (
 from llm_modules.models import own_prompt
 from llm_modules.models.vocab_map import VocabMap
 from llm_modules.tensors import answer_start as first_label
-from llm_modules.tensors import positions_from_mask, prompt_source
+from llm_modules.tensors import last_positions, positions_from_mask, prompt_source
 
 logger = logging.getLogger(__name__)
 
@@ -526,9 +526,9 @@ class LLMModulesModel(nn.Module):
             picked_final = answer_logit_targets(final, labels)[0] if final is not None else None  # (N, dL)
             total = self._chunked_head_loss(picked, picked_final, large_head, targets)
             return ComposedOutput(logits=None, loss=total / targets.numel() if loss == "mean" else total, cache=cache)
-        if logits_to_keep:  # copies: a strided view into the heads' linears was ~500x slower (CPU, bfloat16)
-            s = s[:, -logits_to_keep:].contiguous()
-            final = final[:, -logits_to_keep:].contiguous() if final is not None else None
+        if logits_to_keep:  # dense copies: a strided view into the heads' linears was 80-500x slower (CPU, bfloat16)
+            s = last_positions(s, logits_to_keep)
+            final = last_positions(final, logits_to_keep) if final is not None else None
         logits = self.head(s, final, large_head, vocab_rows)  # (B, T, V), or (B, T, n) over vocab_rows
         mean = next_token_loss(logits, labels, "mean") if labels is not None else None
         return ComposedOutput(logits=logits, loss=mean, cache=cache)
