@@ -41,6 +41,14 @@ from llm_modules import LLMModulesModel
 from llm_modules.data.prepare import TokenizedExample
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+def load_benchmark(name: str):
+    """A script of benchmarks/ (they are scripts, not a package) imported as a module."""
+    spec = importlib.util.spec_from_file_location(f"benchmark_{name}", REPO / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 FIXTURES = REPO / "tests" / "fixtures"
 
 
@@ -576,3 +584,24 @@ def interrupt_training(monkeypatch, argv: list[str], at_step: int = 4) -> None:
     monkeypatch.setattr(loop, "train_step", dying_step)
     assert main(argv) == 130
     monkeypatch.setattr(loop, "train_step", real_step)
+
+
+def decode_cached_and_recomputed(model, ids, mask, new_tokens: int = 6):
+    """Greedy decoding of left-padded prompts three ways: the engine's cached steps (each step's scores), the
+    model's cached `generate` and its full recompute, which must agree. -> (per-step scores, the tokens)."""
+    import torch
+
+    from llm_modules.decoding.engine import DecodeBatch, Sequence
+    from llm_modules.decoding.sampling import SamplingOptions
+
+    steps: list[torch.Tensor] = []
+    batch = DecodeBatch(model)
+    batch.add([Sequence(row[m.bool()].tolist(), SamplingOptions(max_new_tokens=new_tokens), [])
+               for row, m in zip(ids, mask)])
+    while batch.rows:
+        steps.append(batch.scores.clone())
+        batch.step()
+    cached = model.generate(ids, mask, max_new_tokens=new_tokens, eos_token_id=[])
+    recomputed = model.generate(ids, mask, max_new_tokens=new_tokens, eos_token_id=[], use_cache=False)
+    assert torch.equal(cached, recomputed)
+    return steps, cached

@@ -32,6 +32,7 @@ from llm_modules.bridges import (
 from llm_modules.decoding.steppers import Decoder
 from llm_modules.errors import LLMModulesError
 from llm_modules.losses import answer_logit_targets, next_token_loss
+from llm_modules.models import own_prompt
 from llm_modules.models.compose_config import ComposeConfig
 from llm_modules.models.composed_stepper import (
     ComposedCache,
@@ -50,7 +51,6 @@ from llm_modules.models.saved import (
     resolve_model_folder,
     save_weights,
 )
-from llm_modules.models import own_prompt
 from llm_modules.models.vocab_map import VocabMap
 from llm_modules.tensors import answer_start as first_label
 from llm_modules.tensors import last_positions, positions_from_mask, prompt_source

@@ -3,19 +3,18 @@ as greedy speculative decoding keeps tokens."""
 
 from __future__ import annotations
 
-import importlib.util
 import random
 
-from llm_modules.decoding.speculative.prompt_lookup import PromptLookup, find_continuation
+from llm_modules.decoding.speculative.prompt_lookup import (
+    PromptLookup,
+    find_continuation,
+)
 
-from ..helpers import REPO
+from ..helpers import load_benchmark
 
 
 def load_script():
-    spec = importlib.util.spec_from_file_location("lookup_replay", REPO / "benchmarks" / "lookup_replay.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("lookup_replay")
 
 
 def test_the_rule_marked_ours_is_the_librarys_prompt_lookup():

@@ -3,18 +3,14 @@
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 
 import pytest
 
-from ..helpers import REPO
+from ..helpers import load_benchmark
 
 
 def load_script():
-    spec = importlib.util.spec_from_file_location("spec_bench", REPO / "benchmarks" / "spec_bench.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("spec_bench")
 
 
 def test_the_committed_file_is_spec_bench_unchanged_with_its_six_categories():

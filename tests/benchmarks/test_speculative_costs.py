@@ -2,17 +2,13 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 
-from ..helpers import REPO
+from ..helpers import load_benchmark
 
 
 def load_script():
-    spec = importlib.util.spec_from_file_location("speculative_benchmark", REPO / "benchmarks" / "speculative.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("speculative")
 
 
 def test_a_reused_state_cache_is_charged_what_its_build_cost(tmp_path):

@@ -22,7 +22,7 @@ from llm_modules.models.compose_config import ComposeConfig
 from llm_modules.models.saved import CONFIG_FILE
 from llm_modules.tensors import IGNORE_INDEX, left_pad
 
-from ..helpers import OPTIONS, nudge_gates
+from ..helpers import OPTIONS, decode_cached_and_recomputed, nudge_gates
 
 BRIDGES = ["ladder", "xattn"]
 QUESTIONS = [("What is 3 plus 4?", " 3 plus 4 is 7."), ("What is 12 plus 9? Tell me.", " 12 plus 9 is 21."),
@@ -196,15 +196,7 @@ def test_cached_decoding_equals_full_recompute(mapped_pair, bridge):
     every step are those of one forward over prompt + answer, and its tokens those of a full recompute."""
     model = decoding_model(mapped_pair, bridge)
     ids, mask = left_pad(prompts(model.tokenizer), model.tokenizer.pad_token_id)
-    steps: list[torch.Tensor] = []
-    batch = DecodeBatch(model)
-    batch.add([Sequence(row[m.bool()].tolist(), SamplingOptions(max_new_tokens=6), []) for row, m in zip(ids, mask)])
-    while batch.rows:
-        steps.append(batch.scores.clone())
-        batch.step()
-    cached = model.generate(ids, mask, max_new_tokens=6, eos_token_id=[])
-    recomputed = model.generate(ids, mask, max_new_tokens=6, eos_token_id=[], use_cache=False)
-    assert torch.equal(cached, recomputed)
+    steps, cached = decode_cached_and_recomputed(model, ids, mask)
     assert int(cached[:, ids.shape[1]:].max()) < model.vocab_size  # the small vocabulary's ids
     full_mask = torch.cat([mask, torch.ones(len(ids), 6, dtype=torch.long)], 1)
     full = model.forward_read(LargeRead(answer_start=ids.shape[1]), input_ids=cached, attention_mask=full_mask).logits
@@ -319,7 +311,12 @@ def test_train_cli_with_the_own_head(mapped_pair, tmp_path, capsys):
     --method drafter refuses --head own."""
     from llm_modules.data.prepare import prepare_data, prompt_length
     from llm_modules.entrypoints.cli import main
-    from llm_modules.evaluation.harness import EvalOptions, PlainScorer, evaluate, load_scorer
+    from llm_modules.evaluation.harness import (
+        EvalOptions,
+        PlainScorer,
+        evaluate,
+        load_scorer,
+    )
     from llm_modules.states.store import INDEX_FILE
     from llm_modules.training.config import TrainConfig
 

@@ -20,7 +20,7 @@ from llm_modules.models.compose_config import ComposeConfig
 from llm_modules.models.saved import CONFIG_FILE
 from llm_modules.tensors import IGNORE_INDEX, answer_start, prompt_source
 
-from ..helpers import OPTIONS
+from ..helpers import OPTIONS, decode_cached_and_recomputed
 from ..helpers import nudge_gates as nudge
 
 
@@ -100,15 +100,7 @@ def test_cached_decoding_equals_full_recompute(mapped_pair, bridge):
     tokens of a full recompute, and its logits are those of one forward over prompt + answer."""
     model = prompt_model(mapped_pair, bridge)
     ids, mask = left_padded(model)
-    steps: list[torch.Tensor] = []
-    batch = DecodeBatch(model)
-    batch.add([Sequence(row[m.bool()].tolist(), SamplingOptions(max_new_tokens=6), []) for row, m in zip(ids, mask)])
-    while batch.rows:
-        steps.append(batch.scores.clone())
-        batch.step()
-    cached = model.generate(ids, mask, max_new_tokens=6, eos_token_id=[])
-    recomputed = model.generate(ids, mask, max_new_tokens=6, eos_token_id=[], use_cache=False)
-    assert torch.equal(cached, recomputed)
+    steps, cached = decode_cached_and_recomputed(model, ids, mask)
     full_mask = torch.cat([mask, torch.ones(2, 6, dtype=torch.long)], 1)
     full = until(model, torch.full((2,), ids.shape[1]), input_ids=cached, attention_mask=full_mask).logits
     torch.testing.assert_close(torch.stack(steps, 1), full[:, ids.shape[1] - 1:-1], rtol=1e-9, atol=1e-9)
