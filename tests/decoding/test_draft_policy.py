@@ -160,3 +160,4 @@ def test_the_drafter_rests_after_a_pass_that_kept_none_of_its_nodes_and_explores
     explore = DraftPolicy.EXPLORE_EVERY - 1
     assert asked[explore] == asked[2 * explore + 1] == 5 and asked.count(0) == len(asked) - 2
     assert policy.draft_tokens(8, 5) == 5  # another batch size keeps its own account
+    assert DraftPolicy().draft_tokens(1, 1) == 1  # a drafter of K = 1 drafts before anything is known

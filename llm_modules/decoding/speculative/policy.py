@@ -68,7 +68,9 @@ class DraftPolicy:
         this batch size kept, at most k; none after a pass that kept none of its nodes (the drafter rests: it is
         not run, and its next proposal reads the tokens verified meanwhile), except k on every EXPLORE_EVERY-th
         pass in a row that rested it, so that its chances are measured anew."""
-        depth = self.depth.get(batch, k - 1)
+        depth = self.depth.get(batch)
+        if depth is None:  # nothing kept or pruned at this batch size yet: the whole K
+            return k
         if depth > 0:
             self.resting[batch] = 0
             return min(k, depth + 1)
