@@ -74,8 +74,10 @@ class PromptLookup:
     def join(self, rows: list[Any], ids: torch.Tensor, mask: torch.Tensor, states: torch.Tensor | None) -> None:
         self.contexts += [row[m.bool()].tolist() for row, m in zip(ids.cpu(), mask.cpu())]
 
-    def propose(self, first: torch.Tensor, k: int, rows: list[Any]) -> tuple[torch.Tensor, torch.Tensor | None]:
-        drafts, self.matched, self.found = [], [], []
+    def copies(self, first: torch.Tensor, k: int) -> list[list[int]]:
+        """Per row, the up to k tokens its context copies after `first` (none without a match); records `matched`
+        (the n-gram each row matched, 0: none) and `found` (how many it copied)."""
+        out, self.matched, self.found = [], [], []
         for context, token in zip(self.contexts, first.tolist()):
             found, n = find_match(context + [token], k, self.max_ngram, self.min_ngram)
             self.matched.append(n)
@@ -87,7 +89,12 @@ class PromptLookup:
             self.proposals += 1
             self.hits += bool(found)
             self.found.append(len(found))
-            drafts.append(found + [found[-1] if found else token] * (k - len(found)))
+            out.append(found)
+        return out
+
+    def propose(self, first: torch.Tensor, k: int, rows: list[Any]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        drafts = [found + [found[-1] if found else token] * (k - len(found))
+                  for found, token in zip(self.copies(first, k), first.tolist())]
         drafts = torch.tensor(drafts, dtype=torch.long, device=first.device)  # (B, k)
         if not any(r.options.do_sample for r in rows):
             return drafts, None
@@ -97,9 +104,8 @@ class PromptLookup:
         """Each row's copy alone, up to k tokens (deterministic: one-hot proposals): a row with no match has its
         own token only, so its pass costs a plain step, where `propose`'s chain pads every row to k drafts the
         target rejects."""
-        drafts, _ = self.propose(first, k, rows)
-        return [DraftTree.chain(root, row[:n], source="lookup")
-                for root, row, n in zip(first.tolist(), drafts.tolist(), self.found)]
+        return [DraftTree.chain(root, found, source="lookup")
+                for root, found in zip(first.tolist(), self.copies(first, k))]
 
     def commit(self, accepted: torch.Tensor, tokens: torch.Tensor, states: torch.Tensor | None) -> None:
         for context, row, a in zip(self.contexts, tokens.tolist(), accepted.tolist()):

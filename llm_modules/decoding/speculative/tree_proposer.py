@@ -77,11 +77,10 @@ class TreeProposer:
         # lookup's copy first: a node both sources propose is the copy's, so the drafter is credited (and the
         # drafting policy keeps it drafting deep) only for what it adds beyond the copy
         if self.lookup is not None:
-            copied, _ = self.lookup.propose(first, self.lookup.draft_tokens, rows)
-            copied = copied.tolist()
-            for tree, row, n, matched in zip(trees, copied, self.lookup.found, self.lookup.matched):
+            copied = self.lookup.copies(first, self.lookup.draft_tokens)  # no padding, no one-hot proposals
+            for tree, found, matched in zip(trees, copied, self.lookup.matched):
                 if matched >= self.min_match:
-                    tree.add_chain(0, row[:n], source="lookup")
+                    tree.add_chain(0, found, source="lookup")
                     self.lookup_rows += 1
         if self.drafter is not None and k > 0:  # k = 0: the drafting policy rests the drafter this pass
             self._add_drafts(trees, first, k, rows)
