@@ -9,7 +9,7 @@ import torch
 from llm_modules.decoding.sampling import SamplingOptions
 from llm_modules.decoding.speculative.batch import SpeculativeBatch
 from llm_modules.decoding.speculative.composed_proposer import ComposedProposer
-from llm_modules.decoding.speculative.policy import BatchCost, DraftPolicy
+from llm_modules.decoding.speculative.policy import DraftPolicy, PassCosts
 from llm_modules.decoding.speculative.prompt_lookup import PromptLookup
 from llm_modules.decoding.speculative.tree import DraftTree
 from llm_modules.decoding.speculative.tree_proposer import TreeProposer
@@ -38,45 +38,67 @@ def test_a_subtree_keeps_the_kept_nodes_attempts_and_sources():
     assert tree.subtree([]).tokens == [1]
 
 
-def test_the_first_pass_at_a_batch_size_times_a_plain_step():
+def _costs(policy: DraftPolicy, seen: dict[int, float], drafting: float = 0.0) -> DraftPolicy:
+    policy.passes.seen.update(seen)
+    policy.drafting[1] = drafting
+    return policy
+
+
+def test_the_first_pass_times_a_plain_step_and_a_new_row_count_is_predicted_not_timed():
     policy = DraftPolicy()
     rows = [Row(), Row()]
     assert [len(t) for t in policy.prune(rows, [_tree(), _tree()])] == [1, 1]
     policy.observe(rows, [DraftTree.root(1)] * 2, [[0], [0]], verify_seconds=0.5, draft_seconds=0.0)
-    assert policy.costs[2].step == 0.5 and policy.idle.get(2, 0) == 0  # timing is not choosing to draft nothing
+    assert policy.passes.seen == {2: 0.5} and policy.timing
+    # a row leaves: one row's pass is predicted from the two-row one, so the pass drafts instead of timing
+    assert len(policy.prune([rows[0]], [_tree()])[0]) > 1 and not policy.timing
+
+
+def test_a_pass_costs_what_its_columns_cost_between_and_beyond_those_seen():
+    costs = PassCosts(memory=0.5, prior_slope=0.1)
+    assert costs(4) is None
+    costs.add(4, 1.0)
+    assert costs(2) == 1.0 and costs(4) == 1.0 and costs(6) == pytest.approx(1.2)  # the prior slope past one
+    costs.add(8, 1.4)
+    assert costs(6) == pytest.approx(1.2) and costs(12) == pytest.approx(1.8)  # interpolated; the last slope on
+    costs.add(8, 1.0)  # an average: (1.4 + 1.0) / 2
+    assert costs.seen[8] == pytest.approx(1.2)
+    costs.add(6, 0.5)  # a noisy narrow reading never makes a wider pass cheaper than a narrower one
+    assert costs(6) == 1.0 and costs(7) >= 1.0
 
 
 def test_nothing_is_drafted_when_drafting_is_predicted_to_lose():
-    policy = DraftPolicy()
-    policy.costs[1] = BatchCost(step=1.0, slope=2.0)  # every node per row costs two more steps
+    policy = _costs(DraftPolicy(), {1: 1.0, 2: 3.0})  # every node costs two more steps
     assert [len(t) for t in policy.prune([Row()], [_tree()])] == [1]
-    policy.costs[1] = BatchCost(step=1.0, slope=0.01)  # nodes nearly free: the whole tree pays at prior rates
+    policy = _costs(DraftPolicy(), {1: 1.0, 7: 1.06})  # nodes nearly free: the whole tree pays at prior rates
     assert [len(t) for t in policy.prune([Row()], [_tree()])] == [7]
 
 
-def test_a_row_whose_drafts_do_not_pay_drafts_nothing_beside_one_whose_do():
-    policy = DraftPolicy()
+def test_every_row_fills_the_columns_its_batch_pays_for_and_none_drafts_when_none_pays():
+    """A pass reads N columns of every row, padding included: a row with unlikely nodes drafts them beside a row
+    whose nodes pay (they cost nothing more); when no row's do, no row drafts."""
     good, bad = Row(), Row()
+    policy = _costs(DraftPolicy(), {2: 1.0, 14: 1.3})
     policy.rates[good] = {"drafter": 0.9, "runner-up": 0.3, "lookup": 0.5}
     policy.rates[bad] = {"drafter": 0.0, "runner-up": 0.0, "lookup": 0.0}
-    policy.costs[2] = BatchCost(step=1.0, slope=0.05)
     pruned = policy.prune([good, bad], [_tree(), _tree()])
-    assert len(pruned[0]) > 1 and len(pruned[1]) == 1
-    # the good row keeps its likeliest nodes: the trunk first
-    assert pruned[0].tokens[:3] == [1, 2, 3]
+    assert len(pruned[0]) == len(pruned[1]) > 1
+    assert pruned[0].tokens[:3] == [1, 2, 3]  # the good row keeps its likeliest nodes: the trunk first
+    policy.rates[good] = dict(policy.rates[bad])
+    assert [len(t) for t in policy.prune([good, bad], [_tree(), _tree()])] == [1, 1]
 
 
 def test_acceptance_is_learned_from_the_nodes_the_target_reached():
     policy = DraftPolicy(prior_rate=0.5, memory=0.5)
     row = Row()
     tree = _tree()
-    policy.costs[1] = BatchCost(step=1.0, slope=0.01)
+    _costs(policy, {1: 1.0, 7: 1.06})
     # the target kept the trunk's first node only: 1 tested and kept, 2 tested and rejected, 3 never reached;
     # the runner-up and lookup's first node tested and rejected; lookup's second never reached
     policy.observe([row], [tree], [[0, 1]], verify_seconds=1.1, draft_seconds=0.1)
     assert policy.rates[row]["drafter"] == (0.5 * 0.5 + 0.5 * 1.0) * 0.5 + 0.5 * 0.0
     assert policy.rates[row]["runner-up"] == 0.25 and policy.rates[row]["lookup"] == 0.25
-    assert policy.costs[1].slope == pytest.approx(0.5 * 0.01 + 0.5 * 0.1 / 6) and policy.costs[1].draft == 0.1
+    assert policy.passes.seen[7] == pytest.approx(0.5 * 1.06 + 0.5 * 1.1) and policy.drafting[1] == pytest.approx(0.05)
 
 
 def test_a_row_that_drafts_nothing_learns_when_its_drafter_is_right_again():
@@ -85,7 +107,7 @@ def test_a_row_that_drafts_nothing_learns_when_its_drafter_is_right_again():
     policy = DraftPolicy(memory=0.5)
     row = Row()
     policy.rates[row] = {"drafter": 0.05, "runner-up": 0.05, "lookup": 0.05}
-    policy.costs[1] = BatchCost(step=1.0, slope=0.05, draft=0.3)
+    _costs(policy, {1: 1.0, 7: 1.3}, drafting=0.3)
     tree = _tree()
     assert len(policy.prune([row], [tree])[0]) == 1  # predicted to lose: nothing drafted
     policy.observe([row], [tree.subtree([])], [[0]], 1.0, 0.3, next_tokens=[2])  # the trunk's first was right
@@ -152,12 +174,12 @@ def test_sampled_rows_with_the_policy_decode_to_the_end(mapped_pair):
 
 def test_the_drafter_rests_after_a_pass_that_kept_none_of_its_nodes_and_explores_again():
     policy = DraftPolicy()
-    assert policy.draft_tokens(4, 5) == 5  # nothing known at this size: the whole K
-    policy.depth[4] = 2  # the last pass at batch 4 kept drafter nodes down to depth 2
+    assert policy.draft_tokens(4, 5) == 5  # nothing known: the whole K
+    policy.depth = 2  # the last pass kept drafter nodes down to depth 2
     assert policy.draft_tokens(4, 5) == 3
-    policy.depth[4] = 0  # it kept none: the drafter rests, then drafts fully on every 16th pass
+    assert policy.draft_tokens(3, 5) == 3  # a row left: the batch's last pass still counts
+    policy.depth = 0  # it kept none: the drafter rests, then drafts fully on every 16th pass
     asked = [policy.draft_tokens(4, 5) for _ in range(2 * DraftPolicy.EXPLORE_EVERY)]
     explore = DraftPolicy.EXPLORE_EVERY - 1
     assert asked[explore] == asked[2 * explore + 1] == 5 and asked.count(0) == len(asked) - 2
-    assert policy.draft_tokens(8, 5) == 5  # another batch size keeps its own account
     assert DraftPolicy().draft_tokens(1, 1) == 1  # a drafter of K = 1 drafts before anything is known

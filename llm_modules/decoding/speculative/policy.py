@@ -7,18 +7,19 @@ outweigh that. `DraftPolicy` keeps two estimates, both from the batch's own pass
 - per row and per source of drafts (a tree node's `source`: the drafter's trunk, its runners-up, prompt
   lookup's copy), the chance that the target keeps a node of that source once it reaches it (an exponential
   average over the row's passes), so a node's chance of being kept is the product along its path;
-- per batch size B, the cost of a pass: a plain step (a pass with no drafts, timed when none at that size was
-  timed lately), the target's extra time per node per row relative to it (`slope`), and the drafter's time.
+- the cost of a pass by the columns it reads (rows x nodes per row, `PassCosts`), whatever the row count, and the
+  drafter's time per batch size.
 
 Each pass it keeps the same number N - 1 of nodes for every row (a batch's pass reads N columns per row,
-padding included), each row's likeliest nodes (they form a subtree: a child is never likelier than its
-parent), choosing N to maximise expected tokens per second: the batch's rows plus the kept nodes' chances,
-over the pass's cost at N. N = 1 drafts nothing: a plain step. A row whose best node would not pay its own
-share of the pass's cost drafts nothing either. The drafter drafts one token deeper than the deepest of its
-nodes the last pass kept (its own time falls with K); after a pass that kept none of its nodes it rests (is not
-run at all: a pass then costs what a plain step costs, plus prompt lookup's scan; the drafter reads the tokens
-verified meanwhile at its next proposal), and every `EXPLORE_EVERY`-th pass in a row that rested it drafts fully
-again so that its chances are measured anew. A pass's cost is the target's pass and the rollback after it.
+padding included, so a row's unlikely nodes cost nothing more than its padding would), each row's likeliest
+nodes (they form a subtree: a child is never likelier than its parent), choosing N to maximise expected tokens
+per second: the batch's rows plus the kept nodes' chances, over the pass's cost at N. N = 1 drafts nothing: a
+plain step. The drafter drafts one token deeper than the deepest of its nodes the last pass kept (its own time
+falls with K); after a pass that kept none of its nodes it rests (is not run at all: a pass then costs what a
+plain step costs, plus prompt lookup's scan; the drafter reads the tokens verified meanwhile at its next
+proposal), and every `EXPLORE_EVERY`-th pass in a row that rested it drafts fully again so that its chances are
+measured anew. A pass's cost is the target's pass and the rollback after it; the first pass, and one in every
+`retime_every` after, is a plain step, timed.
 """
 
 from __future__ import annotations
@@ -31,15 +32,46 @@ from llm_modules.decoding.speculative.tree import DraftTree
 
 
 @dataclass
-class BatchCost:
-    """What a pass costs at one batch size: seconds of a plain step (None: not timed yet), the target's extra
-    time per node per row as a fraction of a step, the drafter's seconds per pass, and passes since a plain
-    step was timed."""
+class PassCosts:
+    """Seconds of a target pass (with the rollback after it) by the columns it reads, T = rows x nodes per row,
+    padding included: what a pass costs depends on T far more than on how T splits into rows and nodes (here, in
+    bfloat16: a one-token step 229 ms at 1 row, 242 at 4, 282 at 8, 372 at 16; a pass over 8 rows x 2.4 nodes
+    356 ms). An exponential average per T seen; between two, interpolated; past the largest, extended along the
+    slope between the two largest (`prior_slope` of the largest's seconds per column while only one is seen);
+    below the smallest, its seconds. Never decreasing in T. A batch whose rows leave or join meets a new row
+    count each time: the account of every count serves it, so no pass is spent timing it."""
 
-    step: float | None = None
-    slope: float = 0.0
-    draft: float = 0.0
-    since_step: int = 0
+    memory: float = 0.8
+    prior_slope: float = 0.015
+    seen: dict[int, float] = field(default_factory=dict)
+
+    def add(self, columns: int, seconds: float) -> None:
+        old = self.seen.get(columns)
+        self.seen[columns] = seconds if old is None else self.memory * old + (1 - self.memory) * seconds
+
+    def __call__(self, columns: int) -> float | None:
+        if not self.seen:
+            return None
+        known = sorted(self.seen)
+        below = [t for t in known if t <= columns]
+        if not below:
+            return self.seen[known[0]]
+        low = below[-1]
+        floor = max(self.seen[t] for t in below)  # never below a narrower pass's cost
+        if low == columns:
+            return max(self.seen[low], floor)
+        above = [t for t in known if t > columns]
+        if above:
+            high = above[0]
+            value = self.seen[low] + (self.seen[high] - self.seen[low]) * (columns - low) / (high - low)
+        else:
+            if len(known) >= 2:
+                a, b = known[-2], known[-1]
+                slope = max((self.seen[b] - self.seen[a]) / (b - a), 0.0)
+            else:
+                slope = self.prior_slope * self.seen[low]
+            value = self.seen[low] + slope * (columns - low)
+        return max(value, floor)
 
 
 @dataclass
@@ -49,34 +81,38 @@ class DraftPolicy:
 
     prior_rate: float = 0.5  # a source's chance before a row has shown any
     memory: float = 0.8  # weight of the past in the exponential averages
-    # the target's extra time per node per row, as a fraction of a step, before one is measured: a pass over
-    # 1 + 10 tokens cost 1.13x a step at batch 1 here (benchmarks/verify_pass_cost.py); a batch reads B x N
+    # the target's extra time per column, as a fraction of a one-column pass, before two widths are measured: a
+    # pass over 1 + 10 tokens cost 1.13x a step at batch 1 here (benchmarks/verify_pass_cost.py)
     prior_slope: float = 0.015
-    retime_every: int = 64  # passes between timed plain steps at a batch size
+    retime_every: int = 64  # passes between timed plain steps
     EXPLORE_EVERY = 16  # passes the drafter rests before it drafts fully again
 
     rates: Any = field(default_factory=weakref.WeakKeyDictionary)  # row -> {source: chance}
-    costs: dict[int, BatchCost] = field(default_factory=dict)
-    idle: dict[int, int] = field(default_factory=dict)  # batch size -> passes in a row that chose to draft nothing
-    resting: dict[int, int] = field(default_factory=dict)  # batch size -> passes in a row the drafter did not run
-    timing: dict[int, bool] = field(default_factory=dict)  # batch size -> its last pass timed a plain step
-    depth: dict[int, int] = field(default_factory=dict)  # batch size -> deepest drafted node its last pass kept
+    passes: PassCosts = field(default=None)  # seconds of a pass by its columns (rows x nodes)
+    drafting: dict[int, float] = field(default_factory=dict)  # batch size -> the drafter's seconds per pass
+    since_step: int = 0  # passes since a plain step was timed
+    timing: bool = False  # the last pass timed a plain step
+    depth: int | None = None  # deepest drafted node the last pass kept (None: nothing kept or pruned yet)
+    resting: int = 0  # passes in a row the drafter did not run
     proposed: list[DraftTree] = field(default_factory=list)  # the last pass's trees before pruning
 
+    def __post_init__(self):
+        if self.passes is None:
+            self.passes = PassCosts(self.memory, self.prior_slope)
+
     def draft_tokens(self, batch: int, k: int) -> int:
-        """How many tokens the drafter drafts this pass: one more than the deepest drafted node the last pass at
-        this batch size kept, at most k; none after a pass that kept none of its nodes (the drafter rests: it is
-        not run, and its next proposal reads the tokens verified meanwhile), except k on every EXPLORE_EVERY-th
-        pass in a row that rested it, so that its chances are measured anew."""
-        depth = self.depth.get(batch)
-        if depth is None:  # nothing kept or pruned at this batch size yet: the whole K
+        """How many tokens the drafter drafts this pass: one more than the deepest drafted node the last pass kept,
+        at most k; none after a pass that kept none of its nodes (the drafter rests: it is not run, and its next
+        proposal reads the tokens verified meanwhile), except k on every EXPLORE_EVERY-th pass in a row that
+        rested it, so that its chances are measured anew. The last pass is the batch's last, whatever its size
+        then (rows leave and join between passes)."""
+        if self.depth is None:  # nothing kept or pruned yet: the whole K
             return k
-        if depth > 0:
-            self.resting[batch] = 0
-            return min(k, depth + 1)
-        rested = self.resting.get(batch, 0) + 1
-        self.resting[batch] = rested
-        return k if rested % self.EXPLORE_EVERY == 0 else 0
+        if self.depth > 0:
+            self.resting = 0
+            return min(k, self.depth + 1)
+        self.resting += 1
+        return k if self.resting % self.EXPLORE_EVERY == 0 else 0
 
     def chances(self, row: Any, tree: DraftTree) -> list[float]:
         """Per node, the chance the target keeps it: the product of its path's sources' rates (root: 1)."""
@@ -87,20 +123,30 @@ class DraftPolicy:
         return out
 
     def cost(self, batch: int, nodes: int) -> float:
-        """A pass over `nodes` per row at this batch size, in plain steps (the drafter's time included)."""
-        c = self.costs.get(batch, BatchCost())
-        slope = c.slope if c.step is not None else self.prior_slope * batch
-        drafting = c.draft / c.step if c.step else 0.0
-        return 1.0 + slope * (nodes - 1) + (drafting if nodes > 1 else 0.0)
+        """A pass over `nodes` per row at this batch size, in plain steps at this size (the drafter's time
+        included)."""
+        step = self.passes(batch)
+        if step is None:
+            return 1.0 + self.prior_slope * batch * (nodes - 1)
+        drafting = self._drafting(batch) / step if nodes > 1 else 0.0
+        return self.passes(batch * nodes) / step + drafting
+
+    def _drafting(self, batch: int) -> float:
+        """The drafter's seconds per pass at this batch size, or at the nearest one measured (0 before any)."""
+        if not self.drafting:
+            return 0.0
+        nearest = min(self.drafting, key=lambda b: (abs(b - batch), b))
+        return self.drafting[nearest]
 
     def prune(self, rows: list[Any], trees: list[DraftTree]) -> list[DraftTree]:
-        """Every row's tree cut to the N best for the batch (its likeliest N - 1 nodes and the root; none for a row
-        whose nodes would not pay their share), N chosen for the most expected tokens per unit of cost."""
+        """Every row's tree cut to the N best for the batch (its likeliest N - 1 nodes and the root), N chosen for
+        the most expected tokens per unit of cost. The pass reads N columns of every row, padding included: a row
+        whose nodes are unlikely still fills its columns (they cost the pass nothing more), so a row drafts nothing
+        only when the batch does, when no N > 1 is predicted to pay."""
         batch = len(rows)
         self.proposed = trees
-        c = self.costs.setdefault(batch, BatchCost())
-        self.timing[batch] = c.step is None or c.since_step >= self.retime_every
-        if self.timing[batch]:  # time a plain step at this batch size
+        self.timing = self.passes(batch) is None or self.since_step >= self.retime_every
+        if self.timing:  # time a plain step
             return [t.subtree([0]) for t in trees]
         ranked = []
         for row, tree in zip(rows, trees):
@@ -112,16 +158,9 @@ class DraftPolicy:
             value = (batch + sum(p for order in ranked for _, p in order[: n - 1])) / self.cost(batch, n)
             if value > best_value:
                 best, best_value = n, value
-        # a row's node pays when its chance beats what its share of the extra columns would have given
-        share = best_value * (self.cost(batch, best) - self.cost(batch, 1)) / max(best - 1, 1) / batch
-        out = []
-        for tree, order in zip(trees, ranked):
-            keep = [i for i, _ in order[: best - 1]]
-            if not order or order[0][1] <= share:
-                keep = []
-            out.append(tree.subtree(keep))
-        self.depth[batch] = max((d for t in out for d, source in zip(t.depths(), t.sources)
-                                 if source not in ("root", "lookup")), default=0)
+        out = [tree.subtree([i for i, _ in order[: best - 1]]) for tree, order in zip(trees, ranked)]
+        self.depth = max((d for t in out for d, source in zip(t.depths(), t.sources)
+                          if source not in ("root", "lookup")), default=0)
         return out
 
     def observe(self, rows: list[Any], trees: list[DraftTree], paths: list[list[int]], verify_seconds: float,
@@ -152,16 +191,10 @@ class DraftPolicy:
                 rates[source] = m * rates.get(source, self.prior_rate) + (1 - m) * float(was_kept)
         batch = len(rows)
         nodes = max(len(t) for t in trees)
-        c = self.costs.setdefault(batch, BatchCost())
+        self.passes.add(batch * nodes, verify_seconds)
         if nodes == 1:
-            c.step = verify_seconds if c.step is None else m * c.step + (1 - m) * verify_seconds
-            c.since_step = 0
-            if not self.timing.get(batch):  # it chose to draft nothing
-                self.idle[batch] = self.idle.get(batch, 0) + 1
+            self.since_step = 0
             return
-        c.since_step += 1
-        self.idle[batch] = 0
-        c.draft = m * c.draft + (1 - m) * draft_seconds if c.draft else draft_seconds
-        if c.step:
-            slope = max(verify_seconds / c.step - 1.0, 0.0) / (nodes - 1)
-            c.slope = m * c.slope + (1 - m) * slope if c.slope else slope
+        self.since_step += 1
+        old = self.drafting.get(batch)
+        self.drafting[batch] = draft_seconds if old is None else m * old + (1 - m) * draft_seconds
