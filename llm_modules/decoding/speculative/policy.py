@@ -34,9 +34,10 @@ from llm_modules.decoding.speculative.tree import DraftTree
 @dataclass
 class PassCosts:
     """Seconds of a target pass (with the rollback after it) by the columns it reads, T = rows x nodes per row,
-    padding included: what a pass costs depends on T far more than on how T splits into rows and nodes (here, in
-    bfloat16: a one-token step 229 ms at 1 row, 242 at 4, 282 at 8, 372 at 16; a pass over 8 rows x 2.4 nodes
-    356 ms). An exponential average per T seen; between two, interpolated; past the largest, extended along the
+    padding included: what a pass costs depends on T far more than on how T splits into rows and nodes (here,
+    Qwen2.5-Coder-1.5B in bfloat16, 2 threads, reports/speculative/batch_sweep: a one-token step over 8 rows
+    215-220 ms and a pass over one row of 11 nodes 215-217 ms; over 16 rows a step 214-235 ms and a speculative
+    step of 3 to 5 nodes a row 442-633 ms, drafting included). An exponential average per T seen; between two, interpolated; past the largest, extended along the
     slope between the two largest (`prior_slope` of the largest's seconds per column while only one is seen);
     below the smallest, its seconds. Never decreasing in T. A batch whose rows leave or join meets a new row
     count each time: the account of every count serves it, so no pass is spent timing it."""
@@ -88,7 +89,7 @@ class DraftPolicy:
     EXPLORE_EVERY = 16  # passes the drafter rests before it drafts fully again
 
     rates: Any = field(default_factory=weakref.WeakKeyDictionary)  # row -> {source: chance}
-    passes: PassCosts = field(default=None)  # seconds of a pass by its columns (rows x nodes)
+    passes: PassCosts | None = None  # seconds of a pass by its columns (rows x nodes); made in __post_init__
     drafting: dict[int, float] = field(default_factory=dict)  # batch size -> the drafter's seconds per pass
     since_step: int = 0  # passes since a plain step was timed
     timing: bool = False  # the last pass timed a plain step
