@@ -10,6 +10,8 @@ Rows (our decoding engine for all of them, the prompts in each model's own chat 
   lora on large                   the large model with rank-8 LoRA adapters on every linear layer, as
                                   `train --method lora` saves and `load_model` loads it (unmerged)
   small alone                     the small model (its own tokenizer)
+  distilled small                 the student `train --method distill` builds: the small model's body with tied
+                                  embeddings and head over the large model's vocabulary (its tokenizer)
   composed, reads all             the large model runs on every token, the bridge and small model after it
   composed, reads prompt          the large model reads the prompt once; the bridge and the small model decode
                                   alone (`--large-reads prompt`), with all the small model's layers and with
@@ -41,7 +43,7 @@ from llm_modules.data.prompting import prompt_ids
 from llm_modules.data.sources import load_records
 from llm_modules.decoding.generation import generate
 from llm_modules.models.composed import LLMModulesModel
-from llm_modules.models.plain import add_lora
+from llm_modules.models.plain import add_lora, build_student, special_ids
 from llm_modules.models.specs import resolve_model
 from llm_modules.tensors import DTYPES, left_pad
 
@@ -132,7 +134,11 @@ def main() -> None:
                    args.prompts_at_1)
     rows += measure("small alone", small.model.eval(), small_prompts, sizes, args.new_tokens,
                     pad_of(small.tokenizer), args.prompts_at_1)
-    del small
+    student = build_student(small.model, large.model.get_output_embeddings().weight.shape[0],
+                            special_ids(large.model, large.tokenizer)).to(dtype).eval()
+    rows += measure("distilled small", student, large_prompts, sizes, args.new_tokens, pad_of(large.tokenizer),
+                    args.prompts_at_1)
+    del small, student
     composed = [] if args.no_modes else [
         (f"composed {bridge}, reads {mode}" + (f", small layers {layers}" if layers else ""),
          {"bridge": bridge, "head": args.head, "small_inputs": "mapped", "large_reads": mode, "small_layers": layers})

@@ -115,6 +115,38 @@ def test_a_row_that_drafts_nothing_learns_when_its_drafter_is_right_again():
     assert len(policy.prune([row], [tree])[0]) > 1  # drafting pays again
 
 
+def test_a_new_row_starts_from_the_chances_pooled_over_the_rows_seen():
+    """At a large batch every row starts together: the first pass's rows replace the prior for each other (and for
+    rows joining later), so no row drafts by the prior once its neighbours have shown the drafter's rates."""
+    policy = DraftPolicy(memory=0.5)
+    rows = [Row() for _ in range(8)]
+    trees = [_tree() for _ in rows]
+    _costs(policy, {1: 1.0, 7: 1.06})
+    # the trunk's first two kept, its third rejected; the runner-up and lookup's first rejected, in every row
+    policy.observe(rows, trees, [[0, 1, 2]] * 8, verify_seconds=1.06, draft_seconds=0.0)
+    newcomer = Row()
+    chance = policy.chances(newcomer, _tree())
+    assert policy.rate("runner-up") == pytest.approx(0.5 * 2 / (8 + 2))  # 8 tests, none kept, 2 prior pseudo-tests
+    assert chance[4] == pytest.approx(policy.rate("runner-up")) and chance[4] < 0.15  # the runner-up off the root
+    assert policy.rate("drafter") == pytest.approx((16 + 1) / (24 + 2))
+    policy.observe([newcomer], [_tree()], [[0]], verify_seconds=1.06, draft_seconds=0.0)
+    # its own average starts at the pooled rate, not at the prior
+    assert policy.rates[newcomer]["runner-up"] == pytest.approx(0.5 * 0.5 * 2 / (8 + 2))
+
+
+def test_the_chances_of_one_nodes_children_sum_to_at_most_its_own():
+    """The target keeps at most one child of a node: the drafter's first draft, its runner-up and lookup's copy
+    off the root are exclusive, so three rates of 0.5 cannot promise 1.5 tokens."""
+    policy = DraftPolicy()
+    tree = _tree()  # the root's children: nodes 1 (drafter), 4 (runner-up), 5 (lookup)
+    chance = policy.chances(Row(), tree)
+    assert chance[1] + chance[4] + chance[5] == pytest.approx(1.0)
+    assert chance[2] == pytest.approx(chance[1] * 0.5) and chance[6] == pytest.approx(chance[5] * 0.5)
+    row = Row()
+    policy.rates[row] = {"drafter": 0.3, "runner-up": 0.2, "lookup": 0.1}  # sum under 1: left as they are
+    assert policy.chances(row, tree)[1:6:3] == pytest.approx([0.3, 0.2])
+
+
 class FixedClock(DraftPolicy):
     """The policy with a pass's cost given, not timed: 1 + 0.05 per node per row (the test must not depend on
     the machine's speed)."""

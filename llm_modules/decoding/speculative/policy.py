@@ -6,7 +6,10 @@ outweigh that. `DraftPolicy` keeps two estimates, both from the batch's own pass
 
 - per row and per source of drafts (a tree node's `source`: the drafter's trunk, its runners-up, prompt
   lookup's copy), the chance that the target keeps a node of that source once it reaches it (an exponential
-  average over the row's passes), so a node's chance of being kept is the product along its path;
+  average over the row's passes, starting from the same source's chance pooled over every row seen so far, so
+  a row joining a batch starts from what its neighbours showed, not from the prior), so a node's chance of
+  being kept is the product along its path; siblings are exclusive (the target keeps at most one child of a
+  node), so the chances of one node's children are scaled down to sum to at most its own;
 - the cost of a pass by the columns it reads (rows x nodes per row, `PassCosts`), whatever the row count, and the
   drafter's time per batch size.
 
@@ -89,6 +92,10 @@ class DraftPolicy:
     EXPLORE_EVERY = 16  # passes the drafter rests before it drafts fully again
 
     rates: Any = field(default_factory=weakref.WeakKeyDictionary)  # row -> {source: chance}
+    # source -> [kept, tested] over every row, both decayed by `memory` each pass; starts at `prior_weight`
+    # pseudo-tests of `prior_rate`, so the first pass's rows (many at a large batch) replace the prior at once
+    pooled: dict[str, list[float]] = field(default_factory=dict)
+    prior_weight: float = 2.0
     passes: PassCosts | None = None  # seconds of a pass by its columns (rows x nodes); made in __post_init__
     drafting: dict[int, float] = field(default_factory=dict)  # batch size -> the drafter's seconds per pass
     since_step: int = 0  # passes since a plain step was timed
@@ -115,12 +122,24 @@ class DraftPolicy:
         self.resting += 1
         return k if self.resting % self.EXPLORE_EVERY == 0 else 0
 
+    def rate(self, source: str) -> float:
+        """A source's chance pooled over every row the policy has seen (the prior before any)."""
+        kept, tested = self.pooled.get(source, (0.0, 0.0))
+        return (kept + self.prior_weight * self.prior_rate) / (tested + self.prior_weight)
+
     def chances(self, row: Any, tree: DraftTree) -> list[float]:
-        """Per node, the chance the target keeps it: the product of its path's sources' rates (root: 1)."""
+        """Per node, the chance the target keeps it: the product of its path's sources' rates (root: 1), the
+        rates of one node's children scaled to sum to at most 1 (the target keeps at most one of them)."""
         rates = self.rates.get(row, {})
-        out = [1.0] * len(tree)
+        own = [1.0] + [rates.get(tree.sources[i]) for i in range(1, len(tree))]
+        own = [self.rate(tree.sources[i]) if r is None else r for i, r in enumerate(own)]
+        siblings = [0.0] * len(tree)
         for i in range(1, len(tree)):
-            out[i] = out[tree.parents[i]] * rates.get(tree.sources[i], self.prior_rate)
+            siblings[tree.parents[i]] += own[i]
+        out = [1.0] * len(tree)
+        for i in range(1, len(tree)):  # a parent comes before its children
+            parent = tree.parents[i]
+            out[i] = out[parent] * own[i] / max(1.0, siblings[parent])
         return out
 
     def cost(self, batch: int, nodes: int) -> float:
@@ -172,6 +191,7 @@ class DraftPolicy:
         cost."""
         m = self.memory
         proposed = self.proposed if len(self.proposed) == len(trees) else [None] * len(trees)
+        tally = []  # (source, kept) over every row: the pooled chances
         for b, (row, tree, path) in enumerate(zip(rows, trees, paths)):
             on_path = set(path)
             try:
@@ -189,7 +209,16 @@ class DraftPolicy:
                     if full.parents[i] == 0 and full.tokens[i] not in kept:
                         seen.append((full.sources[i], len(path) == 1 and full.tokens[i] == next_tokens[b]))
             for source, was_kept in seen:
-                rates[source] = m * rates.get(source, self.prior_rate) + (1 - m) * float(was_kept)
+                start = rates.get(source)
+                rates[source] = m * (self.rate(source) if start is None else start) + (1 - m) * float(was_kept)
+            tally.extend(seen)
+        for count in self.pooled.values():
+            count[0] *= m
+            count[1] *= m
+        for source, was_kept in tally:
+            count = self.pooled.setdefault(source, [0.0, 0.0])
+            count[0] += float(was_kept)
+            count[1] += 1.0
         batch = len(rows)
         nodes = max(len(t) for t in trees)
         self.passes.add(batch * nodes, verify_seconds)
