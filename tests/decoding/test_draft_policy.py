@@ -96,7 +96,9 @@ def test_acceptance_is_learned_from_the_nodes_the_target_reached():
     # the target kept the trunk's first node only: 1 tested and kept, 2 tested and rejected, 3 never reached;
     # the runner-up and lookup's first node tested and rejected; lookup's second never reached
     policy.observe([row], [tree], [[0, 1]], verify_seconds=1.1, draft_seconds=0.1)
-    assert policy.rates[row]["drafter"] == (0.5 * 0.5 + 0.5 * 1.0) * 0.5 + 0.5 * 0.0
+    # a node after the root and a node after a draft are learned apart
+    assert policy.rates[row]["drafter"] == 0.5 * 0.5 + 0.5 * 1.0 and policy.rates[row]["drafter+"] == 0.25
+    assert "lookup+" not in policy.rates[row]  # never reached
     assert policy.rates[row]["runner-up"] == 0.25 and policy.rates[row]["lookup"] == 0.25
     assert policy.passes.seen[7] == pytest.approx(0.5 * 1.06 + 0.5 * 1.1) and policy.drafting[1] == pytest.approx(0.05)
 
@@ -127,8 +129,10 @@ def test_a_new_row_starts_from_the_chances_pooled_over_the_rows_seen():
     newcomer = Row()
     chance = policy.chances(newcomer, _tree())
     assert policy.rate("runner-up") == pytest.approx(0.5 * 2 / (8 + 2))  # 8 tests, none kept, 2 prior pseudo-tests
-    assert chance[4] == pytest.approx(policy.rate("runner-up")) and chance[4] < 0.15  # the runner-up off the root
-    assert policy.rate("drafter") == pytest.approx((16 + 1) / (24 + 2))
+    assert policy.rate("drafter") == pytest.approx((8 + 1) / (8 + 2))  # the trunk's first: kept in every row
+    assert policy.rate("drafter+") == pytest.approx((8 + 1) / (16 + 2))  # its second kept, its third not
+    # the root's children (drafter 0.9, runner-up 0.1, lookup 0.1) scaled to sum to 1
+    assert chance[4] == pytest.approx(policy.rate("runner-up") / 1.1) and chance[4] < 0.15
     policy.observe([newcomer], [_tree()], [[0]], verify_seconds=1.06, draft_seconds=0.0)
     # its own average starts at the pooled rate, not at the prior
     assert policy.rates[newcomer]["runner-up"] == pytest.approx(0.5 * 0.5 * 2 / (8 + 2))
@@ -145,6 +149,30 @@ def test_the_chances_of_one_nodes_children_sum_to_at_most_its_own():
     row = Row()
     policy.rates[row] = {"drafter": 0.3, "runner-up": 0.2, "lookup": 0.1}  # sum under 1: left as they are
     assert policy.chances(row, tree)[1:6:3] == pytest.approx([0.3, 0.2])
+
+
+def test_a_copy_after_a_one_token_match_is_drafted_and_learned_apart():
+    lookup = PromptLookup(50, draft_tokens=3)
+    tree = TreeProposer(None, lookup)
+    lookup.join([Row(), Row()], torch.tensor([[5, 6, 7, 5], [0, 5, 9, 8]]), torch.tensor([[1, 1, 1, 1], [0, 1, 1, 1]]),
+                None)
+    quote, word = tree.propose_tree(torch.tensor([6, 5]), 3, [Row(), Row()])
+    assert quote.tokens == [6, 7, 5, 6] and set(quote.sources[1:]) == {"lookup"}  # after the 2-token match 5 6
+    assert word.tokens == [5, 9, 8, 5] and set(word.sources[1:]) == {"lookup1"}  # after the 1-token match 5
+
+
+def test_a_long_copy_is_priced_by_how_often_a_copy_goes_on_once_it_started():
+    """A node after a draft is learned apart from a node after the root: a copy whose first token is right half
+    the time but whose next tokens are then nearly always right is kept whole where nodes are nearly free."""
+    row = Row()
+    copy = DraftTree.root(1)
+    copy.add_chain(0, list(range(2, 12)), source="lookup")  # 10 copied tokens
+    policy = _costs(DraftPolicy(), {1: 1.0, 11: 1.1})
+    policy.rates[row] = {"lookup": 0.5, "lookup+": 0.95}
+    assert policy.chances(row, copy)[10] == pytest.approx(0.5 * 0.95 ** 9)
+    assert len(policy.prune([row], [copy])[0]) == 11
+    policy.rates[row] = {"lookup": 0.5, "lookup+": 0.5}  # a copy that stops as often as it starts: cut short
+    assert len(policy.prune([row], [copy])[0]) < 11
 
 
 class FixedClock(DraftPolicy):

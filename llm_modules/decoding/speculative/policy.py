@@ -8,7 +8,10 @@ outweigh that. `DraftPolicy` keeps two estimates, both from the batch's own pass
   lookup's copy), the chance that the target keeps a node of that source once it reaches it (an exponential
   average over the row's passes, starting from the same source's chance pooled over every row seen so far, so
   a row joining a batch starts from what its neighbours showed, not from the prior), so a node's chance of
-  being kept is the product along its path; siblings are exclusive (the target keeps at most one child of a
+  being kept is the product along its path. A node right after the root and a node after another draft are
+  learned apart (`rate_key`: "lookup" and "lookup+"): once a copy's first token is right its next ones
+  usually are too, so a long copy is priced as it pays, not as the first token's chance to the power of its
+  length; siblings are exclusive (the target keeps at most one child of a
   node), so the chances of one node's children are scaled down to sum to at most its own;
 - the cost of a pass by the columns it reads (rows x nodes per row, `PassCosts`), whatever the row count, and the
   drafter's time per batch size.
@@ -127,12 +130,18 @@ class DraftPolicy:
         kept, tested = self.pooled.get(source, (0.0, 0.0))
         return (kept + self.prior_weight * self.prior_rate) / (tested + self.prior_weight)
 
+    @staticmethod
+    def rate_key(tree: DraftTree, node: int) -> str:
+        """What a node's chance is learned as: its source, with "+" when its parent is a draft, not the root."""
+        return tree.sources[node] if tree.parents[node] == 0 else tree.sources[node] + "+"
+
     def chances(self, row: Any, tree: DraftTree) -> list[float]:
         """Per node, the chance the target keeps it: the product of its path's sources' rates (root: 1), the
         rates of one node's children scaled to sum to at most 1 (the target keeps at most one of them)."""
         rates = self.rates.get(row, {})
-        own = [1.0] + [rates.get(tree.sources[i]) for i in range(1, len(tree))]
-        own = [self.rate(tree.sources[i]) if r is None else r for i, r in enumerate(own)]
+        keys = [self.rate_key(tree, i) for i in range(len(tree))]
+        own = [1.0] + [rates.get(keys[i]) for i in range(1, len(tree))]
+        own = [self.rate(keys[i]) if r is None else r for i, r in enumerate(own)]
         siblings = [0.0] * len(tree)
         for i in range(1, len(tree)):
             siblings[tree.parents[i]] += own[i]
@@ -179,8 +188,7 @@ class DraftPolicy:
             if value > best_value:
                 best, best_value = n, value
         out = [tree.subtree([i for i, _ in order[: best - 1]]) for tree, order in zip(trees, ranked)]
-        self.depth = max((d for t in out for d, source in zip(t.depths(), t.sources)
-                          if source not in ("root", "lookup")), default=0)
+        self.depth = max((d for t in out for d, source in zip(t.depths(), t.sources) if drafted(source)), default=0)
         return out
 
     def observe(self, rows: list[Any], trees: list[DraftTree], paths: list[list[int]], verify_seconds: float,
@@ -201,13 +209,13 @@ class DraftPolicy:
             seen = []  # (source, kept)
             for i in range(1, len(tree)):
                 if tree.parents[i] in on_path:  # the target reached this node's parent: it tested this node
-                    seen.append((tree.sources[i], i in on_path))
+                    seen.append((self.rate_key(tree, i), i in on_path))
             full = proposed[b]
             if full is not None and next_tokens is not None:
                 kept = {tree.tokens[i] for i in range(1, len(tree)) if tree.parents[i] == 0}
                 for i in range(1, len(full)):
                     if full.parents[i] == 0 and full.tokens[i] not in kept:
-                        seen.append((full.sources[i], len(path) == 1 and full.tokens[i] == next_tokens[b]))
+                        seen.append((full.sources[i], len(path) == 1 and full.tokens[i] == next_tokens[b]))  # root's
             for source, was_kept in seen:
                 start = rates.get(source)
                 rates[source] = m * (self.rate(source) if start is None else start) + (1 - m) * float(was_kept)
@@ -228,3 +236,8 @@ class DraftPolicy:
         self.since_step += 1
         old = self.drafting.get(batch)
         self.drafting[batch] = draft_seconds if old is None else m * old + (1 - m) * draft_seconds
+
+
+def drafted(source: str) -> bool:
+    """Whether a node of this source comes from the drafter (not the root, not prompt lookup's copies)."""
+    return source != "root" and not source.startswith("lookup")

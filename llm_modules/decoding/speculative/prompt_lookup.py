@@ -104,8 +104,9 @@ class PromptLookup:
         """Each row's copy alone, up to k tokens (deterministic: one-hot proposals): a row with no match has its
         own token only, so its pass costs a plain step, where `propose`'s chain pads every row to k drafts the
         target rejects."""
-        return [DraftTree.chain(root, found, source="lookup")
-                for root, found in zip(first.tolist(), self.copies(first, k))]
+        copied = self.copies(first, k)
+        return [DraftTree.chain(root, found, source=copy_source(n))
+                for root, found, n in zip(first.tolist(), copied, self.matched)]
 
     def commit(self, accepted: torch.Tensor, tokens: torch.Tensor, states: torch.Tensor | None) -> None:
         for context, row, a in zip(self.contexts, tokens.tolist(), accepted.tolist()):
@@ -113,3 +114,9 @@ class PromptLookup:
 
     def keep(self, index: list[int]) -> None:
         self.contexts = [self.contexts[i] for i in index]
+
+
+def copy_source(matched: int) -> str:
+    """A copy's source in a draft tree: "lookup" after a match of 2 tokens or more, "lookup1" after a 1-token match
+    (the drafting policy learns how often each is right)."""
+    return "lookup" if matched >= 2 else "lookup1"

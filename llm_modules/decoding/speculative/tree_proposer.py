@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from llm_modules.decoding.speculative.prompt_lookup import PromptLookup
+from llm_modules.decoding.speculative.prompt_lookup import PromptLookup, copy_source
 from llm_modules.decoding.speculative.proposer import Proposer
 from llm_modules.decoding.speculative.tree import DraftTree
 from llm_modules.errors import LLMModulesError
@@ -33,7 +33,11 @@ class TreeProposer:
 
     Counts since it was made, for benchmarks: `passes`, `lookup_rows` (rows given a copy, summed over passes)."""
 
-    DEFAULT_MIN_MATCH = 2  # a 1-token match is any common token seen before, not a quote
+    # a copy after a 1-token match too: on a Spec-Bench summarization question, lookup alone took 35 passes for 128
+    # tokens, the tree's lookup 44 with matches of 2 tokens and more only, 35 with 1-token matches
+    # (reports/speculative/batch_sweep/NOTES.md); such a copy's source is "lookup1" ("lookup" after a longer match),
+    # so the drafting policy learns how often each kind is right
+    DEFAULT_MIN_MATCH = 1
     # runners-up per depth + 1 when none is asked for: on Spec-Bench (1 question per category + 1 HumanEval, the
     # general drafter with lookup, bfloat16; reports/spec_bench/trees) width 5 kept 1.90 tokens per pass, width 3
     # 1.83, width 1 1.69; timed with nothing else running (trees_quiet) width 5 with lookup gave 1.11x, width 3 1.09x
@@ -80,7 +84,7 @@ class TreeProposer:
             copied = self.lookup.copies(first, self.lookup.draft_tokens)  # no padding, no one-hot proposals
             for tree, found, matched in zip(trees, copied, self.lookup.matched):
                 if matched >= self.min_match:
-                    tree.add_chain(0, found, source="lookup")
+                    tree.add_chain(0, found, source=copy_source(matched))
                     self.lookup_rows += 1
         if self.drafter is not None and k > 0:  # k = 0: the drafting policy rests the drafter this pass
             self._add_drafts(trees, first, k, rows)
