@@ -31,7 +31,7 @@ def test_every_mode_is_timed_at_every_batch_size(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = json.loads((out / "results.json").read_text())["rows"]
     names = {r["row"] for r in rows}
-    assert names == {"large alone", "small alone", "lora on large (rank 8, unmerged)",
+    assert names == {"large alone", "small alone", "distilled small", "lora on large (rank 8, unmerged)",
                      *(f"composed {b}, reads {m}" for b in ("eca", "xattn") for m in ("all", "prompt")),
                      "composed eca, reads prompt, small layers 1", "composed xattn, reads prompt, small layers 1",
                      "row_x"}
