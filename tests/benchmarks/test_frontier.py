@@ -27,10 +27,12 @@ def test_points_frontier_and_the_issue_test(tmp_path):
                                     row("small_finetuned", 1, 0.8), row("lora_large", 0, 0.2),
                                     row("composed_residual", 0, 0.4)])
     second = report(tmp_path / "b", [row("composed_eca_prompt", 0, 0.5), row("composed_slow_prompt", 0, 0.65),
-                                     row("small_finetuned", 0, 9.9)])  # a seed already given: ignored
+                                     row("small_finetuned", 0, 9.9),  # a seed already given: ignored
+                                     row("distilled", 0, 3.0)])
     decode = tmp_path / "decode.json"
     times = {"large alone": 270.0, "small alone": 60.0, "lora on large (rank 8, unmerged)": 360.0,
-             "composed_residual": 330.0, "composed_eca_prompt": 66.0, "composed_slow_prompt": 100.0}
+             "composed_residual": 330.0, "composed_eca_prompt": 66.0, "composed_slow_prompt": 100.0,
+             "distilled small": 66.5}
     decode.write_text(json.dumps({"meta": {"command": "c", "machine": "m", "date": "d", "dtype": "bfloat16"},
                                   "rows": [{"row": n, "batch": b, "decode_ms_per_token": ms * b}
                                            for n, ms in times.items() for b in (1, 8)]}))
@@ -42,6 +44,7 @@ def test_points_frontier_and_the_issue_test(tmp_path):
     by = {p["row"]: p for p in result["points"]}
     assert by["small_finetuned"]["bpb"] == 0.7 and by["small_finetuned"]["decode_ms"] == 60.0  # mean of seeds 0, 1
     assert by["lora_large"]["decode_ms"] == 360.0 and by["large_zero_shot"]["decode_ms"] == 270.0
+    assert by["distilled"]["decode_ms"] == 66.5  # the distilled student's own decode row
     frontier = {r for r, p in by.items() if p["on_frontier"]}
     # large alone (0.9 at 270) is beaten by composed_residual (0.4 at 330)? no: slower. By eca_prompt: yes.
     assert frontier == {"small_finetuned", "composed_eca_prompt", "composed_residual", "lora_large"}
