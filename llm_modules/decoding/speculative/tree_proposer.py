@@ -35,8 +35,8 @@ class TreeProposer:
 
     # a copy after a 1-token match too: on a Spec-Bench summarization question, lookup alone took 35 passes for 128
     # tokens, the tree's lookup 44 with matches of 2 tokens and more only, 35 with 1-token matches
-    # (reports/spec_bench/copies_policy/diag_sum.log); such a copy's source is "lookup1" ("lookup" after a longer match),
-    # so the drafting policy learns how often each kind is right
+    # (reports/spec_bench/copies_policy/diag_sum.log); such a copy's source is "lookup1" ("lookup" after a longer
+    # match), so the drafting policy learns how often each kind is right
     DEFAULT_MIN_MATCH = 1
     # runners-up per depth + 1 when none is asked for: on Spec-Bench (1 question per category + 1 HumanEval, the
     # general drafter with lookup, bfloat16; reports/spec_bench/trees) width 5 kept 1.90 tokens per pass, width 3
