@@ -24,8 +24,9 @@ import statistics
 import sys
 from pathlib import Path
 
+# report row -> the decode row (a prefix: "lora on large (rank 8, ...)")
 PLAIN = {"large_zero_shot": "large alone", "small_zero_shot": "small alone", "small_finetuned": "small alone",
-         "distilled": "distilled small", "lora_large": "lora on large"}  # report row -> the decode row (a prefix: "lora on large (rank 8, ...)")
+         "distilled": "distilled small", "lora_large": "lora on large"}
 SMALL, LORA = "small_finetuned", "lora_large"  # the two landmarks
 
 

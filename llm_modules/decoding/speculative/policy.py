@@ -43,10 +43,11 @@ class PassCosts:
     padding included: what a pass costs depends on T far more than on how T splits into rows and nodes (here,
     Qwen2.5-Coder-1.5B in bfloat16, 2 threads, reports/speculative/batch_sweep: a one-token step over 8 rows
     215-220 ms and a pass over one row of 11 nodes 215-217 ms; over 16 rows a step 214-235 ms and a speculative
-    step of 3 to 5 nodes a row 442-633 ms, drafting included). An exponential average per T seen; between two, interpolated; past the largest, extended along the
-    slope between the two largest (`prior_slope` of the largest's seconds per column while only one is seen);
-    below the smallest, its seconds. Never decreasing in T. A batch whose rows leave or join meets a new row
-    count each time: the account of every count serves it, so no pass is spent timing it."""
+    step of 3 to 5 nodes a row 442-633 ms, drafting included). An exponential average per T seen; between two,
+    interpolated; past the largest, extended along the slope between the two largest (`prior_slope` of the
+    largest's seconds per column while only one is seen); below the smallest, its seconds. Never decreasing in T.
+    A batch whose rows leave or join meets a new row count each time: the account of every count serves it, so no
+    pass is spent timing it."""
 
     memory: float = 0.8
     prior_slope: float = 0.015
@@ -130,6 +131,11 @@ class DraftPolicy:
         kept, tested = self.pooled.get(source, (0.0, 0.0))
         return (kept + self.prior_weight * self.prior_rate) / (tested + self.prior_weight)
 
+    def _row_rate(self, rates: dict[str, float], key: str) -> float:
+        """A row's own chance for this key, or the pooled one while the row has shown none."""
+        own = rates.get(key)
+        return self.rate(key) if own is None else own
+
     @staticmethod
     def rate_key(tree: DraftTree, node: int) -> str:
         """What a node's chance is learned as: its source, with "+" when its parent is a draft, not the root."""
@@ -139,9 +145,7 @@ class DraftPolicy:
         """Per node, the chance the target keeps it: the product of its path's sources' rates (root: 1), the
         rates of one node's children scaled to sum to at most 1 (the target keeps at most one of them)."""
         rates = self.rates.get(row, {})
-        keys = [self.rate_key(tree, i) for i in range(len(tree))]
-        own = [1.0] + [rates.get(keys[i]) for i in range(1, len(tree))]
-        own = [self.rate(keys[i]) if r is None else r for i, r in enumerate(own)]
+        own = [1.0] + [self._row_rate(rates, self.rate_key(tree, i)) for i in range(1, len(tree))]
         siblings = [0.0] * len(tree)
         for i in range(1, len(tree)):
             siblings[tree.parents[i]] += own[i]
@@ -215,10 +219,9 @@ class DraftPolicy:
                 kept = {tree.tokens[i] for i in range(1, len(tree)) if tree.parents[i] == 0}
                 for i in range(1, len(full)):
                     if full.parents[i] == 0 and full.tokens[i] not in kept:
-                        seen.append((full.sources[i], len(path) == 1 and full.tokens[i] == next_tokens[b]))  # root's
+                        seen.append((self.rate_key(full, i), len(path) == 1 and full.tokens[i] == next_tokens[b]))
             for source, was_kept in seen:
-                start = rates.get(source)
-                rates[source] = m * (self.rate(source) if start is None else start) + (1 - m) * float(was_kept)
+                rates[source] = m * self._row_rate(rates, source) + (1 - m) * float(was_kept)
             tally.extend(seen)
         for count in self.pooled.values():
             count[0] *= m
