@@ -25,7 +25,8 @@ drafted one token only.
 Prompts are the tasks' questions in the target's chat template. Nothing else should run: a timed benchmark.
 
 Spec-Bench mode (`--spec-bench N`: N questions of each of its six categories, batch 1, first turns, see
-benchmarks/spec_bench.py): the same rows plus prompt lookup in our engine (`ours: prompt lookup, K`), timed
+benchmarks/spec_bench.py): the same rows plus prompt lookup in our engine (`ours: prompt lookup, K`; with
+--adaptive or --only-default also with the drafting policy, as `--draft prompt-lookup` decodes), timed
 per question, reported per category and overall as Spec-Bench reports them (speed-up = mean tokens/s over the
 target alone's; mean accepted tokens per verify pass, counting the target's own token). Each question's result
 is appended to OUTPUT/questions.jsonl as it finishes; a rerun with the same options skips what is there. A
@@ -39,6 +40,7 @@ import datetime
 import json
 import platform
 import shlex
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -140,6 +142,13 @@ def our_drafter(model, k, pad, vocab, lookup: bool = False, width: int | None = 
     tree = TreeProposer(drafter, PromptLookup(vocab_size) if lookup else None, width=width)
     tree.policy = DraftPolicy() if adaptive else None
     return tree
+
+
+def adaptive_lookup(vocab_size: int, k: int) -> PromptLookup:
+    """Prompt lookup copying up to k tokens with the drafting policy, as `--draft prompt-lookup` decodes."""
+    lookup = PromptLookup(vocab_size, draft_tokens=k)
+    lookup.policy = DraftPolicy()
+    return lookup
 
 
 def drafter_variants(args, model, k, pad, vocab) -> list[tuple[str, Any]]:
@@ -285,6 +294,9 @@ def main() -> None:
                              "replaced at the next step (continuous batching, as `serve` runs); our engine's rows "
                              "only (transformers has no such loop); --prompts unused")
     parser.add_argument("--batch", action="append", type=int, default=[])
+    parser.add_argument("--repeats", type=int, default=1,
+                        help="run every row this many times per batch size, in turn (A B A B ...): the speed-up is "
+                             "the median of each repeat's over the same repeat's target alone, every one listed")
     parser.add_argument("--max-new-tokens", type=int, default=128)
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     parser.add_argument("--dtype", default="float32", choices=sorted(DTYPES),
@@ -342,41 +354,24 @@ def main() -> None:
         prompts = prompts_of(spec, tokenizer, args.queue or args.prompts)
         ours = run_queue if args.queue else run_ours
         for size in sizes:
-            # Every way of decoding runs once untimed on a short answer first: the first call of a model or
-            # a shape pays one-off costs (allocator growth, kernel selection) that would bias whichever row
-            # ran first (it was the target alone's, the speed-ups' denominator).
-            def timed(run, *extra, **options):
-                run(target, prompts[:size], size, WARMUP_TOKENS, pad, eos, *extra, **options)
-                return run(target, prompts, size, args.max_new_tokens, pad, eos, *extra, **options)
-
-            reference, ref_seconds, _ = timed(ours)
-            runs = [("target alone (our engine)", (reference, ref_seconds, None), None, None)]
-            if not args.no_transformers and not args.queue:
-                runs.append(("target alone (transformers generate)", timed(run_hf), None, None))
-            if size == 1 and assistant is not None and not args.queue:
-                runs.append((f"assisted: {args.assistant}", timed(run_hf, assistant_model=assistant), None, None))
-            if size == 1 and not args.no_transformers and not args.queue:
-                runs.append(("prompt lookup (10 tokens)", timed(run_hf, prompt_lookup_num_tokens=10), None, None))
-            for folder, model in drafters:
-                for k in lengths[folder]:
-                    for n in args.draft_vocab or [0]:
-                        vocab = vocabularies[(folder, n)]
-                        size_note = f", vocab {n}" if n else (f", vocab {len(vocab)}" if vocab is not None else "")
-                        for suffix, make in drafter_variants(args, model, k or 4, pad, vocab):
-                            drafter = make()
-                            result = timed(ours, drafter)
-                            label = f"ours: {run_name(folder, folders)}{suffix}, K={drafter.draft_tokens}{size_note}"
-                            runs.append((label, result, costs[folder], drafter))
-            for name, (outputs, seconds, stats), train_s, _ in runs:
+            # every row once per repeat, in turn (A B C A B C ...): each repeat's speed-ups are over the target
+            # alone of the same repeat, so a comparison holds while the machine's speed drifts
+            repeats = [measure(args, target, prompts, size, ours, pad, eos, assistant, drafters, lengths,
+                               vocabularies, folders, costs) for _ in range(args.repeats)]
+            reference = repeats[0][0][1][0]
+            for i, (name, (outputs, seconds, stats), train_s, _) in enumerate(repeats[0]):
                 tokens = sum(len(o) for o in outputs)
                 same = sum(o == r for o, r in zip(outputs, reference))
+                speedups = sorted(rate(rep[i][1]) / rate(rep[0][1]) for rep in repeats)
                 row = {"task": spec, "batch": size, **({"queue": len(prompts)} if args.queue else {}), "row": name, "new_tokens": tokens,
-                       "tokens_per_s": round(tokens / seconds, 2), "seconds": round(seconds, 1),
-                       "speedup": round((tokens / seconds) / (sum(len(o) for o in reference) / ref_seconds), 2),
+                       "tokens_per_s": round(statistics.median(rate(rep[i][1]) for rep in repeats), 2),
+                       "seconds": round(seconds, 1), "speedup": round(statistics.median(speedups), 2),
                        "accepted_per_pass": round(stats["accepted"] / max(stats["passes"], 1), 2) if stats else None,
                        "train_seconds": train_s, "identical": f"{same}/{len(reference)}"}
+                if args.repeats > 1:  # every repeat's speed-up, lowest first
+                    row["speedups"] = [round(x, 3) for x in speedups]
                 if stats:  # rows a pass verified on average (fewer than the batch once rows finish), and
-                    # where a verify pass's time goes, in milliseconds
+                    # where a verify pass's time goes, in milliseconds (the first repeat's)
                     row["rows_per_pass"] = round(stats["row_passes"] / max(stats["passes"], 1), 2)
                     row["ms_per_pass"] = {part: round(1000 * stats[f"{part}_seconds"] / max(stats["passes"], 1), 1)
                                           for part in ("draft", "verify", "rollback")}
@@ -388,6 +383,48 @@ def main() -> None:
             write_report(args, rows)  # after each task and batch size: a stopped run keeps what it measured
 
 
+def spread(speedups: list[float] | None) -> str:
+    """' (lowest-highest)' of a row's speed-ups over repeats; '' for one run."""
+    return f" ({speedups[0]:.2f}-{speedups[-1]:.2f})" if speedups and len(speedups) > 1 else ""
+
+
+def rate(result) -> float:
+    """Tokens per second of one run's (outputs, seconds, stats)."""
+    outputs, seconds, _ = result
+    return sum(len(o) for o in outputs) / seconds
+
+
+def measure(args, target, prompts, size, ours, pad, eos, assistant, drafters, lengths, vocabularies, folders, costs
+            ) -> list[tuple[str, tuple, Any, Any]]:
+    """Every row once at this batch size, the target alone first: (label, (outputs, seconds, stats), the
+    drafter's training seconds, the proposer) per row."""
+    # Every way of decoding runs once untimed on a short answer first: the first call of a model or
+    # a shape pays one-off costs (allocator growth, kernel selection) that would bias whichever row
+    # ran first (it was the target alone's, the speed-ups' denominator).
+    def timed(run, *extra, **options):
+        run(target, prompts[:size], size, WARMUP_TOKENS, pad, eos, *extra, **options)
+        return run(target, prompts, size, args.max_new_tokens, pad, eos, *extra, **options)
+
+    runs = [("target alone (our engine)", timed(ours), None, None)]
+    if not args.no_transformers and not args.queue:
+        runs.append(("target alone (transformers generate)", timed(run_hf), None, None))
+    if size == 1 and assistant is not None and not args.queue:
+        runs.append((f"assisted: {args.assistant}", timed(run_hf, assistant_model=assistant), None, None))
+    if size == 1 and not args.no_transformers and not args.queue:
+        runs.append(("prompt lookup (10 tokens)", timed(run_hf, prompt_lookup_num_tokens=10), None, None))
+    for folder, model in drafters:
+        for k in lengths[folder]:
+            for n in args.draft_vocab or [0]:
+                vocab = vocabularies[(folder, n)]
+                size_note = f", vocab {n}" if n else (f", vocab {len(vocab)}" if vocab is not None else "")
+                for suffix, make in drafter_variants(args, model, k or 4, pad, vocab):
+                    drafter = make()
+                    result = timed(ours, drafter)
+                    label = f"ours: {run_name(folder, folders)}{suffix}, K={drafter.draft_tokens}{size_note}"
+                    runs.append((label, result, costs[folder], drafter))
+    return runs
+
+
 def write_report(args, rows) -> None:
     out = Path(args.output)
     out.mkdir(parents=True, exist_ok=True)
@@ -397,13 +434,15 @@ def write_report(args, rows) -> None:
              f"Machine: {platform.machine()} CPU, {torch.get_num_threads()} torch threads, torch {torch.__version__}; "
              f"{datetime.date.today()}. Greedy, {args.max_new_tokens} new tokens at most per prompt, "
              + (f"a queue of {args.queue} prompts per task served --batch rows at a time (a finished row replaced at "
-              "the next step)" if args.queue else f"{args.prompts} prompts per task") + f"; {args.dtype}.", "",
+              "the next step)" if args.queue else f"{args.prompts} prompts per task") + f"; {args.dtype}."
+             + (f" Every row ran {args.repeats} times in turn; tokens/s and speed-up are medians, the speed-up over the "
+                "same repeat's target alone, lowest and highest in brackets." if args.repeats > 1 else ""), "",
              "| task | batch | row | tokens/s | speed-up | accepted / pass | rows / pass | ms per pass: draft / verify / rollback "
              "| rows given lookup's copy / rows verified | drafter training s | identical |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['task'].split(':')[1].split('?')[0]} | {r['batch']} | {r['row']} | {r['tokens_per_s']} | "
-                     f"{r['speedup']}x | {r['accepted_per_pass'] if r['accepted_per_pass'] is not None else 'n/a'} | "
+                     f"{r['speedup']}x{spread(r.get('speedups'))} | {r['accepted_per_pass'] if r['accepted_per_pass'] is not None else 'n/a'} | "
                      f"{r.get('rows_per_pass', 'n/a')} | "
                      f"{' / '.join(str(v) for v in r['ms_per_pass'].values()) if 'ms_per_pass' in r else 'n/a'} | "
                      f"{sources_cell(r.get('sources'))} | "
@@ -458,6 +497,9 @@ def run_spec_bench(args, target, tokenizer, pad, eos, assistant, drafters, lengt
     for k in args.lookup_tokens or [4]:  # prompt lookup alone as a chain (a tree of width 1 is the same)
         methods.append((f"ours: prompt lookup, K={k}", lambda p, n, k=k: run_ours(
             target, [p], 1, n, pad, eos, drafter=PromptLookup(target.config.vocab_size, draft_tokens=k))))
+        if args.adaptive or args.only_default:  # as `--draft prompt-lookup` decodes by default
+            methods.append((f"ours: prompt lookup adaptive, K={k}", lambda p, n, k=k: run_ours(
+                target, [p], 1, n, pad, eos, drafter=adaptive_lookup(target.config.vocab_size, k))))
     for folder, model in drafters:
         for k in lengths[folder]:
             vocab = vocabularies[(folder, (args.draft_vocab or [0])[0])]

@@ -38,9 +38,8 @@ def test_a_subtree_keeps_the_kept_nodes_attempts_and_sources():
     assert tree.subtree([]).tokens == [1]
 
 
-def _costs(policy: DraftPolicy, seen: dict[int, float], drafting: float = 0.0) -> DraftPolicy:
+def _costs(policy: DraftPolicy, seen: dict[int, float]) -> DraftPolicy:
     policy.passes.seen.update(seen)
-    policy.drafting[1] = drafting
     return policy
 
 
@@ -48,7 +47,7 @@ def test_the_first_pass_times_a_plain_step_and_a_new_row_count_is_predicted_not_
     policy = DraftPolicy()
     rows = [Row(), Row()]
     assert [len(t) for t in policy.prune(rows, [_tree(), _tree()])] == [1, 1]
-    policy.observe(rows, [DraftTree.root(1)] * 2, [[0], [0]], verify_seconds=0.5, draft_seconds=0.0)
+    policy.observe(rows, [DraftTree.root(1)] * 2, [[0], [0]], verify_seconds=0.5)
     assert policy.passes.seen == {2: 0.5} and policy.timing
     # a row leaves: one row's pass is predicted from the two-row one, so the pass drafts instead of timing
     assert len(policy.prune([rows[0]], [_tree()])[0]) > 1 and not policy.timing
@@ -95,12 +94,12 @@ def test_acceptance_is_learned_from_the_nodes_the_target_reached():
     _costs(policy, {1: 1.0, 7: 1.06})
     # the target kept the trunk's first node only: 1 tested and kept, 2 tested and rejected, 3 never reached;
     # the runner-up and lookup's first node tested and rejected; lookup's second never reached
-    policy.observe([row], [tree], [[0, 1]], verify_seconds=1.1, draft_seconds=0.1)
+    policy.observe([row], [tree], [[0, 1]], verify_seconds=1.1)
     # a node after the root and a node after a draft are learned apart
     assert policy.rates[row]["drafter"] == 0.5 * 0.5 + 0.5 * 1.0 and policy.rates[row]["drafter+"] == 0.25
     assert "lookup+" not in policy.rates[row]  # never reached
     assert policy.rates[row]["runner-up"] == 0.25 and policy.rates[row]["lookup"] == 0.25
-    assert policy.passes.seen[7] == pytest.approx(0.5 * 1.06 + 0.5 * 1.1) and policy.drafting[1] == pytest.approx(0.05)
+    assert policy.passes.seen[7] == pytest.approx(0.5 * 1.06 + 0.5 * 1.1)
 
 
 def test_a_row_that_drafts_nothing_learns_when_its_drafter_is_right_again():
@@ -109,12 +108,12 @@ def test_a_row_that_drafts_nothing_learns_when_its_drafter_is_right_again():
     policy = DraftPolicy(memory=0.5)
     row = Row()
     policy.rates[row] = {"drafter": 0.05, "runner-up": 0.05, "lookup": 0.05}
-    _costs(policy, {1: 1.0, 7: 1.3}, drafting=0.3)
+    _costs(policy, {1: 1.0, 7: 1.3})
     tree = _tree()
-    assert len(policy.prune([row], [tree])[0]) == 1  # predicted to lose: nothing drafted
-    policy.observe([row], [tree.subtree([])], [[0]], 1.0, 0.3, next_tokens=[2])  # the trunk's first was right
+    assert len(policy.prune([row], [tree], draft_seconds=0.3)[0]) == 1  # predicted to lose: nothing drafted
+    policy.observe([row], [tree.subtree([])], [[0]], 1.0, next_tokens=[2])  # the trunk's first was right
     assert policy.rates[row]["drafter"] == 0.5 * 0.05 + 0.5 and policy.rates[row]["runner-up"] == 0.025
-    assert len(policy.prune([row], [tree])[0]) > 1  # drafting pays again
+    assert len(policy.prune([row], [tree], draft_seconds=0.3)[0]) > 1  # drafting pays again
 
 
 def test_a_new_row_starts_from_the_chances_pooled_over_the_rows_seen():
@@ -125,7 +124,7 @@ def test_a_new_row_starts_from_the_chances_pooled_over_the_rows_seen():
     trees = [_tree() for _ in rows]
     _costs(policy, {1: 1.0, 7: 1.06})
     # the trunk's first two kept, its third rejected; the runner-up and lookup's first rejected, in every row
-    policy.observe(rows, trees, [[0, 1, 2]] * 8, verify_seconds=1.06, draft_seconds=0.0)
+    policy.observe(rows, trees, [[0, 1, 2]] * 8, verify_seconds=1.06)
     newcomer = Row()
     chance = policy.chances(newcomer, _tree())
     assert policy.rate("runner-up") == pytest.approx(0.5 * 2 / (8 + 2))  # 8 tests, none kept, 2 prior pseudo-tests
@@ -133,7 +132,7 @@ def test_a_new_row_starts_from_the_chances_pooled_over_the_rows_seen():
     assert policy.rate("drafter+") == pytest.approx((8 + 1) / (16 + 2))  # its second kept, its third not
     # the root's children (drafter 0.9, runner-up 0.1, lookup 0.1) scaled to sum to 1
     assert chance[4] == pytest.approx(policy.rate("runner-up") / 1.1) and chance[4] < 0.15
-    policy.observe([newcomer], [_tree()], [[0]], verify_seconds=1.06, draft_seconds=0.0)
+    policy.observe([newcomer], [_tree()], [[0]], verify_seconds=1.06)
     # its own average starts at the pooled rate, not at the prior
     assert policy.rates[newcomer]["runner-up"] == pytest.approx(0.5 * 0.5 * 2 / (8 + 2))
 
@@ -179,9 +178,9 @@ class FixedClock(DraftPolicy):
     """The policy with a pass's cost given, not timed: 1 + 0.05 per node per row (the test must not depend on
     the machine's speed)."""
 
-    def observe(self, rows, trees, paths, verify_seconds, draft_seconds, next_tokens=None):
+    def observe(self, rows, trees, paths, verify_seconds, next_tokens=None):
         n = max(len(t) for t in trees)
-        super().observe(rows, trees, paths, 1.0 + 0.05 * (n - 1), 0.0, next_tokens)
+        super().observe(rows, trees, paths, 1.0 + 0.05 * (n - 1), next_tokens)
 
 
 def test_greedy_output_with_the_policy_is_the_targets_and_a_noise_drafter_is_soon_left_idle(mapped_pair):
@@ -238,8 +237,45 @@ def test_the_drafter_rests_after_a_pass_that_kept_none_of_its_nodes_and_explores
     policy.depth = 2  # the last pass kept drafter nodes down to depth 2
     assert policy.draft_tokens(4, 5) == 3
     assert policy.draft_tokens(3, 5) == 3  # a row left: the batch's last pass still counts
-    policy.depth = 0  # it kept none: the drafter rests, then drafts fully on every 16th pass
+    policy.depth = 0  # it kept none: the drafter rests, then drafts one token on every 16th pass
     asked = [policy.draft_tokens(4, 5) for _ in range(2 * DraftPolicy.EXPLORE_EVERY)]
     explore = DraftPolicy.EXPLORE_EVERY - 1
-    assert asked[explore] == asked[2 * explore + 1] == 5 and asked.count(0) == len(asked) - 2
+    assert asked[explore] == asked[2 * explore + 1] == 1 and asked.count(0) == len(asked) - 2
+    policy.depth = 1  # that draft was kept: one deeper each pass
+    assert policy.draft_tokens(4, 5) == 2
     assert DraftPolicy().draft_tokens(1, 1) == 1  # a drafter of K = 1 drafts before anything is known
+
+
+def test_a_pass_pays_for_its_own_proposals_only():
+    """Drafting pays for what proposing this pass's nodes took: the drafter's time when it ran, next to nothing
+    when it rested and only prompt lookup copied, so a copy that pays is drafted while the drafter rests."""
+    row = Row()
+    policy = _costs(DraftPolicy(), {1: 1.0, 2: 1.3})
+    policy.rates[row] = {"lookup": 0.5}
+    copy = DraftTree.chain(1, [6], source="lookup")
+    assert len(policy.prune([row], [copy], draft_seconds=0.3)[0]) == 1  # 1.5 tokens for 1.6 steps: a loss
+    assert len(policy.prune([row], [copy], draft_seconds=0.001)[0]) == 2  # 1.5 tokens for 1.3 steps
+
+
+def test_prompt_lookup_alone_is_never_rested(mapped_pair):
+    """The policy rests a drafter (a network) after passes that kept none of its nodes; prompt lookup runs none,
+    so it copies on every pass its copy is predicted to pay, not on every 16th."""
+    model = _model(mapped_pair, "eca")
+    target = model.large
+    g = torch.Generator().manual_seed(5)
+    span = torch.randint(3, model.vocab_size, (6,), generator=g).tolist()
+    prompts = [span * 4, span[::-1] * 4]
+    options = [SamplingOptions(max_new_tokens=30)] * 2
+    spec = SpeculativeBatch(target, PromptLookup(model.vocab_size, draft_tokens=4), policy=FixedClock())
+    drafted = []
+    verify = spec._verify
+
+    def counting():
+        before = spec.stats.drafted
+        out = verify()
+        drafted.append(spec.stats.drafted - before)
+        return out
+
+    spec._verify = counting
+    assert decode_rows(spec, prompts, options) == _target_alone(target, prompts, options)
+    assert drafted[0] == 0 and sum(d > 0 for d in drafted[1:]) > DraftPolicy.EXPLORE_EVERY // 4

@@ -48,7 +48,7 @@ class Alternating:
         self.asked.append(k if self.passes % 2 else 1)
         return self.asked[-1]
 
-    def prune(self, rows, trees):
+    def prune(self, rows, trees, draft_seconds=0.0):
         return trees
 
     def observe(self, *args):

@@ -126,16 +126,16 @@ class SpeculativeBatch(RowBatch):
         (it keeps none of the drafts)."""
         first = torch.tensor(self.pending, device=self.device)  # (B,)
         clock = time.perf_counter()
-        k = self.policy.draft_tokens(len(self.rows), self.k) if self.policy is not None else self.k
+        rests = self.policy is not None and not getattr(self.drafter, "free", False)  # a network it can rest
+        k = self.policy.draft_tokens(len(self.rows), self.k) if rests else self.k
         trees = propose_trees(self.drafter, first, k, self.rows)
         if self.policy is not None:
-            trees = self.policy.prune(self.rows, trees)
+            trees = self.policy.prune(self.rows, trees, time.perf_counter() - clock)
         size = max(len(t) for t in trees)
         inputs = torch.tensor([t.tokens + [self.pad_id] * (size - len(t)) for t in trees], device=self.device)
         ancestors = torch.stack([t.ancestors(size) for t in trees])  # (B, N, N)
         depths = torch.tensor([t.depths() + [0] * (size - len(t)) for t in trees])  # (B, N)
-        started, clock = clock, self._lap("draft_seconds", clock)
-        drafted = clock - started
+        clock = self._lap("draft_seconds", clock)
         logits, states, self.cache = self.stepper.run_tree(inputs, ancestors, depths, self.mask, self.cache)
         started, clock = clock, self._lap("verify_seconds", clock)
         verified = clock - started
@@ -178,7 +178,7 @@ class SpeculativeBatch(RowBatch):
         self._cut_padding()
         done = self._lap("rollback_seconds", clock)
         if self.policy is not None:  # what the pass cost: the target's pass and the rollback after it
-            self.policy.observe(self.rows, trees, paths, verified + done - clock, drafted, pending)
+            self.policy.observe(self.rows, trees, paths, verified + done - clock, pending)
         return accepted, [tokens[b, 1: 1 + a].tolist() for b, a in enumerate(accepted)]
 
     def _lap(self, name: str, since: float) -> float:

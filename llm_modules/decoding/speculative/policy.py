@@ -13,18 +13,20 @@ outweigh that. `DraftPolicy` keeps two estimates, both from the batch's own pass
   usually are too, so a long copy is priced as it pays, not as the first token's chance to the power of its
   length; siblings are exclusive (the target keeps at most one child of a
   node), so the chances of one node's children are scaled down to sum to at most its own;
-- the cost of a pass by the columns it reads (rows x nodes per row, `PassCosts`), whatever the row count, and the
-  drafter's time per batch size.
+- the cost of a pass by the columns it reads (rows x nodes per row, `PassCosts`), whatever the row count.
 
 Each pass it keeps the same number N - 1 of nodes for every row (a batch's pass reads N columns per row,
 padding included, so a row's unlikely nodes cost nothing more than its padding would), each row's likeliest
 nodes (they form a subtree: a child is never likelier than its parent), choosing N to maximise expected tokens
-per second: the batch's rows plus the kept nodes' chances, over the pass's cost at N. N = 1 drafts nothing: a
-plain step. The drafter drafts one token deeper than the deepest of its nodes the last pass kept (its own time
+per second: the batch's rows plus the kept nodes' chances, over the pass's cost at N, where a pass that drafts
+(N > 1) also pays for this pass's proposals (`draft_seconds`: the drafter's time when it ran, only lookup's scan
+when it rested; so the drafter's nodes must pay for it, and a copy while the drafter rests need not). N = 1
+drafts nothing: a plain step. The drafter drafts one token deeper than the deepest of its nodes the last pass kept (its own time
 falls with K); after a pass that kept none of its nodes it rests (is not run at all: a pass then costs what a
 plain step costs, plus prompt lookup's scan; the drafter reads the tokens verified meanwhile at its next
-proposal), and every `EXPLORE_EVERY`-th pass in a row that rested it drafts fully again so that its chances are
-measured anew. A pass's cost is the target's pass and the rollback after it; the first pass, and one in every
+proposal), and every `EXPLORE_EVERY`-th pass in a row that rested it drafts one token so that its chance is
+measured anew; a proposer with no network to rest (`free`: prompt lookup alone) proposes every pass. A pass's
+cost is the target's pass and the rollback after it; the first pass, and one in every
 `retime_every` after, is a plain step, timed.
 """
 
@@ -93,7 +95,7 @@ class DraftPolicy:
     # pass over 1 + 10 tokens cost 1.13x a step at batch 1 here (benchmarks/verify_pass_cost.py)
     prior_slope: float = 0.015
     retime_every: int = 64  # passes between timed plain steps
-    EXPLORE_EVERY = 16  # passes the drafter rests before it drafts fully again
+    EXPLORE_EVERY = 16  # passes the drafter rests before it drafts (one token) again
 
     rates: Any = field(default_factory=weakref.WeakKeyDictionary)  # row -> {source: chance}
     # source -> [kept, tested] over every row, both decayed by `memory` each pass; starts at `prior_weight`
@@ -101,7 +103,6 @@ class DraftPolicy:
     pooled: dict[str, list[float]] = field(default_factory=dict)
     prior_weight: float = 2.0
     passes: PassCosts | None = None  # seconds of a pass by its columns (rows x nodes); made in __post_init__
-    drafting: dict[int, float] = field(default_factory=dict)  # batch size -> the drafter's seconds per pass
     since_step: int = 0  # passes since a plain step was timed
     timing: bool = False  # the last pass timed a plain step
     depth: int | None = None  # deepest drafted node the last pass kept (None: nothing kept or pruned yet)
@@ -115,8 +116,9 @@ class DraftPolicy:
     def draft_tokens(self, batch: int, k: int) -> int:
         """How many tokens the drafter drafts this pass: one more than the deepest drafted node the last pass kept,
         at most k; none after a pass that kept none of its nodes (the drafter rests: it is not run, and its next
-        proposal reads the tokens verified meanwhile), except k on every EXPLORE_EVERY-th pass in a row that
-        rested it, so that its chances are measured anew. The last pass is the batch's last, whatever its size
+        proposal reads the tokens verified meanwhile), except one on every EXPLORE_EVERY-th pass in a row that
+        rested it, so that its first draft's chance is measured anew (one draft: a full K at batch 16 cost ~70 ms,
+        a quarter of a step; once a draft is kept, the next pass drafts one deeper). The last pass is the batch's last, whatever its size
         then (rows leave and join between passes)."""
         if self.depth is None:  # nothing kept or pruned yet: the whole K
             return k
@@ -124,7 +126,7 @@ class DraftPolicy:
             self.resting = 0
             return min(k, self.depth + 1)
         self.resting += 1
-        return k if self.resting % self.EXPLORE_EVERY == 0 else 0
+        return 1 if self.resting % self.EXPLORE_EVERY == 0 else 0
 
     def rate(self, source: str) -> float:
         """A source's chance pooled over every row the policy has seen (the prior before any)."""
@@ -155,27 +157,21 @@ class DraftPolicy:
             out[i] = out[parent] * own[i] / max(1.0, siblings[parent])
         return out
 
-    def cost(self, batch: int, nodes: int) -> float:
-        """A pass over `nodes` per row at this batch size, in plain steps at this size (the drafter's time
-        included)."""
+    def cost(self, batch: int, nodes: int, draft_seconds: float = 0.0) -> float:
+        """A pass over `nodes` per row at this batch size, in plain steps at this size; one that drafts (nodes > 1)
+        also pays `draft_seconds`, what proposing its nodes cost."""
         step = self.passes(batch)
         if step is None:
             return 1.0 + self.prior_slope * batch * (nodes - 1)
-        drafting = self._drafting(batch) / step if nodes > 1 else 0.0
+        drafting = draft_seconds / step if nodes > 1 else 0.0
         return self.passes(batch * nodes) / step + drafting
 
-    def _drafting(self, batch: int) -> float:
-        """The drafter's seconds per pass at this batch size, or at the nearest one measured (0 before any)."""
-        if not self.drafting:
-            return 0.0
-        nearest = min(self.drafting, key=lambda b: (abs(b - batch), b))
-        return self.drafting[nearest]
-
-    def prune(self, rows: list[Any], trees: list[DraftTree]) -> list[DraftTree]:
+    def prune(self, rows: list[Any], trees: list[DraftTree], draft_seconds: float = 0.0) -> list[DraftTree]:
         """Every row's tree cut to the N best for the batch (its likeliest N - 1 nodes and the root), N chosen for
-        the most expected tokens per unit of cost. The pass reads N columns of every row, padding included: a row
-        whose nodes are unlikely still fills its columns (they cost the pass nothing more), so a row drafts nothing
-        only when the batch does, when no N > 1 is predicted to pay."""
+        the most expected tokens per unit of cost (`draft_seconds`: what proposing these trees took). The pass
+        reads N columns of every row, padding included: a row whose nodes are unlikely still fills its columns
+        (they cost the pass nothing more), so a row drafts nothing only when the batch does, when no N > 1 is
+        predicted to pay."""
         batch = len(rows)
         self.proposed = trees
         self.timing = self.passes(batch) is None or self.since_step >= self.retime_every
@@ -188,7 +184,8 @@ class DraftPolicy:
             ranked[-1] = [(i, chance[i]) for i in ranked[-1]]
         best, best_value = 1, batch / self.cost(batch, 1)
         for n in range(2, max(len(t) for t in trees) + 1):
-            value = (batch + sum(p for order in ranked for _, p in order[: n - 1])) / self.cost(batch, n)
+            gained = sum(p for order in ranked for _, p in order[: n - 1])
+            value = (batch + gained) / self.cost(batch, n, draft_seconds)
             if value > best_value:
                 best, best_value = n, value
         out = [tree.subtree([i for i, _ in order[: best - 1]]) for tree, order in zip(trees, ranked)]
@@ -196,7 +193,7 @@ class DraftPolicy:
         return out
 
     def observe(self, rows: list[Any], trees: list[DraftTree], paths: list[list[int]], verify_seconds: float,
-                draft_seconds: float, next_tokens: list[int] | None = None) -> None:
+                next_tokens: list[int] | None = None) -> None:
         """Learn from a pass: per row and source, which nodes the target reached and kept, and which of the
         drafts pruned right after the root the target's next token (`next_tokens`, after the kept path) shows it
         would have kept (so a row that drafts nothing still learns when its drafter is right again); the pass's
@@ -233,12 +230,7 @@ class DraftPolicy:
         batch = len(rows)
         nodes = max(len(t) for t in trees)
         self.passes.add(batch * nodes, verify_seconds)
-        if nodes == 1:
-            self.since_step = 0
-            return
-        self.since_step += 1
-        old = self.drafting.get(batch)
-        self.drafting[batch] = draft_seconds if old is None else m * old + (1 - m) * draft_seconds
+        self.since_step = 0 if nodes == 1 else self.since_step + 1
 
 
 def drafted(source: str) -> bool:

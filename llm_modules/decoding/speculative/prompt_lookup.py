@@ -53,6 +53,7 @@ class PromptLookup:
 
     taps: list[int] = []
     max_positions = None
+    free = True  # proposing runs no network: the drafting policy never rests it (`proposer.Proposer`)
     # K when none is asked for: on Spec-Bench (3 questions per category + 3 HumanEval, Qwen2.5-Coder-1.5B bf16,
     # batch 1) K=10 gave 1.14x on the average against K=4's 1.10x, 2.27x against 1.92x on summarization and 2.60x
     # against 1.90x on HumanEval, losing 3-5% where nothing is copied (reports/spec_bench/drafters)

@@ -20,7 +20,9 @@ class Proposer(Protocol):
 
     `taps`: the target's hidden-state indices it reads (as in `output_hidden_states`; the target's layer
     count stands for the final, normed state); [] when it reads none. A proposer may carry a `policy`
-    (`policy.DraftPolicy`), which a SpeculativeBatch built for it drafts by unless given another."""
+    (`policy.DraftPolicy`), which a SpeculativeBatch built for it drafts by unless given another; the policy
+    rests it (k = 0) after passes whose drafts paid nothing, unless it is `free` (True: it runs no network,
+    prompt lookup)."""
 
     taps: list[int]
     draft_tokens: int

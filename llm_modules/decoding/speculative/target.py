@@ -86,7 +86,13 @@ def keep_paths(t: torch.Tensor, dim: int, past: int, paths: list[list[int]], per
 
 
 def keep_cache_paths(slots: list[Slot], past: int, paths: list[list[int]], positions_after: int) -> None:
-    """Roll each row's cached tensors back to its past and its kept path (`keep_paths` on every slot)."""
+    """Roll each row's cached tensors back to its past and its kept path (`keep_paths` on every slot). Nothing to
+    do when every row kept all the pass's nodes in order (a plain step's one node, above all): ~5 ms of Python a
+    pass over a 28-layer cache at batch 16 otherwise."""
+    longest = max(len(path) for path in paths)
+    if positions_after == past + longest and all(path == list(range(longest)) for path in paths):
+        if all(slot.window is None and slot.get().shape[2] == slot.cols(positions_after) for slot in slots):
+            return
     for slot in slots:
         if slot.window is not None:
             raise LLMModulesError("speculative decoding cannot roll back a sliding-window cache")

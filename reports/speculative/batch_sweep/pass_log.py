@@ -6,7 +6,8 @@ Per method: seconds, tokens, the benchmark's stats; `passes` (the policy's view 
 columns a row N, nodes and accepted per row, verify + rollback seconds v, drafting seconds d); `steps` (wall
 seconds of every DecodeBatch/SpeculativeBatch step and every join, tagged plain/spec/add, with the rows held);
 `N` (the columns each pruned pass kept). pass_log_b8.json and pass_times_b16.json were written by the two
-scripts this one replaced (commit 52a3020: pass_log.py gave `log` = passes, pass_times.py `log` = steps and N)."""
+scripts this one replaced (commit 52a3020: pass_log.py gave `log` = passes, pass_times.py `log` = steps and N).
+Since the policy takes a pass's proposal time at `prune` (not `observe`), `d` is read there."""
 import functools
 import json
 import os
@@ -32,7 +33,7 @@ pad = tok.pad_token_id if tok.pad_token_id is not None else eos[0]
 model = S.load_network("runs/drafter-ladder-gen/last", loaded, torch.bfloat16)
 vocab = S.saved_vocabulary(S.Path("runs/drafter-ladder-gen/last"))
 prompts = S.prompts_of("reasoning-gym:gsm_symbolic?size=16&seed=999", tok, n)
-passes, steps, kept = [], [], []
+passes, steps, kept, drafts = [], [], [], []
 
 
 def timed(cls, name, tag):
@@ -52,15 +53,16 @@ timed(R.RowBatch, "add", "add")
 observe, prune = P.DraftPolicy.observe, P.DraftPolicy.prune
 
 
-def logged_observe(self, rows, trees, paths, verify_seconds, draft_seconds, next_tokens=None):
+def logged_observe(self, rows, trees, paths, verify_seconds, next_tokens=None):
     passes.append({"B": len(rows), "N": max(len(t) for t in trees), "nodes": [len(t) - 1 for t in trees],
-                   "acc": [len(p) - 1 for p in paths], "v": round(verify_seconds, 4), "d": round(draft_seconds, 4)})
-    return observe(self, rows, trees, paths, verify_seconds, draft_seconds, next_tokens)
+                   "acc": [len(p) - 1 for p in paths], "v": round(verify_seconds, 4), "d": round(drafts[-1], 4)})
+    return observe(self, rows, trees, paths, verify_seconds, next_tokens)
 
 
-def logged_prune(self, rows, trees):
-    pruned = prune(self, rows, trees)
+def logged_prune(self, rows, trees, draft_seconds=0.0):
+    pruned = prune(self, rows, trees, draft_seconds)
     kept.append(max(len(t) for t in pruned))
+    drafts.append(draft_seconds)
     return pruned
 
 
@@ -70,7 +72,7 @@ if os.environ.get("PRIOR"):
 res = {}
 for name, make in [("target", lambda: None), ("spec", lambda: S.our_drafter(model, 4, pad, vocab, True, 5, adaptive=True))]:
     S.run_ours(target, prompts[:2], size, 8, pad, eos, drafter=make())  # warm-up
-    for log in (passes, steps, kept):
+    for log in (passes, steps, kept, drafts):
         log.clear()
     outs, secs, stats = S.run_ours(target, prompts, size, 64, pad, eos, drafter=make())
     tokens = sum(len(o) for o in outs)
