@@ -39,17 +39,23 @@ def test_a_subtree_keeps_the_kept_nodes_attempts_and_sources():
 
 
 def _costs(policy: DraftPolicy, seen: dict[int, float]) -> DraftPolicy:
+    """The policy past its two timed plain steps, with these costs of a pass by its columns."""
     policy.passes.seen.update(seen)
+    policy.passes.readings.update({columns: 2 for columns in seen})
+    policy.steps_timed = 2
     return policy
 
 
-def test_the_first_pass_times_a_plain_step_and_a_new_row_count_is_predicted_not_timed():
+def test_the_first_two_passes_time_a_plain_step_and_a_new_row_count_is_predicted_not_timed():
     policy = DraftPolicy()
     rows = [Row(), Row()]
-    assert [len(t) for t in policy.prune(rows, [_tree(), _tree()])] == [1, 1]
-    policy.observe(rows, [DraftTree.root(1)] * 2, [[0], [0]], verify_seconds=0.5)
-    assert policy.passes.seen == {2: 0.5} and policy.timing
+    for seconds in (0.7, 0.5):  # the second reading replaces the first (which carries one-off costs)
+        assert policy.draft_tokens(2, 4) == 0  # the drafter is not run for a timed step
+        assert [len(t) for t in policy.prune(rows, [_tree(), _tree()])] == [1, 1] and policy.timing
+        policy.observe(rows, [DraftTree.root(1)] * 2, [[0], [0]], verify_seconds=seconds)
+    assert policy.passes.seen == {2: 0.5}
     # a row leaves: one row's pass is predicted from the two-row one, so the pass drafts instead of timing
+    assert policy.draft_tokens(1, 4) == 4
     assert len(policy.prune([rows[0]], [_tree()])[0]) > 1 and not policy.timing
 
 
@@ -60,8 +66,12 @@ def test_a_pass_costs_what_its_columns_cost_between_and_beyond_those_seen():
     assert costs(2) == 1.0 and costs(4) == 1.0 and costs(6) == pytest.approx(1.2)  # the prior slope past one
     costs.add(8, 1.4)
     assert costs(6) == pytest.approx(1.2) and costs(12) == pytest.approx(1.8)  # interpolated; the last slope on
-    costs.add(8, 1.0)  # an average: (1.4 + 1.0) / 2
+    costs.add(8, 1.0)  # the second reading replaces the first
+    assert costs.seen[8] == 1.0
+    costs.add(8, 1.4)  # then an average: (1.0 + 1.4) / 2
     assert costs.seen[8] == pytest.approx(1.2)
+    costs.add(9, 1.15)  # past the largest: the slope from the smallest (4: 1.0) to the largest (9: 1.15), not 8-9's
+    assert costs(14) == pytest.approx(1.15 + 0.03 * 5)
     costs.add(6, 0.5)  # a noisy narrow reading never makes a wider pass cheaper than a narrower one
     assert costs(6) == 1.0 and costs(7) >= 1.0
 
@@ -232,8 +242,8 @@ def test_sampled_rows_with_the_policy_decode_to_the_end(mapped_pair):
 
 
 def test_the_drafter_rests_after_a_pass_that_kept_none_of_its_nodes_and_explores_again():
-    policy = DraftPolicy()
-    assert policy.draft_tokens(4, 5) == 5  # nothing known: the whole K
+    policy = _costs(DraftPolicy(), {4: 1.0})
+    assert policy.draft_tokens(4, 5) == 5  # nothing kept yet: the whole K
     policy.depth = 2  # the last pass kept drafter nodes down to depth 2
     assert policy.draft_tokens(4, 5) == 3
     assert policy.draft_tokens(3, 5) == 3  # a row left: the batch's last pass still counts
@@ -243,7 +253,7 @@ def test_the_drafter_rests_after_a_pass_that_kept_none_of_its_nodes_and_explores
     assert asked[explore] == asked[2 * explore + 1] == 1 and asked.count(0) == len(asked) - 2
     policy.depth = 1  # that draft was kept: one deeper each pass
     assert policy.draft_tokens(4, 5) == 2
-    assert DraftPolicy().draft_tokens(1, 1) == 1  # a drafter of K = 1 drafts before anything is known
+    assert _costs(DraftPolicy(), {1: 1.0}).draft_tokens(1, 1) == 1  # a drafter of K = 1 drafts before anything is kept
 
 
 def test_a_pass_pays_for_its_own_proposals_only():

@@ -26,8 +26,8 @@ falls with K); after a pass that kept none of its nodes it rests (is not run at 
 plain step costs, plus prompt lookup's scan; the drafter reads the tokens verified meanwhile at its next
 proposal), and every `EXPLORE_EVERY`-th pass in a row that rested it drafts one token so that its chance is
 measured anew; a proposer with no network to rest (`free`: prompt lookup alone) proposes every pass. A pass's
-cost is the target's pass and the rollback after it; the first pass, and one in every
-`retime_every` after, is a plain step, timed.
+cost is the target's pass and the rollback after it; the first two passes, and one in every `retime_every` after,
+are plain steps, timed (the drafter is not run for them).
 """
 
 from __future__ import annotations
@@ -45,19 +45,26 @@ class PassCosts:
     padding included: what a pass costs depends on T far more than on how T splits into rows and nodes (here,
     Qwen2.5-Coder-1.5B in bfloat16, 2 threads, reports/speculative/batch_sweep: a one-token step over 8 rows
     215-220 ms and a pass over one row of 11 nodes 215-217 ms; over 16 rows a step 214-235 ms and a speculative
-    step of 3 to 5 nodes a row 442-633 ms, drafting included). An exponential average per T seen; between two,
-    interpolated; past the largest, extended along the slope between the two largest (`prior_slope` of the
-    largest's seconds per column while only one is seen); below the smallest, its seconds. Never decreasing in T.
+    step of 3 to 5 nodes a row 442-633 ms, drafting included). An exponential average per T seen, whose first
+    reading the second replaces (a first reading carries one-off costs: the first 16-row step after a prefill took
+    330 ms here against 257 ms later, and taken as the step's cost it priced a 32-column pass at 1.26 steps, not
+    1.6); between two, interpolated; past the largest, extended along the slope from the smallest to the largest
+    (two close widths' noise gave a flat slope here, and a 132-column pass priced as a 32-column one cost 1.8x it;
+    `prior_slope` of the largest's seconds per column while only one is seen); below the smallest, its seconds.
+    Never decreasing in T.
     A batch whose rows leave or join meets a new row count each time: the account of every count serves it, so no
     pass is spent timing it."""
 
     memory: float = 0.8
     prior_slope: float = 0.015
     seen: dict[int, float] = field(default_factory=dict)
+    readings: dict[int, int] = field(default_factory=dict)  # columns -> passes timed
 
     def add(self, columns: int, seconds: float) -> None:
+        count = self.readings.get(columns, 0)
+        self.readings[columns] = count + 1
         old = self.seen.get(columns)
-        self.seen[columns] = seconds if old is None else self.memory * old + (1 - self.memory) * seconds
+        self.seen[columns] = seconds if count < 2 else self.memory * old + (1 - self.memory) * seconds
 
     def __call__(self, columns: int) -> float | None:
         if not self.seen:
@@ -76,7 +83,7 @@ class PassCosts:
             value = self.seen[low] + (self.seen[high] - self.seen[low]) * (columns - low) / (high - low)
         else:
             if len(known) >= 2:
-                a, b = known[-2], known[-1]
+                a, b = known[0], known[-1]
                 slope = max((self.seen[b] - self.seen[a]) / (b - a), 0.0)
             else:
                 slope = self.prior_slope * self.seen[low]
@@ -104,6 +111,7 @@ class DraftPolicy:
     prior_weight: float = 2.0
     passes: PassCosts | None = None  # seconds of a pass by its columns (rows x nodes); made in __post_init__
     since_step: int = 0  # passes since a plain step was timed
+    steps_timed: int = 0  # plain steps timed so far (the first two are, whatever the rows predict)
     timing: bool = False  # the last pass timed a plain step
     depth: int | None = None  # deepest drafted node the last pass kept (None: nothing kept or pruned yet)
     resting: int = 0  # passes in a row the drafter did not run
@@ -120,6 +128,8 @@ class DraftPolicy:
         rested it, so that its first draft's chance is measured anew (one draft: a full K at batch 16 cost ~70 ms,
         a quarter of a step; once a draft is kept, the next pass drafts one deeper). The last pass is the batch's last, whatever its size
         then (rows leave and join between passes)."""
+        if self._times_step():  # a timed plain step: nothing to draft
+            return 0
         if self.depth is None:  # nothing kept or pruned yet: the whole K
             return k
         if self.depth > 0:
@@ -127,6 +137,11 @@ class DraftPolicy:
             return min(k, self.depth + 1)
         self.resting += 1
         return 1 if self.resting % self.EXPLORE_EVERY == 0 else 0
+
+    def _times_step(self) -> bool:
+        """Whether this pass is a timed plain step: the first two passes (the second's reading replaces the first's,
+        which carries one-off costs), and one in every `retime_every` after."""
+        return self.steps_timed < 2 or self.since_step >= self.retime_every
 
     def rate(self, source: str) -> float:
         """A source's chance pooled over every row the policy has seen (the prior before any)."""
@@ -174,7 +189,7 @@ class DraftPolicy:
         predicted to pay."""
         batch = len(rows)
         self.proposed = trees
-        self.timing = self.passes(batch) is None or self.since_step >= self.retime_every
+        self.timing = self._times_step()
         if self.timing:  # time a plain step
             return [t.subtree([0]) for t in trees]
         ranked = []
@@ -231,6 +246,7 @@ class DraftPolicy:
         nodes = max(len(t) for t in trees)
         self.passes.add(batch * nodes, verify_seconds)
         self.since_step = 0 if nodes == 1 else self.since_step + 1
+        self.steps_timed += nodes == 1
 
 
 def drafted(source: str) -> bool:
