@@ -41,7 +41,8 @@ def test_a_subtree_keeps_the_kept_nodes_attempts_and_sources():
 def _costs(policy: DraftPolicy, seen: dict[int, float]) -> DraftPolicy:
     """The policy past its two timed plain steps, with these costs of a pass by its columns."""
     policy.passes.seen.update(seen)
-    policy.passes.readings.update({columns: 2 for columns in seen})
+    policy.passes.readings.update({columns: [seconds] * 4 for columns, seconds in seen.items()})
+    policy.passes.counts.update({columns: 4 for columns in seen})
     policy.steps_timed = 2
     return policy
 
@@ -60,7 +61,7 @@ def test_the_first_two_passes_time_a_plain_step_and_a_new_row_count_is_predicted
 
 
 def test_a_pass_costs_what_its_columns_cost_between_and_beyond_those_seen():
-    costs = PassCosts(memory=0.5, prior_slope=0.1)
+    costs = PassCosts(prior_slope=0.1)
     assert costs(4) is None
     costs.add(4, 1.0)
     assert costs(2) == 1.0 and costs(4) == 1.0 and costs(6) == pytest.approx(1.2)  # the prior slope past one
@@ -68,7 +69,10 @@ def test_a_pass_costs_what_its_columns_cost_between_and_beyond_those_seen():
     assert costs(6) == pytest.approx(1.2) and costs(12) == pytest.approx(1.8)  # interpolated; the last slope on
     costs.add(8, 1.0)  # the second reading replaces the first
     assert costs.seen[8] == 1.0
-    costs.add(8, 1.4)  # then an average: (1.0 + 1.4) / 2
+    costs.add(8, 1.4)  # then the median of its last readings: (1.0 + 1.4) / 2
+    assert costs.seen[8] == pytest.approx(1.2)
+    for seconds in (1.2, 1.2, 4.0):  # a spike (an interrupted pass) does not move it
+        costs.add(8, seconds)
     assert costs.seen[8] == pytest.approx(1.2)
     costs.add(9, 1.15)  # past the largest: the slope from the smallest (4: 1.0) to the largest (9: 1.15), not 8-9's
     assert costs(14) == pytest.approx(1.15 + 0.03 * 5)
@@ -109,7 +113,7 @@ def test_acceptance_is_learned_from_the_nodes_the_target_reached():
     assert policy.rates[row]["drafter"] == 0.5 * 0.5 + 0.5 * 1.0 and policy.rates[row]["drafter+"] == 0.25
     assert "lookup+" not in policy.rates[row]  # never reached
     assert policy.rates[row]["runner-up"] == 0.25 and policy.rates[row]["lookup"] == 0.25
-    assert policy.passes.seen[7] == pytest.approx(0.5 * 1.06 + 0.5 * 1.1)
+    assert policy.passes.seen[7] == pytest.approx(1.06)  # the median of its last readings: four of 1.06, one of 1.1
 
 
 def test_a_row_that_drafts_nothing_learns_when_its_drafter_is_right_again():

@@ -32,6 +32,7 @@ are plain steps, timed (the drafter is not run for them).
 
 from __future__ import annotations
 
+import statistics
 import weakref
 from dataclasses import dataclass, field
 from typing import Any
@@ -45,26 +46,29 @@ class PassCosts:
     padding included: what a pass costs depends on T far more than on how T splits into rows and nodes (here,
     Qwen2.5-Coder-1.5B in bfloat16, 2 threads, reports/speculative/batch_sweep: a one-token step over 8 rows
     215-220 ms and a pass over one row of 11 nodes 215-217 ms; over 16 rows a step 214-235 ms and a speculative
-    step of 3 to 5 nodes a row 442-633 ms, drafting included). An exponential average per T seen, whose first
-    reading the second replaces (a first reading carries one-off costs: the first 16-row step after a prefill took
-    330 ms here against 257 ms later, and taken as the step's cost it priced a 32-column pass at 1.26 steps, not
-    1.6); between two, interpolated; past the largest, extended along the slope from the smallest to the largest
+    step of 3 to 5 nodes a row 442-633 ms, drafting included). Per T seen, the median of its last `window`
+    readings, the first reading dropped once a second comes (a first reading carries one-off costs: the first
+    16-row step after a prefill took 330 ms here against 257 ms later, and taken as the step's cost it priced a
+    32-column pass at 1.26 steps, not 1.6; and one 883 ms step among 300-390 ms ones, averaged in, made a 32-column
+    pass look as cheap as a step, so that the batch drafted every pass at a loss); between two, interpolated; past the largest, extended along the slope from the smallest to the largest
     (two close widths' noise gave a flat slope here, and a 132-column pass priced as a 32-column one cost 1.8x it;
     `prior_slope` of the largest's seconds per column while only one is seen); below the smallest, its seconds.
     Never decreasing in T.
     A batch whose rows leave or join meets a new row count each time: the account of every count serves it, so no
     pass is spent timing it."""
 
-    memory: float = 0.8
     prior_slope: float = 0.015
-    seen: dict[int, float] = field(default_factory=dict)
-    readings: dict[int, int] = field(default_factory=dict)  # columns -> passes timed
+    window: int = 5
+    seen: dict[int, float] = field(default_factory=dict)  # columns -> the estimate
+    readings: dict[int, list[float]] = field(default_factory=dict)  # columns -> its last readings
+    counts: dict[int, int] = field(default_factory=dict)  # columns -> passes timed
 
     def add(self, columns: int, seconds: float) -> None:
-        count = self.readings.get(columns, 0)
-        self.readings[columns] = count + 1
-        old = self.seen.get(columns)
-        self.seen[columns] = seconds if count < 2 else self.memory * old + (1 - self.memory) * seconds
+        count = self.counts.get(columns, 0)
+        self.counts[columns] = count + 1
+        kept = [] if count == 1 else self.readings.get(columns, [])  # the second reading replaces the first
+        self.readings[columns] = kept = (kept + [seconds])[-self.window:]
+        self.seen[columns] = statistics.median(kept)
 
     def __call__(self, columns: int) -> float | None:
         if not self.seen:
@@ -119,7 +123,7 @@ class DraftPolicy:
 
     def __post_init__(self):
         if self.passes is None:
-            self.passes = PassCosts(self.memory, self.prior_slope)
+            self.passes = PassCosts(self.prior_slope)
 
     def draft_tokens(self, batch: int, k: int) -> int:
         """How many tokens the drafter drafts this pass: one more than the deepest drafted node the last pass kept,
