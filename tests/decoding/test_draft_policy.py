@@ -197,15 +197,8 @@ class FixedClock(DraftPolicy):
         super().observe(rows, trees, paths, 1.0 + 0.05 * (n - 1), next_tokens)
 
 
-def test_greedy_output_with_the_policy_is_the_targets_and_a_noise_drafter_is_soon_left_idle(mapped_pair):
-    model = _model(mapped_pair, "ladder", noise=True)
-    target = model.large
-    g = torch.Generator().manual_seed(11)
-    prompts = [torch.randint(3, model.vocab_size, (6,), generator=g).tolist() for _ in range(4)]
-    options = [SamplingOptions(max_new_tokens=40)] * 4
-    alone = _target_alone(target, prompts, options)
-    spec = SpeculativeBatch(target, TreeProposer(ComposedProposer(model, draft_tokens=3), None, width=2),
-                            policy=FixedClock())
+def _count_drafted(spec: SpeculativeBatch) -> list[int]:
+    """A list that receives the nodes drafted (beyond the roots) by each of the batch's verify passes."""
     drafted = []
     verify = spec._verify
 
@@ -216,9 +209,22 @@ def test_greedy_output_with_the_policy_is_the_targets_and_a_noise_drafter_is_soo
         return out
 
     spec._verify = counting
+    return drafted
+
+
+def test_greedy_output_with_the_policy_is_the_targets_and_a_noise_drafter_is_soon_left_idle(mapped_pair):
+    model = _model(mapped_pair, "ladder", noise=True)
+    target = model.large
+    g = torch.Generator().manual_seed(11)
+    prompts = [torch.randint(3, model.vocab_size, (6,), generator=g).tolist() for _ in range(4)]
+    options = [SamplingOptions(max_new_tokens=40)] * 4
+    alone = _target_alone(target, prompts, options)
+    spec = SpeculativeBatch(target, TreeProposer(ComposedProposer(model, draft_tokens=3), None, width=2),
+                            policy=FixedClock())
+    drafted = _count_drafted(spec)
     assert decode_rows(spec, prompts, options) == alone
     third = len(drafted) // 3
-    assert drafted[0] == 0 and sum(drafted[1:third]) > 0  # a timed plain step, then drafting at prior rates
+    assert drafted[:2] == [0, 0] and sum(drafted[2:third]) > 0  # two timed plain steps, then drafting at prior rates
     assert sum(drafted[-third:]) < sum(drafted[1:third]) / 3  # the noise drafter's nodes stop paying
 
 
@@ -281,15 +287,6 @@ def test_prompt_lookup_alone_is_never_rested(mapped_pair):
     prompts = [span * 4, span[::-1] * 4]
     options = [SamplingOptions(max_new_tokens=30)] * 2
     spec = SpeculativeBatch(target, PromptLookup(model.vocab_size, draft_tokens=4), policy=FixedClock())
-    drafted = []
-    verify = spec._verify
-
-    def counting():
-        before = spec.stats.drafted
-        out = verify()
-        drafted.append(spec.stats.drafted - before)
-        return out
-
-    spec._verify = counting
+    drafted = _count_drafted(spec)
     assert decode_rows(spec, prompts, options) == _target_alone(target, prompts, options)
-    assert drafted[0] == 0 and sum(d > 0 for d in drafted[1:]) > DraftPolicy.EXPLORE_EVERY // 4
+    assert drafted[:2] == [0, 0] and sum(d > 0 for d in drafted[2:]) > DraftPolicy.EXPLORE_EVERY // 4
