@@ -134,10 +134,25 @@ def test_the_report_says_whether_the_prompts_were_a_queue(tmp_path):
            "tokens_per_s": 10.0, "speedup": 1.0, "accepted_per_pass": None, "train_seconds": None, "identical": "8/8"}
     for queue, says in ((32, "a queue of 32 prompts per task"), (0, "8 prompts per task")):
         args = SimpleNamespace(output=str(tmp_path / str(queue)), target="t", max_new_tokens=64, queue=queue, prompts=8,
-                               dtype="bfloat16")
+                               dtype="bfloat16", repeats=1)
         script.write_report(args, [row])
         text = (tmp_path / str(queue) / "results.md").read_text()
         assert says in text and "| gsm_symbolic | 8 | target alone (our engine) |" in text
+        assert "times in turn" not in text and "1.0x |" in text
+
+
+def test_repeated_rows_report_the_median_speedup_and_its_spread(tmp_path):
+    from types import SimpleNamespace
+
+    script = load_script()
+    row = {"task": "reasoning-gym:gsm_symbolic?size=8", "batch": 8, "row": "ours: d", "tokens_per_s": 11.0,
+           "speedup": 1.04, "speedups": [0.98, 1.04, 1.11], "accepted_per_pass": 2.0, "train_seconds": None,
+           "identical": "8/8"}
+    args = SimpleNamespace(output=str(tmp_path), target="t", max_new_tokens=64, queue=0, prompts=8, dtype="bfloat16",
+                           repeats=3)
+    script.write_report(args, [row])
+    text = (tmp_path / "results.md").read_text()
+    assert "Every row ran 3 times in turn" in text and "| 1.04x (0.98-1.11) |" in text
 
 
 def test_the_parts_table_splits_a_methods_time_and_leaves_older_records_unsplit():

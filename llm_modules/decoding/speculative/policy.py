@@ -21,10 +21,10 @@ nodes (they form a subtree: a child is never likelier than its parent), choosing
 per second: the batch's rows plus the kept nodes' chances, over the pass's cost at N, where a pass that drafts
 (N > 1) also pays for this pass's proposals (`draft_seconds`: the drafter's time when it ran, only lookup's scan
 when it rested; so the drafter's nodes must pay for it, and a copy while the drafter rests need not). N = 1
-drafts nothing: a plain step. The drafter drafts one token deeper than the deepest of its nodes the last pass kept (its own time
-falls with K); after a pass that kept none of its nodes it rests (is not run at all: a pass then costs what a
-plain step costs, plus prompt lookup's scan; the drafter reads the tokens verified meanwhile at its next
-proposal), and every `EXPLORE_EVERY`-th pass in a row that rested it drafts one token so that its chance is
+drafts nothing: a plain step. The drafter drafts one token deeper than the deepest of its nodes the last pass
+kept (its own time falls with K); after a pass that kept none of its nodes it rests (is not run at all: a pass
+then costs what a plain step costs, plus prompt lookup's scan; the drafter reads the tokens verified meanwhile
+at its next proposal), and every `EXPLORE_EVERY`-th pass in a row that rested it drafts one token so that its chance is
 measured anew; a proposer with no network to rest (`free`: prompt lookup alone) proposes every pass. A pass's
 cost is the target's pass and the rollback after it; the first two passes, and one in every `retime_every` after,
 are plain steps, timed (the drafter is not run for them).
@@ -50,8 +50,9 @@ class PassCosts:
     readings, the first reading dropped once a second comes (a first reading carries one-off costs: the first
     16-row step after a prefill took 330 ms here against 257 ms later, and taken as the step's cost it priced a
     32-column pass at 1.26 steps, not 1.6; and one 883 ms step among 300-390 ms ones, averaged in, made a 32-column
-    pass look as cheap as a step, so that the batch drafted every pass at a loss); between two, interpolated; past the largest, extended along the slope from the smallest to the largest
-    (two close widths' noise gave a flat slope here, and a 132-column pass priced as a 32-column one cost 1.8x it;
+    pass look as cheap as a step, so that the batch drafted every pass at a loss); between two, interpolated;
+    past the largest, extended along the slope from the smallest to the largest (two close widths' noise gave a
+    flat slope here, and a 132-column pass priced as a 32-column one cost 1.8x it;
     `prior_slope` of the largest's seconds per column while only one is seen); below the smallest, its seconds.
     Never decreasing in T.
     A batch whose rows leave or join meets a new row count each time: the account of every count serves it, so no
@@ -130,8 +131,8 @@ class DraftPolicy:
         at most k; none after a pass that kept none of its nodes (the drafter rests: it is not run, and its next
         proposal reads the tokens verified meanwhile), except one on every EXPLORE_EVERY-th pass in a row that
         rested it, so that its first draft's chance is measured anew (one draft: a full K at batch 16 cost ~70 ms,
-        a quarter of a step; once a draft is kept, the next pass drafts one deeper). The last pass is the batch's last, whatever its size
-        then (rows leave and join between passes)."""
+        a quarter of a step; once a draft is kept, the next pass drafts one deeper). None on a timed plain step.
+        The last pass is the batch's last, whatever its size then (rows leave and join between passes)."""
         if self._times_step():  # a timed plain step: nothing to draft
             return 0
         if self.depth is None:  # nothing kept or pruned yet: the whole K
