@@ -18,7 +18,7 @@ from llm_modules.decoding.speculative.acceptance import (
 from llm_modules.decoding.speculative.batch import SpeculativeBatch
 from llm_modules.decoding.speculative.composed_proposer import ComposedProposer
 from llm_modules.decoding.speculative.prompt_lookup import PromptLookup
-from llm_modules.decoding.speculative.target import TargetStepper, keep_cache_paths
+from llm_modules.decoding.speculative.target import TargetStepper, keep_cache_paths, path_mask
 from llm_modules.decoding.speculative.tree import DraftTree
 from llm_modules.decoding.speculative.tree_proposer import TreeProposer
 from llm_modules.errors import LLMModulesError
@@ -120,11 +120,10 @@ def test_rolling_back_to_any_path_leaves_the_cache_of_a_recompute(mapped_pair, p
     prompts = [[3, 9, 4, 17, 5], [8, 6, 2]]
     stepper, mask, trees, (_, _, cache) = _verify_pass(target, prompts)
     past, longest = mask.shape[1], max(len(p) for p in paths)
-    keep_cache_paths(stepper.slots(cache), past, paths, past + longest)
+    keep_cache_paths(stepper.slots(cache), past, paths)
     stepper.set_length(cache, past + longest)
     kept = [prompt + [tree.tokens[n] for n in path] for prompt, tree, path in zip(prompts, trees, paths)]
-    width = past + longest  # each row's real positions, right-aligned; padding (masked) on the left
-    mask = torch.tensor([[0] * (width - len(k)) + [1] * len(k) for k in kept])
+    mask = torch.cat([mask, path_mask(paths, mask)], 1)  # each row's past, its path, then holes (masked)
     # one more token after each kept path: the rolled-back cache must give what a recompute gives
     nxt = torch.tensor([[21], [22]])
     with torch.no_grad():

@@ -18,7 +18,7 @@ from llm_modules.decoding.speculative.acceptance import (
 )
 from llm_modules.decoding.speculative.batch import SpeculativeBatch
 from llm_modules.decoding.speculative.composed_proposer import ComposedProposer
-from llm_modules.decoding.speculative.target import keep_paths
+from llm_modules.decoding.speculative.target import close_holes, keep_paths, path_mask
 from llm_modules.decoding.speculative.tree import DraftTree
 
 from ..helpers import (
@@ -172,6 +172,21 @@ def test_rows_accepting_different_numbers_of_drafts_keep_the_targets_output(mapp
     assert spec.stats.emitted == sum(len(tokens) for tokens in alone)
 
 
+@pytest.mark.parametrize("holes", [0, 10_000])
+def test_rollbacks_holes_closed_every_pass_or_never_keep_the_targets_output(mapped_pair, holes):
+    """A rollback leaves holes after a row's path shorter than the pass's longest (masked columns); closing
+    them (every pass here) and never closing them both decode as the target alone does."""
+    drafter = _drafter(mapped_pair, "ladder")
+    target = drafter.large
+    prompts = _prompts(drafter.vocab_size, n=5, seed=4)
+    options = [SamplingOptions(max_new_tokens=n) for n in (18, 9, 21, 7, 15)]
+    alone = _target_alone(target, prompts, options)
+    spec = SpeculativeBatch(target, PartlyRight(ComposedProposer(drafter, draft_tokens=3), target))
+    spec.HOLES = spec.HOLE_SHARE = holes
+    assert decode_rows(spec, prompts, options, join_at=2) == alone
+    assert (spec.stats.closed > 0) == (holes == 0)
+
+
 @pytest.mark.parametrize("bridge", ["eca", "ladder", "xattn"])
 def test_the_drafter_after_rollbacks_equals_a_fresh_recompute(mapped_pair, bridge):
     """After rounds with rejections, the drafter's next logits equal the same model run from scratch over the
@@ -213,17 +228,35 @@ def test_the_sampling_rule_gives_the_targets_distribution():
     assert chi2 < 18.47, (counts, expected)  # p = 0.001 for 4 degrees of freedom
 
 
-def test_keep_paths_keeps_each_rows_past_and_path_right_aligned():
+def test_keep_paths_keeps_each_rows_past_and_path_where_they_are_and_masks_the_rest():
     t = torch.arange(1, 13).view(2, 6).float()  # 2 past columns, then 4 nodes
-    assert keep_paths(t, 1, 2, [[0, 1, 2], [0]]).tolist() == [[1, 2, 3, 4, 5], [0, 0, 7, 8, 9]]
-    assert keep_paths(t, 1, 2, [[0, 2], [0, 1]]).tolist() == [[1, 2, 3, 5], [7, 8, 9, 10]]
-    assert keep_paths(t, 1, 2, [[0, 3], [0, 1, 3]]).tolist() == [[0, 1, 2, 3, 6], [7, 8, 9, 10, 12]]
+
+    def kept(paths):  # each row's kept columns: the mask's ones
+        out, mask = keep_paths(t, 1, 2, paths), path_mask(paths, torch.ones(1, dtype=torch.long))
+        assert out.shape[1] == 2 + mask.shape[1]
+        return [row[:2].tolist() + row[2:][m.bool()].tolist() for row, m in zip(out, mask)]
+
+    assert kept([[0, 1, 2], [0]]) == [[1, 2, 3, 4, 5], [7, 8, 9]]
+    assert kept([[0, 2], [0, 1]]) == [[1, 2, 3, 5], [7, 8, 9, 10]]
+    assert kept([[0, 3], [0, 1, 3]]) == [[1, 2, 3, 6], [7, 8, 9, 10, 12]]
+    assert path_mask([[0, 3], [0, 1, 2]], torch.ones(1)).tolist() == [[1, 0, 0, 1], [1, 1, 1, 0]]
+    assert keep_paths(t, 1, 2, [[0], [0, 1]]).shape[1] == 4  # up to the last kept node of any row
     cache = torch.arange(1, 2 * 2 * 5 * 3 + 1).view(2, 2, 5, 3)  # (B, heads, positions, size), on dim 2
-    out = keep_paths(cache, 2, 1, [[0, 2], [0, 1, 3]])
-    assert torch.equal(out[0, :, 1:], cache[0][:, [0, 1, 3]]) and not out[0, :, :1].any()
-    assert torch.equal(out[1], cache[1][:, [0, 1, 2, 4]])
+    out, mask = keep_paths(cache, 2, 1, [[0, 2], [0, 1, 3]]), path_mask([[0, 2], [0, 1, 3]], cache)
+    assert torch.equal(out[0][:, [0, 1, 3]], cache[0][:, [0, 1, 3]]) and mask[0].tolist() == [1, 0, 1, 0]
+    assert torch.equal(out[1], cache[1][:, :5])
     two = torch.arange(1, 9).view(1, 8)  # two columns per position
-    assert keep_paths(two, 1, 2, [[0, 2]], per_position=2).tolist() == [[1, 2, 3, 4, 7, 8]]
+    assert keep_paths(two, 1, 2, [[0, 2]], per_position=2).tolist() == [[1, 2, 3, 4, 5, 6, 7, 8]]
+
+
+def test_closing_holes_keeps_every_rows_real_columns_in_order_right_aligned():
+    mask = torch.tensor([[0, 1, 1, 0, 1, 0], [1, 1, 0, 0, 1, 1], [0, 0, 0, 1, 0, 1]])
+    index = close_holes(mask)
+    assert mask.gather(1, index).tolist() == [[0, 1, 1, 1], [1, 1, 1, 1], [0, 0, 1, 1]]
+    ids = torch.arange(18).view(3, 6)
+    real = ids.gather(1, index)[mask.gather(1, index).bool()]
+    assert real.tolist() == ids[mask.bool()].tolist()  # each row's real columns, in order
+    assert close_holes(torch.tensor([[0, 1, 1], [1, 1, 1]])) is None
 
 
 def test_generate_with_a_drafter_gives_the_targets_tokens_and_streams_them_in_order(mapped_pair):

@@ -18,8 +18,11 @@ from llm_modules.decoding.speculative.policy import DraftPolicy
 from llm_modules.decoding.speculative.proposer import Proposer, propose_trees
 from llm_modules.decoding.speculative.target import (
     TargetStepper,
+    close_holes,
+    gather_columns,
     keep_cache_paths,
     keep_paths,
+    path_mask,
 )
 from llm_modules.decoding.speculative.tree import DraftTree
 from llm_modules.errors import LLMModulesError
@@ -39,6 +42,7 @@ class SpeculativeStats:
     verify_seconds: float = 0.0  # the target's passes over first + K drafts
     rollback_seconds: float = 0.0  # acceptance, rolling caches back, the drafter's commit
     prefill_seconds: float = 0.0  # joining rows: the target over their prompts, the drafter's join
+    closed: int = 0  # times the rollbacks' holes were closed (`SpeculativeBatch._close_holes`)
 
     @property
     def accepted_per_pass(self) -> float:
@@ -61,6 +65,9 @@ class SpeculativeBatch(RowBatch):
     """
 
     ROW_STATE = ("pending",)
+    # holes (and leading padding beyond what the longest row needs) let stand before they are closed: at most
+    # the larger of HOLES columns and HOLE_SHARE of the width
+    HOLES, HOLE_SHARE = 32, 0.125
 
     def __init__(self, target: Any, drafter: Proposer, pad_id: int = 0, draft_tokens: int | None = None,
                  policy: DraftPolicy | None = None):
@@ -164,11 +171,12 @@ class SpeculativeBatch(RowBatch):
         self.pending = pending
         # the target read every node; each row keeps its root and its accepted path
         past = self.width
-        longest = max(len(path) for path in paths)
         self.ids = keep_paths(torch.cat([self.ids, inputs], 1), 1, past, paths)
-        self.mask = keep_paths(torch.cat([self.mask, torch.ones_like(inputs)], 1), 1, past, paths)
-        keep_cache_paths(self.stepper.slots(self.cache), past, paths, past + longest)
-        self.stepper.set_length(self.cache, past + longest)
+        self.mask = torch.cat([self.mask, path_mask(paths, self.mask)], 1)
+        keep_cache_paths(self.stepper.slots(self.cache), past, paths)
+        self.stepper.set_length(self.cache, self.width)
+        longest = max(len(path) for path in paths)
+        self._close_holes()
         index = torch.tensor([path + [0] * (longest - len(path)) for path in paths], device=self.device)  # (B, L)
         tokens = inputs.gather(1, index)
         kept_states = None
@@ -180,6 +188,26 @@ class SpeculativeBatch(RowBatch):
         if self.policy is not None:  # what the pass cost: the target's pass and the rollback after it
             self.policy.observe(self.rows, trees, paths, verified + done - clock, pending)
         return accepted, [tokens[b, 1: 1 + a].tolist() for b, a in enumerate(accepted)]
+
+    def _close_holes(self) -> None:
+        """Close the holes the rollbacks left (`keep_paths`) once they, with the leading padding beyond what
+        the longest row needs, exceed `HOLES` columns and `HOLE_SHARE` of the width: every
+        row's real columns, right-aligned, in one copy of the cache. A hole costs every later pass a column of
+        attention and of the cache's append; closing them costs a copy of the cache, so they are closed only
+        now and then."""
+        if self.width - int(self.mask.sum(1).max()) <= max(self.HOLES, self.HOLE_SHARE * self.width):
+            return
+        index = close_holes(self.mask)
+        if index is None:
+            return
+        self.ids, self.mask = self.ids.gather(1, index), self.mask.gather(1, index)
+        for name in self.COLUMNS:
+            setattr(self, name, getattr(self, name).gather(1, index))
+        for slot in self.stepper.slots(self.cache):
+            if not slot.fixed:
+                slot.set(gather_columns(slot.get(), 2, index, slot.per_position))
+        self.stepper.set_length(self.cache, index.shape[1])
+        self.stats.closed += 1
 
     def _lap(self, name: str, since: float) -> float:
         now = time.perf_counter()

@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 
-from llm_modules.decoding.steppers import Decoder, PlainStepper, Slot, right_aligned
+from llm_modules.decoding.steppers import Decoder, PlainStepper, Slot
 from llm_modules.errors import LLMModulesError
 from llm_modules.tensors import last_positions, positions_from_mask
 
@@ -59,42 +59,58 @@ class TargetStepper(PlainStepper):
         return self.head(last), states, cache
 
 
+def gather_columns(t: torch.Tensor, dim: int, index: torch.Tensor, per_position: int = 1) -> torch.Tensor:
+    """Per row, the columns `index` (B, L) names along `dim` of `t` (rows on dim 0), in that order; each
+    index a position of `per_position` columns -> a new tensor with L x per_position columns on `dim`, laid
+    out densely. (Whole columns are copied: `torch.gather` over an expanded index was 3-8x slower here.)"""
+    rows = index.shape[0]
+    cols = (index[:, :, None] * per_position + torch.arange(per_position, device=index.device)).reshape(rows, -1)
+    picked = t.movedim(dim, 1)[torch.arange(rows, device=t.device)[:, None], cols.to(t.device)]  # (B, L, ...)
+    return picked.movedim(1, dim).contiguous()
+
+
+def kept_span(paths: list[list[int]]) -> int:
+    """The node columns a rollback keeps: up to the last kept node of any row."""
+    return max(path[-1] for path in paths) + 1
+
+
 def keep_paths(t: torch.Tensor, dim: int, past: int, paths: list[list[int]], per_position: int = 1) -> torch.Tensor:
     """After a verify pass: `t` holds, along `dim` (rows on dim 0), `past` columns and then one column group
-    per tree node (`per_position` columns each). Row b keeps its past and the nodes of paths[b], in order;
-    shorter paths are left-padded with zeros (masked), so every row stays right-aligned. One copy of the
-    rows, slices where a path is the first nodes in order (a chain's: no index tensor, which over a batch's
-    KV cache cost ~50 ms a pass at batch 8)."""
-    longest = max(len(path) for path in paths)
-    prefix = [path == list(range(len(path))) for path in paths]
-    if all(prefix) and all(len(path) == longest for path in paths):
-        return t.narrow(dim, 0, past + longest * per_position)
-    axis = dim - 1  # `dim` of `t` is `axis` of a row
-    rows = []
-    for row, path, contiguous in zip(t.unbind(0), paths, prefix):
-        kept = row.narrow(axis, 0, past + (len(path) * per_position if contiguous else 0))
-        parts = [kept]
-        if not contiguous:
-            cols = torch.tensor([past + n * per_position + j for n in path for j in range(per_position)],
-                                device=row.device)
-            parts.append(row.index_select(axis, cols))
-        missing = (longest - len(path)) * per_position
-        if missing:
-            parts.insert(0, row.new_zeros(row.shape[:axis] + (missing,) + row.shape[axis + 1:]))
-        rows.append(torch.cat(parts, axis) if len(parts) > 1 else kept)
-    return torch.stack(rows)
+    per tree node (`per_position` columns each). Every row keeps its past and the node columns up to the last
+    kept node of any row (`kept_span`), where they are: a node it did not keep is a hole, which the caller's
+    mask (`path_mask`) marks as padding. Nothing moves (a view): a node's cached keys were made at its
+    position (the row's real positions + its depth), which is what the mask's count of real columns gives it
+    once the nodes before it that are off its path are masked. Right-aligning every row instead copied the
+    whole KV cache, 11-23 ms a pass at batch 8 to 16 here. Holes add up over passes; the batch closes them
+    now and then (`close_holes`)."""
+    return t.narrow(dim, 0, past + kept_span(paths) * per_position)
 
 
-def keep_cache_paths(slots: list[Slot], past: int, paths: list[list[int]], positions_after: int) -> None:
-    """Roll each row's cached tensors back to its past and its kept path (`keep_paths` on every slot). Nothing to
-    do when every row kept all the pass's nodes in order (a plain step's one node, above all): ~5 ms of Python a
-    pass over a 28-layer cache at batch 16 otherwise."""
-    longest = max(len(path) for path in paths)
-    if positions_after == past + longest and all(path == list(range(longest)) for path in paths):
-        if all(slot.window is None and slot.get().shape[2] == slot.cols(positions_after) for slot in slots):
-            return
+def path_mask(paths: list[list[int]], like: torch.Tensor) -> torch.Tensor:
+    """The mask's columns for the nodes `keep_paths` keeps: (B, kept_span), 1 on each row's path, 0 on the
+    rest (holes)."""
+    mask = torch.zeros((len(paths), kept_span(paths)), dtype=like.dtype, device=like.device)
+    for b, path in enumerate(paths):
+        mask[b, path] = 1
+    return mask
+
+
+def keep_cache_paths(slots: list[Slot], past: int, paths: list[list[int]]) -> None:
+    """Roll each row's cached tensors back to its past and its kept path (`keep_paths` on every slot)."""
     for slot in slots:
         if slot.window is not None:
             raise LLMModulesError("speculative decoding cannot roll back a sliding-window cache")
-        t = keep_paths(slot.get(), 2, past * slot.per_position, paths, slot.per_position)  # (B, nh, N, hs)
-        slot.set(right_aligned(t, slot.cols(positions_after)))
+        if not slot.fixed:
+            slot.set(keep_paths(slot.get(), 2, past * slot.per_position, paths, slot.per_position))
+
+
+def close_holes(mask: torch.Tensor) -> torch.Tensor | None:
+    """The columns each row keeps when its holes close (B, W), W the most real columns of a row: its real
+    columns (mask 1) in order, right-aligned, after as many of its padding columns as it lacks (still masked:
+    the new mask is `mask.gather(1, index)`); None when the batch is that narrow already."""
+    real = mask.long().sum(1)
+    width = int(real.max())
+    if width == mask.shape[1]:
+        return None
+    order = torch.argsort(mask.long(), dim=1, stable=True)  # padding first, then the real columns in order
+    return order[:, mask.shape[1] - width:]
