@@ -87,6 +87,21 @@ def test_nothing_is_drafted_when_drafting_is_predicted_to_lose():
     assert [len(t) for t in policy.prune([Row()], [_tree()])] == [7]
 
 
+def test_a_predicted_gain_within_the_margin_drafts_nothing():
+    """Drafting must beat a plain step by the policy's margin: predictions near break-even were wrong often
+    enough to lose (at 16 rows here)."""
+    row = Row()
+    copy = DraftTree.chain(1, [6], source="lookup")
+    policy = _costs(DraftPolicy(margin=0.1), {1: 1.0, 2: 1.3})
+    policy.rates[row] = {"lookup": 0.4}  # 1.4 tokens for 1.3 steps: 8% more a second, within the margin
+    assert len(policy.prune([row], [copy])[0]) == 1
+    policy.rates[row] = {"lookup": 0.5}  # 1.5 tokens for 1.3 steps: 15% more
+    assert len(policy.prune([row], [copy])[0]) == 2
+    policy = _costs(DraftPolicy(margin=0.0), {1: 1.0, 2: 1.3})
+    policy.rates[row] = {"lookup": 0.4}
+    assert len(policy.prune([row], [copy])[0]) == 2
+
+
 def test_every_row_fills_the_columns_its_batch_pays_for_and_none_drafts_when_none_pays():
     """A pass reads N columns of every row, padding included: a row with unlikely nodes drafts them beside a row
     whose nodes pay (they cost nothing more); when no row's do, no row drafts."""

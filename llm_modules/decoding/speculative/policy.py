@@ -107,6 +107,12 @@ class DraftPolicy:
     # pass over 1 + 10 tokens cost 1.13x a step at batch 1 here (benchmarks/verify_pass_cost.py)
     prior_slope: float = 0.015
     retime_every: int = 64  # passes between timed plain steps
+    # a pass drafts only when predicted to yield this share more tokens per second than a plain step: at 16
+    # rows here a drafted pass is near break-even (a 32-column pass 1.3-1.45x a step for 4-9 tokens more over
+    # 16 rows; lookup-only passes' gains were predicted 5-7 and kept 1-9), and passes drafted on a predicted
+    # gain within the predictions' error lost: 0.82-0.94x the target alone over three runs
+    # (reports/speculative/batch_8_16_holes/NOTES.md)
+    margin: float = 0.1
     EXPLORE_EVERY = 16  # passes the drafter rests before it drafts (one token) again
 
     rates: Any = field(default_factory=weakref.WeakKeyDictionary)  # row -> {source: chance}
@@ -188,7 +194,8 @@ class DraftPolicy:
 
     def prune(self, rows: list[Any], trees: list[DraftTree], draft_seconds: float = 0.0) -> list[DraftTree]:
         """Every row's tree cut to the N best for the batch (its likeliest N - 1 nodes and the root), N chosen for
-        the most expected tokens per unit of cost (`draft_seconds`: what proposing these trees took). The pass
+        the most expected tokens per unit of cost (`draft_seconds`: what proposing these trees took), N > 1 only
+        when that beats a plain step's by `margin`. The pass
         reads N columns of every row, padding included: a row whose nodes are unlikely still fills its columns
         (they cost the pass nothing more), so a row drafts nothing only when the batch does, when no N > 1 is
         predicted to pay."""
@@ -202,7 +209,7 @@ class DraftPolicy:
             chance = self.chances(row, tree)
             ranked.append(sorted(range(1, len(tree)), key=lambda i: (-chance[i], i)))
             ranked[-1] = [(i, chance[i]) for i in ranked[-1]]
-        best, best_value = 1, batch / self.cost(batch, 1)
+        best, best_value = 1, batch / self.cost(batch, 1) * (1 + self.margin)
         for n in range(2, max(len(t) for t in trees) + 1):
             gained = sum(p for order in ranked for _, p in order[: n - 1])
             value = (batch + gained) / self.cost(batch, n, draft_seconds)
