@@ -32,7 +32,7 @@ S.run_ours(target, prompts[:size], size, 8, pad, eos)
 t = S.run_ours(target, prompts, size, 64, pad, eos)[1]
 S.run_ours(target, prompts[:size], size, 8, pad, eos, drafter=S.our_drafter(model, 4, pad, vocab, True, 5, adaptive=True))
 log.clear()
-s = S.run_ours(target, prompts, size, 64, pad, eos, drafter=S.our_drafter(model, 4, pad, vocab, True, 5, adaptive=True))[1]
+r = S.run_ours(target, prompts, size, 64, pad, eos, drafter=S.our_drafter(model, 4, pad, vocab, True, 5, adaptive=True)); s = r[1]; print("stats", r[2])
 print("target", round(t, 2), "spec", round(s, 2), "ratio", round(t / s, 3))
 for e in log:
     if e["N"] > 1 or e["timing"]:
