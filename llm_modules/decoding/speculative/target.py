@@ -62,7 +62,8 @@ class TargetStepper(PlainStepper):
 def gather_columns(t: torch.Tensor, dim: int, index: torch.Tensor, per_position: int = 1) -> torch.Tensor:
     """Per row, the columns `index` (B, L) names along `dim` of `t` (rows on dim 0), in that order; each
     index a position of `per_position` columns -> a new tensor with L x per_position columns on `dim`, laid
-    out densely. (Whole columns are copied: `torch.gather` over an expanded index was 3-8x slower here.)"""
+    out densely. (Whole columns are copied: `torch.gather` over an expanded index took 1.4x as long at 8 rows
+    and 1.8x at 16 to close the holes of a 1.5B-sized cache here.)"""
     rows = index.shape[0]
     cols = (index[:, :, None] * per_position + torch.arange(per_position, device=index.device)).reshape(rows, -1)
     picked = t.movedim(dim, 1)[torch.arange(rows, device=t.device)[:, None], cols.to(t.device)]  # (B, L, ...)
