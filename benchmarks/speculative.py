@@ -36,6 +36,7 @@ drafter whose training prompts contain a Spec-Bench question is refused.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import json
 import platform
@@ -128,11 +129,12 @@ def run_queue(target, prompts, size, max_new, pad, eos, drafter=None):
     return [trim(s.tokens, eos, pad) for s in seqs], seconds, stats
 
 
-def our_drafter(model, k, pad, vocab, lookup: bool = False, width: int | None = None, adaptive: bool = False
-                ) -> ComposedProposer | TreeProposer:
+def our_drafter(model, k, pad, vocab, lookup: bool = False, width: int | None = None, adaptive: bool = False,
+                policy: dict | None = None) -> ComposedProposer | TreeProposer:
     """The drafter `model` drafting k tokens a pass, as a chain; with a `width`, a draft tree: the drafter's chain
     with width - 1 runners-up per depth and, with lookup, prompt lookup's copy (its default K) in the same verify
-    pass; `adaptive`: with the drafting policy `--draft` uses by default (`DraftPolicy`, fresh per row)."""
+    pass; `adaptive`: with the drafting policy `--draft` uses by default (`DraftPolicy`, fresh per row), its fields
+    set from `policy` where given."""
     if isinstance(model, LLMModulesModel):
         drafter, vocab_size = ComposedProposer(model, draft_tokens=k, pad_id=pad, vocab=vocab), model.vocab_size
     else:  # an EAGLE-3 network (its own draft vocabulary, d2t)
@@ -140,8 +142,20 @@ def our_drafter(model, k, pad, vocab, lookup: bool = False, width: int | None = 
     if width is None:
         return drafter
     tree = TreeProposer(drafter, PromptLookup(vocab_size) if lookup else None, width=width)
-    tree.policy = DraftPolicy() if adaptive else None
+    tree.policy = DraftPolicy(**(policy or {})) if adaptive else None
     return tree
+
+
+def policy_field(text: str) -> tuple[str, Any]:
+    """FIELD=VALUE -> (field, value) for `DraftPolicy`, the value of the field's own type (a bool from 0/1)."""
+    name, _, value = text.partition("=")
+    default = {f.name: f.default for f in dataclasses.fields(DraftPolicy)}.get(name, dataclasses.MISSING)
+    if not value or default is dataclasses.MISSING or not isinstance(default, (bool, int, float)):
+        raise argparse.ArgumentTypeError(f"{text!r}: expected FIELD=VALUE with FIELD a number or flag of DraftPolicy")
+    try:
+        return name, bool(int(value)) if isinstance(default, bool) else type(default)(value)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(f"{text!r}: {err}") from None
 
 
 def adaptive_lookup(vocab_size: int, k: int) -> PromptLookup:
@@ -163,6 +177,10 @@ def drafter_variants(args, model, k, pad, vocab) -> list[tuple[str, Any]]:
             if args.only_default:
                 out += [(f" tree w={width}+lookup adaptive",
                          lambda width=width: our_drafter(model, k, pad, vocab, True, width, adaptive=True))] * lookup
+                out += [(f" tree w={width}+lookup adaptive, {name}={value}",
+                         lambda width=width, name=name, value=value: our_drafter(
+                             model, k, pad, vocab, True, width, adaptive=True, policy={name: value}))
+                        for name, value in args.policy] * lookup
                 continue
             out.append((f" tree w={width}{'+lookup' if lookup else ''}",
                         lambda lookup=lookup, width=width: our_drafter(model, k, pad, vocab, lookup, width)))
@@ -319,6 +337,9 @@ def main() -> None:
                              "lookup's copy and the drafting policy, and its chain unless --no-chains")
     parser.add_argument("--lookup-tokens", action="append", type=int, default=[],
                         help="Spec-Bench mode: prompt lookup in our engine drafting K tokens per pass (default 4, as the rows measured before the default became 10)")
+    parser.add_argument("--policy", action="append", default=[], type=policy_field, metavar="FIELD=VALUE",
+                        help="with --only-default: each default tree also with the drafting policy's FIELD set to "
+                             "VALUE (a `DraftPolicy` field, e.g. margin=0 or stand_aside=0), its own row")
     args = parser.parse_args()
     if args.only_default and not args.tree_width:
         args.tree_width = [TreeProposer.DEFAULT_WIDTH]

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import argparse
 import json
+
+import pytest
 
 from ..helpers import load_benchmark
 
@@ -173,10 +176,21 @@ def test_only_default_runs_each_drafter_as_draft_dir_does():
     from types import SimpleNamespace
 
     script = load_script()
-    args = SimpleNamespace(chains=False, only_default=True, tree_width=[5], adaptive=False)
+    args = SimpleNamespace(chains=False, only_default=True, tree_width=[5], adaptive=False, policy=[])
     assert [label for label, _ in script.drafter_variants(args, None, 4, 0, None)] == [" tree w=5+lookup adaptive"]
     args.chains = True
     assert [label for label, _ in script.drafter_variants(args, None, 4, 0, None)] == ["", " tree w=5+lookup adaptive"]
-    args = SimpleNamespace(chains=True, only_default=False, tree_width=[3], adaptive=True)
+    args.policy = [script.policy_field("stand_aside=0"), script.policy_field("margin=0.2")]
+    assert args.policy == [("stand_aside", False), ("margin", 0.2)]
+    assert [label for label, _ in script.drafter_variants(args, None, 4, 0, None)] == [
+        "", " tree w=5+lookup adaptive", " tree w=5+lookup adaptive, stand_aside=False",
+        " tree w=5+lookup adaptive, margin=0.2"]
+    script.our_drafter = lambda *args, **kwargs: kwargs  # what each row's fresh proposer is made with
+    made = [make() for _, make in script.drafter_variants(args, None, 4, 0, None)]
+    assert [m.get("policy") for m in made] == [None, None, {"stand_aside": False}, {"margin": 0.2}]
+    for bad in ("stand_aside", "nothing=1", "margin=x", "rates=1"):
+        with pytest.raises(argparse.ArgumentTypeError, match="FIELD=VALUE|could not convert"):
+            script.policy_field(bad)
+    args = SimpleNamespace(chains=True, only_default=False, tree_width=[3], adaptive=True, policy=[])
     assert [label for label, _ in script.drafter_variants(args, None, 4, 0, None)] == [
         "", " tree w=3", " tree w=3+lookup", " tree w=3+lookup adaptive"]

@@ -204,8 +204,14 @@ def test_a_long_copy_is_priced_by_how_often_a_copy_goes_on_once_it_started():
 
 
 class FixedClock(DraftPolicy):
-    """The policy with a pass's cost given, not timed: 1 + 0.05 per node per row (the test must not depend on
-    the machine's speed)."""
+    """The policy with a pass's cost given, not timed: 1 + 0.05 per node per row, and drafting `per_draft` a drafted
+    token (the test must not depend on the machine's speed: on a busy machine a measured drafting time priced
+    drafting out of a test that needs it)."""
+
+    per_draft = 0.0
+
+    def prune(self, rows, trees, draft_seconds=0.0):
+        return super().prune(rows, trees, self.per_draft * self.drafting)
 
     def observe(self, rows, trees, paths, verify_seconds, next_tokens=None):
         n = max(len(t) for t in trees)
@@ -305,3 +311,74 @@ def test_prompt_lookup_alone_is_never_rested(mapped_pair):
     drafted = _count_drafted(spec)
     assert decode_rows(spec, prompts, options) == _target_alone(target, prompts, options)
     assert drafted[:2] == [0, 0] and sum(d > 0 for d in drafted[2:]) > DraftPolicy.EXPLORE_EVERY // 4
+
+
+def _copy_tree(root: int = 1, length: int = 4) -> DraftTree:
+    return DraftTree.chain(root, list(range(10, 10 + length)), source="lookup")
+
+
+def test_the_drafter_stands_aside_only_where_every_rows_copy_is_worth_more_than_its_time():
+    """beside_copies: the drafter's chain adds its expected tokens only where the copy's first token is not kept;
+    it costs its seconds per token x k of a plain step. A row with no copy (or a copy seldom kept) keeps it
+    drafting; so does a drafter whose time has not been measured at this batch size."""
+    quoting, other = Row(), Row()
+    policy = _costs(DraftPolicy(), {1: 1.0, 2: 1.0})
+    for row in (quoting, other):
+        policy.rates[row] = {"lookup": 0.9, "lookup+": 0.9, "drafter": 0.8, "drafter+": 0.8}
+    assert policy.beside_copies([quoting], [_copy_tree()], 4) == 4  # its time at batch 1 not measured yet
+    policy.drafter_seconds.update({1: 0.05, 2: 0.05})  # 4 tokens: 0.2 of a step
+    # one row: 0.1 x (0.8 + 0.64 + 0.51 + 0.41) = 0.24 tokens gained, 0.2 x 4.1 = 0.82 tokens' worth of time
+    assert policy.beside_copies([quoting], [_copy_tree()], 4) == 0 and policy.skipped and policy.drafting == 0
+    # a row with no copy gains the drafter's 2.36 tokens: the batch drafts
+    assert policy.beside_copies([quoting, other], [_copy_tree(), DraftTree.root(2)], 4) == 4
+    policy.rates[quoting]["lookup"] = 0.2  # a copy that is seldom kept: the drafter is worth its time
+    assert policy.beside_copies([quoting], [_copy_tree()], 4) == 4
+    policy.rates[quoting]["lookup"] = 0.9
+    policy.drafter_seconds[1] = 0.01  # a drafter at 4% of a step for 4 tokens: worth its 0.24 tokens
+    assert policy.beside_copies([quoting], [_copy_tree()], 4) == 4
+    assert policy.beside_copies([quoting], [DraftTree.root(2)], 4) == 4  # no copy: nothing to stand aside for
+
+
+def test_a_pass_the_drafter_stood_aside_leaves_its_depth_and_a_pass_it_ran_times_it():
+    row = Row()
+    policy = _costs(DraftPolicy(), {1: 1.0, 5: 1.2})
+    policy.rates[row] = {"lookup": 0.9, "lookup+": 0.9, "drafter": 0.5, "drafter+": 0.5}
+    policy.depth = 2
+    assert policy.draft_tokens(1, 4) == 3
+    policy.prune([row], [_copy_tree()], draft_seconds=0.3)  # it ran: 0.1 s per drafted token
+    assert policy.drafter_seconds == {1: pytest.approx(0.1)}
+    policy.depth = 2
+    assert policy.draft_tokens(1, 4) == 3 and policy.beside_copies([row], [_copy_tree()], 3) == 0
+    policy.prune([row], [_copy_tree()], draft_seconds=0.001)  # lookup's scan only: neither timed nor a failure
+    assert policy.depth == 2 and policy.drafter_seconds == {1: pytest.approx(0.1)}
+    assert policy.draft_tokens(1, 4) == 3  # it drafts again next pass, as deep as before
+
+
+class SlowDrafter(FixedClock):
+    """FixedClock with a drafter that costs 0.3 of a pass per drafted token."""
+
+    per_draft = 0.3
+
+
+def test_greedy_output_is_the_targets_when_the_drafter_stands_aside_for_copies(mapped_pair):
+    model = _model(mapped_pair, "ladder")
+    target = model.large
+    g = torch.Generator().manual_seed(21)
+    span = torch.randint(3, model.vocab_size, (5,), generator=g).tolist()
+    prompts = [span * 4, (span[::-1] * 4)[:-1], torch.randint(3, model.vocab_size, (7,), generator=g).tolist()]
+    options = [SamplingOptions(max_new_tokens=n) for n in (40, 30, 20)]
+    drafter = ComposedProposer(model, draft_tokens=3)
+    policy = SlowDrafter()
+    events = []  # ("gate", k asked, k given) each pass, ("draft", k) each time the drafter runs
+    propose, beside = drafter.propose, policy.beside_copies
+    drafter.propose = lambda first, k, rows: events.append(("draft", k)) or propose(first, k, rows)
+    policy.beside_copies = lambda rows, trees, k: events.append(("gate", k, beside(rows, trees, k))) or events[-1][2]
+    spec = SpeculativeBatch(target, TreeProposer(drafter, PromptLookup(model.vocab_size, draft_tokens=4), width=2),
+                            policy=policy)
+    assert decode_rows(spec, prompts, options, join_at=1) == _target_alone(target, prompts, options)
+    gates = [e for e in events if e[0] == "gate"]
+    assert any(asked and not given for _, asked, given in gates)  # it stood aside on some passes
+    assert any(given for _, _, given in gates)  # and drafted on others
+    for before, after in zip(events, events[1:] + [("end",)]):  # it ran exactly on the passes the gate let it
+        if before[0] == "gate":
+            assert (after[0] == "draft" and after[1] == before[2]) == (before[2] > 0)

@@ -78,8 +78,8 @@ def test_a_row_without_a_match_verifies_its_own_token_only():
     found = []
     real = proposer.propose_tree
 
-    def counted(first, k, rows):
-        trees = real(first, k, rows)
+    def counted(first, k, rows, policy=None):
+        trees = real(first, k, rows, policy)
         found.append(list(proposer.found))
         return trees
 

@@ -48,6 +48,9 @@ class Alternating:
         self.asked.append(k if self.passes % 2 else 1)
         return self.asked[-1]
 
+    def beside_copies(self, rows, trees, k):  # the drafter never stands aside for lookup's copies
+        return k
+
     def prune(self, rows, trees, draft_seconds=0.0):
         return trees
 

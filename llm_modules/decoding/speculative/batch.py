@@ -135,7 +135,7 @@ class SpeculativeBatch(RowBatch):
         clock = time.perf_counter()
         rests = self.policy is not None and not getattr(self.drafter, "free", False)  # a network it can rest
         k = self.policy.draft_tokens(len(self.rows), self.k) if rests else self.k
-        trees = propose_trees(self.drafter, first, k, self.rows)
+        trees = propose_trees(self.drafter, first, k, self.rows, self.policy)
         if self.policy is not None:
             trees = self.policy.prune(self.rows, trees, time.perf_counter() - clock)
         size = max(len(t) for t in trees)

@@ -25,7 +25,9 @@ drafts nothing: a plain step. The drafter drafts one token deeper than the deepe
 kept (its own time falls with K); after a pass that kept none of its nodes it rests (is not run at all: a pass
 then costs what a plain step costs, plus prompt lookup's scan; the drafter reads the tokens verified meanwhile
 at its next proposal), and every `EXPLORE_EVERY`-th pass in a row that rested it drafts one token so that its chance is
-measured anew; a proposer with no network to rest (`free`: prompt lookup alone) proposes every pass. A pass's
+measured anew; a proposer with no network to rest (`free`: prompt lookup alone) proposes every pass. In a tree
+with prompt lookup, the drafter also stands aside on a pass where every row has a copy worth more than the
+drafter's time would buy beside it (`beside_copies`). A pass's
 cost is the target's pass and the rollback after it; the first two passes, and one in every `retime_every` after,
 are plain steps, timed (the drafter is not run for them).
 """
@@ -113,6 +115,7 @@ class DraftPolicy:
     # gain within the predictions' error lost: 0.82-0.94x the target alone over three runs
     # (reports/speculative/batch_8_16_holes/NOTES.md)
     margin: float = 0.1
+    stand_aside: bool = True  # whether the drafter may stand aside for prompt lookup's copies (`beside_copies`)
     EXPLORE_EVERY = 16  # passes the drafter rests before it drafts (one token) again
 
     rates: Any = field(default_factory=weakref.WeakKeyDictionary)  # row -> {source: chance}
@@ -127,6 +130,10 @@ class DraftPolicy:
     depth: int | None = None  # deepest drafted node the last pass kept (None: nothing kept or pruned yet)
     resting: int = 0  # passes in a row the drafter did not run
     proposed: list[DraftTree] = field(default_factory=list)  # the last pass's trees before pruning
+    drafting: int = 0  # tokens the drafter drafts this pass (0: it does not run)
+    skipped: bool = False  # this pass the drafter stood aside for prompt lookup's copies (`beside_copies`)
+    # batch size -> the drafter's seconds per drafted token (an exponential average over its proposals)
+    drafter_seconds: dict[int, float] = field(default_factory=dict)
 
     def __post_init__(self):
         if self.passes is None:
@@ -139,6 +146,11 @@ class DraftPolicy:
         rested it, so that its first draft's chance is measured anew (one draft: a full K at batch 16 cost ~70 ms,
         a quarter of a step; once a draft is kept, the next pass drafts one deeper). None on a timed plain step.
         The last pass is the batch's last, whatever its size then (rows leave and join between passes)."""
+        self.skipped = False
+        self.drafting = self._draft_tokens(k)
+        return self.drafting
+
+    def _draft_tokens(self, k: int) -> int:
         if self._times_step():  # a timed plain step: nothing to draft
             return 0
         if self.depth is None:  # nothing kept or pruned yet: the whole K
@@ -148,6 +160,32 @@ class DraftPolicy:
             return min(k, self.depth + 1)
         self.resting += 1
         return 1 if self.resting % self.EXPLORE_EVERY == 0 else 0
+
+    def beside_copies(self, rows: list[Any], trees: list[DraftTree], k: int) -> int:
+        """How many tokens the drafter drafts after prompt lookup's copies are in the rows' trees: k, or 0 when the
+        drafts are predicted to add fewer tokens than the drafter's time is worth. Per row, the drafter's chain adds
+        its expected kept tokens only where the copy's first token is not kept; the drafter costs its seconds per
+        token (measured at this batch size) times k, as a share of a plain step; the pass yields 1 + the copy's
+        expected kept tokens per row without it. So where every row's answer is quoting its context and the copies
+        are being kept, the drafter is not run and the pass costs what prompt lookup's alone does (on Spec-Bench's
+        summarization and HumanEval questions the drafter's 18 ms a pass was 7% of a step, on passes where its
+        drafts added next to nothing beside the copy: reports/spec_bench/holes_margin). Until the drafter's time
+        at this batch size is measured, it drafts."""
+        per_token, step = self.drafter_seconds.get(len(rows)), self.passes(len(rows))
+        if not self.stand_aside or k == 0 or per_token is None or step is None or all(len(t) == 1 for t in trees):
+            return k
+        gain = base = 0.0
+        for row, tree in zip(rows, trees):
+            rates = self.rates.get(row, {})
+            chance = self.chances(row, tree)
+            first = sum(chance[i] for i in range(1, len(tree)) if tree.parents[i] == 0)
+            r1, rest = self._row_rate(rates, "drafter"), self._row_rate(rates, "drafter+")
+            gain += (1.0 - first) * sum(r1 * rest ** d for d in range(k))
+            base += sum(chance)  # the root's 1 and the copy's nodes
+        if gain >= per_token * k / step * base:
+            return k
+        self.skipped, self.drafting = True, 0
+        return 0
 
     def _times_step(self) -> bool:
         """Whether this pass is a timed plain step: the first two passes (the second's reading replaces the first's,
@@ -200,6 +238,10 @@ class DraftPolicy:
         (they cost the pass nothing more), so a row drafts nothing only when the batch does, when no N > 1 is
         predicted to pay."""
         batch = len(rows)
+        if self.drafting:  # the drafter ran this pass: what proposing cost, per drafted token
+            seen = draft_seconds / self.drafting
+            known = self.drafter_seconds.get(batch)
+            self.drafter_seconds[batch] = seen if known is None else self.memory * known + (1 - self.memory) * seen
         self.proposed = trees
         self.timing = self._times_step()
         if self.timing:  # time a plain step
@@ -216,6 +258,8 @@ class DraftPolicy:
             if value > best_value:
                 best, best_value = n, value
         out = [tree.subtree([i for i, _ in order[: best - 1]]) for tree, order in zip(trees, ranked)]
+        if self.skipped:  # the drafter stood aside for the copies: it neither failed nor paid; its depth stands
+            return out
         self.depth = max((d for t in out for d, source in zip(t.depths(), t.sources) if drafted(source)), default=0)
         return out
 

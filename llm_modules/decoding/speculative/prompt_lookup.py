@@ -101,10 +101,10 @@ class PromptLookup:
             return drafts, None
         return drafts, torch.nn.functional.one_hot(drafts.cpu(), self.vocab_size).float()  # (B, k, V)
 
-    def propose_tree(self, first: torch.Tensor, k: int, rows: list[Any]) -> list[DraftTree]:
+    def propose_tree(self, first: torch.Tensor, k: int, rows: list[Any], policy: Any = None) -> list[DraftTree]:
         """Each row's copy alone, up to k tokens (deterministic: one-hot proposals): a row with no match has its
         own token only, so its pass costs a plain step, where `propose`'s chain pads every row to k drafts the
-        target rejects."""
+        target rejects. (One source: the drafting `policy` has nothing to decide here.)"""
         copied = self.copies(first, k)
         return [DraftTree.chain(root, found, source=copy_source(n))
                 for root, found, n in zip(first.tolist(), copied, self.matched)]

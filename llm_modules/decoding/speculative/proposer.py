@@ -43,15 +43,15 @@ class Proposer(Protocol):
         """Keep only these rows (and cut the columns that are padding in all of them)."""
 
 
-def propose_trees(proposer: Any, first: torch.Tensor, k: int, rows: list[Any]) -> list[DraftTree]:
-    """One draft tree per row: the proposer's own (`propose_tree`, a proposer of trees), else its chain of k
-    drafts as a tree of width 1 (each draft's proposal: the proposer's distribution, when some row samples). k = 0:
-    each row's root alone, the proposer not asked (a pass the drafting policy rests it for; its commit then keeps
-    the pass's tokens for its next proposal)."""
+def propose_trees(proposer: Any, first: torch.Tensor, k: int, rows: list[Any], policy: Any = None) -> list[DraftTree]:
+    """One draft tree per row: the proposer's own (`propose_tree`, a proposer of trees, given the drafting `policy`,
+    which decides between its sources), else its chain of k drafts as a tree of width 1 (each draft's proposal: the
+    proposer's distribution, when some row samples). k = 0: each row's root alone, the proposer not asked (a pass
+    the drafting policy rests it for; its commit then keeps the pass's tokens for its next proposal)."""
     if k == 0 and not hasattr(proposer, "propose_tree"):
         return [DraftTree.root(token) for token in first.tolist()]
     if hasattr(proposer, "propose_tree"):
-        return proposer.propose_tree(first, k, rows)
+        return proposer.propose_tree(first, k, rows, policy)
     drafts, q = proposer.propose(first, k, rows)
     drafts = drafts.tolist()
     q = None if q is None else q.detach().float().cpu()

@@ -75,7 +75,9 @@ class TreeProposer:
         for source in self.sources:  # the drafter first: the one that can fail (a forward pass)
             source.join(rows, ids, mask, states)
 
-    def propose_tree(self, first: torch.Tensor, k: int, rows: list[Any]) -> list[DraftTree]:
+    def propose_tree(self, first: torch.Tensor, k: int, rows: list[Any], policy: Any = None) -> list[DraftTree]:
+        """Each row's tree: lookup's copy, then the drafter's k drafts and runners-up, unless the drafting `policy`
+        (a `DraftPolicy`) rests the drafter beside the copies (`beside_copies`)."""
         trees = [DraftTree.root(token) for token in first.tolist()]
         self.passes += 1
         # lookup's copy first: a node both sources propose is the copy's, so the drafter is credited (and the
@@ -86,6 +88,8 @@ class TreeProposer:
                 if matched >= self.min_match:
                     tree.add_chain(0, found, source=copy_source(matched))
                     self.lookup_rows += 1
+            if policy is not None and self.drafter is not None:
+                k = policy.beside_copies(rows, trees, k)
         if self.drafter is not None and k > 0:  # k = 0: the drafting policy rests the drafter this pass
             self._add_drafts(trees, first, k, rows)
         return trees
