@@ -323,6 +323,9 @@ def main() -> None:
     parser.add_argument("--output", default="reports/speculative")
     parser.add_argument("--spec-bench", type=int, default=0, metavar="N",
                         help="Spec-Bench mode: N questions per category (of 80), batch 1; --data and --batch unused")
+    parser.add_argument("--category", action="append", default=[], metavar="NAME",
+                        help="Spec-Bench mode: only these categories (repeat it; default every one; '' none, with "
+                             "--humaneval: HumanEval alone)")
     parser.add_argument("--humaneval", type=int, default=0, metavar="N",
                         help="Spec-Bench mode: also N HumanEval problems (code completion), their own column")
     parser.add_argument("--tree-width", action="append", type=int, default=[],
@@ -501,7 +504,11 @@ def run_spec_bench(args, target, tokenizer, pad, eos, assistant, drafters, lengt
     """Every method over the same Spec-Bench questions, one question at a time, each timed alone."""
     import spec_bench
 
-    questions = spec_bench.select(spec_bench.load_questions(), args.spec_bench)
+    categories = args.category or spec_bench.CATEGORIES
+    unknown = [c for c in categories if c and c not in spec_bench.CATEGORIES]
+    if unknown:
+        raise SystemExit(f"--category {unknown[0]!r}: Spec-Bench's categories are {', '.join(spec_bench.CATEGORIES)}")
+    questions = spec_bench.select(spec_bench.load_questions(), args.spec_bench, categories) if categories[0] else []
     questions += spec_bench.load_humaneval(args.humaneval) if args.humaneval else []
     for folder, _ in drafters:
         seen = spec_bench.leaked(drafter_prompts(folder), questions)
@@ -565,7 +572,9 @@ def write_spec_bench_report(args, records, baseline: str, n_questions: int) -> N
              f"Command: `python benchmarks/speculative.py {shlex.join(sys.argv[1:])}`  ",
              f"Machine: {platform.machine()} CPU, {torch.get_num_threads()} torch threads, torch {torch.__version__}; "
              f"{datetime.date.today()}. Greedy, batch 1, first turns, {args.max_new_tokens} new tokens at most; "
-             f"{args.spec_bench} questions per category ({n_questions} in all); {args.dtype}.", "",
+             f"{args.spec_bench} questions per category"
+             f"{' of ' + ', '.join(c or 'none' for c in args.category) if args.category else ''} ({n_questions} in all; "
+             f"`overall` is over these); {args.dtype}.", "",
              "Per category: speed-up over the target alone in our engine (mean tokens/s per question, as "
              "Spec-Bench computes it) and, in brackets, mean tokens per verify pass (ours only).", "",
              *spec_bench.table(summary), "",
