@@ -1,6 +1,9 @@
-"""Which device and precision `generate`, `chat` and `eval` run on: `--device` and `--dtype`."""
+"""Which device and precision `generate`, `chat` and `eval` run on: `--device` and `--dtype`; whether this machine
+computes in bfloat16 natively (`native_bfloat16`, training's `--large-dtype auto`)."""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import torch
 
@@ -44,3 +47,39 @@ def pick_dtype(name: str, device: torch.device) -> torch.dtype:
     if name == "auto":
         return torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
     return DTYPES[name]
+
+
+# CPU flags (Linux's /proc/cpuinfo) of instructions that multiply bfloat16 matrices: x86's AVX512-BF16 and AMX,
+# Arm's BF16 (listed as "bf16" in its Features line)
+BF16_FLAGS = frozenset({"avx512_bf16", "amx_bf16", "bf16"})
+CPUINFO = Path("/proc/cpuinfo")
+
+
+def cpu_flags(cpuinfo: Path | None = None) -> set[str]:
+    """The CPU's feature flags, from the first "flags" (x86) or "Features" (Arm) line of `cpuinfo` (default
+    CPUINFO); empty where unknown."""
+    try:
+        text = (cpuinfo or CPUINFO).read_text()
+    except OSError:
+        return set()
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip().lower() in ("flags", "features"):
+            return set(value.split())
+    return set()
+
+
+def native_bfloat16(device: torch.device | str = "cpu") -> bool:
+    """Whether `device` computes in bfloat16 natively: a CUDA GPU that supports it, or a CPU with bfloat16 matrix
+    instructions. Elsewhere torch emulates it: on an AVX2-only CPU here (AMD EPYC, 2 threads) a (1, 1536) x
+    (1536, 8960) product took 24 ms in bfloat16 against 2.8 ms in float32, and 645 ms against 21 ms over 32 rows."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    return device.type == "cpu" and bool(cpu_flags() & BF16_FLAGS)
+
+
+def half_where_native(device: torch.device | str = "cpu") -> str:
+    """`--large-dtype auto`: "bfloat16" where `device` computes in it natively (half the bytes a step reads), else
+    "float32"."""
+    return "bfloat16" if native_bfloat16(device) else "float32"

@@ -18,6 +18,7 @@ from typing import Any
 
 from llm_modules.bridges import BRIDGES, bridge_options, option_names
 from llm_modules.data.prepare import LOSS_ON, OVERFLOW, TEMPLATES, DataConfig
+from llm_modules.devices import best_device, half_where_native
 from llm_modules.errors import LLMModulesError
 from llm_modules.models.compose_config import (
     GATED_BRIDGES,
@@ -80,7 +81,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "large_reads": LARGE_READS,
     "template": TEMPLATES, "loss_on": LOSS_ON, "overflow": OVERFLOW,
     "mixed_precision": ("auto", "no", "bf16", "fp16"), "state_cache_dtype": tuple(DTYPES),
-    "large_dtype": tuple(DTYPES), "large_device_map": DEVICE_MAPS, "large_quantization": QUANTIZATIONS,
+    "large_dtype": ("auto", *DTYPES), "large_device_map": DEVICE_MAPS, "large_quantization": QUANTIZATIONS,
     **{name: allowed for options, _ in METHODS.values() for name, allowed in options.choices.items()},
 }
 # Options of the frozen large model: the methods that have none (finetune, lora: `frozen_large`) refuse them.
@@ -157,7 +158,9 @@ HELP: dict[str, str] = {
     "state_cache": "compute the frozen large model's states once and keep them on disk",
     "state_cache_dtype": "storage precision of cached large-model states",
     "state_cache_dir": "folder of the state cache (empty: <LLM_MODULES_CACHE>/states)",
-    "large_dtype": "precision the frozen large model runs in (and its cached states are computed in)",
+    "large_dtype": "precision the frozen large model runs in (and its cached states are computed in); auto: "
+                   "bfloat16 where the device computes in it natively (a CUDA GPU that has it, a CPU with AVX512-BF16, "
+                   "AMX or Arm BF16 instructions), else float32",
     "large_device_map": "auto: spread the frozen large model over this process's GPUs, then the CPU, while loading "
                         "(accelerate big-model loading); none: load it whole on this process's device",
     "large_quantization": "load the frozen large model in 8 or 4 bits through bitsandbytes (a CUDA GPU)",
@@ -250,6 +253,8 @@ class HardwareArgs:
 
     def __post_init__(self) -> None:
         check_choices(self, CHOICES)
+        if self.large_dtype == "auto":  # resolved here, so the run's files and its state cache name a real one
+            self.large_dtype = half_where_native(best_device())
 
 
 @dataclass

@@ -11,6 +11,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 from llm_modules.entrypoints.cli import build_parser, main, train_config_from_args
 from llm_modules.errors import LLMModulesError
@@ -195,3 +196,26 @@ def test_a_draft_length_a_decoder_would_refuse_is_refused_before_training(k):
     with pytest.raises(LLMModulesError, match=f"between 1 and {MAX_DRAFT_TOKENS}"):
         DrafterOptions(draft_tokens=k)
     assert DrafterOptions(draft_tokens=MAX_DRAFT_TOKENS).draft_tokens == MAX_DRAFT_TOKENS
+
+
+def test_large_dtype_auto_is_bfloat16_only_where_the_cpu_computes_in_it(tmp_path, monkeypatch):
+    """--large-dtype auto (the drafter recipe's): bfloat16 on a CPU with bfloat16 matrix instructions, float32 on
+    one that would emulate it (9-30x slower than float32 on an AVX2-only CPU here); resolved on construction, so
+    the run's files and its state cache name the precision it ran in."""
+    from llm_modules import devices
+    from llm_modules.training.config import HardwareArgs
+
+    monkeypatch.setattr(devices, "best_device", lambda: torch.device("cpu"))
+    monkeypatch.setattr("llm_modules.training.config.best_device", lambda: torch.device("cpu"))
+    for flags, expected in (("fpu avx2 fma avx512f avx512_bf16", "bfloat16"), ("fpu avx2 fma amx_bf16", "bfloat16"),
+                            ("fp asimd bf16 i8mm", "bfloat16"), ("fpu avx2 fma f16c avx512f", "float32"), ("", "float32")):
+        info = tmp_path / "cpuinfo"
+        key = "Features" if "asimd" in flags else "flags"
+        info.write_text(f"processor\t: 0\nvendor_id\t: X\n{key}\t\t: {flags}\n\nprocessor\t: 1\n{key}\t\t: {flags}\n")
+        monkeypatch.setattr(devices, "CPUINFO", info)
+        assert HardwareArgs(large_dtype="auto").large_dtype == expected, flags
+    monkeypatch.setattr(devices, "CPUINFO", tmp_path / "absent")  # no /proc/cpuinfo (macOS): float32
+    assert HardwareArgs(large_dtype="auto").large_dtype == "float32"
+    assert HardwareArgs(large_dtype="bfloat16").large_dtype == "bfloat16"  # asked for: kept
+    with pytest.raises(LLMModulesError, match="--large-dtype must be one of auto, float32"):
+        HardwareArgs(large_dtype="bf16")

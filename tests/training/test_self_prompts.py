@@ -13,6 +13,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from llm_modules.data.sources import load_records
+from llm_modules.devices import best_device, half_where_native
 from llm_modules.entrypoints.cli import build_parser, main, train_config_from_args
 from llm_modules.errors import LLMModulesError
 from llm_modules.training import self_prompts
@@ -108,7 +109,9 @@ def test_the_drafter_recipe_applies_where_nothing_is_given():
     recipe = DrafterOptions.run_defaults
     assert config.small == recipe["small"] and config.data.spec == recipe["data"]
     assert config.method_options.drafter_targets == "generated" and config.method_options.draft_vocab == 8192
-    assert (config.compose.small_layers, config.hardware.large_dtype, config.train.lr_small) == (2, "bfloat16", 1e-3)
+    # its large model in bfloat16 where this machine computes in it natively, else float32 (`--large-dtype auto`)
+    native = half_where_native(best_device())
+    assert (config.compose.small_layers, config.hardware.large_dtype, config.train.lr_small) == (2, native, 1e-3)
     given = TrainConfig.from_flags(method="drafter", large="l", output="o", data="d.jsonl", draft_vocab=0,
                                    drafter_targets="logits", small_layers=3)
     assert (given.data.spec, given.method_options.draft_vocab, given.compose.small_layers) == ("d.jsonl", 0, 3)

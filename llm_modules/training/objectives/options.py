@@ -136,7 +136,7 @@ class DrafterOptions(MethodOptions):
         "small": "smollm2-135m-instruct", "small_layers": 2,
         "data": "self-prompts:256", "template": "chat", "max_length": 256, "val_fraction": 0.05,
         "drafter_targets": "generated", "draft_vocab": 8192,
-        "large_dtype": "bfloat16", "batch_size": 8, "epochs": 6, "lr_small": 1e-3, "lr_bridge": 2e-3,
+        "large_dtype": "auto", "batch_size": 8, "epochs": 6, "lr_small": 1e-3, "lr_bridge": 2e-3,
         "eval_every": 50, "save_every": 50, "num_samples": 0}
     draft_tokens: int = 4  # K
     drafter_loss: str = "kl"
