@@ -120,6 +120,24 @@ def code_digest() -> str:
     return h.hexdigest()[:16]
 
 
+# units whose result is a timing (the state cache's build, seconds per step): their keys name the machine
+TIMED_PHASES = ("cache", "calibrate")
+
+
+def machine_name() -> str:
+    """The machine a timing ran on: the GPU's name, else the CPU's model, whether it computes in bfloat16 natively,
+    and the torch threads (on a CPU without bfloat16 instructions a distilled step here took 44.9 s, against 21.0 s
+    on the CPU of the earlier reports: their budgets are not the same work)."""
+    import torch
+
+    from llm_modules.devices import cpu_model, native_bfloat16
+
+    if torch.cuda.is_available():
+        return f"GPU {torch.cuda.get_device_name()}"
+    bf16 = "native bfloat16" if native_bfloat16() else "no bfloat16 instructions"
+    return f"CPU only ({platform.machine()}, {cpu_model()}, {bf16}, {torch.get_num_threads()} torch threads)"
+
+
 def unit_key(unit: dict) -> str:
     return hashlib.sha256(json.dumps(unit, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -323,6 +341,8 @@ class Plan:
 
     def unit(self, phase: str, row: str, **fields) -> dict:
         unit = {**self.base, "phase": phase, "row": row, **fields}
+        if phase in TIMED_PHASES:  # a timing holds for the machine it ran on only: another machine times anew
+            unit["machine"] = machine_name()
         if phase == "run":
             unit["accuracy_at"] = sorted(self.args.accuracy_at)
         if ROWS[row]["kind"] == "train":
@@ -497,8 +517,7 @@ def write_report(args: argparse.Namespace, state: dict, wall: float) -> None:
     train_data, test_data = data_specs(args)
     import torch
 
-    device = f"GPU {torch.cuda.get_device_name()}" if torch.cuda.is_available() else \
-        f"CPU only ({platform.machine()}, {torch.get_num_threads()} torch threads)"
+    device = machine_name()
     lines = [f"# {args.task}: equal training time, composed model vs rivals" + (" (PARTIAL)" if partial else ""), ""]
     if partial:
         lines += [f"**Partial**: {finished_runs} of {expected_runs} full runs have finished; rerun the command to "

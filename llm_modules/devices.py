@@ -69,6 +69,21 @@ def cpu_flags(cpuinfo: Path | None = None) -> set[str]:
     return set()
 
 
+def cpu_model(cpuinfo: Path | None = None) -> str:
+    """The CPU's model name (x86's "model name" line of `cpuinfo`, default CPUINFO), else the platform's processor
+    string, else "unknown CPU"."""
+    import platform
+
+    try:
+        for line in (cpuinfo or CPUINFO).read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key.strip().lower() == "model name" and value.strip():
+                return value.strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
+
+
 def native_bfloat16(device: torch.device | str = "cpu") -> bool:
     """Whether `device` computes in bfloat16 natively: a CUDA GPU that supports it, or a CPU with bfloat16 matrix
     instructions. Elsewhere torch emulates it: on an AVX2-only CPU here (AMD EPYC, 2 threads) a (1, 1536) x

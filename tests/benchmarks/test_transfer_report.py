@@ -97,3 +97,26 @@ def test_every_train_row_is_a_valid_training_config(monkeypatch):
     frozen = TrainConfig.from_flags(large="l", small="s", data="d.jsonl", output="o",
                                     **harness.ROWS["composed_ladder_frozen_small"]["options"])
     assert frozen.compose.options()["train_small"] is False
+
+
+def test_a_timing_unit_names_its_machine_so_another_machine_times_anew(tmp_path, monkeypatch):
+    """The state cache's build and the seconds per step are timings of one machine: resumed on another (here a CPU
+    without bfloat16 instructions took 2.1x as long per distilled step), they are timed again, while units whose
+    results do not depend on the machine's speed are keyed as before."""
+    from types import SimpleNamespace
+
+    from ..helpers import load_benchmark
+
+    script = load_benchmark("transfer_report")
+    args = SimpleNamespace(work=str(tmp_path), task="gsm_symbolic", task_args=[], train_size=8, test_size=4,
+                           large="l", small="s", template="chat", max_length=64, batch_size=2, max_new_tokens=4,
+                           eval_batch_size=2, accuracy_at=[1.0])
+    plan = script.Plan(args)
+    monkeypatch.setattr(script, "machine_name", lambda: "CPU only (x86_64, A, native bfloat16, 2 torch threads)")
+    here = {phase: plan.unit(phase, "distilled", seed=0) for phase in ("calibrate", "grid", "run")}
+    assert here["calibrate"]["machine"].startswith("CPU only") and "machine" not in here["run"]
+    monkeypatch.setattr(script, "machine_name", lambda: "CPU only (x86_64, B, no bfloat16 instructions, 2 torch threads)")
+    there = {phase: plan.unit(phase, "distilled", seed=0) for phase in ("calibrate", "grid", "run")}
+    assert script.unit_key(there["calibrate"]) != script.unit_key(here["calibrate"])
+    assert script.unit_key(there["run"]) == script.unit_key(here["run"])
+    assert script.unit_key(there["grid"]) == script.unit_key(here["grid"])
