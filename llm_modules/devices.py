@@ -55,33 +55,30 @@ BF16_FLAGS = frozenset({"avx512_bf16", "amx_bf16", "bf16"})
 CPUINFO = Path("/proc/cpuinfo")
 
 
-def cpu_flags(cpuinfo: Path | None = None) -> set[str]:
-    """The CPU's feature flags, from the first "flags" (x86) or "Features" (Arm) line of `cpuinfo` (default
-    CPUINFO); empty where unknown."""
+def cpuinfo_value(keys: tuple[str, ...], cpuinfo: Path | None = None) -> str | None:
+    """The value of the first line of `cpuinfo` (default CPUINFO) whose key is one of `keys` (lower case); None where
+    there is no such line or no such file."""
     try:
         text = (cpuinfo or CPUINFO).read_text()
     except OSError:
-        return set()
+        return None
     for line in text.splitlines():
         key, _, value = line.partition(":")
-        if key.strip().lower() in ("flags", "features"):
-            return set(value.split())
-    return set()
+        if key.strip().lower() in keys:
+            return value.strip()
+    return None
+
+
+def cpu_flags(cpuinfo: Path | None = None) -> set[str]:
+    """The CPU's feature flags, from its "flags" (x86) or "Features" (Arm) line; empty where unknown."""
+    return set((cpuinfo_value(("flags", "features"), cpuinfo) or "").split())
 
 
 def cpu_model(cpuinfo: Path | None = None) -> str:
-    """The CPU's model name (x86's "model name" line of `cpuinfo`, default CPUINFO), else the platform's processor
-    string, else "unknown CPU"."""
+    """The CPU's model name (x86's "model name" line), else the platform's processor string, else "unknown CPU"."""
     import platform
 
-    try:
-        for line in (cpuinfo or CPUINFO).read_text().splitlines():
-            key, _, value = line.partition(":")
-            if key.strip().lower() == "model name" and value.strip():
-                return value.strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
+    return cpuinfo_value(("model name",), cpuinfo) or platform.processor() or "unknown CPU"
 
 
 def native_bfloat16(device: torch.device | str = "cpu") -> bool:

@@ -214,7 +214,10 @@ def test_large_dtype_auto_is_bfloat16_only_where_the_cpu_computes_in_it(tmp_path
         info.write_text(f"processor\t: 0\nvendor_id\t: X\n{key}\t\t: {flags}\n\nprocessor\t: 1\n{key}\t\t: {flags}\n")
         monkeypatch.setattr(devices, "CPUINFO", info)
         assert HardwareArgs(large_dtype="auto").large_dtype == expected, flags
+    info.write_text("processor\t: 0\nmodel name\t: Some CPU 9000\nflags\t\t: fpu avx2\n")
+    assert devices.cpu_model() == "Some CPU 9000" and devices.cpu_flags() == {"fpu", "avx2"}
     monkeypatch.setattr(devices, "CPUINFO", tmp_path / "absent")  # no /proc/cpuinfo (macOS): float32
+    assert devices.cpu_flags() == set() and devices.cpu_model()  # the platform's name, or "unknown CPU"
     assert HardwareArgs(large_dtype="auto").large_dtype == "float32"
     assert HardwareArgs(large_dtype="bfloat16").large_dtype == "bfloat16"  # asked for: kept
     with pytest.raises(LLMModulesError, match="--large-dtype must be one of auto, float32"):
