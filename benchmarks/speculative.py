@@ -39,7 +39,6 @@ import argparse
 import dataclasses
 import datetime
 import json
-import platform
 import shlex
 import statistics
 import sys
@@ -60,7 +59,7 @@ from llm_modules.decoding.speculative.eagle3_proposer import Eagle3Proposer
 from llm_modules.decoding.speculative.policy import DraftPolicy
 from llm_modules.decoding.speculative.prompt_lookup import PromptLookup
 from llm_modules.decoding.speculative.tree_proposer import TreeProposer
-from llm_modules.devices import cpu_model, native_bfloat16
+from llm_modules.devices import machine_description
 from llm_modules.models.composed import LLMModulesModel
 from llm_modules.models.drafter import DrafterRecord, load_draft_vocab
 from llm_modules.models.eagle3_folder import eagle3_folder, load_eagle3
@@ -145,14 +144,6 @@ def our_drafter(model, k, pad, vocab, lookup: bool = False, width: int | None = 
     tree = TreeProposer(drafter, PromptLookup(vocab_size) if lookup else None, width=width)
     tree.policy = DraftPolicy(**(policy or {})) if adaptive else None
     return tree
-
-
-def machine() -> str:
-    """The CPU a run timed: its architecture and model, and whether it computes in bfloat16 natively (a verify pass
-    over a few tokens costs about one step where it does, several where it does not:
-    reports/speculative/pass_cost_avx2)."""
-    bf16 = "native bfloat16" if native_bfloat16() else "no bfloat16 instructions"
-    return f"{platform.machine()} CPU ({cpu_model()}, {bf16})"
 
 
 def policy_field(text: str) -> tuple[str, Any]:
@@ -464,7 +455,7 @@ def write_report(args, rows) -> None:
     (out / "results.json").write_text(json.dumps(rows, indent=1))
     lines = [f"# Speculative decoding: {args.target}", "",
              f"Command: `python benchmarks/speculative.py {shlex.join(sys.argv[1:])}`  ",
-             f"Machine: {machine()}, {torch.get_num_threads()} torch threads, torch {torch.__version__}; "
+             f"Machine: {machine_description()}, {torch.get_num_threads()} torch threads, torch {torch.__version__}; "
              f"{datetime.date.today()}. Greedy, {args.max_new_tokens} new tokens at most per prompt, "
              + (f"a queue of {args.queue} prompts per task served --batch rows at a time (a finished row replaced at "
               "the next step)" if args.queue else f"{args.prompts} prompts per task") + f"; {args.dtype}."
@@ -579,7 +570,7 @@ def write_spec_bench_report(args, records, baseline: str, n_questions: int) -> N
                     f"{sum(r['method'] == m for r in records)}" for m in summary}
     lines = [f"# Spec-Bench: {args.target}", "",
              f"Command: `python benchmarks/speculative.py {shlex.join(sys.argv[1:])}`  ",
-             f"Machine: {machine()}, {torch.get_num_threads()} torch threads, torch {torch.__version__}; "
+             f"Machine: {machine_description()}, {torch.get_num_threads()} torch threads, torch {torch.__version__}; "
              f"{datetime.date.today()}. Greedy, batch 1, first turns, {args.max_new_tokens} new tokens at most; "
              f"{args.spec_bench} questions per category"
              f"{' of ' + ', '.join(c or 'none' for c in args.category) if args.category else ''} ({n_questions} in all; "

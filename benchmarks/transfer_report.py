@@ -35,7 +35,6 @@ import datetime
 import hashlib
 import json
 import os
-import platform
 import resource
 import shutil
 import statistics
@@ -125,17 +124,13 @@ TIMED_PHASES = ("cache", "calibrate")
 
 
 def machine_name() -> str:
-    """The machine a timing ran on: the GPU's name, else the CPU's model, whether it computes in bfloat16 natively,
-    and the torch threads (on a CPU without bfloat16 instructions a distilled step here took 44.9 s, against 21.0 s
-    on the CPU of the earlier reports: their budgets are not the same work)."""
+    """The machine a timing ran on, with its torch threads (on a CPU without bfloat16 instructions a distilled step
+    here took 44.9 s, against 21.0 s on the CPU of the earlier reports: their budgets are not the same work)."""
     import torch
 
-    from llm_modules.devices import cpu_model, native_bfloat16
+    from llm_modules.devices import machine_description
 
-    if torch.cuda.is_available():
-        return f"GPU {torch.cuda.get_device_name()}"
-    bf16 = "native bfloat16" if native_bfloat16() else "no bfloat16 instructions"
-    return f"CPU only ({platform.machine()}, {cpu_model()}, {bf16}, {torch.get_num_threads()} torch threads)"
+    return f"{machine_description()}, {torch.get_num_threads()} torch threads"
 
 
 def unit_key(unit: dict) -> str:

@@ -95,3 +95,15 @@ def half_where_native(device: torch.device | str = "cpu") -> str:
     """`--large-dtype auto`: "bfloat16" where `device` computes in it natively (half the bytes a step reads), else
     "float32"."""
     return "bfloat16" if native_bfloat16(device) else "float32"
+
+
+def machine_description() -> str:
+    """What a timing ran on, for reports: the GPU's name, else the CPU's architecture and model and whether it
+    computes in bfloat16 natively (a verify pass over a few tokens costs about one step where it does, several
+    where it does not: reports/speculative/pass_cost_avx2)."""
+    import platform
+
+    if torch.cuda.is_available():
+        return f"GPU {torch.cuda.get_device_name()}"
+    bf16 = "native bfloat16" if native_bfloat16() else "no bfloat16 instructions"
+    return f"{platform.machine()} CPU ({cpu_model()}, {bf16})"
