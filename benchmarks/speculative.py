@@ -60,6 +60,7 @@ from llm_modules.decoding.speculative.policy import DraftPolicy
 from llm_modules.decoding.speculative.prompt_lookup import PromptLookup
 from llm_modules.decoding.speculative.tree_proposer import TreeProposer
 from llm_modules.devices import machine_description
+from llm_modules.models.cpu_linear import CPU_LINEAR_CHOICES, linear_kernel, use_cpu_linear
 from llm_modules.models.composed import LLMModulesModel
 from llm_modules.models.drafter import DrafterRecord, load_draft_vocab
 from llm_modules.models.eagle3_folder import eagle3_folder, load_eagle3
@@ -320,6 +321,9 @@ def main() -> None:
     parser.add_argument("--dtype", default="float32", choices=sorted(DTYPES),
                         help="the target's, the assistant's and our drafters' precision (bfloat16 halves the bytes "
                              "a decode step reads, on CPUs with bfloat16 instructions too)")
+    parser.add_argument("--cpu-linear", default="auto", choices=CPU_LINEAR_CHOICES,
+                        help="kernel of the float32 target's and assistant's linear layers on the CPU (`--cpu-linear` "
+                             "of generate: auto is oneDNN on AMD CPUs, torch's MKL path elsewhere)")
     parser.add_argument("--output", default="reports/speculative")
     parser.add_argument("--spec-bench", type=int, default=0, metavar="N",
                         help="Spec-Bench mode: N questions per category (of 80), batch 1; --data and --batch unused")
@@ -361,6 +365,10 @@ def main() -> None:
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos[0]
     assistant = (resolve_model(args.assistant, dtype=dtype).model.eval()
                  if args.assistant and not args.no_transformers else None)
+    for model in (target, assistant):
+        if model is not None:
+            use_cpu_linear(model, args.cpu_linear)
+    args.linear_kernel = linear_kernel(target)  # for the report's Machine line
     wanted = [(d.rsplit("@", 1)[0], [int(k) for k in d.rsplit("@", 1)[1].split(",")] if "@" in d else ks)
               for d in args.drafter]
     drafters = [(Path(d), load_network(d, loaded, dtype)) for d, _ in wanted]
@@ -455,7 +463,8 @@ def write_report(args, rows) -> None:
     (out / "results.json").write_text(json.dumps(rows, indent=1))
     lines = [f"# Speculative decoding: {args.target}", "",
              f"Command: `python benchmarks/speculative.py {shlex.join(sys.argv[1:])}`  ",
-             f"Machine: {machine_description()}, {torch.get_num_threads()} torch threads, torch {torch.__version__}; "
+             f"Machine: {machine_description()}, {torch.get_num_threads()} torch threads, torch {torch.__version__}, "
+             f"linear layers on {args.linear_kernel}; "
              f"{datetime.date.today()}. Greedy, {args.max_new_tokens} new tokens at most per prompt, "
              + (f"a queue of {args.queue} prompts per task served --batch rows at a time (a finished row replaced at "
               "the next step)" if args.queue else f"{args.prompts} prompts per task") + f"; {args.dtype}."
@@ -570,7 +579,8 @@ def write_spec_bench_report(args, records, baseline: str, n_questions: int) -> N
                     f"{sum(r['method'] == m for r in records)}" for m in summary}
     lines = [f"# Spec-Bench: {args.target}", "",
              f"Command: `python benchmarks/speculative.py {shlex.join(sys.argv[1:])}`  ",
-             f"Machine: {machine_description()}, {torch.get_num_threads()} torch threads, torch {torch.__version__}; "
+             f"Machine: {machine_description()}, {torch.get_num_threads()} torch threads, torch {torch.__version__}, "
+             f"linear layers on {args.linear_kernel}; "
              f"{datetime.date.today()}. Greedy, batch 1, first turns, {args.max_new_tokens} new tokens at most; "
              f"{args.spec_bench} questions per category"
              f"{' of ' + ', '.join(c or 'none' for c in args.category) if args.category else ''} ({n_questions} in all; "

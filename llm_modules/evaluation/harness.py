@@ -85,13 +85,15 @@ class PlainScorer:
 
 
 def load_scorer(spec: str, device: Any = None, allow_large_mismatch: bool = False,
-                dtype: torch.dtype = torch.float32, draft: DraftOptions | None = None) -> ComposedScorer | PlainScorer:
+                dtype: torch.dtype = torch.float32, draft: DraftOptions | None = None,
+                cpu_linear: str = "auto") -> ComposedScorer | PlainScorer:
     """The model `spec` names, loaded by `models.loading.load_model` (composed, plain method or plain
     spec), as a scorer; with `draft` (`models.loading.DraftOptions`: a drafter folder or prompt lookup) a plain
-    model generates speculatively."""
+    model generates speculatively; `cpu_linear` the kernel of its linear layers on a CPU (`load_model`)."""
     from llm_modules.models.loading import load_drafter
 
-    loaded = load_model(spec, device=device, dtype=dtype, allow_large_mismatch=allow_large_mismatch)
+    loaded = load_model(spec, device=device, dtype=dtype, allow_large_mismatch=allow_large_mismatch,
+                        cpu_linear=cpu_linear)
     drafter = load_drafter(draft, loaded, spec, allow_large_mismatch) if draft else None  # refuses a composed model
     if loaded.composed:  # a composed --model (as `generate` does)
         return ComposedScorer(loaded.model)

@@ -30,9 +30,13 @@ class RunnableModel:
 
 
 def load_model(spec: str, device: Any = None, dtype: torch.dtype = torch.float32,
-               allow_large_mismatch: bool = False) -> RunnableModel:
+               allow_large_mismatch: bool = False, cpu_linear: str = "auto") -> RunnableModel:
     """A saved model folder or run folder (composed or plain), else a plain model spec, loaded in `dtype`
-    onto `device` (default: where it loads, the CPU). A model without a tokenizer is an error."""
+    onto `device` (default: where it loads, the CPU). A model without a tokenizer is an error. `cpu_linear`
+    (`models.cpu_linear.use_cpu_linear`): the kernel a plain model's linear layers, or a composed one's large
+    model's, decode with on a CPU."""
+    from llm_modules.models.cpu_linear import use_cpu_linear
+
     path = Path(spec)
     if saved_kind(path) is not None or is_run_folder(path) or (path.is_dir() and not (path / "config.json").is_file()):
         spec = str(resolve_model_folder(spec))  # errors name what a model folder holds
@@ -56,7 +60,9 @@ def load_model(spec: str, device: Any = None, dtype: torch.dtype = torch.float32
         tokenizer, what = loaded.tokenizer, f"model {spec!r}"
     if tokenizer is None:
         raise LLMModulesError(f"{what} has no tokenizer files; generating and scoring text need them")
-    return RunnableModel(model.eval(), tokenizer, kind == "composed")
+    model.eval()
+    use_cpu_linear(model.large if kind == "composed" else model, cpu_linear)
+    return RunnableModel(model, tokenizer, kind == "composed")
 
 
 @dataclass(frozen=True)

@@ -25,6 +25,7 @@ from llm_modules.data.prepare import TokenizedExample, pad_id, render
 from llm_modules.decoding.engine import model_eos_ids
 from llm_modules.decoding.generation import generate
 from llm_modules.errors import LLMModulesError
+from llm_modules.models.cpu_linear import decoding_linears
 from llm_modules.states.fence import host_name
 from llm_modules.states.leases import holder_gone
 from llm_modules.tensors import IGNORE_INDEX, left_pad
@@ -222,7 +223,8 @@ def generated_data(data: Any, large: torch.nn.Module, spec: str, tokenizer: Any,
     path = root / f"{key}.json"
     info = {"generated": False, "resumed": 0}
     if is_main:
-        _, info = load_or_generate(path, key, large, prompts, max_length, eos, pad_id(tokenizer), progress)
+        with decoding_linears(large):  # oneDNN's kernels where torch's are slow (models.cpu_linear)
+            _, info = load_or_generate(path, key, large, prompts, max_length, eos, pad_id(tokenizer), progress)
     if wait is not None:
         wait()
     answers = json.loads(path.read_text())["answers"]

@@ -29,6 +29,7 @@ from llm_modules.data.sources import Record
 from llm_modules.decoding.engine import model_eos_ids
 from llm_modules.decoding.generation import generate
 from llm_modules.errors import LLMModulesError
+from llm_modules.models.cpu_linear import decoding_linears
 from llm_modules.training.generated import GENERATE_BATCH, kept_batches, token_list
 
 SELF_PROMPTS = "self-prompts:"
@@ -120,10 +121,12 @@ def self_prompt_records(large: torch.nn.Module, tokenizer: Any, large_spec: str,
     path = root / f"{key}.json"
     batches = [list(range(start, min(start + GENERATE_BATCH, count))) for start in range(0, count, GENERATE_BATCH)]
     if is_main:
-        kept_batches(path, key, batches,
-                     lambda n, rows: sample_batch(large, opening, len(rows), options, eos, options["seed"] * 100003 + n),
-                     lambda i, out: token_list(out) and len(out) <= options["max_tokens"],
-                     "self-prompts" if progress else "")
+        with decoding_linears(large):  # oneDNN's kernels where torch's are slow (models.cpu_linear)
+            kept_batches(path, key, batches,
+                         lambda n, rows: sample_batch(large, opening, len(rows), options, eos,
+                                                      options["seed"] * 100003 + n),
+                         lambda i, out: token_list(out) and len(out) <= options["max_tokens"],
+                         "self-prompts" if progress else "")
     if wait is not None:
         wait()
     records, report = records_from_written(json.loads(path.read_text())["answers"], tokenizer, eos)

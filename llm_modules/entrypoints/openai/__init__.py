@@ -34,7 +34,8 @@ def model_id(model_spec: str) -> str:
 def build_app(model_spec: str, max_batch: int = 8, max_queue: int = 64, max_tokens: int = 256,
               template: str | None = None, name: str | None = None, allow_large_mismatch: bool = False,
               device: Any = None, dtype: Any = None, host: str = "127.0.0.1", api_key: str | None = None,
-              max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES, draft: DraftOptions | None = None) -> Any:
+              max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES, draft: DraftOptions | None = None,
+              cpu_linear: str = "auto") -> Any:
     """Load a saved composed model (or run folder), a saved plain method or a plain model spec, in
     `dtype` (default float32) onto `device` (default the CPU), and wrap it in the FastAPI app; the
     engine's thread starts with the app. `host` is the address the app will listen on (Host headers
@@ -50,7 +51,7 @@ def build_app(model_spec: str, max_batch: int = 8, max_queue: int = 64, max_toke
     if max_request_bytes < 1:
         raise LLMModulesError(f"--max-request-bytes must be >= 1, got {max_request_bytes}")
     loaded = load_model(model_spec, device=device, dtype=dtype or torch.float32,
-                        allow_large_mismatch=allow_large_mismatch)
+                        allow_large_mismatch=allow_large_mismatch, cpu_linear=cpu_linear)
     if draft:
         from llm_modules.models.loading import load_drafter
 
