@@ -464,7 +464,7 @@ def write_report(args, rows) -> None:
     lines = [f"# Speculative decoding: {args.target}", "",
              f"Command: `python benchmarks/speculative.py {shlex.join(sys.argv[1:])}`  ",
              f"Machine: {machine_description()}, {torch.get_num_threads()} torch threads, torch {torch.__version__}, "
-             f"linear layers on {args.linear_kernel}; "
+             f"linear layers on {getattr(args, 'linear_kernel', 'torch')}; "
              f"{datetime.date.today()}. Greedy, {args.max_new_tokens} new tokens at most per prompt, "
              + (f"a queue of {args.queue} prompts per task served --batch rows at a time (a finished row replaced at "
               "the next step)" if args.queue else f"{args.prompts} prompts per task") + f"; {args.dtype}."
@@ -580,7 +580,7 @@ def write_spec_bench_report(args, records, baseline: str, n_questions: int) -> N
     lines = [f"# Spec-Bench: {args.target}", "",
              f"Command: `python benchmarks/speculative.py {shlex.join(sys.argv[1:])}`  ",
              f"Machine: {machine_description()}, {torch.get_num_threads()} torch threads, torch {torch.__version__}, "
-             f"linear layers on {args.linear_kernel}; "
+             f"linear layers on {getattr(args, 'linear_kernel', 'torch')}; "
              f"{datetime.date.today()}. Greedy, batch 1, first turns, {args.max_new_tokens} new tokens at most; "
              f"{args.spec_bench} questions per category"
              f"{' of ' + ', '.join(c or 'none' for c in args.category) if args.category else ''} ({n_questions} in all; "

@@ -26,6 +26,7 @@ from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from llm_modules.errors import LLMModulesError
+from llm_modules.models.cpu_linear import decoding_linears
 from llm_modules.models.large_identity import loaded_weights_digest
 from llm_modules.states.fence import (
     Group,
@@ -402,7 +403,8 @@ class StateCache:
         bar = tqdm(total=sum(map(len, batches)), desc="large-model states", unit="ex",
                    disable=None if shown else True)  # None: off when not a TTY
         device = next(model.large.parameters()).device if batches else None
-        with torch.no_grad():
+        # oneDNN's kernels where torch's are slow (models.cpu_linear), the large model's own layers back afterwards
+        with torch.no_grad(), decoding_linears(model.large):
             for rows in batches:
                 # (B, width); pad id 0: masked out
                 ids, mask = right_pad([list(examples[i].input_ids) for i in rows], 0, device)

@@ -18,7 +18,7 @@ from llm_modules.decoding.speculative.composed_proposer import ComposedProposer
 from llm_modules.decoding.speculative.prompt_lookup import PromptLookup
 from llm_modules.decoding.speculative.tree_proposer import TreeProposer
 from llm_modules.errors import LLMModulesError
-from llm_modules.models import cpu_linear
+from llm_modules.models import cpu_linear, small_m
 from llm_modules.models.cpu_linear import OneDnnLinear, linear_kernel, use_cpu_linear
 from llm_modules.models.loading import load_model
 
@@ -68,6 +68,54 @@ def test_a_converted_layer_refuses_what_it_cannot_run():
         layer(torch.randn(2, 8, dtype=torch.float64))
 
 
+needs_kernel = pytest.mark.skipif(small_m.kernel() is None,
+                                  reason="our AVX2 kernel cannot be built here (no AVX2 and FMA, or no C compiler)")
+
+
+@needs_kernel
+@pytest.mark.parametrize("rows", [2, 3, 4, 5, 7, 8, 11, 16])
+@pytest.mark.parametrize("bias", [False, True])
+def test_our_kernel_computes_the_product_for_any_shape(rows, bias):
+    g = torch.Generator().manual_seed(rows)
+    x, w = torch.randn(rows, 77, generator=g), torch.randn(37, 77, generator=g)  # odd N, K not a multiple of 8
+    b = torch.randn(37, generator=g) if bias else None
+    want = x.double() @ w.double().T + (b.double() if bias else 0)
+    torch.testing.assert_close(small_m.small_m_linear(x, w, b).double(), want, rtol=1e-5, atol=1e-5)
+
+
+@needs_kernel
+def test_a_model_on_our_kernel_scores_passes_of_any_width_as_torch_does():
+    model = _qwen()
+    ids = torch.randint(0, 120, (1, 17), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        want = model(ids).logits
+    assert use_cpu_linear(model, "avx2") == 15 and linear_kernel(model) == "oneDNN and ours for 2-16 rows"
+    with torch.no_grad():
+        cache = model(ids[:, :3], use_cache=True).past_key_values  # then passes of 1, 2, 5 and 6 tokens (2-16 rows)
+        got = [model(ids[:, :3]).logits]
+        for start, end in ((3, 4), (4, 6), (6, 11), (11, 17)):
+            got.append(model(ids[:, start:end], past_key_values=cache, use_cache=True).logits)
+    torch.testing.assert_close(torch.cat(got, 1), want, rtol=1e-5, atol=1e-5)
+
+
+def test_our_kernel_is_asked_for_only_where_it_can_be_built(monkeypatch):
+    monkeypatch.setattr(small_m, "kernel", lambda: None)
+    monkeypatch.setattr(cpu_linear, "cpu_vendor", lambda: "AuthenticAMD")
+    with pytest.raises(LLMModulesError, match="--cpu-linear avx2: our kernel needs"):
+        use_cpu_linear(_qwen(), "avx2")
+    if torch.backends.mkl.is_available():
+        model = _qwen()
+        assert use_cpu_linear(model, "auto") == 15 and linear_kernel(model) == "oneDNN"  # oneDNN's alone
+
+
+def test_a_compiler_that_fails_is_an_error_the_loader_reports(tmp_path):
+    import subprocess
+
+    with pytest.raises(subprocess.CalledProcessError):
+        small_m.build(tmp_path, "false")
+    assert not list(tmp_path.glob("*.so"))
+
+
 def test_auto_converts_only_float32_models_on_cpus_where_mkl_is_slow(monkeypatch):
     monkeypatch.setattr(cpu_linear, "cpu_vendor", lambda: "GenuineIntel")
     assert use_cpu_linear(_qwen(), "auto") == 0
@@ -98,7 +146,10 @@ def _composed(pair):
     return model.eval()
 
 
-def test_speculative_decoding_over_converted_layers_is_the_converted_targets_own(mapped_pair):
+@pytest.mark.parametrize("choice", ["onednn", "avx2"])
+def test_speculative_decoding_over_converted_layers_is_the_converted_targets_own(mapped_pair, choice):
+    if choice == "avx2" and small_m.kernel() is None:
+        pytest.skip("our AVX2 kernel cannot be built here (no AVX2 and FMA, or no C compiler)")
     model = _composed(mapped_pair)
     target = model.large
     g = torch.Generator().manual_seed(4)
@@ -108,7 +159,7 @@ def test_speculative_decoding_over_converted_layers_is_the_converted_targets_own
         prompts.append(span * 3 if i % 2 == 0 else span)
     options = [SamplingOptions(max_new_tokens=n) for n in (12, 7, 10, 5)]
     before = decode_rows(DecodeBatch(target), prompts, options)
-    assert use_cpu_linear(target, "onednn") > 0
+    assert use_cpu_linear(target, choice) > 0
     alone = decode_rows(DecodeBatch(target), prompts, options)
     proposer = TreeProposer(ComposedProposer(model, draft_tokens=3), PromptLookup(model.vocab_size, draft_tokens=4),
                             width=2)
