@@ -609,8 +609,9 @@ def pass_cost_table(records: list[dict], baseline: str) -> list[str]:
     lines = ["", f"Where the time goes: the target alone takes {step:.0f} ms per token; per method of ours, over all "
              "its questions. Both include each prompt's prefill, spread over the tokens or the passes, which makes a "
              "pass look dearer than it is (prefill left out, a pass over 1 + 4 tokens cost 0.99-1.09x a decode step "
-             "in bfloat16 on a CPU with bfloat16 instructions, benchmarks/verify_pass_cost.py; 2.8x in float32 and "
-             "4.1x in bfloat16 on one without them, reports/speculative/pass_cost_avx2):", "",
+             "in bfloat16 on a CPU with bfloat16 instructions, benchmarks/verify_pass_cost.py; on an AMD one without "
+             "them, in float32, 2.9x with torch's linear kernel, 1.9x with oneDNN's, 1.4x with ours for 2-16 rows, "
+             "reports/speculative/pass_cost_onednn):", "",
              "| method | ms per verify pass (drafting and prefill included) | pass / target token | "
              "tokens per pass | implied speed-up |", "|---|---|---|---|---|"]
     for method in dict.fromkeys(r["method"] for r in records):
