@@ -323,7 +323,7 @@ def main() -> None:
                              "a decode step reads, on CPUs with bfloat16 instructions too)")
     parser.add_argument("--cpu-linear", default="auto", choices=CPU_LINEAR_CHOICES,
                         help="kernel of the float32 target's and assistant's linear layers on the CPU (`--cpu-linear` "
-                             "of generate: auto is oneDNN on AMD CPUs, torch's MKL path elsewhere)")
+                             "of generate: auto is oneDNN's with ours for 2-16 rows on AMD CPUs, torch's elsewhere)")
     parser.add_argument("--output", default="reports/speculative")
     parser.add_argument("--spec-bench", type=int, default=0, metavar="N",
                         help="Spec-Bench mode: N questions per category (of 80), batch 1; --data and --batch unused")

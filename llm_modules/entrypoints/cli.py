@@ -302,8 +302,9 @@ def add_device_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", choices=DTYPE_CHOICES, default="auto",
                         help="precision of the models; auto: bfloat16 on a CUDA GPU that has it, else float32")
     parser.add_argument("--cpu-linear", choices=CPU_LINEAR_CHOICES, default="auto",
-                        help="kernel of a float32 model's linear layers on a CPU: torch's (MKL on x86), oneDNN's, or "
-                             "auto: oneDNN on AMD CPUs, where MKL is slow (a decode step 1.6x faster measured)")
+                        help="kernel of a float32 model's linear layers on a CPU: torch's (MKL on x86), oneDNN's, avx2: "
+                             "oneDNN's with ours for 2-16 rows (a verify pass; built with the C compiler), or auto: "
+                             "avx2 on AMD CPUs, where MKL is slow (a decode step 1.5x faster, an 8-token pass 3x)")
 
 
 def device_and_dtype(args: argparse.Namespace) -> tuple[torch.device, torch.dtype]:
