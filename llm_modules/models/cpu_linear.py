@@ -2,11 +2,12 @@
 call, MKL in the x86 wheels), oneDNN's, or oneDNN's with ours for 2 to 16 rows (avx2: `models.small_m`).
 
 Why it matters: MKL takes a slow path on AMD CPUs. On an AMD EPYC (AVX2, 2 threads) a (M, 1536) x (1536, 8960)
-float32 product took 3.8 ms at M = 1 and 10.5-11.6 ms at M = 3 to 8 through torch's linear, against 2.0 ms and
-3.1-4.1 ms through oneDNN's; a whole decode step of Qwen2.5-Coder-1.5B-Instruct 422 ms against 267 ms, a pass
-over 8 tokens 1314 ms against 563 ms (reports/speculative/pass_cost_onednn; `benchmarks/verify_matmul.py` prints
+float32 product took 3.5 ms at M = 1 and 10-14 ms at M = 3 to 8 through torch's linear, against 2.0 ms and
+3.2-4.8 ms through oneDNN's; a whole decode step of Qwen2.5-Coder-1.5B-Instruct 377 ms against 255 ms, a pass
+over 8 tokens 1198 ms against 526 ms (reports/speculative/pass_cost_onednn; `benchmarks/verify_matmul.py` prints
 the kernels on any CPU). A pass over a few tokens that costs about one step is what speculative decoding needs;
-oneDNN's still costs 1.5-2.1x a one-row product at 2 to 8 rows, ours 1.1-1.9x. A converted layer reads its own weight in place (no copy, the
+oneDNN's still costs 1.5-2.4x a one-row product at 2 to 8 rows, ours 1.07-1.7x (a whole pass over 2 to 8 tokens:
+1.02-1.52 steps). A converted layer reads its own weight in place (no copy, the
 same parameters, so weight digests, tied embeddings and a drafter's use of the target's head are unchanged).
 """
 

@@ -1,9 +1,10 @@
 """Our float32 product for a few rows (a verify pass's 2 to 16 tokens) on an AVX2 CPU: `kernels/small_m.c`, built on
 first use with the system's C compiler and loaded with ctypes.
 
-Measured on an AMD EPYC (2 threads): a (M, 1536) x (1536, 8960) product at M = 2, 3, 4, 8, 16 took 1.85, 1.94,
-2.20, 3.07, 4.77 ms against oneDNN's 2.76, 3.27, 3.18, 3.93, 5.67 (one row: 1.62 against 1.73), and the
-151,936-row output embedding 31-78 ms against 45-93 (benchmarks/verify_matmul.py). Where it cannot be built (no
+Measured on an AMD EPYC (2 threads): a (M, 1536) x (1536, 8960) product at M = 2, 3, 4, 5, 8 took 2.12, 2.30,
+2.50, 2.70, 3.39 ms against oneDNN's 3.03, 3.20, 3.57, 3.59, 4.84 (one row, oneDNN's: 1.98-2.04;
+reports/speculative/pass_cost_onednn/verify_matmul.md), and the 151,936-row output embedding 33-80 ms against
+45-93 at 2 to 16 rows. Where it cannot be built (no
 compiler, no AVX2 and FMA, not x86-64) `kernel()` is None and callers keep oneDNN's; the library built is kept
 under the cache folder, named by the source's and the compiler's digest.
 """

@@ -73,7 +73,7 @@ needs_kernel = pytest.mark.skipif(small_m.kernel() is None,
 
 
 @needs_kernel
-@pytest.mark.parametrize("rows", [2, 3, 4, 5, 7, 8, 11, 16])
+@pytest.mark.parametrize("rows", [2, 3, 4, 5, 6, 7, 8, 11, 13, 16])
 @pytest.mark.parametrize("bias", [False, True])
 def test_our_kernel_computes_the_product_for_any_shape(rows, bias):
     g = torch.Generator().manual_seed(rows)
