@@ -610,7 +610,7 @@ def pass_cost_table(records: list[dict], baseline: str) -> list[str]:
              "its questions. Both include each prompt's prefill, spread over the tokens or the passes, which makes a "
              "pass look dearer than it is (prefill left out, a pass over 1 + 4 tokens cost 0.99-1.09x a decode step "
              "in bfloat16 on a CPU with bfloat16 instructions, benchmarks/verify_pass_cost.py; on an AMD one without "
-             "them, in float32, 2.9x with torch's linear kernel, 1.9x with oneDNN's, 1.4x with ours for 2-16 rows, "
+             "them, in float32, 2.9x with torch's linear kernel, 1.9x with oneDNN's, 1.2x with ours for 2-16 rows, "
              "reports/speculative/pass_cost_onednn):", "",
              "| method | ms per verify pass (drafting and prefill included) | pass / target token | "
              "tokens per pass | implied speed-up |", "|---|---|---|---|---|"]
