@@ -5,8 +5,9 @@ per precision and linear-layer kernel (the question: does a verify pass cost abo
         [--rows float32:torch float32:onednn float32:avx2 bfloat16:torch] > results.md
 
 A row is PRECISION:KERNEL, the kernel `--cpu-linear`'s (torch: torch's own linear, MKL on x86; onednn and avx2,
-oneDNN's with ours for 2 to 16 rows: `llm_modules.models.cpu_linear`). Nothing else should run: a timed measurement. Median of `--repeats` passes per
-width (after one warm-up pass), each followed by cropping the cache back to the prompt."""
+oneDNN's with ours for 2 to 16 rows: `llm_modules.models.cpu_linear`). Nothing else should run: a timed
+measurement. Median of `--repeats` passes per width (after one warm-up pass), each followed by cropping the cache
+back to the prompt."""
 
 from __future__ import annotations
 
@@ -44,7 +45,8 @@ def pass_seconds(model: torch.nn.Module, repeats: int) -> dict[int, float]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="qwen2.5-coder-1.5b-instruct")
-    parser.add_argument("--rows", nargs="+", default=["float32:torch", "float32:onednn", "float32:avx2", "bfloat16:torch"])
+    parser.add_argument("--rows", nargs="+",
+                        default=["float32:torch", "float32:onednn", "float32:avx2", "bfloat16:torch"])
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()

@@ -68,9 +68,9 @@ def cpu_vendor() -> str | None:
 
 
 def onednn_pays(device: torch.device | str, dtype: torch.dtype) -> bool:
-    """`--cpu-linear auto`: oneDNN where it was measured faster, a float32 model on the CPU of a vendor on which torch's
-    BLAS is MKL on its slow path (`SLOW_MKL_VENDORS`), with our kernel for 2 to 16 rows where it builds
-    (`models.small_m`); torch's default elsewhere."""
+    """Whether `--cpu-linear auto` converts: a float32 model on the CPU of a vendor on which torch's BLAS is MKL on its
+    slow path (`SLOW_MKL_VENDORS`), where oneDNN was measured faster. (Where it converts, our kernel takes 2 to 16
+    rows if it builds: `_converted`.)"""
     return (torch.device(device).type == "cpu" and dtype == torch.float32 and onednn_available()
             and torch.backends.mkl.is_available() and cpu_vendor() in SLOW_MKL_VENDORS)
 
