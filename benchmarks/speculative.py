@@ -237,13 +237,9 @@ def training_vocabulary(folder: Path, tokenizer, n: int, eos: list[int]) -> torc
     from llm_modules.models.saved import run_defaults
 
     run = run_defaults(folder)  # its run's data options, from the run_config.json beside it or above it
-    if str(run.get("data", "")).startswith("self-prompts:"):  # prompts the target wrote: the run kept them
-        from llm_modules.training.objectives.drafter import SEEN_PROMPTS_FILE
-
-        for where in (folder, folder.parent):
-            if (where / SEEN_PROMPTS_FILE).is_file():
-                return [json.loads(line)["prompt"] for line in (where / SEEN_PROMPTS_FILE).read_text().splitlines()]
-        raise SystemExit(f"{folder}: trained on self-prompts but {SEEN_PROMPTS_FILE} is not beside it or above it")
+    if str(run.get("data", "")).startswith("self-prompts:"):  # its answers live in the generation cache only
+        raise SystemExit(f"{folder}: trained on self-prompts, so no data file to count tokens in; measure it with "
+                         "the draft vocabulary it trained with (--draft-vocab 0)")
     if "data" in run:
         records = load_records(run["data"])
         ids = [render(r, tokenizer, run.get("template", "chat"), "all")[0] for r in records]
@@ -498,12 +494,12 @@ def drafter_prompts(folder: Path) -> list[str]:
 
     run = run_defaults(folder)  # its run's data options, from the run_config.json beside it or above it
     if str(run.get("data", "")).startswith("self-prompts:"):  # prompts the target wrote: the run kept them
-        from llm_modules.training.objectives.drafter import SEEN_PROMPTS_FILE
+        from llm_modules.training.objectives.drafter import SEEN_PROMPTS_FILE, read_seen_prompts
 
-        for where in (folder, folder.parent):
-            if (where / SEEN_PROMPTS_FILE).is_file():
-                return [json.loads(line)["prompt"] for line in (where / SEEN_PROMPTS_FILE).read_text().splitlines()]
-        raise SystemExit(f"{folder}: trained on self-prompts but {SEEN_PROMPTS_FILE} is not beside it or above it")
+        seen = read_seen_prompts(folder)
+        if seen is None:
+            raise SystemExit(f"{folder}: trained on self-prompts but {SEEN_PROMPTS_FILE} is not beside it or above it")
+        return seen
     if "data" in run:
         return [m["content"] for r in load_records(run["data"]) for m in r.messages if m["role"] == "user"]
     raise SystemExit(f"{folder}: no run_config.json beside it or above it: cannot check it never saw Spec-Bench")

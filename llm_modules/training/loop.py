@@ -186,6 +186,8 @@ def _setup(config: TrainConfig, accelerator: Accelerator, output: Path, lock: Ru
         output.mkdir(parents=True, exist_ok=True)
         (output / RUN_CONFIG_FILE).write_text(json.dumps(config.to_dict(), indent=1))
         (output / "data_report.json").write_text(json.dumps(data.report, indent=1))
+        for name, text in objective.run_files().items():
+            (output / name).write_text(text)
     accelerator.wait_for_everyone()
 
     total_steps = config.train.max_steps or steps_per_epoch * config.train.epochs

@@ -18,6 +18,7 @@ from llm_modules.entrypoints.cli import build_parser, main, train_config_from_ar
 from llm_modules.errors import LLMModulesError
 from llm_modules.training import self_prompts
 from llm_modules.training.config import TrainConfig, option_default
+from llm_modules.training.objectives.drafter import read_seen_prompts
 from llm_modules.training.objectives.options import DrafterOptions
 
 from ..helpers import build_chat_pair
@@ -139,6 +140,33 @@ def test_a_drafter_trains_on_self_prompts_end_to_end(tmp_path, pair, capsys):
     assert "self-prompts:" in capsys.readouterr().out
     seen = (tmp_path / "run" / "self_prompts.jsonl").read_text().splitlines()  # what the drafter saw, kept with it
     assert len(seen) == report["kept"] and all(json.loads(line)["prompt"] for line in seen)
+    # read back from the saved drafter (the run folder above it) as benchmarks' leak checks read it
+    assert read_seen_prompts(tmp_path / "run" / "last") == [json.loads(line)["prompt"] for line in seen]
+    assert read_seen_prompts(tmp_path) is None
+
+
+def test_a_run_interrupted_before_its_first_step_reruns_with_the_same_command(tmp_path, pair, monkeypatch):
+    """The folder gets the seen prompts with the run's config, not before: a run killed while the target answers
+    (after its own prompts were written) is rerun by repeating the command, not refused as someone else's folder."""
+    from llm_modules.training import generated
+
+    args = ["train", "--method", "drafter", "--large", pair["large"], "--small", pair["small"], "--output",
+            str(tmp_path / "run"), "--data", "self-prompts:8?seed=1&max_tokens=5", "--max-length", "24",
+            "--large-dtype", "float32", "--batch-size", "2", "--max-steps", "1", "--epochs", "0", "--val-fraction",
+            "0.25", "--large-layers", "1,2", "--draft-vocab", "64", "--no-progress",
+            "--state-cache-dir", str(tmp_path / "states")]
+    real = generated.generate
+
+    def dying(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(generated, "generate", dying)
+    assert main(args) == 130  # interrupted: the CLI's exit code for Ctrl-C
+    run = tmp_path / "run"
+    assert not run.exists() or not [p.name for p in run.iterdir() if p.name != "run.lock"]
+    monkeypatch.setattr(generated, "generate", real)
+    assert main(args) == 0
+    assert (tmp_path / "run" / "self_prompts.jsonl").is_file() and (tmp_path / "run" / "last").is_dir()
 
 
 def test_a_draft_vocabulary_is_filled_with_the_lowest_ids_when_answers_hold_too_few():

@@ -57,6 +57,11 @@ class Objective:
     def parameter_counts(self) -> dict[str, dict[str, int]]:
         return {"total": _count(self.module)}
 
+    def run_files(self) -> dict[str, str]:
+        """Files this objective keeps in the run folder ({name: text}: the drafter's self-prompts), written by the
+        loop once the folder holds this run's config, so a run interrupted before then leaves the folder as it was."""
+        return {}
+
     def summary_extras(self) -> dict[str, Any]:
         """Entries this method adds to the run's summary.json (the drafter: its record)."""
         return {}

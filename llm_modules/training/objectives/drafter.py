@@ -92,13 +92,19 @@ def answer_vocabulary(examples: list[Any], size: int, always: list[int], vocab_s
 SEEN_PROMPTS_FILE = "self_prompts.jsonl"  # in the run folder: the prompts a self-prompts drafter trained on
 
 
-def write_seen_prompts(output: Path, records: list[Any]) -> Path:
+def read_seen_prompts(folder: Path) -> list[str] | None:
+    """The prompts a self-prompts drafter trained on, from the SEEN_PROMPTS_FILE in its folder or the run folder
+    above it (a run's best/ or last/); None where neither holds one."""
+    for where in (folder, folder.parent):
+        if (where / SEEN_PROMPTS_FILE).is_file():
+            return [json.loads(line)["prompt"] for line in (where / SEEN_PROMPTS_FILE).read_text().splitlines()]
+    return None
+
+
+def seen_prompts_text(records: list[Any]) -> str:
     """The prompts the large model wrote for this run, one {"prompt": text} per line: what the drafter saw (its
     answers are the target's, in the drafter_targets cache), for its users and for benchmarks' leak checks."""
-    output.mkdir(parents=True, exist_ok=True)
-    path = output / SEEN_PROMPTS_FILE
-    path.write_text("".join(json.dumps({"prompt": r.messages[0]["content"]}, ensure_ascii=False) + "\n" for r in records))
-    return path
+    return "".join(json.dumps({"prompt": r.messages[0]["content"]}, ensure_ascii=False) + "\n" for r in records)
 
 
 class DrafterParts(TrainedParts):
@@ -168,6 +174,7 @@ class DrafterObjective(ComposedObjective):
         self._final = self.cache_taps.index(final)
         self.generation: dict[str, Any] = {}
         self.self_prompts: dict[str, Any] = {}
+        self.seen_prompts: str | None = None  # SEEN_PROMPTS_FILE's text, when the run writes its own prompts
         self.generation_seconds = 0.0
         if config.compose.small_inputs == "bridge":
             logger.warning("--small-inputs bridge: the drafter reads no token of its own, only the bridge's view of "
@@ -197,8 +204,11 @@ class DrafterObjective(ComposedObjective):
         self.self_prompts = {**report, "seconds": round(time.perf_counter() - started, 2)}
         if accelerator.is_main_process:
             print(f"self-prompts: {json.dumps(self.self_prompts)}")
-            write_seen_prompts(Path(config.output), records)
+        self.seen_prompts = seen_prompts_text(records)
         return records
+
+    def run_files(self) -> dict[str, str]:
+        return {SEEN_PROMPTS_FILE: self.seen_prompts} if self.seen_prompts is not None else {}
 
     def attach_data(self, config: Any, data: Any, accelerator: Any) -> None:
         if config.method_options.drafter_targets == "generated":
