@@ -264,8 +264,9 @@ def run_summary(folder: Path) -> dict | None:
 
 
 def training_costs(folders: list[Path]) -> dict[Path, float | None]:
-    """Each drafter's training seconds, everything included: its training, its target generation, and its
-    state cache's build. A run that reused a state cache (state_cache_seconds 0) is charged the build of the
+    """Each drafter's training seconds, everything included: its prompts' writing (self-prompts), its training,
+    its target generation, and its state cache's build. (A run resumed from its stages' caches counts only what
+    it redid: its summary holds no clock of the interrupted run.) A run that reused a state cache (state_cache_seconds 0) is charged the build of the
     drafter that built the same cache (the same keys), looked up among these drafters and the runs beside
     them (their run folders' siblings): what it would have cost it alone."""
     summaries = {f: run_summary(f) for f in folders}
@@ -281,8 +282,9 @@ def training_costs(folders: list[Path]) -> dict[Path, float | None]:
             continue
         cache = float(summary.get("state_cache_seconds") or 0) or built.get(tuple(summary.get("state_cache_keys") or ()),
                                                                            0.0)
+        written = float((summary.get("self_prompts") or {}).get("seconds") or 0)
         costs[folder] = round(float(summary["train_seconds"]) + float(summary.get("target_generation_seconds") or 0)
-                              + cache, 1)
+                              + written + cache, 1)
     return costs
 
 

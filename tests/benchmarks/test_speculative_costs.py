@@ -19,7 +19,8 @@ def test_a_reused_state_cache_is_charged_what_its_build_cost(tmp_path):
             "b": {"train_seconds": 700, "state_cache_seconds": 0, "state_cache_keys": ["k1", "k2"]},
             "c": {"train_seconds": 650, "state_cache_seconds": 0, "state_cache_keys": ["k3"],
                   "target_generation_seconds": 40},
-            "d": {"train_seconds": 100, "state_cache_seconds": 30, "state_cache_keys": ["k3"]}}
+            "d": {"train_seconds": 100, "state_cache_seconds": 30, "state_cache_keys": ["k3"],
+                  "self_prompts": {"kept": 8, "seconds": 12.5}}}  # the prompts it wrote itself count too
     folders = []
     for name, summary in runs.items():
         (tmp_path / name / "best").mkdir(parents=True)
@@ -28,7 +29,7 @@ def test_a_reused_state_cache_is_charged_what_its_build_cost(tmp_path):
     (tmp_path / "e").mkdir()
     folders.append(tmp_path / "e")
     costs = load_script().training_costs(folders)
-    assert [costs[f] for f in folders] == [1100.0, 1200.0, 720.0, 130.0, None]
+    assert [costs[f] for f in folders] == [1100.0, 1200.0, 720.0, 142.5, None]
 
 
 def test_the_cache_builder_is_found_beside_the_drafters_given(tmp_path):
