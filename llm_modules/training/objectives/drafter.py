@@ -158,6 +158,7 @@ class DrafterObjective(ComposedObjective):
     method = "drafter"
     keep_large_head = True  # the targets are large_head(final state), whatever the drafter's own head
     loss_is_answer_nll = False
+    seen_prompts: str | None = None  # SEEN_PROMPTS_FILE's text, when the run writes its own prompts (both layouts)
 
     def __init__(self, config: Any, device: Any = "cpu", processes: int = 1):
         super().__init__(config, device, processes)
@@ -174,7 +175,6 @@ class DrafterObjective(ComposedObjective):
         self._final = self.cache_taps.index(final)
         self.generation: dict[str, Any] = {}
         self.self_prompts: dict[str, Any] = {}
-        self.seen_prompts: str | None = None  # SEEN_PROMPTS_FILE's text, when the run writes its own prompts
         self.generation_seconds = 0.0
         if config.compose.small_inputs == "bridge":
             logger.warning("--small-inputs bridge: the drafter reads no token of its own, only the bridge's view of "
