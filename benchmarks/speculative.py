@@ -266,9 +266,10 @@ def run_summary(folder: Path) -> dict | None:
 def training_costs(folders: list[Path]) -> dict[Path, float | None]:
     """Each drafter's training seconds, everything included: its prompts' writing (self-prompts), its training,
     its target generation, and its state cache's build. (A run resumed from its stages' caches counts only what
-    it redid: its summary holds no clock of the interrupted run.) A run that reused a state cache (state_cache_seconds 0) is charged the build of the
-    drafter that built the same cache (the same keys), looked up among these drafters and the runs beside
-    them (their run folders' siblings): what it would have cost it alone."""
+    it redid: its summary holds no clock of the interrupted run.) A run that reused a state cache
+    (state_cache_seconds 0) is charged the build of the drafter that built the same cache (the same keys), looked
+    up among these drafters and the runs beside them (their run folders' siblings): what it would have cost it
+    alone."""
     summaries = {f: run_summary(f) for f in folders}
     runs = {(f.parent if f.name in ("best", "last") else f).resolve() for f in folders}
     neighbours = [json.loads(p.read_text()) for r in runs for p in sorted(r.parent.glob("*/summary.json"))]
