@@ -165,21 +165,26 @@ class DrafterObjective(ComposedObjective):
         model = self.model
         options = config.method_options
         self.module = DrafterParts(model, options.drafter_loss)
-        self.record = DrafterRecord(options.draft_tokens, options.drafter_loss, options.drafter_targets)
-        self.draft_vocab_size = options.draft_vocab
-        self.seed, self.step = config.train.seed, 0
-        final = model.num_large_layers
-        # the cache holds the bridge's taps and the final state; forward reads the bridge's only
-        self.cache_taps = sorted(set(model.large_taps) | {final})
-        self._bridge = [self.cache_taps.index(t) for t in model.large_taps]
-        self._final = self.cache_taps.index(final)
-        self.generation: dict[str, Any] = {}
-        self.self_prompts: dict[str, Any] = {}
-        self.generation_seconds = 0.0
+        self._drafter_setup(config, model.large_taps, model.num_large_layers)
         if config.compose.small_inputs == "bridge":
             logger.warning("--small-inputs bridge: the drafter reads no token of its own, only the bridge's view of "
                            "the large states before each block, so every position of a block starts from the same "
                            "input; --small-inputs mapped (the drafter's default) lets it read the tokens it drafts")
+
+    def _drafter_setup(self, config: Any, taps: list[int], final: int) -> None:
+        """What both layouts keep (this one and `Eagle3Objective`, whose own __init__ builds no composed model):
+        the record, the draft vocabulary's size, the step counter, the cached taps (the bridge's or the draft
+        layer's `taps`, and the final state: forward reads `taps` only), the generation and self-prompt reports."""
+        options = config.method_options
+        self.record = DrafterRecord(options.draft_tokens, options.drafter_loss, options.drafter_targets)
+        self.draft_vocab_size = options.draft_vocab
+        self.seed, self.step = config.train.seed, 0
+        self.cache_taps = sorted(set(taps) | {final})
+        self._bridge = [self.cache_taps.index(t) for t in taps]
+        self._final = self.cache_taps.index(final)
+        self.generation: dict[str, Any] = {}
+        self.self_prompts: dict[str, Any] = {}
+        self.generation_seconds = 0.0
 
     def cached_model(self) -> Any:
         return StateTaps(self.model, self.cache_taps)

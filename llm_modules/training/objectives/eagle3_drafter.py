@@ -28,7 +28,6 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from llm_modules.errors import LLMModulesError
-from llm_modules.models.drafter import DrafterRecord
 from llm_modules.models.eagle3 import Eagle3Config, Eagle3Drafter
 from llm_modules.models.eagle3_folder import EMBEDDINGS, save_eagle3
 from llm_modules.tensors import IGNORE_INDEX, positions_from_mask
@@ -154,20 +153,12 @@ class Eagle3Objective(DrafterObjective):
         self.tokenizer, self.max_positions = self.model.tokenizer, self.model.max_positions
         self.eagle3 = Eagle3Config.for_target(self.model.large.config, target=config.large)
         self.module = Eagle3Parts(self.model.large_head, options.drafter_loss, options.draft_tokens)
-        self.record = DrafterRecord(options.draft_tokens, options.drafter_loss, options.drafter_targets)
-        self.draft_vocab_size = options.draft_vocab
-        self.seed, self.step = config.train.seed, 0
         final = self.model.num_large_layers
         if self.eagle3.taps[-1] >= final:
             raise LLMModulesError(f"EAGLE-3 taps {self.eagle3.taps} reach past the target's {final} layers")
-        self.cache_taps = sorted(set(self.eagle3.taps) | {final})  # the draft's taps and the final (normed) state
-        self._bridge = [self.cache_taps.index(t) for t in self.eagle3.taps]
-        self._final = self.cache_taps.index(final)
+        self._drafter_setup(config, self.eagle3.taps, final)  # the draft's taps and the final (normed) state
         self.states: dict[str, Any] = {"train": None, "val": None}
         self.released, self.cache_seconds, self.cache_keys = False, 0.0, []
-        self.generation: dict[str, Any] = {}
-        self.self_prompts: dict[str, Any] = {}
-        self.generation_seconds = 0.0
         self.device: Any = device
 
     @property
