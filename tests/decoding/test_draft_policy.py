@@ -217,6 +217,9 @@ class FixedClock(DraftPolicy):
         n = max(len(t) for t in trees)
         super().observe(rows, trees, paths, 1.0 + 0.05 * (n - 1), next_tokens)
 
+    def observe_prefill(self, columns, seconds):
+        pass  # the fixed costs have no prefill
+
 
 def _count_drafted(spec: SpeculativeBatch) -> list[int]:
     """A list that receives the nodes drafted (beyond the roots) by each of the batch's verify passes."""
@@ -313,6 +316,70 @@ def test_prompt_lookup_alone_is_never_rested(mapped_pair):
     assert drafted[:2] == [0, 0] and sum(d > 0 for d in drafted[2:]) > DraftPolicy.EXPLORE_EVERY // 4
 
 
+def test_a_prefill_prices_the_first_wide_pass_by_interpolation_not_the_prior_slope():
+    """A step whose target is compute-bound: 16 columns 0.57 s, a prefill over 2,256 columns 46 s. Before any
+    drafted pass, a 32-column pass is priced along the line to the prefill (1.57 steps), not at the prior slope
+    (1.24 steps, when it cost 1.97 here)."""
+    policy = DraftPolicy()
+    policy.observe(*[[Row()] * 16, [DraftTree.root(1)] * 16, [[0]] * 16], verify_seconds=0.57)
+    assert policy.cost(16, 2) == pytest.approx(1 + 0.015 * 16)  # the prior slope
+    policy.observe_prefill(2256, 46.0)
+    assert policy.cost(16, 2) == pytest.approx((0.57 + 16 * (46.0 - 0.57) / 2240) / 0.57)
+    assert policy.cost(16, 1) == 1.0
+
+
+def test_the_drafter_is_not_run_where_its_chain_cannot_pay_at_its_chances():
+    """may_pay: a drafter whose chain of tokens, at the chances pooled over the rows, is predicted to lose at this
+    batch's costs is not run (the first full K and the exploring passes alike); where passes are cheap it is."""
+    costly = _costs(DraftPolicy(), {16: 1.0, 32: 1.6, 48: 2.2, 80: 3.4})  # a column costs near what a step's does
+    assert not costly.may_pay(16, 4) and costly.draft_tokens(16, 4) == 0
+    costly.depth = 0
+    assert all(costly.draft_tokens(16, 4) == 0 for _ in range(2 * DraftPolicy.EXPLORE_EVERY))  # nor explores
+    costly.pooled["drafter"], costly.pooled["drafter+"] = [50.0, 50.0], [50.0, 50.0]  # a drafter always right
+    assert costly.may_pay(16, 4)  # 16 x 3 more tokens for 2.2 steps
+    cheap = _costs(DraftPolicy(), {1: 1.0, 5: 1.05})
+    assert cheap.may_pay(1, 4) and cheap.draft_tokens(1, 4) == 4
+    cheap.drafter_seconds[1] = 0.6  # its own time: 0.6 of a step a token
+    assert not cheap.may_pay(1, 4)
+
+
+def test_no_proposer_is_asked_on_a_pass_where_no_source_can_pay(mapped_pair):
+    """plain_pass: where no source's chain at its pooled chances is predicted to pay, neither the drafter nor prompt
+    lookup is asked and the pass is the target's plain step (nothing to roll back); the output is the target's."""
+    model = _model(mapped_pair, "ladder")
+    target = model.large
+    g = torch.Generator().manual_seed(6)
+    span = torch.randint(3, model.vocab_size, (5,), generator=g).tolist()
+    prompts = [span * 4, span[::-1] * 4, torch.randint(3, model.vocab_size, (7,), generator=g).tolist()]
+    options = [SamplingOptions(max_new_tokens=20)] * 3  # one row count throughout: its costs are all measured
+
+    class Dear(FixedClock):  # every node a row costs a whole step more
+        def observe(self, rows, trees, paths, verify_seconds, next_tokens=None):
+            DraftPolicy.observe(self, rows, trees, paths, float(max(len(t) for t in trees)), next_tokens)
+
+    drafter, lookup = ComposedProposer(model, draft_tokens=3), PromptLookup(model.vocab_size, draft_tokens=4)
+    asked = []
+    propose, copies = drafter.propose, lookup.copies
+    drafter.propose = lambda first, k, rows: asked.append("drafter") or propose(first, k, rows)
+    lookup.copies = lambda *a, **k: asked.append("lookup") or copies(*a, **k)
+    spec = SpeculativeBatch(target, TreeProposer(drafter, lookup, width=2), policy=Dear())
+    trees = []
+    run_tree = spec.stepper.run_tree
+    spec.stepper.run_tree = lambda *a: trees.append(1) or run_tree(*a)
+    drafted = _count_drafted(spec)
+    assert decode_rows(spec, prompts, options) == _target_alone(target, prompts, options)
+    # two timed steps, a pass drafted at the prior slope's price (it costs 1 + N - 1 steps), then none is asked
+    assert drafted[:2] == [0, 0] and drafted[2] > 0 and sum(drafted[3:]) == 0 and len(drafted) > 10
+    assert asked == ["lookup", "drafter"] and trees == [1]
+    # the same costs, a policy that must ask: every pass with nothing drafted is still the plain step
+    trees.clear()
+    cheap = SpeculativeBatch(target, TreeProposer(drafter, lookup, width=2), policy=FixedClock())
+    cheap.stepper.run_tree = lambda *a: trees.append(1) or run_tree(*a)
+    drafted = _count_drafted(cheap)
+    assert decode_rows(cheap, prompts, options) == _target_alone(target, prompts, options)
+    assert asked and len(trees) == sum(d > 0 for d in drafted) > 0
+
+
 def _copy_tree(root: int = 1, length: int = 4) -> DraftTree:
     return DraftTree.chain(root, list(range(10, 10 + length)), source="lookup")
 
@@ -369,6 +436,8 @@ def test_greedy_output_is_the_targets_when_the_drafter_stands_aside_for_copies(m
     options = [SamplingOptions(max_new_tokens=n) for n in (40, 30, 20)]
     drafter = ComposedProposer(model, draft_tokens=3)
     policy = SlowDrafter()
+    policy.may_pay = lambda batch, k: True  # the drafter's own gate (its chain at its chances) left open: this
+    # test is about the gate beside lookup's copies
     events = []  # ("gate", k asked, k given) each pass, ("draft", k) each time the drafter runs
     propose, beside = drafter.propose, policy.beside_copies
     drafter.propose = lambda first, k, rows: events.append(("draft", k)) or propose(first, k, rows)

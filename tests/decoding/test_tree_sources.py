@@ -57,6 +57,12 @@ class Alternating:
     def observe(self, *args):
         pass
 
+    def observe_prefill(self, columns, seconds):
+        pass
+
+    def plain_pass(self, batch, k):  # every pass asks the proposers
+        return False
+
 
 @pytest.mark.parametrize("bridge", ["eca", "ladder", "xattn"])
 def test_the_drafter_in_a_tree_equals_a_fresh_recompute_after_any_path(mapped_pair, bridge):

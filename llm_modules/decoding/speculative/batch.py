@@ -92,6 +92,8 @@ class SpeculativeBatch(RowBatch):
         clock = time.perf_counter()
         logits, states, cache = self.stepper.run(ids, mask, None, logits_to_keep=1)  # the prompt's last position
         pending = [seq.choose(logits[i, -1].float().cpu()) for i, seq in enumerate(rows)]
+        if self.policy is not None:  # a pass over every column of the prompts (`PassCosts`)
+            self.policy.observe_prefill(ids.numel(), time.perf_counter() - clock)
         self.drafter.join(rows, ids, mask, states)  # last: it joins only rows the batch takes
         self._lap("prefill_seconds", clock)
         return cache, {"pending": pending}
@@ -133,17 +135,24 @@ class SpeculativeBatch(RowBatch):
         (it keeps none of the drafts)."""
         first = torch.tensor(self.pending, device=self.device)  # (B,)
         clock = time.perf_counter()
-        rests = self.policy is not None and not getattr(self.drafter, "free", False)  # a network it can rest
-        k = self.policy.draft_tokens(len(self.rows), self.k) if rests else self.k
-        trees = propose_trees(self.drafter, first, k, self.rows, self.policy)
-        if self.policy is not None:
-            trees = self.policy.prune(self.rows, trees, time.perf_counter() - clock)
+        if self.policy is not None and self.policy.plain_pass(len(self.rows), self.k):
+            trees = [DraftTree.root(token) for token in self.pending]  # no proposer asked
+        else:
+            rests = self.policy is not None and not getattr(self.drafter, "free", False)  # a network it can rest
+            k = self.policy.draft_tokens(len(self.rows), self.k) if rests else self.k
+            trees = propose_trees(self.drafter, first, k, self.rows, self.policy)
+            if self.policy is not None:
+                trees = self.policy.prune(self.rows, trees, time.perf_counter() - clock)
         size = max(len(t) for t in trees)
         inputs = torch.tensor([t.tokens + [self.pad_id] * (size - len(t)) for t in trees], device=self.device)
-        ancestors = torch.stack([t.ancestors(size) for t in trees])  # (B, N, N)
-        depths = torch.tensor([t.depths() + [0] * (size - len(t)) for t in trees])  # (B, N)
         clock = self._lap("draft_seconds", clock)
-        logits, states, self.cache = self.stepper.run_tree(inputs, ancestors, depths, self.mask, self.cache)
+        if size == 1:  # nothing drafted: the plain step (no tree mask; below, nothing to roll back)
+            grown = torch.cat([self.mask, torch.ones_like(self.mask[:, :1])], 1)
+            logits, states, self.cache = self.stepper.run(inputs, grown, self.cache)
+        else:
+            ancestors = torch.stack([t.ancestors(size) for t in trees])  # (B, N, N)
+            depths = torch.tensor([t.depths() + [0] * (size - len(t)) for t in trees])  # (B, N)
+            logits, states, self.cache = self.stepper.run_tree(inputs, ancestors, depths, self.mask, self.cache)
         started, clock = clock, self._lap("verify_seconds", clock)
         verified = clock - started
         paths, pending = [], []
@@ -169,7 +178,22 @@ class SpeculativeBatch(RowBatch):
         self.stats.drafted += sum(len(t) - 1 for t in trees)
         self.stats.accepted += sum(accepted)
         self.pending = pending
-        # the target read every node; each row keeps its root and its accepted path
+        if size == 1:  # every row keeps its root, which the cache holds already
+            self.ids, self.mask = torch.cat([self.ids, inputs], 1), grown
+            tokens, kept_states = inputs, states
+        else:
+            tokens, kept_states = self._roll_back(inputs, states, paths)
+        self.drafter.commit(torch.tensor(accepted, device=self.device), tokens, kept_states)
+        self._cut_padding()
+        done = self._lap("rollback_seconds", clock)
+        if self.policy is not None:  # what the pass cost: the target's pass and the rollback after it
+            self.policy.observe(self.rows, trees, paths, verified + done - clock, pending)
+        return accepted, [tokens[b, 1: 1 + a].tolist() for b, a in enumerate(accepted)]
+
+    def _roll_back(self, inputs: torch.Tensor, states: torch.Tensor | None, paths: list[list[int]]
+                   ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """After a pass over the trees' nodes `inputs` (B, N): the target read every node; each row keeps its root
+        and its accepted path (ids, mask, caches) -> the kept tokens (B, L) and their states at the taps."""
         past = self.width
         self.ids = keep_paths(torch.cat([self.ids, inputs], 1), 1, past, paths)
         self.mask = torch.cat([self.mask, path_mask(paths, self.mask)], 1)
@@ -179,15 +203,9 @@ class SpeculativeBatch(RowBatch):
         self._close_holes()
         index = torch.tensor([path + [0] * (longest - len(path)) for path in paths], device=self.device)  # (B, L)
         tokens = inputs.gather(1, index)
-        kept_states = None
-        if states is not None:
-            kept_states = states.gather(1, index[:, :, None, None].expand(-1, -1, *states.shape[2:]).to(states.device))
-        self.drafter.commit(torch.tensor(accepted, device=self.device), tokens, kept_states)
-        self._cut_padding()
-        done = self._lap("rollback_seconds", clock)
-        if self.policy is not None:  # what the pass cost: the target's pass and the rollback after it
-            self.policy.observe(self.rows, trees, paths, verified + done - clock, pending)
-        return accepted, [tokens[b, 1: 1 + a].tolist() for b, a in enumerate(accepted)]
+        if states is None:
+            return tokens, None
+        return tokens, states.gather(1, index[:, :, None, None].expand(-1, -1, *states.shape[2:]).to(states.device))
 
     def _close_holes(self) -> None:
         """Close the holes the rollbacks left (`keep_paths`) once they, with the leading padding beyond what

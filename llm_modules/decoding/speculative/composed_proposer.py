@@ -30,7 +30,10 @@ class ComposedProposer(RowBatch):
     (`frontier`) and the chunk it reads next round (`chunk`, `chunk_states`)."""
 
     COLUMNS = ("large_mask",)  # (B, S) 1 where the large state is real
-    ROW_STATE = ("frontier", "chunk", "chunk_states")  # (B, K, dL); per row the tokens and states (n, K, dL)
+    # (B, K, dL); per row the tokens and the states, as the pieces (n, K, dL) the passes gave: a drafter that rests
+    # through many passes at a wide batch gathers them once, when it next proposes (joining each pass's piece as it
+    # came copied the row's whole chunk every pass, a cost that grew with every pass it rested)
+    ROW_STATE = ("frontier", "chunk", "chunk_states")
 
     def __init__(self, model: Any, draft_tokens: int = 4, pad_id: int = 0, vocab: torch.Tensor | None = None):
         if model.config.head == "residual":
@@ -67,7 +70,7 @@ class ComposedProposer(RowBatch):
                                         large_states=states, cache=self.model.new_cache(), logits_to_keep=1).cache
         b = ids.shape[0]
         self._join(rows, ids, mask, cache, {"large_mask": mask.clone(), "frontier": states[:, -1],
-                                            "chunk": [[] for _ in range(b)], "chunk_states": [None] * b})
+                                            "chunk": [[] for _ in range(b)], "chunk_states": [[] for _ in range(b)]})
 
     def keep(self, index: list[int]) -> None:
         self._keep(index)
@@ -108,18 +111,19 @@ class ComposedProposer(RowBatch):
         query = self.frontier[:, None].expand(b, wc + 1, taps, dim).clone()
         for i, n in enumerate(lengths):
             if n:
+                states = torch.cat(self.chunk_states[i]).to(self.device, dtype)  # (n, K, dL)
                 ids[i, wc - n: wc] = torch.tensor(self.chunk[i], device=self.device)
                 tok_mask[i, wc - n: wc] = 1
-                key_states[i, wc - n: wc] = self.chunk_states[i].to(self.device, dtype)
+                key_states[i, wc - n: wc] = states
                 source[i, wc] = base + wc
-                query[i, wc] = self.chunk_states[i][-1].to(self.device, dtype)
+                query[i, wc] = states[-1]
         ids[:, wc] = first.to(self.device)
         tok_mask[:, wc] = 1
         large_new = tok_mask.clone()
         large_new[:, wc] = 0  # the first token's large state is not known yet
         self.frontier = query[:, wc]
         self.chunk = [[] for _ in range(b)]
-        self.chunk_states = [None] * b
+        self.chunk_states = [[] for _ in range(b)]
         step_source, step_query = source[:, wc:], query[:, wc:]
         logits = self._run(ids, tok_mask, large_new, key_states, source, query)
         drafts, probs, self.last_logits = [], [], []
@@ -166,9 +170,7 @@ class ComposedProposer(RowBatch):
         if self._uncommitted is None:
             for i, a in enumerate(accepted.tolist()):
                 self.chunk[i] = self.chunk[i] + tokens[i][: a + 1]
-                new = states[i, : a + 1].detach()
-                old = self.chunk_states[i]
-                self.chunk_states[i] = new if old is None else torch.cat([old, new.to(old.device, old.dtype)])
+                self.chunk_states[i] = self.chunk_states[i] + [states[i, : a + 1].detach()]
             return
         k = self._uncommitted
         keep = self.width - k
@@ -179,7 +181,7 @@ class ComposedProposer(RowBatch):
         self.stepper.set_length(self.cache, keep)
         for i, a in enumerate(accepted.tolist()):
             self.chunk[i] = tokens[i][: a + 1]
-            self.chunk_states[i] = states[i, : a + 1].detach()
+            self.chunk_states[i] = [states[i, : a + 1].detach()]
         self._uncommitted = None
 
 

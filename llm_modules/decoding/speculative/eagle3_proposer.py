@@ -43,7 +43,9 @@ class DraftCache(Stepper):
 
 class Eagle3Proposer(RowBatch):
     """Drafts for a SpeculativeBatch with an EAGLE-3 network reading the target's states at its taps. Its rows
-    are the batch's (`RowBatch`); per row, `pending` (m, H) fused states and `pending_ids` (m - 1 tokens)."""
+    are the batch's (`RowBatch`); per row, `pending` (m, H) fused states, as the pieces the passes gave (gathered
+    when it next proposes: a drafter resting through many passes does not copy them every pass), and `pending_ids`
+    (m - 1 tokens)."""
 
     ROW_STATE = ("pending", "pending_ids")
 
@@ -78,7 +80,7 @@ class Eagle3Proposer(RowBatch):
         if cols_ids.shape[1]:
             positions = positions_from_mask(cols_mask)
             _, cache = self.network(cols_ids, fused[:, :-1], positions, cols_mask, cache)
-        self._join(rows, cols_ids, cols_mask, cache, {"pending": [f for f in fused[:, -1:]],
+        self._join(rows, cols_ids, cols_mask, cache, {"pending": [[f] for f in fused[:, -1:]],
                                                       "pending_ids": [[] for _ in range(b)]})
 
     def keep(self, index: list[int]) -> None:
@@ -90,12 +92,13 @@ class Eagle3Proposer(RowBatch):
     @torch.no_grad()
     def propose(self, first: torch.Tensor, k: int, rows: list[Any]) -> tuple[torch.Tensor, torch.Tensor | None]:
         b = first.shape[0]
-        width = max(p.shape[0] for p in self.pending)
-        hidden = self.pending[0].shape[-1]
+        pending = [torch.cat(pieces) for pieces in self.pending]  # (m, H) per row, gathered once
+        width = max(p.shape[0] for p in pending)
+        hidden = pending[0].shape[-1]
         ids = torch.full((b, width), self.pad_id, dtype=torch.long, device=self.device)
         mask = torch.zeros((b, width), dtype=torch.long, device=self.device)
         state = torch.zeros((b, width, hidden), dtype=self.dtype, device=self.device)
-        for i, (p, known) in enumerate(zip(self.pending, self.pending_ids)):
+        for i, (p, known) in enumerate(zip(pending, self.pending_ids)):
             m = p.shape[0]
             ids[i, width - m:] = torch.tensor(known + [int(first[i])], dtype=torch.long, device=self.device)
             mask[i, width - m:] = 1
@@ -127,7 +130,7 @@ class Eagle3Proposer(RowBatch):
         tokens = tokens.tolist()
         if self._uncommitted is None:
             for i, a in enumerate(accepted.tolist()):
-                self.pending[i] = torch.cat([self.pending[i], fused[i, : a + 1]])
+                self.pending[i] = self.pending[i] + [fused[i, : a + 1]]
                 self.pending_ids[i] = self.pending_ids[i] + tokens[i][: a + 1]
             return
         keep = self.width - self._uncommitted
@@ -135,7 +138,7 @@ class Eagle3Proposer(RowBatch):
         for slot in self.stepper.slots(self.cache):
             slot.set(slot.get()[:, :, :keep])
         for i, a in enumerate(accepted.tolist()):
-            self.pending[i] = fused[i, : a + 1]
+            self.pending[i] = [fused[i, : a + 1]]
             self.pending_ids[i] = tokens[i][1: a + 1]
         self._uncommitted = None
         self._cut_padding()

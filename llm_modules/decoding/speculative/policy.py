@@ -58,7 +58,14 @@ class PassCosts:
     `prior_slope` of the largest's seconds per column while only one is seen); below the smallest, its seconds.
     Never decreasing in T.
     A batch whose rows leave or join meets a new row count each time: the account of every count serves it, so no
-    pass is spent timing it."""
+    pass is spent timing it.
+    A prefill is a pass over its rows x their padded width, and is added as one (`SpeculativeBatch._prefill`): a
+    wide, measured point, so that the first drafted pass is priced by interpolation towards it, not by the prior
+    slope. Where a target's step turns compute-bound early the prior priced it far too cheap: here (float32 on 2
+    AVX2 cores) a 16-row step cost 570 ms, and the first 32-column pass after it, priced at 1.24 steps, cost 1,125
+    ms (1.97 steps: with the drafter's first run at 16 rows, the 2% the sweep lost at 8 and 16 rows,
+    reports/speculative/batch_sweep_avx2_float32); interpolated towards the prompts' prefill (2,256 columns, 46 s)
+    it costs 1.57 steps."""
 
     prior_slope: float = 0.015
     window: int = 5
@@ -148,7 +155,45 @@ class DraftPolicy:
         The last pass is the batch's last, whatever its size then (rows leave and join between passes)."""
         self.skipped = False
         self.drafting = self._draft_tokens(k)
+        if self.drafting and not self.may_pay(batch, self.drafting):
+            self.drafting = 0
         return self.drafting
+
+    def may_pay(self, batch: int, k: int) -> bool:
+        """Whether the drafter's chain of at most k tokens a row, at the chances pooled over every row, is predicted
+        to beat a plain step by the margin at this batch size, its own time included (once measured): if not, it
+        is not run. Where a pass over twice a batch's columns costs near twice its step (16 rows here in float32:
+        1.97 steps), the drafter's first run, whose drafts the pass then pruned, cost 151 ms on a 570 ms step, and
+        each run exploring again 90 ms."""
+        return self._chain_pays(batch, k, "drafter", self.drafter_seconds.get(batch, 0.0))
+
+    def plain_pass(self, batch: int, k: int) -> bool:
+        """Whether this pass asks no proposer at all and is a plain step: a timed one, or one where no source's
+        chain of at most k tokens a row (the drafter's, prompt lookup's, any other seen) is predicted to pay at
+        its pooled chances (`may_pay`). Asking prompt lookup and pruning every copy cost 2-3 ms a pass at 16
+        rows here; the batch then runs the pass as its plain step, with nothing to roll back. A source's chances
+        pooled over every row return to the prior while it is not asked, so a batch that shrinks, or a cheaper
+        pass, asks again."""
+        step = self.passes(batch)
+        if step is not None and not self._times_step():
+            sources = {"drafter", "lookup"} | {s for s in self.pooled if not s.endswith("+")}
+            if any(self._chain_pays(batch, k, s, self.drafter_seconds.get(batch, 0.0) if drafted(s) else 0.0)
+                   for s in sources):
+                return False
+        self.skipped, self.drafting, self.proposed = False, 0, []
+        self.timing = step is None or self._times_step()
+        return True
+
+    def _chain_pays(self, batch: int, k: int, source: str, per_token: float) -> bool:
+        """Whether a chain of at most k tokens a row from `source`, at its pooled chances, costing `per_token`
+        seconds a token to propose, is predicted to beat a plain step by the margin (True before any step is
+        measured)."""
+        if self.passes(batch) is None:
+            return True
+        first, rest = self.rate(source), self.rate(source + "+")
+        plain = batch / self.cost(batch, 1) * (1 + self.margin)
+        return any((batch + batch * sum(first * rest ** d for d in range(n))) / self.cost(batch, n + 1, per_token * n)
+                   > plain for n in range(1, k + 1))
 
     def _draft_tokens(self, k: int) -> int:
         if self._times_step():  # a timed plain step: nothing to draft
@@ -262,6 +307,10 @@ class DraftPolicy:
             return out
         self.depth = max((d for t in out for d, source in zip(t.depths(), t.sources) if drafted(source)), default=0)
         return out
+
+    def observe_prefill(self, columns: int, seconds: float) -> None:
+        """A prefill over `columns` (rows x their padded width) took `seconds`: a wide pass measured (`PassCosts`)."""
+        self.passes.add(columns, seconds)
 
     def observe(self, rows: list[Any], trees: list[DraftTree], paths: list[list[int]], verify_seconds: float,
                 next_tokens: list[int] | None = None) -> None:
