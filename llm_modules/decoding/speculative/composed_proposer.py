@@ -19,11 +19,12 @@ import torch
 
 from llm_modules.bridges import LargeRead, LargeView
 from llm_modules.decoding.rows import RowBatch, processed
+from llm_modules.decoding.speculative.first_read import ReadsAtFirstProposal
 from llm_modules.errors import LLMModulesError
 from llm_modules.tensors import draft_source
 
 
-class ComposedProposer(RowBatch):
+class ComposedProposer(ReadsAtFirstProposal, RowBatch):
     """Drafts for a SpeculativeBatch with an LLMModulesModel whose large model is the target. Its rows are the
     batch's (`RowBatch`: joined, kept and realigned as the batch's are), with, per position, the mask of
     the real large states (`large_mask`) and, per row, the target's state at its last verified token
@@ -49,6 +50,7 @@ class ComposedProposer(RowBatch):
         self.taps = list(model.large_taps)
         self.last_batch_stats: Any = None  # set by the SpeculativeBatch it drafts for
         self.last_logits: list[torch.Tensor] = []  # per draft of the last proposal: its logits (B, V)
+        self._waiting = []  # rows waiting to be read (`first_read`)
         self._uncommitted: int | None = None  # drafts appended since the last commit (None: no proposal since)
 
     @property
@@ -57,7 +59,8 @@ class ComposedProposer(RowBatch):
 
     # ------------------------------------------------------------------ rows
     @torch.no_grad()
-    def join(self, rows: list[Any], ids: torch.Tensor, mask: torch.Tensor, states: torch.Tensor | None) -> None:
+    def _join_now(self, rows: list[Any], ids: torch.Tensor, mask: torch.Tensor, states: torch.Tensor | None
+                  ) -> None:
         """Prefill new rows: the prompt read as training reads it, in blocks of K ending at its last token."""
         ids, mask = ids.to(self.device), mask.to(self.device)
         states = states.to(self.device)  # (B, W, K, dL)
@@ -72,7 +75,7 @@ class ComposedProposer(RowBatch):
         self._join(rows, ids, mask, cache, {"large_mask": mask.clone(), "frontier": states[:, -1],
                                             "chunk": [[] for _ in range(b)], "chunk_states": [[] for _ in range(b)]})
 
-    def keep(self, index: list[int]) -> None:
+    def _keep_now(self, index: list[int]) -> None:
         self._keep(index)
         if not index:  # emptied (the batch's rows ended or are rebuilt): no proposal is waiting for a commit
             self._uncommitted = None
@@ -96,7 +99,8 @@ class ComposedProposer(RowBatch):
         return full.index_copy_(1, self.vocab, logits)  # outside the draft vocabulary: probability 0
 
     @torch.no_grad()
-    def propose(self, first: torch.Tensor, k: int, rows: list[Any]) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def _propose_now(self, first: torch.Tensor, k: int, rows: list[Any]
+                     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         b = first.shape[0]
         taps, dim = self.frontier.shape[1:]
         dtype = self.frontier.dtype
@@ -162,7 +166,7 @@ class ComposedProposer(RowBatch):
             probs.append(torch.nn.functional.one_hot(torch.tensor(token), logits.shape[-1]).float())
         return torch.tensor(tokens, device=self.device), (torch.stack(probs) if sampled else None)
 
-    def commit(self, accepted: torch.Tensor, tokens: torch.Tensor, states: torch.Tensor | None) -> None:
+    def _commit_now(self, accepted: torch.Tensor, tokens: torch.Tensor, states: torch.Tensor | None) -> None:
         """Drop the K columns after the chunk; the row's first token and accepted drafts become next round's chunk.
         After a pass it did not draft for (`propose` skipped: the drafting policy rests it), the pass's tokens
         join the chunk it has not read yet, and its next proposal reads them all."""

@@ -20,6 +20,7 @@ import torch
 
 from llm_modules.decoding.rows import RowBatch
 from llm_modules.decoding.speculative.composed_proposer import ComposedProposer
+from llm_modules.decoding.speculative.first_read import ReadsAtFirstProposal
 from llm_modules.decoding.steppers import Slot, Stepper
 from llm_modules.tensors import positions_from_mask
 
@@ -41,7 +42,7 @@ class DraftCache(Stepper):
         return self.model.config.max_position_embeddings
 
 
-class Eagle3Proposer(RowBatch):
+class Eagle3Proposer(ReadsAtFirstProposal, RowBatch):
     """Drafts for a SpeculativeBatch with an EAGLE-3 network reading the target's states at its taps. Its rows
     are the batch's (`RowBatch`); per row, `pending` (m, H) fused states, as the pieces the passes gave (gathered
     when it next proposes: a drafter resting through many passes does not copy them every pass), and `pending_ids`
@@ -57,6 +58,7 @@ class Eagle3Proposer(RowBatch):
         self.draft_tokens = draft_tokens
         self.taps = list(network.config.taps)
         self.last_batch_stats: Any = None  # set by the SpeculativeBatch it drafts for
+        self._waiting = []  # rows waiting to be read (`first_read`)
         self._uncommitted: int | None = None  # draft columns appended since the last commit (None: no proposal)
 
     def _run(self, ids: torch.Tensor, state: torch.Tensor, mask_new: torch.Tensor) -> torch.Tensor:
@@ -69,7 +71,8 @@ class Eagle3Proposer(RowBatch):
 
     # ------------------------------------------------------------------ rows
     @torch.no_grad()
-    def join(self, rows: list[Any], ids: torch.Tensor, mask: torch.Tensor, states: torch.Tensor | None) -> None:
+    def _join_now(self, rows: list[Any], ids: torch.Tensor, mask: torch.Tensor, states: torch.Tensor | None
+                  ) -> None:
         """Prompt position p becomes a column (the token at p + 1, the taps at p) for every p but the last,
         whose next token the target has just chosen (next round's `first`)."""
         ids, mask = ids.to(self.device), mask.to(self.device)
@@ -83,14 +86,15 @@ class Eagle3Proposer(RowBatch):
         self._join(rows, cols_ids, cols_mask, cache, {"pending": [[f] for f in fused[:, -1:]],
                                                       "pending_ids": [[] for _ in range(b)]})
 
-    def keep(self, index: list[int]) -> None:
+    def _keep_now(self, index: list[int]) -> None:
         self._keep(index)
         if not index:  # emptied (the batch's rows ended or are rebuilt): no proposal is waiting for a commit
             self._uncommitted = None
 
     # ------------------------------------------------------------------ drafting
     @torch.no_grad()
-    def propose(self, first: torch.Tensor, k: int, rows: list[Any]) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def _propose_now(self, first: torch.Tensor, k: int, rows: list[Any]
+                     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         b = first.shape[0]
         pending = [torch.cat(pieces) for pieces in self.pending]  # (m, H) per row, gathered once
         width = max(p.shape[0] for p in pending)
@@ -122,7 +126,7 @@ class Eagle3Proposer(RowBatch):
     _choose = ComposedProposer._choose  # a row's processors and draws, as the composed model's drafts choose
 
     @torch.no_grad()
-    def commit(self, accepted: torch.Tensor, tokens: torch.Tensor, states: torch.Tensor | None) -> None:
+    def _commit_now(self, accepted: torch.Tensor, tokens: torch.Tensor, states: torch.Tensor | None) -> None:
         """Drop the K - 1 columns after the verified ones; the states at the kept tokens become `pending`. After a
         pass it did not draft for (`propose` skipped), the pass's tokens and states join what is pending (the
         pass's first token among them: no proposal read it), and its next proposal reads them all."""
