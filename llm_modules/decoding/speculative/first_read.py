@@ -4,11 +4,11 @@ never pays for reading them.
 When rows join a SpeculativeBatch, the target has just read their prompts; a drafter (a network) reads them too,
 through its own forward over every prompt token. Where the drafting policy finds that drafting cannot pay (a wide
 batch on a CPU whose target is compute-bound), the drafter is never run, yet that read was paid: at 16 rows here
-(float32, 2 AVX2 cores, the general drafter) 1.8 s of the batch's 84 s, most of what it lost against the target
-alone (reports/speculative/batch_sweep_avx2_plain_pass/NOTES.md). So rows that join while the drafter has not
-proposed for its batch wait: their prompt tokens and the target's states at them, then every token verified after
-them with its states; at its first proposal the drafter reads all of it as the rows' prompts (its own join), and
-from then on rows join at once. When the batch empties, rows wait again.
+(float32, 2 AVX2 cores, the general drafter) the batch's prefill took 48.2 s with it and 45.9 s without, most of
+what the batch lost against the target alone (reports/speculative/batch_sweep_avx2_first_read/NOTES.md). So rows
+that join while the drafter has not proposed for its batch wait: their prompt tokens and the target's states at
+them, then every token verified after them with its states; at its first proposal the drafter reads all of it as
+the rows' prompts (its own join), and from then on rows join at once. When the batch empties, rows wait again.
 """
 
 from __future__ import annotations
