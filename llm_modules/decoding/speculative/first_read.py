@@ -28,7 +28,7 @@ class ReadsAtFirstProposal:
     # None once the drafter has read its rows
 
     def join(self, rows: list[Any], ids: torch.Tensor, mask: torch.Tensor, states: torch.Tensor | None) -> None:
-        if self._waiting is None or states is None:
+        if self._waiting is None:  # a drafter always gets the target's states at its taps
             self._join_now(rows, ids, mask, states)
             return
         for i, row in enumerate(rows):

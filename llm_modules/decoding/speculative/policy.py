@@ -174,14 +174,12 @@ class DraftPolicy:
         rows here; the batch then runs the pass as its plain step, with nothing to roll back. A source's chances
         pooled over every row return to the prior while it is not asked, so a batch that shrinks, or a cheaper
         pass, asks again."""
-        step = self.passes(batch)
-        if step is not None and not self._times_step():
-            sources = {"drafter", "lookup"} | {s for s in self.pooled if not s.endswith("+")}
-            if any(self._chain_pays(batch, k, s, self.drafter_seconds.get(batch, 0.0) if drafted(s) else 0.0)
-                   for s in sources):
-                return False
-        self.skipped, self.drafting, self.proposed = False, 0, []
-        self.timing = step is None or self._times_step()
+        timed = self._times_step() or self.passes(batch) is None
+        sources = {"drafter", "lookup"} | {s for s in self.pooled if not s.endswith("+")}
+        if not timed and any(self._chain_pays(batch, k, s, self.drafter_seconds.get(batch, 0.0) if drafted(s) else 0.0)
+                             for s in sources):
+            return False
+        self.skipped, self.drafting, self.proposed, self.timing = False, 0, [], timed
         return True
 
     def _chain_pays(self, batch: int, k: int, source: str, per_token: float) -> bool:
