@@ -34,7 +34,7 @@ from llm_modules.decoding.limits import (  # one check for every caller
 from llm_modules.decoding.rows import RowBatch, choose
 from llm_modules.decoding.sampling import SamplingOptions
 from llm_modules.decoding.speculative.batch import SpeculativeBatch
-from llm_modules.decoding.steppers import stepper_for
+from llm_modules.decoding.steppers import Stepper, stepper_for
 from llm_modules.errors import LLMModulesError
 
 logger = logging.getLogger(__name__)
@@ -158,8 +158,8 @@ class DecodeBatch(RowBatch):
 
     ROW_STATE = ("scores",)
 
-    def __init__(self, model: Any, pad_id: int = 0, use_cache: bool = True):
-        super().__init__(stepper_for(model), model.device, pad_id)
+    def __init__(self, model: Any, pad_id: int = 0, use_cache: bool = True, stepper: Stepper | None = None):
+        super().__init__(stepper or stepper_for(model), model.device, pad_id)  # stepper: another view of model
         self.use_cache = use_cache
 
     def _prefill(self, rows, ids, mask):

@@ -8,9 +8,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from llm_modules.decoding.steppers import Decoder
+from llm_modules.decoding.steppers import Decoder, PlainStepper, Slot, hf_slots, set_hf_length
 from llm_modules.errors import LLMModulesError
-from llm_modules.tensors import DTYPES
+from llm_modules.tensors import DTYPES, positions_from_mask
 
 
 class Released(nn.Module):
@@ -49,6 +49,42 @@ def tapped_states(decoder: Decoder, taps: list[int], last: int, cache: Any = Non
     # K x (B, T, dL), each from whichever device its layer ran on
     states = [(out.last_hidden_state if t == last else out.hidden_states[t]).to(out_device) for t in taps]
     return torch.stack(states, dim=2), new_cache  # (B, T, K, dL)
+
+
+class TappedCache:
+    """A large model's KV cache (`kv`) and its hidden states at the taps of every position it has read
+    (`states`, (B, K, N, dL), right-aligned like the keys: a `Slot` of the cache)."""
+
+    def __init__(self, kv: Any, states: torch.Tensor):
+        self.kv, self.states = kv, states
+
+
+class TappedStepper(PlainStepper):
+    """A Hugging Face causal LM stepped as `PlainStepper` steps it, keeping its hidden states at `taps` (indices
+    as in `tapped_states`) of every position it reads, in `dtype`, as one more slot of its cache: rows join,
+    leave and realign with their keys and values. What generating a drafter's training answers needs to keep
+    the states its state cache would otherwise compute in a second pass over the same tokens."""
+
+    def __init__(self, model: Any, taps: list[int], dtype: torch.dtype = torch.float32):
+        super().__init__(model)
+        self.base = Decoder(model.base_model)
+        self.head = model.get_output_embeddings()
+        self.last, self.taps, self.dtype = num_layers(model), list(taps), dtype
+        self.reads = self.taps if self.last in self.taps else self.taps + [self.last]  # the logits need the last
+
+    def forward(self, ids, mask, cache, use_cache):
+        states, kv = tapped_states(self.base, self.reads, self.last, cache=None if cache is None else cache.kv,
+                                   use_cache=True, input_ids=ids, attention_mask=mask,
+                                   position_ids=positions_from_mask(mask)[:, -ids.shape[1]:])  # (B, T, K', dL)
+        logits = self.head(states[:, -1, self.reads.index(self.last)])  # (B, V)
+        new = states[:, :, : len(self.taps)].transpose(1, 2).to(self.dtype)  # (B, K, T, dL)
+        return logits, TappedCache(kv, new if cache is None else torch.cat([cache.states, new], 2))
+
+    def slots(self, cache):
+        return list(hf_slots(cache.kv)) + [Slot(cache, "states")]
+
+    def set_length(self, cache, positions):
+        set_hf_length(cache.kv, positions)
 
 
 # ----------------------------------------------------------------------------- loading

@@ -116,7 +116,12 @@ def examples_digest(examples: Sequence[Any]) -> str:
 
 def example_hash(example: Any) -> str:
     """sha256 of one example's input ids: the states depend on nothing else (given the model key)."""
-    return hashlib.sha256(torch.as_tensor(example.input_ids, dtype=torch.int64).numpy().tobytes()).hexdigest()
+    return ids_hash(example.input_ids)
+
+
+def ids_hash(ids: Sequence[int]) -> str:
+    """`example_hash` of an example whose input ids are `ids`."""
+    return hashlib.sha256(torch.as_tensor(ids, dtype=torch.int64).numpy().tobytes()).hexdigest()
 
 
 def _donors(root: Path, model_key: str, dtype: str) -> dict[str, tuple["StateCache", int]]:
@@ -133,6 +138,49 @@ def _donors(root: Path, model_key: str, dtype: str) -> dict[str, tuple["StateCac
         for i, h in enumerate(index["hashes"]):
             found.setdefault(h, (cache, i))
     return found
+
+
+class HeldStates:
+    """States of examples that another pass of the large model computed (the pass that generated a drafter's
+    training answers): safetensors files in `folder` (`write_held`), each tensor (T, K, dL) named by its
+    example's `example_hash`, the file's metadata naming the model key and dtype it was computed for. Files of
+    another model key or dtype, or that cannot be read, are ignored. A build (`StateCache.open_or_build`, `held`)
+    copies the states of the examples held here instead of running the large model on them."""
+
+    def __init__(self, folder: str | Path, model_key: str, dtype: str):
+        self.folder, self.where = Path(folder), {}  # example hash -> file
+        for path in sorted(self.folder.glob("*.safetensors")):
+            try:
+                with safe_open(str(path), framework="pt") as f:
+                    meta = f.metadata() or {}
+                    if meta.get("model_key") == model_key and meta.get("dtype") == dtype:
+                        for name in f.keys():
+                            self.where.setdefault(name, path)
+            except Exception:  # damaged (a writer killed mid-write leaves a .tmp, never a .safetensors)
+                logger.warning("held states %s cannot be read: ignored", path)
+
+    def __len__(self) -> int:
+        return len(self.where)
+
+    def __contains__(self, example: str) -> bool:
+        return example in self.where
+
+    def __getitem__(self, example: str) -> torch.Tensor:
+        with safe_open(str(self.where[example]), framework="pt") as f:
+            return f.get_tensor(example)
+
+    def close(self) -> None:  # a donor's surface (`_donors`): nothing is kept open
+        pass
+
+
+def write_held(path: Path, states: dict[str, torch.Tensor], model_key: str, dtype: str) -> None:
+    """Write `states` ({example hash: (T, K, dL) in `dtype`}) as one `HeldStates` file, whole or not at all."""
+    tmp = path.with_name(f"{path.name}.tmp-{host_name()}-{os.getpid()}")
+    save_file({h: t.contiguous() for h, t in states.items()}, str(tmp), metadata={
+        "model_key": model_key, "dtype": dtype, "llm_modules": __version__})
+    with open(tmp, "rb") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
 
 
 def prune(root: str | Path, keep: set[str]) -> list[Path]:
@@ -170,6 +218,7 @@ class BuildPlan:
     progress: bool = True
     shard_bytes: int = SHARD_BYTES
     model_key: str | None = None
+    held: HeldStates | None = None
 
     @property
     def final(self) -> Path:
@@ -236,7 +285,8 @@ class StateCache:
     @classmethod
     def open_or_build(cls, root: str | Path, key: str, model: Any, examples: Sequence[Any], dtype: str = "float32",
                       batch_size: int = 8, progress: bool = True, shard_bytes: int = SHARD_BYTES,
-                      model_key: str | None = None, group: Group | None = None) -> "StateCache":
+                      model_key: str | None = None, group: Group | None = None,
+                      held: HeldStates | None = None) -> "StateCache":
         """Open the complete cache `root/<key>/` for `examples`, or compute and store it first.
 
         Every process of a torch.distributed run must call this (`group`, default: the initialised
@@ -248,7 +298,8 @@ class StateCache:
         `index.json` (a killed build) is never read, and is replaced. A complete folder built for
         other examples raises: give each example list its own key. With `model_key` (see
         `model_state_key`), a build copies the states of examples that other folders of the same
-        model key already hold and runs the large model on the others only. Opening a folder marks
+        model key already hold and runs the large model on the others only; `held` (`HeldStates`, one process
+        only: the others would not hold them) adds states another pass computed. Opening a folder marks
         it used (the mtime of its index) and leases it while the cache is open (`states.leases`).
         """
         _check_dtype(dtype)
@@ -259,7 +310,9 @@ class StateCache:
         if dtype != "float32" and head in HEADS_READING_STATES and group.rank == 0:
             logger.warning(HALF_STATES_WARNING, dtype, head, HALF_STATES_MEASURED[dtype])
         plan = BuildPlan(Path(root), key, model, examples, dtype=dtype, batch_size=batch_size, progress=progress,
-                         shard_bytes=shard_bytes, model_key=model_key)
+                         shard_bytes=shard_bytes, model_key=model_key, held=held)
+        if held is not None and len(held) and group.world > 1:
+            raise LLMModulesError("state cache: states held by one process cannot feed a build shared by several")
         root, final = plan.root, plan.final
         root.mkdir(parents=True, exist_ok=True)
         digest = examples_digest(examples)
@@ -324,6 +377,8 @@ class StateCache:
         try:
             folder.mkdir(parents=True, exist_ok=True)
             donors = _donors(plan.root, plan.model_key, plan.dtype) if plan.model_key else {}
+            for example in plan.held.where if plan.held is not None else ():
+                donors.setdefault(example, (plan.held, example))
             cls._build(plan, folder, donors, member, members)
         except BaseException:
             shutil.rmtree(folder, ignore_errors=True)
@@ -398,7 +453,11 @@ class StateCache:
             cache, j = donors[hashes[i]]
             # a copy of its own: duplicate examples map to one donor row, and safetensors refuses to
             # save tensors that share storage
-            add(i, cache[j].clone())
+            states = cache[j].clone()
+            if states.shape[0] != lengths[i] or states.dtype != DTYPES[dtype]:
+                raise LLMModulesError(f"state cache: the states held for example {i} are "
+                                      f"{tuple(states.shape)} {states.dtype}, not ({lengths[i]}, ...) {dtype}")
+            add(i, states)
         shown = plan.progress and member == 0 and batches
         bar = tqdm(total=sum(map(len, batches)), desc="large-model states", unit="ex",
                    disable=None if shown else True)  # None: off when not a TTY

@@ -8,6 +8,12 @@ example becomes prompt + answer (the answer ending at the target's end-of-sequen
 covering the target (spec, weights, dtype), the prompts, the length limit and the library versions.
 While they are generated, each batch's answers are kept in `root/<key>.parts/`, so a killed run's
 rerun generates only the batches it had not finished, in the same batches, so the same answers.
+
+With a `StateCapture`, the pass that generates the answers also keeps the large model's hidden states at the
+state cache's taps for every token it reads (`models.large.TappedStepper`; each row reads its last token too,
+one step more), batch by batch in `root/<key>.states/` (`states.store.HeldStates`): the state cache then copies
+them instead of running the large model a second time over the same prompts and answers. They equal a fresh
+forward over prompt + answer up to floating-point rounding (the KV cache's order of sums, and left padding).
 """
 
 from __future__ import annotations
@@ -16,19 +22,22 @@ import hashlib
 import json
 import os
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import torch
 
 from llm_modules.data.prepare import TokenizedExample, pad_id, render
-from llm_modules.decoding.engine import model_eos_ids
-from llm_modules.decoding.generation import generate
+from llm_modules.decoding.engine import DecodeBatch, Sequence as Row, model_eos_ids
+from llm_modules.decoding.sampling import SamplingOptions
 from llm_modules.errors import LLMModulesError
 from llm_modules.models.cpu_linear import decoding_linears
+from llm_modules.models.large import TappedStepper
 from llm_modules.states.fence import host_name
 from llm_modules.states.leases import holder_gone
-from llm_modules.tensors import IGNORE_INDEX, left_pad
+from llm_modules.states.store import ids_hash, write_held
+from llm_modules.tensors import DTYPES, IGNORE_INDEX
 from llm_modules.version import __version__
 
 GENERATE_BATCH = 32  # prompts answered together (similar lengths: they are sorted first). Measured here (2-core
@@ -67,26 +76,80 @@ def answer_batches(prompts: Sequence[list[int]]) -> list[list[int]]:
     return [order[start : start + GENERATE_BATCH] for start in range(0, len(order), GENERATE_BATCH)]
 
 
+@dataclass
+class StateCapture:
+    """What generating the answers keeps beside them: the large model's hidden states at `taps` (indices as in
+    `models.large.tapped_states`) of every prompt and answer token, in `dtype`, for the state cache whose model
+    key is `model_key` (`states.store.model_state_key`)."""
+
+    taps: list[int]
+    dtype: str
+    model_key: str
+
+
+class _ReadsItsLastToken(Row):
+    """A row that stays one step after it ends, so that the model reads its last token too (the state cache
+    needs that token's states); the token chosen after it is not kept."""
+
+    ending: str | None = None
+
+    def finish(self, reason: str, error: str | None = None) -> None:
+        if reason in ("stop", "length") and self.finish_reason is None and self.ending is None:
+            self.ending = reason  # ends at the next token, once its last one has been read
+            return
+        super().finish(reason, error)
+
+    def append(self, token: int) -> None:
+        if self.ending is not None:
+            super().finish(self.ending)
+            return
+        super().append(token)
+
+
+class _KeepsStates(DecodeBatch):
+    """The decoding batch with a `TappedStepper`: each row that ends takes its states with it (`row.states`,
+    (T, K, dL) on the CPU: its prompt and tokens, the padding left out) before it leaves the cache."""
+
+    def _keep(self, index: list[int]) -> None:
+        if self.cache is not None:
+            for i in sorted(set(range(len(self.rows))) - set(index)):
+                row = self.rows[i]
+                if row.finish_reason in ("stop", "length"):
+                    row.states = self.cache.states[i][:, self.mask[i].bool()].transpose(0, 1).contiguous().cpu()
+        super()._keep(index)
+
+
 @torch.no_grad()
 def answer_batch(large: torch.nn.Module, prompts: Sequence[list[int]], rows: list[int], max_length: int,
-                 eos: list[int], pad: int) -> list[list[int]]:
-    """The greedy continuations of prompts `rows`, together (left-padded), each ending with its first EOS
-    token or at `max_length` tokens in all."""
-    device = next(large.parameters()).device
-    ids, mask = left_pad([prompts[i] for i in rows], pad, device)  # (B, W)
-    budget = max_length - min(len(prompts[i]) for i in rows)
-    out = generate(large, ids, mask, max_new_tokens=budget, eos_token_id=eos, pad_token_id=pad)  # (B, W + new)
-    answers = []
-    for r, i in enumerate(rows):
-        new = out[r, ids.shape[1]:].tolist()[: max_length - len(prompts[i])]
-        end = next((n + 1 for n, t in enumerate(new) if t in eos), len(new))  # through the first EOS
-        answers.append(new[:end])
-    return answers
+                 eos: list[int], pad: int, capture: StateCapture | None = None
+                 ) -> tuple[list[list[int]], list[torch.Tensor] | None]:
+    """The greedy continuations of prompts `rows`, together (left-padded; a row leaves the batch when it ends),
+    each ending with its first EOS token or at `max_length` tokens in all; with `capture`, also each row's
+    states (T, K, dL) over its prompt and answer (else None)."""
+    if capture is None:
+        batch, kind = DecodeBatch(large, pad), Row
+    else:
+        batch, kind = _KeepsStates(large, pad, stepper=TappedStepper(large, capture.taps, DTYPES[capture.dtype])), \
+            _ReadsItsLastToken
+    seqs = [kind(prompts[i], SamplingOptions(max_new_tokens=max_length - len(prompts[i])), eos) for i in rows]
+    batch.add(seqs)
+    while batch.rows:
+        batch.step()
+    for seq in seqs:
+        if seq.finish_reason == "error":
+            raise LLMModulesError(f"--drafter-targets generated: the large model failed on a prompt: {seq.error}") \
+                from seq.exception
+    return [seq.tokens for seq in seqs], [seq.states for seq in seqs] if capture is not None else None
 
 
 def parts_folder(path: Path) -> Path:
     """Where the answers of `root/<key>.json` are kept batch by batch until they are all generated."""
     return path.with_name(f"{path.stem}.parts")
+
+
+def states_folder(path: Path) -> Path:
+    """Where the states the generation of `root/<key>.json` kept are (`HeldStates`), until a state cache has them."""
+    return path.with_name(f"{path.stem}.states")
 
 
 def _part(parts: Path, n: int) -> Path:
@@ -177,15 +240,25 @@ def kept_batches(path: Path, key: str, batches: list[list[int]], produce: Callab
 
 
 def load_or_generate(path: Path, key: str, large: torch.nn.Module, prompts: Sequence[list[int]], max_length: int,
-                     eos: list[int], pad: int, progress: bool = False) -> tuple[list[list[int]], dict[str, Any]]:
+                     eos: list[int], pad: int, progress: bool = False, capture: StateCapture | None = None
+                     ) -> tuple[list[list[int]], dict[str, Any]]:
     """The large model's greedy answers to `prompts` (`answer_batches` of them), kept as `kept_batches` keeps
-    them: (answers, {"generated", "resumed"})."""
+    them: (answers, {"generated", "resumed"}). With `capture`, each batch generated now also writes its states
+    to `states_folder(path)/batch-<n>.safetensors` (before its answers are kept), named by example hash."""
     def valid(i: int, answer: Any) -> bool:
         return token_list(answer) and len(prompts[i]) + len(answer) <= max_length
 
-    return kept_batches(path, key, answer_batches(prompts),
-                        lambda n, rows: answer_batch(large, prompts, rows, max_length, eos, pad), valid,
-                        "target answers" if progress else "")
+    def produce(n: int, rows: list[int]) -> list[list[int]]:
+        answers, states = answer_batch(large, prompts, rows, max_length, eos, pad, capture)
+        if capture is not None:
+            folder = states_folder(path)
+            folder.mkdir(parents=True, exist_ok=True)
+            write_held(folder / f"batch-{n:06d}.safetensors",
+                       {ids_hash(prompts[i] + a): s for i, a, s in zip(rows, answers, states)},
+                       capture.model_key, capture.dtype)
+        return answers
+
+    return kept_batches(path, key, answer_batches(prompts), produce, valid, "target answers" if progress else "")
 
 
 def with_generated_answers(examples: list[TokenizedExample], answers: list[list[int]], prompt_lengths: list[int]
@@ -202,12 +275,14 @@ def with_generated_answers(examples: list[TokenizedExample], answers: list[list[
 
 
 def generated_data(data: Any, large: torch.nn.Module, spec: str, tokenizer: Any, template: str, max_length: int,
-                   root: Path, is_main: bool = True, wait: Any = None, progress: bool = False) -> dict[str, Any]:
+                   root: Path, is_main: bool = True, wait: Any = None, progress: bool = False,
+                   capture: StateCapture | None = None) -> dict[str, Any]:
     """Replace `data.train` and `data.val` by the large model's greedy answers to their prompts (in place).
 
     The main process generates (or reads) the answers, the others wait (`wait()`: a barrier) and read
     them. Returns a report: examples, answer tokens, answers ending in EOS, whether generated now, how many
-    answers an interrupted generation had kept, the file.
+    answers an interrupted generation had kept, the file, and with `capture` the folder of the states the
+    generation kept (`states`; for `states.store.HeldStates`).
     """
     splits = {name: getattr(data, name) for name in ("train", "val")}
     examples = [e for name in ("train", "val") for e in splits[name]]
@@ -224,11 +299,13 @@ def generated_data(data: Any, large: torch.nn.Module, spec: str, tokenizer: Any,
     info = {"generated": False, "resumed": 0}
     if is_main:
         with decoding_linears(large):  # oneDNN's kernels where torch's are slow (models.cpu_linear)
-            _, info = load_or_generate(path, key, large, prompts, max_length, eos, pad_id(tokenizer), progress)
+            _, info = load_or_generate(path, key, large, prompts, max_length, eos, pad_id(tokenizer), progress,
+                                       capture)
     if wait is not None:
         wait()
     answers = json.loads(path.read_text())["answers"]
     rows = with_generated_answers(examples, answers, lengths)
     data.train, data.val = rows[: len(splits["train"])], rows[len(splits["train"]):]
     return {"examples": len(rows), "answer_tokens": sum(map(len, answers)),
-            "ended_with_eos": sum(bool(a) and a[-1] in eos for a in answers), **info, "file": str(path)}
+            "ended_with_eos": sum(bool(a) and a[-1] in eos for a in answers), **info, "file": str(path),
+            **({"states": str(states_folder(path))} if capture is not None else {})}

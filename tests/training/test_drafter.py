@@ -320,6 +320,14 @@ def test_generated_targets_are_the_large_models_greedy_answers_cached_once(draft
     generation = summary["target_generation"]
     assert generation["generated"] and generation["examples"] == 16 and summary["target_generation_seconds"] > 0
     assert summary["drafter"]["targets"] == "generated"
+    # the generating pass kept its states: the state cache ran no example through the large model again, and
+    # the kept states went once the cache held them
+    assert "their states kept for 16 examples" in out and "0 of 16 examples through the large model" in out
+    assert not Path(generation["states"]).exists()
+    kept = {key: tmp_path / "states" / "aside" / key for key in summary["state_cache_keys"]}
+    for key, aside in kept.items():
+        aside.parent.mkdir(exist_ok=True)
+        (tmp_path / "states" / key).rename(aside)
     answers = json.loads(Path(generation["file"]).read_text())["answers"]
     assert Path(generation["file"]).parent == tmp_path / "drafter_targets"
     # the first example's answer is what the large model writes greedily after its prompt
@@ -338,10 +346,20 @@ def test_generated_targets_are_the_large_models_greedy_answers_cached_once(draft
     greedy = generate(large, ids, max_new_tokens=64 - p, eos_token_id=[tokenizer.eos_token_id])[0, p:].tolist()
     eos = next((i + 1 for i, t in enumerate(greedy) if t == tokenizer.eos_token_id), len(greedy))
     assert answers[0] == greedy[:eos] and len(answers[0]) >= 1
-    # a second run reads them instead of generating again
+    # a second run reads them instead of generating again; its state cache (the first's moved aside) is computed
+    # by the large model and equals the kept one
     assert main(drafter_args("gen2", "--drafter-targets", "generated", "--max-steps", "1", "--max-length", "64")) == 0
-    assert "reused)" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "reused)" in out and "16 of 16 examples through the large model" in out
     assert json.loads((tmp_path / "gen2" / "summary.json").read_text())["target_generation"]["generated"] is False
+    from llm_modules.states.store import StateCache
+
+    for key, aside in kept.items():
+        again = StateCache._open_leased(tmp_path / "states", key, "float32")
+        before = StateCache._open_leased(aside.parent, key, "float32")
+        assert len(again) == len(before) > 0
+        for i in range(len(again)):
+            torch.testing.assert_close(before[i], again[i], atol=1e-4, rtol=1e-4)
 
 
 def test_generate_eval_and_serve_take_a_trained_drafter_and_give_the_targets_output(drafter_args, mapped_pair,

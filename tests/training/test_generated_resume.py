@@ -34,15 +34,15 @@ def counted(monkeypatch):
     """Batches of 3 (10 prompts: 4 batches); `calls["n"]` counts the batches generated, and the
     generation dies (KeyboardInterrupt, as a Ctrl-C or a kill) at batch `calls["die_at"]`."""
     monkeypatch.setattr(generated, "GENERATE_BATCH", 3)
-    real, calls = generated.generate, {"n": 0, "die_at": None}
+    real, calls = generated.answer_batch, {"n": 0, "die_at": None}
 
-    def generate(*args, **kwargs):
+    def answer_batch(*args, **kwargs):
         calls["n"] += 1
         if calls["n"] == calls["die_at"]:
             raise KeyboardInterrupt
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(generated, "generate", generate)
+    monkeypatch.setattr(generated, "answer_batch", answer_batch)
     return calls
 
 

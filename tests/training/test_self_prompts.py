@@ -155,16 +155,16 @@ def test_a_run_interrupted_before_its_first_step_reruns_with_the_same_command(tm
             "--large-dtype", "float32", "--batch-size", "2", "--max-steps", "1", "--epochs", "0", "--val-fraction",
             "0.25", "--large-layers", "1,2", "--draft-vocab", "64", "--no-progress",
             "--state-cache-dir", str(tmp_path / "states")]
-    real = generated.generate
+    real = generated.answer_batch
 
     def dying(*a, **k):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(generated, "generate", dying)
+    monkeypatch.setattr(generated, "answer_batch", dying)
     assert main(args) == 130  # interrupted: the CLI's exit code for Ctrl-C
     run = tmp_path / "run"
     assert not run.exists() or not [p.name for p in run.iterdir() if p.name != "run.lock"]
-    monkeypatch.setattr(generated, "generate", real)
+    monkeypatch.setattr(generated, "answer_batch", real)
     assert main(args) == 0
     assert (tmp_path / "run" / "self_prompts.jsonl").is_file() and (tmp_path / "run" / "last").is_dir()
 

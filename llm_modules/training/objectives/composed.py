@@ -52,6 +52,8 @@ class ComposedObjective(Objective):
     "own" the examples are in the small tokenizer's ids (`tokenizer` is the small one) and the state cache
     holds each prompt re-tokenized for the large model (`LLMModulesModel.large_prompt_ids`)."""
 
+    held_states: Any = None  # states another pass of the large model computed (`states.store.HeldStates`)
+
     method = "composed"
     keep_large_head = False  # release_large keeps the large output embedding even under the `new` head
 
@@ -117,6 +119,7 @@ class ComposedObjective(Objective):
             self.states[split] = StateCache.open_or_build(
                 root, key, cached, examples, dtype=hardware.state_cache_dtype,
                 progress=config.eval.progress and accelerator.is_main_process, model_key=model_key,
+                held=self.held_states,
             ) if examples else None
         caches = [c for c in self.states.values() if c is not None]
         self.cache_keys = sorted(c.path.name for c in caches)

@@ -217,19 +217,29 @@ class DrafterObjective(ComposedObjective):
 
     def attach_data(self, config: Any, data: Any, accelerator: Any) -> None:
         if config.method_options.drafter_targets == "generated":
+            from llm_modules.states.store import HeldStates
             from llm_modules.training.generated import generated_data
 
             started = time.perf_counter()
+            capture = self._state_capture(config, accelerator)
             self.generation = generated_data(
                 data, self.model.large, config.large, self.tokenizer, config.data.template, config.data.max_length,
                 self._written_root(config) / "drafter_targets", accelerator.is_main_process,
-                accelerator.wait_for_everyone, config.eval.progress and accelerator.is_main_process)
+                accelerator.wait_for_everyone, config.eval.progress and accelerator.is_main_process, capture)
             self.generation_seconds = round(time.perf_counter() - started, 2) if self.generation["generated"] else 0.0
+            if capture is not None:
+                self.held_states = HeldStates(self.generation["states"], capture.model_key, capture.dtype)
             if accelerator.is_main_process:
                 print(f"drafter targets: the large model's greedy answers ({self.generation['answer_tokens']} "
                       f"tokens, {'generated' if self.generation['generated'] else 'reused'}) in "
-                      f"{self.generation['file']}")
+                      f"{self.generation['file']}" + (f"; their states kept for {len(self.held_states)} examples"
+                                                       if self.held_states is not None else ""))
         super().attach_data(config, data, accelerator)
+        if self.held_states is not None:  # the state caches hold them now (or held them already)
+            import shutil
+
+            shutil.rmtree(self.held_states.folder, ignore_errors=True)
+            self.held_states = None
         if self.draft_vocab_size:
             self.module.vocab = answer_vocabulary(data.train, self.draft_vocab_size, self._end_ids(),
                                                   self.model.vocab_size)
@@ -238,6 +248,17 @@ class DrafterObjective(ComposedObjective):
                 print(f"draft vocabulary: the {self.draft_vocab_size} most frequent answer tokens of the training "
                       f"data (filled with the lowest ids where they hold fewer) and the end-of-sequence ids "
                       f"({self.record.vocab} of {self.model.vocab_size})")
+
+    def _state_capture(self, config: Any, accelerator: Any) -> Any:
+        """What generating the answers keeps for the state cache (`generated.StateCapture`): the cached taps'
+        states, when this run caches states and runs as one process (others would not hold them); else None."""
+        if not config.hardware.state_cache or accelerator.num_processes > 1:
+            return None
+        from llm_modules.states.store import model_state_key
+        from llm_modules.training.generated import StateCapture
+
+        dtype = config.hardware.state_cache_dtype
+        return StateCapture(self.cache_taps, dtype, model_state_key(self.cached_model(), dtype))
 
     def _end_ids(self) -> list[int]:
         """The large model's end-of-sequence ids (its generation config's) and its tokenizer's."""
