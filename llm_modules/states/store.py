@@ -148,7 +148,8 @@ class HeldStates:
     copies the states of the examples held here instead of running the large model on them."""
 
     def __init__(self, folder: str | Path, model_key: str, dtype: str):
-        self.folder, self.where = Path(folder), {}  # example hash -> file
+        self.folder, self.model_key, self.dtype = Path(folder), model_key, dtype
+        self.where: dict[str, Path] = {}  # example hash -> file
         for path in sorted(self.folder.glob("*.safetensors")):
             try:
                 with safe_open(str(path), framework="pt") as f:
@@ -377,8 +378,10 @@ class StateCache:
         try:
             folder.mkdir(parents=True, exist_ok=True)
             donors = _donors(plan.root, plan.model_key, plan.dtype) if plan.model_key else {}
-            for example in plan.held.where if plan.held is not None else ():
-                donors.setdefault(example, (plan.held, example))
+            held = plan.held
+            if held is not None and (held.model_key, held.dtype) == (plan.model_key, plan.dtype):  # else not these
+                for example in held.where:
+                    donors.setdefault(example, (held, example))
             cls._build(plan, folder, donors, member, members)
         except BaseException:
             shutil.rmtree(folder, ignore_errors=True)

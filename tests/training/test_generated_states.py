@@ -113,6 +113,10 @@ def test_a_state_cache_built_from_kept_states_equals_one_computed_and_runs_nothi
                                      model_key="x" * 64, held=HeldStates(generated.states_folder(path), "x" * 64,
                                                                          "float32"))
     assert other.computed == len(examples)
+    # nor states held for another model key than the cache's own
+    mismatched = StateCache.open_or_build(tmp_path / "d", "k" * 64, Model(), examples, progress=False,
+                                          model_key="y" * 64, held=held)
+    assert mismatched.computed == len(examples)
 
 
 def test_an_interrupted_generation_keeps_the_states_of_its_finished_batches(tmp_path, large, prompts, eos,
