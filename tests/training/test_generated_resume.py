@@ -29,23 +29,6 @@ def prompts():
     return [[rng.randrange(1, 120) for _ in range(rng.randint(2, 9))] for _ in range(10)]
 
 
-@pytest.fixture
-def counted(monkeypatch):
-    """Batches of 3 (10 prompts: 4 batches); `calls["n"]` counts the batches generated, and the
-    generation dies (KeyboardInterrupt, as a Ctrl-C or a kill) at batch `calls["die_at"]`."""
-    monkeypatch.setattr(generated, "GENERATE_BATCH", 3)
-    real, calls = generated.answer_batch, {"n": 0, "die_at": None}
-
-    def answer_batch(*args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == calls["die_at"]:
-            raise KeyboardInterrupt
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(generated, "answer_batch", answer_batch)
-    return calls
-
-
 def run(root, large, prompts, max_length=MAX_LENGTH):
     key = generated.generation_key(large, "tiny", prompts, max_length, EOS)
     return generated.load_or_generate(root / f"{key}.json", key, large, prompts, max_length, EOS, PAD)

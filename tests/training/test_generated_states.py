@@ -120,24 +120,15 @@ def test_a_state_cache_built_from_kept_states_equals_one_computed_and_runs_nothi
 
 
 def test_an_interrupted_generation_keeps_the_states_of_its_finished_batches(tmp_path, large, prompts, eos,
-                                                                            monkeypatch):
-    monkeypatch.setattr(generated, "GENERATE_BATCH", 3)
-    real, calls = generated.answer_batch, {"n": 0}
-
-    def dies_at_the_third(*args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == 3:
-            raise KeyboardInterrupt
-        return real(*args, **kwargs)
-
+                                                                            counted):
     capture = generated.StateCapture(taps(large), "float32", "m" * 64)
     key = generated.generation_key(large, "tiny", prompts, MAX_LENGTH, eos)
     path = tmp_path / f"{key}.json"
-    monkeypatch.setattr(generated, "answer_batch", dies_at_the_third)
+    counted.update(die_at=3)  # batches of 3: two kept, the third interrupted
     with pytest.raises(KeyboardInterrupt):
         generated.load_or_generate(path, key, large, prompts, MAX_LENGTH, eos, PAD, capture=capture)
     assert len(HeldStates(generated.states_folder(path), "m" * 64, "float32")) == 6
-    monkeypatch.setattr(generated, "answer_batch", real)
+    counted.update(n=0, die_at=None)
     answers, info = generated.load_or_generate(path, key, large, prompts, MAX_LENGTH, eos, PAD, capture=capture)
     assert info == {"generated": True, "resumed": 6}
     held = HeldStates(generated.states_folder(path), "m" * 64, "float32")
