@@ -3,7 +3,9 @@ saved folder.
 
     finetune   a plain causal LM, every weight
     lora       a plain causal LM with LoRA adapters on every linear layer (peft)
-    distill    a student over the LARGE vocabulary: the small model's body with new tied embeddings
+    distill    a student over the LARGE vocabulary: the small model's body with new tied embeddings, each large
+               token's row the mean of the small model's embeddings of its text's small-tokenizer pieces
+               (`student_init="mapped"`, the default) or random (`"random"`)
 
 A plain folder: `WEIGHTS_FILE` (its trained tensors only), `PLAIN_FILE` (a `PlainSpec`: method, base
 spec, options) and the tokenizer files; `load_plain` rebuilds the model from the base spec and loads
@@ -42,6 +44,7 @@ class PlainSpec:
     teacher: str = ""  # distill: the large model whose vocabulary the student reads and writes
     vocab_size: int = 0  # distill: the teacher's vocabulary size
     special_ids: dict[str, Any] = dataclasses.field(default_factory=dict)  # distill: eos/bos/pad of the teacher
+    student_init: str = "random"  # distill: how the new embeddings started, "mapped" or "random" (older folders)
 
 
 def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -81,11 +84,20 @@ def save_plain(directory: str | Path, spec: "PlainSpec", model: nn.Module, token
     return directory
 
 
-def build_student(small: nn.Module, vocab_size: int, special_ids: dict[str, Any]) -> nn.Module:
-    """The small model's body with new, tied token embeddings and LM head over the large vocabulary."""
+def build_student(small: nn.Module, vocab_size: int, special_ids: dict[str, Any],
+                  init: torch.Tensor | None = None) -> nn.Module:
+    """The small model's body with new, tied token embeddings and LM head over the large vocabulary: `init`
+    (vocab_size, width) where given (`mapped_embeddings`), else random."""
     width = small.get_input_embeddings().weight.shape[1]
     embed = nn.Embedding(vocab_size, width)
-    nn.init.normal_(embed.weight, std=getattr(small.config, "initializer_range", 0.02))
+    if init is None:
+        nn.init.normal_(embed.weight, std=getattr(small.config, "initializer_range", 0.02))
+    else:
+        if tuple(init.shape) != (vocab_size, width):
+            raise LLMModulesError(f"student embeddings: init is {tuple(init.shape)}, the student needs "
+                                  f"{(vocab_size, width)}")
+        with torch.no_grad():
+            embed.weight.copy_(init)
     small.set_input_embeddings(embed)
     head = nn.Linear(width, vocab_size, bias=False)
     head.weight = embed.weight
@@ -96,6 +108,18 @@ def build_student(small: nn.Module, vocab_size: int, special_ids: dict[str, Any]
         setattr(small.config, name, value)
         setattr(small.generation_config, name, value)
     return small
+
+
+def mapped_embeddings(large_tokenizer: Any, small: nn.Module, small_tokenizer: Any, vocab_size: int) -> torch.Tensor:
+    """(vocab_size, width): each large token's row the mean of the small model's input embeddings of the pieces the
+    small tokenizer cuts its text into (`models.vocab_map`), so the student starts from the small model's own
+    knowledge of every token the two vocabularies share rather than from noise."""
+    from llm_modules.models.vocab_map import VocabMap
+
+    weight = small.get_input_embeddings().weight
+    vocab_map = VocabMap.from_tokenizers(large_tokenizer, small_tokenizer, vocab_size, weight.shape[0])
+    with torch.no_grad():
+        return vocab_map(torch.arange(vocab_size)[None], weight.float())[0].to(weight.dtype)
 
 
 def special_ids(large: nn.Module, tokenizer: Any) -> dict[str, Any]:
@@ -112,14 +136,24 @@ def add_lora(model: nn.Module, rank: int, alpha: int) -> nn.Module:
                                             target_modules="all-linear", task_type="CAUSAL_LM"))
 
 
-def build_plain(spec: PlainSpec, teacher: nn.Module | None = None, tokenizer: Any = None) -> tuple[nn.Module, Any]:
-    """The (untrained) model of a plain method from its spec; returns (model, tokenizer)."""
+def build_plain(spec: PlainSpec, tokenizer: Any = None, initialise: bool = True) -> tuple[nn.Module, Any]:
+    """The (untrained) model of a plain method from its spec; returns (model, tokenizer). `initialise=False`: the
+    weights are about to be loaded over it (a distill student's embeddings are then left random)."""
     from llm_modules.models.specs import resolve_model, resolve_tokenizer
 
     if spec.method == "distill":
-        student = resolve_model(spec.base, with_tokenizer=False).model
+        if spec.student_init not in ("mapped", "random"):
+            raise LLMModulesError(f"distill student_init must be 'mapped' or 'random', got {spec.student_init!r}")
+        mapped = initialise and spec.student_init == "mapped"
+        loaded = resolve_model(spec.base, with_tokenizer=mapped)
         tokenizer = tokenizer if tokenizer is not None else resolve_tokenizer(spec.teacher)
-        return build_student(student, spec.vocab_size, spec.special_ids), tokenizer
+        init = None
+        if mapped:
+            if loaded.tokenizer is None or tokenizer is None:
+                raise LLMModulesError(f"a mapped student needs both tokenizers: none found for "
+                                      f"{spec.base if loaded.tokenizer is None else spec.teacher!r}")
+            init = mapped_embeddings(tokenizer, loaded.model, loaded.tokenizer, spec.vocab_size)
+        return build_student(loaded.model, spec.vocab_size, spec.special_ids, init), tokenizer
     loaded = resolve_model(spec.base)
     if loaded.tokenizer is None:
         raise LLMModulesError(f"model {spec.base!r} has no tokenizer; method '{spec.method}' needs one")
@@ -137,6 +171,6 @@ def load_plain(directory: str | Path) -> tuple[nn.Module, Any]:
     except (OSError, ValueError, TypeError) as err:  # ValueError: not JSON; TypeError: not its fields
         raise LLMModulesError(f"{directory / PLAIN_FILE} cannot be read: {err}") from None
     tokenizer = resolve_tokenizer(str(directory))
-    model, base_tokenizer = build_plain(spec, tokenizer=tokenizer)
+    model, base_tokenizer = build_plain(spec, tokenizer=tokenizer, initialise=False)
     load_trainable_state(model, load_weights(directory / WEIGHTS_FILE), spec.method)
     return model.eval(), tokenizer or base_tokenizer

@@ -126,6 +126,8 @@ HELP: dict[str, str] = {
     "subset": "fraction of the records used at all (the paper: 0.3)",
     "lora_rank": "LoRA rank of --method lora (alpha = 2 x rank, every linear layer)",
     "distill_temperature": "softmax temperature of --method distill's KL to the large model",
+    "distill_init": "--method distill's student embeddings over the large vocabulary: mapped (each large token's row "
+                    "the mean of the small model's embeddings of its text's small-tokenizer pieces) or random",
     "draft_tokens": "--method drafter: K, the tokens drafted per verify step; training shows the drafter the large "
                     "states up to the token before each block of K, as it has them while drafting",
     "draft_vocab": "--method drafter: draft from the N most frequent answer tokens of the training data only (EAGLE-3's "

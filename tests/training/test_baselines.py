@@ -66,7 +66,8 @@ def test_lora_trains_only_adapters_and_reloads(tmp_path, tiny_pair_with_tokenize
 
 
 def test_distillation_student_reads_and_writes_the_large_vocabulary(tmp_path, tiny_pair_with_tokenizer):
-    summary = train(plain_config(tmp_path, tiny_pair_with_tokenizer, "distill"))
+    # this pair's small model has no tokenizer, so its student starts from random embeddings
+    summary = train(plain_config(tmp_path, tiny_pair_with_tokenizer, "distill", distill_init="random"))
     rows = [json.loads(line) for line in (tmp_path / "distill" / "metrics.jsonl").read_text().splitlines()]
     kl = [r["loss"] for r in rows if "loss" in r]
     assert sum(kl[-3:]) < sum(kl[:3])  # trained by KL to the (random, tiny) teacher ...
@@ -89,3 +90,52 @@ def test_composition_options_are_refused_by_the_methods_that_do_not_compose(tmp_
     """Silently ignoring them would train something other than what the command line says."""
     with pytest.raises(LLMModulesError, match=f"--{option.replace('_', '-')} shapes the composed model"):
         plain_config(tmp_path, tiny_pair_with_tokenizer, method, **{option: value})
+
+
+def test_a_mapped_student_starts_as_the_small_model_reading_the_same_text(tmp_path, mapped_pair):
+    """`--distill-init mapped` (the default): each large token's embedding is the mean of the small model's
+    embeddings of its text's small pieces, so on tokens that are one small piece each the student's body computes
+    exactly what the small model computes on the small tokenization of the same text."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from llm_modules.training.objectives import build_objective
+
+    objective = build_objective(plain_config(tmp_path, mapped_pair, "distill"))
+    student = objective.module.eval()
+    assert objective.spec.student_init == "mapped"
+    small = AutoModelForCausalLM.from_pretrained(mapped_pair["small"]).eval()
+    large_tok, small_tok = AutoTokenizer.from_pretrained(mapped_pair["large"]), AutoTokenizer.from_pretrained(
+        mapped_pair["small"])
+    embed, small_embed = student.get_input_embeddings().weight, small.get_input_embeddings().weight
+    one_piece, several = [], None
+    for i in range(len(large_tok)):
+        pieces = small_tok(large_tok.decode([i]), add_special_tokens=False)["input_ids"]
+        if len(pieces) == 1:
+            one_piece.append((i, pieces[0]))
+        elif len(pieces) > 1 and several is None:
+            several = (i, pieces)
+    assert len(one_piece) >= 12 and several is not None
+    i, pieces = several
+    torch.testing.assert_close(embed[i], small_embed[pieces].mean(0), rtol=0, atol=1e-6)
+    large_ids = torch.tensor([[a for a, _ in one_piece[:12]]])
+    small_ids = torch.tensor([[b for _, b in one_piece[:12]]])
+    with torch.no_grad():
+        ours = student.model(input_ids=large_ids).last_hidden_state
+        theirs = small.model(input_ids=small_ids).last_hidden_state
+    torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-5)
+    assert student.get_output_embeddings().weight is embed  # the head reads the same rows
+    random = build_objective(plain_config(tmp_path, mapped_pair, "distill", distill_init="random"))
+    assert not torch.allclose(random.module.get_input_embeddings().weight[i], embed[i])
+    # saved and loaded: the trained rows come back, the map is not recomputed
+    objective.save_pretrained(tmp_path / "saved")
+    from llm_modules.models.plain import load_plain
+
+    loaded, _ = load_plain(tmp_path / "saved")
+    torch.testing.assert_close(loaded.get_input_embeddings().weight, embed, rtol=0, atol=0)
+
+
+def test_a_mapped_student_needs_the_small_tokenizer(tmp_path, mapped_pair):
+    from llm_modules.training.objectives import build_objective
+
+    with pytest.raises(LLMModulesError, match="mapped student needs both tokenizers"):
+        build_objective(plain_config(tmp_path, mapped_pair, "distill", small=mapped_pair["small_no_tokenizer"]))

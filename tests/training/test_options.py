@@ -83,7 +83,7 @@ def test_a_run_saved_before_the_grouping_resumes(tiny_pair_with_tokenizer, tmp_p
 
 
 # options added after the flat layout (format 1) was frozen in the fixtures
-ADDED_SINCE_V1 = {"drafter_layout"}
+ADDED_SINCE_V1 = {"drafter_layout", "distill_init"}
 
 
 def test_the_command_line_keeps_every_option_of_the_flat_layout():

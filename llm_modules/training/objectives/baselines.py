@@ -93,7 +93,8 @@ def plain_objective(config: Any, device: Any = "cpu", processes: int = 1) -> Pla
         teacher = large.model.eval().requires_grad_(False)
         vocab = teacher.get_output_embeddings().weight.shape[0]
         spec = PlainSpec("distill", config.small, teacher=config.large, vocab_size=vocab,
-                         special_ids=special_ids(teacher, large.tokenizer))
+                         special_ids=special_ids(teacher, large.tokenizer),
+                         student_init=config.method_options.distill_init)
         model, tokenizer = build_plain(spec, tokenizer=large.tokenizer)
         return PlainObjective(spec, model.train(), tokenizer, teacher, config.method_options.distill_temperature)
     rank = getattr(config.method_options, "lora_rank", 0)  # finetune: none

@@ -107,9 +107,12 @@ class LoraOptions(MethodOptions):
 class DistillOptions(MethodOptions):
     """distill: a large-vocabulary student built from the small model, trained by KL to the large model."""
 
+    choices: ClassVar[dict[str, tuple[str, ...]]] = {"distill_init": ("mapped", "random")}
     distill_temperature: float = 1.0  # softmax temperature of the KL
+    distill_init: str = "mapped"  # the student's new embeddings: the small model's own, mapped, or random
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if not self.distill_temperature > 0:
             raise LLMModulesError("--distill-temperature must be > 0")
 
