@@ -150,8 +150,9 @@ def build_plain(spec: PlainSpec, tokenizer: Any = None, initialise: bool = True)
         init = None
         if mapped:
             if loaded.tokenizer is None or tokenizer is None:
-                raise LLMModulesError(f"a mapped student needs both tokenizers: none found for "
-                                      f"{spec.base if loaded.tokenizer is None else spec.teacher!r}")
+                missing = spec.base if loaded.tokenizer is None else spec.teacher
+                raise LLMModulesError(f"a mapped student needs both tokenizers: none found for {missing!r} (add its "
+                                      f"tokenizer files, or start from random embeddings: --distill-init random)")
             init = mapped_embeddings(tokenizer, loaded.model, loaded.tokenizer, spec.vocab_size)
         return build_student(loaded.model, spec.vocab_size, spec.special_ids, init), tokenizer
     loaded = resolve_model(spec.base)
