@@ -557,7 +557,7 @@ def vllm_python() -> Path:
     python = VLLM_VENV / "bin" / "python"
     if not python.is_file():
         pytest.skip(f"no vLLM/speculators venv at {VLLM_VENV} (set LLM_MODULES_VLLM_VENV; "
-                    "/work/wt/vllm/make_venv.sh builds one)")
+                    "bash reports/vllm_eagle3_probe/make_venv.sh DIR builds one, as .ci/run does)")
     return python
 
 
