@@ -13,24 +13,17 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
-TEST_SEED = 10000  # transfer_report's held-out seed
-
-
-def held_out(scorer, task: str, size: int) -> list:
-    from llm_modules.data.prepare import DataConfig
-    from llm_modules.evaluation.harness import held_out_examples
-
-    config = DataConfig(spec=f"reasoning-gym:{task}?size={size}&seed={TEST_SEED}", template="chat", max_length=512)
-    return held_out_examples(config, scorer.tokenizer, scorer.max_positions, "all")
+sys.path.insert(0, str(Path(__file__).parent))
+import transfer_report  # noqa: E402  (its held-out sets and scoring, so these numbers are its zero-shot rows')
 
 
 def bits_per_byte(scorer, task: str, size: int) -> float:
-    from llm_modules.evaluation.harness import EvalOptions, evaluate
-
-    result = evaluate(scorer, held_out(scorer, task, size), EvalOptions(split="all", num_samples=0, generate=False))
-    return round(result["bits_per_byte"], 4)
+    unit = {"test_data": f"reasoning-gym:{task}?size={size}&seed={transfer_report.TEST_SEED}", "template": "chat",
+            "max_length": 512, "max_new_tokens": 1, "eval_batch_size": 8}
+    return round(transfer_report.score_test(unit, scorer, keep_samples=False, generate=False)["bits_per_byte"], 4)
 
 
 def main() -> None:
