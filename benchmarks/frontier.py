@@ -6,7 +6,10 @@ milliseconds per token of the same kind of model, one point per row (issue 26).
         --out reports/frontier/gsm_symbolic
 
 Quality: each row's held-out test bits per byte at the end of its budget (`benchmarks/transfer_report.py`,
-mean over the seeds it has, the seeds listed). Every report must have the same task, models and budget.
+mean over the seeds it has, the seeds listed). Every report must have the same task, models and budget, except
+those named by --steps-matched: reports whose rows ran on another CPU with the steps the common budget gave the
+same rows where the others ran (their own budget is that CPU's seconds; frontier.md names them). `--report
+FOLDER:ROW,ROW` takes only those rows of a report. A (row, seed) given by an earlier report is not taken again.
 Speed: decode ms per token of one row at --batch (`benchmarks/decode_modes.py`, after the prefill), looked
 up by the row's decode name: the report's zero-shot and fine-tuned rows are the plain models ("large
 alone", "small alone", "lora on large ..."), composed rows the decode row of the same name (time them with
@@ -30,19 +33,36 @@ PLAIN = {"large_zero_shot": "large alone", "small_zero_shot": "small alone", "sm
 SMALL, LORA = "small_finetuned", "lora_large"  # the issue's two landmarks
 
 
-def report_rows(folders: list[Path]) -> tuple[dict, dict]:
-    """(meta of the first report, row -> list of (seed, final test bits per byte)) over every report."""
-    meta, rows, seen = None, {}, set()
-    for folder in folders:
+def report_spec(spec: str) -> tuple[Path, set[str] | None]:
+    """'FOLDER' or 'FOLDER:ROW,ROW' -> (folder, the rows to take or None for all)."""
+    folder, _, rows = spec.partition(":")
+    return Path(folder), set(rows.split(",")) if rows else None
+
+
+def report_rows(specs: list[str], steps_matched: list[str] = ()) -> tuple[dict, dict]:
+    """(meta of the first report not steps-matched, row -> list of (seed, final test bits per byte)) over every
+    report."""
+    folders = [report_spec(s) for s in specs]
+    matched = {Path(f).resolve() for f in steps_matched}
+    unknown = [f for f in steps_matched if Path(f).resolve() not in {folder.resolve() for folder, _ in folders}]
+    if unknown:
+        raise SystemExit(f"--steps-matched {unknown[0]}: not one of the --report folders")
+    common = [f for f, _ in folders if f.resolve() not in matched]
+    if not common:
+        raise SystemExit("every --report is --steps-matched: give at least one report of the common budget")
+    first = json.loads((common[0] / "results.json").read_text())
+    meta = {k: first[k] for k in ("task", "large", "small", "budget_seconds")}
+    rows, seen = {}, set()
+    for folder, take in folders:
         data = json.loads((folder / "results.json").read_text())
-        this = {k: data[k] for k in ("task", "large", "small", "budget_seconds")}
-        if meta is None:
-            meta = this
-        elif this != meta:
-            raise SystemExit(f"{folder}: {this} differs from the first report's {meta}; give reports of one "
-                             "task, model pair and budget")
+        keys = ("task", "large", "small") if folder.resolve() in matched else tuple(meta)
+        if any(data[k] != meta[k] for k in keys):
+            raise SystemExit(f"{folder}: {({k: data[k] for k in keys})} differs from the first report's {meta}; "
+                             "give reports of one task, model pair and budget (--steps-matched for a report "
+                             "whose rows got the same steps on another CPU)")
         for r in data["rows"]:
-            if r.get("bits_per_byte") is None or r.get("error") or (r["row"], r["seed"]) in seen:
+            if (take is not None and r["row"] not in take) or r.get("bits_per_byte") is None or r.get("error") \
+                    or (r["row"], r["seed"]) in seen:
                 continue
             seen.add((r["row"], r["seed"]))
             rows.setdefault(r["row"], []).append((r["seed"], r["bits_per_byte"]))
@@ -115,14 +135,18 @@ def plot(pts: list[dict], title: str, path: Path) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--report", action="append", required=True, help="a transfer_report.py output folder")
+    parser.add_argument("--report", action="append", required=True,
+                        help="a transfer_report.py output folder, or FOLDER:ROW,ROW for those rows only")
+    parser.add_argument("--steps-matched", action="append", default=[], metavar="FOLDER",
+                        help="a --report folder whose rows got, on another CPU, the steps the common budget gave "
+                             "them where the other reports ran (its own budget seconds may differ)")
     parser.add_argument("--decode", required=True, help="a decode_modes.py results.json")
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--max-small-ratio", type=float, default=1.5)
     parser.add_argument("--min-lora-speedup", type=float, default=3.0)
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
-    meta, rows = report_rows([Path(f) for f in args.report])
+    meta, rows = report_rows(args.report, args.steps_matched)
     decode_meta, times = decode_times(Path(args.decode), args.batch)
     if not times:
         raise SystemExit(f"{args.decode} has no row at batch {args.batch}")
@@ -135,7 +159,10 @@ def main() -> None:
     plot(pts, title, out / "frontier.png")
     command = "python benchmarks/frontier.py " + shlex.join(sys.argv[1:])
     lines = [f"# Quality against decode time: {meta['task']}", "", f"Command: `{command}`  ",
-             f"Quality: {', '.join(args.report)} (final held-out bits per byte, mean over seeds). Decode: "
+             f"Quality: {', '.join(args.report)} (final held-out bits per byte, mean over seeds)."
+             + (f" Steps matched on another CPU: {', '.join(args.steps_matched)} (their rows got the steps "
+                f"{meta['budget_seconds']:.0f} s gave the same rows where the other reports ran)."
+                if args.steps_matched else "") + " Decode: "
              f"{args.decode} ({decode_meta['command']}; {decode_meta['machine']}, {decode_meta['date']}).", "",
              "| row | held-out bits/byte | seeds | decode ms/token | on the frontier |", "|---|---|---|---|---|"]
     for p in pts:

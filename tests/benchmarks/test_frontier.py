@@ -67,3 +67,36 @@ def test_reports_of_different_budgets_are_refused(tmp_path):
     proc = subprocess.run([sys.executable, str(SCRIPT), "--report", str(first), "--report", str(second),
                            "--decode", str(decode), "--out", str(tmp_path / "o")], capture_output=True, text=True)
     assert proc.returncode != 0 and "differs from the first report" in proc.stderr
+
+
+def test_rows_taken_from_a_report_and_a_report_with_steps_matched_on_another_cpu(tmp_path):
+    common = report(tmp_path / "a", [row("small_finetuned", 0, 0.6), row("lora_large", 0, 0.2)])
+    old = report(tmp_path / "old", [row("distilled", 0, 3.0), row("composed_own_xattn_prompt", 0, 0.5)])
+    matched = tmp_path / "matched"
+    matched.mkdir()
+    (matched / "results.json").write_text(json.dumps({**META, "budget_seconds": 1211.8,
+                                                      "rows": [row("distilled", 0, 0.7), row("distilled", 1, 0.9)]}))
+    decode = tmp_path / "decode.json"
+    decode.write_text(json.dumps({"meta": {"command": "c", "machine": "m", "date": "d", "dtype": "bfloat16"},
+                                  "rows": [{"row": n, "batch": 1, "decode_ms_per_token": ms} for n, ms in
+                                           {"small alone": 40.0, "lora on large": 200.0, "distilled small": 48.0,
+                                            "composed_own_xattn_prompt": 48.5}.items()]}))
+
+    def run(*args):
+        return subprocess.run([sys.executable, str(SCRIPT), *args, "--decode", str(decode),
+                               "--out", str(tmp_path / "out")], capture_output=True, text=True, timeout=300)
+
+    proc = run("--report", str(common), "--report", f"{old}:composed_own_xattn_prompt", "--report", str(matched))
+    assert proc.returncode != 0 and "--steps-matched" in proc.stderr  # its budget differs, not declared
+    proc = run("--report", str(common), "--report", f"{old}:composed_own_xattn_prompt", "--report", str(matched),
+               "--steps-matched", str(matched))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads((tmp_path / "out" / "frontier.json").read_text())
+    by = {p["row"]: p for p in result["points"]}
+    assert by["distilled"]["bpb"] == 0.8 and by["distilled"]["seeds"] == [0, 1]  # not the old report's 3.0
+    assert by["composed_own_xattn_prompt"]["bpb"] == 0.5 and result["meta"]["budget_seconds"] == 600.0
+    assert "Steps matched on another CPU" in (tmp_path / "out" / "frontier.md").read_text()
+    proc = run("--report", str(matched), "--steps-matched", str(matched))
+    assert proc.returncode != 0 and "common budget" in proc.stderr
+    proc = run("--report", str(common), "--steps-matched", str(matched))
+    assert proc.returncode != 0 and "not one of the --report folders" in proc.stderr
