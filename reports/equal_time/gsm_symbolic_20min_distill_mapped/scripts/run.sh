@@ -10,9 +10,10 @@ export PYTHONPATH=/work/wt-report PATH=/work/main/.venv/bin:$PATH LLM_MODULES_CA
 COMMON="--large qwen2.5-coder-1.5b-instruct --small smollm2-135m-instruct --accuracy-at 1.0 --rows small_zero_shot distilled --grid distilled=0.0001:0.001"
 GSM="--task gsm_symbolic --train-size 64 --test-size 32 --max-new-tokens 160 --work /work/runs/s15/gsm"
 FAM="--task family_relationships --train-size 160 --test-size 48 --max-new-tokens 32 --work /work/runs/s15/fam"
-GCAL=$(python /work/runs/s15/calib_one.py gsm_symbolic distilled /work/runs/s15/gsm | tail -1)
-FCAL=$(python /work/runs/s15/calib_one.py family_relationships distilled /work/runs/s15/fam | tail -1)
+GCAL=$(python /work/main/reports/equal_time/gsm_symbolic_distill_mapped/scripts/calib_one.py gsm_symbolic distilled /work/runs/s15/gsm | tail -1)
+FCAL=$(python /work/main/reports/equal_time/gsm_symbolic_distill_mapped/scripts/calib_one.py family_relationships distilled /work/runs/s15/fam | tail -1)
 echo "calibrations here: gsm_symbolic $GCAL s/step, family_relationships $FCAL s/step"
+# (calib_one.py: the fourteenth session's, the same file; this run used a copy of it under /work/runs/s15)
 b() { python -c "print(round($1 * $2, 2))"; }
 python benchmarks/transfer_report.py $COMMON $GSM --seeds 0 --budget-seconds $(b 57 $GCAL) --out reports/equal_time/gsm_symbolic_20min_distill_mapped; echo "gsm20 rc=$?"
 python benchmarks/transfer_report.py $COMMON $FAM --seeds 0 --budget-seconds $(b 195 $FCAL) --out reports/equal_time/family_relationships_20min_distill_mapped; echo "fam20 rc=$?"
