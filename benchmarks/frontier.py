@@ -43,8 +43,9 @@ def report_rows(specs: list[str], steps_matched: list[str] = ()) -> tuple[dict, 
     """(meta of the first report not steps-matched, row -> list of (seed, final test bits per byte)) over every
     report."""
     folders = [report_spec(s) for s in specs]
+    given = {folder.resolve() for folder, _ in folders}
     matched = {Path(f).resolve() for f in steps_matched}
-    unknown = [f for f in steps_matched if Path(f).resolve() not in {folder.resolve() for folder, _ in folders}]
+    unknown = [f for f in steps_matched if Path(f).resolve() not in given]
     if unknown:
         raise SystemExit(f"--steps-matched {unknown[0]}: not one of the --report folders")
     common = [f for f, _ in folders if f.resolve() not in matched]
